@@ -1,0 +1,55 @@
+# lmx — the two set-up commands (see README):
+#   make serve   install into .venv and run the daemon on 127.0.0.1:1234 with the built-in model
+#   make test    install into .venv (with dev tools) and run lint, types, layers and the tests
+# BACKEND picks MLX's backend on Linux: cpu (default) or cuda. macOS always uses Metal.
+
+PYTHON ?= python3
+VENV ?= .venv
+BACKEND ?= cpu
+PY := $(VENV)/bin/python
+UNAME := $(shell uname -s)
+ifeq ($(UNAME),Darwin)
+  EXTRAS :=
+else
+  EXTRAS := $(BACKEND)
+endif
+
+.PHONY: serve test lint bench clean
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "lmx needs Python >= 3.11; set PYTHON=python3.12 (or similar)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-$(BACKEND): pyproject.toml | $(PY)
+	@# mlx-cpu and mlx-cuda-13 both ship libmlx.so: keep exactly one backend installed.
+	@if [ "$(BACKEND)" = cuda ]; then $(PY) -m pip uninstall --quiet -y mlx-cpu 2>/dev/null || true; fi
+	@if [ "$(BACKEND)" = cpu ]; then $(PY) -m pip uninstall --quiet -y mlx-cuda-13 2>/dev/null || true; fi
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+$(VENV)/.dev-$(BACKEND): $(VENV)/.installed-$(BACKEND)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)$(if $(EXTRAS),$(comma))dev,bench]"
+	@rm -f $(VENV)/.dev-*
+	@touch $@
+
+comma := ,
+
+serve: $(VENV)/.installed-$(BACKEND)
+	$(VENV)/bin/lmx serve
+
+lint: $(VENV)/.dev-$(BACKEND)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+bench: $(VENV)/.dev-$(BACKEND)
+	$(PY) -m bench.loadgen --help
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,67 @@
+"""The application factory. `create_app(deps)` wires routers, the error envelope and the lifespan.
+
+There is no module-level app: the CLI and the tests each build their own with their own deps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI, Request, Response
+
+from lmx import __version__
+from lmx.api import errors, v1
+from lmx.api.deps import AppDeps
+from lmx.api.generation import new_id
+
+log = structlog.get_logger(__name__)
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def create_app(
+    deps: AppDeps, *, on_startup: Hook | None = None, on_shutdown: Hook | None = None
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if on_startup is not None:
+            await on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown()
+
+    app = FastAPI(
+        title="lmx",
+        version=__version__,
+        description="OpenAI-compatible local inference with a declarative model lifecycle.",
+        lifespan=lifespan,
+    )
+    if not deps.served_since_s:
+        deps.served_since_s = time.time()
+    app.state.deps = deps
+    errors.install(app)
+    app.include_router(v1.router)
+
+    @app.middleware("http")
+    async def request_context(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        rid = request.headers.get("x-request-id") or new_id("req")
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        try:
+            response = await call_next(request)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,61 @@
+"""Which grammar, if any, a chat request's output must follow: `response_format` and forced tools.
+
+Called by the chat route with the serving engine (the tool-call wrapping depends on the model
+family). Invalid schemas become 400s naming the request field; compiling happens in the engine.
+"""
+
+from __future__ import annotations
+
+from lmx.api.schemas import ChatCompletionRequest, NamedToolChoice
+from lmx.errors import RequestError
+from lmx.runtime import grammars
+from lmx.runtime.engine import Constraint, Engine
+
+# How each tool-call format wraps one call; `parallel` is whether several calls may follow.
+_WRAPS: dict[str | None, tuple[tuple[str, str] | None, bool]] = {
+    "hermes": (grammars.HERMES_WRAP, True),
+    "mistral": (("[TOOL_CALLS][", "]"), False),
+    "llama3": (None, False),
+    None: (grammars.HERMES_WRAP, True),
+}
+
+
+def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | None:
+    """The constraint for `body` on `engine`, or None. Raises RequestError naming the field."""
+    choice = body.tool_choice
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced:
+        if not body.tools:
+            raise RequestError(
+                "tool_choice requires tools, but none were given", param="tool_choice"
+            )
+        named = choice.function.get("name") if isinstance(choice, NamedToolChoice) else None
+        tok = engine.tokenizer
+        wrap, parallel = _WRAPS.get(tok.tool_parser, _WRAPS[None])
+        try:
+            grammar = grammars.tool_call(
+                [t.model_dump(exclude_none=True) for t in body.tools],
+                named,
+                wrap,
+                parallel=parallel and body.parallel_tool_calls is not False,
+                special_tokens=tok.special_tokens,
+            )
+        except ValueError as exc:
+            raise RequestError(str(exc), param="tool_choice") from None
+        return Constraint(grammar.text)
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Constraint(grammars.json_object().text)
+    spec = fmt.json_schema
+    if spec is None or spec.schema_ is None:
+        raise RequestError(
+            "response_format.json_schema.schema is required for type json_schema",
+            param="response_format.json_schema.schema",
+        )
+    try:
+        grammar = grammars.json_schema(spec.schema_, strict=bool(spec.strict), name=spec.name)
+    except ValueError as exc:
+        raise RequestError(str(exc), param="response_format.json_schema.schema") from None
+    return Constraint(grammar.text)

@@ -1,0 +1,97 @@
+"""The OpenAI error envelope: every error response from lmx is `{"error": {message, type, param, code}}`.
+
+The one broad exception handler of the HTTP layer lives here; routes raise `LmxError`s and never
+build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmx.errors import (
+    ConfigError,
+    LmxError,
+    ModelNotFound,
+    PermanentError,
+    QueueFull,
+    RequestError,
+    TemporaryError,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def envelope(
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
+    """HTTP status, OpenAI error type, param, code."""
+    match exc:
+        case ModelNotFound():
+            return 404, "invalid_request_error", "model", "model_not_found"
+        case RequestError():
+            return 400, "invalid_request_error", exc.param, exc.code
+        case ConfigError():
+            return 422, "invalid_request_error", None, "invalid_desired_state"
+        case QueueFull():
+            return 429, "rate_limit_exceeded", None, "queue_full"
+        case TemporaryError():
+            return 503, "server_error", None, "unavailable"
+        case PermanentError():
+            return 409, "invalid_request_error", None, None
+        case _:
+            return 500, "server_error", None, None
+
+
+def _param_of(loc: tuple[int | str, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(LmxError)
+    async def _lmx(_: Request, exc: LmxError) -> JSONResponse:
+        status, type_, param, code = _status_of(exc)
+        headers = None
+        if isinstance(exc, TemporaryError):
+            headers = {"Retry-After": str(max(1, round(exc.delay_s)))}
+        return envelope(status, str(exc), type_=type_, param=param, code=code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = _param_of(tuple(first.get("loc", ())))
+        msg = "; ".join(
+            f"{_param_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return envelope(400, msg, type_="invalid_request_error", param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return envelope(
+            exc.status_code, str(exc.detail), type_=type_, headers=dict(exc.headers or {})
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", error=repr(exc))
+        return envelope(500, "internal error: " + type(exc).__name__, type_="server_error")

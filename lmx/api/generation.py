@@ -1,0 +1,214 @@
+"""From an OpenAI request to engine requests, and from engine deltas back to OpenAI choices.
+
+Used by the /v1 routes. Owns prompt building, parameter mapping, merging the `n` choices of one
+request, and turning text into content / reasoning / tool calls. Never calls MLX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmx.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from lmx.errors import RequestError
+from lmx.runtime.engine import Constraint, Delta, Engine, GenerationRequest, SamplingParams
+from lmx.runtime.parsers import Content, OutputParser, Piece, Reasoning, ToolCall, make_parser
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def sampling_params(
+    body: SamplingFields,
+    engine: Engine,
+    n_prompt: int,
+    *,
+    max_tokens: int | None,
+    choice: int,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+) -> SamplingParams:
+    """Map OpenAI fields to engine parameters. Raises RequestError naming the field."""
+    room = engine.context_length - n_prompt
+    if room <= 0:
+        raise RequestError(
+            f"This model's maximum context length is {engine.context_length} tokens, "
+            f"and the prompt has {n_prompt}.",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise RequestError(f"logit_bias key {key!r} is not a token id", param="logit_bias")
+        bias[int(key)] = value
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > 16:
+        raise RequestError("at most 16 stop sequences are allowed", param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else room,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        seed=None if body.seed is None else body.seed + choice,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias=bias,
+        stop=stop,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def _text_of(message: ChatMessage) -> str | None:
+    if message.content is None or isinstance(message.content, str):
+        return message.content
+    parts = []
+    for i, part in enumerate(message.content):
+        if part.get("type") != "text":
+            raise RequestError(
+                f"content part of type {part.get('type')!r} is not supported by this model",
+                param=f"messages.content[{i}].type",
+            )
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them (plain-text content, system for developer)."""
+    out = []
+    for m in body.messages:
+        d = m.model_dump(exclude_none=True)
+        d["content"] = _text_of(m)
+        if m.role == "developer":
+            d["role"] = "system"
+        out.append(d)
+    return out
+
+
+def chat_prompt(body: ChatCompletionRequest, engine: Engine) -> list[int]:
+    tools = None
+    if body.tools and body.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    try:
+        return engine.tokenizer.apply_chat_template(
+            chat_messages(body), tools=tools, extra=body.chat_template_kwargs
+        )
+    except RequestError:
+        raise
+    except Exception as exc:  # the model's template rejected the conversation
+        raise RequestError(f"the chat template failed: {exc}", param="messages") from None
+
+
+def completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        return [engine.tokenizer.encode(p)]
+    if not p:
+        raise RequestError("the prompt is empty", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        return [[int(x) for x in p]]  # type: ignore[arg-type]
+    if all(isinstance(x, str) for x in p):
+        return [engine.tokenizer.encode(str(x)) for x in p]
+    return [[int(t) for t in x] for x in p]  # type: ignore[union-attr]
+
+
+@dataclass
+class ChoiceState:
+    """Accumulates one choice: parsed pieces, logprobs, finish reason, token counts."""
+
+    index: int
+    parser: OutputParser
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    def absorb(self, delta: Delta) -> list[Piece]:
+        pieces = self.parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            pieces += self.parser.finish()
+            self.prompt_tokens = delta.prompt_tokens
+            self.completion_tokens = delta.completion_tokens
+            self.cached_tokens = delta.cached_tokens
+            self.error = delta.error
+        for piece in pieces:
+            match piece:
+                case Content(text):
+                    self.content.append(text)
+                case Reasoning(text):
+                    self.reasoning.append(text)
+                case ToolCall():
+                    self.tool_calls.append(piece)
+        self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            if self.tool_calls and delta.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+        return pieces
+
+
+def output_parser(engine: Engine, prompt: Sequence[int], *, tools: bool) -> OutputParser:
+    tok = engine.tokenizer
+    tail = tok.decode(list(prompt[-4:])).rstrip()
+    return make_parser(
+        tool_parser=tok.tool_parser,
+        tools_enabled=tools,
+        reasoning=tok.reasoning,
+        starts_in_reasoning=tok.reasoning and tail.endswith("<think>"),
+    )
+
+
+async def merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave the deltas of several choices; closing this closes (cancels) all of them."""
+    if len(streams) == 1:
+        try:
+            async for d in streams[0]:
+                yield 0, d
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in s:
+                await queue.put((i, d))
+        except Exception as exc:
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+            if item.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def engine_request(
+    prompt: list[int], params: SamplingParams, constraint: Constraint | None
+) -> GenerationRequest:
+    return GenerationRequest(prompt_tokens=prompt, params=params, constraint=constraint)

@@ -1,0 +1,374 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+Streaming responses are SSE ending with `data: [DONE]`. Errors that happen before the first byte
+become OpenAI error envelopes; errors after it become a final `error` event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmx import __version__
+from lmx.api.constraints import constraint_for
+from lmx.api.deps import AppDeps
+from lmx.api.generation import (
+    ChoiceState,
+    chat_prompt,
+    completion_prompts,
+    engine_request,
+    merged,
+    new_id,
+    output_parser,
+    sampling_params,
+)
+from lmx.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from lmx.errors import ModelNotFound, RequestError
+from lmx.runtime.engine import Constraint, Delta, Engine, TokenLogprob
+from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+
+FINGERPRINT = f"fp_lmx_{__version__}"
+
+
+def get_deps(request: Request) -> AppDeps:
+    deps: AppDeps = request.app.state.deps
+    return deps
+
+
+Deps = Annotated[AppDeps, Depends(get_deps)]
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(deps: Deps) -> ModelList:
+    created = int(deps.served_since_s)
+    return ModelList(data=[ModelCard(id=m, created=created) for m in deps.models.servable()])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def get_model(model: str, deps: Deps) -> ModelCard:
+    if model not in deps.models.servable():
+        raise ModelNotFound(model, deps.models.servable())
+    return ModelCard(id=model, created=int(deps.served_since_s))
+
+
+def _lp_chat(lps: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": list(lp.bytes),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(b)} for t, v, b in lp.top
+                ],
+            }
+            for lp in lps
+        ]
+    }
+
+
+def _tool_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def _usage(states: list[ChoiceState], prompts: int = 1) -> dict[str, Any]:
+    # Each prompt counts once, however many choices share it.
+    per_prompt = len(states) // max(prompts, 1)
+    prompt = sum(s.prompt_tokens for s in states[::per_prompt]) if states else 0
+    completion = sum(s.completion_tokens for s in states)
+    cached = sum(s.cached_tokens for s in states[::per_prompt]) if states else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _sse(obj: dict[str, Any] | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def _error_event(message: str) -> bytes:
+    return _sse(
+        {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    )
+
+
+class _Generation:
+    """One request's engine streams, held open (model acquired) until the response ends."""
+
+    def __init__(self, stack: AsyncExitStack, stream: AsyncIterator[tuple[int, Delta]]) -> None:
+        self.stack = stack
+        self.stream = stream
+        self.first: tuple[int, Delta] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        deps: AppDeps,
+        model: str,
+        build: Callable[[Engine], list[tuple[list[int], Any, Constraint | None]]],
+    ) -> tuple[_Generation, Engine, list[list[int]]]:
+        model_id = await deps.models.ensure_ready(model)
+        stack = AsyncExitStack()
+        try:
+            engine = await stack.enter_async_context(deps.registry.acquire(model_id))
+            jobs = build(engine)
+            streams = [engine.stream(engine_request(p, params, c)) for p, params, c in jobs]
+            gen = cls(stack, merged(streams))
+            stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]
+            # Wait for the first delta so that queue-full and bad-request errors get a status code.
+            gen.first = await anext(gen.stream)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return gen, engine, [p for p, _, _ in jobs]
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        try:
+            if self.first is not None:
+                yield self.first
+            async for item in self.stream:
+                yield item
+        finally:
+            await self.stack.aclose()
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
+    tools_on = bool(body.tools) and body.tool_choice != "none"
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    want_lp = body.logprobs
+    if body.top_logprobs and not want_lp:
+        raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+
+    def build(engine: Engine) -> list[tuple[list[int], Any, Constraint | None]]:
+        prompt = chat_prompt(body, engine)
+        constraint = constraint_for(body, engine)
+        return [
+            (
+                prompt,
+                sampling_params(
+                    body,
+                    engine,
+                    len(prompt),
+                    max_tokens=max_tokens,
+                    choice=i,
+                    logprobs=want_lp,
+                    top_logprobs=body.top_logprobs or 0,
+                ),
+                constraint,
+            )
+            for i in range(body.n)
+        ]
+
+    gen, engine, prompts = await _Generation.start(deps, body.model, build)
+    states = [
+        ChoiceState(i, output_parser(engine, prompts[0], tools=tools_on)) for i in range(body.n)
+    ]
+    rid, created = new_id("chatcmpl"), int(time.time())
+    base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": FINGERPRINT}
+    if not body.stream:
+        async for i, delta in gen.deltas():
+            states[i].absorb(delta)
+        return JSONResponse(_chat_body(base, states))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(
+        _chat_events(base, gen, states, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]:
+    choices = []
+    for s in states:
+        if s.error is not None:
+            raise RuntimeError(s.error)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(s.content) or None}
+        if s.reasoning:
+            message["reasoning_content"] = "".join(s.reasoning)
+        if s.tool_calls:
+            message["tool_calls"] = [_tool_json(c) for c in s.tool_calls]
+        elif message["content"] is None:
+            message["content"] = ""
+        choices.append(
+            {
+                "index": s.index,
+                "message": message,
+                "logprobs": _lp_chat(s.logprobs) if s.logprobs else None,
+                "finish_reason": s.finish_reason,
+            }
+        )
+    return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(states)}
+
+
+def _chat_delta(pieces: list[Piece], state: ChoiceState, n_calls: int) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    content = "".join(p.text for p in pieces if isinstance(p, Content))
+    reasoning = "".join(p.text for p in pieces if isinstance(p, Reasoning))
+    calls = [p for p in pieces if isinstance(p, ToolCall)]
+    if content:
+        delta["content"] = content
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if calls:
+        delta["tool_calls"] = [_tool_json(c, n_calls + k) for k, c in enumerate(calls)]
+    return delta
+
+
+async def _chat_events(
+    base: dict[str, Any], gen: _Generation, states: list[ChoiceState], include_usage: bool
+) -> AsyncIterator[bytes]:
+    chunk = {**base, "object": "chat.completion.chunk"}
+    if include_usage:
+        chunk["usage"] = None
+    for s in states:
+        role = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        yield _sse({**chunk, "choices": [{**role, "finish_reason": None}]})
+    async for i, d in gen.deltas():
+        state = states[i]
+        n_calls = len(state.tool_calls)
+        lp_before = len(state.logprobs)
+        pieces = state.absorb(d)
+        if state.error is not None:
+            yield _error_event(state.error)
+            break
+        delta = _chat_delta(pieces, state, n_calls)
+        lps = state.logprobs[lp_before:]
+        if delta or lps or state.finish_reason:
+            yield _sse(
+                {
+                    **chunk,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": delta,
+                            "logprobs": _lp_chat(lps) if lps else None,
+                            "finish_reason": state.finish_reason,
+                        }
+                    ],
+                }
+            )
+    else:
+        if include_usage:
+            yield _sse({**chunk, "choices": [], "usage": _usage(states)})
+    yield _sse("[DONE]")
+
+
+def _lp_text(lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
+    offsets, pos = [], offset0
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{t: v for t, v, _ in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, deps: Deps) -> Any:
+    if body.suffix:
+        raise RequestError("suffix is not supported", param="suffix")
+    want_lp = body.logprobs is not None
+
+    def build(engine: Engine) -> list[tuple[list[int], Any, Constraint | None]]:
+        return [
+            (
+                prompt,
+                sampling_params(
+                    body,
+                    engine,
+                    len(prompt),
+                    max_tokens=body.max_tokens or 16,
+                    choice=i,
+                    logprobs=want_lp,
+                    top_logprobs=body.logprobs or 0,
+                ),
+                None,
+            )
+            for prompt in completion_prompts(body, engine)
+            for i in range(body.n)
+        ]
+
+    gen, engine, prompts = await _Generation.start(deps, body.model, build)
+    prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
+    states = [
+        ChoiceState(i, output_parser(engine, prompts[i], tools=False)) for i in range(len(prompts))
+    ]
+    n_prompts = len(prompts) // body.n
+    base = {
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "system_fingerprint": FINGERPRINT,
+    }
+    if not body.stream:
+        async for i, delta in gen.deltas():
+            states[i].absorb(delta)
+        choices = []
+        for s in states:
+            if s.error is not None:
+                raise RuntimeError(s.error)
+            text = "".join(s.reasoning) + "".join(s.content)
+            lps = _lp_text(s.logprobs, len(prefixes[s.index])) if want_lp else None
+            choices.append(
+                {
+                    "index": s.index,
+                    "text": prefixes[s.index] + text,
+                    "logprobs": lps,
+                    "finish_reason": s.finish_reason,
+                }
+            )
+        return JSONResponse({**base, "choices": choices, "usage": _usage(states, n_prompts)})
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[bytes]:
+        if include_usage:
+            base["usage"] = None
+        for s in states:
+            if prefixes[s.index]:
+                yield _sse({**base, "choices": [_text_choice(s.index, prefixes[s.index])]})
+        async for i, d in gen.deltas():
+            s = states[i]
+            lp_before = len(s.logprobs)
+            pieces = s.absorb(d)
+            if s.error is not None:
+                yield _error_event(s.error)
+                break
+            text = "".join(p.text for p in pieces if isinstance(p, Content | Reasoning))
+            lps = s.logprobs[lp_before:]
+            if text or lps or s.finish_reason:
+                choice = _text_choice(i, text, s.finish_reason)
+                choice["logprobs"] = _lp_text(lps, 0) if want_lp and lps else None
+                yield _sse({**base, "choices": [choice]})
+        else:
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(states, n_prompts)})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _text_choice(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}

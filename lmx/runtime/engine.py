@@ -1,0 +1,167 @@
+"""The engine boundary: what the reconciler and the API may ask of a loaded model.
+
+`Engine` is the protocol; `lmx.runtime.mlx_engine` is the real implementation and tests put fakes
+here (and only here) for fault injection. Values crossing this boundary are frozen dataclasses.
+Nothing in this module touches MLX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class EngineState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How to load one model. Derived from the spec; a request never changes it."""
+
+    model_id: str
+    path: Path
+    max_batch: int = 16
+    context_length: int | None = None
+    max_queue: int = 256
+    prefill_step: int = 2048
+    prompt_cache_bytes: int = 512 * 2**20
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters; each sequence in a batch keeps its own."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Constrained decoding: a llguidance grammar (JSON schema, lark, regex) the output must match."""
+
+    grammar: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_tokens: Sequence[int]
+    params: SamplingParams = SamplingParams()
+    constraint: Constraint | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of one sequence's output. The last one has `finish_reason` set."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    in_flight: int
+    queued: int
+    active: int
+    resident_bytes: int
+    prompt_cache_bytes: int
+    steps: int
+    generated_tokens: int
+
+
+class Tokenizer(Protocol):
+    """The part of a tokenizer the API needs."""
+
+    eos_token_ids: frozenset[int]
+    tool_parser: str | None  # a key of lmx.runtime.parsers.TOOL_PARSERS, or None
+    reasoning: bool  # the model writes <think>…</think>
+    special_tokens: frozenset[str]  # added tokens a grammar must emit as one token
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[int]: ...
+
+
+class Engine(Protocol):
+    """One loaded model. `load`/`unload` block and must run on a worker thread; `stream` is async.
+
+    Implementations own their MLX calls on one thread of their own and never block the event loop.
+    """
+
+    config: LoadConfig
+
+    @property
+    def state(self) -> EngineState: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def load(self) -> None:
+        """Load weights and start the worker. Raises on failure; blocking."""
+
+    def unload(self) -> None:
+        """Stop the worker, free weights and caches. Idempotent; blocking."""
+
+    def stats(self) -> EngineStats: ...
+
+    def resident_bytes(self) -> int:
+        """Bytes this model holds now: weights + KV caches + prompt cache."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Generate; cancelling the iterator (client gone) removes the sequence at the next step.
+
+        Raises QueueFull when the model's queue is full, RequestError for a bad request.
+        """
+
+
+EngineFactory = Callable[[LoadConfig], Engine]

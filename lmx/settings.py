@@ -1,0 +1,55 @@
+"""Process settings: where lmx keeps its files and where it listens. Read once, at start-up.
+
+Built by the CLI from flags and the environment and passed down explicitly; there is no module
+level singleton. Imports nothing else from lmx.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 1234
+DEFAULT_HOST = "127.0.0.1"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LMX_HOME") or "~/.opta-lmx").expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    config_path: Path
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        config: Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        home: Path | None = None,
+    ) -> Settings:
+        home = (home or default_home()).expanduser()
+        return cls(
+            home=home,
+            config_path=(config or home / "config.yaml").expanduser(),
+            host=host or os.environ.get("LMX_HOST") or DEFAULT_HOST,
+            port=port if port is not None else int(os.environ.get("LMX_PORT") or DEFAULT_PORT),
+        )
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+    @property
+    def builtin_dir(self) -> Path:
+        return self.home / "builtin"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"

@@ -1,0 +1,129 @@
+"""The /v1 surface over ASGI: shapes, parameters and the OpenAI error envelope."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+def sse_events(text: str) -> list[Any]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def assert_envelope(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+async def test_models_lists_loaded_model(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny"]
+    assert body["data"][0]["object"] == "model"
+
+
+async def test_chat_completion_has_openai_shape_and_counts(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 7, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"]
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 7
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 7
+
+
+async def test_streaming_chat_ends_with_done_and_usage(client: httpx.AsyncClient) -> None:
+    payload = {**CHAT, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    r = await client.post("/v1/chat/completions", json=payload)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "length"
+
+
+async def test_unknown_model_is_404_envelope(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    err = assert_envelope(r, 404, "model")
+    assert "nope" in err["message"] and "tiny" in err["message"]
+
+
+async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json={**CHAT, "temperature": 7})
+    assert_envelope(r, 400, "temperature")
+    r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert_envelope(r, 400, "messages")
+
+
+async def test_context_overflow_is_400_naming_the_limit(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000})
+    err = assert_envelope(r, 400, "max_tokens")
+    assert "4096" in err["message"] and err["code"] == "context_length_exceeded"
+
+
+async def test_completions_with_token_ids_and_echo(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 4, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 4,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    r2 = await client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "Once upon", "max_tokens": 3, "echo": True},
+    )
+    assert r2.json()["choices"][0]["text"].startswith("Once upon")
+
+
+async def test_n_choices_are_independent_and_seeded(client: httpx.AsyncClient) -> None:
+    payload = {**CHAT, "max_tokens": 12, "temperature": 1.5, "seed": 11, "n": 3}
+    a = (await client.post("/v1/chat/completions", json=payload)).json()
+    b = (await client.post("/v1/chat/completions", json=payload)).json()
+    texts_a = [c["message"]["content"] for c in a["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2]
+    assert texts_a == [c["message"]["content"] for c in b["choices"]]
+    assert len(set(texts_a)) > 1
+    assert a["usage"]["completion_tokens"] == 36
+
+
+async def test_logprobs_report_top_alternatives(client: httpx.AsyncClient) -> None:
+    payload = {**CHAT, "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    body = (await client.post("/v1/chat/completions", json=payload)).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3
+    for item in content:
+        assert item["logprob"] <= 0
+        assert len(item["top_logprobs"]) == 2
+        # Greedy: the chosen token is the most likely one.
+        assert item["logprob"] == max(t["logprob"] for t in item["top_logprobs"])
