@@ -1,0 +1,270 @@
+"""Streaming output parsers: a model's generated text → content, reasoning and tool-call pieces.
+
+One `OutputParser` per sequence, fed decoded chunks split anywhere, even mid-tag. It holds back
+only what could still become a tag, so a plain answer streams chunk by chunk. Pure: no mlx, no
+I/O; the API layer builds one with `make_parser` and the engine picks formats with `detect_*`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol, TypeAlias
+
+from lmx.runtime.toolcalls import (
+    HERMES_OPEN,
+    MISTRAL_OPEN,
+    PYTHON_TAG,
+    Scanned,
+    ToolCall,
+    llama3_may_call,
+    parse_llama3,
+    scan_hermes,
+    scan_mistral,
+)
+
+__all__ = [
+    "TOOL_PARSERS",
+    "Content",
+    "OutputParser",
+    "Piece",
+    "Reasoning",
+    "ToolCall",
+    "detect_reasoning",
+    "detect_tool_parser",
+    "make_parser",
+]
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
+
+
+@dataclass(frozen=True)
+class Content:
+    text: str
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    text: str
+
+
+Piece: TypeAlias = Content | Reasoning | ToolCall
+
+
+class ToolStage(Protocol):
+    """Splits the content stream (reasoning already removed) into content and tool calls."""
+
+    def feed(self, text: str) -> list[Piece]: ...
+    def finish(self) -> list[Piece]: ...
+
+
+class OutputParser:
+    """Pieces of one sequence's output, in order. Feed chunks, then call `finish` once."""
+
+    def __init__(self, *, reasoning: _ThinkSplitter | None, tools: ToolStage | None) -> None:
+        self._think, self._tools = reasoning, tools
+
+    def feed(self, text: str) -> list[Piece]:
+        return self._run(text, final=False)
+
+    def finish(self) -> list[Piece]:
+        """Flush held text; an unterminated tool call that decodes is still a call, else content."""
+        return self._run("", final=True)
+
+    def _run(self, text: str, final: bool) -> list[Piece]:
+        first = self._think.split(text, final) if self._think else [Content(text)]
+        out: list[Piece] = []
+        for piece in first:
+            if isinstance(piece, Content) and self._tools:
+                out += self._tools.feed(piece.text)
+            else:
+                out.append(piece)
+        if final and self._tools:
+            out += self._tools.finish()
+        return _merged(out)
+
+
+class _ThinkSplitter:
+    """`<think>…</think>` → Reasoning; tags dropped, and the whitespace that follows `</think>`."""
+
+    def __init__(self, inside: bool) -> None:
+        self._inside, self._held, self._strip = inside, "", False
+
+    def split(self, text: str, final: bool) -> list[Piece]:
+        buf, out = self._held + text, list[Piece]()
+        while (hit := _first(buf, _THINK_TAGS))[0] >= 0:
+            self._emit(out, buf[: hit[0]])
+            buf = buf[hit[0] + len(hit[1]) :]
+            # A second `<think>` (the prompt already opened one) or a stray `</think>` is dropped too.
+            self._inside = hit[1] == THINK_OPEN
+            self._strip = self._strip or not self._inside
+        keep = 0 if final else _partial(buf, _THINK_TAGS)
+        self._emit(out, buf[: len(buf) - keep])
+        self._held = buf[len(buf) - keep :]
+        return out
+
+    def _emit(self, out: list[Piece], text: str) -> None:
+        if self._inside:
+            out += [Reasoning(text)] if text else []
+            return
+        text = text.lstrip() if self._strip else text
+        if text:
+            self._strip = False
+            out.append(Content(text))
+
+
+class _TaggedTools:
+    """Tool calls that open with a marker (`<tool_call>`, `[TOOL_CALLS]`); a scanner finds the end.
+
+    Whitespace next to a call is formatting and dropped, so trailing whitespace is held back until
+    the next non-space arrives; a malformed call comes back as raw content, that whitespace included.
+    """
+
+    def __init__(self, opener: str, scan: Callable[[str, bool], Scanned | None]) -> None:
+        self._opener, self._scan = opener, scan
+        self._buf, self._in_call, self._gap, self._after_call = "", False, "", False
+
+    def feed(self, text: str) -> list[Piece]:
+        self._buf += text
+        return self._run(final=False)
+
+    def finish(self) -> list[Piece]:
+        return self._run(final=True)
+
+    def _run(self, final: bool) -> list[Piece]:
+        out: list[Piece] = []
+        while self._buf or (final and self._in_call):
+            if self._in_call:
+                if (got := self._scan(self._buf, final)) is None:
+                    break
+                calls, end = got
+                if calls:
+                    out += calls
+                    self._after_call = True
+                else:
+                    self._emit(out, self._gap + self._opener + self._buf[:end])
+                self._buf, self._in_call, self._gap = self._buf[end:], False, ""
+                continue
+            at = self._buf.find(self._opener)
+            if at < 0:
+                keep = 0 if final else _partial(self._buf, (self._opener,), hold_space=True)
+                self._emit(out, self._buf[: len(self._buf) - keep])
+                self._buf = self._buf[len(self._buf) - keep :]
+                break
+            before = self._buf[:at]
+            self._emit(out, before.rstrip())
+            self._gap = before[len(before.rstrip()) :]
+            self._buf, self._in_call = self._buf[at + len(self._opener) :], True
+        return out
+
+    def _emit(self, out: list[Piece], text: str) -> None:
+        text = text.lstrip() if self._after_call else text
+        if text:
+            self._after_call = False
+            out.append(Content(text))
+
+
+class _Llama3Tools:
+    """Bare-JSON calls (Llama 3.x): held only while the output may still be one, parsed at finish."""
+
+    def __init__(self) -> None:
+        self._held, self._passing = "", False
+
+    def feed(self, text: str) -> list[Piece]:
+        if self._passing:
+            return [Content(text)] if text else []
+        self._held += text
+        head = self._held.lstrip()
+        if not head or llama3_may_call(head):
+            return []
+        self._passing, held, self._held = True, self._held, ""
+        return [Content(held)]
+
+    def finish(self) -> list[Piece]:
+        held, self._held = self._held, ""
+        calls = parse_llama3(held) if held else None
+        return [*calls] if calls else [Content(held)] if held else []
+
+
+TOOL_PARSERS: Mapping[str, Callable[[], ToolStage]] = MappingProxyType(
+    {
+        "hermes": lambda: _TaggedTools(HERMES_OPEN, scan_hermes),
+        "llama3": _Llama3Tools,
+        "mistral": lambda: _TaggedTools(MISTRAL_OPEN, scan_mistral),
+    }
+)
+# Most specific first: a Hermes fine-tune of Llama 3.1 keeps `<|python_tag|>` in its vocab.
+_TOOL_MARKERS = (("hermes", HERMES_OPEN), ("mistral", MISTRAL_OPEN), ("llama3", PYTHON_TAG))
+
+
+def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str | None:
+    """The TOOL_PARSERS key for a model, from its chat template first, then its vocabulary."""
+    template = chat_template or ""
+    for name, marker in _TOOL_MARKERS:
+        if marker in template:
+            return name
+    if "ipython" in template and "parameters" in template:  # Llama 3.2/3.3 JSON tool calling
+        return "llama3"
+    return next((name for name, marker in _TOOL_MARKERS if marker in vocab), None)
+
+
+def detect_reasoning(chat_template: str | None, vocab: Collection[str]) -> bool:
+    """Whether the model writes `<think>…</think>`."""
+    return any(tag in (chat_template or "") or tag in vocab for tag in _THINK_TAGS)
+
+
+def make_parser(
+    *,
+    tool_parser: str | None,
+    tools_enabled: bool,
+    reasoning: bool,
+    starts_in_reasoning: bool = False,
+) -> OutputParser:
+    """A parser for one sequence. `starts_in_reasoning`: the prompt already opened `<think>`.
+
+    Raises ValueError for a `tool_parser` that is not a TOOL_PARSERS key.
+    """
+    if tool_parser is not None and tool_parser not in TOOL_PARSERS:
+        known = ", ".join(sorted(TOOL_PARSERS))
+        raise ValueError(f"unknown tool parser {tool_parser!r}; known: {known}")
+    tools = TOOL_PARSERS[tool_parser]() if tools_enabled and tool_parser else None
+    return OutputParser(
+        reasoning=_ThinkSplitter(starts_in_reasoning) if reasoning else None, tools=tools
+    )
+
+
+def _first(buf: str, tags: tuple[str, ...]) -> tuple[int, str]:
+    """The earliest tag in `buf` and where it starts; (-1, "") if none."""
+    hits = [(i, tag) for tag in tags if (i := buf.find(tag)) >= 0]
+    return min(hits) if hits else (-1, "")
+
+
+def _partial(buf: str, tags: tuple[str, ...], *, hold_space: bool = False) -> int:
+    """Length of the suffix of `buf` to hold back: the longest that is a proper prefix of a tag,
+    and with `hold_space` the whitespace before it too."""
+    n = 0
+    for k in range(min(len(buf), max(map(len, tags)) - 1), 0, -1):
+        if any(t.startswith(buf[-k:]) for t in tags):
+            n = k
+            break
+    if hold_space:
+        n = len(buf) - len(buf[: len(buf) - n].rstrip())
+    return n
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent content (or reasoning) joined into one piece; empty ones dropped."""
+    out: list[Piece] = []
+    for p in pieces:
+        if isinstance(p, Content | Reasoning) and not p.text:
+            continue
+        last = out[-1] if out else None
+        if isinstance(p, Content) and isinstance(last, Content):
+            out[-1] = Content(last.text + p.text)
+        elif isinstance(p, Reasoning) and isinstance(last, Reasoning):
+            out[-1] = Reasoning(last.text + p.text)
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,158 @@
+"""Tool calls as the OpenAI API carries them, and how each model family writes them in its output.
+
+Pure decoding of text already cut out of a stream; `parsers.py` does the streaming and calls this.
+Never raises on model output: a call that does not decode is None, and the caller keeps the raw
+text as content.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+PYTHON_TAG = "<|python_tag|>"
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+_DECODER = json.JSONDecoder()
+_NAME = re.compile(r"[\w.\-]+")
+# Keys a Llama 3 tool call may open with; anything else after `{` is an ordinary JSON answer.
+_LLAMA3_KEYS = ("name", "parameters", "arguments", "type", "function")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object serialized as a string (OpenAI wire form)
+
+
+# A scanner's answer once a call's text is complete: (its calls, None if malformed; length used).
+Scanned: TypeAlias = tuple[list[ToolCall] | None, int]
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+def normalize_arguments(args: object) -> str | None:
+    """`args` as the string of a JSON object; None if it is neither an object nor a string of one."""
+    if args is None or args == "":
+        return "{}"
+    if isinstance(args, dict):
+        return json.dumps(args, ensure_ascii=False)
+    if isinstance(args, str):
+        parsed = _loads(args)
+        return args if isinstance(parsed, dict) else None
+    return None
+
+
+def decode_calls(value: object, *, need_args: bool = False) -> list[ToolCall] | None:
+    """The calls in one decoded JSON value (a call object or a non-empty list of them), or None.
+
+    A call is `{"name", "arguments" | "parameters"}`, optionally wrapped OpenAI-style in
+    `{"function": ...}`; `need_args` rejects one with neither key (for bare-JSON formats).
+    """
+    items = value if isinstance(value, list) else [value]
+    calls = [c for item in items if (c := _decode_call(item, need_args)) is not None]
+    return calls if calls and len(calls) == len(items) else None
+
+
+def scan_hermes(text: str, final: bool) -> Scanned | None:
+    """`text` follows `<tool_call>`; None until `</tool_call>` arrives (unless `final`)."""
+    end = text.find(HERMES_CLOSE)
+    if end < 0:
+        return (_loads_calls(text), len(text)) if final else None
+    return _loads_calls(text[:end]), end + len(HERMES_CLOSE)
+
+
+def scan_mistral(text: str, final: bool) -> Scanned | None:
+    """`text` follows `[TOOL_CALLS]`: a JSON list of calls, or `name[ARGS]{...}` (newer tokenizers)."""
+    start = len(text) - len(text.lstrip())
+    if text.startswith("[", start):
+        got = _decode_at(text, start, "[")
+        if got is not None:
+            return decode_calls(got[0]), got[1]
+    elif (cut := text.find(MISTRAL_ARGS)) >= 0:
+        got = _decode_at(text, cut + len(MISTRAL_ARGS), "{")
+        if got is not None:
+            name = text[:cut].split(MISTRAL_CALL_ID)[0].strip()
+            ok = _NAME.fullmatch(name) is not None
+            return (decode_calls({"name": name, "arguments": got[0]}) if ok else None), got[1]
+    return (None, len(text)) if final else None
+
+
+def llama3_may_call(head: str) -> bool:
+    """Whether output starting with `head` (leading whitespace removed) may still be a tool call."""
+    if head.startswith(PYTHON_TAG) or PYTHON_TAG.startswith(head):
+        return True
+    if not head.startswith("{"):
+        return False
+    rest = head[1:].lstrip()
+    if not rest:
+        return True
+    if rest[0] != '"':
+        return False
+    key, quote, _ = rest[1:].partition('"')
+    return key in _LLAMA3_KEYS if quote else any(k.startswith(key) for k in _LLAMA3_KEYS)
+
+
+def parse_llama3(text: str) -> list[ToolCall] | None:
+    """The calls if the whole of `text` is Llama 3 tool-call JSON: objects (or lists of them),
+    after an optional `<|python_tag|>`, separated by `;` or whitespace; otherwise None."""
+    body = text.strip().removeprefix(PYTHON_TAG)
+    calls: list[ToolCall] = []
+    i = 0
+    while True:
+        while i < len(body) and (body[i].isspace() or body[i] == ";"):
+            i += 1
+        if i == len(body):
+            return calls or None
+        got = _decode_at(body, i, "{[")
+        decoded = decode_calls(got[0], need_args=True) if got is not None else None
+        if got is None or decoded is None:
+            return None
+        calls += decoded
+        i = got[1]
+
+
+def _decode_call(item: object, need_args: bool) -> ToolCall | None:
+    if isinstance(item, dict) and isinstance(item.get("function"), dict):
+        item = item["function"]
+    if not isinstance(item, dict):
+        return None
+    name = item.get("name")
+    key = "arguments" if "arguments" in item else "parameters"
+    if not isinstance(name, str) or not name or (need_args and key not in item):
+        return None
+    arguments = normalize_arguments(item.get(key))
+    return None if arguments is None else ToolCall(new_call_id(), name, arguments)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _loads_calls(text: str) -> list[ToolCall] | None:
+    return decode_calls(_loads(text)) if text.strip() else None
+
+
+def _decode_at(text: str, i: int, openers: str) -> tuple[Any, int] | None:
+    """The JSON value at `text[i:]` (after whitespace) and where it ends, if it opens with one of
+    `openers`. None while incomplete or malformed: an object or list is self-delimiting, a
+    number is not, so only those can end a call before the output does."""
+    i += len(text) - i - len(text[i:].lstrip())
+    if i == len(text) or text[i] not in openers:
+        return None
+    try:
+        return _DECODER.raw_decode(text, i)
+    except (ValueError, RecursionError):
+        return None

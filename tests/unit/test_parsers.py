@@ -1,0 +1,427 @@
+"""Output parsers: content, reasoning and tool calls out of streamed text, however it is split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmx.runtime.parsers import (
+    TOOL_PARSERS,
+    Content,
+    OutputParser,
+    Piece,
+    Reasoning,
+    ToolCall,
+    detect_reasoning,
+    detect_tool_parser,
+    make_parser,
+)
+
+Config = dict[str, Any]  # make_parser keyword arguments
+HERMES: Config = {"tool_parser": "hermes", "tools_enabled": True, "reasoning": False}
+QWEN3: Config = {"tool_parser": "hermes", "tools_enabled": True, "reasoning": True}
+LLAMA3: Config = {"tool_parser": "llama3", "tools_enabled": True, "reasoning": False}
+MISTRAL: Config = {"tool_parser": "mistral", "tools_enabled": True, "reasoning": False}
+PLAIN: Config = {"tool_parser": None, "tools_enabled": False, "reasoning": False}
+THINK: Config = {"tool_parser": None, "tools_enabled": False, "reasoning": True}
+R1: Config = {
+    "tool_parser": None,
+    "tools_enabled": False,
+    "reasoning": True,
+    "starts_in_reasoning": True,
+}
+NO_TOOLS: Config = {"tool_parser": "hermes", "tools_enabled": False, "reasoning": True}
+
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def call(name: str, arguments: str = '{"city": "Paris"}') -> ToolCall:
+    return ToolCall(id="", name=name, arguments=arguments)
+
+
+def run(config: dict[str, Any], chunks: list[str]) -> list[Piece]:
+    """Feed `chunks`, finish; adjacent pieces of one kind joined, call ids blanked."""
+    parser = make_parser(**config)
+    pieces = [p for chunk in chunks for p in parser.feed(chunk)] + parser.finish()
+    return normalized(pieces)
+
+
+def normalized(pieces: list[Piece]) -> list[Piece]:
+    out: list[Piece] = []
+    for p in pieces:
+        if isinstance(p, ToolCall):
+            out.append(dataclasses.replace(p, id=""))
+        elif out and type(out[-1]) is type(p):
+            out[-1] = type(p)(out[-1].text + p.text)
+        else:
+            out.append(p)
+    return out
+
+
+CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
+    ("plain_answer", PLAIN, "Hello, world!", [Content("Hello, world!")]),
+    (
+        "think_then_answer",
+        THINK,
+        "<think>plan</think>\n\nanswer",
+        [Reasoning("plan"), Content("answer")],
+    ),
+    (
+        "prompt_opened_think",
+        R1,
+        "plan\n</think>\n\nanswer",
+        [Reasoning("plan\n"), Content("answer")],
+    ),
+    (
+        "prompt_opened_think_model_repeats_tag",
+        R1,
+        "<think>plan</think>answer",
+        [Reasoning("plan"), Content("answer")],
+    ),
+    ("unterminated_reasoning", R1, "still thinking", [Reasoning("still thinking")]),
+    ("reasoning_off_tags_are_content", PLAIN, "<think>x</think>y", [Content("<think>x</think>y")]),
+    (
+        "qwen3_think_then_call",
+        QWEN3,
+        f"<think>need weather</think>\n\n<tool_call>\n{WEATHER}\n</tool_call>",
+        [Reasoning("need weather"), call("get_weather")],
+    ),
+    (
+        "tool_tag_inside_reasoning_stays_reasoning",
+        QWEN3,
+        f"<think><tool_call>{WEATHER}</tool_call></think>ok",
+        [Reasoning(f"<tool_call>{WEATHER}</tool_call>"), Content("ok")],
+    ),
+    ("hermes_one_call", HERMES, f"<tool_call>\n{WEATHER}\n</tool_call>", [call("get_weather")]),
+    (
+        "hermes_two_calls",
+        HERMES,
+        f'<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{{"name": "now", "arguments": {{}}}}\n</tool_call>',
+        [call("get_weather"), call("now", "{}")],
+    ),
+    (
+        "hermes_content_before_call",
+        HERMES,
+        f"Let me check.\n<tool_call>\n{WEATHER}\n</tool_call>",
+        [Content("Let me check."), call("get_weather")],
+    ),
+    (
+        "hermes_content_after_call",
+        HERMES,
+        f"<tool_call>{WEATHER}</tool_call>\n\nDone.\n",
+        [call("get_weather"), Content("Done.\n")],
+    ),
+    (
+        "hermes_malformed_json_is_content",
+        HERMES,
+        'Hi\n<tool_call>{"name": "f", "arguments": {</tool_call>',
+        [Content('Hi\n<tool_call>{"name": "f", "arguments": {</tool_call>')],
+    ),
+    (
+        "hermes_json_not_a_call_is_content",
+        HERMES,
+        '<tool_call>{"city": "Paris"}</tool_call>',
+        [Content('<tool_call>{"city": "Paris"}</tool_call>')],
+    ),
+    ("hermes_unterminated_json_call", HERMES, f"<tool_call>\n{WEATHER}\n", [call("get_weather")]),
+    (
+        "hermes_unterminated_garbage",
+        HERMES,
+        '<tool_call>\n{"name": "get_w',
+        [Content('<tool_call>\n{"name": "get_w')],
+    ),
+    ("hermes_output_ends_at_opener", HERMES, "x <tool_call>", [Content("x <tool_call>")]),
+    ("hermes_partial_opener_at_finish", HERMES, "a <tool_c", [Content("a <tool_c")]),
+    (
+        "hermes_string_arguments_kept",
+        HERMES,
+        '<tool_call>{"name": "f", "arguments": "{\\"a\\":1}"}</tool_call>',
+        [call("f", '{"a":1}')],
+    ),
+    ("hermes_missing_arguments", HERMES, '<tool_call>{"name": "f"}</tool_call>', [call("f", "{}")]),
+    (
+        "hermes_parameters_key",
+        HERMES,
+        '<tool_call>{"name": "f", "parameters": {"a": "é"}}</tool_call>',
+        [call("f", '{"a": "é"}')],
+    ),
+    (
+        "hermes_list_arguments_is_content",
+        HERMES,
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        [Content('<tool_call>{"name": "f", "arguments": [1]}</tool_call>')],
+    ),
+    (
+        "hermes_string_arguments_not_object",
+        HERMES,
+        '<tool_call>{"name": "f", "arguments": "hi"}</tool_call>',
+        [Content('<tool_call>{"name": "f", "arguments": "hi"}</tool_call>')],
+    ),
+    (
+        "tools_disabled_tags_are_content",
+        NO_TOOLS,
+        f"<tool_call>{WEATHER}</tool_call>",
+        [Content(f"<tool_call>{WEATHER}</tool_call>")],
+    ),
+    (
+        "no_tool_parser_tags_are_content",
+        {**HERMES, "tool_parser": None},
+        f"<tool_call>{WEATHER}</tool_call>",
+        [Content(f"<tool_call>{WEATHER}</tool_call>")],
+    ),
+    (
+        "llama3_parameters",
+        LLAMA3,
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        [call("get_weather")],
+    ),
+    ("llama3_python_tag_arguments", LLAMA3, f"<|python_tag|>{WEATHER}", [call("get_weather")]),
+    (
+        "llama3_semicolons",
+        LLAMA3,
+        f' {WEATHER}; {{"name": "now", "parameters": {{}}}}',
+        [call("get_weather"), call("now", "{}")],
+    ),
+    (
+        "llama3_newlines",
+        LLAMA3,
+        f'{WEATHER}\n{{"name": "now", "parameters": {{}}}}\n',
+        [call("get_weather"), call("now", "{}")],
+    ),
+    (
+        "llama3_openai_shaped",
+        LLAMA3,
+        '{"type": "function", "function": {"name": "f", "parameters": {}}}',
+        [call("f", "{}")],
+    ),
+    ("llama3_plain_text", LLAMA3, "It is sunny.", [Content("It is sunny.")]),
+    ("llama3_json_answer_is_content", LLAMA3, '{"answer": 42}', [Content('{"answer": 42}')]),
+    (
+        "llama3_name_without_parameters_is_content",
+        LLAMA3,
+        '{"name": "Bob"}',
+        [Content('{"name": "Bob"}')],
+    ),
+    (
+        "llama3_call_after_text_is_content",
+        LLAMA3,
+        f"Sure: {WEATHER}",
+        [Content(f"Sure: {WEATHER}")],
+    ),
+    ("llama3_call_then_text_is_content", LLAMA3, f"{WEATHER} ok", [Content(f"{WEATHER} ok")]),
+    (
+        "llama3_python_tag_code_is_content",
+        LLAMA3,
+        "<|python_tag|>print(1)",
+        [Content("<|python_tag|>print(1)")],
+    ),
+    (
+        "mistral_list",
+        MISTRAL,
+        f'[TOOL_CALLS][{WEATHER}, {{"name": "now", "arguments": {{}}}}]',
+        [call("get_weather"), call("now", "{}")],
+    ),
+    (
+        "mistral_content_before",
+        MISTRAL,
+        f"Checking. [TOOL_CALLS] [{WEATHER}]",
+        [Content("Checking."), call("get_weather")],
+    ),
+    (
+        "mistral_name_args",
+        MISTRAL,
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]now[ARGS]{}',
+        [call("get_weather"), call("now", "{}")],
+    ),
+    (
+        "mistral_call_id",
+        MISTRAL,
+        '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}',
+        [call("get_weather")],
+    ),
+    (
+        "mistral_malformed",
+        MISTRAL,
+        '[TOOL_CALLS][{"name": "f", "arguments": {]',
+        [Content('[TOOL_CALLS][{"name": "f", "arguments": {]')],
+    ),
+    (
+        "mistral_bad_name",
+        MISTRAL,
+        "[TOOL_CALLS]two words[ARGS]{}",
+        [Content("[TOOL_CALLS]two words[ARGS]{}")],
+    ),
+    ("mistral_brackets_in_content", MISTRAL, "See [1] and [TOOL", [Content("See [1] and [TOOL")]),
+]
+
+
+@pytest.mark.parametrize(
+    ("config", "output", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_parses_whole_output(config: dict[str, Any], output: str, expected: list[Piece]) -> None:
+    assert run(config, [output]) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "output", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_any_split_point_and_char_by_char_give_the_same_pieces(
+    config: dict[str, Any], output: str, expected: list[Piece]
+) -> None:
+    for i in range(len(output) + 1):
+        assert run(config, [output[:i], output[i:]]) == expected, i
+    assert run(config, list(output)) == expected
+
+
+def test_plain_answer_streams_chunk_by_chunk_with_tools_and_reasoning_on() -> None:
+    parser = make_parser(**QWEN3)
+    assert parser.feed("Hel") == [Content("Hel")]
+    assert parser.feed("lo <") == [Content("lo")]  # " <" may open a tag
+    assert parser.feed("b>") == [Content(" <b>")]
+    assert parser.feed("\n\n") == []  # may precede a tool call
+    assert parser.feed("Bye") == [Content("\n\nBye")]
+    assert parser.finish() == []
+
+
+def test_reasoning_streams_chunk_by_chunk() -> None:
+    parser = make_parser(**THINK)
+    assert parser.feed("<think>ab") == [Reasoning("ab")]
+    assert parser.feed("c</th") == [Reasoning("c")]
+    assert parser.feed("ink>\n") == []
+    assert parser.feed("x") == [Content("x")]
+
+
+def test_llama3_holds_only_while_output_may_be_a_call() -> None:
+    parser = make_parser(**LLAMA3)
+    assert parser.feed("Sure") == [Content("Sure")]
+    parser = make_parser(**LLAMA3)
+    assert parser.feed(' {"na') == []
+    assert parser.feed('me": "f", ') == []
+    parser = make_parser(**LLAMA3)
+    assert parser.feed('{"ans') == [Content('{"ans')]  # no tool call opens with that key
+
+
+def test_call_ids_are_unique_openai_style() -> None:
+    text = "".join(f'<tool_call>{{"name": "f{i}"}}</tool_call>' for i in range(50))
+    parser = make_parser(**HERMES)
+    calls = [p for p in parser.feed(text) + parser.finish() if isinstance(p, ToolCall)]
+    assert len(calls) == 50
+    assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", c.id) for c in calls)
+    assert len({c.id for c in calls}) == 50
+
+
+def test_arguments_are_a_json_object_string() -> None:
+    text = '<tool_call>{"name": "f", "arguments": {"q": "naïve", "n": [1, 2]}}</tool_call>'
+    [piece] = run(HERMES, [text])
+    assert isinstance(piece, ToolCall)
+    assert json.loads(piece.arguments) == {"q": "naïve", "n": [1, 2]}
+
+
+def test_unknown_tool_parser_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown tool parser 'xml'"):
+        make_parser(tool_parser="xml", tools_enabled=True, reasoning=False)
+
+
+def test_registry_builds_fresh_parsers() -> None:
+    assert set(TOOL_PARSERS) == {"hermes", "llama3", "mistral"}
+    for name in TOOL_PARSERS:
+        assert isinstance(
+            make_parser(tool_parser=name, tools_enabled=True, reasoning=True), OutputParser
+        )
+
+
+FRAGMENTS = [
+    "<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
+    WEATHER, '{"name": "f"}', "{", "}", "[", "]", ";", '"', "<", "</", "\n", "\n\n", " ",
+    "Hello", " world", "é", "<tool", "[TOOL", "call_",
+]  # fmt: skip
+CONFIGS: list[Config] = [
+    PLAIN,
+    THINK,
+    R1,
+    HERMES,
+    QWEN3,
+    LLAMA3,
+    MISTRAL,
+    {**MISTRAL, "reasoning": True},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_chunking_never_changes_the_pieces(config: dict[str, Any], data: st.DataObject) -> None:
+    output = "".join(data.draw(st.lists(st.sampled_from(FRAGMENTS), max_size=12)))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(output)), max_size=8)))
+    chunks = [output[a:b] for a, b in zip([0, *cuts], [*cuts, len(output)], strict=True)]
+    assert run(config, chunks) == run(config, [output])
+
+
+@given(text=st.text(st.characters(exclude_characters="<[{"), max_size=40))
+def test_text_without_markup_comes_back_whole(text: str) -> None:
+    for config in CONFIGS:
+        pieces = run(config, list(text))
+        assert "".join(p.text for p in pieces if isinstance(p, Content | Reasoning)) == text
+
+
+QWEN3_TEMPLATE = (
+    "{%- if tools %}<tools>{{ tools }}</tools> return <tool_call>{...}</tool_call>{%- endif %}"
+    "{%- if message.reasoning_content %}<think>\\n{{ message.reasoning_content }}\\n</think>{%- endif %}"
+)
+LLAMA31_TEMPLATE = (
+    "{%- if builtin_tools %}{{- '<|python_tag|>' + tool_call.name + '.call(' }}{%- endif %}"
+    '{%- elif message.role == "ipython" %}{{- \'{"name": "\' + tool_call.name + \'", "parameters": \' }}'
+)
+LLAMA32_TEMPLATE = (
+    '{%- if message.role == "ipython" or message.role == "tool" %}<|start_header_id|>ipython'
+    '{{- \'{"name": "\' + tool_call.name + \'", "parameters": \' + tool_call.arguments | tojson }}'
+)
+MISTRAL_TEMPLATE = (
+    "{%- if message.tool_calls %}{{- '[TOOL_CALLS]' }}{{- tool_call.name + '[ARGS]' }}"
+)
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\\n{{ m.content }}<|im_end|>{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "vocab", "tool_parser", "reasoning"),
+    [
+        (QWEN3_TEMPLATE, {"<tool_call>", "</tool_call>", "<think>", "</think>"}, "hermes", True),
+        (LLAMA31_TEMPLATE, {"<|python_tag|>", "<|eot_id|>"}, "llama3", False),
+        (LLAMA32_TEMPLATE, {"<|eot_id|>"}, "llama3", False),
+        (MISTRAL_TEMPLATE, {"[TOOL_CALLS]", "[ARGS]"}, "mistral", False),
+        (PLAIN_TEMPLATE, {"<|im_start|>", "hello"}, None, False),
+        (None, {"[TOOL_CALLS]"}, "mistral", False),
+        (None, {"</think>"}, None, True),
+        (QWEN3_TEMPLATE, {"<|python_tag|>"}, "hermes", True),  # a Hermes fine-tune of Llama 3.1
+    ],
+    ids=[
+        "qwen3",
+        "llama3.1",
+        "llama3.2",
+        "mistral",
+        "plain",
+        "vocab_only",
+        "r1_vocab",
+        "hermes_on_llama",
+    ],
+)
+def test_detects_formats_from_template_and_vocab(
+    template: str | None, vocab: set[str], tool_parser: str | None, reasoning: bool
+) -> None:
+    assert detect_tool_parser(template, vocab) == tool_parser
+    assert detect_reasoning(template, vocab) is reasoning
+
+
+def test_detects_the_builtin_models_template_as_hermes() -> None:
+    from importlib.resources import files
+
+    template = files("lmx.runtime").joinpath("data/chat_template.jinja").read_text()
+    assert detect_tool_parser(template, set()) == "hermes"
