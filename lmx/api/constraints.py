@@ -38,7 +38,7 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
                 named,
                 wrap,
                 parallel=parallel and body.parallel_tool_calls is not False,
-                special_tokens=tok.special_tokens,
+                token_ids=tok.marker_ids,
             )
         except ValueError as exc:
             raise RequestError(str(exc), param="tool_choice") from None

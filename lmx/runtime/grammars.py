@@ -1,0 +1,184 @@
+"""Grammars for constrained decoding: OpenAI `response_format` and forced tool calls, for llguidance.
+
+Pure (no MLX): the API builds a `Grammar` per request, and an invalid schema raises ValueError
+naming the problem (a 400 for the client); the engine compiles `Grammar.text` per sequence
+(`lmx.runtime.mlx_constraint`). Whitespace is bounded so a model cannot pad JSON forever.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import llguidance
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+# One space, or one line break and an indent, wherever JSON allows whitespace: pretty printing
+# still works, while runs of blanks (a known failure of constrained models) are cut short.
+WHITESPACE_PATTERN = r"\x20|\n[\x20\x09]{0,32}"
+# Hermes / Qwen: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, several joined
+# by a newline.
+HERMES_WRAP = ("<tool_call>\n", "\n</tool_call>")
+_CALL_SEPARATOR = "\n"
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """An llguidance grammar (`text`, what `Constraint.grammar` carries) and a short log label."""
+
+    text: str
+    description: str
+    warnings: tuple[str, ...] = ()
+
+
+def _options(strict: bool) -> JsonCompileOptions:
+    # Non-strict schemas drop keywords llguidance does not implement instead of failing.
+    return {"whitespace_pattern": WHITESPACE_PATTERN, "lenient": not strict}
+
+
+def _checked(text: str, description: str, what: str) -> Grammar:
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
+    if is_error:
+        raise ValueError(f"invalid {what}: {messages[0] if messages else 'unknown error'}")
+    # Special tokens can only be checked against a tokenizer, when the engine compiles it.
+    warnings = tuple(m for m in messages if "special_token" not in m)
+    return Grammar(text, description, warnings)
+
+
+def _schema_text(schema: Mapping[str, Any], strict: bool) -> str:
+    return llguidance.LLMatcher.grammar_from_json_schema(dict(schema), overrides=_options(strict))
+
+
+def json_object() -> Grammar:
+    """Any JSON object (`response_format: {"type": "json_object"}`)."""
+    return _checked(_schema_text({"type": "object"}, strict=True), "json_object", "JSON schema")
+
+
+def json_schema(schema: Mapping[str, Any], strict: bool = False, *, name: str = "") -> Grammar:
+    """Output matching `schema` (`response_format: {"type": "json_schema", ...}`).
+
+    Raises ValueError naming the problem when the schema is invalid, or, if `strict`, when it uses
+    a keyword or format llguidance cannot enforce; otherwise those are ignored (see `warnings`).
+    Like OpenAI's, `strict` defaults to False; unlike OpenAI, lmx constrains either way.
+    """
+    if not isinstance(schema, Mapping):
+        raise ValueError(f"invalid JSON schema: expected an object, got {type(schema).__name__}")
+    try:
+        text = _schema_text(schema, strict)
+    except ValueError as exc:
+        raise ValueError(f"invalid JSON schema: {exc}") from None
+    return _checked(text, f"json_schema {name or '(unnamed)'}", "JSON schema")
+
+
+def _rebase_refs(node: Any, prefix: str) -> Any:
+    """Rewrite local `$ref`s ("#/...") of a schema that is about to be nested under `prefix`."""
+    if isinstance(node, Mapping):
+        return {
+            k: (
+                prefix + v[1:]
+                if k == "$ref" and isinstance(v, str) and v.startswith("#")
+                else _rebase_refs(v, prefix)
+            )
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_rebase_refs(v, prefix) for v in node]
+    return node
+
+
+def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, tuple[Mapping[str, Any], bool]]:
+    """Name → (parameters schema, strict), from OpenAI tools (`{"type": "function", ...}`)."""
+    out: dict[str, tuple[Mapping[str, Any], bool]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool)
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tools[{i}]: a function needs a non-empty name")
+        if name in out:
+            raise ValueError(f"tools[{i}]: duplicate function name {name!r}")
+        params = fn.get("parameters") or {"type": "object"}
+        if not isinstance(params, Mapping):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        out[name] = (params, bool(fn.get("strict")))
+    return out
+
+
+def _lark_text(text: str, token_ids: Mapping[str, int]) -> str:
+    """`text` as a lark sequence; the known marker tokens in it become exact token refs."""
+    if not token_ids:
+        return json.dumps(text, ensure_ascii=False) if text else ""
+    pattern = "|".join(re.escape(t) for t in sorted(token_ids, key=len, reverse=True))
+    parts = re.split(f"({pattern})", text)
+    return " ".join(
+        f"<[{token_ids[p]}]>" if p in token_ids else json.dumps(p, ensure_ascii=False)
+        for p in parts
+        if p
+    )
+
+
+def tool_call(
+    tools: Sequence[Mapping[str, Any]],
+    named: str | None = None,
+    wrap: tuple[str, str] | None = HERMES_WRAP,
+    *,
+    parallel: bool = True,
+    token_ids: Mapping[str, int] | None = None,
+) -> Grammar:
+    """Output that is only tool calls: `{"name": ..., "arguments": {...}}` inside `wrap`.
+
+    `named` forces exactly one call of that function (`tool_choice: {"function": ...}`); otherwise
+    any of `tools`, one or more calls (`tool_choice: "required"`), one if not `parallel`.
+    `wrap=None` means bare JSON. `token_ids` (the model's `ConstraintFactory.marker_ids`) maps
+    marker texts to their single token, which the output must then use. Pass it for any model
+    whose tokenizer has the markers as added tokens: llguidance takes every added `<...>` token
+    as special, and fails at generation time on such a marker written as text.
+    Raises ValueError for no tools, an unknown `named`, or an invalid parameters schema.
+    """
+    functions = _functions(tools)
+    if named is not None:
+        if named not in functions:
+            known = ", ".join(sorted(functions)) or "none"
+            raise ValueError(f"tool_choice names function {named!r}, not in tools ({known})")
+        functions = {named: functions[named]}
+    if not functions:
+        raise ValueError("tool_choice requires a tool call, but no tools were given")
+    calls = []
+    for i, (name, (params, strict)) in enumerate(functions.items()):
+        try:  # each alone, so that the message names the function
+            _checked(_schema_text(params, strict), name, "schema")
+        except ValueError as exc:
+            raise ValueError(f"function {name!r} parameters: {exc}") from None
+        calls.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": name},
+                    "arguments": _rebase_refs(params, f"#/anyOf/{i}/properties/arguments"),
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    # Unenforceable keywords of a strict function failed above; the rest are ignored.
+    all_strict = all(strict for _, strict in functions.values())
+    body = {"x-guidance": _options(all_strict), "anyOf": calls}
+    open_, close = wrap or ("", "")
+    call = " ".join(
+        p
+        for p in (
+            _lark_text(open_, token_ids or {}),
+            "%json " + json.dumps(body),
+            _lark_text(close, token_ids or {}),
+        )
+        if p
+    )
+    many = parallel and named is None
+    start = f"call ({json.dumps(_CALL_SEPARATOR)} call)*" if many else "call"
+    lark = f"start: {start}\ncall: {call}\n"
+    label = f"tool_call {'+' if many else ''}{'|'.join(functions)}"
+    return _checked(llguidance.LLMatcher.grammar_from_lark(lark), label, "tool call grammar")
