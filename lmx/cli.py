@@ -16,11 +16,11 @@ from lmx.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from lmx import daemon, logs
+    from lmx.daemon import run
+    from lmx.logs import configure
 
-    logs.configure(args.log_level)
-    settings = Settings.from_env(config=args.config, host=args.host, port=args.port)
-    return daemon.run(settings)
+    configure(args.log_level)
+    return run(Settings.from_env(config=args.config, host=args.host, port=args.port))
 
 
 def _make_model(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -34,6 +35,21 @@ def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(builtin_cache: Path) -> Path:
     return ensure_builtin("tiny", builtin_cache)
+
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], timeout_s: float = 30.0) -> T:
+    """Poll `probe` until `ok(value)`; raise TimeoutError with the last value after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    value = probe()
+    while not ok(value):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout_s}s; last value {value!r}")
+        time.sleep(0.1)
+        value = probe()
+    return value
 
 
 def free_port() -> int:
@@ -102,26 +118,22 @@ def start_daemon(
         "PYTHONUNBUFFERED": "1",
     }
     log_path = home / "daemon.log"
-    out = log_path.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmx.cli", "serve", "--port", str(port), *args],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    with log_path.open("ab") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lmx.cli", "serve", "--port", str(port), *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     return Daemon(home=home, port=port, proc=proc, log_path=log_path)
 
 
 @pytest.fixture
-def daemon_factory(
-    tmp_path: Path, builtin_cache: Path
-) -> Iterator[Callable[..., Daemon]]:
+def daemon_factory(tmp_path: Path, builtin_cache: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def make(
-        home: Path | None = None, *, wait: bool = True, args: tuple[str, ...] = ()
-    ) -> Daemon:
+    def make(home: Path | None = None, *, wait: bool = True, args: tuple[str, ...] = ()) -> Daemon:
         d = start_daemon(home or tmp_path / "home", builtin_cache, args=args)
         started.append(d)
         if wait:

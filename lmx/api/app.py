@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 from lmx import __version__
 from lmx.api import errors, v1
@@ -20,6 +22,24 @@ from lmx.api.generation import new_id
 log = structlog.get_logger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
+
+
+def readiness(status: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    config = status.get("config", {})
+    waiting = [
+        mid
+        for mid, m in status.get("models", {}).items()
+        if m.get("want") == "pinned"
+        and not any(c["type"] == "Ready" and c["status"] for c in m.get("conditions", []))
+    ]
+    ready = bool(config.get("valid", True)) and not waiting
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "config_valid": config.get("valid", True),
+        "config_error": config.get("error"),
+        "pinned_not_ready": waiting,
+    }
+    return ready, body
 
 
 def create_app(
@@ -62,6 +82,13 @@ def create_app(
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
+        """The process is up and its event loop answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=None)
+    async def readyz() -> JSONResponse:
+        """Ready: the config is valid and every pinned model is loaded and ready (else 503)."""
+        ready, body = readiness(deps.models.status())
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return app

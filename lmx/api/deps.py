@@ -7,8 +7,9 @@ it with the real reconciler and registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from lmx.api.metrics import Metrics
 from lmx.runtime.registry import EngineRegistry
 
 
@@ -21,10 +22,13 @@ class ModelDirectory(Protocol):
     async def ensure_ready(self, name: str) -> str:
         """The model id for `name`, once it is loaded. Raises ModelNotFound or TemporaryError."""
 
+    def status(self) -> dict[str, Any]:
+        """The reconciler's status document (see lmx.reconciler.status)."""
+
 
 @dataclass
 class AppDeps:
     registry: EngineRegistry
     models: ModelDirectory
-    api_keys: tuple[str, ...] = ()
-    served_since_s: float = field(default=0.0)
+    metrics: Metrics = field(default_factory=Metrics)
+    served_since_s: float = 0.0

@@ -95,14 +95,17 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-def chat_prompt(body: ChatCompletionRequest, engine: Engine) -> list[int]:
+def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) -> list[int]:
+    """The prompt's token ids. `thinking=False` asks the template not to open a <think> block
+    (a grammar-constrained answer must start with the answer itself)."""
     tools = None
     if body.tools and body.tool_choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    extra = dict(body.chat_template_kwargs or {})
+    if not thinking:
+        extra.setdefault("enable_thinking", False)
     try:
-        return engine.tokenizer.apply_chat_template(
-            chat_messages(body), tools=tools, extra=body.chat_template_kwargs
-        )
+        return engine.tokenizer.apply_chat_template(chat_messages(body), tools=tools, extra=extra)
     except RequestError:
         raise
     except Exception as exc:  # the model's template rejected the conversation

@@ -28,6 +28,7 @@ from lmx.api.generation import (
     output_parser,
     sampling_params,
 )
+from lmx.api.metrics import Metrics
 from lmx.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from lmx.errors import ModelNotFound, RequestError
 from lmx.runtime.engine import Constraint, Delta, Engine, TokenLogprob
@@ -111,11 +112,24 @@ def _error_event(message: str) -> bytes:
 
 
 class _Generation:
-    """One request's engine streams, held open (model acquired) until the response ends."""
+    """One request's engine streams, held open (model acquired) until the response ends.
 
-    def __init__(self, stack: AsyncExitStack, stream: AsyncIterator[tuple[int, Delta]]) -> None:
+    Also where latency is measured: time to first token and the gaps between tokens, per choice.
+    """
+
+    def __init__(
+        self,
+        stack: AsyncExitStack,
+        stream: AsyncIterator[tuple[int, Delta]],
+        model_id: str,
+        metrics: Metrics,
+    ) -> None:
         self.stack = stack
         self.stream = stream
+        self.model_id = model_id
+        self.metrics = metrics
+        self.started_s = time.perf_counter()
+        self.last_token_s: dict[int, float] = {}
         self.first: tuple[int, Delta] | None = None
 
     @classmethod
@@ -131,7 +145,7 @@ class _Generation:
             engine = await stack.enter_async_context(deps.registry.acquire(model_id))
             jobs = build(engine)
             streams = [engine.stream(engine_request(p, params, c)) for p, params, c in jobs]
-            gen = cls(stack, merged(streams))
+            gen = cls(stack, merged(streams), model_id, deps.metrics)
             stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]
             # Wait for the first delta so that queue-full and bad-request errors get a status code.
             gen.first = await anext(gen.stream)
@@ -140,12 +154,27 @@ class _Generation:
             raise
         return gen, engine, [p for p, _, _ in jobs]
 
+    def _observe(self, i: int, d: Delta) -> None:
+        now = time.perf_counter()
+        if d.token_ids:
+            last = self.last_token_s.get(i)
+            if last is None:
+                self.metrics.ttft.labels(self.model_id).observe(now - self.started_s)
+            else:
+                self.metrics.itl.labels(self.model_id).observe(now - last)
+            self.last_token_s[i] = now
+        if d.finish_reason is not None:
+            self.metrics.prompt_tokens.labels(self.model_id).inc(d.prompt_tokens)
+            self.metrics.completion_tokens.labels(self.model_id).inc(d.completion_tokens)
+
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         try:
             if self.first is not None:
+                self._observe(*self.first)
                 yield self.first
-            async for item in self.stream:
-                yield item
+            async for i, d in self.stream:
+                self._observe(i, d)
+                yield i, d
         finally:
             await self.stack.aclose()
 
@@ -159,8 +188,8 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
 
     def build(engine: Engine) -> list[tuple[list[int], Any, Constraint | None]]:
-        prompt = chat_prompt(body, engine)
         constraint = constraint_for(body, engine)
+        prompt = chat_prompt(body, engine, thinking=constraint is None)
         return [
             (
                 prompt,

@@ -113,7 +113,7 @@ class Tokenizer(Protocol):
     eos_token_ids: frozenset[int]
     tool_parser: str | None  # a key of lmx.runtime.parsers.TOOL_PARSERS, or None
     reasoning: bool  # the model writes <think>…</think>
-    special_tokens: frozenset[str]  # added tokens a grammar must emit as one token
+    marker_ids: Mapping[str, int]  # markup tokens (<tool_call>…) a grammar must emit as one token
 
     def encode(self, text: str) -> list[int]: ...
 

@@ -61,9 +61,9 @@ def device_name() -> str:
 class MlxTokenizer:
     """The Tokenizer protocol over mlx-lm's TokenizerWrapper. Thread-safe for encode/decode."""
 
-    def __init__(self, wrapper: Any, config: LoadConfig, special_tokens: frozenset[str]) -> None:
+    def __init__(self, wrapper: Any, config: LoadConfig, marker_ids: Mapping[str, int]) -> None:
         self._w = wrapper
-        self.special_tokens = special_tokens
+        self.marker_ids = marker_ids
         self.eos_token_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
         template = getattr(wrapper, "chat_template", None)
         vocab = wrapper.get_vocab()
@@ -238,7 +238,7 @@ class MlxEngine:
             self._constraints = ConstraintFactory(
                 wrapper, int(model_config["vocab_size"]), wrapper.eos_token_ids
             )
-            self._tokenizer = MlxTokenizer(wrapper, self.config, self._constraints.special_tokens)
+            self._tokenizer = MlxTokenizer(wrapper, self.config, self._constraints.marker_ids)
             self._context_length = self._resolve_context_length(model_config)
             self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
             gen: Any = BatchGenerator(
@@ -319,7 +319,9 @@ class MlxEngine:
         req = seq.request
         p = req.params
         eos = self.tokenizer.eos_token_ids
-        seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else eos)
+        # A finished grammar allows only EOS, so a constrained request always stops on it.
+        ignore_eos = p.ignore_eos and req.constraint is None
+        seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if ignore_eos else eos)
         tokens = list(req.prompt_tokens)
         kv, rest = (None, tokens)
         if self.config.prompt_cache_bytes > 0:
@@ -440,3 +442,8 @@ class MlxEngine:
 
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
             loop.call_soon_threadsafe(put)
+
+
+def clear_cache() -> None:
+    """Return MLX's buffer cache to the system (process-wide)."""
+    mx.clear_cache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +25,9 @@ class StaticModels:
 
     def servable(self) -> list[str]:
         return self.registry.ids()
+
+    def status(self) -> dict[str, Any]:
+        return {"config": {"valid": True}, "models": {}}
 
     async def ensure_ready(self, name: str) -> str:
         if name not in self.registry.ids():

@@ -1,0 +1,121 @@
+"""The daemon: composes settings, registry, store, reconciler and the HTTP app, and runs uvicorn.
+
+Called by `lmx serve`. Lifecycle as named steps: `bind` (fail fast on a taken port), `startup`
+(first reconcile) and `shutdown` (unload everything), with uvicorn handling signals in between.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+import time
+from importlib import resources
+
+import structlog
+import uvicorn
+
+from lmx.api.app import create_app
+from lmx.api.deps import AppDeps
+from lmx.reconciler import Reconciler, ReconcilerSettings
+from lmx.runtime import mlx_engine
+from lmx.runtime.memory import MemoryProbe
+from lmx.runtime.mlx_engine import MlxEngine
+from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.store import ModelStore
+from lmx.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is the one line the person sees."""
+
+
+def default_manifest() -> str:
+    return resources.files("lmx").joinpath("manifests/default.yaml").read_text(encoding="utf-8")
+
+
+def ensure_config(settings: Settings) -> None:
+    """Write the default manifest where no config file exists yet (a fresh machine)."""
+    path = settings.config_path
+    if path.exists():
+        return
+    if path != settings.home / "config.yaml":
+        raise StartupError(f"config file {path} does not exist")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(default_manifest(), encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("default_config_written", path=str(path))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so a taken port fails before any model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"port {port} on {host} is already in use") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = EngineRegistry(MlxEngine)
+        self.memory = MemoryProbe(mlx_engine.mlx_counters, clear_cache=mlx_engine.clear_cache)
+        self.store = ModelStore(settings.home, base_dir=settings.config_path.parent)
+        self.reconciler = Reconciler(
+            ReconcilerSettings(home=settings.home),
+            registry=self.registry,
+            store=self.store,
+            memory=self.memory,
+            config_path=settings.config_path,
+        )
+        self.deps = AppDeps(
+            registry=self.registry, models=self.reconciler, served_since_s=time.time()
+        )
+        self.app = create_app(self.deps, on_startup=self.startup, on_shutdown=self.shutdown)
+
+    async def startup(self) -> None:
+        log.info(
+            "lmx_starting",
+            host=self.settings.host,
+            port=self.settings.port,
+            home=str(self.settings.home),
+            device=mlx_engine.device_name(),
+        )
+        await self.reconciler.start()
+
+    async def shutdown(self) -> None:
+        await self.reconciler.stop()
+        log.info("lmx_stopped")
+
+
+def run(settings: Settings) -> int:
+    try:
+        sock = bind(settings.host, settings.port)
+        ensure_config(settings)
+    except StartupError as exc:
+        print(f"lmx: {exc}", file=sys.stderr)
+        return 1
+    daemon = Daemon(settings)
+    config = uvicorn.Config(
+        daemon.app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1

@@ -1,0 +1,127 @@
+"""`lmx serve` end to end: a real daemon process, the real `openai` SDK, the built-in model."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from tests.conftest import Daemon, free_port, wait_for
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name three colours."},
+]
+
+
+@pytest.fixture(scope="module")
+def prompt_tokens(tiny_model_dir: Path) -> int:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    return len(tok.encode(text, add_special_tokens=False))
+
+
+@pytest.fixture(scope="module")
+def client(daemon: Daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_fresh_home_gets_the_default_manifest(daemon: Daemon) -> None:
+    declared = yaml.safe_load(daemon.config_path.read_text())
+    assert declared["models"]["lmx-tiny"]["want"] == "pinned"
+    assert "# lmx desired state" in daemon.config_path.read_text()
+
+
+def test_sdk_lists_the_pinned_builtin_model(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert "lmx-tiny" in ids
+
+
+def test_sdk_chat_completion_counts_tokens_like_the_tokenizer(
+    client: openai.OpenAI, prompt_tokens: int
+) -> None:
+    r = client.chat.completions.create(
+        model="lmx-tiny", messages=MESSAGES, max_tokens=9, temperature=0, logprobs=True
+    )
+    choice = r.choices[0]
+    assert choice.message.content
+    assert choice.finish_reason in ("length", "stop")
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    assert r.usage.completion_tokens == len(choice.logprobs.content)
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 9
+
+
+def test_sdk_streaming_chat_matches_non_streaming(
+    client: openai.OpenAI, prompt_tokens: int
+) -> None:
+    kwargs = {"model": "lmx-tiny", "messages": MESSAGES, "max_tokens": 9, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    stream = client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    )  # type: ignore[call-overload]
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(parts) == whole.choices[0].message.content
+    assert finish in ("length", "stop")
+    assert usage is not None and usage.prompt_tokens == prompt_tokens
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_alias_serves_the_same_model(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert r.choices[0].message.content is not None
+
+
+def test_taken_port_fails_with_one_line_naming_it(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmx.cli", "serve", "--port", str(port)],
+            env={"LMX_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert str(port) in lines[0] and "in use" in lines[0]
+
+
+def test_invalid_config_at_start_is_reported_and_healed_by_a_fix(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    home = tmp_path / "bad"
+    home.mkdir()
+    (home / "config.yaml").write_text("models:\n  m:\n    source: builtin:tiny\n    wnat: pinned\n")
+    d = daemon_factory(home, wait=False)
+    body = wait_for(lambda: _readyz(d), lambda r: r is not None and r[0] == 503)
+    assert "models.m.wnat (line 4): unknown key" in str(body)
+    (home / "config.yaml").write_text("models:\n  m:\n    source: builtin:tiny\n    want: pinned\n")
+    wait_for(lambda: _readyz(d), lambda r: r is not None and r[0] == 200)
+
+
+def _readyz(d: Daemon) -> tuple[int, object] | None:
+    try:
+        r = httpx.get(d.url + "/readyz", timeout=2)
+    except httpx.HTTPError:
+        return None
+    return r.status_code, r.json()
