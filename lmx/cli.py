@@ -7,6 +7,7 @@ flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # huggingface_hub reads its environment once, at import: no telemetry or agent probes.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = parser().parse_args(argv)
     try:
         code: int = args.func(args)

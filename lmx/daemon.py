@@ -18,8 +18,10 @@ import uvicorn
 
 from lmx.api.app import create_app
 from lmx.api.deps import AppDeps
+from lmx.api.metrics import Metrics
 from lmx.reconciler import Reconciler, ReconcilerSettings
 from lmx.runtime import mlx_engine
+from lmx.runtime.engine import EngineState
 from lmx.runtime.memory import MemoryProbe
 from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
@@ -82,9 +84,34 @@ class Daemon:
             config_path=settings.config_path,
         )
         self.deps = AppDeps(
-            registry=self.registry, models=self.reconciler, served_since_s=time.time()
+            registry=self.registry,
+            models=self.reconciler,
+            metrics=Metrics(self.live_metrics),
+            served_since_s=time.time(),
         )
         self.app = create_app(self.deps, on_startup=self.startup, on_shutdown=self.shutdown)
+
+    def live_metrics(self) -> dict[str, dict[str, float]]:
+        """Gauges read at scrape time from their owners: the registry and the reconciler."""
+        out: dict[str, dict[str, float]] = {
+            "queue_depth": {},
+            "in_flight": {},
+            "resident_bytes": {},
+            "state": {},
+        }
+        for mid, m in self.registry.snapshot().items():
+            engine = self.registry.get(mid)
+            out["queue_depth"][mid] = engine.stats().queued if engine else 0
+            out["in_flight"][mid] = m.in_flight
+            out["resident_bytes"][mid] = m.resident_bytes
+            out["state"][mid] = 1.0 if m.state is EngineState.READY else 0.0
+        memory = self.reconciler.status()["memory"]
+        out["memory"] = {
+            k.removesuffix("_bytes"): float(v)
+            for k, v in memory.items()
+            if isinstance(v, int | float)
+        }
+        return out
 
     async def startup(self) -> None:
         log.info(

@@ -22,6 +22,8 @@ import pytest
 
 from lmx.runtime.builtin import ensure_builtin
 
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub is imported
+
 pytest_plugins = ["tests.conftest_hub"]
 
 START_TIMEOUT_S = 60.0

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmx import __version__
 from lmx.api import errors, v1
@@ -84,6 +85,11 @@ def create_app(
     async def healthz() -> dict[str, str]:
         """The process is up and its event loop answers."""
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(deps.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", tags=["health"], response_model=None)
     async def readyz() -> JSONResponse:

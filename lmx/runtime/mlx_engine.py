@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from lmx.errors import QueueFull, RequestError
 from lmx.runtime.engine import (
@@ -36,7 +37,7 @@ from lmx.runtime.engine import (
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.parsers import detect_reasoning, detect_tool_parser
-from lmx.runtime.textstream import StopMatcher
+from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher, byte_level_table
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +65,11 @@ class MlxTokenizer:
     def __init__(self, wrapper: Any, config: LoadConfig, marker_ids: Mapping[str, int]) -> None:
         self._w = wrapper
         self.marker_ids = marker_ids
+        # Byte-level BPE (GPT-2 style) gets a table-driven detokenizer; others decode a window.
+        detok = wrapper._detokenizer
+        self._byte_table = (
+            byte_level_table(detok.tokenmap) if isinstance(detok, BPEStreamingDetokenizer) else None
+        )
         self.eos_token_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
         template = getattr(wrapper, "chat_template", None)
         vocab = wrapper.get_vocab()
@@ -99,8 +105,11 @@ class MlxTokenizer:
         )
         return list(self._w.encode(text, add_special_tokens=False))
 
-    def detokenizer(self) -> Any:
-        return self._w.detokenizer
+    def detokenizer(self, context: Sequence[int]) -> ByteDecoder | IncrementalDecoder:
+        """A fresh streaming detokenizer for one sequence whose prompt ends with `context`."""
+        if self._byte_table is not None:
+            return ByteDecoder(self._byte_table)
+        return IncrementalDecoder(self.decode, context[-6:])
 
 
 @dataclass(eq=False)
@@ -110,7 +119,7 @@ class _Seq:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[Delta]
-    detok: Any
+    detok: ByteDecoder | IncrementalDecoder
     stops: StopMatcher
     uid: int = -1
     generated: int = 0
@@ -213,7 +222,7 @@ class MlxEngine:
             request=request,
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
-            detok=tok.detokenizer(),
+            detok=tok.detokenizer(request.prompt_tokens),
             stops=StopMatcher(request.params.stop),
         )
         self._in_flight += 1
@@ -363,13 +372,9 @@ class MlxEngine:
             self._generated += 1
             finish = r.finish_reason
             hit_stop_token = finish == "stop" and r.token in seq.stop_ids
-            text = ""
-            if not hit_stop_token:
-                seq.detok.add_token(r.token)
-                text = seq.detok.last_segment
+            text = "" if hit_stop_token else seq.detok.add(r.token)
             if finish is not None:
-                seq.detok.finalize()
-                text += seq.detok.last_segment
+                text += seq.detok.flush()
             text, stopped = seq.stops.feed(text)
             if stopped:
                 finish = "stop"

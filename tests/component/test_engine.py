@@ -1,0 +1,160 @@
+"""The MLX engine with the real tiny model: continuous batching keeps every request its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from lmx.errors import QueueFull, RequestError
+from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime.mlx_engine import MlxEngine
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+
+
+async def run(engine: MlxEngine, prompt: list[int], params: SamplingParams) -> tuple[str, Delta]:
+    text, last = [], None
+    async for d in engine.stream(GenerationRequest(prompt, params)):
+        text.append(d.text)
+        last = d
+    assert last is not None
+    return "".join(text), last
+
+
+def prompts(engine: MlxEngine, n: int) -> list[list[int]]:
+    tok = engine.tokenizer
+    return [
+        tok.apply_chat_template([{"role": "user", "content": "count " + "and more " * (3 * i)}])
+        for i in range(n)
+    ]
+
+
+async def test_eight_concurrent_greedy_requests_match_their_solo_runs(engine: MlxEngine) -> None:
+    ps = prompts(engine, 8)
+    assert len({len(p) for p in ps}) == 8
+    alone = [await run(engine, p, GREEDY) for p in ps]
+    together = await asyncio.gather(*(run(engine, p, GREEDY) for p in ps))
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert all(d.completion_tokens == 16 for _, d in together)
+
+
+async def test_seeded_hot_request_in_a_greedy_batch_is_its_own_and_reproducible(
+    engine: MlxEngine,
+) -> None:
+    ps = prompts(engine, 4)
+    hot = SamplingParams(max_tokens=16, temperature=2.0, seed=1234)
+
+    async def batch() -> list[tuple[str, Delta]]:
+        return await asyncio.gather(
+            run(engine, ps[0], GREEDY), run(engine, ps[1], hot), run(engine, ps[2], GREEDY)
+        )
+
+    first, second = await batch(), await batch()
+    greedy_alone = (await run(engine, ps[1], GREEDY))[0]
+    assert first[1][0] != greedy_alone
+    assert first[1][0] == second[1][0]
+    assert first[0][0] == (await run(engine, ps[0], GREEDY))[0]
+
+
+async def test_stop_string_ends_only_its_request_and_is_not_emitted(engine: MlxEngine) -> None:
+    ps = prompts(engine, 3)
+    reference = (await run(engine, ps[1], GREEDY))[0]
+    stop = reference[5:8]
+    assert stop and stop not in reference[:5]
+    stopped = SamplingParams(max_tokens=16, temperature=0, stop=(stop,))
+    results = await asyncio.gather(
+        run(engine, ps[0], GREEDY), run(engine, ps[1], stopped), run(engine, ps[2], GREEDY)
+    )
+    text, last = results[1]
+    assert last.finish_reason == "stop"
+    assert text == reference[: reference.index(stop)]
+    assert stop not in text
+    assert all(d.finish_reason == "length" and d.completion_tokens == 16 for _, d in results[::2])
+
+
+async def test_cancelled_stream_leaves_the_batch_within_a_step(engine: MlxEngine) -> None:
+    p = prompts(engine, 1)[0]
+    long = SamplingParams(max_tokens=2000, temperature=0)
+    stream: AsyncIterator[Delta] = engine.stream(GenerationRequest(p, long))
+    for _ in range(3):
+        await anext(stream)
+    assert engine.stats().active == 1
+    steps_at_cancel = engine.stats().steps
+    await stream.aclose()  # type: ignore[attr-defined]
+    for _ in range(200):
+        if engine.stats().active == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert engine.stats().active == 0
+    assert engine.stats().in_flight == 0
+    assert engine.stats().steps - steps_at_cancel <= 2
+
+
+async def test_ignore_eos_and_min_tokens_run_to_max_tokens(engine: MlxEngine) -> None:
+    p = prompts(engine, 1)[0]
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True, min_tokens=24)
+    _, last = await run(engine, p, params)
+    assert last.completion_tokens == 24 and last.finish_reason == "length"
+
+
+async def test_logit_bias_forces_a_token(engine: MlxEngine) -> None:
+    p = prompts(engine, 1)[0]
+    target = engine.tokenizer.encode(" the")[0]
+    params = SamplingParams(max_tokens=4, temperature=0, logit_bias={target: 100.0})
+    text, _ = await run(engine, p, params)
+    assert text == engine.tokenizer.decode([target] * 4)
+
+
+async def test_eos_is_never_emitted_before_min_tokens(engine: MlxEngine) -> None:
+    p = prompts(engine, 1)[0]
+    eos = min(engine.tokenizer.eos_token_ids)
+    # A huge bias makes EOS the only choice: min_tokens must still hold it back.
+    params = SamplingParams(max_tokens=10, temperature=0, logit_bias={eos: 100.0}, min_tokens=5)
+    _, last = await run(engine, p, params)
+    assert last.finish_reason == "stop" and last.completion_tokens == 6
+
+
+async def test_prompt_cache_reuses_a_conversation_prefix(tiny_model_dir: Path) -> None:
+    e = MlxEngine(LoadConfig(model_id="c", path=tiny_model_dir, prompt_cache_bytes=64 * 2**20))
+    await asyncio.to_thread(e.load)
+    try:
+        tok = e.tokenizer
+        turn1 = [{"role": "user", "content": "tell me a long story about the sea"}]
+        p1 = tok.apply_chat_template(turn1)
+        answer, first = await run(e, p1, GREEDY)
+        assert first.cached_tokens == 0
+        turn2 = [
+            *turn1,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "more"},
+        ]
+        _, second = await run(e, tok.apply_chat_template(turn2), GREEDY)
+        assert second.cached_tokens >= len(p1) - 1
+        assert e.stats().prompt_cache_bytes > 0
+        assert e.resident_bytes() >= e.stats().prompt_cache_bytes
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
+async def test_full_queue_is_refused_and_context_overflow_names_the_limit(
+    tiny_model_dir: Path,
+) -> None:
+    e = MlxEngine(LoadConfig(model_id="q", path=tiny_model_dir, max_batch=1, max_queue=1))
+    await asyncio.to_thread(e.load)
+    try:
+        p = prompts(e, 1)[0]
+        busy = [e.stream(GenerationRequest(p, SamplingParams(max_tokens=500))) for _ in range(2)]
+        for s in busy:
+            await anext(s)
+        with pytest.raises(QueueFull):
+            await anext(e.stream(GenerationRequest(p, GREEDY)))
+        for s in busy:
+            await s.aclose()  # type: ignore[attr-defined]
+        with pytest.raises(RequestError, match="maximum context length is 4096") as info:
+            await anext(e.stream(GenerationRequest(p, SamplingParams(max_tokens=5000))))
+        assert info.value.param == "max_tokens"
+    finally:
+        await asyncio.to_thread(e.unload)
