@@ -36,7 +36,6 @@ from lmx.runtime.downloads import (
 )
 from tests.hubserver import HubServer
 
-
 REPO = "lmx-test/tiny"
 WEIGHTS = "model.safetensors"
 
