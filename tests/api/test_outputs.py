@@ -1,0 +1,128 @@
+"""Reasoning and tool calls reach the client in OpenAI's shape, streamed and not.
+
+The engine here is scripted (a fake at the engine boundary): it replays a fixed output split into
+awkward chunks, so the API's mapping of parsed pieces to messages and deltas is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lmx.api.app import create_app
+from lmx.api.deps import AppDeps
+from lmx.runtime.engine import (
+    Delta,
+    EngineState,
+    EngineStats,
+    GenerationRequest,
+    LoadConfig,
+)
+from lmx.runtime.registry import EngineRegistry
+from tests.api.conftest import StaticModels
+from tests.api.test_v1 import sse_events
+
+OUTPUT = (
+    "<think>The user wants weather.</think>\n\nChecking."
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+)
+
+
+class ScriptedTokenizer:
+    eos_token_ids = frozenset({0})
+    tool_parser = "hermes"
+    reasoning = True
+    marker_ids: Mapping[str, int] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, messages: Any, **_: Any) -> list[int]:
+        return self.encode(json.dumps(messages))
+
+
+class ScriptedEngine:
+    def __init__(self, config: LoadConfig) -> None:
+        self.config = config
+        self.tokenizer = ScriptedTokenizer()
+        self.context_length = 100_000
+        self.state = EngineState.UNLOADED
+
+    def load(self) -> None:
+        self.state = EngineState.READY
+
+    def unload(self) -> None:
+        self.state = EngineState.UNLOADED
+
+    def resident_bytes(self) -> int:
+        return 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0, 0, 0, 0, 0)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        chunks = [OUTPUT[i : i + 3] for i in range(0, len(OUTPUT), 3)]
+        for c in chunks[:-1]:
+            yield Delta(text=c, token_ids=(1,))
+        yield Delta(
+            text=chunks[-1],
+            token_ids=(1,),
+            finish_reason="stop",
+            prompt_tokens=len(request.prompt_tokens),
+            completion_tokens=len(chunks),
+        )
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    registry = EngineRegistry(ScriptedEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        yield c
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+
+
+async def test_message_has_reasoning_content_and_tool_calls(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v1/chat/completions", json=BODY)).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    msg = choice["message"]
+    assert msg["reasoning_content"] == "The user wants weather."
+    assert msg["content"] == "Checking."
+    (call,) = msg["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+
+
+async def test_stream_carries_reasoning_content_and_indexed_tool_call_deltas(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/v1/chat/completions", json={**BODY, "stream": True})
+    chunks = [e for e in sse_events(r.text) if e != "[DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants weather."
+    assert "".join(d.get("content", "") for d in deltas) == "Checking."
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert "<think>" not in r.text and "<tool_call>" not in r.text
+
+
+async def test_without_tools_the_markup_is_content(client: httpx.AsyncClient) -> None:
+    body = {k: v for k, v in BODY.items() if k != "tools"}
+    msg = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]
+    assert "tool_calls" not in msg
+    assert msg["content"].startswith("Checking.<tool_call>")

@@ -1,0 +1,248 @@
+"""The OpenAI surface through a real daemon: tools, JSON schema, disconnects, responsiveness."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Daemon, wait_for
+
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "mood": {"enum": ["happy", "sad"]},
+    },
+    "required": ["name", "age", "mood"],
+    "additionalProperties": False,
+}
+ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(daemon: Daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def check_call(name: str, arguments: str) -> None:
+    args = json.loads(arguments)
+    if name == "get_weather":
+        assert args["city"] in ("Paris", "Oslo") and set(args) == {"city"}
+    else:
+        assert name == "add" and set(args) == {"a", "b"}
+        assert all(isinstance(v, int) for v in args.values())
+
+
+def check_person(content: str) -> None:
+    person = json.loads(content)
+    assert set(person) == {"name", "age", "mood"}
+    assert isinstance(person["name"], str) and len(person["name"]) <= 12
+    assert isinstance(person["age"], int) and 0 <= person["age"] <= 120
+    assert person["mood"] in ("happy", "sad")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_required_tool_call_parses_and_validates(client: openai.OpenAI, seed: int) -> None:
+    r = client.chat.completions.create(
+        model="lmx-tiny",
+        messages=ASK,  # type: ignore[arg-type]
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=300,
+        temperature=1.0,
+        seed=seed,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert re.fullmatch(r"call_[A-Za-z0-9]{24}", call.id)
+        check_call(call.function.name, call.function.arguments)  # type: ignore[union-attr]
+
+
+def test_named_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="lmx-tiny",
+        messages=ASK,  # type: ignore[arg-type]
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        max_tokens=300,
+        stream=True,
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                if tc.function and tc.function.name:
+                    entry["name"] = tc.function.name
+                if tc.function and tc.function.arguments:
+                    entry["arguments"] += tc.function.arguments
+    assert finish == "tool_calls"
+    assert [c["name"] for c in calls.values()] == ["add"]
+    check_call("add", calls[0]["arguments"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_output_validates(client: openai.OpenAI, stream: bool) -> None:
+    fmt: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
+    }
+    kwargs: dict[str, Any] = {
+        "model": "lmx-tiny",
+        "messages": [{"role": "user", "content": "Describe someone."}],
+        "response_format": fmt,
+        "max_tokens": 300,
+        "temperature": 0.8,
+        "seed": 5,
+    }
+    if stream:
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kwargs, stream=True)
+            if c.choices
+        )
+    else:
+        r = client.chat.completions.create(**kwargs)
+        assert r.choices[0].finish_reason == "stop"
+        text = r.choices[0].message.content or ""
+    check_person(text)
+
+
+def test_invalid_schema_is_a_400_naming_the_field(client: openai.OpenAI) -> None:
+    bad: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="lmx-tiny", messages=ASK, response_format=bad)  # type: ignore[arg-type]
+    assert info.value.param == "response_format.json_schema.schema"  # type: ignore[attr-defined]
+
+
+def _in_flight(daemon: Daemon, model: str = "lmx-tiny") -> float:
+    text = httpx.get(daemon.url + "/metrics", timeout=5).text
+    m = re.search(rf'^lmx_in_flight\{{model="{model}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_client_disconnect_frees_the_slot(daemon: Daemon) -> None:
+    body = {
+        "model": "lmx-tiny",
+        "messages": ASK,
+        "max_tokens": 3000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.Client(base_url=daemon.url, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+            assert _in_flight(daemon) == 1
+        # The response is closed mid-stream: the sequence must leave the batch.
+    wait_for(lambda: _in_flight(daemon), lambda v: v == 0, timeout_s=10)
+
+
+def test_healthz_answers_fast_while_16_streams_generate(daemon: Daemon) -> None:
+    async def scenario() -> list[float]:
+        body = {"model": "lmx-tiny", "messages": ASK, "max_tokens": 400, "ignore_eos": True}
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=120) as http:
+
+            async def one_stream() -> int:
+                n = 0
+                async with http.stream(
+                    "POST", "/v1/chat/completions", json={**body, "stream": True}
+                ) as r:
+                    async for _ in r.aiter_lines():
+                        n += 1
+                return n
+
+            streams = [asyncio.create_task(one_stream()) for _ in range(16)]
+            await asyncio.sleep(0.5)
+            latencies = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                assert (await http.get("/healthz")).status_code == 200
+                latencies.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.05)
+            busy = not all(s.done() for s in streams)
+            counts = await asyncio.gather(*streams)
+            assert busy and all(c > 400 for c in counts)
+            return latencies
+
+    latencies = asyncio.run(scenario())
+    # Generous bound for a shared 2-core CI machine; the event loop must never wait on MLX.
+    assert sorted(latencies)[len(latencies) // 2] < 0.25, latencies
+
+
+def test_full_queue_answers_429_with_retry_after(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    home = tmp_path / "q"
+    home.mkdir()
+    (home / "config.yaml").write_text(
+        "models:\n  m:\n    source: builtin:tiny\n    want: pinned\n"
+        "    engine: {max_batch: 1, max_queue: 1}\n"
+    )
+    d = daemon_factory(home)
+    body = {"model": "m", "messages": ASK, "max_tokens": 3000, "stream": True, "ignore_eos": True}
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=d.url, timeout=60) as http:
+
+            async def hold() -> None:
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+
+            holders = [asyncio.create_task(hold()) for _ in range(2)]
+            try:
+                # One request runs, one waits in the queue: the queue (1) is now full.
+                await asyncio.to_thread(wait_for, lambda: _in_flight(d, "m"), lambda v: v == 2, 20)
+                return await http.post("/v1/chat/completions", json={**body, "stream": False})
+            finally:
+                for h in holders:
+                    h.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "queue_full"
