@@ -7,6 +7,8 @@ the input came from YAML, the line.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Self
@@ -117,6 +119,11 @@ class ModelSpec(_Strict):
     def load_key(self) -> LoadKey:
         """What a loaded engine depends on; a change here (and only here) means a reload."""
         return (self.source, self.revision, self.engine)
+
+    def load_digest(self) -> str:
+        """A short stable hash of `load_key`: names persisted footprints and journal entries."""
+        text = json.dumps([self.source, self.revision, self.engine.model_dump()], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def is_builtin(self) -> bool:

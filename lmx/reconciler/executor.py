@@ -1,0 +1,246 @@
+"""The executor: performs a plan's actions in order, each returning an `Outcome`; never raises
+except on cancellation.
+
+Called by the reconcile loop only. It owns what the side effects leave behind: the record of
+each engine it loaded (spec, measured usage), the loads in progress, drain deadlines, memory an
+unload has not yet returned, and the download jobs (`fetching.py`). Loads run one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import assert_never
+
+import structlog
+
+from lmx.reconciler.actions import (
+    Action,
+    CancelDownload,
+    Delete,
+    Download,
+    Drain,
+    Evict,
+    Load,
+    Plan,
+    Unload,
+)
+from lmx.reconciler.events import EventBus
+from lmx.reconciler.fetching import Fetcher
+from lmx.reconciler.journal import Intent, Journal
+from lmx.reconciler.outcomes import Outcome, Result, failure
+from lmx.reconciler.releasing import Releases
+from lmx.reconciler.settings import ReconcilerSettings
+from lmx.reconciler.spec import DesiredState, ModelSpec, Want
+from lmx.runtime.engine import LoadConfig
+from lmx.runtime.memory import MemoryProbe, Usage, rise
+from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.store import ModelStore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    """What the executor knows of an engine it loaded."""
+
+    spec: ModelSpec
+    want: Want  # why it was loaded: its spec's want, or DOWNLOADED for a load on request
+    usage: Usage  # what the load took, by each memory signal
+    loaded_s: float
+
+
+def load_config(model_id: str, spec: ModelSpec, store: ModelStore) -> LoadConfig:
+    e = spec.engine
+    return LoadConfig(
+        model_id=model_id,
+        path=store.locate(spec.source, spec.revision),
+        max_batch=e.max_batch,
+        context_length=e.context_length,
+        max_queue=e.max_queue,
+        prefill_step=e.prefill_step,
+        prompt_cache_bytes=e.prompt_cache_bytes,
+        tool_parser=e.tool_parser,
+        reasoning_parser=e.reasoning_parser,
+    )
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: ReconcilerSettings,
+        *,
+        registry: EngineRegistry,
+        store: ModelStore,
+        memory: MemoryProbe,
+        journal: Journal,
+        events: EventBus,
+        clock: Callable[[], float],
+        on_finished: Callable[[], None],
+    ) -> None:
+        self._s = settings
+        self._registry = registry
+        self._store = store
+        self._memory = memory
+        self._journal = journal
+        self._clock = clock
+        self._on_finished = on_finished
+        self.loaded: dict[str, LoadRecord] = {}
+        self.loading: dict[str, asyncio.Task[Outcome]] = {}
+        self.drain_deadlines: dict[str, float] = {}
+        self.releases = Releases(settings, memory=memory, registry=registry, clock=clock)
+        self.fetcher = Fetcher(store=store, journal=journal, events=events, on_done=self._finish)
+        self._finished: list[Outcome] = []
+        self._timed_out: set[str] = set()
+
+    # -- the loop's interface --
+
+    def take_finished(self) -> list[Outcome]:
+        """Outcomes of work that ended in the background (downloads, loads past their timeout)."""
+        out, self._finished = self._finished, []
+        return out
+
+    async def execute(self, plan: Plan, desired: DesiredState) -> list[Outcome]:
+        outcomes = []
+        self.releases.blocking = False
+        for action in plan.actions:
+            if isinstance(action, Load) and self.releases.blocking:
+                msg = "an earlier unload's memory has not come back"
+                outcomes.append(Outcome(action, Result.SKIPPED, "MemoryNotReleased", msg))
+                continue
+            started = time.monotonic()
+            try:
+                outcome = await self._perform(action, desired, plan.budget_bytes)
+            except Exception as exc:  # one of the three broad catches: an action's failure
+                outcome = failure(action, exc, duration_s=time.monotonic() - started)
+            log.info("action_done", **outcome.to_json())
+            outcomes.append(outcome)
+        return outcomes
+
+    async def shutdown(self) -> None:
+        """Stop downloads (they resume at the next start), let loads finish (bounded), and unload
+        every engine."""
+        await self.fetcher.shutdown(self._s.unload_timeout_s)
+        if self.loading:
+            await asyncio.wait(list(self.loading.values()), timeout=self._s.unload_timeout_s)
+        for mid in self._registry.ids():
+            self._registry.drain(mid)
+            try:
+                await asyncio.wait_for(self._registry.unload(mid), self._s.unload_timeout_s)
+            except Exception as exc:  # the unload action's catch, at shutdown: report, go on
+                log.warning("unload_failed_at_shutdown", model=mid, error=str(exc))
+        for mid in list(self.loading):
+            self._journal.end(Intent.LOAD, mid, ok=False)  # cut by shutdown, not a crash
+
+    # -- actions --
+
+    async def _perform(self, action: Action, desired: DesiredState, budget_bytes: int) -> Outcome:
+        match action:
+            case Drain(model_id=mid):
+                self._registry.drain(mid)
+                self.drain_deadlines.setdefault(mid, self._clock() + self._s.drain_timeout_s)
+                return Outcome(action, Result.DONE)
+            case Unload(model_id=mid, forced=forced):
+                return await self._unload(action, mid, forced)
+            case Evict(model_id=mid):
+                return await self._unload(action, mid, False)
+            case CancelDownload(model_id=mid):
+                found = self.fetcher.cancel(mid)
+                return Outcome(action, Result.DONE if found else Result.DEFERRED)
+            case Delete(model_id=mid):
+                spec = desired.models[mid]
+                await self.fetcher.stopped(mid, self._s.unload_timeout_s)
+                self._journal.begin(Intent.DELETE, mid, spec.load_digest())
+                freed = await asyncio.to_thread(self._store.delete, spec.source, spec.revision)
+                self._journal.end(Intent.DELETE, mid, ok=True)
+                return Outcome(action, Result.DONE, message=f"{freed} bytes freed")
+            case Download(model_id=mid):
+                spec = desired.models[mid]
+                concurrency = desired.downloads.concurrency
+                return self.fetcher.start(
+                    action, spec, budget_bytes=budget_bytes, concurrency=concurrency
+                )
+            case Load(model_id=mid):
+                return await self._load(action, desired.models[mid])
+            case _:
+                assert_never(action)
+
+    async def _unload(self, action: Unload | Evict, mid: str, forced: bool) -> Outcome:
+        slot = self._registry.snapshot().get(mid)
+        if slot is None:
+            return Outcome(action, Result.DONE, "NotLoaded")
+        # Check and unload with no await between: a request cannot slip in after the check.
+        if slot.in_flight > 0 and not forced:
+            self._registry.drain(mid)
+            self.drain_deadlines.setdefault(mid, self._clock() + self._s.drain_timeout_s)
+            return Outcome(action, Result.DEFERRED, "Busy", f"{slot.in_flight} in flight")
+        record = self.loaded.pop(mid, None)
+        expected = record.usage if record else Usage(slot.resident_bytes, 0)
+        before = self.releases.measure(exclude=mid)
+        self._journal.begin(Intent.UNLOAD, mid, record.spec.load_digest() if record else "")
+        started = time.monotonic()
+        self.drain_deadlines.pop(mid, None)
+        try:
+            async with asyncio.timeout(self._s.unload_timeout_s):
+                # Awaited in this task: the registry drops the slot before the first suspension.
+                await self._registry.unload(mid)
+        finally:
+            self._journal.end(Intent.UNLOAD, mid, ok=True)
+        short = await self.releases.verify(mid, before, expected)
+        took = time.monotonic() - started
+        if short:
+            msg = f"{short} bytes not returned after {self._s.release_timeout_s}s"
+            return Outcome(
+                action, Result.DONE, "MemoryNotReleased", msg, took, unreleased_bytes=short
+            )
+        return Outcome(action, Result.DONE, duration_s=took)
+
+    async def _load(self, action: Load, spec: ModelSpec) -> Outcome:
+        mid = action.model_id
+        if mid in self.loading:
+            return Outcome(action, Result.DEFERRED, "AlreadyLoading")
+        if self._registry.get(mid) is not None:
+            return Outcome(action, Result.DONE, "AlreadyLoaded")
+        config = await asyncio.to_thread(load_config, mid, spec, self._store)
+        task = asyncio.create_task(self._load_task(action, spec, config))
+        self.loading[mid] = task
+        done, _ = await asyncio.wait({task}, timeout=self._s.load_timeout_s)
+        if done:
+            return task.result()
+        self._timed_out.add(mid)
+        msg = f"still loading after {self._s.load_timeout_s:g}s"
+        return Outcome(action, Result.FAILED, "LoadTimeout", msg, self._s.load_timeout_s)
+
+    async def _load_task(self, action: Load, spec: ModelSpec, config: LoadConfig) -> Outcome:
+        mid, digest, started = action.model_id, spec.load_digest(), time.monotonic()
+        before = self.releases.measure(exclude=mid)
+        self._journal.begin(Intent.LOAD, mid, digest)
+        try:
+            engine = await self._registry.load(config)
+        except Exception as exc:  # the engine's load failed: an outcome, and the journal says so
+            self._journal.end(Intent.LOAD, mid, ok=False)
+            return self._loaded(failure(action, exc, duration_s=time.monotonic() - started))
+        after = self.releases.measure(exclude=mid)
+        usage = rise(before.sample, after.sample, others_growth=after.others - before.others)
+        measured = max(usage.bytes, engine.resident_bytes())
+        want = Want.DOWNLOADED if action.why is Want.DOWNLOADED else spec.want
+        self.loaded[mid] = LoadRecord(spec, want, usage, self._clock())
+        self._journal.end(Intent.LOAD, mid, ok=True)
+        await asyncio.to_thread(self._store.record_measured, mid, digest, measured)
+        took = time.monotonic() - started
+        return self._loaded(Outcome(action, Result.DONE, duration_s=took, measured_bytes=measured))
+
+    def _loaded(self, outcome: Outcome) -> Outcome:
+        mid = outcome.model_id
+        self.loading.pop(mid, None)
+        if mid in self._timed_out:  # the loop stopped waiting: hand the outcome over later
+            self._timed_out.discard(mid)
+            self._finish(dataclasses.replace(outcome, late=True))
+        return outcome
+
+    def _finish(self, outcome: Outcome) -> None:
+        self._finished.append(outcome)
+        self._on_finished()

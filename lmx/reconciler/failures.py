@@ -1,0 +1,79 @@
+"""Per-model failure records: exponential backoff, then quarantine until the spec changes.
+
+Written only by the reconcile loop as it applies outcomes; read when it builds the observed state.
+A record belongs to the spec it failed under: once the model's spec changes, it no longer applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmx.reconciler.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Failure:
+    spec: ModelSpec  # the spec these failures happened under
+    count: int  # consecutive failures with no success between
+    reason: str  # machine-readable: LoadFailed, LoadTimeout, DownloadFailed, LoadCrashedProcess
+    message: str
+    retry_at_s: float | None
+    quarantined: bool
+
+
+class FailureBook:
+    def __init__(
+        self, *, max_failures: int = 5, base_delay_s: float = 1.0, max_delay_s: float = 300.0
+    ) -> None:
+        self.max_failures = max_failures
+        self.base_delay_s = base_delay_s
+        self.max_delay_s = max_delay_s
+        self._records: dict[str, Failure] = {}
+
+    def current(self, model_id: str, spec: ModelSpec | None) -> Failure | None:
+        """The record for this model under this spec; a changed spec starts clean."""
+        rec = self._records.get(model_id)
+        if rec is None or spec is None or rec.spec != spec:
+            return None
+        return rec
+
+    def failed(
+        self,
+        model_id: str,
+        spec: ModelSpec,
+        reason: str,
+        message: str,
+        *,
+        now_s: float,
+        delay_s: float | None = None,
+        permanent: bool = False,
+    ) -> Failure:
+        """Record a failure: back off `base * 2**(n-1)` (at least `delay_s`), or quarantine after
+        `max_failures` in a row or at once when `permanent`."""
+        prev = self.current(model_id, spec)
+        count = (prev.count if prev else 0) + 1
+        quarantined = permanent or count >= self.max_failures
+        backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (count - 1))
+        wait = max(backoff, delay_s or 0.0)
+        rec = Failure(
+            spec=spec,
+            count=count,
+            reason=reason,
+            message=message,
+            retry_at_s=None if quarantined else now_s + wait,
+            quarantined=quarantined,
+        )
+        self._records[model_id] = rec
+        return rec
+
+    def quarantine(self, model_id: str, spec: ModelSpec, reason: str, message: str) -> Failure:
+        rec = Failure(spec, self.max_failures, reason, message, None, True)
+        self._records[model_id] = rec
+        return rec
+
+    def succeeded(self, model_id: str) -> None:
+        self._records.pop(model_id, None)
+
+    def forget_undeclared(self, declared: set[str]) -> None:
+        for mid in [m for m in self._records if m not in declared]:
+            del self._records[mid]

@@ -1,0 +1,169 @@
+"""Download jobs: each Download action becomes a background task (downloads take minutes).
+
+Owned by the executor. A job checks the model's estimated footprint against the budget before
+fetching a byte, records its intent in the journal, reports progress as events, and leaves its
+outcome for the reconcile loop, which it wakes. At most `concurrency` jobs fetch at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from lmx.reconciler.actions import Download, fmt_bytes
+from lmx.reconciler.events import EventBus
+from lmx.reconciler.journal import Intent, Journal
+from lmx.reconciler.outcomes import Outcome, Result, failure
+from lmx.reconciler.spec import ModelSpec
+from lmx.runtime.downloads import DownloadCancelled, ProgressEvent
+from lmx.runtime.store import ModelStore, Sizing
+
+log = structlog.get_logger(__name__)
+
+
+def sizing_of(spec: ModelSpec) -> Sizing:
+    e = spec.engine
+    return Sizing(e.context_length, e.max_batch, e.prompt_cache_bytes)
+
+
+@dataclass
+class Job:
+    spec: ModelSpec
+    cancel: threading.Event
+    task: asyncio.Task[None] | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bps: float = 0.0
+    queued: bool = True
+
+    def describe(self) -> str:
+        if self.queued:
+            return "queued"
+        if not self.bytes_total:
+            return "resolving"
+        pct = 100 * self.bytes_done / self.bytes_total
+        return f"{pct:.0f}% of {fmt_bytes(self.bytes_total)} at {fmt_bytes(int(self.rate_bps))}/s"
+
+
+class Fetcher:
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        journal: Journal,
+        events: EventBus,
+        on_done: Callable[[Outcome], None],
+    ) -> None:
+        self._store = store
+        self._journal = journal
+        self._events = events
+        self._on_done = on_done
+        self.jobs: dict[str, Job] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._concurrency = 0
+        self.stopping = False
+
+    def start(
+        self, action: Download, spec: ModelSpec, *, budget_bytes: int, concurrency: int
+    ) -> Outcome:
+        mid = action.model_id
+        if mid in self.jobs:
+            return Outcome(action, Result.DEFERRED, reason="AlreadyDownloading")
+        if self._slots is None or concurrency != self._concurrency:
+            self._slots, self._concurrency = asyncio.Semaphore(concurrency), concurrency
+        job = Job(spec, threading.Event())
+        self.jobs[mid] = job
+        job.task = asyncio.create_task(self._run(action, job, self._slots, budget_bytes))
+        return Outcome(action, Result.STARTED)
+
+    def cancel(self, model_id: str) -> bool:
+        """Ask a job to stop; False if there is none or it was asked already."""
+        job = self.jobs.get(model_id)
+        if job is None or job.cancel.is_set():
+            return False
+        job.cancel.set()
+        return True
+
+    async def stopped(self, model_id: str, timeout_s: float) -> None:
+        """Cancel this model's job, if any, and wait (bounded) until its thread lets go."""
+        job = self.jobs.get(model_id)
+        if job is not None and job.task is not None:
+            job.cancel.set()
+            await asyncio.wait({job.task}, timeout=timeout_s)
+
+    async def shutdown(self, timeout_s: float) -> None:
+        self.stopping = True
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        for job in self.jobs.values():
+            job.cancel.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    async def _run(
+        self, action: Download, job: Job, slots: asyncio.Semaphore, budget_bytes: int
+    ) -> None:
+        mid = action.model_id
+        try:
+            async with slots:
+                job.queued = False
+                if job.cancel.is_set():
+                    outcome = Outcome(action, Result.DEFERRED, "Cancelled", "before it started")
+                else:
+                    self._journal.begin(Intent.DOWNLOAD, mid, job.spec.load_digest())
+                    log.info("download_started", model=mid, source=job.spec.source)
+                    outcome = await self._fetch(action, job, budget_bytes)
+                    if not self.stopping:  # a download cut by shutdown resumes at the next start
+                        self._journal.end(Intent.DOWNLOAD, mid, ok=not outcome.failed)
+        finally:
+            self.jobs.pop(mid, None)
+        log.info("download_finished", model=mid, result=str(outcome.result), reason=outcome.reason)
+        self._on_done(outcome)
+
+    async def _fetch(self, action: Download, job: Job, budget_bytes: int) -> Outcome:
+        mid, spec, started = action.model_id, job.spec, time.monotonic()
+        loop = asyncio.get_running_loop()
+
+        def progress(ev: ProgressEvent) -> None:  # on the download thread
+            loop.call_soon_threadsafe(self._progress, mid, job, ev)
+
+        try:
+            snapshot = None
+            if spec.is_hub:
+                snapshot = await asyncio.to_thread(self._store.resolve, spec.source, spec.revision)
+                job.bytes_total = snapshot.total_bytes
+                fp = await asyncio.to_thread(
+                    self._store.estimate_remote, mid, spec.load_digest(), snapshot, sizing_of(spec)
+                )
+                if fp.total_bytes > budget_bytes:
+                    msg = f"needs {fmt_bytes(fp.total_bytes)}, the budget is {fmt_bytes(budget_bytes)}"
+                    return Outcome(action, Result.DEFERRED, "ExceedsBudget", msg)
+            await asyncio.to_thread(
+                self._store.fetch,
+                spec.source,
+                spec.revision,
+                snapshot=snapshot,
+                on_progress=progress,
+                cancel=job.cancel,
+            )
+            return Outcome(action, Result.DONE, duration_s=time.monotonic() - started)
+        except DownloadCancelled:
+            return Outcome(action, Result.DEFERRED, "Cancelled", "partial files are kept")
+        except Exception as exc:  # the executor's per-action catch: it becomes an outcome
+            return failure(action, exc, duration_s=time.monotonic() - started)
+
+    def _progress(self, mid: str, job: Job, ev: ProgressEvent) -> None:
+        job.bytes_done, job.bytes_total, job.rate_bps = ev.bytes_done, ev.bytes_total, ev.rate_bps
+        self._events.publish(
+            "download_progress",
+            model=mid,
+            file=ev.file,
+            bytes_done=ev.bytes_done,
+            bytes_total=ev.bytes_total,
+            rate_bps=round(ev.rate_bps),
+            eta_s=ev.eta_s,
+        )

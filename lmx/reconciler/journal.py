@@ -1,0 +1,115 @@
+"""The intent journal: each side effect is recorded before it starts and cleared when it ends.
+
+A small JSON file under LMX_HOME, replaced atomically on every write. The executor records;
+at start the reconciler reads what a previous process left unfinished: downloads to resume, and
+loads that never finished (the process died during them). Two such deaths of the same model and
+load config quarantine it. Blocking file I/O: calls take milliseconds and run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+CRASHES_TO_QUARANTINE = 2
+_FORMAT = 1
+
+
+class Intent(StrEnum):
+    DOWNLOAD = "download"
+    LOAD = "load"
+    UNLOAD = "unload"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the previous process left: downloads to resume, and load crash counts per model."""
+
+    downloads: frozenset[str]
+    crashed_loads: dict[str, tuple[str, int]]  # model id -> (load digest, deaths in a row)
+
+    def crash_quarantined(self, model_id: str, digest: str) -> int:
+        """How many times this model's load killed the process, if enough to quarantine it."""
+        entry = self.crashed_loads.get(model_id)
+        if entry and entry[0] == digest and entry[1] >= CRASHES_TO_QUARANTINE:
+            return entry[1]
+        return 0
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._pending: dict[str, dict[str, Any]] = {}  # "<intent>:<model>" -> entry
+        self._crashes: dict[str, dict[str, Any]] = {}  # model -> {"digest", "count"}
+
+    def recover(self) -> Recovery:
+        """Read what a previous process left unfinished, count load deaths, and start clean."""
+        data = self._read()
+        pending = data.get("pending", {})
+        self._crashes = {
+            k: v
+            for k, v in data.get("crashes", {}).items()
+            if isinstance(v, dict) and isinstance(v.get("count"), int)
+        }
+        downloads = set()
+        for entry in pending.values():
+            kind, model, digest = entry.get("intent"), entry.get("model"), entry.get("digest")
+            if not isinstance(model, str):
+                continue
+            if kind == Intent.DOWNLOAD:
+                downloads.add(model)
+                self._pending[f"{kind}:{model}"] = entry
+            elif kind == Intent.LOAD:
+                prev = self._crashes.get(model, {})
+                count = prev.get("count", 0) + 1 if prev.get("digest") == digest else 1
+                self._crashes[model] = {"digest": digest, "count": count}
+                log.warning("load_interrupted_by_exit", model=model, deaths=count)
+        self._write()
+        crashed = {m: (str(v.get("digest")), int(v["count"])) for m, v in self._crashes.items()}
+        return Recovery(frozenset(downloads), crashed)
+
+    def begin(self, intent: Intent, model_id: str, digest: str) -> None:
+        self._pending[f"{intent}:{model_id}"] = {
+            "intent": str(intent),
+            "model": model_id,
+            "digest": digest,
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self._write()
+
+    def end(self, intent: Intent, model_id: str, *, ok: bool) -> None:
+        """The side effect finished (or failed without taking the process down)."""
+        self._pending.pop(f"{intent}:{model_id}", None)
+        if intent is Intent.LOAD and ok:
+            self._crashes.pop(model_id, None)
+        self._write()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("journal_unreadable", path=str(self.path), error=str(exc))
+            return {}
+        return data if isinstance(data, dict) and data.get("format") == _FORMAT else {}
+
+    def _write(self) -> None:
+        data = {"format": _FORMAT, "pending": self._pending, "crashes": self._crashes}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.path)

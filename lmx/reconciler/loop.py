@@ -1,0 +1,393 @@
+"""The reconcile loop: one asyncio task that observes, plans and executes until nothing is left.
+
+`Reconciler` is the daemon's owner of the desired state and of every decision to download, load,
+evict or unload. Triggers (config edits, the resync timer, requests for a model, finished work,
+admin patches) only wake it. Requests that need a model loaded are decided inside the loop, never
+by a read outside it. Lifecycle: `start()`, the loop (`_main_loop`), `stop()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from lmx.errors import ConfigError, TemporaryError
+from lmx.reconciler import manifest
+from lmx.reconciler.actions import Download, Load, Plan, Unload, UnloadReason, plan_json
+from lmx.reconciler.admission import pins_over_budget
+from lmx.reconciler.events import EventBus, Subscription
+from lmx.reconciler.executor import Executor
+from lmx.reconciler.failures import FailureBook
+from lmx.reconciler.journal import Journal
+from lmx.reconciler.observed import ObservedState
+from lmx.reconciler.observing import Observer
+from lmx.reconciler.outcomes import Outcome, Result
+from lmx.reconciler.planning import plan
+from lmx.reconciler.requests import Requests
+from lmx.reconciler.settings import ReconcilerSettings
+from lmx.reconciler.spec import DesiredState, ModelSpec, Want
+from lmx.reconciler.status import Head, StatusView
+from lmx.reconciler.triggers import Triggers
+from lmx.runtime.engine import EngineState
+from lmx.runtime.memory import MemoryProbe
+from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.store import ModelStore
+
+log = structlog.get_logger(__name__)
+
+# Wake reasons that a fresh observation answers; requests, edits and patches need a new pass.
+_COVERED = frozenset({"engine_changed", "action_finished", "requeue", "resync", "start"})
+_RETRY_UNCONVERGED_S = 0.5
+
+
+class Reconciler:
+    """Converges the engines and the disk to the desired state.
+
+    Construct with the registry, store and memory probe the daemon uses (fakes at the engine
+    boundary in tests). `config_path=None` runs without a file (admin patches only). `clock` must
+    be the registry's clock: idle times compare its `last_used_s` with the loop's now.
+    """
+
+    def __init__(
+        self,
+        settings: ReconcilerSettings,
+        *,
+        registry: EngineRegistry,
+        store: ModelStore,
+        memory: MemoryProbe,
+        config_path: Path | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.events = EventBus(maxsize=settings.event_queue_size)
+        self._registry = registry
+        self._memory = memory
+        self._clock = clock
+        self._journal = Journal(settings.journal_path)
+        self._failures = FailureBook(
+            max_failures=settings.max_failures,
+            base_delay_s=settings.backoff_base_s,
+            max_delay_s=settings.backoff_max_s,
+        )
+        self._executor = Executor(
+            settings,
+            registry=registry,
+            store=store,
+            memory=memory,
+            journal=self._journal,
+            events=self.events,
+            clock=clock,
+            on_finished=lambda: self.wake("action_finished"),
+        )
+        self._observer = Observer(
+            registry=registry,
+            store=store,
+            memory=memory,
+            executor=self._executor,
+            failures=self._failures,
+            clock=clock,
+        )
+        self._requests = Requests()
+        self._triggers = Triggers(settings, config_path=config_path, wake=self.wake)
+        self._desired = DesiredState()
+        self._generation = 0
+        self._observed_generation = 0
+        self._config_error: str | None = None
+        self._accept_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._reasons: set[str] = set()
+        self._idled: dict[str, ModelSpec] = {}
+        self._requeue_after_s: float | None = None
+        self._last_pass: dict[str, Any] = {}
+        self._pass_ids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._view = StatusView(
+            registry=registry,
+            store=store,
+            executor=self._executor,
+            observer=self._observer,
+            failures=self._failures,
+            events=self.events,
+            clock=clock,
+        )
+
+    # -- public state --
+
+    @property
+    def desired(self) -> DesiredState:
+        """The last good desired state."""
+        return self._desired
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def observed_generation(self) -> int:
+        return self._observed_generation
+
+    @property
+    def config_error(self) -> str | None:
+        return self._config_error
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Read the config file (writing nothing), recover the journal, start the loop and its
+        triggers. Returns once the first pass is under way; an invalid file is reported, not
+        raised (`config_error`), and the daemon serves an empty desired state until it is fixed."""
+        recovery = self._journal.recover()
+        if self.config_path is not None:
+            await self._reload_config()
+        for mid, spec in self._desired.models.items():
+            if n := recovery.crash_quarantined(mid, spec.load_digest()):
+                msg = f"loading it ended the process {n} times; change its spec to retry"
+                self._failures.quarantine(mid, spec, "LoadCrashedProcess", msg)
+                log.error("model_quarantined", model=mid, reason="LoadCrashedProcess", deaths=n)
+        for mid in recovery.downloads:
+            log.info("download_resuming", model=mid)
+        self._registry.on_change = lambda: self.wake("engine_changed")
+        self._task = asyncio.create_task(self._main_loop(), name="lmx-reconcile")
+        self.wake("start")
+        await self._triggers.start()
+
+    async def stop(self) -> None:
+        """Stop watching, cancel the loop, stop downloads and unload every engine."""
+        await self._triggers.stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._requests.fail_all(TemporaryError("lmx is shutting down", delay_s=5.0))
+        await self._executor.shutdown()
+        self._registry.on_change = lambda: None
+
+    def wake(self, reason: str) -> None:
+        """Ask for a pass soon. Non-blocking; callable from the event loop thread only."""
+        self._reasons.add(reason)
+        self._wake.set()
+
+    # -- the API's entry points --
+
+    async def ensure_ready(self, name: str) -> str:
+        """The model id for `name` (an id or an alias), once it is loaded and ready.
+
+        Returns at once for a ready model. Otherwise the loop decides: load it (a `downloaded`
+        model with jit on, or a resident one that idled out), or raise ModelNotFound (unknown or
+        absent), TemporaryError (downloading, backing off, not ready within ready_timeout_s) or
+        PermanentError (quarantined, too big for the budget, jit off).
+        """
+        mid = self._desired.resolve(name)
+        if mid is not None and self._desired.models[mid].want is not Want.ABSENT:
+            slot = self._registry.snapshot().get(mid)
+            if slot is not None and slot.state is EngineState.READY and not slot.draining:
+                return mid
+        fut = self._requests.submit(name)
+        self.wake("request")
+        try:
+            async with asyncio.timeout(self.settings.ready_timeout_s):
+                return await fut
+        except TimeoutError:
+            waited = self.settings.ready_timeout_s
+            raise TemporaryError(f"model {name!r} not ready after {waited:g}s", delay_s=5) from None
+
+    def servable(self) -> list[str]:
+        """Ids and aliases a request may name now: ready, or loadable on demand."""
+        return self._view.servable(self._desired)
+
+    async def check(self, new: DesiredState, *, origin: str = "the desired state") -> None:
+        """Raise ConfigError if the pinned models of `new` alone exceed its memory budget (by
+        what is known of their footprints now). Accepts nothing."""
+        total = self._memory.sample().total_bytes
+        footprints = await asyncio.to_thread(self._view.pin_footprints, new)
+        if problems := pins_over_budget(new, footprints, total):
+            raise ConfigError(origin, problems)
+
+    async def apply_desired(self, new: DesiredState) -> None:
+        """Accept a new desired state (admin PATCH). Raises ConfigError if its pins alone exceed
+        the budget; otherwise bumps `generation` and wakes the loop. Writes no file."""
+        await self._accept(new, origin="admin")
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able document: generations, config validity, memory, per-model conditions."""
+        head = Head(
+            desired=self._desired,
+            generation=self._generation,
+            observed_generation=self._observed_generation,
+            config_path=str(self.config_path) if self.config_path else None,
+            config_error=self._config_error,
+            last_pass=self._last_pass,
+        )
+        return self._view.status(head)
+
+    def plan_now(self) -> Plan:
+        """What the loop would do now, from its last observation."""
+        observed = self._view.observed or ObservedState(0.0, self._memory.sample().total_bytes)
+        return plan(self._desired, observed)
+
+    def plan_now_json(self) -> dict[str, Any]:
+        return plan_json(self.plan_now())
+
+    async def dry_run(self, new: DesiredState) -> Plan:
+        """The plan a desired state would get now (observed afresh), without accepting it."""
+        observed = await self._observe(new, record=False)
+        return plan(new, observed)
+
+    def subscribe(self) -> Subscription:
+        """Events: `action`, `condition_changed`, `download_progress`, `desired_changed`, ..."""
+        return self.events.subscribe()
+
+    # -- accepting a desired state --
+
+    async def _reload_config(self) -> None:
+        """Read the file; accept it or keep the last good state. Runs inside the loop (or before
+        it starts), so accepting needs no wake."""
+        assert self.config_path is not None
+        try:
+            new = await asyncio.to_thread(manifest.load, self.config_path)
+            await self._accept(new, origin=str(self.config_path), wake=False)
+        except ConfigError as exc:
+            self._config_error = str(exc)
+            log.error("config_invalid", path=str(self.config_path), errors=exc.errors)
+            self.events.publish("config_invalid", path=str(self.config_path), errors=exc.errors)
+        else:
+            self._config_error = None
+        self._view.update_config(self._config_error)
+
+    async def _accept(self, new: DesiredState, *, origin: str, wake: bool = True) -> None:
+        async with self._accept_lock:
+            await self.check(new, origin=origin)
+            if new == self._desired and self._generation:
+                return
+            self._desired = new
+            self._generation += 1
+            log.info("desired_accepted", origin=origin, generation=self._generation)
+            self.events.publish("desired_changed", origin=origin, generation=self._generation)
+            if wake:
+                self.wake("desired_changed")
+
+    # -- the loop --
+
+    async def _main_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._requeue_after_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            reasons, self._reasons = self._reasons or {"requeue"}, set()
+            try:
+                await self._pass(reasons)
+            except Exception:
+                # The supervisor's catch: a bug in one pass must not stop the daemon converging.
+                log.exception("reconcile_pass_crashed")
+                await asyncio.sleep(1.0)
+
+    async def _pass(self, reasons: set[str]) -> None:
+        """One pass: take in edits and requests, converge, then report and answer requests."""
+        rid = next(self._pass_ids)
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(reconcile_id=rid):
+            # The resync re-reads the file too: it heals an edit the watcher missed.
+            if reasons & {"config_changed", "resync"} and self.config_path is not None:
+                await self._reload_config()
+            generation, desired = self._generation, self._desired
+            self._requests.admit(desired, self.servable)
+            self._failures.forget_undeclared(set(desired.models))
+            for mid in [m for m, spec in self._idled.items() if desired.models.get(m) != spec]:
+                del self._idled[mid]
+            if back := await self._executor.releases.recheck():
+                self.events.publish("memory_released", models=back)
+            observed, current, executed = await self._converge(desired)
+            soon = [
+                current.requeue_after_s,
+                self.settings.release_recheck_s if self._executor.releases.leaks else None,
+                _RETRY_UNCONVERGED_S if not current.is_empty and executed else None,
+            ]
+            self._requeue_after_s = min((t for t in soon if t is not None), default=None)
+            self._view.update_conditions(desired, observed, current)
+            self._requests.resolve(desired, observed, current, self._failures)
+            self._observed_generation = generation
+            took = time.monotonic() - started
+            self._last_pass = {"id": rid, "reasons": sorted(reasons), "duration_s": took}
+            (log.info if executed else log.debug)(
+                "reconcile_pass",
+                reasons=sorted(reasons),
+                actions=len(executed),
+                blocked=len(current.blocked),
+                duration_s=round(took, 4),
+            )
+
+    async def _converge(self, desired: DesiredState) -> tuple[ObservedState, Plan, list[Outcome]]:
+        """Observe, plan, execute, until the plan is empty, nothing progresses, or the step limit
+        is reached (then wake again: triggers that came meanwhile get their turn)."""
+        executed: list[Outcome] = []
+        for step in range(self.settings.max_steps_per_pass + 1):
+            observed = await self._step_observe(desired)
+            current = plan(desired, observed)
+            if current.is_empty:
+                break
+            if step == self.settings.max_steps_per_pass:
+                # Plans converge in one step or two; more means something does not hold still.
+                # Yield to other triggers, and come back soon rather than spin.
+                log.warning("reconcile_not_converged", steps=step, actions=len(current.actions))
+                break
+            outcomes = await self._executor.execute(current, desired)
+            executed += outcomes
+            self._apply(outcomes, desired)
+            if not any(o.result is Result.DONE for o in outcomes):
+                observed = await self._step_observe(desired)
+                current = plan(desired, observed)
+                break
+        return observed, current, executed
+
+    async def _step_observe(self, desired: DesiredState) -> ObservedState:
+        """Fold in finished background work, then observe. Wakes that this observation covers
+        (engine changes, finished work, timers) are dropped: they would only repeat it."""
+        self._apply(self._executor.take_finished(), desired)
+        self._reasons -= _COVERED
+        if not self._reasons:
+            self._wake.clear()
+        return await self._observe(desired)
+
+    async def _observe(self, desired: DesiredState, *, record: bool = True) -> ObservedState:
+        return await self._observer.observe(
+            desired, requested=self._requests.wanted(), idled=self._idled, record=record
+        )
+
+    def _apply(self, outcomes: list[Outcome], desired: DesiredState) -> None:
+        """Fold outcomes into the failure records and the idle marks; publish each."""
+        now = self._clock()
+        for o in outcomes:
+            self.events.publish("action", **o.to_json())
+            mid, spec = o.model_id, desired.models.get(o.model_id)
+            if spec is None:
+                continue
+            match o.action:
+                case Load() | Download() if o.result is Result.DONE:
+                    self._failures.succeeded(mid)
+                    self._idled.pop(mid, None)
+                case Load() | Download() if o.failed:
+                    rec = self._failures.failed(
+                        mid,
+                        spec,
+                        o.reason,
+                        o.message,
+                        now_s=now,
+                        delay_s=o.delay_s,
+                        permanent=o.permanent,
+                    )
+                    if rec.quarantined:
+                        log.error("model_quarantined", model=mid, reason=o.reason, error=o.message)
+                case Unload(reason=UnloadReason.IDLE_TIMEOUT) if o.result is Result.DONE:
+                    self._idled[mid] = spec
+                case _:
+                    pass

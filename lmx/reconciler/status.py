@@ -1,0 +1,183 @@
+"""What the reconciler reports: per-model conditions (kept up to date after each pass), the
+JSON status document for `/admin/status` and `lmx status`, and the list of servable names.
+
+Written by the reconcile loop (`update_conditions`); read by anyone. Reads the loop's components,
+never changes them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from lmx.reconciler.actions import Plan, plan_json
+from lmx.reconciler.conditions import ConditionBook, ConditionType, derive
+from lmx.reconciler.events import EventBus
+from lmx.reconciler.executor import Executor
+from lmx.reconciler.failures import FailureBook
+from lmx.reconciler.fetching import sizing_of
+from lmx.reconciler.observed import ObservedModel, ObservedState
+from lmx.reconciler.observing import Observer
+from lmx.reconciler.spec import DesiredState, Want
+from lmx.runtime.engine import EngineState
+from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.store import ModelStore
+
+_CONFIG = ""  # the condition book's key for top-level conditions (model ids are never empty)
+
+
+def _iso(wall_s: float) -> str:
+    return datetime.fromtimestamp(wall_s, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Head:
+    """The loop's top-level state at the moment status is asked for."""
+
+    desired: DesiredState
+    generation: int
+    observed_generation: int
+    config_path: str | None
+    config_error: str | None
+    last_pass: dict[str, Any]
+
+
+class StatusView:
+    def __init__(
+        self,
+        *,
+        registry: EngineRegistry,
+        store: ModelStore,
+        executor: Executor,
+        observer: Observer,
+        failures: FailureBook,
+        events: EventBus,
+        clock: Callable[[], float],
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._executor = executor
+        self._observer = observer
+        self._failures = failures
+        self._events = events
+        self._clock = clock
+        self.conditions = ConditionBook()
+        self.observed: ObservedState | None = None
+        self.plan: Plan | None = None
+
+    def pin_footprints(self, desired: DesiredState) -> dict[str, int | None]:
+        """Footprints of the pinned models, from disk or earlier estimates. Blocking."""
+        out: dict[str, int | None] = {}
+        for mid, spec in desired.models.items():
+            if spec.want is Want.PINNED:
+                fp = self._store.footprint(
+                    mid, spec.load_digest(), spec.source, spec.revision, sizing_of(spec)
+                )
+                out[mid] = fp.total_bytes if fp else None
+        return out
+
+    def update_conditions(self, desired: DesiredState, observed: ObservedState, plan: Plan) -> None:
+        """Derive every model's conditions after a pass; publish the ones that changed."""
+        self.observed, self.plan = observed, plan
+        blocked = {b.model_id: b for b in plan.blocked}
+        leaks = self._executor.releases.leaks
+        jobs = self._executor.fetcher.jobs
+        now_wall = time.time()
+        for mid, o in observed.models.items():
+            spec = desired.models.get(mid)
+            job = jobs.get(mid)
+            values = derive(
+                spec,
+                o,
+                blocked.get(mid),
+                self._failures.current(mid, spec),
+                unreleased_bytes=leaks[mid].bytes if mid in leaks else 0,
+                progress=job.describe() if job else "",
+            )
+            for cond in self.conditions.update(mid, values, now_wall):
+                self._events.publish("condition_changed", model=mid, condition=cond.to_json())
+        self.conditions.forget(set(observed.models) | set(leaks) | {_CONFIG})
+
+    def update_config(self, error: str | None) -> None:
+        """The top-level ConfigValid condition, after each read of the config file."""
+        value = (ConditionType.CONFIG_VALID, error is None, "Valid" if error is None else "Invalid")
+        for cond in self.conditions.update(_CONFIG, [(*value, error or "")], time.time()):
+            self._events.publish("condition_changed", model=None, condition=cond.to_json())
+
+    def servable(self, desired: DesiredState) -> list[str]:
+        engines = self._registry.snapshot()
+        disk = self._observer.disk
+        names = []
+        for mid, spec in desired.models.items():
+            eng = engines.get(mid)
+            ready = eng is not None and eng.state is EngineState.READY and not eng.draining
+            on_demand = spec.want is not Want.ABSENT and mid in disk and disk[mid].downloaded
+            if spec.want is Want.DOWNLOADED and not desired.jit:
+                on_demand = False
+            if ready or on_demand:
+                names += [mid, *spec.aliases]
+        return names
+
+    def status(self, head: Head) -> dict[str, Any]:
+        observed, plan = self.observed, self.plan
+        sample = self._observer.sample
+        models = {}
+        for mid in {*head.desired.models, *(observed.models if observed else {})}:
+            models[mid] = self._model_status(mid, head.desired, observed)
+        budget = head.desired.memory.budget_bytes(sample.total_bytes) if sample else None
+        return {
+            "generation": head.generation,
+            "observedGeneration": head.observed_generation,
+            "config": {
+                "path": head.config_path,
+                "valid": head.config_error is None,
+                "error": head.config_error,
+            },
+            "conditions": [c.to_json() for c in self.conditions.get(_CONFIG).values()],
+            "memory": {
+                "budget_bytes": budget,
+                "charged_bytes": plan.used_bytes if plan else None,
+                "unreleased_bytes": self._executor.releases.unreleased_bytes,
+                "total_bytes": sample.total_bytes if sample else None,
+                "available_bytes": sample.available_bytes if sample else None,
+                "process_rss_bytes": sample.rss_bytes if sample else None,
+                "mlx_active_bytes": sample.mlx_active_bytes if sample else None,
+                "mlx_cache_bytes": sample.mlx_cache_bytes if sample else None,
+            },
+            "models": dict(sorted(models.items())),
+            "plan": plan_json(plan) if plan else None,
+            "last_pass": head.last_pass,
+        }
+
+    def _model_status(
+        self, mid: str, desired: DesiredState, observed: ObservedState | None
+    ) -> dict[str, Any]:
+        spec = desired.models.get(mid)
+        o = observed.models.get(mid) if observed else None
+        o = o or ObservedModel(mid)
+        facts = self._observer.disk.get(mid)
+        fp = facts.footprint if facts else None
+        est = facts.estimate if facts else None
+        rec = self._executor.loaded.get(mid)
+        fail = self._failures.current(mid, spec)
+        age = self._clock() - o.last_used_s if o.resident else None
+        return {
+            "want": str(spec.want) if spec else None,
+            "source": spec.source if spec else None,
+            "conditions": [c.to_json() for c in self.conditions.get(mid).values()],
+            "footprint": {
+                "estimated_bytes": est.total_bytes if est else None,
+                "measured_bytes": fp.total_bytes if fp is not None and fp.measured else None,
+                "weights_bytes": fp.weights_bytes if fp else None,
+                "kv_bytes": fp.kv_bytes if fp else None,
+                "context_tokens": fp.context_tokens if fp else None,
+                "load_rise_bytes": rec.usage.bytes if rec else None,
+            },
+            "resident_bytes": o.resident_bytes,
+            "in_flight": o.in_flight,
+            "last_used": None if age is None else _iso(time.time() - age),
+            "failures": fail.count if fail else 0,
+        }

@@ -1,0 +1,324 @@
+"""The model store: where each model's files live under LMX_HOME, and how much memory it needs.
+
+Sources: `builtin:NAME` (built offline into LMX_HOME/builtin/), a local directory (used as is) or
+a Hub repo (downloaded into LMX_HOME/models/<org>--<name>/ by `downloads.py`). Footprints are
+estimated from safetensors headers and config.json, and replaced by measured numbers kept in
+LMX_HOME/footprints.json. Called by the reconciler on worker threads: everything here may block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from lmx.errors import PermanentError
+from lmx.runtime import builtin, downloads
+from lmx.runtime.downloads import ProgressEvent, RepoSnapshot
+
+log = structlog.get_logger(__name__)
+
+Builder = Callable[[str, Path], Path]
+
+# Reserved on top of weights, KV and prompt cache: activations during prefill, MLX's temporaries.
+MARGIN_RATIO = 0.05
+MARGIN_MIN_BYTES = 32 * 2**20
+_DTYPE_BYTES = {"float32": 4, "float64": 8}  # others (bf16, f16, quantized models' KV): 2
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The load parameters that size a model's memory (from its spec's `engine`)."""
+
+    context_length: int | None
+    max_batch: int
+    prompt_cache_bytes: int
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory one loaded model is charged: weights + KV at full context and batch + margin."""
+
+    weights_bytes: int
+    kv_bytes: int
+    prompt_cache_bytes: int
+    margin_bytes: int
+    measured: bool = False  # weights_bytes is what a load really took, not an estimate
+    context_tokens: int = 0  # per sequence, as reserved
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.prompt_cache_bytes + self.margin_bytes
+
+    def measured_as(self, weights_bytes: int) -> Footprint:
+        margin = _margin(weights_bytes + self.kv_bytes)
+        return dataclasses.replace(
+            self, weights_bytes=weights_bytes, margin_bytes=margin, measured=True
+        )
+
+
+def _margin(n: int) -> int:
+    return max(MARGIN_MIN_BYTES, int(n * MARGIN_RATIO))
+
+
+def safetensors_weight_bytes(path: Path) -> int:
+    """Tensor bytes in one safetensors file, from its JSON header only (8-byte length + JSON)."""
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > _MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: safetensors header of {n} bytes")
+        header = json.loads(fh.read(n))
+    return sum(
+        int(t["data_offsets"][1]) - int(t["data_offsets"][0])
+        for name, t in header.items()
+        if name != "__metadata__"
+    )
+
+
+def kv_bytes_per_token(config: dict[str, Any]) -> int | None:
+    """K and V bytes one token takes across all layers, from config.json; None if unknown."""
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    assert isinstance(cfg, dict)
+    try:
+        layers = int(cfg["num_hidden_layers"])
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "")
+    return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
+
+
+def estimate(weights_bytes: int, config: dict[str, Any], sizing: Sizing) -> Footprint:
+    """The footprint before any load. Context: the declared length, else the model's native one
+    (as the engine does); KV for `max_batch` sequences of that length."""
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    assert isinstance(cfg, dict)
+    native = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len") or 4096)
+    tokens = min(native, sizing.context_length or native)
+    kv = (kv_bytes_per_token(config) or 0) * tokens * sizing.max_batch
+    return Footprint(
+        weights_bytes=weights_bytes,
+        kv_bytes=kv,
+        prompt_cache_bytes=sizing.prompt_cache_bytes,
+        margin_bytes=_margin(weights_bytes + kv),
+        context_tokens=tokens,
+    )
+
+
+class ModelStore:
+    """Resolves sources to directories, fetches them, and keeps footprints. Thread-safe."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        base_dir: Path | None = None,
+        token: str | None = None,
+        build: Builder = builtin.ensure_builtin,
+    ) -> None:
+        self.home = Path(home)
+        self._base_dir = base_dir  # relative local sources are relative to the config file
+        self._token = token
+        self._build = build
+        self._lock = threading.Lock()
+        self._digests: dict[str, str] = {}
+        self._estimates: dict[tuple[str, str], Footprint] = {}
+        self._disk_cache: dict[tuple[Path, Sizing], tuple[object, Footprint | None]] = {}
+        self._measured: dict[str, dict[str, Any]] | None = None
+
+    # -- where files live --
+
+    def locate(self, source: str, revision: str = "main") -> Path:
+        """The directory a source's files are (or will be) in. No download, no build."""
+        if source.startswith("builtin:"):
+            name = source.removeprefix("builtin:")
+            with self._lock:
+                if name not in self._digests:
+                    self._digests[name] = builtin.builtin_digest(name)
+                digest = self._digests[name]
+            return self.home / "builtin" / f"{name}-{digest}"
+        if source.startswith(("/", "~", "./", "../", "file:")):
+            path = Path(source.removeprefix("file:")).expanduser()
+            return path if path.is_absolute() or self._base_dir is None else self._base_dir / path
+        return self.home / "models" / source.replace("/", "--")
+
+    def is_downloaded(self, source: str, revision: str = "main") -> bool:
+        """Whether the files for `source` at `revision` are complete on disk. Never raises."""
+        try:
+            path = self.locate(source, revision)
+        except ValueError:  # an unknown built-in name
+            return False
+        if source.startswith("builtin:") or self._is_local(source):
+            return (path / "config.json").is_file()
+        manifest = downloads.read_manifest(path)
+        if manifest is None or not (
+            manifest.revision == revision or manifest.commit.startswith(revision)
+        ):
+            return False
+        return downloads.is_complete(path, manifest)
+
+    def on_disk(self, source: str, revision: str = "main") -> bool:
+        """Whether lmx holds files of its own for this source (complete or partial); files a
+        person put beside them do not count, since `delete` leaves those."""
+        if self._is_local(source):
+            return False
+        try:
+            path = self.locate(source, revision)
+        except ValueError:
+            return False
+        if source.startswith("builtin:"):
+            return path.exists()
+        return (path / downloads.MANIFEST_NAME).exists() or (path / downloads.PARTIAL_DIR).exists()
+
+    # -- fetching and deleting (blocking) --
+
+    def resolve(self, source: str, revision: str) -> RepoSnapshot:
+        """Pin a Hub revision to a commit and list its files. Raises a DownloadError."""
+        return downloads.resolve(source, revision, token=self._token)
+
+    def fetch(
+        self,
+        source: str,
+        revision: str,
+        *,
+        snapshot: RepoSnapshot | None = None,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Path:
+        """Make the source's files complete on disk and return their directory. Idempotent."""
+        if source.startswith("builtin:"):
+            try:
+                return self._build(source.removeprefix("builtin:"), self.home / "builtin")
+            except ValueError as exc:
+                raise PermanentError(str(exc)) from None
+        path = self.locate(source, revision)
+        if self._is_local(source):
+            if not (path / "config.json").is_file():
+                raise PermanentError(f"no model at {path} (config.json missing)")
+            return path
+        snap = snapshot or self.resolve(source, revision)
+        downloads.download(snap, path, token=self._token, on_progress=on_progress, cancel=cancel)
+        return path
+
+    def delete(self, source: str, revision: str = "main") -> int:
+        """Remove what lmx downloaded or built for `source`; never a local directory. Bytes freed."""
+        if self._is_local(source):
+            return 0
+        path = self.locate(source, revision)
+        if source.startswith("builtin:"):
+            freed = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            shutil.rmtree(path, ignore_errors=True)
+            return freed
+        return downloads.prune(path)
+
+    # -- footprints --
+
+    def footprint(
+        self, model_id: str, key: str, source: str, revision: str, sizing: Sizing
+    ) -> Footprint | None:
+        """What admission charges: the estimate with its weights replaced by what a load of this
+        model and load config measured, if one did. None if nothing is known yet."""
+        fp = self.estimate(model_id, key, source, revision, sizing)
+        measured = self.measured_bytes(model_id, key)
+        return fp.measured_as(measured) if fp is not None and measured is not None else fp
+
+    def estimate(
+        self, model_id: str, key: str, source: str, revision: str, sizing: Sizing
+    ) -> Footprint | None:
+        """From the files on disk, else from the Hub's file list (`estimate_remote`), else None."""
+        path = self.locate(source, revision)
+        fp = self._from_disk(path, sizing) if self.is_downloaded(source, revision) else None
+        if fp is None:
+            with self._lock:
+                fp = self._estimates.get((model_id, key))
+        return fp
+
+    def estimate_remote(
+        self, model_id: str, key: str, snapshot: RepoSnapshot, sizing: Sizing
+    ) -> Footprint:
+        """Estimate before downloading: weights from the Hub's sizes, KV from its config.json."""
+        weights = sum(f.size for f in snapshot.files if f.path.endswith(".safetensors"))
+        config: dict[str, Any] = {}
+        cfg = [f for f in snapshot.files if f.path == "config.json"]
+        if cfg:
+            staging = self.home / "tmp"
+            staging.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=staging) as tmp:
+                only = RepoSnapshot(snapshot.repo_id, snapshot.revision, snapshot.commit, (cfg[0],))
+                downloads.download(only, tmp, token=self._token)
+                config = _read_json(Path(tmp) / "config.json")
+        fp = estimate(weights, config, sizing)
+        with self._lock:
+            self._estimates[(model_id, key)] = fp
+        return fp
+
+    def measured_bytes(self, model_id: str, key: str) -> int | None:
+        with self._lock:
+            entry = self._measurements().get(f"{model_id}@{key}")
+        return int(entry["weights_bytes"]) if entry else None
+
+    def record_measured(self, model_id: str, key: str, weights_bytes: int) -> None:
+        """Persist what a load of this model and config really took (atomically)."""
+        with self._lock:
+            table = self._measurements()
+            table[f"{model_id}@{key}"] = {
+                "weights_bytes": int(weights_bytes),
+                "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            self.home.mkdir(parents=True, exist_ok=True)
+            target = self.home / "footprints.json"
+            tmp = target.with_name(f".footprints.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True), encoding="utf-8")
+            tmp.replace(target)
+
+    def _measurements(self) -> dict[str, dict[str, Any]]:
+        if self._measured is None:
+            data = _read_json(self.home / "footprints.json")
+            self._measured = {k: v for k, v in data.items() if isinstance(v, dict)}
+        return self._measured
+
+    def _from_disk(self, path: Path, sizing: Sizing) -> Footprint | None:
+        try:
+            shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+            stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in shards)
+            cfg = path / "config.json"
+            stamp += ((cfg.name, cfg.stat().st_size, cfg.stat().st_mtime_ns),)
+        except OSError:
+            return None
+        with self._lock:
+            hit = self._disk_cache.get((path, sizing))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        fp = None
+        if shards:
+            weights = sum(safetensors_weight_bytes(p) for p in shards)
+            fp = estimate(weights, _read_json(path / "config.json"), sizing)
+        with self._lock:
+            self._disk_cache[(path, sizing)] = (stamp, fp)
+        return fp
+
+    @staticmethod
+    def _is_local(source: str) -> bool:
+        return source.startswith(("/", "~", "./", "../", "file:"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,284 @@
+"""The reconcile loop against fake engines: lifecycle, requests, eviction, drains, TTL, edits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from lmx.errors import ConfigError, ModelNotFound, PermanentError
+from lmx.reconciler import manifest
+from tests.component.reconciler_world import World, model, settle, until
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    yield w
+    if w.reconciler is not None:
+        async with asyncio.timeout(10):
+            await w.reconciler.stop()
+
+
+async def test_start_loads_pinned_and_resident_models_but_not_downloaded_ones(world: World) -> None:
+    world.write(
+        a=model(world.model_dir("a"), "pinned"),
+        b=model(world.model_dir("b")),
+        c=model(world.model_dir("c"), "downloaded"),
+    )
+    await world.build().start()
+    await until(lambda: world.ready("a") and world.ready("b"))
+    await until(settle(world))
+    assert world.loaded() == {"a", "b"}
+    assert world.condition("c", "Ready")["reason"] == "LoadsOnRequest"
+    assert world.condition("a", "Ready")["status"] is True
+    assert world.engines.history[0] == ("load", "a")  # pins first
+
+
+async def test_a_request_loads_a_downloaded_model_through_its_alias(world: World) -> None:
+    world.write(c=model(world.model_dir("c"), "downloaded", aliases=["gpt-4o-mini"]))
+    await world.build().start()
+    assert await world.r.ensure_ready("gpt-4o-mini") == "c"
+    assert world.ready("c")
+    assert await world.r.ensure_ready("c") == "c"  # ready: answered without the loop
+    assert world.engines.count("load", "c") == 1
+
+
+async def test_a_request_for_an_unknown_or_absent_model_raises_model_not_found(
+    world: World,
+) -> None:
+    world.write(a=model(world.model_dir("a"), "absent"), b=model(world.model_dir("b")))
+    await world.build().start()
+    with pytest.raises(ModelNotFound, match="'nope' not found; available: b"):
+        await world.r.ensure_ready("nope")
+    with pytest.raises(ModelNotFound):
+        await world.r.ensure_ready("a")
+
+
+async def test_with_jit_off_a_request_does_not_load_a_downloaded_model(world: World) -> None:
+    world.write_text(
+        f"jit: false\nmodels:\n  c: {{source: {world.model_dir('c')}, want: downloaded}}\n"
+    )
+    await world.build().start()
+    with pytest.raises(PermanentError, match="JitDisabled"):
+        await world.r.ensure_ready("c")
+    assert world.loaded() == set()
+
+
+async def test_a_request_evicts_the_least_recently_used_model_when_over_budget(
+    world: World,
+) -> None:
+    world.write(
+        "3GiB",
+        a=model(world.model_dir("a")),
+        b=model(world.model_dir("b")),
+        c=model(world.model_dir("c"), "downloaded"),
+    )
+    await world.build().start()
+    await until(lambda: world.ready("a") and world.ready("b"))
+    world.reg.touch("a")  # b is now the least recently used
+    assert await world.r.ensure_ready("c") == "c"
+    assert world.loaded() == {"a", "c"}
+    assert world.engines.count("unload", "a") == 0
+    assert world.condition("b", "Ready")["reason"] == "InsufficientMemory"
+
+
+async def test_a_busy_model_is_drained_and_evicted_only_when_its_requests_finish(
+    world: World,
+) -> None:
+    world.write("2GiB", a=model(world.model_dir("a")), c=model(world.model_dir("c"), "downloaded"))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    async with world.reg.acquire("a"):
+        waiting = asyncio.create_task(world.r.ensure_ready("c"))
+        await until(lambda: world.condition("a", "Draining")["status"])
+        await asyncio.sleep(0.1)
+        assert world.loaded() == {"a"}  # drained, not cut
+        assert not waiting.done()
+    assert await asyncio.wait_for(waiting, 5) == "c"
+    assert world.loaded() == {"c"}
+
+
+async def test_a_drain_that_outlives_its_deadline_unloads_the_model_anyway(world: World) -> None:
+    world.write("2GiB", a=model(world.model_dir("a")), c=model(world.model_dir("c"), "downloaded"))
+    world.settings["drain_timeout_s"] = 0.3
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    async with world.reg.acquire("a"):
+        assert await world.r.ensure_ready("c") == "c"
+        assert world.loaded() == {"c"}
+
+
+async def test_idle_ttl_unloads_a_resident_model_and_a_request_brings_it_back(world: World) -> None:
+    world.write(
+        a=model(world.model_dir("a"), idle_ttl="0.3s"),
+        p=model(world.model_dir("p"), "pinned", idle_ttl="0.1s"),
+    )
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    await until(lambda: world.condition("a", "Resident")["reason"] == "IdleTimeout", timeout_s=3)
+    assert "a" not in world.loaded()
+    assert world.ready("p")  # pinned: never unloaded for idleness
+    await asyncio.sleep(0.1)
+    assert world.engines.count("load", "a") == 1  # not reloaded eagerly
+    assert await world.r.ensure_ready("a") == "a"
+    assert world.engines.count("load", "a") == 2
+
+
+async def test_editing_the_file_loads_and_unloads_without_touching_unchanged_models(
+    world: World,
+) -> None:
+    a, b, c = world.model_dir("a"), world.model_dir("b"), world.model_dir("c")
+    world.write(a=model(a), b=model(b))
+    await world.build().start()
+    await until(lambda: world.ready("a") and world.ready("b"))
+    engine_a = world.reg.get("a")
+    generation = world.r.generation
+    world.write(a=model(a, aliases=["x"]), b=model(b, "absent"), c=model(c, "pinned"))
+    await until(lambda: world.ready("c") and "b" not in world.loaded())
+    assert world.reg.get("a") is engine_a
+    assert world.engines.count("load", "a") == 1
+    assert world.r.generation == generation + 1
+    await until(settle(world))
+    assert world.r.status()["observedGeneration"] == world.r.generation
+
+
+async def test_a_bad_edit_keeps_the_last_good_spec_and_reports_the_error(world: World) -> None:
+    a = world.model_dir("a")
+    world.write(a=model(a))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    good = world.r.desired
+    world.write_text(f"models:\n  a: {{source: {a}, want: sometimes}}\n")
+    await until(lambda: world.r.config_error is not None)
+    assert "models.a.want (line 2)" in (world.r.config_error or "")
+    assert world.r.desired == good
+    assert world.r.status()["config"]["valid"] is False
+    [config_valid] = world.r.status()["conditions"]
+    assert (config_valid["type"], config_valid["status"]) == ("ConfigValid", False)
+    assert "models.a.want" in config_valid["message"]
+    assert world.ready("a") and world.engines.count("unload", "a") == 0
+    world.write(a=model(a), b=model(world.model_dir("b")))
+    await until(lambda: world.r.config_error is None and world.ready("b"))
+
+
+async def test_a_file_whose_pins_exceed_the_budget_is_rejected(world: World) -> None:
+    a, b = world.model_dir("a"), world.model_dir("b")
+    world.write("3GiB", a=model(a, "pinned"))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    world.write("2GiB", a=model(a, "pinned"), b=model(b, "pinned"))
+    await until(lambda: world.r.config_error is not None)
+    assert "the pinned models need 2.1 GiB" in (world.r.config_error or "")
+    assert world.loaded() == {"a"}
+
+
+async def test_apply_desired_rejects_pins_over_budget_and_keeps_the_generation(
+    world: World,
+) -> None:
+    world.write("3GiB")
+    await world.build().start()
+    generation = world.r.generation
+    too_much = manifest.validate(
+        {
+            "memory": {"budget": "2GiB"},
+            "models": {
+                "a": model(world.model_dir("a"), "pinned"),
+                "b": model(world.model_dir("b"), "pinned"),
+            },
+        }
+    )
+    with pytest.raises(ConfigError, match=r"models\.b\.want: the pinned models need"):
+        await world.r.check(too_much)
+    with pytest.raises(ConfigError, match=r"models\.b\.want: the pinned models need"):
+        await world.r.apply_desired(too_much)
+    assert world.r.generation == generation
+
+
+async def test_apply_desired_reloads_a_model_whose_load_parameters_changed(world: World) -> None:
+    a = world.model_dir("a")
+    world.write(a=model(a))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    first = world.reg.get("a")
+    new = manifest.validate(
+        {"memory": {"budget": "3GiB"}, "models": {"a": model(a, engine={"max_batch": 2})}}
+    )
+    await world.r.apply_desired(new)
+    await until(lambda: world.ready("a") and world.reg.get("a") is not first)
+    engine = world.reg.get("a")
+    assert engine is not None and engine.config.max_batch == 2
+
+
+async def test_subscribers_see_actions_and_condition_changes(world: World) -> None:
+    world.write(a=model(world.model_dir("a")))
+    r = world.build()
+    events = r.subscribe()
+    await r.start()
+    seen: list[dict[str, object]] = []
+    async with asyncio.timeout(5):
+        async for ev in events:
+            seen.append(ev)
+            if ev["type"] == "condition_changed" and ev["model"] == "a":
+                cond = ev["condition"]
+                assert isinstance(cond, dict)
+                if cond["type"] == "Ready" and cond["status"] is True:
+                    break
+    events.close()
+    actions = [e for e in seen if e["type"] == "action"]
+    assert {"action": "Load", "model": "a", "result": "done"}.items() <= actions[0].items()
+    assert any(e["type"] == "desired_changed" for e in seen)
+
+
+async def test_status_reports_generations_memory_and_per_model_state(world: World) -> None:
+    world.write("3GiB", a=model(world.model_dir("a")))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    await until(settle(world))
+    doc = world.r.status()
+    assert doc["generation"] == doc["observedGeneration"] == 1
+    assert doc["memory"]["budget_bytes"] == 3 * 2**30
+    a = doc["models"]["a"]
+    assert [c["type"] for c in a["conditions"]] == [
+        "Downloaded", "Resident", "Ready", "Draining", "Degraded", "Quarantined",
+    ]  # fmt: skip
+    assert a["footprint"]["measured_bytes"] == 2**30 + 32 * 2**20 + int(0.05 * 0 * 2**30) + (
+        int(2**30 * 0.05) - 32 * 2**20
+    )
+    assert a["in_flight"] == 0 and a["last_used"] is not None
+    assert world.r.servable() == ["a"]
+    assert world.r.plan_now().is_empty
+
+
+async def test_stop_unloads_every_engine(world: World) -> None:
+    world.write(a=model(world.model_dir("a")), b=model(world.model_dir("b")))
+    await world.build().start()
+    await until(lambda: world.ready("a") and world.ready("b"))
+    await world.r.stop()
+    world.reconciler = None
+    assert world.loaded() == set()
+    assert world.engines.memory.held_bytes == 0
+
+
+async def test_the_resync_timer_picks_up_an_edit_the_watcher_missed(world: World) -> None:
+    a = world.model_dir("a")
+    world.write(a=model(a, "downloaded"))
+    await world.build(watch_config=False, resync_interval_s=0.2).start()
+    await until(settle(world))
+    world.write(a=model(a))
+    await until(lambda: world.ready("a"))
+
+
+async def test_a_dry_run_plans_a_desired_state_without_accepting_it(world: World) -> None:
+    a = world.model_dir("a")
+    world.write(a=model(a, "downloaded"))
+    await world.build().start()
+    await until(settle(world))
+    generation = world.r.generation
+    candidate = manifest.validate({"models": {"a": model(a, "pinned")}})
+    dry = await world.r.dry_run(candidate)
+    assert [type(x).__name__ for x in dry.actions] == ["Load"]
+    assert world.r.generation == generation and world.loaded() == set()
+    assert world.r.plan_now_json()["actions"] == []

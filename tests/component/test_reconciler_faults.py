@@ -1,0 +1,158 @@
+"""Fault injection at the engine boundary: failing, hanging and leaking engines, and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from lmx.errors import PermanentError, TemporaryError
+from lmx.reconciler import manifest
+from lmx.reconciler.spec import ModelSpec
+from tests.component.reconciler_world import World, model, until
+from tests.fakes import Faults
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    yield w
+    if w.reconciler is not None:
+        async with asyncio.timeout(10):
+            await w.reconciler.stop()
+
+
+async def test_a_load_that_fails_once_backs_off_and_then_succeeds(world: World) -> None:
+    world.engines.faults["a"] = Faults(fail_loads=1)
+    world.write(a=model(world.model_dir("a")))
+    r = world.build()
+    events = r.subscribe()
+    await r.start()
+    await until(lambda: world.ready("a"))
+    assert world.engines.count("load", "a") == 2
+    await until(lambda: world.condition("a", "Degraded")["status"] is False)
+    failed = [e for e in events.pending() if e["type"] == "action" and e["result"] == "failed"]
+    assert [e["reason"] for e in failed] == ["LoadFailed"]
+    assert "injected load failure" in failed[0]["message"]
+
+
+async def test_a_request_during_backoff_fails_fast_with_the_cause(world: World) -> None:
+    world.engines.faults["c"] = Faults(fail_loads=1)
+    world.settings.update(backoff_base_s=30.0, backoff_max_s=30.0)
+    world.write(c=model(world.model_dir("c"), "downloaded"))
+    await world.build().start()
+    with pytest.raises(TemporaryError, match="LoadFailed: RuntimeError: injected") as info:
+        await world.r.ensure_ready("c")
+    assert info.value.delay_s > 20
+
+
+async def test_a_load_that_always_fails_is_quarantined_until_its_spec_changes(
+    world: World,
+) -> None:
+    world.engines.faults["a"] = Faults(always_fail=True)
+    path = world.model_dir("a")
+    world.write(a=model(path))
+    await world.build().start()
+    await until(lambda: world.condition("a", "Quarantined")["status"], timeout_s=5)
+    assert world.condition("a", "Quarantined")["reason"] == "LoadFailed"
+    assert world.engines.count("load", "a") == 3  # max_failures
+    await asyncio.sleep(0.3)  # longer than the backoff: no further attempts
+    assert world.engines.count("load", "a") == 3
+    with pytest.raises(PermanentError, match="Quarantined"):
+        await world.r.ensure_ready("a")
+
+    world.engines.faults["a"] = Faults()
+    world.write(a=model(path, engine={"max_batch": 8}))
+    await until(lambda: world.condition("a", "Ready")["status"])
+    assert world.condition("a", "Quarantined")["status"] is False
+
+
+async def test_a_load_that_hangs_times_out_and_is_not_started_twice(world: World) -> None:
+    release = threading.Event()
+    world.engines.faults["a"] = Faults(hang=release)
+    world.write(a=model(world.model_dir("a")))
+    await world.build(load_timeout_s=0.2).start()
+    try:
+        await until(lambda: world.condition("a", "Degraded")["reason"] == "LoadTimeout")
+        await asyncio.sleep(0.3)
+        assert world.engines.count("load", "a") == 1
+        assert world.condition("a", "Ready")["status"] is False
+    finally:
+        release.set()
+    await until(lambda: world.ready("a"))  # the late load still counts
+    assert world.engines.count("load", "a") == 1
+
+
+async def test_an_unload_that_keeps_its_memory_holds_back_loads_that_need_it(world: World) -> None:
+    world.engines.faults["a"] = Faults(keep_memory_on_unload=True)
+    a, b = world.model_dir("a"), world.model_dir("b")
+    world.write("1.5GiB", a=model(a))
+    await world.build(release_grace_s=60.0).start()
+    await until(lambda: world.ready("a"))
+    world.write("1.5GiB", a=model(a, "absent"), b=model(b))
+    await until(lambda: world.condition("b", "Ready")["reason"] == "MemoryNotReleased")
+    assert world.loaded() == set()
+    doc = world.r.status()
+    assert doc["memory"]["unreleased_bytes"] > 0.9 * 2**30
+    assert world.condition("a", "Degraded")["reason"] == "MemoryNotReleased"
+    await asyncio.sleep(0.2)
+    assert world.engines.count("load", "b") == 0
+
+
+async def test_memory_that_comes_back_late_lets_the_waiting_load_in(world: World) -> None:
+    world.engines.faults["a"] = Faults(return_memory_after_s=0.5)
+    a, b = world.model_dir("a"), world.model_dir("b")
+    world.write("1.5GiB", a=model(a))
+    await world.build(release_grace_s=60.0).start()
+    await until(lambda: world.ready("a"))
+    world.write("1.5GiB", a=model(a, "absent"), b=model(b))
+    await until(lambda: world.condition("b", "Ready")["reason"] == "MemoryNotReleased")
+    await until(lambda: world.ready("b"))
+    assert world.r.status()["memory"]["unreleased_bytes"] == 0
+
+
+async def test_memory_still_missing_after_the_grace_period_counts_as_used(world: World) -> None:
+    world.engines.faults["a"] = Faults(keep_memory_on_unload=True)
+    a, b = world.model_dir("a"), world.model_dir("b")
+    world.write("1.5GiB", a=model(a))
+    await world.build(release_grace_s=0.2).start()
+    await until(lambda: world.ready("a"))
+    world.write("1.5GiB", a=model(a, "absent"), b=model(b))
+    await until(lambda: world.condition("b", "Ready")["reason"] == "InsufficientMemory")
+    assert world.engines.count("load", "b") == 0
+
+
+def _journal(home: Path, model_id: str, spec: ModelSpec, deaths: int) -> None:
+    """A journal as a process that died while loading `model_id` leaves it."""
+    digest = spec.load_digest()
+    pending = {f"load:{model_id}": {"intent": "load", "model": model_id, "digest": digest}}
+    crashes = {model_id: {"digest": digest, "count": deaths}} if deaths else {}
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "journal.json").write_text(
+        json.dumps({"format": 1, "pending": pending, "crashes": crashes})
+    )
+
+
+async def test_a_model_whose_load_killed_the_process_twice_is_quarantined(world: World) -> None:
+    world.write(a=model(world.model_dir("a")), b=model(world.model_dir("b")))
+    spec = manifest.load(world.config_path).models["a"]
+    _journal(world.home, "a", spec, deaths=1)
+    await world.build().start()
+    await until(lambda: world.ready("b"))
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    assert world.condition("a", "Quarantined")["reason"] == "LoadCrashedProcess"
+    assert world.engines.count("load", "a") == 0
+
+
+async def test_a_model_whose_load_killed_the_process_once_is_loaded_again(world: World) -> None:
+    world.write(a=model(world.model_dir("a")))
+    spec = manifest.load(world.config_path).models["a"]
+    _journal(world.home, "a", spec, deaths=0)
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    journal = json.loads((world.home / "journal.json").read_text())
+    assert journal["pending"] == {} and journal["crashes"] == {}

@@ -1,0 +1,64 @@
+"""The intent journal on disk: what one process leaves, the next one recovers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmx.reconciler.journal import Intent, Journal
+
+
+def test_a_finished_side_effect_leaves_nothing_pending(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal.json")
+    j.begin(Intent.LOAD, "a", "d1")
+    assert json.loads(j.path.read_text())["pending"]["load:a"]["digest"] == "d1"
+    j.end(Intent.LOAD, "a", ok=True)
+    assert json.loads(j.path.read_text())["pending"] == {}
+    assert not list(tmp_path.glob(".*.tmp"))  # written by rename, nothing left behind
+
+
+def test_a_load_interrupted_twice_by_death_is_reported_for_quarantine(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    first = Journal(path)
+    first.recover()
+    first.begin(Intent.LOAD, "a", "d1")  # ... and the process dies here
+    assert Journal(path).recover().crash_quarantined("a", "d1") == 0
+    second = Journal(path)
+    second.recover()
+    second.begin(Intent.LOAD, "a", "d1")  # dies again
+    recovery = Journal(path).recover()
+    assert recovery.crash_quarantined("a", "d1") == 2
+    assert recovery.crash_quarantined("a", "other-config") == 0
+
+
+def test_a_successful_load_clears_the_crash_count(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    j = Journal(path)
+    j.begin(Intent.LOAD, "a", "d1")
+    j = Journal(path)
+    assert j.recover().crashed_loads == {"a": ("d1", 1)}
+    j.begin(Intent.LOAD, "a", "d1")
+    j.end(Intent.LOAD, "a", ok=True)
+    assert Journal(path).recover().crashed_loads == {}
+
+
+def test_an_interrupted_download_is_resumed_and_stays_recorded_until_it_ends(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.json"
+    Journal(path).begin(Intent.DOWNLOAD, "big", "d1")
+    j = Journal(path)
+    assert j.recover().downloads == frozenset({"big"})
+    assert Journal(path).recover().downloads == frozenset({"big"})
+    j2 = Journal(path)
+    j2.recover()
+    j2.end(Intent.DOWNLOAD, "big", ok=True)
+    assert Journal(path).recover().downloads == frozenset()
+
+
+def test_an_unreadable_journal_starts_empty(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    path.write_text("{not json")
+    recovery = Journal(path).recover()
+    assert recovery.downloads == frozenset() and recovery.crashed_loads == {}
+    assert json.loads(path.read_text())["format"] == 1

@@ -1,0 +1,181 @@
+"""The model store (sources, footprints) and Hub models through the reconciler, on a local Hub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from lmx.runtime.store import (
+    MARGIN_MIN_BYTES,
+    ModelStore,
+    Sizing,
+    estimate,
+    kv_bytes_per_token,
+    safetensors_weight_bytes,
+)
+from tests.component.reconciler_world import World, until
+from tests.fakes import MiB, make_model_dir
+from tests.hubserver import HubServer
+
+QWEN3_8B = {  # config.json of Qwen3-8B, the fields the estimate reads
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_size": 4096,
+    "max_position_embeddings": 40960,
+    "torch_dtype": "bfloat16",
+}
+
+
+def safetensors_bytes(tensors: dict[str, int], data: bool = True) -> bytes:
+    """A safetensors file with one U8 tensor per entry of the given size."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, n in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + (bytes(offset) if data else b"")
+
+
+def test_weight_bytes_come_from_the_safetensors_header_alone(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors_bytes({"a": 1000, "b": 24}, data=False))
+    assert safetensors_weight_bytes(path) == 1024
+
+
+def test_kv_bytes_per_token_follow_the_config() -> None:
+    assert kv_bytes_per_token(QWEN3_8B) == 2 * 36 * 8 * 128 * 2
+    no_head_dim = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
+    assert kv_bytes_per_token({**no_head_dim, "torch_dtype": "float32"}) == 2 * 2 * 4 * 16 * 4
+    assert kv_bytes_per_token({"text_config": QWEN3_8B}) == 147456
+    assert kv_bytes_per_token({"model_type": "mystery"}) is None
+
+
+def test_the_estimate_reserves_kv_for_the_declared_context_and_batch() -> None:
+    fp = estimate(
+        4 * 2**30, QWEN3_8B, Sizing(context_length=8192, max_batch=4, prompt_cache_bytes=0)
+    )
+    assert fp.kv_bytes == 147456 * 8192 * 4
+    assert fp.context_tokens == 8192
+    assert fp.margin_bytes == int((4 * 2**30 + fp.kv_bytes) * 0.05)
+    native = estimate(0, QWEN3_8B, Sizing(None, 1, 0))
+    assert native.context_tokens == 40960  # undeclared: the model's own, as the engine does
+    tiny = estimate(1000, {}, Sizing(None, 16, 7))
+    assert (tiny.kv_bytes, tiny.margin_bytes, tiny.total_bytes) == (
+        0,
+        MARGIN_MIN_BYTES,
+        1007 + MARGIN_MIN_BYTES,
+    )
+
+
+def test_a_measured_load_replaces_the_estimated_weights_and_is_kept_across_restarts(
+    tmp_path: Path,
+) -> None:
+    path = make_model_dir(tmp_path / "m", 100 * MiB)
+    store = ModelStore(tmp_path / "home")
+    sizing = Sizing(None, 1, 0)
+    before = store.footprint("m", "k1", str(path), "main", sizing)
+    assert before is not None and not before.measured and before.weights_bytes == 100 * MiB
+    store.record_measured("m", "k1", 150 * MiB)
+    again = ModelStore(tmp_path / "home").footprint("m", "k1", str(path), "main", sizing)
+    assert again is not None and again.measured and again.weights_bytes == 150 * MiB
+    other_config = store.footprint("m", "k2", str(path), "main", sizing)
+    assert other_config is not None and not other_config.measured
+
+
+def test_sources_resolve_to_their_directories(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "home", base_dir=tmp_path / "cfg")
+    assert store.locate("org/name") == tmp_path / "home" / "models" / "org--name"
+    assert store.locate("./mine") == tmp_path / "cfg" / "mine"
+    assert store.locate("file:/abs/x") == Path("/abs/x")
+    assert store.locate("builtin:tiny").parent == tmp_path / "home" / "builtin"
+    assert not store.is_downloaded("builtin:nope")
+    assert not store.is_downloaded("org/name")
+
+
+def test_builtin_models_are_built_into_the_store(tmp_path: Path) -> None:
+    built: list[str] = []
+
+    def build(name: str, cache: Path) -> Path:
+        built.append(name)
+        return make_model_dir(cache / "tiny-x", 10)
+
+    store = ModelStore(tmp_path / "home", build=build)
+    assert store.fetch("builtin:tiny", "main") == tmp_path / "home" / "builtin" / "tiny-x"
+    assert built == ["tiny"]
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    yield w
+    if w.reconciler is not None:
+        async with asyncio.timeout(10):
+            await w.reconciler.stop()
+
+
+def hub_model(weights: int) -> dict[str, bytes]:
+    config = {**QWEN3_8B, "num_hidden_layers": 2, "max_position_embeddings": 1024}
+    return {
+        "model.safetensors": safetensors_bytes({"w": weights}),
+        "config.json": json.dumps(config).encode(),
+    }
+
+
+async def test_a_hub_model_is_downloaded_then_loaded(world: World, hub_server: HubServer) -> None:
+    hub_server.add_repo("org/small", hub_model(256 * 1024))
+    world.write(
+        "1GiB", small={"source": "org/small", "engine": {"prompt_cache_bytes": 0, "max_batch": 2}}
+    )
+    r = world.build()
+    events = r.subscribe()
+    await r.start()
+    await until(lambda: world.ready("small"), timeout_s=10)
+    assert (world.home / "models" / "org--small" / "model.safetensors").is_file()
+    kinds = {(ev["type"], ev.get("action")) for ev in events.pending()}
+    assert ("action", "Download") in kinds and ("download_progress", None) in kinds
+    fp = world.r.status()["models"]["small"]["footprint"]
+    assert fp["kv_bytes"] == 2 * 2 * 8 * 128 * 2 * 1024 * 2
+
+
+async def test_a_hub_model_too_big_for_the_budget_is_not_downloaded(
+    world: World, hub_server: HubServer
+) -> None:
+    hub_server.add_repo("org/big", hub_model(256 * 1024))
+    world.write("16MiB", big={"source": "org/big", "engine": {"prompt_cache_bytes": 0}})
+    await world.build().start()
+    await until(
+        lambda: world.condition("big", "Downloaded")["reason"] == "ExceedsBudget", timeout_s=10
+    )
+    assert hub_server.served("model.safetensors") == []
+    assert "the whole budget is 16.0 MiB" in world.condition("big", "Downloaded")["message"]
+
+
+async def test_a_missing_hub_repo_quarantines_the_model_with_the_reason(
+    world: World, hub_server: HubServer
+) -> None:
+    world.write("1GiB", nope={"source": "org/nope"})
+    await world.build().start()
+    await until(lambda: world.condition("nope", "Quarantined")["status"], timeout_s=10)
+    assert world.condition("nope", "Quarantined")["reason"] == "DownloadFailed"
+    assert "RepoNotFound" in world.condition("nope", "Quarantined")["message"]
+
+
+def test_only_files_lmx_downloaded_count_as_on_disk_and_are_deleted(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "home")
+    path = store.locate("org/m")
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    assert not store.on_disk("org/m")
+    (path / ".lmx-partial").mkdir()
+    (path / ".lmx-partial" / "model.safetensors.abc.incomplete").write_bytes(b"x" * 10)
+    assert store.on_disk("org/m")
+    assert store.delete("org/m") == 10
+    assert not store.on_disk("org/m") and (path / "notes.txt").read_text() == "mine"

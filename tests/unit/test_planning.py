@@ -1,0 +1,532 @@
+"""The planner, table-tested: plan(desired, observed) is pure, so each case is one line of each."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from lmx.reconciler.actions import BlockReason, Load, plan_json
+from lmx.reconciler.observed import ObservedModel
+from lmx.reconciler.planning import plan
+from lmx.reconciler.spec import Want
+from tests.unit.planning_cases import (
+    NOW,
+    TOTAL,
+    GiB,
+    blocked,
+    desired,
+    loaded,
+    on_disk,
+    state,
+    summary,
+)
+
+R: dict[str, Any] = {"want": "resident"}
+P: dict[str, Any] = {"want": "pinned"}
+D: dict[str, Any] = {"want": "downloaded"}
+A: dict[str, Any] = {"want": "absent"}
+
+# (id, desired, observed models, state kwargs, expected actions, expected blocked)
+CASES: list[
+    tuple[str, Any, list[ObservedModel], dict[str, Any], list[tuple[str, ...]], list[Any]]
+] = [
+    ("nothing_declared_nothing_to_do", desired(), [], {}, [], []),
+    (
+        "loads_a_resident_model_that_fits",
+        desired(a=R),
+        [on_disk("a", 2)],
+        {},
+        [("Load", "a")],
+        [],
+    ),
+    ("loads_a_pinned_model", desired(a=P), [on_disk("a", 2)], {}, [("Load", "a")], []),
+    (
+        "downloads_a_declared_model_missing_from_disk",
+        desired(a=R),
+        [ObservedModel("a")],
+        {},
+        [("Download", "a")],
+        [],
+    ),
+    (
+        "downloads_a_downloaded_model_but_does_not_load_it",
+        desired(a=D),
+        [ObservedModel("a", footprint_bytes=GiB)],
+        {},
+        [("Download", "a")],
+        [],
+    ),
+    ("leaves_an_unrequested_downloaded_model_on_disk", desired(a=D), [on_disk("a", 1)], {}, [], []),
+    (
+        "loads_a_downloaded_model_on_request_when_jit_is_on",
+        desired(a=D),
+        [on_disk("a", 1, requested=True)],
+        {},
+        [("Load", "a")],
+        [],
+    ),
+    (
+        "blocks_a_request_for_a_downloaded_model_when_jit_is_off",
+        desired(jit=False, a=D),
+        [on_disk("a", 1, requested=True)],
+        {},
+        [],
+        [("a", "JitDisabled")],
+    ),
+    (
+        "unloads_a_model_whose_want_became_absent",
+        desired(a=A),
+        [loaded("a", 1)],
+        {},
+        [("Unload", "a", "WantAbsent")],
+        [],
+    ),
+    (
+        "unloads_an_engine_no_longer_declared",
+        desired(),
+        [loaded("gone", 1)],
+        {},
+        [("Unload", "gone", "NotDeclared")],
+        [],
+    ),
+    (
+        "cancels_the_download_of_a_model_no_longer_declared",
+        desired(),
+        [ObservedModel("gone", downloading=True)],
+        {},
+        [("CancelDownload", "gone")],
+        [],
+    ),
+    (
+        "cancels_the_download_of_an_absent_model",
+        desired(a=A),
+        [ObservedModel("a", downloading=True)],
+        {},
+        [("CancelDownload", "a")],
+        [],
+    ),
+    (
+        "deletes_an_absent_model_with_prune",
+        desired(a={**A, "prune": True}),
+        [ObservedModel("a", on_disk=True)],
+        {},
+        [("Delete", "a")],
+        [],
+    ),
+    (
+        "keeps_files_another_declared_model_uses",
+        desired(a={**A, "prune": True}, b={**R, "source": "org/a"}),
+        [ObservedModel("a", on_disk=True), on_disk("b", 1)],
+        {},
+        [("Load", "b")],
+        [],
+    ),
+    (
+        "never_deletes_a_local_directory",
+        desired(a={**A, "prune": True, "source": "/models/a"}),
+        [ObservedModel("a", on_disk=True)],
+        {},
+        [],
+        [],
+    ),
+    (
+        "reports_a_missing_local_directory",
+        desired(a={"source": "/models/a"}),
+        [ObservedModel("a", source_missing=True)],
+        {},
+        [],
+        [("a", "SourceMissing")],
+    ),
+    (
+        "does_not_download_twice",
+        desired(a=R),
+        [ObservedModel("a", downloading=True)],
+        {},
+        [],
+        [],
+    ),
+    (
+        "counts_a_loading_model_against_the_budget",
+        desired("4GiB", a=R, b=R),
+        [dataclasses.replace(on_disk("a", 3), loading=True), on_disk("b", 2)],
+        {},
+        [],
+        [("b", "InsufficientMemory")],
+    ),
+    # -- budget arithmetic --
+    (
+        "admits_a_load_that_fills_the_budget_exactly",
+        desired(8 * GiB, a=R, b=R),
+        [loaded("a", 5), on_disk("b", 3)],
+        {},
+        [("Load", "b")],
+        [],
+    ),
+    (
+        "refuses_a_load_one_byte_over_the_budget",
+        desired(8 * GiB - 1, a=R, b=R),
+        [loaded("a", 5), on_disk("b", 3)],
+        {},
+        [],
+        [("b", "InsufficientMemory")],
+    ),
+    (
+        "refuses_to_download_a_model_bigger_than_the_budget",
+        desired("4GiB", a=R),
+        [ObservedModel("a", footprint_bytes=5 * GiB)],
+        {},
+        [],
+        [("a", "ExceedsBudget")],
+    ),
+    (
+        "blocks_the_pin_that_takes_the_pins_over_the_budget",
+        desired("5GiB", a=P, b=P),
+        [on_disk("a", 3), on_disk("b", 3)],
+        {},
+        [("Load", "a")],
+        [("b", "PinsExceedBudget")],
+    ),
+    (
+        "reads_a_percentage_budget_of_total_memory",
+        desired("5%", a=R, b=R),
+        [on_disk("a", 3), on_disk("b", 2.1)],
+        {},
+        [("Load", "a")],
+        [("b", "InsufficientMemory")],
+    ),
+    (
+        "waits_for_memory_an_unload_has_not_returned_yet",
+        desired("4GiB", a=R),
+        [on_disk("a", 3)],
+        {"unreleased_bytes": 2 * GiB, "releasing": True},
+        [],
+        [("a", "MemoryNotReleased")],
+    ),
+    (
+        "counts_memory_that_never_came_back_as_used",
+        desired("4GiB", a=R),
+        [on_disk("a", 3)],
+        {"unreleased_bytes": 2 * GiB, "releasing": False},
+        [],
+        [("a", "InsufficientMemory")],
+    ),
+    (
+        "charges_an_engine_that_grew_past_its_footprint_by_its_real_size",
+        desired("6GiB", a=R, b=R),
+        [dataclasses.replace(loaded("a", 2), resident_bytes=4 * GiB), on_disk("b", 2.5)],
+        {},
+        [],
+        [("b", "InsufficientMemory")],
+    ),
+    # -- eviction --
+    (
+        "evicts_the_least_recently_used_model_for_a_request",
+        desired("6GiB", a=R, b=R, c=D),
+        [loaded("a", 2, used=10), loaded("b", 2, used=500), on_disk("c", 3, requested=True)],
+        {},
+        [("Evict", "b", "for:c"), ("Load", "c")],
+        [],
+    ),
+    (
+        "evicts_several_models_oldest_first_when_one_is_not_enough",
+        desired("6GiB", a=R, b=R, c=D),
+        [loaded("a", 2, used=10), loaded("b", 2, used=500), on_disk("c", 5, requested=True)],
+        {},
+        [("Evict", "b", "for:c"), ("Evict", "a", "for:c"), ("Load", "c")],
+        [],
+    ),
+    (
+        "spares_a_small_old_model_when_a_larger_victim_frees_enough",
+        desired("7GiB", a=R, b=R, c=D),
+        [loaded("a", 1, used=900), loaded("b", 5, used=100), on_disk("c", 6, requested=True)],
+        {},
+        [("Evict", "b", "for:c"), ("Load", "c")],
+        [],
+    ),
+    (
+        "evicts_idle_models_before_busy_ones",
+        desired("6GiB", a=R, b=R, c=D),
+        [
+            loaded("a", 2, used=10),
+            loaded("b", 2, used=900, in_flight=1),
+            on_disk("c", 3, requested=True),
+        ],
+        {},
+        [("Evict", "a", "for:c"), ("Load", "c")],
+        [],
+    ),
+    (
+        "never_evicts_a_pinned_model",
+        desired("4GiB", a=P, c=D),
+        [loaded("a", 3, used=900), on_disk("c", 2, requested=True)],
+        {},
+        [],
+        [("c", "InsufficientMemory")],
+    ),
+    (
+        "a_pin_evicts_a_resident_model",
+        desired("4GiB", a=R, p=P),
+        [loaded("a", 3), on_disk("p", 2)],
+        {},
+        [("Evict", "a", "for:p"), ("Load", "p")],
+        [],
+    ),
+    (
+        "a_resident_model_takes_free_room_only",
+        desired("4GiB", a=R, b=R),
+        [loaded("a", 3, used=900), on_disk("b", 2)],
+        {},
+        [],
+        [("b", "InsufficientMemory")],
+    ),
+    (
+        "drains_a_busy_victim_instead_of_cutting_it",
+        desired("4GiB", a=R, c=D),
+        [loaded("a", 3, in_flight=2), on_disk("c", 2, requested=True)],
+        {},
+        [("Drain", "a")],
+        [("a", "Draining"), ("c", "WaitingForDrain")],
+    ),
+    (
+        "unloads_a_drained_model_and_loads_the_request_in_its_room",
+        desired("4GiB", a=R, c=D),
+        [loaded("a", 3, draining=True, drain_deadline_s=NOW + 30), on_disk("c", 2, requested=True)],
+        {},
+        [("Unload", "a", "Drained"), ("Load", "c")],
+        [("a", "InsufficientMemory")],
+    ),
+    (
+        "waits_for_a_draining_model_before_its_deadline",
+        desired("4GiB", a=R, c=D),
+        [
+            loaded("a", 3, in_flight=1, draining=True, drain_deadline_s=NOW + 30),
+            on_disk("c", 2, requested=True),
+        ],
+        {},
+        [],
+        [("a", "Draining"), ("c", "WaitingForDrain")],
+    ),
+    (
+        "unloads_a_busy_draining_model_at_its_deadline",
+        desired("4GiB", a=R, c=D),
+        [
+            loaded("a", 3, in_flight=1, draining=True, drain_deadline_s=NOW),
+            on_disk("c", 2, requested=True),
+        ],
+        {},
+        [("Unload", "a", "Drained", "forced"), ("Load", "c")],
+        [("a", "InsufficientMemory")],
+    ),
+    # -- idle TTL, spec changes --
+    (
+        "unloads_a_resident_model_idle_past_its_ttl",
+        desired(a={**R, "idle_ttl": "10m"}),
+        [loaded("a", 1, used=601)],
+        {},
+        [("Unload", "a", "IdleTimeout")],
+        [],
+    ),
+    (
+        "keeps_a_pinned_model_whatever_its_idle_ttl",
+        desired(a={**P, "idle_ttl": "10m"}),
+        [loaded("a", 1, used=6_000)],
+        {},
+        [],
+        [],
+    ),
+    (
+        "keeps_a_busy_model_past_its_ttl",
+        desired(a={**R, "idle_ttl": "10m"}),
+        [loaded("a", 1, used=601, in_flight=1)],
+        {},
+        [],
+        [],
+    ),
+    (
+        "does_not_reload_a_resident_model_that_idled_out",
+        desired(a=R),
+        [on_disk("a", 1, idled=True)],
+        {},
+        [],
+        [],
+    ),
+    (
+        "reloads_an_idled_resident_model_on_request_even_with_jit_off",
+        desired(jit=False, a=R),
+        [on_disk("a", 1, idled=True, requested=True)],
+        {},
+        [("Load", "a")],
+        [],
+    ),
+    (
+        "unloads_a_model_demoted_from_resident_to_downloaded",
+        desired(a=D),
+        [loaded("a", 1, loaded_want="resident")],
+        {},
+        [("Unload", "a", "Demoted")],
+        [],
+    ),
+    (
+        "keeps_a_downloaded_model_loaded_on_request",
+        desired(a=D),
+        [loaded("a", 1, loaded_want="downloaded")],
+        {},
+        [],
+        [],
+    ),
+    # -- failures --
+    (
+        "holds_back_a_quarantined_model",
+        desired(a=R),
+        [on_disk("a", 1, quarantine_reason="LoadFailed: boom")],
+        {},
+        [],
+        [("a", "Quarantined")],
+    ),
+    (
+        "holds_back_a_model_backing_off",
+        desired(a=R),
+        [on_disk("a", 1, retry_at_s=NOW + 5)],
+        {},
+        [],
+        [("a", "BackingOff")],
+    ),
+    (
+        "retries_once_the_backoff_has_passed",
+        desired(a=R),
+        [on_disk("a", 1, retry_at_s=NOW)],
+        {},
+        [("Load", "a")],
+        [],
+    ),
+    (
+        "holds_back_a_download_backing_off",
+        desired(a=R),
+        [ObservedModel("a", retry_at_s=NOW + 5)],
+        {},
+        [],
+        [("a", "BackingOff")],
+    ),
+    (
+        "reports_a_downloaded_model_with_no_size_estimate",
+        desired(a=R),
+        [ObservedModel("a", downloaded=True)],
+        {},
+        [],
+        [("a", "FootprintUnknown")],
+    ),
+    # -- order --
+    (
+        "orders_frees_before_downloads_before_loads_and_pins_first",
+        desired("10GiB", gone=A, r=R, p=P, q=D, n=R),
+        [loaded("gone", 1), on_disk("r", 1), on_disk("p", 1), on_disk("q", 1, requested=True)],
+        {},
+        [
+            ("Unload", "gone", "WantAbsent"),
+            ("Download", "n"),
+            ("Load", "p"),
+            ("Load", "q"),
+            ("Load", "r"),
+        ],
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("d", "models", "kw", "actions", "blocks"),
+    [
+        pytest.param(*c[1:], id=c[0])
+        for c in CASES
+        if c[0] != "reloads_a_model_whose_load_parameters_changed"
+    ],
+)
+def test_plan(
+    d: Any,
+    models: list[ObservedModel],
+    kw: dict[str, Any],
+    actions: list[tuple[str, ...]],
+    blocks: list[tuple[str, str]],
+) -> None:
+    p = plan(d, state(d, *models, **kw))
+    assert summary(p) == actions
+    assert blocked(p) == blocks
+
+
+def test_reloads_a_model_whose_load_parameters_changed() -> None:
+    old = desired(a=R)
+    new = desired(a={**R, "engine": {"max_batch": 4}})
+    observed = state(old, loaded("a", 1))
+    p = plan(new, observed)
+    assert summary(p) == [("Unload", "a", "SpecChanged"), ("Load", "a")]
+
+
+def test_changes_outside_the_load_parameters_touch_nothing() -> None:
+    old = desired(a={**P, "aliases": ["x"]}, b=R)
+    new = desired(a={**R, "aliases": ["y"], "idle_ttl": "1h"}, b=R)
+    p = plan(new, state(old, loaded("a", 1), loaded("b", 1)))
+    assert p.is_empty and not p.blocked
+
+
+def test_the_plan_of_a_converged_state_is_empty() -> None:
+    d = desired("10GiB", p=P, r=R, q=D)
+    p = plan(d, state(d, loaded("p", 2), loaded("r", 2), on_disk("q", 2)))
+    assert p.actions == () and p.blocked == ()
+
+
+def test_requeues_at_the_earliest_idle_ttl() -> None:
+    d = desired(a={**R, "idle_ttl": "10m"}, b={**R, "idle_ttl": "1h"})
+    p = plan(d, state(d, loaded("a", 1, used=100), loaded("b", 1, used=100)))
+    assert p.is_empty
+    assert p.requeue_after_s == pytest.approx(500)
+
+
+def test_requeues_at_the_end_of_a_backoff_and_of_a_drain() -> None:
+    d = desired("4GiB", a=R, b=R, c=D)
+    p = plan(
+        d,
+        state(
+            d,
+            loaded("a", 3, in_flight=1, draining=True, drain_deadline_s=NOW + 30),
+            on_disk("b", 1, retry_at_s=NOW + 7),
+            on_disk("c", 1, requested=True),
+        ),
+    )
+    assert p.requeue_after_s == pytest.approx(7)
+
+
+def test_budget_and_charge_are_reported() -> None:
+    d = desired("10GiB", a=R, b=R)
+    p = plan(d, state(d, loaded("a", 2), on_disk("b", 3)))
+    assert p.budget_bytes == 10 * GiB
+    assert p.used_bytes == 5 * GiB
+    assert [a for a in p.actions if isinstance(a, Load)] == [Load("b", 3 * GiB, Want.RESIDENT)]
+
+
+def test_blocked_messages_name_the_sizes() -> None:
+    d = desired("4GiB", a=R)
+    p = plan(d, state(d, ObservedModel("a", footprint_bytes=5 * GiB)))
+    assert p.blocked[0].reason is BlockReason.EXCEEDS_BUDGET
+    assert p.blocked[0].message == "needs 5.0 GiB, the whole budget is 4.0 GiB"
+
+
+def test_plan_json_is_plain_data() -> None:
+    d = desired("6GiB", a=R, c=D)
+    p = plan(d, state(d, loaded("a", 3, in_flight=1), on_disk("c", 4, requested=True)))
+    doc = plan_json(p)
+    assert doc["actions"] == [
+        {"action": "Drain", "model": "a", "reason": "Evicted", "for_model": "c"}
+    ]
+    assert doc["blocked"][1] == {
+        "model": "c",
+        "reason": "WaitingForDrain",
+        "message": "needs 4.0 GiB, 3.0 GiB free; draining busy models",
+    }
+    assert doc["budget_bytes"] == 6 * GiB
+
+
+def test_total_memory_is_the_base_of_a_percentage_budget() -> None:
+    d = desired("50%")
+    assert plan(d, state(d)).budget_bytes == TOTAL // 2
