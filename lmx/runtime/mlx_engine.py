@@ -134,7 +134,7 @@ class MlxEngine:
     def __init__(self, config: LoadConfig) -> None:
         self.config = config
         self._state = EngineState.UNLOADED
-        self._inbox: queue.SimpleQueue[tuple[str, _Seq]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, _Seq | None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -180,6 +180,7 @@ class MlxEngine:
 
     def unload(self) -> None:
         self._stopping.set()
+        self._inbox.put(("stop", None))  # wake an idle worker now, not at its next poll
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -309,7 +310,9 @@ class MlxEngine:
         except queue.Empty:
             return
         while True:
-            if cmd == "add":
+            if seq is None:  # "stop": the loop checks _stopping next
+                pass
+            elif cmd == "add":
                 try:
                     self._insert(gen, cache, live, seq)
                 except Exception as exc:  # this request only: an error chunk, the batch goes on

@@ -170,13 +170,15 @@ def test_client_disconnect_frees_the_slot(daemon: Daemon) -> None:
         "stream": True,
         "ignore_eos": True,
     }
-    with httpx.Client(base_url=daemon.url, timeout=30) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            lines = r.iter_lines()
-            for _ in range(5):
-                next(lines)
-            assert _in_flight(daemon) == 1
-        # The response is closed mid-stream: the sequence must leave the batch.
+    with (
+        httpx.Client(base_url=daemon.url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert _in_flight(daemon) == 1
+    # The response was closed mid-stream: the sequence must leave the batch.
     wait_for(lambda: _in_flight(daemon), lambda v: v == 0, timeout_s=10)
 
 
