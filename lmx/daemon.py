@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import socket
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 import structlog
 import uvicorn
 
 from lmx.api.app import create_app
-from lmx.api.deps import AppDeps
+from lmx.api.auth import Keys
+from lmx.api.deps import AppDeps, Control
 from lmx.api.metrics import Metrics
 from lmx.reconciler import Reconciler, ReconcilerSettings
+from lmx.reconciler.editing import DesiredEditor
 from lmx.runtime import mlx_engine
 from lmx.runtime.engine import EngineState
 from lmx.runtime.memory import MemoryProbe
@@ -53,6 +57,20 @@ def ensure_config(settings: Settings) -> None:
     log.info("default_config_written", path=str(path))
 
 
+def ensure_admin_key(path: Path) -> str:
+    """Read the admin key, creating it (random, mode 0600) on first start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    key = "lmx-admin-" + secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    log.info("admin_key_created", path=str(path))
+    return key
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket now, so a taken port fails before any model loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -73,6 +91,7 @@ def bind(host: str, port: int) -> socket.socket:
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._file_key = ensure_admin_key(settings.home / "admin.key")
         self.registry = EngineRegistry(MlxEngine)
         self.memory = MemoryProbe(mlx_engine.mlx_counters, clear_cache=mlx_engine.clear_cache)
         self.store = ModelStore(settings.home, base_dir=settings.config_path.parent)
@@ -86,10 +105,20 @@ class Daemon:
         self.deps = AppDeps(
             registry=self.registry,
             models=self.reconciler,
+            control=Control(self.reconciler, DesiredEditor(settings.config_path, self.reconciler)),
+            keys=Keys(
+                admin=self.admin_key,
+                inference=lambda: self.reconciler.desired.server.api_keys,
+                protect_admin_reads=not settings.is_loopback,
+            ),
             metrics=Metrics(self.live_metrics),
             served_since_s=time.time(),
         )
         self.app = create_app(self.deps, on_startup=self.startup, on_shutdown=self.shutdown)
+
+    def admin_key(self) -> str:
+        """The admin key: from the desired state if declared, else LMX_HOME/admin.key."""
+        return self.reconciler.desired.server.admin_key or self._file_key
 
     def live_metrics(self) -> dict[str, dict[str, float]]:
         """Gauges read at scrape time from their owners: the registry and the reconciler."""

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmx import __version__
-from lmx.api import errors, v1
+from lmx.api import admin, errors, v1
 from lmx.api.deps import AppDeps
 from lmx.api.generation import new_id
 
@@ -67,6 +67,7 @@ def create_app(
     app.state.deps = deps
     errors.install(app)
     app.include_router(v1.router)
+    app.include_router(admin.router)
 
     @app.middleware("http")
     async def request_context(

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lmx.api.auth import Keys
 from lmx.api.metrics import Metrics
+from lmx.reconciler.editing import DesiredEditor
+from lmx.reconciler.loop import Reconciler
 from lmx.runtime.registry import EngineRegistry
 
 
@@ -26,9 +29,19 @@ class ModelDirectory(Protocol):
         """The reconciler's status document (see lmx.reconciler.status)."""
 
 
+@dataclass(frozen=True)
+class Control:
+    """The control plane behind /admin: the reconciler and the one writer of the config file."""
+
+    reconciler: Reconciler
+    editor: DesiredEditor
+
+
 @dataclass
 class AppDeps:
     registry: EngineRegistry
     models: ModelDirectory
+    control: Control | None = None
+    keys: Keys = field(default_factory=Keys)
     metrics: Metrics = field(default_factory=Metrics)
     served_since_s: float = 0.0

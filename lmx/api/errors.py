@@ -21,6 +21,7 @@ from lmx.errors import (
     RequestError,
     TemporaryError,
 )
+from lmx.reconciler.editing import PreconditionFailed
 
 log = structlog.get_logger(__name__)
 
@@ -41,12 +42,16 @@ def envelope(
 def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
     """HTTP status, OpenAI error type, param, code."""
     match exc:
+        case PreconditionFailed():
+            return 412, "invalid_request_error", "If-Match", "precondition_failed"
         case ModelNotFound():
             return 404, "invalid_request_error", "model", "model_not_found"
         case RequestError():
             return 400, "invalid_request_error", exc.param, exc.code
         case ConfigError():
-            return 422, "invalid_request_error", None, "invalid_desired_state"
+            # "models.a.want (line 4): ..." -> param "models.a.want"
+            first = exc.errors[0].split(":")[0].split(" (")[0] if exc.errors else None
+            return 422, "invalid_request_error", first, "invalid_desired_state"
         case QueueFull():
             return 429, "rate_limit_exceeded", None, "queue_full"
         case TemporaryError():
@@ -87,8 +92,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = "invalid_api_key" if exc.status_code == 401 else None
         return envelope(
-            exc.status_code, str(exc.detail), type_=type_, headers=dict(exc.headers or {})
+            exc.status_code,
+            str(exc.detail),
+            type_=type_,
+            code=code,
+            headers=dict(exc.headers or {}),
         )
 
     @app.exception_handler(Exception)

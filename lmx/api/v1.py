@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmx import __version__
+from lmx.api.auth import require_inference
 from lmx.api.constraints import constraint_for
 from lmx.api.deps import AppDeps
 from lmx.api.generation import (
@@ -43,7 +44,13 @@ def get_deps(request: Request) -> AppDeps:
 
 
 Deps = Annotated[AppDeps, Depends(get_deps)]
-router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+async def inference_access(request: Request, deps: Deps) -> None:
+    require_inference(deps.keys, request)
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(inference_access)])
 
 
 @router.get("/models", response_model=ModelList)

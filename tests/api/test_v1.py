@@ -7,6 +7,12 @@ from typing import Any
 
 import httpx
 
+from lmx.api.app import create_app
+from lmx.api.auth import Keys
+from lmx.api.deps import AppDeps
+from lmx.runtime.registry import EngineRegistry
+from tests.api.conftest import StaticModels
+
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]}
 
 
@@ -127,3 +133,15 @@ async def test_logprobs_report_top_alternatives(client: httpx.AsyncClient) -> No
         assert len(item["top_logprobs"]) == 2
         # Greedy: the chosen token is the most likely one.
         assert item["logprob"] == max(t["logprob"] for t in item["top_logprobs"])
+
+
+async def test_inference_keys_guard_v1_when_configured(registry: EngineRegistry) -> None:
+    keys = Keys(admin=lambda: "admin", inference=lambda: ("k1", "k2"))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry), keys=keys))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert_envelope(await c.get("/v1/models"), 401)
+        assert_envelope(await c.get("/v1/models", headers={"Authorization": "Bearer k3"}), 401)
+        for key in ("k2", "admin"):
+            r = await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+        assert (await c.get("/healthz")).status_code == 200

@@ -1,0 +1,145 @@
+"""/admin: status, the desired state (GET with ETag, PATCH merge patch, PUT), plan, events.
+
+Reads are open on loopback; every mutation needs the admin key. Mutations go through the
+DesiredEditor (validated whole, written atomically, comments kept), never around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmx.api.auth import require_admin
+from lmx.api.deps import AppDeps, Control
+from lmx.errors import ConfigError, RequestError
+from lmx.reconciler.actions import plan_json
+from lmx.reconciler.editing import EditResult
+
+MERGE_PATCH = "application/merge-patch+json"
+_KEEPALIVE_S = 15.0
+
+
+def _deps(request: Request) -> AppDeps:
+    deps: AppDeps = request.app.state.deps
+    return deps
+
+
+def _control(deps: AppDeps) -> Control:
+    if deps.control is None:
+        raise RequestError("this server has no desired state to manage")
+    return deps.control
+
+
+async def read_access(request: Request, deps: Annotated[AppDeps, Depends(_deps)]) -> Control:
+    require_admin(deps.keys, request, mutation=False)
+    return _control(deps)
+
+
+async def write_access(request: Request, deps: Annotated[AppDeps, Depends(_deps)]) -> Control:
+    require_admin(deps.keys, request, mutation=True)
+    return _control(deps)
+
+
+Reader = Annotated[Control, Depends(read_access)]
+Writer = Annotated[Control, Depends(write_access)]
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def _desired_response(control: Control, data: dict[str, Any], etag: str) -> JSONResponse:
+    r = control.reconciler
+    body = {
+        "generation": r.generation,
+        "observedGeneration": r.observed_generation,
+        "valid": r.config_error is None,
+        "error": r.config_error,
+        "desired": data,
+    }
+    return JSONResponse(body, headers={"ETag": etag, "X-Lmx-Generation": str(r.generation)})
+
+
+def _edit_response(control: Control, result: EditResult) -> JSONResponse:
+    if result.plan is not None:
+        body = {"dry_run": True, "desired": result.data, "plan": plan_json(result.plan)}
+        return JSONResponse(body, headers={"ETag": result.etag})
+    return _desired_response(control, result.data, result.etag)
+
+
+@router.get("/status")
+async def status(control: Reader) -> dict[str, Any]:
+    """Per-model conditions, footprints, in-flight and last use; memory; generations; config."""
+    return control.reconciler.status()
+
+
+@router.get("/desired", response_model=None)
+async def get_desired(control: Reader) -> JSONResponse:
+    """The desired state as the config file declares it, with its ETag and generation."""
+    current = await asyncio.to_thread(control.editor.read)
+    return _desired_response(control, current.data, current.etag)
+
+
+@router.patch("/desired", response_model=None)
+async def patch_desired(
+    request: Request,
+    control: Writer,
+    dry_run: bool = False,
+    if_match: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Apply a JSON merge patch (RFC 7396). 412 on a stale If-Match, 422 naming the field."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+    if ctype not in (MERGE_PATCH, "application/json"):
+        raise RequestError(f"send the patch as {MERGE_PATCH}, not {ctype or 'no content type'}")
+    try:
+        patch = json.loads(await request.body())
+    except json.JSONDecodeError as exc:
+        raise ConfigError("PATCH /admin/desired", [f"(root): not JSON: {exc}"]) from None
+    result = await control.editor.patch(patch, if_match=if_match, dry_run=dry_run)
+    return _edit_response(control, result)
+
+
+@router.put("/desired", response_model=None)
+async def put_desired(
+    request: Request,
+    control: Writer,
+    dry_run: bool = False,
+    if_match: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Replace the desired state with a whole YAML (or JSON) document, comments kept as sent."""
+    text = (await request.body()).decode("utf-8", errors="replace")
+    result = await control.editor.replace(text, if_match=if_match, dry_run=dry_run)
+    return _edit_response(control, result)
+
+
+@router.get("/plan")
+async def get_plan(control: Reader) -> dict[str, Any]:
+    """What the reconciler would do now, with a reason for each blocked item."""
+    return control.reconciler.plan_now_json()
+
+
+@router.get("/events", response_model=None)
+async def events(control: Reader) -> StreamingResponse:
+    """Server-sent events: reconcile actions, condition changes, download progress."""
+    sub = control.reconciler.subscribe()
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield b": connected\n\n"
+            while True:
+                try:
+                    async with asyncio.timeout(_KEEPALIVE_S):
+                        event = await anext(sub)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                kind = str(event.get("type", "message"))
+                yield f"event: {kind}\ndata: {json.dumps(event, default=str)}\n\n".encode()
+        finally:
+            sub.close()
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -1,0 +1,111 @@
+"""Changing the desired state through the API: merge patches and replacements of config.yaml.
+
+The one writer of the config file (the person's editor aside). Every change is validated as a
+whole, checked against the budget, written atomically with the user's comments kept, then handed
+to the reconciler. Serialized by a lock; a concurrent editor's save is detected and merged over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmx.errors import ConfigError, LmxError
+from lmx.reconciler import manifest
+from lmx.reconciler.actions import Plan
+from lmx.reconciler.loop import Reconciler
+from lmx.reconciler.spec import DesiredState
+from lmx.reconciler.writeback import (
+    dump_tree,
+    etag_of,
+    load_tree,
+    merge_patch,
+    to_plain,
+    write_atomic,
+)
+
+_CAS_ATTEMPTS = 3
+
+
+class PreconditionFailed(LmxError):
+    """If-Match named an ETag that is no longer current (HTTP 412)."""
+
+    def __init__(self, expected: str, current: str) -> None:
+        self.current = current
+        super().__init__(f"the desired state changed: If-Match {expected} but it is now {current}")
+
+
+@dataclass(frozen=True)
+class Current:
+    text: str
+    etag: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EditResult:
+    desired: DesiredState
+    data: dict[str, Any]
+    etag: str
+    plan: Plan | None
+    written: bool
+
+
+class DesiredEditor:
+    def __init__(self, config_path: Path, reconciler: Reconciler) -> None:
+        self.path = config_path
+        self._reconciler = reconciler
+        self._lock = asyncio.Lock()
+
+    def read(self) -> Current:
+        """The file as it is now (its plain data even if it is invalid; {} if it is missing)."""
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        try:
+            data = to_plain(load_tree(text, str(self.path)))
+        except ConfigError:
+            data = {}
+        return Current(text, etag_of(text), data)
+
+    async def patch(
+        self, patch: dict[str, Any], *, if_match: str | None, dry_run: bool
+    ) -> EditResult:
+        """Apply an RFC 7396 merge patch. Raises PreconditionFailed, ConfigError (422)."""
+        if not isinstance(patch, dict):
+            raise ConfigError(
+                "PATCH /admin/desired", ["(root): a merge patch must be a JSON object"]
+            )
+
+        def edit(text: str) -> str:
+            tree = load_tree(text, str(self.path))
+            merge_patch(tree, patch)
+            return dump_tree(tree)
+
+        return await self._change(edit, if_match=if_match, dry_run=dry_run)
+
+    async def replace(self, text: str, *, if_match: str | None, dry_run: bool) -> EditResult:
+        """Replace the whole file with `text` (YAML, comments and all)."""
+        load_tree(text, "request body")
+        return await self._change(lambda _old: text, if_match=if_match, dry_run=dry_run)
+
+    async def _change(self, edit: Any, *, if_match: str | None, dry_run: bool) -> EditResult:
+        async with self._lock:
+            for _ in range(_CAS_ATTEMPTS):
+                before = self.read()
+                if if_match is not None and if_match not in (before.etag, "*"):
+                    raise PreconditionFailed(if_match, before.etag)
+                new_text = edit(before.text)
+                data = to_plain(load_tree(new_text, "the changed desired state"))
+                desired = manifest.validate(data, source="the changed desired state")
+                await self._reconciler.check(desired)
+                if dry_run:
+                    plan = await self._reconciler.dry_run(desired)
+                    return EditResult(desired, data, before.etag, plan, written=False)
+                # Compare and swap: an editor's save since we read is merged over, not lost.
+                if self.read().etag != before.etag:
+                    continue
+                await asyncio.to_thread(write_atomic, self.path, new_text)
+                await self._reconciler.apply_desired(desired)
+                return EditResult(desired, data, etag_of(new_text), None, written=True)
+        raise ConfigError(str(self.path), ["(root): the file kept changing while it was written"])

@@ -1,0 +1,224 @@
+"""/admin over ASGI with the real reconciler, fake engines and a real config file on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from lmx.api.app import create_app
+from lmx.api.auth import Keys
+from lmx.api.deps import AppDeps, Control
+from lmx.reconciler import writeback
+from lmx.reconciler.editing import DesiredEditor
+from tests.component.reconciler_world import World, settle, until
+
+KEY = "test-admin-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PATCH = {**AUTH, "Content-Type": "application/merge-patch+json"}
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    small = w.model_dir("small", 0.5)
+    w.write_text(
+        "# my models\n"
+        "memory:\n"
+        "  budget: 3GiB   # leave room for the OS\n"
+        "models:\n"
+        "  small:   # the everyday one\n"
+        f"    source: {small}\n"
+        "    want: resident\n"
+        "    engine: {prompt_cache_bytes: 0}\n"
+    )
+    w.build()
+    await w.r.start()
+    await until(settle(w))
+    try:
+        yield w
+    finally:
+        await w.r.stop()
+
+
+@pytest.fixture
+async def client(world: World) -> AsyncIterator[httpx.AsyncClient]:
+    control = Control(world.r, DesiredEditor(world.config_path, world.r))
+    deps = AppDeps(
+        registry=world.reg, models=world.r, control=control, keys=Keys(admin=lambda: KEY)
+    )
+    transport = httpx.ASGITransport(app=create_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+        yield c
+
+
+async def test_get_desired_has_etag_and_generation(client: httpx.AsyncClient) -> None:
+    r = await client.get("/admin/desired")
+    assert r.status_code == 200
+    assert r.headers["etag"].startswith('"')
+    body = r.json()
+    assert body["valid"] is True and body["generation"] >= 1
+    assert body["desired"]["models"]["small"]["want"] == "resident"
+
+
+async def test_patch_keeps_comments_and_bumps_generation(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    before = await client.get("/admin/desired")
+    big = world.model_dir("big", 1.0)
+    patch = {"models": {"small": {"want": "pinned"}, "big": {"source": str(big)}}}
+    r = await client.patch(
+        "/admin/desired", json=patch, headers={**PATCH, "If-Match": before.headers["etag"]}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["generation"] == before.json()["generation"] + 1
+    text = world.config_path.read_text()
+    for comment in ("# my models", "# leave room for the OS", "# the everyday one"):
+        assert comment in text
+    data = yaml.safe_load(text)
+    assert data["models"]["small"]["want"] == "pinned"
+    assert data["models"]["big"]["source"] == str(big)
+    assert r.headers["etag"] == writeback.etag_of(text)
+    await until(lambda: world.ready("big"))
+
+
+async def test_two_patches_with_the_same_etag_one_wins_one_gets_412(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    etag = (await client.get("/admin/desired")).headers["etag"]
+    a = {"models": {"small": {"idle_ttl": "1h"}}}
+    b = {"models": {"small": {"idle_ttl": "2h"}}}
+    ra, rb = await asyncio.gather(
+        client.patch("/admin/desired", json=a, headers={**PATCH, "If-Match": etag}),
+        client.patch("/admin/desired", json=b, headers={**PATCH, "If-Match": etag}),
+    )
+    assert sorted([ra.status_code, rb.status_code]) == [200, 412]
+    loser = ra if ra.status_code == 412 else rb
+    assert loser.json()["error"]["code"] == "precondition_failed"
+    winner_ttl = "1h" if ra.status_code == 200 else "2h"
+    assert (
+        yaml.safe_load(world.config_path.read_text())["models"]["small"]["idle_ttl"] == winner_ttl
+    )
+
+
+async def test_patch_without_if_match_applies_over_a_concurrent_file_edit(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    world.write_text(world.config_path.read_text() + "jit: false  # edited by hand\n")
+    r = await client.patch(
+        "/admin/desired", json={"models": {"small": {"aliases": ["s"]}}}, headers=PATCH
+    )
+    assert r.status_code == 200
+    text = world.config_path.read_text()
+    assert "jit: false  # edited by hand" in text and "aliases:" in text
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"models": {"small": {"want": "always"}}}, "models.small.want"),
+        ({"models": {"small": {"wnat": "pinned"}}}, "models.small.wnat"),
+        ({"memory": {"budget": "lots"}}, "memory.budget"),
+    ],
+)
+async def test_invalid_patch_is_422_naming_the_field_and_changes_nothing(
+    client: httpx.AsyncClient, world: World, patch: dict[str, Any], param: str
+) -> None:
+    before = world.config_path.read_bytes()
+    generation = world.r.generation
+    r = await client.patch("/admin/desired", json=patch, headers=PATCH)
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == param
+    assert world.config_path.read_bytes() == before
+    assert world.r.generation == generation
+
+
+async def test_pinning_more_than_the_budget_is_422_and_nothing_changes(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    huge = world.model_dir("huge", 2.9)
+    before = world.config_path.read_bytes()
+    patch = {
+        "models": {"small": {"want": "pinned"}, "huge": {"source": str(huge), "want": "pinned"}}
+    }
+    r = await client.patch("/admin/desired", json=patch, headers=PATCH)
+    assert r.status_code == 422, r.text
+    assert "budget" in r.json()["error"]["message"]
+    assert world.config_path.read_bytes() == before
+
+
+async def test_dry_run_returns_the_plan_and_writes_nothing(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    before = world.config_path.read_bytes()
+    big = world.model_dir("big", 1.0)
+    r = await client.patch(
+        "/admin/desired?dry_run=true", json={"models": {"big": {"source": str(big)}}}, headers=PATCH
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert body["dry_run"] is True
+    assert any(a.get("model") == "big" for a in body["plan"]["actions"]), body["plan"]
+    assert world.config_path.read_bytes() == before
+    assert "big" not in world.loaded()
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}]
+)
+async def test_mutations_need_the_admin_key(
+    client: httpx.AsyncClient, world: World, headers: dict[str, str]
+) -> None:
+    before = world.config_path.read_bytes()
+    hdrs = {**headers, "Content-Type": "application/merge-patch+json"}
+    r = await client.patch("/admin/desired", json={"jit": False}, headers=hdrs)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    r = await client.put("/admin/desired", content="models: {}\n", headers=headers)
+    assert r.status_code == 401
+    assert world.config_path.read_bytes() == before
+
+
+async def test_put_replaces_the_whole_file_as_sent(client: httpx.AsyncClient, world: World) -> None:
+    text = "# replaced\nmodels: {}\n"
+    r = await client.put("/admin/desired", content=text, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert world.config_path.read_text() == text
+    await until(lambda: not world.loaded())
+
+
+async def test_status_plan_and_readyz(client: httpx.AsyncClient) -> None:
+    status = (await client.get("/admin/status")).json()
+    assert status["observedGeneration"] == status["generation"]
+    assert "small" in status["models"]
+    plan = (await client.get("/admin/plan")).json()
+    assert plan["actions"] == []
+    assert (await client.get("/readyz")).status_code == 200
+
+
+CRASH_BETWEEN_WRITE_AND_RENAME = """
+import os, sys
+from pathlib import Path
+from lmx.reconciler import writeback
+os.replace = lambda *_: os._exit(9)  # the process dies after the temp file is written
+writeback.write_atomic(Path(sys.argv[1]), "models:\\n  a: {source: builtin:tiny}\\n" * 1000)
+"""
+
+
+def test_a_crash_during_the_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("models: {}\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_BETWEEN_WRITE_AND_RENAME, str(path)], timeout=60
+    )
+    assert proc.returncode == 9
+    assert path.read_text() == "models: {}\n"
+    assert yaml.safe_load(path.read_text()) == {"models": {}}
