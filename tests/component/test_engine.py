@@ -158,3 +158,39 @@ async def test_full_queue_is_refused_and_context_overflow_names_the_limit(
         assert info.value.param == "max_tokens"
     finally:
         await asyncio.to_thread(e.unload)
+
+
+@pytest.mark.parametrize(
+    "narrowing",
+    [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}],
+    ids=["top_k=1", "top_p~0", "min_p=1"],
+)
+async def test_filters_that_leave_one_token_make_hot_sampling_greedy(
+    engine: MlxEngine, narrowing: dict[str, float]
+) -> None:
+    p = prompts(engine, 1)[0]
+    greedy = (await run(engine, p, GREEDY))[0]
+    hot = SamplingParams(max_tokens=16, temperature=2.0, seed=9, **narrowing)  # type: ignore[arg-type]
+    assert (await run(engine, p, hot))[0] == greedy
+    assert (await run(engine, p, SamplingParams(max_tokens=16, temperature=2.0, seed=9)))[
+        0
+    ] != greedy
+
+
+async def test_penalties_reduce_repetition(engine: MlxEngine) -> None:
+    p = prompts(engine, 1)[0]
+
+    async def repeats(params: SamplingParams) -> int:
+        req = GenerationRequest(p, params)
+        ids = [t async for d in engine.stream(req) for t in d.token_ids]
+        return len(ids) - len(set(ids))
+
+    base = dict(max_tokens=48, temperature=0)
+    plain = await repeats(SamplingParams(**base))  # type: ignore[arg-type]
+    assert plain > 5  # a random model loops when decoded greedily
+    for penalty in (
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"repetition_penalty": 1.8},
+    ):
+        assert await repeats(SamplingParams(**base, **penalty)) < plain, penalty  # type: ignore[arg-type]
