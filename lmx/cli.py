@@ -1,19 +1,28 @@
-"""The `lmx` command: `serve` runs the daemon; the other commands talk to a running daemon.
+"""The `lmx` command: `serve` runs the daemon; the other commands talk to a running daemon
+through its admin API (lmx.client) and show the answers (lmx.cli_render).
 
 Parses flags into explicit values (Settings, paths) and hands them on; no command reads another's
-flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage.
+flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lmx import __version__
+from lmx.errors import LmxError
 from lmx.settings import Settings
+
+if TYPE_CHECKING:
+    from lmx.client import AdminClient
+
+DEFAULT_URL = "http://127.0.0.1:1234"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -29,6 +38,182 @@ def _make_model(args: argparse.Namespace) -> int:
 
     path = build_model(args.name, args.dir)
     print(path)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    from lmx.client import AdminClient, resolve_admin_key
+
+    return AdminClient(args.url, resolve_admin_key(args.admin_key))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from lmx.cli_render import console, status_footer, status_table
+
+    with _client(args) as c:
+        doc = c.status()
+    if args.json:
+        _print_json(doc)
+        return 0
+    con = console()
+    con.print(status_table(doc) if doc.get("models") else "No models are declared.")
+    con.print()
+    for line in status_footer(doc):
+        con.print(line)
+    return 0
+
+
+def _ps(args: argparse.Namespace) -> int:
+    from lmx.cli_render import console, loaded_models, ps_table
+
+    with _client(args) as c:
+        doc = c.status()
+    if args.json:
+        _print_json(loaded_models(doc))
+        return 0
+    console().print(ps_table(doc) if loaded_models(doc) else "No models are loaded.")
+    return 0
+
+
+def _show_plan(plan: dict[str, Any], *, dry_run: bool) -> None:
+    from lmx.cli_render import console, plan_lines
+
+    con = console()
+    for line in plan_lines(plan):
+        con.print(line)
+    if dry_run:
+        con.print("Dry run: nothing was changed.")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        plan = c.plan()
+    if args.json:
+        _print_json(plan)
+    else:
+        _show_plan(plan, dry_run=False)
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    name = "stdin" if str(args.file) == "-" else str(args.file)
+    try:
+        text = sys.stdin.read() if name == "stdin" else args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"lmx: cannot read {name}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
+    with _client(args) as c:
+        body = c.replace(text, dry_run=args.dry_run)
+    if args.json:
+        _print_json(body)
+    elif args.dry_run:
+        _show_plan(body["plan"], dry_run=True)
+    else:
+        print(f"Applied {name}: generation {body['generation']}. `lmx status` shows the progress.")
+    return 0
+
+
+def _set(args: argparse.Namespace) -> int:
+    if args.delete == bool(args.assignments):
+        print("lmx: give key=value pairs or --delete (not both)", file=sys.stderr)
+        return 2
+    from lmx.client import parse_assignments
+
+    try:
+        fields = parse_assignments(args.assignments)
+    except ValueError as exc:
+        print(f"lmx: {exc}", file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        doc, etag = c.desired()
+        declared = (doc.get("desired") or {}).get("models") or {}
+        if args.delete and args.model not in declared:
+            print(f"lmx: model {args.model} is not declared", file=sys.stderr)
+            return 1
+        patch = {"models": {args.model: None if args.delete else fields}}
+        body = c.patch(patch, if_match=etag or None, dry_run=args.dry_run)
+    if args.json:
+        _print_json(body)
+    elif args.dry_run:
+        _show_plan(body["plan"], dry_run=True)
+    elif body.get("generation") == doc.get("generation"):
+        print(f"No change: models.{args.model} already says so.")
+    else:
+        what = "deleted" if args.delete else "set " + " ".join(args.assignments)
+        print(f"models.{args.model}: {what} (generation {body['generation']}).")
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    from lmx.cli_render import event_line
+
+    def opened() -> None:
+        print(f"Following events from {args.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    with _client(args) as c:
+        try:
+            for event in c.events(on_open=opened):
+                print(json.dumps(event) if args.json else event_line(event), flush=True)
+        except KeyboardInterrupt:
+            return 0
+    return 1  # not reached: the stream ends with a DaemonError
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from lmx.cli_render import console, download_progress
+    from lmx.client import download_verdict, watch_download
+
+    model: str = args.model
+    with _client(args) as c:
+        doc, etag = c.desired()
+        spec = ((doc.get("desired") or {}).get("models") or {}).get(model)
+        patch: dict[str, Any] = {}
+        if spec is None:
+            source = args.source or (model if "/" in model else None)
+            if source is None:
+                print(f"lmx: model {model} is not declared; give its --source", file=sys.stderr)
+                return 1
+            patch = {"source": source, "want": "downloaded"}
+        else:
+            if spec.get("want") == "absent":
+                patch["want"] = "downloaded"
+            if args.source and args.source != spec.get("source"):
+                patch["source"] = args.source
+        if args.revision and args.revision != (spec or {}).get("revision", "main"):
+            patch["revision"] = args.revision
+        if not patch and (done := download_verdict(c.status(), model, 0)) and done.ok:
+            print(f"{model} is already downloaded.")
+            return 0
+
+        def start() -> int:
+            if not patch:
+                return int(doc.get("generation", 0))
+            return int(c.patch({"models": {model: patch}}, if_match=etag or None)["generation"])
+
+        bars = download_progress(console())
+        task = bars.add_task(model, total=None, visible=False)
+
+        def on_progress(ev: dict[str, Any]) -> None:
+            total = ev.get("bytes_total") or None
+            done, rate, eta = ev.get("bytes_done", 0), ev.get("rate_bps"), ev.get("eta_s")
+            bars.update(task, completed=done, total=total, rate_bps=rate, eta_s=eta, visible=True)
+
+        try:
+            with bars:
+                verdict = watch_download(c, model, start, on_progress)
+                if verdict.ok:
+                    bars.update(task, completed=bars.tasks[0].total or 0, eta_s=None)
+        except KeyboardInterrupt:
+            print("lmx: stopped watching; the daemon carries on downloading", file=sys.stderr)
+            return 130
+    if not verdict.ok:
+        print(f"lmx: {verdict.message}", file=sys.stderr)
+        return 1
+    print(verdict.message)
     return 0
 
 
@@ -50,7 +235,44 @@ def parser() -> argparse.ArgumentParser:
     make.add_argument("dir", type=Path)
     make.add_argument("--name", default="tiny", help="which built-in model (default tiny)")
     make.set_defaults(func=_make_model)
+    _admin_commands(sub)
     return p
+
+
+def _admin_commands(sub: Any) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument(
+        "--url",
+        default=os.environ.get("LMX_URL") or DEFAULT_URL,
+        help=f"the daemon (default $LMX_URL or {DEFAULT_URL})",
+    )
+    conn.add_argument(
+        "--admin-key", help="admin key (default $LMX_ADMIN_KEY, else LMX_HOME/admin.key)"
+    )
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="machine-readable output")
+    dry = argparse.ArgumentParser(add_help=False)
+    dry.add_argument("--dry-run", action="store_true", help="show the plan; change nothing")
+
+    def add(name: str, func: Any, help_: str, *parents: argparse.ArgumentParser) -> Any:
+        cmd = sub.add_parser(name, help=help_, parents=[conn, *parents])
+        cmd.set_defaults(func=func)
+        return cmd
+
+    add("status", _status, "models, their state and memory; config validity", out)
+    add("ps", _ps, "loaded models", out)
+    add("plan", _plan, "what the daemon would do now to match the desired state", out)
+    apply = add("apply", _apply, "replace the desired state with FILE", out, dry)
+    apply.add_argument("-f", "--file", type=Path, required=True, help="YAML file, or - for stdin")
+    st = add("set", _set, "change one model: lmx set MODEL key=value ...", out, dry)
+    st.add_argument("model")
+    st.add_argument("assignments", nargs="*", metavar="key=value", help="key=null deletes a key")
+    st.add_argument("--delete", action="store_true", help="remove the model from the state")
+    add("events", _events, "follow the daemon's events (Ctrl-C stops)", out)
+    pull = add("pull", _pull, "download MODEL and show progress")
+    pull.add_argument("model")
+    pull.add_argument("--source", help="Hub repo (org/name) or local directory for a new model")
+    pull.add_argument("--revision", help="branch, tag or commit to pin")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +283,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except LmxError as exc:
+        from lmx.client import DaemonError, Invalid
+
+        if isinstance(exc, Invalid):
+            for problem in exc.problems:
+                print(f"lmx: invalid: {problem}", file=sys.stderr)
+            print("lmx: nothing was changed", file=sys.stderr)
+        elif isinstance(exc, DaemonError):
+            print(f"lmx: {exc}", file=sys.stderr)
+        else:
+            raise
+        return 1
     return code
 
 

@@ -11,9 +11,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmx import __version__
 from lmx.api import admin, errors, v1
@@ -23,6 +24,29 @@ from lmx.api.generation import new_id
 log = structlog.get_logger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
+
+
+class RequestContext:
+    """Binds `request_id` for logs and echoes it as `x-request-id`. Plain ASGI, so streamed
+    bodies pass straight through (a BaseHTTPMiddleware relays every chunk through a task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id")
+        rid = given.decode("latin-1") if given else new_id("req")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            await self.app(scope, receive, send_with_id)
 
 
 def readiness(status: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -69,18 +93,7 @@ def create_app(
     app.include_router(v1.router)
     app.include_router(admin.router)
 
-    @app.middleware("http")
-    async def request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        rid = request.headers.get("x-request-id") or new_id("req")
-        structlog.contextvars.bind_contextvars(request_id=rid)
-        try:
-            response = await call_next(request)
-        finally:
-            structlog.contextvars.unbind_contextvars("request_id")
-        response.headers["x-request-id"] = rid
-        return response
+    app.add_middleware(RequestContext)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

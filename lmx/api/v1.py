@@ -6,12 +6,12 @@ become OpenAI error envelopes; errors after it become a final `error` event.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -33,12 +33,12 @@ from lmx.api.metrics import Metrics
 from lmx.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from lmx.errors import ModelNotFound, RequestError
 from lmx.runtime.engine import Constraint, Delta, Engine, TokenLogprob
-from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall, make_parser
 
 FINGERPRINT = f"fp_lmx_{__version__}"
 
 
-def get_deps(request: Request) -> AppDeps:
+async def get_deps(request: Request) -> AppDeps:
     deps: AppDeps = request.app.state.deps
     return deps
 
@@ -108,8 +108,8 @@ def _usage(states: list[ChoiceState], prompts: int = 1) -> dict[str, Any]:
 
 
 def _sse(obj: dict[str, Any] | str) -> bytes:
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+    data = obj.encode() if isinstance(obj, str) else orjson.dumps(obj)
+    return b"data: " + data + b"\n\n"
 
 
 def _error_event(message: str) -> bytes:
@@ -133,8 +133,10 @@ class _Generation:
     ) -> None:
         self.stack = stack
         self.stream = stream
-        self.model_id = model_id
-        self.metrics = metrics
+        self.ttft = metrics.ttft.labels(model_id)
+        self.itl = metrics.itl.labels(model_id)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model_id)
+        self.completion_tokens = metrics.completion_tokens.labels(model_id)
         self.started_s = time.perf_counter()
         self.last_token_s: dict[int, float] = {}
         self.first: tuple[int, Delta] | None = None
@@ -166,13 +168,16 @@ class _Generation:
         if d.token_ids:
             last = self.last_token_s.get(i)
             if last is None:
-                self.metrics.ttft.labels(self.model_id).observe(now - self.started_s)
+                self.ttft.observe(now - self.started_s)
             else:
-                self.metrics.itl.labels(self.model_id).observe(now - last)
+                # Coalesced deltas carry several tokens: spread the gap over them.
+                gap = (now - last) / len(d.token_ids)
+                for _ in d.token_ids:
+                    self.itl.observe(gap)
             self.last_token_s[i] = now
         if d.finish_reason is not None:
-            self.metrics.prompt_tokens.labels(self.model_id).inc(d.prompt_tokens)
-            self.metrics.completion_tokens.labels(self.model_id).inc(d.completion_tokens)
+            self.prompt_tokens.inc(d.prompt_tokens)
+            self.completion_tokens.inc(d.completion_tokens)
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         try:
@@ -348,8 +353,10 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
 
     gen, engine, prompts = await _Generation.start(deps, body.model, build)
     prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
+    # A text completion is the raw continuation: no reasoning or tool-call splitting.
     states = [
-        ChoiceState(i, output_parser(engine, prompts[i], tools=False)) for i in range(len(prompts))
+        ChoiceState(i, make_parser(tool_parser=None, tools_enabled=False, reasoning=False))
+        for i in range(len(prompts))
     ]
     n_prompts = len(prompts) // body.n
     base = {
@@ -366,7 +373,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         for s in states:
             if s.error is not None:
                 raise RuntimeError(s.error)
-            text = "".join(s.reasoning) + "".join(s.content)
+            text = "".join(s.content)
             lps = _lp_text(s.logprobs, len(prefixes[s.index])) if want_lp else None
             choices.append(
                 {
@@ -392,7 +399,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             if s.error is not None:
                 yield _error_event(s.error)
                 break
-            text = "".join(p.text for p in pieces if isinstance(p, Content | Reasoning))
+            text = "".join(p.text for p in pieces if isinstance(p, Content))
             lps = s.logprobs[lp_before:]
             if text or lps or s.finish_reason:
                 choice = _text_choice(i, text, s.finish_reason)

@@ -1,8 +1,9 @@
 """Hub downloads: pin a repo revision to a commit and file list, fetch those files into a directory
 lmx owns (resuming partial files, verifying every byte), and mark completion with a manifest.
 
-Called by the reconciler's executor on a worker thread: every function here blocks. All HTTP goes
-through huggingface_hub's client. It never imports mlx and never decides whether to download.
+Called by the model store on a worker thread: every function here blocks. All HTTP goes through
+huggingface_hub's client. It never imports mlx and never decides whether to download. What lmx
+records on disk (manifest, journal, partial files) and `prune` live in `download_manifest.py`.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
-import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
@@ -41,19 +38,28 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from lmx.errors import LmxError, PermanentError, TemporaryError
 
+# Re-exported: callers of downloads need these names and should not care where they are kept.
+from lmx.runtime.download_manifest import MANIFEST_NAME as MANIFEST_NAME
+from lmx.runtime.download_manifest import PARTIAL_DIR as PARTIAL_DIR
+from lmx.runtime.download_manifest import RemoteFile as RemoteFile
+from lmx.runtime.download_manifest import RepoSnapshot as RepoSnapshot
+from lmx.runtime.download_manifest import (
+    forget_other_snapshots,
+    partial_path,
+    read_journal,
+    size_of,
+    write_journal,
+    write_manifest,
+)
+from lmx.runtime.download_manifest import is_complete as is_complete
+from lmx.runtime.download_manifest import prune as prune
+from lmx.runtime.download_manifest import read_manifest as read_manifest
+from lmx.runtime.download_manifest import wanted_file as wanted_file
+
 log = structlog.get_logger(__name__)
 
-MANIFEST_NAME: Final = ".lmx-download.json"
-PARTIAL_DIR: Final = ".lmx-partial"  # partial files and the verified-file journal live here
-_JOURNAL_NAME: Final = "verified.json"
-_HF_LOCAL_DIR_CACHE: Final = Path(".cache") / "huggingface"  # hf's local_dir metadata, if any
-_MANIFEST_FORMAT: Final = 1
 DISK_MARGIN_BYTES: Final = 1 << 30
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second (tests lower it)
-# What mlx_lm.load reads from a repo's root; other weight formats (*.bin, *.pt, *.gguf, *.h5,
-# *.onnx, *.msgpack, consolidated.*) would only cost disk.
-_WANTED: Final = ("*.safetensors", "*.json", "tokenizer.model", "tiktoken.model", "*.tiktoken")
-_WANTED_TEXT: Final = ("*.jinja", "*.txt")
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -139,28 +145,6 @@ class DownloadCancelled(DownloadError):
 
 
 @dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    size: int
-    sha256: str | None = None  # LFS files: sha256 of the content
-    git_oid: str | None = None  # other files: git blob sha1 (what the Hub sends as ETag)
-
-
-@dataclass(frozen=True)
-class RepoSnapshot:
-    """A revision pinned to a commit, and the files MLX needs from it."""
-
-    repo_id: str
-    revision: str
-    commit: str
-    files: tuple[RemoteFile, ...]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-@dataclass(frozen=True)
 class ProgressEvent:
     """Whole-snapshot progress: `bytes_done` counts bytes on disk toward completion (resumed and
     reused ones included, so it can drop when a corrupt file is discarded); `rate_bps` only counts
@@ -184,13 +168,6 @@ class DownloadResult:
 
 
 # --------------------------------------------------------------------------------------- resolve
-
-
-def wanted_file(path: str) -> bool:
-    """Whether MLX needs this repo file: root-level weights, configs and tokenizer files only."""
-    if "/" in path or "\\" in path or path.startswith(".") or path.startswith("consolidated"):
-        return False
-    return any(fnmatchcase(path, p) for p in (*_WANTED, *_WANTED_TEXT))
 
 
 def resolve(repo_id: str, revision: str = "main", *, token: str | None = None) -> RepoSnapshot:
@@ -272,31 +249,6 @@ def check_disk(
     return need
 
 
-def read_manifest(dest_dir: Path | str) -> RepoSnapshot | None:
-    """The snapshot recorded by the last completed download into `dest_dir`, or None."""
-    try:
-        data = json.loads((Path(dest_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-        if data.get("format") != _MANIFEST_FORMAT:
-            return None
-        files = tuple(_file_from_json(f) for f in data["files"])
-        return RepoSnapshot(str(data["repo_id"]), str(data["revision"]), str(data["commit"]), files)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def is_complete(dest_dir: Path | str, snapshot: RepoSnapshot | None = None) -> bool:
-    """Whether `dest_dir` holds a completed download (of `snapshot`, if given). Cheap: it reads the
-    manifest and stats each file's size, hashing nothing. Never raises."""
-    manifest = read_manifest(dest_dir)
-    if manifest is None:
-        return False
-    if snapshot is not None and (manifest.repo_id, manifest.commit, manifest.files) != (
-        snapshot.repo_id, snapshot.commit, snapshot.files,
-    ):  # fmt: skip
-        return False
-    return all(_size_of(Path(dest_dir) / f.path) == f.size for f in manifest.files)
-
-
 # -------------------------------------------------------------------------------------- download
 
 
@@ -356,30 +308,6 @@ def download(
     return DownloadResult(
         snapshot, dest, tuple(fetched), progress.fetched, time.monotonic() - started
     )
-
-
-def prune(dest_dir: Path | str) -> int:
-    """Delete what lmx downloaded into `dest_dir`: files its manifest or journal lists, the
-    manifest, partial files and huggingface_hub's local-dir metadata; then the directory if
-    empty. Other files are never touched. Returns the bytes freed. Idempotent."""
-    dest, freed = Path(dest_dir), 0
-    manifest = read_manifest(dest)
-    ours = {f.path for f in manifest.files} if manifest else set()
-    ours |= set(_read_journal(dest))  # files verified by an interrupted download
-    (dest / MANIFEST_NAME).unlink(missing_ok=True)  # first: never a manifest over missing files
-    for path in sorted(ours):
-        target = dest / path
-        if target.is_file():
-            freed += target.stat().st_size
-            target.unlink()
-    for tree in (dest / PARTIAL_DIR, dest / _HF_LOCAL_DIR_CACHE):
-        if tree.is_dir():
-            freed += sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
-            shutil.rmtree(tree)
-    for empty in (dest / ".cache", dest):
-        with contextlib.suppress(OSError):  # not empty, or already gone
-            empty.rmdir()
-    return freed
 
 
 # ------------------------------------------------------------------------------------- internals
@@ -498,25 +426,6 @@ def _verified(path: Path, f: RemoteFile) -> bool:
     return digest.hexdigest() == (f.sha256 or f.git_oid)
 
 
-def _forget_other_snapshots(dest: Path, snapshot: RepoSnapshot) -> dict[str, RemoteFile]:
-    """Invalidate the manifest, delete lmx's files and partials that `snapshot` does not use,
-    and return the files already verified (by path) that it does use."""
-    known: dict[str, RemoteFile] = {}
-    old = read_manifest(dest)
-    for f in (*(old.files if old else ()), *_read_journal(dest).values()):
-        known[f.path] = f
-    (dest / MANIFEST_NAME).unlink(missing_ok=True)
-    wanted = {f.path: f for f in snapshot.files}
-    for path in known:
-        if path not in wanted:
-            (dest / path).unlink(missing_ok=True)
-    keep = {_partial_path(dest, f).name for f in snapshot.files}
-    for stale in (dest / PARTIAL_DIR).glob("*.incomplete"):
-        if stale.name not in keep:
-            stale.unlink()
-    return {path: f for path, f in known.items() if wanted.get(path) == f}
-
-
 @contextlib.contextmanager
 def _translated(
     repo_id: str, revision: str, commit: str | None = None, file: str | None = None
@@ -556,67 +465,3 @@ def _translated(
         if e.errno is None:  # huggingface_hub's "Consistency check failed" (size mismatch)
             raise TransientDownloadError((str(e) or repr(e)).splitlines()[0], **where) from e
         raise
-
-
-def _partial_path(dest: Path, f: RemoteFile) -> Path:
-    # Keyed by content hash so a partial from another commit is never resumed into this one.
-    key = (f.sha256 or f.git_oid or f"size{f.size}")[:16]
-    return dest / PARTIAL_DIR / f"{f.path}.{key}.incomplete"
-
-
-def _size_of(path: Path) -> int | None:
-    try:
-        return path.stat().st_size if path.is_file() else None
-    except OSError:
-        return None
-
-
-def _file_to_json(f: RemoteFile) -> dict[str, Any]:
-    return {"path": f.path, "size": f.size, "sha256": f.sha256, "git_oid": f.git_oid}
-
-
-def _file_from_json(d: dict[str, Any]) -> RemoteFile:
-    path, size = d["path"], d["size"]
-    if not isinstance(path, str) or not wanted_file(path) or not isinstance(size, int):
-        raise ValueError(f"bad file entry {d!r}")
-    return RemoteFile(path, size, d.get("sha256"), d.get("git_oid"))
-
-
-def _manifest_json(snapshot: RepoSnapshot) -> dict[str, Any]:
-    return {
-        "format": _MANIFEST_FORMAT,
-        "repo_id": snapshot.repo_id,
-        "revision": snapshot.revision,
-        "commit": snapshot.commit,
-        "total_bytes": snapshot.total_bytes,
-        "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": [_file_to_json(f) for f in snapshot.files],
-    }
-
-
-def _read_journal(dest: Path) -> dict[str, RemoteFile]:
-    try:
-        entries = json.loads((dest / PARTIAL_DIR / _JOURNAL_NAME).read_text(encoding="utf-8"))
-        return {f.path: f for f in (_file_from_json(e) for e in entries)}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
-def _write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes renames durable; some platforms cannot open a directory, which only costs durability.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -14,7 +14,7 @@ import json
 import queue
 import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -128,6 +128,16 @@ class _Seq:
     constraint: ConstrainedProcessor | None = None
 
 
+def _joined(a: Delta, b: Delta) -> Delta:
+    """`b` appended to `a`: the text, tokens and logprobs of both, and `b`'s ending."""
+    return replace(
+        b,
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        logprobs=a.logprobs + b.logprobs,
+    )
+
+
 class MlxEngine:
     """Implements `lmx.runtime.engine.Engine` on MLX."""
 
@@ -231,6 +241,9 @@ class MlxEngine:
         try:
             while True:
                 delta = await seq.out.get()
+                # A consumer that fell behind gets what piled up as one delta (per step, not token).
+                while delta.finish_reason is None and not seq.out.empty():
+                    delta = _joined(delta, seq.out.get_nowait())
                 yield delta
                 if delta.finish_reason is not None:
                     return

@@ -1,0 +1,321 @@
+"""The client side of the admin API: `AdminClient` over httpx (requests, SSE), the admin key,
+merge patches built from `key=value` words, and readings of the status document (a download's
+verdict, followed live by `watch_download`).
+
+Used by the `lmx` commands other than `serve`; talks to the daemon only through HTTP and imports
+nothing of the daemon. Failures surface as `DaemonError`s whose message is the one line to show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import httpx
+import yaml
+
+from lmx.errors import LmxError
+from lmx.settings import default_home
+
+MERGE_PATCH = "application/merge-patch+json"
+Doc = dict[str, Any]
+
+# Keys whose values are strings even when they look like numbers (a commit sha of digits).
+_STRING_KEYS = frozenset({"source", "revision"})
+# A download that is not finished and not failed shows one of these as its Downloaded reason.
+_DOWNLOAD_PENDING = frozenset(
+    {"", "NotDownloaded", "Downloading", "WaitingForDrain", "MemoryNotReleased"}
+)
+
+
+class DaemonError(LmxError):
+    """The daemon could not be reached or refused a request; `str()` is the line to show."""
+
+
+class KeyRefused(DaemonError):
+    """401: the admin key is missing or wrong."""
+
+
+class ChangedMeanwhile(DaemonError):
+    """412: the desired state changed between our read and our write."""
+
+
+class Invalid(DaemonError):
+    """422: the desired state would be invalid. `problems` holds one line per field."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class AdminKey:
+    value: str | None
+    origin: str  # where it came from, for the message when it is refused
+
+
+def resolve_admin_key(explicit: str | None) -> AdminKey:
+    """--admin-key, else $LMX_ADMIN_KEY, else LMX_HOME/admin.key (None if that is unreadable)."""
+    if explicit:
+        return AdminKey(explicit, "--admin-key")
+    if env := os.environ.get("LMX_ADMIN_KEY"):
+        return AdminKey(env, "LMX_ADMIN_KEY")
+    path = default_home() / "admin.key"
+    try:
+        return AdminKey(path.read_text(encoding="utf-8").strip() or None, str(path))
+    except OSError:
+        return AdminKey(None, str(path))
+
+
+def problems_of(message: str) -> list[str]:
+    """'source: a.b: bad; c: worse' (a ConfigError's text) -> ['a.b: bad', 'c: worse']."""
+    _, sep, rest = message.partition(": ")
+    return [p.strip() for p in (rest if sep else message).split("; ") if p.strip()]
+
+
+class AdminClient:
+    def __init__(self, url: str, key: AdminKey, *, timeout_s: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.key = key
+        headers = {"Authorization": f"Bearer {key.value}"} if key.value else {}
+        self._timeout = httpx.Timeout(timeout_s, connect=5.0)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- requests --
+
+    def status(self) -> Doc:
+        return self._json(self._call("GET", "/admin/status"))
+
+    def plan(self) -> Doc:
+        return self._json(self._call("GET", "/admin/plan"))
+
+    def desired(self) -> tuple[Doc, str]:
+        """The desired-state document and its ETag."""
+        r = self._call("GET", "/admin/desired")
+        return self._json(r), r.headers.get("etag", "")
+
+    def patch(self, patch: Doc, *, if_match: str | None = None, dry_run: bool = False) -> Doc:
+        headers = {"Content-Type": MERGE_PATCH, **({"If-Match": if_match} if if_match else {})}
+        body = json.dumps(patch).encode()
+        params = {"dry_run": "true"} if dry_run else {}
+        r = self._call("PATCH", "/admin/desired", content=body, headers=headers, params=params)
+        return self._json(r)
+
+    def replace(self, text: str, *, dry_run: bool = False) -> Doc:
+        params = {"dry_run": "true"} if dry_run else {}
+        headers = {"Content-Type": "application/yaml"}
+        r = self._call(
+            "PUT", "/admin/desired", content=text.encode(), headers=headers, params=params
+        )
+        return self._json(r)
+
+    def events(self, on_open: Callable[[], None] | None = None) -> Iterator[Doc]:
+        """Follow /admin/events: yields each event; raises DaemonError when the stream ends.
+        `on_open` runs once the daemon has subscribed us (no later event is missed)."""
+        timeout = httpx.Timeout(self._timeout.connect, read=60.0)  # keep-alives come every 15 s
+        with self._translate(), self._http.stream("GET", "/admin/events", timeout=timeout) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._raise_for(r)
+            if on_open is not None:
+                on_open()
+            data: list[str] = []
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+                elif not line and data:
+                    event: Doc = json.loads("\n".join(data))
+                    data = []
+                    yield event
+        raise DaemonError(f"the daemon at {self.url} closed the event stream")
+
+    # -- plumbing --
+
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.ConnectError:
+            raise DaemonError(
+                f"cannot reach the daemon at {self.url} (is `lmx serve` running?)"
+            ) from None
+        except httpx.TimeoutException:
+            raise DaemonError(f"the daemon at {self.url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise DaemonError(f"lost the connection to the daemon at {self.url}: {exc}") from None
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        with self._translate():
+            r = self._http.request(method, path, **kw)
+        if r.status_code >= 400:
+            self._raise_for(r)
+        return r
+
+    def _json(self, r: httpx.Response) -> Doc:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise DaemonError(
+                f"{self.url} answered something that is not lmx (HTTP {r.status_code})"
+            )
+        return body
+
+    def _raise_for(self, r: httpx.Response) -> None:
+        try:
+            err = r.json()["error"]
+            message = str(err.get("message") or "")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DaemonError(f"{self.url} answered HTTP {r.status_code}, not lmx") from None
+        match r.status_code:
+            case 401 if self.key.value is None:
+                raise KeyRefused(
+                    f"no admin key: {self.key.origin} is missing (or give --admin-key)"
+                )
+            case 401:
+                hint = "" if self.key.origin == "--admin-key" else " or --admin-key"
+                raise KeyRefused(f"the admin key was refused ({self.key.origin}{hint})")
+            case 412:
+                raise ChangedMeanwhile("the desired state changed meanwhile; retry")
+            case 422:
+                raise Invalid(message, problems_of(message))
+            case _:
+                raise DaemonError(f"{message} (HTTP {r.status_code})")
+
+
+# -- building a merge patch from `key=value` words --
+
+
+def _yaml_scalar(key: str, raw: str) -> Any:
+    if not raw.strip() or raw.strip() in ("null", "~"):
+        return None  # a merge patch's null deletes the key
+    if key in _STRING_KEYS:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, date):  # JSON has no dates: keep what was typed
+        return raw
+    if key == "aliases" and isinstance(value, str):
+        return [a.strip() for a in value.split(",") if a.strip()]
+    return value
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """['want=pinned', 'engine.max_batch=8'] -> {'want': 'pinned', 'engine': {'max_batch': 8}}.
+    Raises ValueError naming the bad item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ValueError(f"{item!r} is not key=value (e.g. want=pinned, engine.max_batch=8)")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{item!r}: {part} was given a value already")
+        node[path[-1]] = _yaml_scalar(path[-1], raw)
+    return out
+
+
+# -- readings of the status document --
+
+
+def conditions(model: Doc) -> dict[str, Doc]:
+    return {c["type"]: c for c in model.get("conditions") or []}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    message: str
+
+
+def download_verdict(doc: Doc, model_id: str, generation: int) -> Verdict | None:
+    """Whether `model_id`'s download is done (ok), failed (not ok), or still running (None).
+    Status older than `generation` (our edit) says nothing yet."""
+    if doc.get("observedGeneration", 0) < generation:
+        return None
+    model = doc.get("models", {}).get(model_id)
+    if model is None:
+        return Verdict(
+            False, f"{model_id} is not declared in the state the daemon runs (see `lmx status`)"
+        )
+    conds = conditions(model)
+    quarantined = conds.get("Quarantined", {})
+    downloaded = conds.get("Downloaded", {})
+    if downloaded.get("status"):
+        return Verdict(True, f"{model_id} is downloaded ({model.get('source')})")
+    if quarantined.get("status"):
+        why = f"{quarantined['reason']}: {quarantined.get('message', '')}".rstrip(": ")
+        return Verdict(False, f"{model_id} is quarantined: {why}")
+    reason = str(downloaded.get("reason", ""))
+    if reason in _DOWNLOAD_PENDING:
+        return None
+    why = f"{reason}: {downloaded.get('message', '')}".rstrip(": ")
+    return Verdict(False, f"{model_id} was not downloaded: {why}")
+
+
+def watch_download(
+    client: AdminClient,
+    model_id: str,
+    start: Callable[[], int],
+    on_progress: Callable[[Doc], None],
+    poll_s: float = 1.0,
+) -> Verdict:
+    """Subscribe to events, then call `start` (which makes the edit and returns its generation),
+    then report progress until the download's verdict. Status is re-read on each event for the
+    model and every `poll_s`, so a dropped event only delays the answer."""
+    inbox: queue.Queue[Doc | BaseException] = queue.Queue()
+    opened = threading.Event()
+    watcher = AdminClient(client.url, client.key)
+
+    def follow() -> None:
+        try:
+            for event in watcher.events(on_open=opened.set):
+                inbox.put(event)
+        except BaseException as exc:  # handed to the main thread, which decides
+            inbox.put(exc)
+        finally:
+            opened.set()
+
+    thread = threading.Thread(target=follow, name="lmx-events", daemon=True)
+    thread.start()
+    try:
+        opened.wait(15.0)
+        if not thread.is_alive() and isinstance(failed := inbox.get_nowait(), BaseException):
+            raise failed
+        generation = start()
+        while True:
+            with contextlib.suppress(queue.Empty):
+                item = inbox.get(timeout=poll_s)
+                if isinstance(item, BaseException):
+                    raise item
+                if item.get("model") != model_id:
+                    continue
+                if item.get("type") == "download_progress":
+                    on_progress(item)
+                    continue
+            if verdict := download_verdict(client.status(), model_id, generation):
+                return verdict
+    finally:
+        watcher.close()
