@@ -1,0 +1,213 @@
+"""lmx's HTTP/SSE cost per token, alone: the real app (`create_app`) over uvicorn, a free engine.
+
+`ZeroEngine` implements the Engine protocol with no model: a worker thread hands one delta to
+every live sequence each `step_ms`, through `call_soon_threadsafe` as MlxEngine does. Server CPU
+per token then is what lmx's API layer costs. `python -m bench.http_overhead`; it runs itself as
+the server (`--serve PORT`) in a subprocess and drives it with bench.loadgen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import uvicorn
+
+from bench.loadgen import Target, run_load
+from bench.metrics import summarize
+from bench.server import free_port
+from bench.workload import Workload, make_prompts
+from lmx.api.app import create_app
+from lmx.api.deps import AppDeps
+from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationRequest, LoadConfig
+from lmx.runtime.registry import EngineRegistry
+
+MODEL_ID = "zero"
+
+
+class ZeroTokenizer:
+    """Every id decodes to "!"; `reasoning` as the synthetic models' tokenizer (it has <think>)."""
+
+    eos_token_ids: frozenset[int] = frozenset({0})
+    tool_parser: str | None = None
+    marker_ids: Mapping[str, int] = {}
+
+    def __init__(self, reasoning: bool) -> None:
+        self.reasoning = reasoning
+
+    def encode(self, text: str) -> list[int]:
+        return [7] * max(1, len(text.split()))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "!" * len(ids)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], **_: Any) -> list[int]:
+        return [7] * 8
+
+
+class ZeroEngine:
+    """The Engine protocol with no model behind it; one step every `step_s` on its own thread."""
+
+    def __init__(self, config: LoadConfig, step_s: float, reasoning: bool) -> None:
+        self.config = config
+        self.tokenizer = ZeroTokenizer(reasoning)
+        self.context_length = 4096
+        self._state = EngineState.UNLOADED
+        self._step_s = step_s
+        self._live: dict[
+            int, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta], list[int]]
+        ] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._next_id = 0
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def load(self) -> None:
+        threading.Thread(target=self._run, name="zero-engine", daemon=True).start()
+        self._state = EngineState.READY
+
+    def unload(self) -> None:
+        self._stop.set()
+        self._state = EngineState.UNLOADED
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self._live), 0, len(self._live), 0, 0, 0, 0)
+
+    def resident_bytes(self) -> int:
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._step_s):
+            with self._lock:
+                live = list(self._live.items())
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
+            for key, (loop, queue, state) in live:
+                state[0] += 1  # generated, max_tokens, prompt tokens
+                finish = "length" if state[0] >= state[1] else None
+                if finish is not None:
+                    with self._lock:
+                        self._live.pop(key, None)
+                delta = Delta("!", (7,), (), finish, state[2], state[0])
+                batches.setdefault(loop, []).append((queue, delta))
+            for loop, items in batches.items():
+                loop.call_soon_threadsafe(_put_all, items)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        with self._lock:
+            key, self._next_id = self._next_id, self._next_id + 1
+            state = [0, request.params.max_tokens, len(request.prompt_tokens)]
+            self._live[key] = (asyncio.get_running_loop(), queue, state)
+        try:
+            while True:
+                delta = await queue.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            with self._lock:
+                self._live.pop(key, None)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)
+
+
+class _Models:
+    def __init__(self, registry: EngineRegistry) -> None:
+        self.registry = registry
+
+    def servable(self) -> list[str]:
+        return self.registry.ids()
+
+    def status(self) -> dict[str, Any]:
+        return {"config": {"valid": True}, "models": {}}
+
+    async def ensure_ready(self, name: str) -> str:
+        return name
+
+
+async def serve(port: int, step_s: float, reasoning: bool) -> None:
+    """The server side: lmx's app and uvicorn configured as lmx.daemon does."""
+    registry = EngineRegistry(lambda config: ZeroEngine(config, step_s, reasoning))
+    await registry.load(LoadConfig(model_id=MODEL_ID, path=Path("/nonexistent"), max_batch=1024))
+    app = create_app(AppDeps(registry=registry, models=_Models(registry)))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+    )
+    await uvicorn.Server(config).serve()
+
+
+def measure(args: argparse.Namespace) -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.http_overhead", "--serve", str(port)]
+    argv += ["--step-ms", str(args.step_ms)] + ([] if args.reasoning else ["--no-reasoning"])
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = psutil.Process(proc.pid)
+        url = f"http://127.0.0.1:{port}/v1"
+        for _ in range(120):  # up to ~60 s for the server to answer
+            try:
+                if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        target = Target(url, MODEL_ID)
+        print(
+            f"zero-cost engine, one step every {args.step_ms} ms; {args.output_tokens} tokens each"
+        )
+        for c in (int(x) for x in args.concurrency.split(",")):
+            w = Workload.sized(c, 16, args.output_tokens, args.min_requests)
+            asyncio.run(
+                run_load(target, w, make_prompts(w, range(8, 64), seed=10_000 + c), timeout_s=300)
+            )
+            cpu0, srv = time.process_time(), server.cpu_times()
+            traces = asyncio.run(
+                run_load(target, w, make_prompts(w, range(8, 64), seed=c), timeout_s=300)
+            )
+            srv2 = server.cpu_times()
+            stats = summarize(traces, c)
+            tokens = max(stats.output_tokens, 1)
+            server_us = 1e6 * (srv2.user + srv2.system - srv.user - srv.system) / tokens
+            client_us = 1e6 * (time.process_time() - cpu0) / tokens
+            ideal = c * 1e3 / args.step_ms
+            print(
+                f"c={c:<4} server {server_us:6.0f} us/token  client {client_us:6.0f} us/token  "
+                f"{stats.output_tok_s:8.0f} tok/s of {ideal:.0f} paced  "
+                f"itl p50 {stats.itl_p50_ms:6.2f} ms p99 {stats.itl_p99_ms:7.2f}  errors {stats.errors}"
+            )
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="lmx's HTTP/SSE cost per token with a free engine.")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--step-ms", type=float, default=10.0, help="the fake engine's step time")
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--min-requests", type=int, default=64)
+    p.add_argument("--no-reasoning", dest="reasoning", action="store_false")
+    p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        asyncio.run(serve(args.serve, args.step_ms / 1e3, args.reasoning))
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Per-request timing traces and the statistics one measurement point reports.
+
+bench.raw and bench.loadgen fill `RequestTrace`s with the same clock (time.perf_counter);
+`summarize` turns them into aggregate output tok/s, TTFT and inter-token latency percentiles.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+
+@dataclass
+class RequestTrace:
+    """One request: when it was sent, when each piece of output arrived, how many tokens."""
+
+    sent_s: float
+    chunk_s: list[float] = field(default_factory=list)  # raw: one per token; HTTP: one per chunk
+    output_tokens: int = 0  # raw: tokens seen; HTTP: usage.completion_tokens
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PointStats:
+    concurrency: int
+    requests: int
+    errors: int
+    output_tokens: int
+    wall_s: float
+    output_tok_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    tpot_mean_ms: float  # (last chunk - first chunk) / (tokens - 1), averaged over requests
+    chunks_per_token: float  # 1.0 when every token streamed as its own chunk
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1e3 if values else float("nan")
+
+
+def summarize(
+    traces: Sequence[RequestTrace],
+    concurrency: int,
+    *,
+    client_cpu_s: float = 0.0,
+    server_cpu_s: float = 0.0,
+) -> PointStats:
+    """Aggregate tok/s is all output tokens over the span from the first send to the last chunk."""
+    ok = [t for t in traces if t.error is None and t.chunk_s]
+    ttft = [t.chunk_s[0] - t.sent_s for t in ok]
+    itl = [b - a for t in ok for a, b in zip(t.chunk_s, t.chunk_s[1:], strict=False)]
+    tpot = [
+        (t.chunk_s[-1] - t.chunk_s[0]) / (t.output_tokens - 1) for t in ok if t.output_tokens > 1
+    ]
+    tokens = sum(t.output_tokens for t in ok)
+    chunks = sum(len(t.chunk_s) for t in ok)
+    wall = max(t.chunk_s[-1] for t in ok) - min(t.sent_s for t in traces) if ok else float("nan")
+    return PointStats(
+        concurrency=concurrency,
+        requests=len(traces),
+        errors=len(traces) - len(ok),
+        output_tokens=tokens,
+        wall_s=wall,
+        output_tok_s=tokens / wall if ok and wall > 0 else 0.0,
+        ttft_p50_ms=_pct(ttft, 50),
+        ttft_p99_ms=_pct(ttft, 99),
+        itl_p50_ms=_pct(itl, 50),
+        itl_p99_ms=_pct(itl, 99),
+        tpot_mean_ms=statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
+        chunks_per_token=chunks / tokens if tokens else float("nan"),
+        client_cpu_s=client_cpu_s,
+        server_cpu_s=server_cpu_s,
+    )
+
+
+def median_stats(runs: Sequence[PointStats]) -> PointStats:
+    """The field-wise median of repeated runs of one point (errors: the total)."""
+    values: dict[str, float | int] = {}
+    for f in fields(PointStats):
+        column = [getattr(r, f.name) for r in runs]
+        if f.name == "errors":
+            values[f.name] = sum(column)
+        elif f.type == "int":
+            values[f.name] = int(statistics.median_low(column))
+        else:
+            values[f.name] = statistics.median(column)
+    return PointStats(**values)  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""The ceiling: mlx-lm's BatchGenerator driven directly in-process, no HTTP, no lmx.
+
+`run_raw` replays a workload's closed-loop streams with `insert`/`next`: greedy, EOS ignored,
+the batch sizes lmx's engine uses. Called by bench.run_throughput; also a small CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator
+
+from bench.metrics import RequestTrace, summarize
+from bench.synth import printable_token_ids
+from bench.workload import Prompts, Workload, make_prompts
+
+# As lmx.runtime.mlx_engine configures BatchGenerator for a model with `max_batch`.
+PREFILL_BATCH = 8
+PREFILL_STEP = 2048
+_streams: dict[str, Any] = {}
+
+
+def _stream() -> Any:
+    # One stream per process: on the CPU backend each new stream starts a thread that stays.
+    key = str(mx.default_device())
+    if key not in _streams:
+        _streams[key] = mx.new_stream(mx.default_device())
+    return _streams[key]
+
+
+def run_raw(
+    model: Any, workload: Workload, prompts: Prompts, *, max_batch: int, timeout_s: float
+) -> list[RequestTrace]:
+    """Run the workload to completion (or `timeout_s`); one trace per request, in stream order.
+
+    Each stream inserts its next request as soon as its previous one finished, like an HTTP
+    client that sends again on [DONE]. Requests not finished at the deadline carry an error.
+    """
+    gen: Any = BatchGenerator(
+        model,
+        completion_batch_size=max_batch,
+        prefill_batch_size=min(PREFILL_BATCH, max_batch),
+        prefill_step_size=PREFILL_STEP,
+        stream=_stream(),
+    )
+    traces: list[list[RequestTrace]] = [[] for _ in range(workload.concurrency)]
+    live: dict[int, tuple[int, RequestTrace]] = {}
+
+    def submit(stream: int) -> None:
+        prompt = prompts[stream][len(traces[stream])]
+        trace = RequestTrace(sent_s=time.perf_counter())
+        (uid,) = gen.insert([prompt], max_tokens=[workload.output_tokens])
+        traces[stream].append(trace)
+        live[uid] = (stream, trace)
+
+    # Prefill chunks plus decode steps, with slack: a bound on the loop besides the clock.
+    max_steps = 4 * workload.requests * (workload.output_tokens + 2) + 100
+    deadline = time.perf_counter() + timeout_s
+    try:
+        for s in range(workload.concurrency):
+            submit(s)
+        for _ in range(max_steps):
+            if not live or time.perf_counter() > deadline:
+                break
+            _, responses = gen.next()
+            now = time.perf_counter()
+            for r in responses:
+                stream, trace = live[r.uid]
+                trace.chunk_s.append(now)
+                trace.output_tokens += 1
+                if r.finish_reason is not None:
+                    del live[r.uid]
+                    if len(traces[stream]) < workload.requests_per_stream:
+                        submit(stream)
+    finally:
+        gen.close()
+    for _, trace in live.values():
+        trace.error = "unfinished at the deadline"
+    return [t for stream in traces for t in stream]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Measure mlx-lm's BatchGenerator without lmx.")
+    p.add_argument("--model", type=Path, required=True, help="a model directory")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    args = p.parse_args(argv)
+    model, _ = mlx_load(str(args.model))[:2]
+    ids = printable_token_ids(args.model)
+    for c in (int(x) for x in args.concurrency.split(",")):
+        w = Workload.sized(c, args.prompt_tokens, args.output_tokens)
+        run_raw(
+            model, w, make_prompts(w, ids, seed=-c % 2**32), max_batch=args.max_batch, timeout_s=60
+        )
+        traces = run_raw(
+            model,
+            w,
+            make_prompts(w, ids, seed=c),
+            max_batch=args.max_batch,
+            timeout_s=args.timeout_s,
+        )
+        print(summarize(traces, c))
+
+
+if __name__ == "__main__":
+    main()

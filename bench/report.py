@@ -1,0 +1,185 @@
+"""Writes a throughput run's results: JSON (everything), Markdown (the table), PNG (the plot).
+
+Called by run_throughput once all points are measured. The PNG needs matplotlib; without it the
+plot is skipped and the other two files are still written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import PointStats
+
+TARGET_RATIO = 0.95
+
+
+@dataclass(frozen=True)
+class Point:
+    concurrency: int
+    raw: PointStats  # medians over the repeats
+    lmx: PointStats
+    raw_runs: tuple[PointStats, ...]
+    lmx_runs: tuple[PointStats, ...]
+    engine: PointStats | None = None  # lmx's engine in-process, no HTTP (--engine-layer)
+    engine_runs: tuple[PointStats, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        return self.lmx.output_tok_s / self.raw.output_tok_s if self.raw.output_tok_s else math.nan
+
+    @property
+    def engine_ratio(self) -> float:
+        if self.engine is None or not self.raw.output_tok_s:
+            return math.nan
+        return self.engine.output_tok_s / self.raw.output_tok_s
+
+
+@dataclass
+class Report:
+    preset: str
+    device: str
+    settings: dict[str, Any]
+    versions: dict[str, str]
+    started_at: str
+    points: list[Point] = field(default_factory=list)
+    duration_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stem(self) -> str:
+        return f"throughput-{self.preset}-{self.device}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "device": self.device,
+            "settings": self.settings,
+            "versions": self.versions,
+            "started_at": self.started_at,
+            "duration_s": round(self.duration_s, 1),
+            "target_ratio": TARGET_RATIO,
+            "meets_target": all(p.ratio >= TARGET_RATIO for p in self.points),
+            "notes": self.notes,
+            "points": [
+                {
+                    "concurrency": p.concurrency,
+                    "ratio": p.ratio,
+                    "raw": asdict(p.raw),
+                    "lmx": asdict(p.lmx),
+                    "raw_runs": [asdict(r) for r in p.raw_runs],
+                    "lmx_runs": [asdict(r) for r in p.lmx_runs],
+                    **(
+                        {
+                            "engine_ratio": p.engine_ratio,
+                            "engine": asdict(p.engine),
+                            "engine_runs": [asdict(r) for r in p.engine_runs],
+                        }
+                        if p.engine is not None
+                        else {}
+                    ),
+                }
+                for p in self.points
+            ],
+        }
+
+    def to_markdown(self) -> str:
+        s = self.settings
+        lines = [
+            f"# Throughput: lmx over HTTP vs raw BatchGenerator — `{self.preset}` on `{self.device}`",
+            "",
+            f"{s['prompt_tokens']} prompt tokens, {s['output_tokens']} output tokens (EOS ignored),"
+            f" greedy, max_batch {s['max_batch']}, median of {s['repeats']} runs per point;"
+            f" run {self.started_at}, {self.duration_s:.0f} s in all.",
+            f"Versions: {', '.join(f'{k} {v}' for k, v in self.versions.items())}.",
+            "",
+            "| streams | raw tok/s | lmx tok/s | lmx/raw | TTFT p50 ms raw / lmx "
+            "| TTFT p99 ms raw / lmx | ITL p50 ms raw / lmx | ITL p99 ms raw / lmx "
+            "| lmx CPU s server / client | errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in self.points:
+            r, x = p.raw, p.lmx
+            mark = "" if p.ratio >= TARGET_RATIO else " ✗"
+            lines.append(
+                f"| {p.concurrency} | {r.output_tok_s:.1f} | {x.output_tok_s:.1f} "
+                f"| **{p.ratio:.2f}**{mark} "
+                f"| {r.ttft_p50_ms:.1f} / {x.ttft_p50_ms:.1f} "
+                f"| {r.ttft_p99_ms:.1f} / {x.ttft_p99_ms:.1f} "
+                f"| {r.itl_p50_ms:.2f} / {x.itl_p50_ms:.2f} "
+                f"| {r.itl_p99_ms:.2f} / {x.itl_p99_ms:.2f} "
+                f"| {x.server_cpu_s:.1f} / {x.client_cpu_s:.1f} | {r.errors + x.errors} |"
+            )
+        if any(p.engine is not None for p in self.points):
+            lines += [
+                "",
+                "lmx's engine in-process (no HTTP), same prompts:",
+                "",
+                "| streams | raw tok/s | engine tok/s | engine/raw | ITL p50 ms raw / engine |",
+                "|---:|---:|---:|---:|---:|",
+            ]
+            for p in self.points:
+                if p.engine is not None:
+                    lines.append(
+                        f"| {p.concurrency} | {p.raw.output_tok_s:.1f} "
+                        f"| {p.engine.output_tok_s:.1f} | {p.engine_ratio:.2f} "
+                        f"| {p.raw.itl_p50_ms:.2f} / {p.engine.itl_p50_ms:.2f} |"
+                    )
+        verdict = all(p.ratio >= TARGET_RATIO for p in self.points)
+        lines += [
+            "",
+            f"Target lmx/raw ≥ {TARGET_RATIO} at every concurrency: "
+            f"**{'met' if verdict else 'not met'}**.",
+        ]
+        if self.notes:
+            lines += ["", *[f"- {n}" for n in self.notes]]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [out_dir / f"{self.stem}.json", out_dir / f"{self.stem}.md"]
+        paths[0].write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        paths[1].write_text(self.to_markdown())
+        png = out_dir / f"{self.stem}.png"
+        if self._plot(png):
+            paths.append(png)
+        return paths
+
+    def _plot(self, path: Path) -> bool:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        xs = [p.concurrency for p in self.points]
+        fig, (top, bottom) = plt.subplots(
+            2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+        )
+        top.plot(xs, [p.raw.output_tok_s for p in self.points], "o-", label="raw BatchGenerator")
+        top.plot(xs, [p.lmx.output_tok_s for p in self.points], "s-", label="lmx over HTTP")
+        if all(p.engine is not None for p in self.points):
+            engine = [p.engine.output_tok_s for p in self.points if p.engine is not None]
+            top.plot(xs, engine, "^:", label="lmx engine, no HTTP")
+        top.set_ylabel("output tok/s (aggregate)")
+        top.set_ylim(bottom=0)
+        top.set_title(f"{self.preset} on {self.device}: throughput vs concurrency")
+        top.grid(True, alpha=0.3)
+        top.legend()
+        bottom.plot(xs, [p.ratio for p in self.points], "d-", color="C2", label="lmx / raw")
+        bottom.axhline(TARGET_RATIO, color="C3", ls="--", label=f"target {TARGET_RATIO}")
+        bottom.set_ylim(0, max(1.1, *(p.ratio * 1.05 for p in self.points)))
+        bottom.set_xscale("log", base=2)
+        bottom.set_xticks(xs, [str(x) for x in xs])
+        bottom.set_xlabel("concurrent streams")
+        bottom.set_ylabel("ratio")
+        bottom.grid(True, alpha=0.3)
+        bottom.legend(loc="lower left")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return True

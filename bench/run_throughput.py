@@ -1,0 +1,251 @@
+"""Entry point: lmx over HTTP against the raw BatchGenerator ceiling, in one run, per concurrency.
+
+`python -m bench.run_throughput --preset tiny --out bench/results/`. For each concurrency: start
+`lmx serve` (bench.server), warm both sides up, then alternate raw (bench.raw, in this process)
+and lmx (bench.loadgen) runs on identical prompts, and keep the median of the repeats. Writes
+bench/results/throughput-<preset>-<device>.{json,md,png} via bench.report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import load as mlx_load
+
+import lmx
+from bench.engine_direct import load_engine, run_engine
+from bench.loadgen import Target, run_load
+from bench.metrics import PointStats, RequestTrace, median_stats, summarize
+from bench.raw import run_raw
+from bench.report import Point, Report
+from bench.server import LmxServer
+from bench.synth import DTYPES, PRESET_NAMES, ensure_model, printable_token_ids
+from bench.workload import Workload, make_prompts
+
+MODEL_ID = "bench-model"
+
+
+def default_device_label() -> str:
+    if mx.default_device().type == mx.cpu:
+        return "cpu"
+    name = str(mx.device_info().get("device_name") or "gpu")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def py_spy(pid: int, out: Path | None) -> Iterator[None]:
+    """Sample `pid` with py-spy (per thread) into `out` while the block runs, if asked."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if out is None or not Path(exe).exists():
+        yield
+        return
+    argv = [exe, "record", "-p", str(pid), "-o", str(out), "--threads", "--rate", "100"]
+    argv += ["--nonblocking"]  # sampling must not pause the server it measures
+    argv += ["--format", "speedscope" if out.suffix == ".json" else "flamegraph"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # let it attach
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+        if not out.exists():
+            log(f"  py-spy wrote no profile: {err.decode(errors='replace').strip()[-300:]}")
+
+
+def _check(traces: list[RequestTrace], what: str) -> None:
+    errors = sorted({t.error for t in traces if t.error})
+    if errors:
+        log(f"  {what}: {len(errors)} kinds of error, e.g. {errors[0]}")
+
+
+def measure_raw(model: Any, w: Workload, prompts: Any, args: argparse.Namespace) -> PointStats:
+    gc.collect()
+    cpu0 = time.process_time()
+    traces = run_raw(model, w, prompts, max_batch=args.max_batch, timeout_s=args.timeout_s)
+    cpu = time.process_time() - cpu0
+    mx.clear_cache()  # give the server the memory back (a GPU holds both copies of the model)
+    _check(traces, "raw")
+    return summarize(traces, w.concurrency, server_cpu_s=cpu)
+
+
+def measure_engine(engine: Any, w: Workload, prompts: Any, args: argparse.Namespace) -> PointStats:
+    gc.collect()
+    cpu0 = time.process_time()
+    traces = asyncio.run(run_engine(engine, w, prompts, timeout_s=args.timeout_s))
+    cpu = time.process_time() - cpu0
+    _check(traces, "engine")
+    return summarize(traces, w.concurrency, server_cpu_s=cpu)
+
+
+def measure_lmx(
+    server: LmxServer, w: Workload, prompts: Any, args: argparse.Namespace, profile: Path | None
+) -> PointStats:
+    gc.collect()
+    target = Target(server.base_url, MODEL_ID)
+    assert server.process is not None
+    with py_spy(server.process.pid, profile):
+        cpu0, srv0 = time.process_time(), server.cpu_s()
+        traces = asyncio.run(run_load(target, w, prompts, timeout_s=args.timeout_s))
+        cpu, srv = time.process_time() - cpu0, server.cpu_s() - srv0
+    _check(traces, "lmx")
+    return summarize(traces, w.concurrency, client_cpu_s=cpu, server_cpu_s=srv)
+
+
+def measure_point(
+    model: Any, engine: Any, model_dir: Path, c: int, ids: list[int], args: argparse.Namespace
+) -> Point:
+    w = Workload.sized(c, args.prompt_tokens, args.output_tokens, args.min_requests)
+    with LmxServer(
+        MODEL_ID, model_dir, max_batch=args.max_batch, context_length=context_length(args)
+    ) as srv:
+        sides = ["raw", "lmx"] + (["engine"] if engine is not None else [])
+        runs: dict[str, list[PointStats]] = {side: [] for side in sides}
+
+        def measure(
+            side: str, w: Workload, prompts: Any, profile: Path | None = None
+        ) -> PointStats:
+            if side == "raw":
+                return measure_raw(model, w, prompts, args)
+            if side == "engine":
+                return measure_engine(engine, w, prompts, args)
+            return measure_lmx(srv, w, prompts, args, profile)
+
+        # Warm-up: one request per stream on each side, on prompts not used below.
+        warm = Workload(c, 1, args.prompt_tokens, args.output_tokens)
+        for k, side in enumerate(sides):
+            measure(side, warm, make_prompts(warm, ids, seed=10_000 * (k + 1) + c))
+        for rep in range(args.repeats):
+            prompts = make_prompts(w, ids, seed=1_000 * c + rep)
+            profile = None
+            if args.py_spy and rep == 0:
+                profile = args.out / f"profile-{args.preset}-{args.device_label}-c{c}.svg"
+            # Alternate the order so that no side always runs on a warmer machine.
+            for side in sides if rep % 2 == 0 else sides[::-1]:
+                stats = measure(side, w, prompts, profile)
+                runs[side].append(stats)
+                log(f"  c={c} rep={rep} {side}: {stats.output_tok_s:.1f} tok/s")
+    return Point(
+        c,
+        median_stats(runs["raw"]),
+        median_stats(runs["lmx"]),
+        tuple(runs["raw"]),
+        tuple(runs["lmx"]),
+        median_stats(runs["engine"]) if engine is not None else None,
+        tuple(runs.get("engine", ())),
+    )
+
+
+def context_length(args: argparse.Namespace) -> int:
+    # Room for the prompt and the output, rounded up to a multiple of 256.
+    need: int = args.prompt_tokens + args.output_tokens + 64
+    return -(-need // 256) * 256
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="lmx over HTTP vs the raw BatchGenerator ceiling.")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--concurrency", default="1,2,4,8,16,32")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--min-requests", type=int, default=16, help="requests per run, at least")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="synthetic weights")
+    p.add_argument("--models-dir", type=Path, default=Path("bench/.models"))
+    p.add_argument("--device-label", help="names the result files (default: from MLX)")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per measured run")
+    p.add_argument("--py-spy", action="store_true", help="flame graph of the server per point")
+    p.add_argument(
+        "--engine-layer",
+        action="store_true",
+        help="also measure lmx's engine in-process without HTTP (a second copy of the model)",
+    )
+    p.add_argument("--note", action="append", default=[], help="a line for the report")
+    args = p.parse_args(argv)
+    args.device_label = args.device_label or default_device_label()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    model_dir = ensure_model(args.preset, args.models_dir, args.dtype)
+    log(f"model {model_dir} (built or found in {time.monotonic() - t0:.1f}s)")
+    model = mlx_load(str(model_dir))[0]
+    ids = printable_token_ids(model_dir)
+    engine = None
+    if args.engine_layer:
+        engine = load_engine(
+            model_dir, max_batch=args.max_batch, context_length=context_length(args)
+        )
+    report = Report(
+        preset=args.preset,
+        device=args.device_label,
+        settings={
+            "prompt_tokens": args.prompt_tokens,
+            "output_tokens": args.output_tokens,
+            "max_batch": args.max_batch,
+            "repeats": args.repeats,
+            "min_requests": args.min_requests,
+            "dtype": "float32" if args.preset == "tiny" else args.dtype,
+            "api": "/v1/completions, token-id prompts, stream, ignore_eos + min_tokens",
+            "mlx_device": str(mx.default_device()),
+            "cpu_count": os.cpu_count(),
+        },
+        versions={
+            "lmx": lmx.__version__,
+            "mlx": importlib.metadata.version("mlx"),
+            "mlx-lm": importlib.metadata.version("mlx-lm"),
+            "python": platform.python_version(),
+        },
+        started_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        notes=list(args.note),
+    )
+    for c in (int(x) for x in args.concurrency.split(",")):
+        log(f"concurrency {c}")
+        point = measure_point(model, engine, model_dir, c, ids, args)
+        report.points.append(point)
+        report.duration_s = time.monotonic() - t0
+        report.write(args.out)  # after every point: a crash keeps what was measured
+        log(
+            f"  median raw {point.raw.output_tok_s:.1f} tok/s, lmx {point.lmx.output_tok_s:.1f}"
+            f" tok/s, ratio {point.ratio:.2f}"
+        )
+    if engine is not None:
+        engine.unload()
+    for path in report.write(args.out):
+        log(f"wrote {path}")
+    print(report.to_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
