@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -104,9 +104,14 @@ class Daemon:
 
 
 def start_daemon(
-    home: Path, builtin_cache: Path, *, port: int | None = None, args: tuple[str, ...] = ()
+    home: Path,
+    builtin_cache: Path,
+    *,
+    port: int | None = None,
+    args: tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Daemon:
-    """Start `lmx serve` (does not wait for readiness)."""
+    """Start `lmx serve` (does not wait for readiness). `env` overrides the child's environment."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     # Reuse the session's built-in model build instead of building one per daemon.
@@ -118,6 +123,7 @@ def start_daemon(
         "LMX_HOME": str(home),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
     log_path = home / "daemon.log"
     with log_path.open("ab") as out:  # the child keeps its own descriptor
@@ -135,8 +141,14 @@ def start_daemon(
 def daemon_factory(tmp_path: Path, builtin_cache: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def make(home: Path | None = None, *, wait: bool = True, args: tuple[str, ...] = ()) -> Daemon:
-        d = start_daemon(home or tmp_path / "home", builtin_cache, args=args)
+    def make(
+        home: Path | None = None,
+        *,
+        wait: bool = True,
+        args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> Daemon:
+        d = start_daemon(home or tmp_path / "home", builtin_cache, args=args, env=env)
         started.append(d)
         if wait:
             d.wait_ready()

@@ -84,8 +84,11 @@ class HubServer:
         self.sleeps: list[float] = []  # huggingface_hub's retry sleeps (see conftest_hub)
         self.latency_s = 0.0
         self.bytes_per_s: float | None = None
+        self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0  # the most answered at once (reset it to measure a stretch)
         self._lock = threading.Lock()
-        self._fail: list[Any] = [0, 500, None]  # remaining, status, path substring
+        # remaining, status, path substring, Retry-After
+        self._fail: list[Any] = [0, 500, None, None]
         self._drops: dict[str, tuple[int, int | None]] = {}  # file -> (offset, times left)
         self._corrupt: dict[str, int | None] = {}  # file -> times left (None: always)
         self._httpd = _Server(("127.0.0.1", 0))
@@ -141,10 +144,14 @@ class HubServer:
 
     # --------------------------------------------------------------------------------- faults
 
-    def fail_next(self, count: int, *, status: int = 500, path_contains: str | None = None) -> None:
-        """Answer the next `count` requests (whose path contains `path_contains`) with `status`."""
+    def fail_next(
+        self, count: int, *, status: int = 500, path_contains: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:  # fmt: skip
+        """Answer the next `count` requests (whose path contains `path_contains`) with `status`,
+        and a Retry-After header if `retry_after` is given."""
         with self._lock:
-            self._fail = [count, status, path_contains]
+            self._fail = [count, status, path_contains, retry_after]
 
     def drop_after(self, file: str, offset: int, *, times: int | None = 1) -> None:
         """Serve `file` only up to byte `offset`, then drop the connection; for the next `times`
@@ -159,7 +166,7 @@ class HubServer:
 
     def clear_faults(self) -> None:
         with self._lock:
-            self._fail = [0, 500, None]
+            self._fail = [0, 500, None, None]
             self._drops.clear()
             self._corrupt.clear()
         self.latency_s, self.bytes_per_s = 0.0, None
@@ -187,17 +194,28 @@ class HubServer:
     # ------------------------------------------------------------------------------- handling
 
     def handle(self, req: _Handler, method: str) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._handle(req, method)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _handle(self, req: _Handler, method: str) -> None:
         if self.latency_s:
             time.sleep(self.latency_s)
         raw_path = urlsplit(req.path).path
         kind = _kind(raw_path)
         with self._lock:
-            remaining, status, needle = self._fail
+            remaining, status, needle, retry_after = self._fail
             failing = remaining > 0 and (needle is None or needle in raw_path)
             if failing:
                 self._fail[0] -= 1
         if failing:
-            return self._error(req, method, kind, status, None, "injected failure")
+            extra = {} if retry_after is None else {"Retry-After": str(retry_after)}
+            return self._error(req, method, kind, status, None, "injected failure", extra)
         if kind == "info":
             return self._model_info(req, method, raw_path)
         if kind == "resolve":
@@ -363,9 +381,9 @@ class HubServer:
             return
         limit = len(body) if drop_at is None else min(drop_at, len(body))
         for at in range(0, limit, _PIECE):
-            req.wfile.write(body[at : min(at + _PIECE, limit)])
-            if self.bytes_per_s:
+            if at and self.bytes_per_s:  # between pieces: the response ends with its last byte
                 time.sleep(_PIECE / self.bytes_per_s)
+            req.wfile.write(body[at : min(at + _PIECE, limit)])
         req.wfile.flush()
         if drop_at is not None:
             req.close_connection = True

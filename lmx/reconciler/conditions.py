@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from lmx.reconciler.actions import Blocked, fmt_bytes
-from lmx.reconciler.failures import Failure
+from lmx.reconciler.failures import DOWNLOAD_REASONS, Failure
 from lmx.reconciler.observed import ObservedModel
 from lmx.reconciler.spec import ModelSpec, Want
 
@@ -68,8 +68,10 @@ def derive(
             out.append((ConditionType.DOWNLOADED, True, "Downloaded", spec.source))
         elif o.downloading:
             out.append((ConditionType.DOWNLOADED, False, "Downloading", progress))
-        elif failure is not None and failure.reason.startswith("Download"):
-            out.append((ConditionType.DOWNLOADED, False, failure.reason, failure.message))
+        elif failure is not None and failure.reason in DOWNLOAD_REASONS:
+            # Offline, InsufficientDisk, DownloadFailed; with when the next try comes, if one does.
+            retry = f"; {b_msg}" if b_msg and not failure.quarantined else ""
+            out.append((ConditionType.DOWNLOADED, False, failure.reason, failure.message + retry))
         else:
             out.append((ConditionType.DOWNLOADED, False, b_reason or "NotDownloaded", b_msg))
     if o.resident:

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 
 from lmx.reconciler.spec import ModelSpec
 
+OFFLINE = "Offline"
+INSUFFICIENT_DISK = "InsufficientDisk"
+# The machine's state, not the model's: these back off for as long as they last, and never
+# quarantine (that would outlast the network coming back or disk being freed).
+WAITING_REASONS = frozenset({OFFLINE, INSUFFICIENT_DISK})
+DOWNLOAD_REASONS = WAITING_REASONS | {"DownloadFailed"}
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -49,10 +56,10 @@ class FailureBook:
         permanent: bool = False,
     ) -> Failure:
         """Record a failure: back off `base * 2**(n-1)` (at least `delay_s`), or quarantine after
-        `max_failures` in a row or at once when `permanent`."""
+        `max_failures` in a row (never for WAITING_REASONS) or at once when `permanent`."""
         prev = self.current(model_id, spec)
         count = (prev.count if prev else 0) + 1
-        quarantined = permanent or count >= self.max_failures
+        quarantined = permanent or (count >= self.max_failures and reason not in WAITING_REASONS)
         backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (count - 1))
         wait = max(backoff, delay_s or 0.0)
         rec = Failure(

@@ -1,13 +1,16 @@
 """Download jobs: each Download action becomes a background task (downloads take minutes).
 
-Owned by the executor. A job checks the model's estimated footprint against the budget before
-fetching a byte, records its intent in the journal, reports progress as events, and leaves its
-outcome for the reconcile loop, which it wakes. At most `concurrency` jobs fetch at once.
+Owned by the executor. A job admits the model before fetching its weights (memory: a lower bound
+from the Hub's file sizes before any byte, then the estimate with config.json's KV cache; disk:
+what is left to fetch against free space), records its intent in the journal, reports progress
+as events, and leaves its outcome for the reconcile loop, which it wakes. At most `concurrency`
+jobs resolve or fetch at once, counting jobs started under an earlier concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -20,8 +23,8 @@ from lmx.reconciler.events import EventBus
 from lmx.reconciler.journal import Intent, Journal
 from lmx.reconciler.outcomes import Outcome, Result, failure
 from lmx.reconciler.spec import ModelSpec
-from lmx.runtime.downloads import DownloadCancelled, ProgressEvent
-from lmx.runtime.store import ModelStore, Sizing
+from lmx.runtime.downloads import DownloadCancelled, ProgressEvent, RepoSnapshot
+from lmx.runtime.store import Footprint, ModelStore, Sizing
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +43,7 @@ class Job:
     bytes_total: int = 0
     rate_bps: float = 0.0
     queued: bool = True
+    commit: str | None = None  # what the revision resolved to
 
     def describe(self) -> str:
         if self.queued:
@@ -64,8 +68,9 @@ class Fetcher:
         self._events = events
         self._on_done = on_done
         self.jobs: dict[str, Job] = {}
-        self._slots: asyncio.Semaphore | None = None
-        self._concurrency = 0
+        self._concurrency = 1
+        self._running = 0  # jobs holding a slot
+        self._slot_freed = asyncio.Event()
         self.stopping = False
 
     def start(
@@ -74,11 +79,12 @@ class Fetcher:
         mid = action.model_id
         if mid in self.jobs:
             return Outcome(action, Result.DEFERRED, reason="AlreadyDownloading")
-        if self._slots is None or concurrency != self._concurrency:
-            self._slots, self._concurrency = asyncio.Semaphore(concurrency), concurrency
+        if concurrency != self._concurrency:
+            self._concurrency = concurrency
+            self._slot_freed.set()  # a raised limit may admit queued jobs now
         job = Job(spec, threading.Event())
         self.jobs[mid] = job
-        job.task = asyncio.create_task(self._run(action, job, self._slots, budget_bytes))
+        job.task = asyncio.create_task(self._run(action, job, budget_bytes))
         return Outcome(action, Result.STARTED)
 
     def cancel(self, model_id: str) -> bool:
@@ -87,13 +93,14 @@ class Fetcher:
         if job is None or job.cancel.is_set():
             return False
         job.cancel.set()
+        self._slot_freed.set()  # a queued job stops waiting for a slot
         return True
 
     async def stopped(self, model_id: str, timeout_s: float) -> None:
         """Cancel this model's job, if any, and wait (bounded) until its thread lets go."""
         job = self.jobs.get(model_id)
         if job is not None and job.task is not None:
-            job.cancel.set()
+            self.cancel(model_id)
             await asyncio.wait({job.task}, timeout=timeout_s)
 
     async def shutdown(self, timeout_s: float) -> None:
@@ -101,24 +108,38 @@ class Fetcher:
         tasks = [j.task for j in self.jobs.values() if j.task is not None]
         for job in self.jobs.values():
             job.cancel.set()
+        self._slot_freed.set()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
 
-    async def _run(
-        self, action: Download, job: Job, slots: asyncio.Semaphore, budget_bytes: int
-    ) -> None:
+    async def _take_slot(self, job: Job) -> bool:
+        """Wait for a slot under the current concurrency; False if the job was cancelled first."""
+        while self._running >= self._concurrency and not job.cancel.is_set():
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        if job.cancel.is_set():
+            return False
+        self._running += 1
+        return True
+
+    def _free_slot(self) -> None:
+        self._running -= 1
+        self._slot_freed.set()
+
+    async def _run(self, action: Download, job: Job, budget_bytes: int) -> None:
         mid = action.model_id
+        outcome = Outcome(action, Result.DEFERRED, "Cancelled", "before it started")
         try:
-            async with slots:
-                job.queued = False
-                if job.cancel.is_set():
-                    outcome = Outcome(action, Result.DEFERRED, "Cancelled", "before it started")
-                else:
+            if await self._take_slot(job):
+                try:
+                    job.queued = False
                     self._journal.begin(Intent.DOWNLOAD, mid, job.spec.load_digest())
                     log.info("download_started", model=mid, source=job.spec.source)
                     outcome = await self._fetch(action, job, budget_bytes)
                     if not self.stopping:  # a download cut by shutdown resumes at the next start
                         self._journal.end(Intent.DOWNLOAD, mid, ok=not outcome.failed)
+                finally:
+                    self._free_slot()
         finally:
             self.jobs.pop(mid, None)
         log.info("download_finished", model=mid, result=str(outcome.result), reason=outcome.reason)
@@ -135,13 +156,9 @@ class Fetcher:
             snapshot = None
             if spec.is_hub:
                 snapshot = await asyncio.to_thread(self._store.resolve, spec.source, spec.revision)
-                job.bytes_total = snapshot.total_bytes
-                fp = await asyncio.to_thread(
-                    self._store.estimate_remote, mid, spec.load_digest(), snapshot, sizing_of(spec)
-                )
-                if fp.total_bytes > budget_bytes:
-                    msg = f"needs {fmt_bytes(fp.total_bytes)}, the budget is {fmt_bytes(budget_bytes)}"
-                    return Outcome(action, Result.DEFERRED, "ExceedsBudget", msg)
+                job.bytes_total, job.commit = snapshot.total_bytes, snapshot.commit
+                if (refused := await self._admit(action, job, snapshot, budget_bytes)) is not None:
+                    return refused
             await asyncio.to_thread(
                 self._store.fetch,
                 spec.source,
@@ -155,6 +172,29 @@ class Fetcher:
             return Outcome(action, Result.DEFERRED, "Cancelled", "partial files are kept")
         except Exception as exc:  # the executor's per-action catch: it becomes an outcome
             return failure(action, exc, duration_s=time.monotonic() - started)
+
+    async def _admit(
+        self, action: Download, job: Job, snapshot: RepoSnapshot, budget_bytes: int
+    ) -> Outcome | None:
+        """None if the model may be downloaded, else the outcome that turns it away. Memory by
+        the weights alone first (no byte fetched), then disk (raises InsufficientDisk), then
+        memory with the KV cache that config.json implies."""
+        spec = job.spec
+        estimate = functools.partial(
+            self._store.estimate_remote, action.model_id, spec.load_digest(), snapshot,
+            sizing_of(spec),
+        )  # fmt: skip
+
+        def too_big(fp: Footprint) -> Outcome | None:
+            if fp.total_bytes <= budget_bytes:
+                return None
+            msg = f"needs {fmt_bytes(fp.total_bytes)}, the budget is {fmt_bytes(budget_bytes)}"
+            return Outcome(action, Result.DEFERRED, "ExceedsBudget", msg)
+
+        if refused := too_big(await asyncio.to_thread(estimate, fetch_config=False)):
+            return refused
+        await asyncio.to_thread(self._store.check_disk, snapshot)
+        return too_big(await asyncio.to_thread(estimate, fetch_config=True))
 
     def _progress(self, mid: str, job: Job, ev: ProgressEvent) -> None:
         job.bytes_done, job.bytes_total, job.rate_bps = ev.bytes_done, ev.bytes_total, ev.rate_bps

@@ -32,6 +32,7 @@ class DiskFacts:
     on_disk: bool
     estimate: Footprint | None = None  # from the files (or the Hub's list)
     footprint: Footprint | None = None  # the estimate, with measured weights if a load measured
+    commit: str | None = None  # a Hub model's complete download is of this commit
 
 
 class Observer:
@@ -133,4 +134,7 @@ class Observer:
         est = store.estimate(mid, digest, spec.source, spec.revision, sizing_of(spec))
         measured = store.measured_bytes(mid, digest)
         fp = est.measured_as(measured) if est is not None and measured is not None else est
+        if spec.is_hub:
+            commit = store.downloaded_commit(spec.source, spec.revision)
+            return DiskFacts(commit is not None, False, est, fp, commit)
         return DiskFacts(store.is_downloaded(spec.source, spec.revision), False, est, fp)

@@ -12,6 +12,7 @@ from typing import Any
 
 from lmx.errors import PermanentError, TemporaryError
 from lmx.reconciler.actions import Action, action_json
+from lmx.reconciler.failures import INSUFFICIENT_DISK, OFFLINE
 from lmx.runtime.downloads import InsufficientDisk, OfflineError
 
 
@@ -56,9 +57,9 @@ class Outcome:
 def failure(action: Action, exc: BaseException, *, duration_s: float) -> Outcome:
     """The outcome of an action that raised: LmxError subclasses say whether to retry."""
     if isinstance(exc, OfflineError):
-        reason = "Offline"
+        reason = OFFLINE
     elif isinstance(exc, InsufficientDisk):
-        reason = "InsufficientDisk"
+        reason = INSUFFICIENT_DISK
     else:
         reason = f"{type(action).__name__}Failed"  # LoadFailed, DownloadFailed, UnloadFailed
     return Outcome(

@@ -162,11 +162,15 @@ class StatusView:
         fp = facts.footprint if facts else None
         est = facts.estimate if facts else None
         rec = self._executor.loaded.get(mid)
+        job = self._executor.fetcher.jobs.get(mid)
         fail = self._failures.current(mid, spec)
         age = self._clock() - o.last_used_s if o.resident else None
         return {
             "want": str(spec.want) if spec else None,
             "source": spec.source if spec else None,
+            "revision": spec.revision if spec else None,
+            # A Hub model's resolved commit: of its files on disk, else of its download under way.
+            "commit": (facts.commit if facts else None) or (job.commit if job else None),
             "conditions": [c.to_json() for c in self.conditions.get(mid).values()],
             "footprint": {
                 "estimated_bytes": est.total_bytes if est else None,

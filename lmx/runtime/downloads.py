@@ -3,142 +3,96 @@ lmx owns (resuming partial files, verifying every byte), and mark completion wit
 
 Called by the model store on a worker thread: every function here blocks. All HTTP goes through
 huggingface_hub's client. It never imports mlx and never decides whether to download. What lmx
-records on disk (manifest, journal, partial files) and `prune` live in `download_manifest.py`.
+records on disk (manifest, journal, partials, `prune`) is `download_manifest.py`; the error tree
+is `download_errors.py`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
+import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
-import httpx2
 import structlog
 from huggingface_hub import HfApi, constants, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from huggingface_hub.file_download import http_get
 
 # Public API (documented), but exported through a dynamic __all__ that mypy cannot read.
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-from lmx.errors import LmxError, PermanentError, TemporaryError
-
-# Re-exported: callers of downloads need these names and should not care where they are kept.
-from lmx.runtime.download_manifest import MANIFEST_NAME as MANIFEST_NAME
-from lmx.runtime.download_manifest import PARTIAL_DIR as PARTIAL_DIR
-from lmx.runtime.download_manifest import RemoteFile as RemoteFile
-from lmx.runtime.download_manifest import RepoSnapshot as RepoSnapshot
+from lmx.runtime.download_errors import (
+    AccessDenied,
+    DownloadCancelled,
+    DownloadError,
+    GatedRepo,
+    InsufficientDisk,
+    OfflineError,
+    RepoNotFound,
+    RevisionNotFound,
+    TransientDownloadError,
+    UnsupportedRepo,
+    VerificationError,
+    translated,
+)
 from lmx.runtime.download_manifest import (
+    MANIFEST_NAME,
+    PARTIAL_DIR,
+    RemoteFile,
+    RepoSnapshot,
     forget_other_snapshots,
+    is_complete,
     partial_path,
+    prune,
     read_journal,
+    read_manifest,
     size_of,
+    wanted_file,
     write_journal,
     write_manifest,
 )
-from lmx.runtime.download_manifest import is_complete as is_complete
-from lmx.runtime.download_manifest import prune as prune
-from lmx.runtime.download_manifest import read_manifest as read_manifest
-from lmx.runtime.download_manifest import wanted_file as wanted_file
+
+__all__ = [  # the download API in one place: errors and on-disk records are kept beside it
+    "DISK_MARGIN_BYTES",
+    "MANIFEST_NAME",
+    "PARTIAL_DIR",
+    "AccessDenied",
+    "DownloadCancelled",
+    "DownloadError",
+    "DownloadResult",
+    "GatedRepo",
+    "InsufficientDisk",
+    "OfflineError",
+    "ProgressEvent",
+    "RemoteFile",
+    "RepoNotFound",
+    "RepoSnapshot",
+    "RevisionNotFound",
+    "TransientDownloadError",
+    "UnsupportedRepo",
+    "VerificationError",
+    "check_disk",
+    "download",
+    "fetch_file",
+    "free_bytes",
+    "is_complete",
+    "prune",
+    "read_manifest",
+    "remaining_bytes",
+    "resolve",
+    "wanted_file",
+]
 
 log = structlog.get_logger(__name__)
 
 DISK_MARGIN_BYTES: Final = 1 << 30
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second (tests lower it)
-
-
-# ---------------------------------------------------------------------------------------- errors
-
-
-class DownloadError(LmxError):
-    """Base of every download failure; the message names repo, revision, commit and file.
-
-    DownloadError (LmxError)
-    ├── TransientDownloadError (Temporary)  5xx, 429, timeouts, dropped connections
-    ├── OfflineError (Temporary)            HF_HUB_OFFLINE=1, or the Hub cannot be reached
-    ├── InsufficientDisk (Temporary)        too little free space for what is left to fetch
-    ├── RepoNotFound, RevisionNotFound, GatedRepo, AccessDenied, UnsupportedRepo (Permanent)
-    ├── VerificationError (Permanent)       a file failed its size/hash check twice
-    └── DownloadCancelled                   the caller's cancel event was set
-    """
-
-    def __init__(
-        self, message: str, *, repo_id: str, revision: str, commit: str | None = None,
-        file: str | None = None,
-    ) -> None:  # fmt: skip
-        self.repo_id, self.revision, self.commit, self.file = repo_id, revision, commit, file
-        where = f"{repo_id}@{revision}" + (f" (commit {commit[:12]})" if commit else "")
-        super().__init__(f"{where}{f' {file}' if file else ''}: {message}")
-
-
-class _RetryLater(DownloadError, TemporaryError):
-    default_delay_s: ClassVar[float] = 5.0
-
-    def __init__(
-        self, message: str, *, repo_id: str, revision: str, commit: str | None = None,
-        file: str | None = None, delay_s: float | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message, repo_id=repo_id, revision=revision, commit=commit, file=file)
-        self.delay_s = self.default_delay_s if delay_s is None else delay_s
-
-
-class TransientDownloadError(_RetryLater):
-    """Retry with backoff: 5xx, 429, timeouts, dropped connections. A partial file is kept."""
-
-
-class OfflineError(_RetryLater):
-    """HF_HUB_OFFLINE is set or the Hub is unreachable; the reconciler reports reason `Offline`."""
-
-    default_delay_s = 30.0
-
-
-class InsufficientDisk(_RetryLater):
-    """Free space is below what is left to fetch plus a margin; nothing was fetched."""
-
-    default_delay_s = 60.0
-
-
-class RepoNotFound(DownloadError, PermanentError):
-    """No such repo, or it is private and the token does not grant access."""
-
-
-class RevisionNotFound(DownloadError, PermanentError):
-    """The repo exists but the revision (or a file at the pinned commit) does not."""
-
-
-class GatedRepo(DownloadError, PermanentError):
-    """The repo is gated and the token has not been granted access."""
-
-
-class AccessDenied(DownloadError, PermanentError):
-    """The Hub refused the token (invalid, or lacking permission)."""
-
-
-class UnsupportedRepo(DownloadError, PermanentError):
-    """The revision has no *.safetensors weights, so MLX could not load it."""
-
-
-class VerificationError(DownloadError, PermanentError):
-    """A file failed its size or hash check, was fetched again, and failed again."""
-
-
-class DownloadCancelled(DownloadError):
-    """The caller's cancel event was set; partial files are kept for a later resume."""
 
 
 # ---------------------------------------------------------------------------------------- values
@@ -173,13 +127,15 @@ class DownloadResult:
 def resolve(repo_id: str, revision: str = "main", *, token: str | None = None) -> RepoSnapshot:
     """Pin `revision` to its commit and list the files MLX needs there, with sizes and hashes.
 
-    One Hub request, no retry (the reconciler backs off). `token=None` lets huggingface_hub use
-    HF_TOKEN, then the stored login. Raises a DownloadError subclass.
+    One Hub request, no retry (the reconciler backs off), bounded by HF_HUB_ETAG_TIMEOUT (the
+    client's own default is to wait forever). `token=None` lets huggingface_hub use HF_TOKEN,
+    then the stored login. Raises a DownloadError subclass.
     """
-    with _translated(repo_id, revision):
+    with translated(repo_id, revision):
         info = HfApi(library_name="lmx").model_info(
-            repo_id, revision=revision, files_metadata=True, token=token
-        )
+            repo_id, revision=revision, files_metadata=True, token=token,
+            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+        )  # fmt: skip
     where: dict[str, Any] = {"repo_id": repo_id, "revision": revision, "commit": info.sha}
     if not info.sha:
         raise TransientDownloadError("the Hub answered without a commit sha", **where)
@@ -219,9 +175,9 @@ def remaining_bytes(snapshot: RepoSnapshot, dest_dir: Path | str) -> int:
     """Bytes still to fetch: files missing at their final path, less what partial files hold."""
     dest, left = Path(dest_dir), 0
     for f in snapshot.files:
-        if _size_of(dest / f.path) == f.size:
+        if size_of(dest / f.path) == f.size:
             continue
-        partial = _size_of(_partial_path(dest, f)) or 0
+        partial = size_of(partial_path(dest, f)) or 0
         left += f.size - partial if partial <= f.size else f.size
     return left
 
@@ -282,32 +238,60 @@ def download(
 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / PARTIAL_DIR).mkdir(exist_ok=True)
-    trusted = _forget_other_snapshots(dest, snapshot)
-    journal = {path: f for path, f in trusted.items() if _size_of(dest / path) == f.size}
+    trusted = forget_other_snapshots(dest, snapshot)
+    journal = {path: f for path, f in trusted.items() if size_of(dest / path) == f.size}
     headers = build_hf_headers(token=token, library_name="lmx")
     fetched: list[str] = []
     for f in snapshot.files:
         progress.begin_file(f.path)
         final = dest / f.path
-        if journal.get(f.path) == f or (_size_of(final) == f.size and _verified(final, f)):
+        if journal.get(f.path) == f or (size_of(final) == f.size and _verified(final, f)):
             progress.add(f.size)
         else:
             final.unlink(missing_ok=True)
-            fetched.append(f.path)
-            with _translated(snapshot.repo_id, snapshot.revision, snapshot.commit, f.path):
-                _fetch(f, snapshot, dest, headers, progress)
+            with translated(snapshot.repo_id, snapshot.revision, snapshot.commit, f.path):
+                if _fetch(f, snapshot, dest, headers, progress):
+                    fetched.append(f.path)
+            partial_path(dest, f).replace(final)
         journal[f.path] = f
-        _write_json_atomic(
-            dest / PARTIAL_DIR / _JOURNAL_NAME, [_file_to_json(x) for x in journal.values()]
-        )
+        write_journal(dest, journal)
 
-    _fsync_dir(dest)
-    _write_json_atomic(dest / MANIFEST_NAME, _manifest_json(snapshot))
+    write_manifest(dest, snapshot)
     shutil.rmtree(dest / PARTIAL_DIR, ignore_errors=True)
     progress.finish()
     return DownloadResult(
         snapshot, dest, tuple(fetched), progress.fetched, time.monotonic() - started
     )
+
+
+def fetch_file(
+    snapshot: RepoSnapshot, path: str, dest_dir: Path | str, *, token: str | None = None
+) -> Path:
+    """Fetch one file of `snapshot` ahead of `download` (to read it before deciding whether to
+    download the rest) and return where its verified bytes are: the file itself if `dest_dir`
+    already holds it verified, else a verified partial file that `download` moves into place
+    without a request. Files of a completed download are never touched. Blocking. Raises
+    ValueError if `path` is not in the snapshot, a DownloadError subclass, or OSError.
+    """
+    dest = Path(dest_dir)
+    f = next((x for x in snapshot.files if x.path == path), None)
+    if f is None:
+        raise ValueError(f"{path} is not a file of {snapshot.repo_id}@{snapshot.commit}")
+    final = dest / f.path
+    if is_complete(dest, snapshot) or (
+        read_journal(dest).get(f.path) == f and size_of(final) == f.size
+    ):
+        return final
+    where: dict[str, Any] = {
+        "repo_id": snapshot.repo_id, "revision": snapshot.revision, "commit": snapshot.commit,
+    }  # fmt: skip
+    if constants.is_offline_mode() and size_of(partial_path(dest, f)) != f.size:
+        raise OfflineError("HF_HUB_OFFLINE is set and the file is missing", file=f.path, **where)
+    (dest / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+    headers = build_hf_headers(token=token, library_name="lmx")
+    with translated(snapshot.repo_id, snapshot.revision, snapshot.commit, f.path):
+        _fetch(f, snapshot, dest, headers, _Progress(snapshot, None, None))
+    return partial_path(dest, f)
 
 
 # ------------------------------------------------------------------------------------- internals
@@ -378,12 +362,14 @@ class _Progress:
 
 def _fetch(
     f: RemoteFile, snapshot: RepoSnapshot, dest: Path, headers: dict[str, str], progress: _Progress
-) -> None:
-    """Download one file through its partial file, verify it, and move it into place."""
-    partial = _partial_path(dest, f)
+) -> bool:
+    """Complete and verify `f`'s partial file (resuming it), leaving it at `partial_path`.
+    Returns whether bytes were transferred (a partial already complete needs none)."""
+    partial = partial_path(dest, f)
     url = hf_hub_url(snapshot.repo_id, f.path, revision=snapshot.commit)
+    transferred = False
     for attempt in (1, 2):
-        have = _size_of(partial) or 0
+        have = size_of(partial) or 0
         if have > f.size:
             partial.unlink()
             have = 0
@@ -391,6 +377,7 @@ def _fetch(
         if have < f.size:
             # No expected_size: lmx verifies size and hash itself, and hf's 50 GB guard would
             # refuse a plain-HTTP fetch that lmx can resume.
+            transferred = True
             with partial.open("ab") as out:
                 http_get(url, out, resume_size=have, headers=headers,
                          displayed_filename=f.path, tqdm_class=progress.bar_class())  # fmt: skip
@@ -398,9 +385,8 @@ def _fetch(
                 os.fsync(out.fileno())
             log.info("download_file_fetched", repo=snapshot.repo_id, file=f.path, resumed_from=have)
         if _verified(partial, f):
-            partial.replace(dest / f.path)
-            return
-        progress.add(-(_size_of(partial) or 0))
+            return transferred
+        progress.add(-(size_of(partial) or 0))
         partial.unlink()
         log.warning("download_file_corrupt", repo=snapshot.repo_id, file=f.path, attempt=attempt)
     raise VerificationError(
@@ -412,7 +398,7 @@ def _fetch(
 def _verified(path: Path, f: RemoteFile) -> bool:
     """Size, then sha256 (LFS) or the git blob sha1 (small files); size only if the Hub gave
     neither. Reads the whole file."""
-    if _size_of(path) != f.size:
+    if size_of(path) != f.size:
         return False
     if f.sha256 is not None:
         digest = hashlib.sha256()
@@ -424,44 +410,3 @@ def _verified(path: Path, f: RemoteFile) -> bool:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest() == (f.sha256 or f.git_oid)
-
-
-@contextlib.contextmanager
-def _translated(
-    repo_id: str, revision: str, commit: str | None = None, file: str | None = None
-) -> Iterator[None]:
-    """Turn huggingface_hub, httpx2 and disk-full errors into DownloadError subclasses."""
-    where: dict[str, Any] = dict(repo_id=repo_id, revision=revision, commit=commit, file=file)
-    try:
-        yield
-    except DownloadError:
-        raise
-    except OfflineModeIsEnabled as e:
-        raise OfflineError("HF_HUB_OFFLINE is set", **where) from e
-    except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
-        raise GatedRepo("gated repo: request access on the Hub, then set a token", **where) from e
-    except RepositoryNotFoundError as e:
-        raise RepoNotFound(
-            "repo not found (or private and the token has no access)", **where
-        ) from e
-    except RevisionNotFoundError as e:
-        raise RevisionNotFound("revision not found", **where) from e
-    except RemoteEntryNotFoundError as e:
-        raise RevisionNotFound("file not found at this commit", **where) from e
-    except HfHubHTTPError as e:
-        status = e.response.status_code
-        if status in (401, 403):
-            raise AccessDenied(f"HTTP {status}: the token was refused", **where) from e
-        retry_after = e.response.headers.get("Retry-After", "")
-        delay = float(retry_after) if retry_after.isdigit() else 5.0
-        raise TransientDownloadError(f"HTTP {status} from the Hub", delay_s=delay, **where) from e
-    except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.ProxyError) as e:
-        raise OfflineError(f"cannot reach the Hub: {e}", **where) from e
-    except httpx2.TransportError as e:  # read timeouts, dropped connections, protocol errors
-        raise TransientDownloadError(f"{type(e).__name__}: {e}", **where) from e
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise InsufficientDisk("disk full while writing", **where) from e
-        if e.errno is None:  # huggingface_hub's "Consistency check failed" (size mismatch)
-            raise TransientDownloadError((str(e) or repr(e)).splitlines()[0], **where) from e
-        raise

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,11 +128,13 @@ class ModelStore:
         base_dir: Path | None = None,
         token: str | None = None,
         build: Builder = builtin.ensure_builtin,
+        disk_free: Callable[[Path], int] = downloads.free_bytes,
     ) -> None:
         self.home = Path(home)
         self._base_dir = base_dir  # relative local sources are relative to the config file
         self._token = token
         self._build = build
+        self._disk_free = disk_free  # free bytes at a path; injectable to simulate a small disk
         self._lock = threading.Lock()
         self._digests: dict[str, str] = {}
         self._estimates: dict[tuple[str, str], Footprint] = {}
@@ -164,12 +165,20 @@ class ModelStore:
             return False
         if source.startswith("builtin:") or self._is_local(source):
             return (path / "config.json").is_file()
+        return self.downloaded_commit(source, revision) is not None
+
+    def downloaded_commit(self, source: str, revision: str = "main") -> str | None:
+        """The commit a Hub source's complete download at `revision` is pinned to, else None.
+        Never raises."""
+        if source.startswith("builtin:") or self._is_local(source):
+            return None
+        path = self.locate(source, revision)
         manifest = downloads.read_manifest(path)
         if manifest is None or not (
             manifest.revision == revision or manifest.commit.startswith(revision)
         ):
-            return False
-        return downloads.is_complete(path, manifest)
+            return None
+        return manifest.commit if downloads.is_complete(path, manifest) else None
 
     def on_disk(self, source: str, revision: str = "main") -> bool:
         """Whether lmx holds files of its own for this source (complete or partial); files a
@@ -189,6 +198,12 @@ class ModelStore:
     def resolve(self, source: str, revision: str) -> RepoSnapshot:
         """Pin a Hub revision to a commit and list its files. Raises a DownloadError."""
         return downloads.resolve(source, revision, token=self._token)
+
+    def check_disk(self, snapshot: RepoSnapshot) -> int:
+        """Raise InsufficientDisk unless the disk holds what is left to fetch of `snapshot` (plus
+        a margin); return those bytes. Fetches nothing."""
+        path = self.locate(snapshot.repo_id, snapshot.revision)
+        return downloads.check_disk(snapshot, path, disk_free=self._disk_free)
 
     def fetch(
         self,
@@ -211,7 +226,10 @@ class ModelStore:
                 raise PermanentError(f"no model at {path} (config.json missing)")
             return path
         snap = snapshot or self.resolve(source, revision)
-        downloads.download(snap, path, token=self._token, on_progress=on_progress, cancel=cancel)
+        downloads.download(
+            snap, path, token=self._token, on_progress=on_progress, cancel=cancel,
+            disk_free=self._disk_free,
+        )  # fmt: skip
         return path
 
     def delete(self, source: str, revision: str = "main") -> int:
@@ -248,19 +266,26 @@ class ModelStore:
         return fp
 
     def estimate_remote(
-        self, model_id: str, key: str, snapshot: RepoSnapshot, sizing: Sizing
+        self,
+        model_id: str,
+        key: str,
+        snapshot: RepoSnapshot,
+        sizing: Sizing,
+        *,
+        fetch_config: bool = True,
     ) -> Footprint:
-        """Estimate before downloading: weights from the Hub's sizes, KV from its config.json."""
+        """Estimate before downloading: weights from the Hub's sizes, KV from its config.json.
+
+        `fetch_config=False` fetches nothing and leaves out the KV cache: a lower bound, enough to
+        turn away a model whose weights alone exceed the budget. Otherwise config.json is fetched
+        into the model's directory as a verified partial, which the download then reuses.
+        """
         weights = sum(f.size for f in snapshot.files if f.path.endswith(".safetensors"))
         config: dict[str, Any] = {}
-        cfg = [f for f in snapshot.files if f.path == "config.json"]
-        if cfg:
-            staging = self.home / "tmp"
-            staging.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=staging) as tmp:
-                only = RepoSnapshot(snapshot.repo_id, snapshot.revision, snapshot.commit, (cfg[0],))
-                downloads.download(only, tmp, token=self._token)
-                config = _read_json(Path(tmp) / "config.json")
+        if fetch_config and any(f.path == "config.json" for f in snapshot.files):
+            dest = self.locate(snapshot.repo_id, snapshot.revision)
+            local = downloads.fetch_file(snapshot, "config.json", dest, token=self._token)
+            config = _read_json(local)
         fp = estimate(weights, config, sizing)
         with self._lock:
             self._estimates[(model_id, key)] = fp

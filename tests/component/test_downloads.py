@@ -29,6 +29,7 @@ from lmx.runtime.downloads import (
     VerificationError,
     check_disk,
     download,
+    fetch_file,
     is_complete,
     prune,
     read_manifest,
@@ -309,6 +310,25 @@ def test_cancelling_keeps_the_partial_file_and_the_next_call_resumes_it(
 
     assert hub_server.served(WEIGHTS)[-1].range == f"bytes={kept}-"
     assert (tmp_path / WEIGHTS).read_bytes() == files[WEIGHTS]
+
+
+def test_a_file_fetched_ahead_is_verified_and_the_download_reuses_it_without_a_request(
+    hub_server: HubServer, tmp_path: Path
+) -> None:
+    files = model_files()
+    hub_server.add_repo(REPO, files)
+    snap = resolve(REPO)
+    hub_server.corrupt("config.json")  # verified ahead too: the first copy is refused
+
+    ahead = fetch_file(snap, "config.json", tmp_path)
+
+    assert ahead.read_bytes() == files["config.json"] and not is_complete(tmp_path)
+    result = download(snap, tmp_path)
+    assert "config.json" not in result.fetched and len(hub_server.served("config.json")) == 2
+    assert fetch_file(snap, "config.json", tmp_path) == tmp_path / "config.json"
+    assert len(hub_server.served("config.json")) == 2
+    with pytest.raises(ValueError, match=r"README\.md"):
+        fetch_file(snap, "README.md", tmp_path)
 
 
 def test_a_new_commit_reuses_unchanged_files_and_removes_dropped_ones(
