@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmx import __version__
 from lmx.errors import LmxError
+from lmx.service import add_commands as add_service_commands
 from lmx.settings import Settings
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def _print_json(value: Any) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
     from lmx.cli_render import console, status_footer, status_table
 
     with _client(args) as c:
@@ -60,9 +63,9 @@ def _status(args: argparse.Namespace) -> int:
         _print_json(doc)
         return 0
     con = console()
-    con.print(status_table(doc) if doc.get("models") else "No models are declared.")
-    con.print()
-    for line in status_footer(doc):
+    table, notes = status_table(doc)
+    con.print(table if doc.get("models") else "No models are declared.")
+    for line in [*notes, Text(""), *status_footer(doc)]:
         con.print(line)
     return 0
 
@@ -236,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     make.add_argument("--name", default="tiny", help="which built-in model (default tiny)")
     make.set_defaults(func=_make_model)
     _admin_commands(sub)
+    add_service_commands(sub)
     return p
 
 

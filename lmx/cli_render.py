@@ -76,39 +76,45 @@ def _why(cond: Doc) -> str:
     return " ".join(p for p in (cond.get("reason", ""), cond.get("message", "")) if p)
 
 
-def model_state(model: Doc, blocked: Doc | None) -> Text:
-    """One cell for a model's state, from its conditions and the plan's blocked item."""
+def model_state(model: Doc, blocked: Doc | None) -> tuple[Text, str]:
+    """A model's state as a short cell, and the message that explains it ("" if none), from its
+    conditions and the plan's blocked item."""
     conds = conditions(model)
 
     def c(kind: str) -> Doc:
         return conds.get(kind, {})
 
-    degraded = f" (degraded: {_why(c('Degraded'))})" if c("Degraded").get("status") else ""
+    def cell(text: str, style: str, cond: Doc | None = None) -> tuple[Text, str]:
+        return Text(text, style), str((cond or {}).get("message", ""))
+
+    degraded = c("Degraded") if c("Degraded").get("status") else None
     if not conds:
-        return Text("Pending", "dim")
+        return cell("Pending", "dim")
     if c("Quarantined").get("status"):
-        return Text(f"Quarantined: {_why(c('Quarantined'))}", "bold red")
+        return cell(f"Quarantined: {c('Quarantined').get('reason')}", "bold red", c("Quarantined"))
     if c("Draining").get("status"):
-        return Text(f"Draining ({c('Draining').get('message', '')})", "yellow")
+        return cell("Draining", "yellow", c("Draining"))
     if c("Ready").get("status"):
-        return Text("Ready" + degraded, "yellow" if degraded else "green")
+        if degraded:
+            return cell(f"Ready, degraded: {degraded.get('reason')}", "yellow", degraded)
+        return cell("Ready", "green")
     if "Loading" in (c("Ready").get("reason"), c("Resident").get("reason")):
-        return Text("Loading", "cyan")
+        return cell("Loading", "cyan")
     if c("Downloaded").get("reason") == "Downloading":
-        return Text(f"Downloading ({c('Downloaded').get('message', '')})", "cyan")
+        return Text(f"Downloading {c('Downloaded').get('message', '')}".rstrip(), "cyan"), ""
     if blocked is not None:
-        return Text(f"Blocked: {blocked['reason']} {blocked.get('message', '')}".rstrip(), "red")
+        return cell(f"Blocked: {blocked['reason']}", "red", blocked)
     if degraded:
-        return Text(degraded.strip(" ()").capitalize(), "yellow")
+        return cell(f"Degraded: {degraded.get('reason')}", "yellow", degraded)
     downloaded = c("Downloaded")
     if downloaded and not downloaded.get("status") and downloaded.get("reason") != "NotDownloaded":
-        return Text(_why(downloaded), "red")
+        return cell(str(downloaded.get("reason")), "red", downloaded)
     ready = c("Ready").get("reason", "")
     if ready == "LoadsOnRequest" or c("Resident").get("reason") == "IdleTimeout":
-        return Text("Downloaded (loads on request)", "dim")
+        return cell("Downloaded (loads on request)", "dim")
     if ready == "NotWanted":
-        return Text("Absent" if model.get("want") == "absent" else "Not declared", "dim")
-    return Text(ready or "Pending", "dim")
+        return cell("Absent" if model.get("want") == "absent" else "Not declared", "dim")
+    return cell(ready or "Pending", "dim", c("Ready"))
 
 
 def _footprint(model: Doc) -> int | None:
@@ -121,31 +127,35 @@ def _blocked_by_model(doc: Doc) -> dict[str, Doc]:
     return {b["model"]: b for b in (doc.get("plan") or {}).get("blocked", [])}
 
 
-def _table(*columns: str, right: tuple[str, ...] = (), wrap: str = "") -> Table:
+def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
     t = Table(box=None, pad_edge=False, header_style="bold")
     for name in columns:
-        t.add_column(name, justify="right" if name in right else "left", no_wrap=name != wrap)
+        t.add_column(name, justify="right" if name in right else "left", no_wrap=True)
     return t
 
 
-def status_table(doc: Doc) -> Table:
+def status_table(doc: Doc) -> tuple[Table, list[Text]]:
+    """The models table, and one note per model whose state has a message."""
     t = _table(
         *("MODEL", "WANT", "STATE", "RESIDENT", "FOOTPRINT", "IN-FLIGHT", "LAST USED"),
         right=("IN-FLIGHT",),
-        wrap="STATE",
     )
     blocked = _blocked_by_model(doc)
+    notes = []
     for mid, m in doc.get("models", {}).items():
+        state, message = model_state(m, blocked.get(mid))
+        if message:
+            notes.append(Text(f"{mid}: {message}", state.style))
         t.add_row(
             Text(mid),
             m.get("want") or "(undeclared)",
-            model_state(m, blocked.get(mid)),
+            state,
             fmt_bytes(m.get("resident_bytes") or None),
             fmt_bytes(_footprint(m)),
             str(m.get("in_flight", 0)),
             ago(m.get("last_used")),
         )
-    return t
+    return t, notes
 
 
 def status_footer(doc: Doc) -> list[Text]:

@@ -266,13 +266,19 @@ def download_verdict(doc: Doc, model_id: str, generation: int) -> Verdict | None
     if downloaded.get("status"):
         return Verdict(True, f"{model_id} is downloaded ({model.get('source')})")
     if quarantined.get("status"):
-        why = f"{quarantined['reason']}: {quarantined.get('message', '')}".rstrip(": ")
-        return Verdict(False, f"{model_id} is quarantined: {why}")
+        return Verdict(False, f"{model_id} is quarantined: {_why(quarantined)}")
     reason = str(downloaded.get("reason", ""))
     if reason in _DOWNLOAD_PENDING:
         return None
-    why = f"{reason}: {downloaded.get('message', '')}".rstrip(": ")
+    why = _why(downloaded)
+    if (degraded := conds.get("Degraded", {})).get("status"):
+        # A failure whose reason is not Download* (Offline, InsufficientDisk) shows only here.
+        why = f"{_why(degraded)}; the daemon retries ({why})"
     return Verdict(False, f"{model_id} was not downloaded: {why}")
+
+
+def _why(cond: Doc) -> str:
+    return ": ".join(str(cond[k]) for k in ("reason", "message") if cond.get(k))
 
 
 def watch_download(

@@ -1,0 +1,316 @@
+"""The `lmx` client commands as a person runs them: subprocesses against a real `lmx serve`.
+
+Reads use the shared session daemon; every test that changes the desired state starts its own
+daemon (own LMX_HOME) through `daemon_factory`. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+import yaml
+
+from lmx.cli_render import plan_lines
+from lmx.client import AdminClient, ChangedMeanwhile, parse_assignments, resolve_admin_key
+from tests.conftest import Daemon, free_port, wait_for
+from tests.hubserver import HubServer
+
+CLI_TIMEOUT_S = 30.0
+
+
+def cli_env(home: Path | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LMX_URL", "LMX_ADMIN_KEY")}
+    env["LMX_HOME"] = str(home) if home else "/nonexistent-lmx-home"
+    env["COLUMNS"] = "200"
+    return env
+
+
+def lmx(
+    d: Daemon, *args: str, timeout_s: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lmx.cli", *args, "--url", d.url],
+        env=cli_env(d.home),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def status(d: Daemon) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(d.url + "/admin/status", timeout=10).json()
+    return body
+
+
+def desired(d: Daemon) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(d.url + "/admin/desired", timeout=10).json()
+    return body
+
+
+def is_ready(doc: dict[str, Any], model: str) -> bool:
+    m = doc["models"].get(model)
+    return m is not None and any(
+        c["type"] == "Ready" and c["status"] for c in m.get("conditions", [])
+    )
+
+
+# -- the pure parts: words to a merge patch, a plan to a diff --
+
+
+def test_key_value_words_become_a_merge_patch_of_yaml_scalars() -> None:
+    words = ["want=pinned", "engine.max_batch=8", "aliases=a, b", "idle_ttl=null", "revision=0123"]
+    assert parse_assignments(words) == {
+        "want": "pinned",
+        "engine": {"max_batch": 8},
+        "aliases": ["a", "b"],
+        "idle_ttl": None,
+        "revision": "0123",  # a sha of digits stays a string
+    }
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_assignments(["want"])
+
+
+def test_a_plan_reads_like_a_diff() -> None:
+    plan = {
+        "actions": [
+            {"action": "Evict", "model": "old", "for_model": "new", "freed_bytes": 2**30},
+            {"action": "Unload", "model": "r", "reason": "SpecChanged", "forced": False},
+            {"action": "Load", "model": "r", "footprint_bytes": 3 * 2**20, "why": "resident"},
+            {"action": "Load", "model": "new", "footprint_bytes": 5 * 2**30, "why": "pinned"},
+        ],
+        "blocked": [{"model": "big", "reason": "InsufficientMemory", "message": "needs 9 GiB"}],
+        "budget_bytes": 8 * 2**30,
+        "used_bytes": 6 * 2**30,
+    }
+    assert [str(t) for t in plan_lines(plan)] == [
+        "- evict old (LRU: frees 1.0 GiB for new)",
+        "-/+ reload r (spec changed; 3.0 MiB, resident)",
+        "+ load new (5.0 GiB, pinned)",
+        "~ blocked big: InsufficientMemory needs 9 GiB",
+        "",
+        "Plan: 1 to add, 1 to reload, 1 to remove, 1 blocked; "
+        "memory after: 6.0 GiB of 8.0 GiB budget.",
+    ]
+
+
+# -- reads, on the shared daemon --
+
+
+def test_status_ps_and_plan_show_the_builtin_model(daemon: Daemon) -> None:
+    st = lmx(daemon, "status")
+    assert st.returncode == 0, st.stderr
+    row = next(line for line in st.stdout.splitlines() if line.startswith("lmx-tiny"))
+    assert "pinned" in row and "Ready" in row
+    assert "Config: valid" in st.stdout and "Generation:" in st.stdout
+    ps = lmx(daemon, "ps")
+    assert ps.returncode == 0 and "lmx-tiny" in ps.stdout and "CONTEXT" in ps.stdout
+    plan = lmx(daemon, "plan")
+    assert plan.returncode == 0
+    assert "No changes. The running state matches the desired state." in plan.stdout
+    doc = json.loads(lmx(daemon, "status", "--json").stdout)
+    assert doc["models"]["lmx-tiny"]["want"] == "pinned"
+    assert "lmx-tiny" in json.loads(lmx(daemon, "ps", "--json").stdout)
+
+
+def test_an_unreachable_daemon_is_one_line_and_exit_1() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    r = subprocess.run(
+        [sys.executable, "-m", "lmx.cli", "status", "--url", url],
+        env=cli_env(None),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert r.stderr == f"lmx: cannot reach the daemon at {url} (is `lmx serve` running?)\n"
+
+
+def test_a_wrong_admin_key_is_refused_with_exit_1(daemon: Daemon) -> None:
+    before = desired(daemon)["generation"]
+    r = lmx(daemon, "set", "lmx-tiny", "want=resident", "--admin-key", "not-the-key")
+    assert r.returncode == 1
+    assert r.stderr.strip() == "lmx: the admin key was refused (--admin-key)"
+    assert desired(daemon)["generation"] == before
+
+
+def test_a_write_after_a_concurrent_change_says_changed_meanwhile(daemon: Daemon) -> None:
+    key = resolve_admin_key((daemon.home / "admin.key").read_text().strip())
+    with AdminClient(daemon.url, key) as client, pytest.raises(ChangedMeanwhile, match="retry"):
+        client.patch({"models": {}}, if_match='"an-etag-from-before"')  # 412: nothing changes
+
+
+# -- changes, each on its own daemon --
+
+
+def test_set_dry_run_changes_nothing_then_set_adds_a_model_that_becomes_ready(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    before = desired(d)
+    text_before = d.config_path.read_text()
+    dry = lmx(d, "set", "llama", "source=builtin:tiny-llama", "want=resident", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "+ download llama" in dry.stdout and "Dry run: nothing was changed." in dry.stdout
+    assert desired(d)["generation"] == before["generation"]
+    assert d.config_path.read_text() == text_before
+
+    r = lmx(d, "set", "llama", "source=builtin:tiny-llama", "want=resident")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: status(d), lambda doc: is_ready(doc, "llama"), timeout_s=30)
+    row = next(line for line in lmx(d, "status").stdout.splitlines() if line.startswith("llama"))
+    assert "resident" in row and "Ready" in row
+
+    r = lmx(d, "set", "llama", "engine.max_batch=4", "aliases=l1,l2", "idle_ttl=1h")
+    assert r.returncode == 0, r.stderr
+    spec = desired(d)["desired"]["models"]["llama"]
+    assert spec["engine"] == {"max_batch": 4} and spec["aliases"] == ["l1", "l2"]
+    assert spec["idle_ttl"] == "1h"
+    assert lmx(d, "set", "llama", "idle_ttl=null").returncode == 0
+    assert "idle_ttl" not in desired(d)["desired"]["models"]["llama"]
+
+    assert lmx(d, "set", "llama", "--delete").returncode == 0
+    assert "llama" not in desired(d)["desired"]["models"]
+
+
+def test_apply_of_an_invalid_file_names_each_field_and_changes_nothing(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    d = daemon_factory()
+    text_before, gen_before = d.config_path.read_text(), desired(d)["generation"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "models:\n  x:\n    source: builtin:tiny\n    want: often\n    engine: {max_batch: 0}\n"
+    )
+    r = lmx(d, "apply", "-f", str(bad))
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("lmx: invalid: models.x.want:") for line in lines), r.stderr
+    assert any(line.startswith("lmx: invalid: models.x.engine.max_batch:") for line in lines)
+    assert d.config_path.read_text() == text_before
+    assert desired(d)["generation"] == gen_before
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        yaml.safe_dump({"models": {"lmx-tiny": {"source": "builtin:tiny", "want": "absent"}}})
+    )
+    dry = lmx(d, "apply", "-f", str(good), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "- unload lmx-tiny (want: absent)" in dry.stdout
+    assert d.config_path.read_text() == text_before
+    assert lmx(d, "apply", "-f", str(good)).returncode == 0
+    assert d.config_path.read_text() == good.read_text()
+
+
+class Lines:
+    """A subprocess's stream, read line by line on a thread, so that every wait is bounded."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._q: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._stream = stream
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the process exited: the pump reaches EOF, then the pipe is closed."""
+        self._thread.join(5)
+        self._stream.close()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._q.put(line)
+
+    def until(self, ok: Callable[[str], bool], timeout_s: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if ok(line):
+                return line
+        raise TimeoutError(f"no such line in {timeout_s}s; saw {self.seen!r}")
+
+
+def test_events_prints_a_change_and_ctrl_c_exits_0(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmx.cli", "events", "--json", "--url", d.url],
+        env=cli_env(d.home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    err, out = Lines(proc.stderr), Lines(proc.stdout)
+    try:
+        err.until(lambda line: line.startswith("Following events"))
+        assert lmx(d, "set", "lmx-tiny", "want=resident").returncode == 0
+        line = out.until(lambda line: json.loads(line)["type"] == "desired_changed")
+        assert json.loads(line)["origin"] == "admin"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0, err.seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+        err.close()
+        out.close()
+
+
+def hub_repo(weights_bytes: int) -> dict[str, bytes]:
+    """A Hub repo with a Qwen3-shaped config and one safetensors file (U8 bytes)."""
+    header = json.dumps(
+        {"w": {"dtype": "U8", "shape": [weights_bytes], "data_offsets": [0, weights_bytes]}}
+    ).encode()
+    config = {
+        "model_type": "qwen3",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "hidden_size": 64,
+        "max_position_embeddings": 512,
+        "torch_dtype": "bfloat16",
+    }
+    return {
+        "model.safetensors": struct.pack("<Q", len(header)) + header + bytes(weights_bytes),
+        "config.json": json.dumps(config).encode(),
+    }
+
+
+def test_pull_downloads_a_hub_model_then_says_it_is_there_and_reports_a_missing_repo(
+    daemon_factory: Callable[..., Daemon], hub_server: HubServer
+) -> None:
+    hub_server.add_repo("org/small", hub_repo(512 * 1024))
+    d = daemon_factory()
+    r = lmx(d, "pull", "small", "--source", "org/small")
+    assert r.returncode == 0, r.stderr
+    assert "small is downloaded" in r.stdout
+    assert (d.home / "models" / "org--small" / "model.safetensors").is_file()
+    assert desired(d)["desired"]["models"]["small"]["want"] == "downloaded"
+
+    again = lmx(d, "pull", "small")
+    assert again.returncode == 0 and "small is already downloaded." in again.stdout
+
+    missing = lmx(d, "pull", "org/nope")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("lmx: org/nope ") and "RepoNotFound" in missing.stderr
