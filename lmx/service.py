@@ -25,17 +25,18 @@ from string import Template
 from typing import Any, Protocol
 from xml.sax.saxutils import escape as xml_escape
 
+from lmx.errors import LmxError
 from lmx.settings import DEFAULT_HOST, DEFAULT_PORT, Settings, default_home
 
 LABEL = "com.opta.lmx"
 UNIT = "lmx.service"
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "launchd"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "launchd"
 POLL_S = 0.5
 BOOTOUT_WAIT_S = 40.0  # past the plist's ExitTimeOut (30 s), by which launchd has SIGKILLed it
 BOOTSTRAP_TRIES = 5  # launchd answers EIO (5) while a booted-out label is still being torn down
 
 
-class ServiceError(Exception):
+class ServiceError(LmxError):
     """A service step failed; the message is the one line the person sees."""
 
 
@@ -238,10 +239,11 @@ def _installed(host: Host) -> dict[str, Any] | None:
             with host.unit_path.open("rb") as f:
                 return dict(plistlib.load(f))
         lines = host.unit_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError):
+        cmd = next((ln[10:] for ln in lines if ln.startswith("ExecStart=")), "")
+        words = shlex.split(cmd)
+    except (OSError, ValueError):  # absent, or not a file lmx wrote
         return None
-    cmd = next((ln.removeprefix("ExecStart=") for ln in lines if ln.startswith("ExecStart=")), "")
-    return {"ProgramArguments": [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(cmd)]}
+    return {"ProgramArguments": [w.replace("%%", "%").replace("$$", "$") for w in words]}
 
 
 def served_url(argv: Sequence[str]) -> str:
