@@ -113,5 +113,6 @@ class EngineRegistry:
         finally:
             slot.in_flight -= 1
             slot.last_used_s = self._clock()
-            if slot.in_flight == 0:
+            # Only a drain waits for in-flight requests; other passes read last use when they run.
+            if slot.in_flight == 0 and slot.draining:
                 self.on_change()
