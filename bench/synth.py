@@ -1,8 +1,8 @@
 """Synthetic models for throughput: random weights in a real architecture's shape, offline.
 
 `ensure_model(preset, models_dir)` returns a directory that `mlx_lm.load` and `lmx serve` accept.
-`tiny` is lmx's built-in model; the others reuse its tokenizer with a model-sized vocab (ids past
-the tokenizer decode to "!", which is fine while EOS is ignored). Weights stream to disk tensor by
+`tiny` is lmx's built-in model; the others reuse its tokenizer, widened to the model's vocab with
+one word per extra id, so every generated token decodes to visible text. Weights stream to disk tensor by
 tensor from a small random pool, so an 8B model needs ~100 MB of RAM. Called by run_throughput.
 """
 
@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from lmx.runtime.builtin import ensure_builtin
 
-FORMAT_VERSION = 1  # bump when the written files change: the cache directory name includes it
+FORMAT_VERSION = 2  # bump when the written files change: the cache directory name includes it
 _POOL_SIZE = 4_194_319  # odd, so the rows of a (rows, 2^k) matrix do not repeat the pool's phase
 _CHUNK_ELEMS = 1 << 22
 _TOKENIZER_FILES = (
@@ -264,6 +264,16 @@ def _config(shape: Shape, base: dict[str, object], dtype: str) -> dict[str, obje
     }
 
 
+def _widen_tokenizer(path: Path, vocab_size: int) -> None:
+    """Give every id past the tokenizer's own a word (" w12345"), so each generated token streams
+    visible text, as a real model's would (an id without a token decodes to nothing)."""
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    n = Tokenizer.from_str(json.dumps(data)).get_vocab_size()
+    vocab.update({f"\u0120w{i}": i for i in range(n, vocab_size)})  # \u0120 is byte-level " "
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
 def build(preset: str, dest: Path, tokenizer_dir: Path, dtype: str, shard_bytes: int) -> Path:
     """Write the synthetic `preset` into `dest` (an empty or new directory)."""
     shape = PRESETS[preset]
@@ -297,6 +307,7 @@ def build(preset: str, dest: Path, tokenizer_dir: Path, dtype: str, shard_bytes:
 
     for name in _TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, dest / name)
+    _widen_tokenizer(dest / "tokenizer.json", shape.vocab_size)
     tok_config = json.loads((dest / "tokenizer_config.json").read_text())
     tok_config["model_max_length"] = shape.max_position_embeddings
     (dest / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
