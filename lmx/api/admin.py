@@ -136,7 +136,8 @@ async def events(control: Reader) -> StreamingResponse:
                     yield b": keep-alive\n\n"
                     continue
                 kind = str(event.get("type", "message"))
-                yield f"event: {kind}\ndata: {json.dumps(event, default=str)}\n\n".encode()
+                seq = f"id: {event['seq']}\n" if "seq" in event else ""
+                yield f"{seq}event: {kind}\ndata: {json.dumps(event, default=str)}\n\n".encode()
         finally:
             sub.close()
 

@@ -20,6 +20,7 @@ from lmx import __version__
 from lmx.api import admin, errors, v1
 from lmx.api.deps import AppDeps
 from lmx.api.generation import new_id
+from lmx.api.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -27,11 +28,13 @@ Hook = Callable[[], Awaitable[None]]
 
 
 class RequestContext:
-    """Binds `request_id` for logs and echoes it as `x-request-id`. Plain ASGI, so streamed
-    bodies pass straight through (a BaseHTTPMiddleware relays every chunk through a task)."""
+    """Binds `request_id` for logs, echoes it as `x-request-id` and counts responses by route and
+    status. Plain ASGI, so streamed bodies pass straight through (a BaseHTTPMiddleware relays
+    every chunk through a task)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
+        self.requests = metrics.requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,6 +46,9 @@ class RequestContext:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                # The route template, not the raw path, keeps the label set small.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.requests.labels(route, str(message["status"])).inc()
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=rid):
@@ -93,7 +99,7 @@ def create_app(
     app.include_router(v1.router)
     app.include_router(admin.router)
 
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, metrics=deps.metrics)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

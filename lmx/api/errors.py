@@ -51,7 +51,8 @@ def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
         case ConfigError():
             # "models.a.want (line 4): ..." -> param "models.a.want"
             first = exc.errors[0].split(":")[0].split(" (")[0] if exc.errors else None
-            return 422, "invalid_request_error", first, "invalid_desired_state"
+            param = None if first in (None, "(root)") or first.startswith("line ") else first
+            return 422, "invalid_request_error", param, "invalid_desired_state"
         case QueueFull():
             return 429, "rate_limit_exceeded", None, "queue_full"
         case TemporaryError():

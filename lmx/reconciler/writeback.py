@@ -40,7 +40,7 @@ def load_tree(text: str, source: str = "config.yaml") -> CommentedMap:
     try:
         tree = _yaml().load(text)
     except YAMLError as exc:
-        raise ConfigError(source, [f"invalid YAML: {exc}"]) from None
+        raise ConfigError(source, [f"(root): invalid YAML: {exc}"]) from None
     if tree is None:
         return CommentedMap()
     if not isinstance(tree, CommentedMap):

@@ -222,3 +222,33 @@ def test_a_crash_during_the_write_leaves_the_old_file_whole(tmp_path: Path) -> N
     assert proc.returncode == 9
     assert path.read_text() == "models: {}\n"
     assert yaml.safe_load(path.read_text()) == {"models": {}}
+
+
+async def test_put_with_broken_yaml_is_422_without_a_field(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    before = world.config_path.read_bytes()
+    r = await client.put("/admin/desired", content="models: [\n", headers=AUTH)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["param"] is None and "invalid YAML" in err["message"]
+    assert world.config_path.read_bytes() == before
+
+
+async def test_openapi_documents_v1_and_admin(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/admin/desired"):
+        assert path in paths
+    assert {"get", "patch", "put"} <= set(paths["/admin/desired"])
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncClient) -> None:
+    await client.get("/admin/status")
+    await client.patch(
+        "/admin/desired", json={}, headers={"Content-Type": "application/merge-patch+json"}
+    )
+    text = (await client.get("/metrics")).text
+    assert 'lmx_requests_total{route="/admin/status",status="200"}' in text
+    assert 'lmx_requests_total{route="/admin/desired",status="401"}' in text
+    assert "# TYPE lmx_time_to_first_token_seconds histogram" in text

@@ -145,3 +145,12 @@ async def test_inference_keys_guard_v1_when_configured(registry: EngineRegistry)
             r = await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200
         assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_generation_feeds_token_and_latency_metrics(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4, "stream": True})
+    text = (await client.get("/metrics")).text
+    assert 'lmx_time_to_first_token_seconds_count{model="tiny"}' in text
+    assert 'lmx_inter_token_latency_seconds_count{model="tiny"}' in text
+    assert 'lmx_completion_tokens_total{model="tiny"}' in text
+    assert 'lmx_requests_total{route="/v1/chat/completions",status="200"}' in text
