@@ -20,9 +20,9 @@ from typing import BinaryIO
 import numpy as np
 from tokenizers import Tokenizer
 
-from lmx.runtime.builtin import ensure_builtin
+from lmx.runtime.builtin import BuiltinModel, ensure_builtin, model_config
 
-FORMAT_VERSION = 2  # bump when the written files change: the cache directory name includes it
+FORMAT_VERSION = 3  # bump when the written files change: the cache directory name includes it
 _POOL_SIZE = 4_194_319  # odd, so the rows of a (rows, 2^k) matrix do not repeat the pool's phase
 _CHUNK_ELEMS = 1 << 22
 _TOKENIZER_FILES = (
@@ -33,22 +33,8 @@ _TOKENIZER_FILES = (
 )
 
 
-@dataclass(frozen=True)
-class Shape:
-    model_type: str
-    architecture: str
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    rope_theta: float
-    rms_norm_eps: float
-
+# A preset is a built-in model's shape at real size (its seed is unused: weights come from _Pool).
+Shape = BuiltinModel
 
 PRESETS: dict[str, Shape] = {
     "qwen3-0.6b": Shape(
@@ -65,6 +51,7 @@ PRESETS: dict[str, Shape] = {
         max_position_embeddings=40960,
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
+        seed=0,
     ),
     "llama-3-8b": Shape(
         model_type="llama",
@@ -80,6 +67,7 @@ PRESETS: dict[str, Shape] = {
         max_position_embeddings=8192,
         rope_theta=500_000.0,
         rms_norm_eps=1e-5,
+        seed=0,
     ),
 }
 PRESET_NAMES = ("tiny", *PRESETS)
@@ -239,31 +227,6 @@ def _write_shard(
             _write_tensor(f, t, pool, offsets[t.name], keep_rows)
 
 
-def _config(shape: Shape, base: dict[str, object], dtype: str) -> dict[str, object]:
-    return {
-        "architectures": [shape.architecture],
-        "model_type": shape.model_type,
-        "hidden_size": shape.hidden_size,
-        "num_hidden_layers": shape.num_hidden_layers,
-        "num_attention_heads": shape.num_attention_heads,
-        "num_key_value_heads": shape.num_key_value_heads,
-        "head_dim": shape.head_dim,
-        "intermediate_size": shape.intermediate_size,
-        "vocab_size": shape.vocab_size,
-        "tie_word_embeddings": shape.tie_word_embeddings,
-        "max_position_embeddings": shape.max_position_embeddings,
-        "rope_theta": shape.rope_theta,
-        "rms_norm_eps": shape.rms_norm_eps,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": None,
-        "eos_token_id": base["eos_token_id"],
-        "pad_token_id": base["pad_token_id"],
-        "torch_dtype": dtype,
-    }
-
-
 def _widen_tokenizer(path: Path, vocab_size: int) -> None:
     """Give every id past the tokenizer's own a word (" w12345"), so each generated token streams
     visible text, as a real model's would (an id without a token decodes to nothing)."""
@@ -314,7 +277,8 @@ def build(preset: str, dest: Path, tokenizer_dir: Path, dtype: str, shard_bytes:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     base = json.loads((tokenizer_dir / "config.json").read_text())
-    (dest / "config.json").write_text(json.dumps(_config(shape, base, dtype), indent=2) + "\n")
+    config = model_config(shape, int(base["eos_token_id"]), int(base["pad_token_id"]), dtype)
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dest
 
 

@@ -193,6 +193,33 @@ def _write_json(path: Path, value: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def model_config(
+    spec: BuiltinModel, eos_token_id: int | None, pad_token_id: int | None, dtype: str
+) -> dict[str, Any]:
+    """The `config.json` of a model of `spec`'s shape (also used by bench/ for real-size shapes)."""
+    return {
+        "architectures": [spec.architecture],
+        "model_type": spec.model_type,
+        "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "head_dim": spec.head_dim,
+        "intermediate_size": spec.intermediate_size,
+        "vocab_size": spec.vocab_size,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rope_theta": spec.rope_theta,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "bos_token_id": None,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "torch_dtype": dtype,
+    }
+
+
 def build_model(name: str, dest: Path) -> Path:
     """Write the built-in model `name` into `dest` (created if missing) and return `dest`.
 
@@ -209,30 +236,7 @@ def build_model(name: str, dest: Path) -> Path:
         _weights(spec, _unprintable_ids(tok)), str(dest / "model.safetensors"), {"format": "pt"}
     )
     tok.save(str(dest / "tokenizer.json"))
-    _write_json(
-        dest / "config.json",
-        {
-            "architectures": [spec.architecture],
-            "model_type": spec.model_type,
-            "hidden_size": spec.hidden_size,
-            "num_hidden_layers": spec.num_hidden_layers,
-            "num_attention_heads": spec.num_attention_heads,
-            "num_key_value_heads": spec.num_key_value_heads,
-            "head_dim": spec.head_dim,
-            "intermediate_size": spec.intermediate_size,
-            "vocab_size": spec.vocab_size,
-            "tie_word_embeddings": spec.tie_word_embeddings,
-            "max_position_embeddings": spec.max_position_embeddings,
-            "rope_theta": spec.rope_theta,
-            "rms_norm_eps": spec.rms_norm_eps,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "bos_token_id": None,
-            "eos_token_id": eos_id,
-            "pad_token_id": pad_id,
-            "torch_dtype": "float32",
-        },
-    )
+    _write_json(dest / "config.json", model_config(spec, eos_id, pad_id, "float32"))
     _write_json(
         dest / "generation_config.json",
         {"eos_token_id": eos_id, "pad_token_id": pad_id, "do_sample": False},
