@@ -11,12 +11,21 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmx import __version__
 from lmx.api.auth import require_inference
+from lmx.api.chunks import (
+    chat_body,
+    chat_delta,
+    error_event,
+    lp_chat,
+    lp_text,
+    sse,
+    text_choice,
+    usage,
+)
 from lmx.api.constraints import constraint_for
 from lmx.api.deps import AppDeps
 from lmx.api.generation import (
@@ -32,8 +41,8 @@ from lmx.api.generation import (
 from lmx.api.metrics import Metrics
 from lmx.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from lmx.errors import ModelNotFound, RequestError
-from lmx.runtime.engine import Constraint, Delta, Engine, TokenLogprob
-from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall, make_parser
+from lmx.runtime.engine import Constraint, Delta, Engine
+from lmx.runtime.parsers import Content, make_parser
 
 FINGERPRINT = f"fp_lmx_{__version__}"
 
@@ -64,58 +73,6 @@ async def get_model(model: str, deps: Deps) -> ModelCard:
     if model not in deps.models.servable():
         raise ModelNotFound(model, deps.models.servable())
     return ModelCard(id=model, created=int(deps.served_since_s))
-
-
-def _lp_chat(lps: list[TokenLogprob]) -> dict[str, Any]:
-    return {
-        "content": [
-            {
-                "token": lp.token,
-                "logprob": lp.logprob,
-                "bytes": list(lp.bytes),
-                "top_logprobs": [
-                    {"token": t, "logprob": v, "bytes": list(b)} for t, v, b in lp.top
-                ],
-            }
-            for lp in lps
-        ]
-    }
-
-
-def _tool_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    }
-    if index is not None:
-        out["index"] = index
-    return out
-
-
-def _usage(states: list[ChoiceState], prompts: int = 1) -> dict[str, Any]:
-    # Each prompt counts once, however many choices share it.
-    per_prompt = len(states) // max(prompts, 1)
-    prompt = sum(s.prompt_tokens for s in states[::per_prompt]) if states else 0
-    completion = sum(s.completion_tokens for s in states)
-    cached = sum(s.cached_tokens for s in states[::per_prompt]) if states else 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-def _sse(obj: dict[str, Any] | str) -> bytes:
-    data = obj.encode() if isinstance(obj, str) else orjson.dumps(obj)
-    return b"data: " + data + b"\n\n"
-
-
-def _error_event(message: str) -> bytes:
-    return _sse(
-        {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-    )
 
 
 class _Generation:
@@ -228,50 +185,13 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
     if not body.stream:
         async for i, delta in gen.deltas():
             states[i].absorb(delta)
-        return JSONResponse(_chat_body(base, states))
+        return JSONResponse(chat_body(base, states))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
         _chat_events(base, gen, states, include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-def _chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]:
-    choices = []
-    for s in states:
-        if s.error is not None:
-            raise RuntimeError(s.error)
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(s.content) or None}
-        if s.reasoning:
-            message["reasoning_content"] = "".join(s.reasoning)
-        if s.tool_calls:
-            message["tool_calls"] = [_tool_json(c) for c in s.tool_calls]
-        elif message["content"] is None:
-            message["content"] = ""
-        choices.append(
-            {
-                "index": s.index,
-                "message": message,
-                "logprobs": _lp_chat(s.logprobs) if s.logprobs else None,
-                "finish_reason": s.finish_reason,
-            }
-        )
-    return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(states)}
-
-
-def _chat_delta(pieces: list[Piece], state: ChoiceState, n_calls: int) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
-    content = "".join(p.text for p in pieces if isinstance(p, Content))
-    reasoning = "".join(p.text for p in pieces if isinstance(p, Reasoning))
-    calls = [p for p in pieces if isinstance(p, ToolCall)]
-    if content:
-        delta["content"] = content
-    if reasoning:
-        delta["reasoning_content"] = reasoning
-    if calls:
-        delta["tool_calls"] = [_tool_json(c, n_calls + k) for k, c in enumerate(calls)]
-    return delta
 
 
 async def _chat_events(
@@ -282,26 +202,26 @@ async def _chat_events(
         chunk["usage"] = None
     for s in states:
         role = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-        yield _sse({**chunk, "choices": [{**role, "finish_reason": None}]})
+        yield sse({**chunk, "choices": [{**role, "finish_reason": None}]})
     async for i, d in gen.deltas():
         state = states[i]
         n_calls = len(state.tool_calls)
         lp_before = len(state.logprobs)
         pieces = state.absorb(d)
         if state.error is not None:
-            yield _error_event(state.error)
+            yield error_event(state.error)
             break
-        delta = _chat_delta(pieces, state, n_calls)
+        delta = chat_delta(pieces, state, n_calls)
         lps = state.logprobs[lp_before:]
         if delta or lps or state.finish_reason:
-            yield _sse(
+            yield sse(
                 {
                     **chunk,
                     "choices": [
                         {
                             "index": i,
                             "delta": delta,
-                            "logprobs": _lp_chat(lps) if lps else None,
+                            "logprobs": lp_chat(lps) if lps else None,
                             "finish_reason": state.finish_reason,
                         }
                     ],
@@ -309,21 +229,8 @@ async def _chat_events(
             )
     else:
         if include_usage:
-            yield _sse({**chunk, "choices": [], "usage": _usage(states)})
-    yield _sse("[DONE]")
-
-
-def _lp_text(lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
-    offsets, pos = [], offset0
-    for lp in lps:
-        offsets.append(pos)
-        pos += len(lp.token)
-    return {
-        "tokens": [lp.token for lp in lps],
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{t: v for t, v, _ in lp.top} for lp in lps],
-        "text_offset": offsets,
-    }
+            yield sse({**chunk, "choices": [], "usage": usage(states)})
+    yield sse("[DONE]")
 
 
 @router.post("/completions", response_model=None)
@@ -374,7 +281,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             if s.error is not None:
                 raise RuntimeError(s.error)
             text = "".join(s.content)
-            lps = _lp_text(s.logprobs, len(prefixes[s.index])) if want_lp else None
+            lps = lp_text(s.logprobs, len(prefixes[s.index])) if want_lp else None
             choices.append(
                 {
                     "index": s.index,
@@ -383,7 +290,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
                     "finish_reason": s.finish_reason,
                 }
             )
-        return JSONResponse({**base, "choices": choices, "usage": _usage(states, n_prompts)})
+        return JSONResponse({**base, "choices": choices, "usage": usage(states, n_prompts)})
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[bytes]:
@@ -391,27 +298,23 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             base["usage"] = None
         for s in states:
             if prefixes[s.index]:
-                yield _sse({**base, "choices": [_text_choice(s.index, prefixes[s.index])]})
+                yield sse({**base, "choices": [text_choice(s.index, prefixes[s.index])]})
         async for i, d in gen.deltas():
             s = states[i]
             lp_before = len(s.logprobs)
             pieces = s.absorb(d)
             if s.error is not None:
-                yield _error_event(s.error)
+                yield error_event(s.error)
                 break
             text = "".join(p.text for p in pieces if isinstance(p, Content))
             lps = s.logprobs[lp_before:]
             if text or lps or s.finish_reason:
-                choice = _text_choice(i, text, s.finish_reason)
-                choice["logprobs"] = _lp_text(lps, 0) if want_lp and lps else None
-                yield _sse({**base, "choices": [choice]})
+                choice = text_choice(i, text, s.finish_reason)
+                choice["logprobs"] = lp_text(lps, 0) if want_lp and lps else None
+                yield sse({**base, "choices": [choice]})
         else:
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(states, n_prompts)})
-        yield _sse("[DONE]")
+                yield sse({**base, "choices": [], "usage": usage(states, n_prompts)})
+        yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _text_choice(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}

@@ -13,7 +13,7 @@ import gc
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +23,6 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from lmx.errors import QueueFull, RequestError
 from lmx.runtime.engine import (
@@ -36,8 +35,8 @@ from lmx.runtime.engine import (
 )
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
-from lmx.runtime.parsers import detect_reasoning, detect_tool_parser
-from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher, byte_level_table
+from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
 
 log = structlog.get_logger(__name__)
 
@@ -57,59 +56,6 @@ def _params(model: Any) -> list[tuple[str, Any]]:
 
 def device_name() -> str:
     return str(mx.default_device())
-
-
-class MlxTokenizer:
-    """The Tokenizer protocol over mlx-lm's TokenizerWrapper. Thread-safe for encode/decode."""
-
-    def __init__(self, wrapper: Any, config: LoadConfig, marker_ids: Mapping[str, int]) -> None:
-        self._w = wrapper
-        self.marker_ids = marker_ids
-        # Byte-level BPE (GPT-2 style) gets a table-driven detokenizer; others decode a window.
-        detok = wrapper._detokenizer
-        self._byte_table = (
-            byte_level_table(detok.tokenmap) if isinstance(detok, BPEStreamingDetokenizer) else None
-        )
-        self.eos_token_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
-        template = getattr(wrapper, "chat_template", None)
-        vocab = wrapper.get_vocab()
-        self.tool_parser = config.tool_parser or detect_tool_parser(template, vocab)
-        if self.tool_parser == "none":
-            self.tool_parser = None
-        self.reasoning = (
-            config.reasoning_parser != "none"
-            if config.reasoning_parser
-            else detect_reasoning(template, vocab)
-        )
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._w.encode(text))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._w.decode(list(ids)))
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
-        extra: Mapping[str, Any] | None = None,
-    ) -> list[int]:
-        text = self._w.apply_chat_template(
-            list(messages),
-            tools=list(tools) if tools else None,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            **dict(extra or {}),
-        )
-        return list(self._w.encode(text, add_special_tokens=False))
-
-    def detokenizer(self, context: Sequence[int]) -> ByteDecoder | IncrementalDecoder:
-        """A fresh streaming detokenizer for one sequence whose prompt ends with `context`."""
-        if self._byte_table is not None:
-            return ByteDecoder(self._byte_table)
-        return IncrementalDecoder(self.decode, context[-6:])
 
 
 @dataclass(eq=False)

@@ -1,0 +1,119 @@
+"""Rendering OpenAI wire objects: chat messages and chunks, text choices, logprobs, usage, SSE.
+
+Pure functions over the API's accumulated choice state; the /v1 routes call them and never build
+these shapes by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from lmx.api.generation import ChoiceState
+from lmx.runtime.engine import TokenLogprob
+from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+
+
+def lp_chat(lps: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": list(lp.bytes),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(b)} for t, v, b in lp.top
+                ],
+            }
+            for lp in lps
+        ]
+    }
+
+
+def tool_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def usage(states: list[ChoiceState], prompts: int = 1) -> dict[str, Any]:
+    # Each prompt counts once, however many choices share it.
+    per_prompt = len(states) // max(prompts, 1)
+    prompt = sum(s.prompt_tokens for s in states[::per_prompt]) if states else 0
+    completion = sum(s.completion_tokens for s in states)
+    cached = sum(s.cached_tokens for s in states[::per_prompt]) if states else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def sse(obj: dict[str, Any] | str) -> bytes:
+    data = obj.encode() if isinstance(obj, str) else orjson.dumps(obj)
+    return b"data: " + data + b"\n\n"
+
+
+def error_event(message: str) -> bytes:
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
+def chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]:
+    choices = []
+    for s in states:
+        if s.error is not None:
+            raise RuntimeError(s.error)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(s.content) or None}
+        if s.reasoning:
+            message["reasoning_content"] = "".join(s.reasoning)
+        if s.tool_calls:
+            message["tool_calls"] = [tool_json(c) for c in s.tool_calls]
+        elif message["content"] is None:
+            message["content"] = ""
+        choices.append(
+            {
+                "index": s.index,
+                "message": message,
+                "logprobs": lp_chat(s.logprobs) if s.logprobs else None,
+                "finish_reason": s.finish_reason,
+            }
+        )
+    return {**base, "object": "chat.completion", "choices": choices, "usage": usage(states)}
+
+
+def chat_delta(pieces: list[Piece], state: ChoiceState, n_calls: int) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    content = "".join(p.text for p in pieces if isinstance(p, Content))
+    reasoning = "".join(p.text for p in pieces if isinstance(p, Reasoning))
+    calls = [p for p in pieces if isinstance(p, ToolCall)]
+    if content:
+        delta["content"] = content
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if calls:
+        delta["tool_calls"] = [tool_json(c, n_calls + k) for k, c in enumerate(calls)]
+    return delta
+
+
+def lp_text(lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
+    offsets, pos = [], offset0
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{t: v for t, v, _ in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def text_choice(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}

@@ -1,0 +1,69 @@
+"""The Tokenizer protocol over mlx-lm's TokenizerWrapper: templates, encode/decode, detokenizers.
+
+Built by the MLX engine on its worker thread at load; encode/decode are then safe from any thread.
+Knows the model family's tool-call format and whether it writes <think> blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+from lmx.runtime.engine import LoadConfig
+from lmx.runtime.parsers import detect_reasoning, detect_tool_parser
+from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, byte_level_table
+
+
+class MlxTokenizer:
+    """The Tokenizer protocol over mlx-lm's TokenizerWrapper. Thread-safe for encode/decode."""
+
+    def __init__(self, wrapper: Any, config: LoadConfig, marker_ids: Mapping[str, int]) -> None:
+        self._w = wrapper
+        self.marker_ids = marker_ids
+        # Byte-level BPE (GPT-2 style) gets a table-driven detokenizer; others decode a window.
+        detok = wrapper._detokenizer
+        self._byte_table = (
+            byte_level_table(detok.tokenmap) if isinstance(detok, BPEStreamingDetokenizer) else None
+        )
+        self.eos_token_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
+        template = getattr(wrapper, "chat_template", None)
+        vocab = wrapper.get_vocab()
+        self.tool_parser = config.tool_parser or detect_tool_parser(template, vocab)
+        if self.tool_parser == "none":
+            self.tool_parser = None
+        self.reasoning = (
+            config.reasoning_parser != "none"
+            if config.reasoning_parser
+            else detect_reasoning(template, vocab)
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._w.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._w.decode(list(ids)))
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        text = self._w.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **dict(extra or {}),
+        )
+        return list(self._w.encode(text, add_special_tokens=False))
+
+    def detokenizer(self, context: Sequence[int]) -> ByteDecoder | IncrementalDecoder:
+        """A fresh streaming detokenizer for one sequence whose prompt ends with `context`."""
+        if self._byte_table is not None:
+            return ByteDecoder(self._byte_table)
+        return IncrementalDecoder(self.decode, context[-6:])
