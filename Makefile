@@ -9,9 +9,11 @@ BACKEND ?= cpu
 PY := $(VENV)/bin/python
 UNAME := $(shell uname -s)
 ifeq ($(UNAME),Darwin)
-  EXTRAS :=
+  RUN_SPEC := .
+  DEV_SPEC := .[dev,bench]
 else
-  EXTRAS := $(BACKEND)
+  RUN_SPEC := .[$(BACKEND)]
+  DEV_SPEC := .[$(BACKEND),dev,bench]
 endif
 
 .PHONY: serve test lint bench clean
@@ -25,16 +27,14 @@ $(VENV)/.installed-$(BACKEND): pyproject.toml | $(PY)
 	@# mlx-cpu and mlx-cuda-13 both ship libmlx.so: keep exactly one backend installed.
 	@if [ "$(BACKEND)" = cuda ]; then $(PY) -m pip uninstall --quiet -y mlx-cpu 2>/dev/null || true; fi
 	@if [ "$(BACKEND)" = cpu ]; then $(PY) -m pip uninstall --quiet -y mlx-cuda-13 2>/dev/null || true; fi
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -e "$(RUN_SPEC)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 $(VENV)/.dev-$(BACKEND): $(VENV)/.installed-$(BACKEND)
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)$(if $(EXTRAS),$(comma))dev,bench]"
+	$(PY) -m pip install --quiet -e "$(DEV_SPEC)"
 	@rm -f $(VENV)/.dev-*
 	@touch $@
-
-comma := ,
 
 serve: $(VENV)/.installed-$(BACKEND)
 	$(VENV)/bin/lmx serve
@@ -49,7 +49,8 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 bench: $(VENV)/.dev-$(BACKEND)
-	$(PY) -m bench.loadgen --help
+	$(PY) -m bench.run_throughput --preset tiny --out bench/results/
+	$(PY) -m bench.bench_plan
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
