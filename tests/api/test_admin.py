@@ -252,3 +252,15 @@ async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncCli
     assert 'lmx_requests_total{route="/admin/status",status="200"}' in text
     assert 'lmx_requests_total{route="/admin/desired",status="401"}' in text
     assert "# TYPE lmx_time_to_first_token_seconds histogram" in text
+
+
+async def test_beyond_loopback_admin_reads_need_the_key_too(world: World) -> None:
+    control = Control(world.r, DesiredEditor(world.config_path, world.r))
+    keys = Keys(admin=lambda: KEY, protect_admin_reads=True)
+    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=keys)
+    transport = httpx.ASGITransport(app=create_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+        for path in ("/admin/status", "/admin/desired", "/admin/plan"):
+            assert (await c.get(path)).status_code == 401
+            assert (await c.get(path, headers=AUTH)).status_code == 200
+        assert (await c.get("/healthz")).status_code == 200
