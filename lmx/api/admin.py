@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmx.api.auth import require_admin
 from lmx.api.deps import AppDeps, Control
+from lmx.api.schemas import ErrorEnvelope
 from lmx.errors import ConfigError, RequestError
 from lmx.reconciler.actions import plan_json
 from lmx.reconciler.editing import EditResult
@@ -47,7 +48,11 @@ async def write_access(request: Request, deps: Annotated[AppDeps, Depends(_deps)
 
 Reader = Annotated[Control, Depends(read_access)]
 Writer = Annotated[Control, Depends(write_access)]
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    responses={code: {"model": ErrorEnvelope} for code in (401, 412, 422)},
+)
 
 
 def _desired_response(control: Control, data: dict[str, Any], etag: str) -> JSONResponse:

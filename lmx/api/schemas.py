@@ -103,13 +103,6 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

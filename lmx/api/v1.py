@@ -39,7 +39,13 @@ from lmx.api.generation import (
     sampling_params,
 )
 from lmx.api.metrics import Metrics
-from lmx.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from lmx.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorEnvelope,
+    ModelCard,
+    ModelList,
+)
 from lmx.errors import ModelNotFound, RequestError
 from lmx.runtime.engine import Constraint, Delta, Engine
 from lmx.runtime.parsers import Content, make_parser
@@ -59,7 +65,12 @@ async def inference_access(request: Request, deps: Deps) -> None:
     require_inference(deps.keys, request)
 
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(inference_access)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(inference_access)],
+    responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 429, 503)},
+)
 
 
 @router.get("/models", response_model=ModelList)

@@ -161,7 +161,6 @@ class MemorySpec(_Strict):
 class ServerSpec(_Strict):
     admin_key: str | None = None
     api_keys: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
 
 
 class DownloadsSpec(_Strict):
