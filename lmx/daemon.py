@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -173,5 +174,8 @@ def run(settings: Settings) -> int:
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, into the handler that was there
+    # before it: a no-op one makes a requested stop exit 0 (launchd/systemd: not a failure).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run(sockets=[sock])
     return 0 if server.started else 1

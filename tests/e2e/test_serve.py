@@ -125,3 +125,13 @@ def _readyz(d: Daemon) -> tuple[int, object] | None:
     except httpx.HTTPError:
         return None
     return r.status_code, r.json()
+
+
+def test_sigterm_stops_gracefully_after_unloading(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory(tmp_path / "graceful")
+    assert d.stop() == 0
+    log = d.log()
+    assert '"event": "lmx_stopped"' in log
+    assert "Traceback" not in log
