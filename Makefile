@@ -24,9 +24,11 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-$(BACKEND): pyproject.toml | $(PY)
-	@# mlx-cpu and mlx-cuda-13 both ship libmlx.so: keep exactly one backend installed.
-	@if [ "$(BACKEND)" = cuda ]; then $(PY) -m pip uninstall --quiet -y mlx-cpu 2>/dev/null || true; fi
-	@if [ "$(BACKEND)" = cpu ]; then $(PY) -m pip uninstall --quiet -y mlx-cuda-13 2>/dev/null || true; fi
+	@# mlx-cpu and mlx-cuda-13 both ship mlx/lib/libmlx.so: when switching, remove both (either
+	@# one's uninstall deletes the shared file) so that the chosen backend installs cleanly.
+	@other=$$([ "$(BACKEND)" = cuda ] && echo mlx-cpu || echo mlx-cuda-13); \
+	if $(PY) -m pip show -q $$other >/dev/null 2>&1; then \
+		$(PY) -m pip uninstall --quiet -y mlx-cpu mlx-cuda-13; fi
 	$(PY) -m pip install --quiet -e "$(RUN_SPEC)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
