@@ -107,6 +107,7 @@ class Daemon:
             registry=self.registry,
             models=self.reconciler,
             control=Control(self.reconciler, DesiredEditor(settings.config_path, self.reconciler)),
+            cors_origins=lambda: self.reconciler.desired.server.cors_origins,
             keys=Keys(
                 admin=self.admin_key,
                 inference=lambda: self.reconciler.desired.server.api_keys,

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmx import __version__
 from lmx.api import admin, errors, v1
+from lmx.api.cors import DynamicCORS
 from lmx.api.deps import AppDeps
 from lmx.api.generation import new_id
 from lmx.api.metrics import Metrics
@@ -100,6 +101,7 @@ def create_app(
     app.include_router(admin.router)
 
     app.add_middleware(RequestContext, metrics=deps.metrics)
+    app.add_middleware(DynamicCORS, origins=deps.cors_origins)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

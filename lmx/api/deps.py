@@ -6,6 +6,7 @@ it with the real reconciler and registry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ class AppDeps:
     registry: EngineRegistry
     models: ModelDirectory
     control: Control | None = None
+    cors_origins: Callable[[], tuple[str, ...]] = lambda: ()
     keys: Keys = field(default_factory=Keys)
     metrics: Metrics = field(default_factory=Metrics)
     served_since_s: float = 0.0

@@ -161,6 +161,8 @@ class MemorySpec(_Strict):
 class ServerSpec(_Strict):
     admin_key: str | None = None
     api_keys: tuple[str, ...] = ()
+    # Browser origins allowed to call the API (e.g. "http://localhost:3000"); "*" allows any.
+    cors_origins: tuple[str, ...] = ()
 
 
 class DownloadsSpec(_Strict):
