@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import struct
 import threading
@@ -155,7 +156,12 @@ class ModelStore:
         if source.startswith(("/", "~", "./", "../", "file:")):
             path = Path(source.removeprefix("file:")).expanduser()
             return path if path.is_absolute() or self._base_dir is None else self._base_dir / path
-        return self.home / "models" / source.replace("/", "--")
+        # `main` follows the branch in place; any other revision gets a directory of its own, so
+        # two models of one repo at different revisions never overwrite each other's files.
+        name = source.replace("/", "--")
+        if revision != "main":
+            name += "@" + re.sub(r"[^A-Za-z0-9._-]", "_", revision)
+        return self.home / "models" / name
 
     def is_downloaded(self, source: str, revision: str = "main") -> bool:
         """Whether the files for `source` at `revision` are complete on disk. Never raises."""

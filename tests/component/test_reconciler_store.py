@@ -100,6 +100,16 @@ def test_sources_resolve_to_their_directories(tmp_path: Path) -> None:
     assert not store.is_downloaded("org/name")
 
 
+def test_each_pinned_revision_of_a_repo_has_its_own_directory(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    main = store.locate("org/name", "main")
+    v1 = store.locate("org/name", "v1.0")
+    sha = store.locate("org/name", "0123abcd" * 5)
+    assert len({main, v1, sha}) == 3
+    assert v1.name == "org--name@v1.0"
+    assert store.locate("org/name", "refs/pr/1").name == "org--name@refs_pr_1"
+
+
 def test_builtin_models_are_built_into_the_store(tmp_path: Path) -> None:
     built: list[str] = []
 
