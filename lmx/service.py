@@ -16,7 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 from xml.sax.saxutils import escape as xml_escape
 
 from lmx.errors import LmxError
+from lmx.runtime import files
 from lmx.settings import DEFAULT_HOST, DEFAULT_PORT, Settings, default_home
 
 LABEL = "com.opta.lmx"
@@ -142,18 +142,7 @@ def write_atomic(path: Path, text: str) -> bool:
     returns False, writing nothing, when the content is already `text`."""
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, text, mode=0o644)
     return True
 
 

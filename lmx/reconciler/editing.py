@@ -23,8 +23,8 @@ from lmx.reconciler.writeback import (
     load_tree,
     merge_patch,
     to_plain,
-    write_atomic,
 )
+from lmx.runtime.files import write_atomic
 
 _CAS_ATTEMPTS = 3
 

@@ -9,7 +9,6 @@ load config quarantine it. Blocking file I/O: calls take milliseconds and run on
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
+from lmx.runtime.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -106,10 +107,4 @@ class Journal:
 
     def _write(self) -> None:
         data = {"format": _FORMAT, "pending": self._pending, "crashes": self._crashes}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))

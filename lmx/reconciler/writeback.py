@@ -1,18 +1,15 @@
-"""Writing an accepted change back to the user's config.yaml: merge patch, comments kept, atomic.
+"""Writing an accepted change back to the user's config.yaml: merge patch, comments kept.
 
 Called by the reconciler's PATCH path. RFC 7396 merge patches are applied to ruamel's round-trip
-tree so untouched keys keep their comments and order. Writes go to a temp file in the same
-directory, are fsynced, then renamed over the file: a crash leaves the old or the new file whole.
+tree so untouched keys keep their comments and order. The file itself is replaced with
+`lmx.runtime.files.write_atomic`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
@@ -75,25 +72,3 @@ def dump_tree(tree: CommentedMap) -> str:
     buf = io.StringIO()
     _yaml().dump(tree, buf)
     return buf.getvalue()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text`: temp file, fsync, rename, fsync the directory. Keeps the mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final
+
+from lmx.runtime.files import fsync_dir, write_atomic
 
 MANIFEST_NAME: Final = ".lmx-download.json"
 PARTIAL_DIR: Final = ".lmx-partial"  # partial files and the verified-file journal live here
@@ -170,23 +171,7 @@ def size_of(path: Path) -> int | None:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    # Makes renames durable; some platforms cannot open a directory, which only costs durability.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def _file_to_json(f: RemoteFile) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import struct
@@ -26,6 +25,7 @@ import structlog
 from lmx.errors import PermanentError
 from lmx.runtime import builtin, downloads
 from lmx.runtime.downloads import ProgressEvent, RepoSnapshot
+from lmx.runtime.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -310,11 +310,7 @@ class ModelStore:
                 "weights_bytes": int(weights_bytes),
                 "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            self.home.mkdir(parents=True, exist_ok=True)
-            target = self.home / "footprints.json"
-            tmp = target.with_name(f".footprints.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1, sort_keys=True), encoding="utf-8")
-            tmp.replace(target)
+            write_atomic(self.home / "footprints.json", json.dumps(table, indent=1, sort_keys=True))
 
     def _measurements(self) -> dict[str, dict[str, Any]]:
         if self._measured is None:

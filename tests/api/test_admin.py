@@ -207,9 +207,9 @@ async def test_status_plan_and_readyz(client: httpx.AsyncClient) -> None:
 CRASH_BETWEEN_WRITE_AND_RENAME = """
 import os, sys
 from pathlib import Path
-from lmx.reconciler import writeback
+from lmx.runtime import files
 os.replace = lambda *_: os._exit(9)  # the process dies after the temp file is written
-writeback.write_atomic(Path(sys.argv[1]), "models:\\n  a: {source: builtin:tiny}\\n" * 1000)
+files.write_atomic(Path(sys.argv[1]), "models:\\n  a: {source: builtin:tiny}\\n" * 1000)
 """
 
 
