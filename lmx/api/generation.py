@@ -15,7 +15,7 @@ from typing import Any
 
 from lmx.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from lmx.errors import RequestError
-from lmx.runtime.engine import Constraint, Delta, Engine, GenerationRequest, SamplingParams
+from lmx.runtime.engine import Delta, Engine, SamplingParams
 from lmx.runtime.parsers import Content, OutputParser, Piece, Reasoning, ToolCall, make_parser
 
 
@@ -209,9 +209,3 @@ async def merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int
             t.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def engine_request(
-    prompt: list[int], params: SamplingParams, constraint: Constraint | None
-) -> GenerationRequest:
-    return GenerationRequest(prompt_tokens=prompt, params=params, constraint=constraint)

@@ -32,7 +32,6 @@ from lmx.api.generation import (
     ChoiceState,
     chat_prompt,
     completion_prompts,
-    engine_request,
     merged,
     new_id,
     output_parser,
@@ -47,7 +46,7 @@ from lmx.api.schemas import (
     ModelList,
 )
 from lmx.errors import ModelNotFound, RequestError
-from lmx.runtime.engine import Constraint, Delta, Engine
+from lmx.runtime.engine import Delta, Engine, GenerationRequest
 from lmx.runtime.parsers import Content, make_parser
 
 FINGERPRINT = f"fp_lmx_{__version__}"
@@ -114,14 +113,14 @@ class _Generation:
         cls,
         deps: AppDeps,
         model: str,
-        build: Callable[[Engine], list[tuple[list[int], Any, Constraint | None]]],
-    ) -> tuple[_Generation, Engine, list[list[int]]]:
+        build: Callable[[Engine], list[GenerationRequest]],
+    ) -> tuple[_Generation, Engine, list[GenerationRequest]]:
         model_id = await deps.models.ensure_ready(model)
         stack = AsyncExitStack()
         try:
             engine = await stack.enter_async_context(deps.registry.acquire(model_id))
-            jobs = build(engine)
-            streams = [engine.stream(engine_request(p, params, c)) for p, params, c in jobs]
+            requests = build(engine)
+            streams = [engine.stream(r) for r in requests]
             gen = cls(stack, merged(streams), model_id, deps.metrics)
             stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]
             # Wait for the first delta so that queue-full and bad-request errors get a status code.
@@ -129,7 +128,7 @@ class _Generation:
         except BaseException:
             await stack.aclose()
             raise
-        return gen, engine, [p for p, _, _ in jobs]
+        return gen, engine, requests
 
     def _observe(self, i: int, d: Delta) -> None:
         now = time.perf_counter()
@@ -167,11 +166,11 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
     if body.top_logprobs and not want_lp:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
 
-    def build(engine: Engine) -> list[tuple[list[int], Any, Constraint | None]]:
+    def build(engine: Engine) -> list[GenerationRequest]:
         constraint = constraint_for(body, engine)
         prompt = chat_prompt(body, engine, thinking=constraint is None)
         return [
-            (
+            GenerationRequest(
                 prompt,
                 sampling_params(
                     body,
@@ -187,9 +186,10 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
             for i in range(body.n)
         ]
 
-    gen, engine, prompts = await _Generation.start(deps, body.model, build)
+    gen, engine, requests = await _Generation.start(deps, body.model, build)
     states = [
-        ChoiceState(i, output_parser(engine, prompts[0], tools=tools_on)) for i in range(body.n)
+        ChoiceState(i, output_parser(engine, requests[0].prompt_tokens, tools=tools_on))
+        for i in range(body.n)
     ]
     rid, created = new_id("chatcmpl"), int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": FINGERPRINT}
@@ -250,9 +250,9 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         raise RequestError("suffix is not supported", param="suffix")
     want_lp = body.logprobs is not None
 
-    def build(engine: Engine) -> list[tuple[list[int], Any, Constraint | None]]:
+    def build(engine: Engine) -> list[GenerationRequest]:
         return [
-            (
+            GenerationRequest(
                 prompt,
                 sampling_params(
                     body,
@@ -263,13 +263,13 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
                     logprobs=want_lp,
                     top_logprobs=body.logprobs or 0,
                 ),
-                None,
             )
             for prompt in completion_prompts(body, engine)
             for i in range(body.n)
         ]
 
-    gen, engine, prompts = await _Generation.start(deps, body.model, build)
+    gen, engine, requests = await _Generation.start(deps, body.model, build)
+    prompts = [r.prompt_tokens for r in requests]
     prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
     # A text completion is the raw continuation: no reasoning or tool-call splitting.
     states = [
