@@ -103,7 +103,7 @@ async def bench_latency(trials: int) -> dict[str, Any]:
             ReconcilerSettings(home=home),
             registry=registry,
             store=ModelStore(home, base_dir=Path(tmp)),
-            memory=MemoryProbe(mlx_engine.mlx_counters, clear_cache=mlx_engine.clear_cache),
+            memory=MemoryProbe(mlx_engine.mlx_counters),
             config_path=config,
         )
         events = r.subscribe()

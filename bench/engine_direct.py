@@ -1,8 +1,8 @@
-"""The middle layer: lmx's MlxEngine driven in-process through its async `stream`, no HTTP.
+"""The middle layer: lmx's MlxEngine driven through its async `stream`, no HTTP.
 
 Between the raw BatchGenerator and lmx over HTTP, this isolates the engine's own cost (worker
-thread, queues, detokenizer, stop matching) from the API's. Used by run_throughput when given
-`--engine-layer`; it loads a second copy of the model in the benchmark process.
+process, messages, detokenizer, stop matching) from the API's. Used by run_throughput when given
+`--engine-layer`; it loads a second copy of the model (in a worker process of its own).
 """
 
 from __future__ import annotations

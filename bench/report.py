@@ -116,7 +116,7 @@ class Report:
         if any(p.engine is not None for p in self.points):
             lines += [
                 "",
-                "lmx's engine in-process (no HTTP), same prompts:",
+                "lmx's engine without HTTP, same prompts:",
                 "",
                 "| streams | raw tok/s | engine tok/s | engine/raw | ITL p50 ms raw / engine |",
                 "|---:|---:|---:|---:|---:|",

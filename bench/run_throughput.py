@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--engine-layer",
         action="store_true",
-        help="also measure lmx's engine in-process without HTTP (a second copy of the model)",
+        help="also measure lmx's engine without HTTP (a second copy of the model)",
     )
     p.add_argument("--note", action="append", default=[], help="a line for the report")
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ the model and stops it on exit (SIGINT, then SIGTERM, then SIGKILL). Called by r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -102,11 +103,15 @@ class LmxServer:
         return r.status_code == 200
 
     def cpu_s(self) -> float:
-        """CPU seconds the server process has used so far (all threads)."""
+        """CPU seconds the server and its model workers have used so far (all threads)."""
         if self.process is None:
             return 0.0
-        t = self.process.cpu_times()
-        return float(t.user + t.system)
+        total = 0.0
+        for p in (self.process, *self.process.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
 
     def log_tail(self, n: int = 40) -> str:
         try:

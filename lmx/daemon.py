@@ -94,8 +94,12 @@ class Daemon:
         self.settings = settings
         self._file_key = ensure_admin_key(settings.home / "admin.key")
         self.registry = EngineRegistry(MlxEngine)
-        self.memory = MemoryProbe(mlx_engine.mlx_counters, clear_cache=mlx_engine.clear_cache)
-        self.store = ModelStore(settings.home, base_dir=settings.config_path.parent)
+        self.memory = MemoryProbe(mlx_engine.mlx_counters)
+        self.store = ModelStore(
+            settings.home,
+            base_dir=settings.config_path.parent,
+            engine_process_bytes=mlx_engine.WORKER_PROCESS_BYTES,
+        )
         self.reconciler = Reconciler(
             ReconcilerSettings(home=settings.home),
             registry=self.registry,

@@ -14,7 +14,7 @@ import json
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,10 +119,17 @@ class FakeEngine:
         self._factory = factory
         self._state = EngineState.UNLOADED
         self._bytes = 0
+        self.on_failure: Callable[[str], None] = lambda _reason: None
 
     @property
     def state(self) -> EngineState:
         return self._state
+
+    def crash(self, reason: str = "injected crash") -> None:
+        """Fail on its own, as a worker process that died would: memory gone, registry told."""
+        self._state = EngineState.FAILED
+        self._factory.memory.free(id(self))
+        self.on_failure(reason)
 
     @property
     def tokenizer(self) -> FakeTokenizer:

@@ -132,10 +132,13 @@ class Tokenizer(Protocol):
 class Engine(Protocol):
     """One loaded model. `load`/`unload` block and must run on a worker thread; `stream` is async.
 
-    Implementations own their MLX calls on one thread of their own and never block the event loop.
+    Implementations keep their MLX calls off the event loop (the MLX engine: in a process of its
+    own) and never block it.
     """
 
     config: LoadConfig
+    # Set by the registry; called (from any thread) when a loaded engine fails on its own.
+    on_failure: Callable[[str], None]
 
     @property
     def state(self) -> EngineState: ...

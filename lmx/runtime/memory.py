@@ -1,12 +1,15 @@
-"""Memory accounting with two signals: MLX's own counters and psutil's view of the process.
+"""Memory accounting with two signals: MLX's own counters and psutil's view of the processes.
 
 The reconciler samples before and after each load (the measured footprint) and each unload (did
-the memory come back?). MLX's counters reach this module only through the `counters` callable the
-engine module passes in: nothing here imports mlx. Blocking calls (`release`) belong on a thread.
+the memory come back?). Models live in worker processes (`lmx.runtime.mlx_worker`): MLX's
+counters reach this module only through the `counters` callable the engine module passes in
+(nothing here imports mlx), and the resident set is the daemon's plus its children's.
+Blocking calls (`release`) belong on a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import sys
@@ -19,7 +22,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 MlxCounters = Callable[[], tuple[int, int]]
-"""Returns MLX's (active, cache) bytes for the process, e.g. `mlx_engine.mlx_counters`."""
+"""Returns MLX's (active, cache) bytes of the engines, e.g. `mlx_engine.mlx_counters`."""
 
 # Memory that an unload returns may fall short of what the load took by this much: allocator
 # slack, Python objects, the tokenizer. Beyond it the memory is reported as not released.
@@ -31,7 +34,7 @@ RELEASE_SLACK_RATIO = 0.2
 class MemorySample:
     total_bytes: int  # physical memory of the machine
     available_bytes: int  # what the OS could give without swapping
-    rss_bytes: int  # this process
+    rss_bytes: int  # this process and its children (the model workers)
     mlx_active_bytes: int
     mlx_cache_bytes: int
 
@@ -96,7 +99,6 @@ class MemoryProbe:
     """Samples memory and asks the allocators to give freed memory back.
 
     `counters`: MLX's (active, cache) bytes, or None where no MLX engine runs (then 0, 0).
-    `clear_cache`: empties MLX's buffer cache (the engine also does this on unload).
     `rss` and `trim` are for tests and platforms that need another process view or allocator.
     """
 
@@ -104,15 +106,20 @@ class MemoryProbe:
         self,
         counters: MlxCounters | None = None,
         *,
-        clear_cache: Callable[[], None] | None = None,
         rss: Callable[[], int] | None = None,
         trim: Callable[[], None] | None = None,
     ) -> None:
         self._counters = counters
-        self._clear_cache = clear_cache
         self._process = psutil.Process()
-        self._rss = rss or (lambda: int(self._process.memory_info().rss))
+        self._rss = rss or self._tree_rss
         self._trim = trim if trim is not None else _find_malloc_trim()
+
+    def _tree_rss(self) -> int:
+        total = int(self._process.memory_info().rss)
+        for child in self._process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it exited meanwhile
+                total += int(child.memory_info().rss)
+        return total
 
     @property
     def can_trim(self) -> bool:
@@ -130,12 +137,10 @@ class MemoryProbe:
         )
 
     def release(self, *, collect: bool = False) -> None:
-        """Drop MLX's cache and trim the C heap; with `collect`, run a full garbage collection
-        first (it holds the GIL for as long as it takes: 0.2 s in a loaded daemon is common).
-        Blocking: run it on a thread."""
+        """Trim the C heap; with `collect`, run a full garbage collection first (it holds the GIL
+        for as long as it takes: 0.2 s in a loaded daemon is common). A worker's memory returns
+        when it exits. Blocking: run it on a thread."""
         if collect:
             gc.collect()
-        if self._clear_cache is not None:
-            self._clear_cache()
         if self._trim is not None:
             self._trim()

@@ -1,57 +1,57 @@
-"""The MLX engine: one model, one worker thread that owns every MLX call, continuous batching.
+"""The MLX engine: one model, served by a worker process of its own (`lmx.runtime.mlx_worker`).
 
-Built on mlx-lm's BatchGenerator. The asyncio side (`stream`) hands requests to the worker through
-a queue and receives deltas through `loop.call_soon_threadsafe`; it never calls MLX itself.
-New requests join the running batch at the next step; a cancelled stream leaves it at the next step.
+`load` starts the process and waits until it reports the model loaded; meanwhile it loads the
+tokenizer here, for the API's templates and encoding. `stream` sends a request to the worker and
+receives its deltas from a reader thread, which hands them to the event loop with
+`call_soon_threadsafe`. No MLX kernel runs in this process and it holds no model memory, so the
+event loop never takes the GIL from a decode step. If the worker dies, its requests end with an
+error, the engine turns FAILED and `on_failure` tells the registry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
+import itertools
 import json
-import queue
+import logging
+import signal
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from typing import Any
 
 import mlx.core as mx
 import structlog
-from mlx.utils import tree_flatten
-from mlx_lm import load as mlx_load
-from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import load_tokenizer
 
 from lmx.errors import QueueFull, RequestError
-from lmx.runtime.engine import (
-    Delta,
-    EngineState,
-    EngineStats,
-    GenerationRequest,
-    LoadConfig,
-    TokenLogprob,
-)
-from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
-from lmx.runtime.mlx_sampling import make_processors, make_sampler
+from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationRequest, LoadConfig
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
-from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
+from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats
 
 log = structlog.get_logger(__name__)
 
-_IDLE_POLL_S = 0.5
-_PROMPT_CACHE_ENTRIES = 64
+# A worker's own memory besides the model: interpreter, MLX, mlx-lm, the tokenizer (~95 MiB
+# resident on Linux with the CPU backend). Estimates charge it until a load measures it.
+WORKER_PROCESS_BYTES = 128 * 2**20
+_EXIT_TIMEOUT_S = 30.0  # for the worker to finish its step and exit when told to stop
+
+_engines: weakref.WeakSet[MlxEngine] = weakref.WeakSet()
 
 
 def mlx_counters() -> tuple[int, int]:
-    """MLX's (active, cache) bytes for the whole process."""
-    return int(mx.get_active_memory()), int(mx.get_cache_memory())
-
-
-def _params(model: Any) -> list[tuple[str, Any]]:
-    flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
-    return flat
+    """MLX's (active, cache) bytes summed over every worker process, as each last reported."""
+    reports = [e.worker_stats for e in list(_engines)]
+    return (
+        sum(s.mlx_active_bytes for s in reports if s),
+        sum(s.mlx_cache_bytes for s in reports if s),
+    )
 
 
 def device_name() -> str:
@@ -59,19 +59,9 @@ def device_name() -> str:
 
 
 @dataclass(eq=False)
-class _Seq:
-    """One sequence as the worker sees it. Mutated only on the worker thread after submission."""
-
-    request: GenerationRequest
+class _Stream:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[Delta]
-    detok: ByteDecoder | IncrementalDecoder
-    stops: StopMatcher
-    uid: int = -1
-    generated: int = 0
-    cached_tokens: int = 0
-    stop_ids: frozenset[int] = field(default_factory=frozenset)
-    constraint: ConstrainedProcessor | None = None
 
 
 def _joined(a: Delta, b: Delta) -> Delta:
@@ -84,27 +74,34 @@ def _joined(a: Delta, b: Delta) -> Delta:
     )
 
 
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 class MlxEngine:
-    """Implements `lmx.runtime.engine.Engine` on MLX."""
+    """Implements `lmx.runtime.engine.Engine` on MLX, in a worker process."""
 
     def __init__(self, config: LoadConfig) -> None:
         self.config = config
+        self.on_failure: Callable[[str], None] = lambda _reason: None
+        self.worker_stats: WorkerStats | None = None
         self._state = EngineState.UNLOADED
-        self._inbox: queue.SimpleQueue[tuple[str, _Seq | None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stopping = threading.Event()
-        self._load_error: BaseException | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._stopping = False
         self._tokenizer: MlxTokenizer | None = None
-        self._constraints: ConstraintFactory | None = None
         self._context_length = config.context_length or 4096
-        self._weights_bytes = 0
-        self._kv_bytes = 0
-        self._prompt_cache_bytes = 0
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count()
         self._in_flight = 0
-        self._active = 0
-        self._steps = 0
-        self._generated = 0
+        _engines.add(self)
 
     # -- lifecycle (blocking; called on a worker thread by the registry) --
 
@@ -122,38 +119,102 @@ class MlxEngine:
     def context_length(self) -> int:
         return self._context_length
 
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def load(self) -> None:
         self._state = EngineState.LOADING
-        self._thread = threading.Thread(
-            target=self._run, name=f"mlx-{self.config.model_id}", daemon=True
-        )
-        self._thread.start()
-        self._ready.wait()
-        if self._load_error is not None:
+        ours, theirs = socket.socketpair()
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        with theirs:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "lmx.runtime.mlx_worker", str(theirs.fileno()), level],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        self._conn = Connection(ours.detach())
+        try:
+            self._send(self.config)
+            wrapper = self._load_tokenizer()  # while the worker loads the weights
+            ready = self._await_ready()
+        except BaseException:
             self._state = EngineState.FAILED
-            raise self._load_error
+            self._reap(kill=True)
+            raise
+        self._tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
+        self._context_length = ready.context_length
+        self.worker_stats = ready.stats
+        self._reader = threading.Thread(
+            target=self._read, name=f"mlx-{self.config.model_id}", daemon=True
+        )
         self._state = EngineState.READY
+        self._reader.start()
+        log.info(
+            "worker_ready", model=self.config.model_id, pid=self._proc.pid, device=ready.device
+        )
+
+    def _load_tokenizer(self) -> Any:
+        cfg = json.loads((self.config.path / "config.json").read_text())
+        return load_tokenizer(self.config.path, eos_token_ids=cfg.get("eos_token_id"))  # type: ignore[no-untyped-call]
+
+    def _await_ready(self) -> Ready:
+        assert self._conn is not None and self._proc is not None
+        try:
+            report: Report = self._conn.recv()
+        except EOFError:
+            code = self._proc.wait()
+            raise RuntimeError(
+                f"the worker process for {self.config.model_id!r} exited while loading "
+                f"({_exit_text(code)}); its log lines precede this one"
+            ) from None
+        match report:
+            case ("ready", Ready() as ready):
+                return ready
+            case ("failed", Exception() as exc):
+                raise exc
+        raise RuntimeError(f"unexpected report from the worker: {report[0]!r}")
 
     def unload(self) -> None:
-        self._stopping.set()
-        self._inbox.put(("stop", None))  # wake an idle worker now, not at its next poll
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._send(("stop",))
+        self._reap(kill=False)
+        self.worker_stats = None
         self._state = EngineState.UNLOADED
 
+    def _reap(self, *, kill: bool) -> None:
+        """Wait for the worker to exit (killing it if `kill` or it takes too long); close the pair."""
+        if self._proc is not None:
+            if kill:
+                self._proc.kill()
+            try:
+                self._proc.wait(timeout=_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("worker_kill", model=self.config.model_id, pid=self._proc.pid)
+                self._proc.kill()
+                self._proc.wait()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join()
+        if self._conn is not None:
+            self._conn.close()
+
     def resident_bytes(self) -> int:
-        return self._weights_bytes + self._kv_bytes + self._prompt_cache_bytes
+        s = self.worker_stats
+        return s.weights_bytes + s.kv_bytes + s.prompt_cache_bytes if s else 0
 
     def stats(self) -> EngineStats:
+        s = self.worker_stats
+        active = s.active if s else 0
         return EngineStats(
             in_flight=self._in_flight,
-            queued=max(0, self._in_flight - self._active),
-            active=self._active,
+            queued=max(0, self._in_flight - active),
+            active=active,
             resident_bytes=self.resident_bytes(),
-            prompt_cache_bytes=self._prompt_cache_bytes,
-            steps=self._steps,
-            generated_tokens=self._generated,
+            prompt_cache_bytes=s.prompt_cache_bytes if s else 0,
+            steps=s.steps if s else 0,
+            generated_tokens=s.generated_tokens if s else 0,
         )
 
     # -- the asyncio side --
@@ -174,243 +235,74 @@ class MlxEngine:
             )
         if self._in_flight >= self.config.max_batch + self.config.max_queue:
             raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
-        tok = self.tokenizer
-        seq = _Seq(
-            request=request,
-            loop=asyncio.get_running_loop(),
-            out=asyncio.Queue(),
-            detok=tok.detokenizer(request.prompt_tokens),
-            stops=StopMatcher(request.params.stop),
-        )
+        sid = next(self._ids)
+        st = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[sid] = st
         self._in_flight += 1
-        self._inbox.put(("add", seq))
+        finished = False
         try:
+            if self._state is not EngineState.READY:  # the worker died since the check above
+                raise RequestError(f"model {self.config.model_id!r} is not ready")
+            with contextlib.suppress(OSError):  # a dead worker: the reader ends this stream
+                self._send(("add", sid, request))
             while True:
-                delta = await seq.out.get()
+                delta = await st.out.get()
                 # A consumer that fell behind gets what piled up as one delta (per step, not token).
-                while delta.finish_reason is None and not seq.out.empty():
-                    delta = _joined(delta, seq.out.get_nowait())
+                while delta.finish_reason is None and not st.out.empty():
+                    delta = _joined(delta, st.out.get_nowait())
+                finished = delta.finish_reason is not None
                 yield delta
-                if delta.finish_reason is not None:
+                if finished:
                     return
         finally:
             self._in_flight -= 1
-            self._inbox.put(("cancel", seq))
+            self._streams.pop(sid, None)
+            if not finished:
+                with contextlib.suppress(OSError):
+                    self._send(("cancel", sid))
 
-    # -- the worker thread: every MLX call for this model happens below --
+    def _send(self, msg: Command | LoadConfig) -> None:
+        if self._conn is None:
+            raise OSError("the worker is not running")
+        with self._send_lock:
+            self._conn.send(msg)
 
-    def _run(self) -> None:
+    # -- the reader thread --
+
+    def _read(self) -> None:
+        assert self._conn is not None and self._proc is not None
         try:
-            loaded: Any = mlx_load(str(self.config.path))
-            model, wrapper = loaded[0], loaded[1]
-            model_config = json.loads((self.config.path / "config.json").read_text())
-            self._constraints = ConstraintFactory(
-                wrapper, int(model_config["vocab_size"]), wrapper.eos_token_ids
-            )
-            self._tokenizer = MlxTokenizer(wrapper, self.config, self._constraints.marker_ids)
-            self._context_length = self._resolve_context_length(model_config)
-            self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
-            gen: Any = BatchGenerator(
-                model,
-                stop_tokens=[[t] for t in sorted(self._tokenizer.eos_token_ids)],
-                completion_batch_size=self.config.max_batch,
-                prefill_batch_size=min(8, self.config.max_batch),
-                prefill_step_size=self.config.prefill_step,
-                stream=mx.new_stream(mx.default_device()),
-            )
-        except BaseException as exc:  # surfaced to load()'s caller
-            self._load_error = exc
-            self._ready.set()
-            return
-        self._warn_if_slow(model)
-        cache = LRUPromptCache(
-            max_size=_PROMPT_CACHE_ENTRIES, max_bytes=self.config.prompt_cache_bytes
-        )
-        live: dict[int, _Seq] = {}
-        self._ready.set()
-        try:
-            while not self._stopping.is_set():
-                self._take_commands(gen, cache, live, block=not live)
-                if live:
-                    try:
-                        self._step(gen, cache, live)
-                    except Exception as exc:  # the batch is unusable: fail its requests, go on
-                        log.exception("batch_step_failed", model=self.config.model_id)
-                        gen.remove(list(live))
-                        failed = [(s, self._final(s, "error", str(exc))) for s in live.values()]
-                        live.clear()
-                        self._deliver(failed)
-        finally:
-            for seq in live.values():
-                self._deliver([(seq, self._final(seq, "error", "the model was unloaded"))])
-            gen.close()
-            del gen, model, cache
-            self._kv_bytes = self._prompt_cache_bytes = 0
-            gc.collect()
-            mx.clear_cache()
+            while True:
+                report: Report = self._conn.recv()
+                if report[0] == "out":
+                    _, items, stats = report
+                    self.worker_stats = stats
+                    if items:
+                        self._deliver(items)
+        except (EOFError, OSError):
+            pass
+        reason = "the model was unloaded"
+        if not self._stopping:
+            code = self._proc.wait()
+            reason = f"the model's worker process exited unexpectedly ({_exit_text(code)})"
+            self._state = EngineState.FAILED  # before the sweep below: new streams see it
+            log.error("worker_exited", model=self.config.model_id, reason=reason)
+            self.on_failure(reason)
+        self.worker_stats = None
+        ended = Delta("", finish_reason="error", error=reason)
+        self._deliver([(sid, ended) for sid in list(self._streams)])
 
-    def _resolve_context_length(self, cfg: dict[str, Any]) -> int:
-        native = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len") or 4096)
-        return min(native, self.config.context_length or native)
+    def _deliver(self, items: list[tuple[int, Delta]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Delta]]] = {}
+        for sid, delta in items:
+            st = self._streams.get(sid)
+            if st is not None:  # else cancelled meanwhile
+                by_loop.setdefault(st.loop, []).append((st, delta))
+        for loop, batch in by_loop.items():
 
-    def _warn_if_slow(self, model: Any) -> None:
-        dtypes = {str(v.dtype) for _, v in _params(model)}
-        if mx.default_device() == mx.cpu and dtypes - {"mlx.core.float32"}:
-            log.warning(
-                "cpu_backend_slow",
-                model=self.config.model_id,
-                dtypes=sorted(dtypes),
-                hint="MLX on the CPU runs bf16 and quantized weights slowly; expect a few tok/s",
-            )
+            def put(batch: list[tuple[_Stream, Delta]] = batch) -> None:
+                for st, delta in batch:
+                    st.out.put_nowait(delta)
 
-    def _take_commands(self, gen: Any, cache: Any, live: dict[int, _Seq], *, block: bool) -> None:
-        try:
-            cmd, seq = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if seq is None:  # "stop": the loop checks _stopping next
-                pass
-            elif cmd == "add":
-                try:
-                    self._insert(gen, cache, live, seq)
-                except Exception as exc:  # this request only: an error chunk, the batch goes on
-                    log.warning("request_rejected", model=self.config.model_id, error=str(exc))
-                    self._deliver([(seq, self._final(seq, "error", str(exc)))])
-            elif seq.uid in live:
-                gen.remove([seq.uid])
-                del live[seq.uid]
-            try:
-                cmd, seq = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-        self._active = len(live)
-
-    def _insert(self, gen: Any, cache: Any, live: dict[int, _Seq], seq: _Seq) -> None:
-        req = seq.request
-        p = req.params
-        eos = self.tokenizer.eos_token_ids
-        # A finished grammar allows only EOS, so a constrained request always stops on it.
-        ignore_eos = p.ignore_eos and req.constraint is None
-        seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if ignore_eos else eos)
-        tokens = list(req.prompt_tokens)
-        kv, rest = (None, tokens)
-        if self.config.prompt_cache_bytes > 0:
-            kv, rest = cache.fetch_nearest_cache(self.config.model_id, tokens)
-            if kv is not None and not rest:
-                # An exact hit still needs one token to feed: step the cache back by one.
-                if can_trim_prompt_cache(kv):
-                    trim_prompt_cache(kv, 1)
-                    rest = tokens[-1:]
-                else:
-                    kv, rest = None, tokens
-        procs = make_processors(p, sorted(eos))
-        if req.constraint is not None and self._constraints is not None:
-            seq.constraint = self._constraints.make_processor(
-                req.constraint.grammar, on_error="end"
-            )
-            procs.append(seq.constraint)
-        seq.cached_tokens = len(tokens) - len(rest)
-        (seq.uid,) = gen.insert(
-            [rest],
-            max_tokens=[p.max_tokens],
-            caches=[kv] if kv is not None else None,
-            all_tokens=[tokens[: seq.cached_tokens]],
-            samplers=[make_sampler(p)],  # None entries fall back to the batch's greedy sampler
-            logits_processors=[procs],
-            stop_sequences=[StopSequences([[t] for t in sorted(seq.stop_ids)])],
-        )
-        live[seq.uid] = seq
-
-    def _step(self, gen: Any, cache: Any, live: dict[int, _Seq]) -> None:
-        _, responses = gen.next()
-        self._steps += 1
-        out: list[tuple[_Seq, Delta]] = []
-        for r in responses:
-            seq = live.get(r.uid)
-            if seq is None:
-                continue
-            seq.generated += 1
-            self._generated += 1
-            finish = r.finish_reason
-            hit_stop_token = finish == "stop" and r.token in seq.stop_ids
-            text = "" if hit_stop_token else seq.detok.add(r.token)
-            if finish is not None:
-                text += seq.detok.flush()
-            text, stopped = seq.stops.feed(text)
-            if stopped:
-                finish = "stop"
-                kv = gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
-                if kv is not None and self.config.prompt_cache_bytes > 0:
-                    cache.insert_cache(self.config.model_id, list(kv[1]), kv[0])
-            elif finish is not None:
-                text += seq.stops.flush()
-                if r.prompt_cache is not None and self.config.prompt_cache_bytes > 0:
-                    cache.insert_cache(
-                        self.config.model_id, list(r.all_tokens or []), r.prompt_cache
-                    )
-            lps = self._logprobs(seq, r.token, r.logprobs) if seq.request.params.logprobs else ()
-            if finish is not None:
-                del live[r.uid]
-                error = seq.constraint.error if seq.constraint is not None else None
-                out.append((seq, self._final(seq, finish, error, text, r.token, lps)))
-            elif text or lps:
-                out.append((seq, Delta(text=text, token_ids=(r.token,), logprobs=lps)))
-        self._active = len(live)
-        self._kv_bytes = gen.prompt_cache_nbytes
-        self._prompt_cache_bytes = cache.nbytes
-        if out:
-            self._deliver(out)
-
-    def _logprobs(self, seq: _Seq, token: int, logprobs: mx.array) -> tuple[TokenLogprob, ...]:
-        tok = self.tokenizer
-        k = seq.request.params.top_logprobs
-        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
-        if k > 0:
-            idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
-            vals = logprobs[idx]
-            ids: list[int] = idx.tolist()  # type: ignore[assignment]
-            values: list[float] = vals.tolist()  # type: ignore[assignment]
-            pairs = sorted(zip(ids, values, strict=True), key=lambda x: -x[1])
-            top = tuple(
-                (s, v, tuple(s.encode())) for s, v in ((tok.decode([i]), v) for i, v in pairs)
-            )
-        text = tok.decode([token])
-        chosen: float = logprobs[token].item()  # type: ignore[assignment]
-        return (TokenLogprob(text, chosen, tuple(text.encode()), top),)
-
-    def _final(
-        self,
-        seq: _Seq,
-        finish: str,
-        error: str | None,
-        text: str = "",
-        token: int | None = None,
-        lps: tuple[TokenLogprob, ...] = (),
-    ) -> Delta:
-        return Delta(
-            text=text,
-            token_ids=() if token is None else (token,),
-            logprobs=lps,
-            finish_reason=finish,
-            prompt_tokens=len(seq.request.prompt_tokens),
-            completion_tokens=seq.generated,
-            cached_tokens=seq.cached_tokens,
-            error=error,
-        )
-
-    @staticmethod
-    def _deliver(items: list[tuple[_Seq, Delta]]) -> None:
-        loop = items[0][0].loop
-
-        def put() -> None:
-            for seq, delta in items:
-                seq.out.put_nowait(delta)
-
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
-            loop.call_soon_threadsafe(put)
-
-
-def clear_cache() -> None:
-    """Return MLX's buffer cache to the system (process-wide)."""
-    mx.clear_cache()
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(put)

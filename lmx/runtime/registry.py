@@ -7,6 +7,7 @@ each request. The registry never decides to load or evict anything itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -77,9 +78,25 @@ class EngineRegistry:
             raise RuntimeError(f"model {config.model_id!r} is already loaded")
         engine = self._factory(config)
         await asyncio.to_thread(engine.load)
+        loop = asyncio.get_running_loop()
+
+        def failed(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the daemon is stopping
+                loop.call_soon_threadsafe(self._failed, config.model_id, engine, reason)
+
+        engine.on_failure = failed
         self._slots[config.model_id] = _Slot(engine, last_used_s=self._clock())
         self.on_change()
         return engine
+
+    def _failed(self, model_id: str, engine: Engine, reason: str) -> None:
+        """A loaded engine failed on its own: forget it, so the reconciler sees it gone."""
+        slot = self._slots.get(model_id)
+        if slot is None or slot.engine is not engine:
+            return
+        del self._slots[model_id]
+        log.error("engine_failed", model=model_id, reason=reason)
+        self.on_change()
 
     def drain(self, model_id: str, draining: bool = True) -> None:
         """Stop (or resume) admitting requests to `model_id`; in-flight ones finish."""

@@ -49,7 +49,8 @@ class Sizing:
 
 @dataclass(frozen=True)
 class Footprint:
-    """Memory one loaded model is charged: weights + KV at full context and batch + margin."""
+    """Memory one loaded model is charged: weights + KV at full context and batch + margin, plus
+    the engine's own process until a load measured it all."""
 
     weights_bytes: int
     kv_bytes: int
@@ -57,15 +58,23 @@ class Footprint:
     margin_bytes: int
     measured: bool = False  # weights_bytes is what a load really took, not an estimate
     context_tokens: int = 0  # per sequence, as reserved
+    process_bytes: int = 0  # the engine's process besides the model (interpreter, MLX, tokenizer)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.prompt_cache_bytes + self.margin_bytes
+        return (
+            self.weights_bytes
+            + self.kv_bytes
+            + self.prompt_cache_bytes
+            + self.margin_bytes
+            + self.process_bytes
+        )
 
     def measured_as(self, weights_bytes: int) -> Footprint:
+        """With what a load took (the worker process included) in place of the estimate."""
         margin = _margin(weights_bytes + self.kv_bytes)
         return dataclasses.replace(
-            self, weights_bytes=weights_bytes, margin_bytes=margin, measured=True
+            self, weights_bytes=weights_bytes, margin_bytes=margin, measured=True, process_bytes=0
         )
 
 
@@ -102,7 +111,9 @@ def kv_bytes_per_token(config: dict[str, Any]) -> int | None:
     return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
 
 
-def estimate(weights_bytes: int, config: dict[str, Any], sizing: Sizing) -> Footprint:
+def estimate(
+    weights_bytes: int, config: dict[str, Any], sizing: Sizing, process_bytes: int = 0
+) -> Footprint:
     """The footprint before any load. Context: the declared length, else the model's native one
     (as the engine does); KV for `max_batch` sequences of that length."""
     cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
@@ -116,6 +127,7 @@ def estimate(weights_bytes: int, config: dict[str, Any], sizing: Sizing) -> Foot
         prompt_cache_bytes=sizing.prompt_cache_bytes,
         margin_bytes=_margin(weights_bytes + kv),
         context_tokens=tokens,
+        process_bytes=process_bytes,
     )
 
 
@@ -130,8 +142,11 @@ class ModelStore:
         token: str | None = None,
         build: Builder = builtin.ensure_builtin,
         disk_free: Callable[[Path], int] = downloads.free_bytes,
+        engine_process_bytes: int = 0,
     ) -> None:
         self.home = Path(home)
+        # What one engine's process takes besides its model; part of every estimate.
+        self._process_bytes = engine_process_bytes
         self._base_dir = base_dir  # relative local sources are relative to the config file
         self._token = token
         self._build = build
@@ -292,7 +307,7 @@ class ModelStore:
             dest = self.locate(snapshot.repo_id, snapshot.revision)
             local = downloads.fetch_file(snapshot, "config.json", dest, token=self._token)
             config = _read_json(local)
-        fp = estimate(weights, config, sizing)
+        fp = estimate(weights, config, sizing, self._process_bytes)
         with self._lock:
             self._estimates[(model_id, key)] = fp
         return fp
@@ -333,7 +348,7 @@ class ModelStore:
         fp = None
         if shards:
             weights = sum(safetensors_weight_bytes(p) for p in shards)
-            fp = estimate(weights, _read_json(path / "config.json"), sizing)
+            fp = estimate(weights, _read_json(path / "config.json"), sizing, self._process_bytes)
         with self._lock:
             self._disk_cache[(path, sizing)] = (stamp, fp)
         return fp

@@ -1,16 +1,21 @@
-"""The MLX engine with the real tiny model: continuous batching keeps every request its own."""
+"""The MLX engine with the real tiny model: continuous batching keeps every request its own,
+and the worker process behind it starts, stops and dies without taking anything else down."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from lmx.errors import QueueFull, RequestError
-from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, SamplingParams
-from lmx.runtime.mlx_engine import MlxEngine
+from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime.mlx_engine import MlxEngine, mlx_counters
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
@@ -194,3 +199,54 @@ async def test_penalties_reduce_repetition(engine: MlxEngine) -> None:
         {"repetition_penalty": 1.8},
     ):
         assert await repeats(SamplingParams(**base, **penalty)) < plain, penalty  # type: ignore[arg-type]
+
+
+async def test_unload_ends_the_worker_process(tiny_model_dir: Path) -> None:
+    e = MlxEngine(LoadConfig(model_id="u", path=tiny_model_dir, prompt_cache_bytes=0))
+    await asyncio.to_thread(e.load)
+    pid = e.pid
+    assert pid is not None and psutil.Process(pid).is_running()
+    assert mlx_counters()[0] >= e.resident_bytes() > 0
+    await asyncio.to_thread(e.unload)
+    assert e.pid is None and not psutil.pid_exists(pid)
+    assert e.state is EngineState.UNLOADED and e.resident_bytes() == 0
+
+
+async def test_a_dead_worker_ends_its_streams_with_an_error_and_fails_the_engine(
+    tiny_model_dir: Path,
+) -> None:
+    e = MlxEngine(LoadConfig(model_id="k", path=tiny_model_dir, prompt_cache_bytes=0))
+    await asyncio.to_thread(e.load)
+    failures: list[str] = []
+    e.on_failure = failures.append
+    try:
+        p = prompts(e, 1)[0]
+        stream = e.stream(GenerationRequest(p, SamplingParams(max_tokens=2000, temperature=0)))
+        await anext(stream)
+        assert e.pid is not None
+        os.kill(e.pid, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            rest = [d async for d in stream]
+        assert rest[-1].finish_reason == "error"
+        assert (
+            rest[-1].error == "the model's worker process exited unexpectedly (killed by SIGKILL)"
+        )
+        assert e.state is EngineState.FAILED and failures == [rest[-1].error]
+        with pytest.raises(RequestError, match="not ready"):
+            await anext(e.stream(GenerationRequest(p, GREEDY)))
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
+async def test_a_load_the_worker_fails_raises_its_error_and_leaves_no_process(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    e = MlxEngine(LoadConfig(model_id="b", path=broken))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        await asyncio.to_thread(e.load)
+    assert e.state is EngineState.FAILED and e.pid is None
+    await asyncio.to_thread(e.unload)  # idempotent after a failed load

@@ -14,7 +14,7 @@ from lmx.errors import PermanentError, TemporaryError
 from lmx.reconciler import manifest
 from lmx.reconciler.spec import ModelSpec
 from tests.component.reconciler_world import World, model, until
-from tests.fakes import Faults
+from tests.fakes import FakeEngine, Faults
 
 
 @pytest.fixture
@@ -156,3 +156,15 @@ async def test_a_model_whose_load_killed_the_process_once_is_loaded_again(world:
     await until(lambda: world.ready("a"))
     journal = json.loads((world.home / "journal.json").read_text())
     assert journal["pending"] == {} and journal["crashes"] == {}
+
+
+async def test_an_engine_that_dies_after_loading_is_loaded_again(world: World) -> None:
+    world.write(a=model(world.model_dir("a")))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    engine = world.reg.get("a")
+    assert isinstance(engine, FakeEngine)
+    engine.crash("the worker process exited unexpectedly (killed by SIGKILL)")
+    await until(lambda: world.engines.count("load", "a") == 2 and world.ready("a"))
+    assert world.reg.get("a") is not engine
+    assert world.engines.memory.held_bytes == world.reg.snapshot()["a"].resident_bytes

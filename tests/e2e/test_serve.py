@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import yaml
 from transformers import AutoTokenizer
@@ -131,7 +135,52 @@ def test_sigterm_stops_gracefully_after_unloading(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
     d = daemon_factory(tmp_path / "graceful")
+    (worker,) = _worker_pids(d)
     assert d.stop() == 0
     log = d.log()
     assert '"event": "lmx_stopped"' in log
     assert "Traceback" not in log
+    assert _gone(worker)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie whose new parent has not reaped it yet counts)."""
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _worker_pids(d: Daemon) -> list[int]:
+    """The daemon's model worker processes."""
+    pids = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(d.proc.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):  # zombies included
+                if "lmx.runtime.mlx_worker" in child.cmdline():
+                    pids.append(child.pid)
+    return pids
+
+
+def test_a_killed_model_worker_is_replaced_and_serving_resumes(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory(tmp_path / "crash")
+    (first,) = _worker_pids(d)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: _worker_pids(d), lambda pids: len(pids) == 1 and first not in pids)
+    client = openai.OpenAI(base_url=d.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    wait_for(lambda: _readyz(d), lambda r: r is not None and r[0] == 200)
+    r = client.chat.completions.create(model="lmx-tiny", messages=MESSAGES, max_tokens=4)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert "killed by SIGKILL" in d.log() and d.proc.poll() is None
+
+
+def test_a_killed_daemon_takes_its_model_workers_with_it(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory(tmp_path / "orphan")
+    (worker,) = _worker_pids(d)
+    d.proc.kill()
+    d.proc.wait(10)
+    wait_for(lambda: _gone(worker), bool)

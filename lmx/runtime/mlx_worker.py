@@ -1,0 +1,367 @@
+"""The MLX worker process: one model, continuous batching, every MLX call on its main thread.
+
+`lmx.runtime.mlx_engine` starts one per loaded model (`python -m lmx.runtime.mlx_worker FD`) and
+talks to it over a socket pair with pickled tuples (see `lmx.runtime.worker_protocol`). The
+process has a GIL of its own, so the daemon's HTTP work never delays a decode step; a crash here
+fails this model's requests and leaves the daemon serving; its exit returns all of its memory.
+
+New requests join the running batch at the next step; a cancelled one leaves it at the next step.
+Text (detokenization, stop strings) is produced here, so a stop string ends its sequence in the
+step that completed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import mlx.core as mx
+import structlog
+from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from lmx.logs import configure
+from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogprob
+from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
+from lmx.runtime.mlx_sampling import make_processors, make_sampler
+from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
+from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats
+
+log = structlog.get_logger(__name__)
+
+_IDLE_POLL_S = 0.5
+_PROMPT_CACHE_ENTRIES = 64
+_STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at most this often
+
+
+def _params(model: Any) -> list[tuple[str, Any]]:
+    flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    return flat
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One sequence of the batch."""
+
+    sid: int  # the engine's id for the stream
+    request: GenerationRequest
+    detok: ByteDecoder | IncrementalDecoder
+    stops: StopMatcher
+    uid: int = -1  # BatchGenerator's id
+    generated: int = 0
+    cached_tokens: int = 0
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+    constraint: ConstrainedProcessor | None = None
+
+
+class Worker:
+    """Owns the model, the BatchGenerator and the prompt cache; runs until told to stop."""
+
+    def __init__(self, config: LoadConfig, conn: Connection) -> None:
+        self.config = config
+        self._conn = conn
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._live: dict[int, _Seq] = {}  # by BatchGenerator uid
+        self._by_sid: dict[int, _Seq] = {}
+        self._steps = 0
+        self._generated = 0
+        self._kv_bytes = 0
+        self._stats_at = 0.0
+        self._reported_active = -1
+        self._weights_bytes = 0
+        self._cache = LRUPromptCache(
+            max_size=_PROMPT_CACHE_ENTRIES, max_bytes=config.prompt_cache_bytes
+        )
+
+    def run(self) -> None:
+        try:
+            model, wrapper, gen, ready = self._load()
+        except Exception as exc:  # reported to the engine's load(), which raises it
+            self._send(("failed", _portable(exc)))
+            return
+        self._warn_if_slow(model)
+        self.tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
+        threading.Thread(target=self._read, name="commands", daemon=True).start()
+        self._send(("ready", ready))
+        try:
+            self._serve(gen)
+        finally:  # the process exits next, which returns every byte
+            self._fail_all(gen, "the model was unloaded")
+            gen.close()
+
+    def _load(self) -> tuple[Any, Any, Any, Ready]:
+        loaded: Any = mlx_load(str(self.config.path))
+        model, wrapper = loaded[0], loaded[1]
+        model_config = json.loads((self.config.path / "config.json").read_text())
+        self._constraints = ConstraintFactory(
+            wrapper, int(model_config["vocab_size"]), wrapper.eos_token_ids
+        )
+        native = int(
+            model_config.get("max_position_embeddings") or model_config.get("max_seq_len") or 4096
+        )
+        self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
+        gen: Any = BatchGenerator(
+            model,
+            stop_tokens=[[int(t)] for t in sorted(wrapper.eos_token_ids)],
+            completion_batch_size=self.config.max_batch,
+            prefill_batch_size=min(8, self.config.max_batch),
+            prefill_step_size=self.config.prefill_step,
+            stream=mx.new_stream(mx.default_device()),
+        )
+        ready = Ready(
+            context_length=min(native, self.config.context_length or native),
+            marker_ids=self._constraints.marker_ids,
+            device=str(mx.default_device()),
+            stats=self._stats(gen),
+        )
+        return model, wrapper, gen, ready
+
+    def _warn_if_slow(self, model: Any) -> None:
+        dtypes = {str(v.dtype) for _, v in _params(model)}
+        if mx.default_device() == mx.cpu and dtypes - {"mlx.core.float32"}:
+            log.warning(
+                "cpu_backend_slow",
+                model=self.config.model_id,
+                dtypes=sorted(dtypes),
+                hint="MLX on the CPU runs bf16 and quantized weights slowly; expect a few tok/s",
+            )
+
+    def _read(self) -> None:
+        """The command reader: the engine's messages into the inbox; its end (EOF) means stop."""
+        try:
+            while True:
+                cmd: Command = self._conn.recv()
+                self._inbox.put(cmd)
+                if cmd[0] == "stop":
+                    return
+        except (EOFError, OSError):  # the daemon is gone: nobody to serve
+            self._inbox.put(("stop",))
+
+    def _serve(self, gen: Any) -> None:
+        while True:
+            if not self._take_commands(gen, block=not self._live):
+                return
+            if self._live:
+                try:
+                    self._step(gen)
+                except Exception as exc:  # the batch is unusable: fail its requests, go on
+                    log.exception("batch_step_failed", model=self.config.model_id)
+                    self._fail_all(gen, str(exc))
+            elif len(self._live) != self._reported_active:
+                self._send(("out", [], self._stats(gen)))
+
+    def _take_commands(self, gen: Any, *, block: bool) -> bool:
+        """Apply every queued command; False once told to stop."""
+        try:
+            cmd = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            match cmd:
+                case ("stop",):
+                    return False
+                case ("add", int(sid), GenerationRequest() as request):
+                    self._add(gen, sid, request)
+                case ("cancel", int(sid)):
+                    seq = self._by_sid.pop(sid, None)
+                    if seq is not None and seq.uid in self._live:
+                        gen.remove([seq.uid])
+                        del self._live[seq.uid]
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, gen: Any, sid: int, request: GenerationRequest) -> None:
+        seq = _Seq(
+            sid=sid,
+            request=request,
+            detok=self.tokenizer.detokenizer(request.prompt_tokens),
+            stops=StopMatcher(request.params.stop),
+        )
+        try:
+            self._insert(gen, seq)
+        except Exception as exc:  # this request only: an error delta, the batch goes on
+            log.warning("request_rejected", model=self.config.model_id, error=str(exc))
+            self._send(("out", [(sid, self._final(seq, "error", str(exc)))], self._stats(gen)))
+            return
+        self._by_sid[sid] = seq
+
+    def _insert(self, gen: Any, seq: _Seq) -> None:
+        req = seq.request
+        p = req.params
+        eos = self.tokenizer.eos_token_ids
+        # A finished grammar allows only EOS, so a constrained request always stops on it.
+        ignore_eos = p.ignore_eos and req.constraint is None
+        seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if ignore_eos else eos)
+        tokens = list(req.prompt_tokens)
+        kv, rest = (None, tokens)
+        if self.config.prompt_cache_bytes > 0:
+            kv, rest = self._cache.fetch_nearest_cache(self.config.model_id, tokens)
+            if kv is not None and not rest:
+                # An exact hit still needs one token to feed: step the cache back by one.
+                if can_trim_prompt_cache(kv):
+                    trim_prompt_cache(kv, 1)
+                    rest = tokens[-1:]
+                else:
+                    kv, rest = None, tokens
+        procs = make_processors(p, sorted(eos))
+        if req.constraint is not None:
+            seq.constraint = self._constraints.make_processor(
+                req.constraint.grammar, on_error="end"
+            )
+            procs.append(seq.constraint)
+        seq.cached_tokens = len(tokens) - len(rest)
+        (seq.uid,) = gen.insert(
+            [rest],
+            max_tokens=[p.max_tokens],
+            caches=[kv] if kv is not None else None,
+            all_tokens=[tokens[: seq.cached_tokens]],
+            samplers=[make_sampler(p)],  # None entries fall back to the batch's greedy sampler
+            logits_processors=[procs],
+            stop_sequences=[StopSequences([[t] for t in sorted(seq.stop_ids)])],
+        )
+        self._live[seq.uid] = seq
+
+    def _step(self, gen: Any) -> None:
+        _, responses = gen.next()
+        self._steps += 1
+        out: list[tuple[int, Delta]] = []
+        for r in responses:
+            seq = self._live.get(r.uid)
+            if seq is None:
+                continue
+            seq.generated += 1
+            self._generated += 1
+            finish = r.finish_reason
+            hit_stop_token = finish == "stop" and r.token in seq.stop_ids
+            text = "" if hit_stop_token else seq.detok.add(r.token)
+            if finish is not None:
+                text += seq.detok.flush()
+            text, stopped = seq.stops.feed(text)
+            if stopped:
+                finish = "stop"
+                kv = gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
+                if kv is not None:
+                    self._remember(list(kv[1]), kv[0])
+            elif finish is not None:
+                text += seq.stops.flush()
+                if r.prompt_cache is not None:
+                    self._remember(list(r.all_tokens or []), r.prompt_cache)
+            lps = self._logprobs(seq, r.token, r.logprobs) if seq.request.params.logprobs else ()
+            if finish is not None:
+                del self._live[r.uid]
+                self._by_sid.pop(seq.sid, None)
+                error = seq.constraint.error if seq.constraint is not None else None
+                out.append((seq.sid, self._final(seq, finish, error, text, r.token, lps)))
+            elif text or lps:
+                out.append((seq.sid, Delta(text=text, token_ids=(r.token,), logprobs=lps)))
+        if out or len(self._live) != self._reported_active:
+            self._send(("out", out, self._stats(gen)))
+
+    def _remember(self, tokens: list[int], kv: Any) -> None:
+        if self.config.prompt_cache_bytes > 0:
+            self._cache.insert_cache(self.config.model_id, tokens, kv)
+
+    def _stats(self, gen: Any) -> WorkerStats:
+        now = time.monotonic()
+        if now - self._stats_at >= _STATS_EVERY_S or not self._live:
+            self._stats_at = now
+            self._kv_bytes = gen.prompt_cache_nbytes
+        self._reported_active = len(self._live)
+        return WorkerStats(
+            active=len(self._live),
+            steps=self._steps,
+            generated_tokens=self._generated,
+            weights_bytes=self._weights_bytes,
+            kv_bytes=self._kv_bytes,
+            prompt_cache_bytes=self._cache.nbytes,
+            mlx_active_bytes=int(mx.get_active_memory()),
+            mlx_cache_bytes=int(mx.get_cache_memory()),
+        )
+
+    def _logprobs(self, seq: _Seq, token: int, logprobs: mx.array) -> tuple[TokenLogprob, ...]:
+        tok = self.tokenizer
+        k = seq.request.params.top_logprobs
+        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        if k > 0:
+            idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
+            vals = logprobs[idx]
+            ids: list[int] = idx.tolist()  # type: ignore[assignment]
+            values: list[float] = vals.tolist()  # type: ignore[assignment]
+            pairs = sorted(zip(ids, values, strict=True), key=lambda x: -x[1])
+            top = tuple(
+                (s, v, tuple(s.encode())) for s, v in ((tok.decode([i]), v) for i, v in pairs)
+            )
+        text = tok.decode([token])
+        chosen: float = logprobs[token].item()  # type: ignore[assignment]
+        return (TokenLogprob(text, chosen, tuple(text.encode()), top),)
+
+    @staticmethod
+    def _final(
+        seq: _Seq,
+        finish: str,
+        error: str | None,
+        text: str = "",
+        token: int | None = None,
+        lps: tuple[TokenLogprob, ...] = (),
+    ) -> Delta:
+        return Delta(
+            text=text,
+            token_ids=() if token is None else (token,),
+            logprobs=lps,
+            finish_reason=finish,
+            prompt_tokens=len(seq.request.prompt_tokens),
+            completion_tokens=seq.generated,
+            cached_tokens=seq.cached_tokens,
+            error=error,
+        )
+
+    def _fail_all(self, gen: Any, error: str) -> None:
+        if self._live:
+            gen.remove(list(self._live))
+        failed = [(s.sid, self._final(s, "error", error)) for s in self._live.values()]
+        self._live.clear()
+        self._by_sid.clear()
+        if failed:
+            self._send(("out", failed, self._stats(gen)))
+
+    def _send(self, msg: Report) -> None:
+        with contextlib.suppress(OSError):  # the daemon is gone; the reader thread stops the loop
+            self._conn.send(msg)
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc` if it survives pickling, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def main(argv: list[str]) -> None:
+    fd, level = int(argv[0]), argv[1]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us
+    configure(level)
+    conn = Connection(fd)
+    config: LoadConfig = conn.recv()
+    structlog.contextvars.bind_contextvars(worker=config.model_id)
+    Worker(config, conn).run()
+    conn.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

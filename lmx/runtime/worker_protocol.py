@@ -1,0 +1,49 @@
+"""What the MLX engine and its worker process say to each other over their socket pair.
+
+Every message is one pickled tuple; the first item names it. Nothing in this module touches MLX.
+
+Engine to worker: `("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`.
+Worker to engine: `("ready", Ready)` or `("failed", Exception)` once after the load, then
+`("out", [(sid, Delta), ...], WorkerStats)` after every step that produced output or changed the
+number of active sequences. The pair's end (EOF) means the other side is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from lmx.runtime.engine import Delta, GenerationRequest
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    active: int  # sequences in the batch
+    steps: int
+    generated_tokens: int
+    weights_bytes: int
+    kv_bytes: int  # the batch's KV caches
+    prompt_cache_bytes: int
+    mlx_active_bytes: int  # the worker process's MLX counters
+    mlx_cache_bytes: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    context_length: int
+    marker_ids: Mapping[str, int]
+    device: str
+    stats: WorkerStats
+
+
+Command = (
+    tuple[Literal["add"], int, GenerationRequest]
+    | tuple[Literal["cancel"], int]
+    | tuple[Literal["stop"]]
+)
+Report = (
+    tuple[Literal["ready"], Ready]
+    | tuple[Literal["failed"], Exception]
+    | tuple[Literal["out"], list[tuple[int, Delta]], WorkerStats]
+)
