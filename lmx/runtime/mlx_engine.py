@@ -33,7 +33,7 @@ from mlx_lm.utils import load_tokenizer
 from lmx.errors import QueueFull, RequestError
 from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationRequest, LoadConfig
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
-from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats
+from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
 
 log = structlog.get_logger(__name__)
 
@@ -162,7 +162,7 @@ class MlxEngine:
     def _await_ready(self) -> Ready:
         assert self._conn is not None and self._proc is not None
         try:
-            report: Report = self._conn.recv()
+            report: Report = receive(self._conn)
         except EOFError:
             code = self._proc.wait()
             raise RuntimeError(
@@ -265,7 +265,7 @@ class MlxEngine:
         if self._conn is None:
             raise OSError("the worker is not running")
         with self._send_lock:
-            self._conn.send(msg)
+            send(self._conn, msg)
 
     # -- the reader thread --
 
@@ -273,7 +273,7 @@ class MlxEngine:
         assert self._conn is not None and self._proc is not None
         try:
             while True:
-                report: Report = self._conn.recv()
+                report: Report = receive(self._conn)
                 if report[0] == "out":
                     _, items, stats = report
                     self.worker_stats = stats

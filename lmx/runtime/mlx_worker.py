@@ -37,7 +37,7 @@ from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
-from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats
+from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +76,7 @@ class Worker:
         self._live: dict[int, _Seq] = {}  # by BatchGenerator uid
         self._by_sid: dict[int, _Seq] = {}
         self._steps = 0
+        self._step_s = self._own_s = 0.0
         self._generated = 0
         self._kv_bytes = 0
         self._stats_at = 0.0
@@ -142,7 +143,7 @@ class Worker:
         """The command reader: the engine's messages into the inbox; its end (EOF) means stop."""
         try:
             while True:
-                cmd: Command = self._conn.recv()
+                cmd: Command = receive(self._conn)
                 self._inbox.put(cmd)
                 if cmd[0] == "stop":
                     return
@@ -236,7 +237,10 @@ class Worker:
         self._live[seq.uid] = seq
 
     def _step(self, gen: Any) -> None:
+        t0 = time.perf_counter()
         _, responses = gen.next()
+        t1 = time.perf_counter()
+        self._step_s += t1 - t0
         self._steps += 1
         out: list[tuple[int, Delta]] = []
         for r in responses:
@@ -270,6 +274,7 @@ class Worker:
                 out.append((seq.sid, Delta(text=text, token_ids=(r.token,), logprobs=lps)))
         if out or len(self._live) != self._reported_active:
             self._send(("out", out, self._stats(gen)))
+        self._own_s += time.perf_counter() - t1
 
     def _remember(self, tokens: list[int], kv: Any) -> None:
         if self.config.prompt_cache_bytes > 0:
@@ -290,6 +295,8 @@ class Worker:
             prompt_cache_bytes=self._cache.nbytes,
             mlx_active_bytes=int(mx.get_active_memory()),
             mlx_cache_bytes=int(mx.get_cache_memory()),
+            step_s=self._step_s,
+            own_s=self._own_s,
         )
 
     def _logprobs(self, seq: _Seq, token: int, logprobs: mx.array) -> tuple[TokenLogprob, ...]:
@@ -340,7 +347,7 @@ class Worker:
 
     def _send(self, msg: Report) -> None:
         with contextlib.suppress(OSError):  # the daemon is gone; the reader thread stops the loop
-            self._conn.send(msg)
+            send(self._conn, msg)
 
 
 def _portable(exc: Exception) -> Exception:
@@ -357,7 +364,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us
     configure(level)
     conn = Connection(fd)
-    config: LoadConfig = conn.recv()
+    config: LoadConfig = receive(conn)
     structlog.contextvars.bind_contextvars(worker=config.model_id)
     Worker(config, conn).run()
     conn.close()

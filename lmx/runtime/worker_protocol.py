@@ -1,6 +1,7 @@
 """What the MLX engine and its worker process say to each other over their socket pair.
 
-Every message is one pickled tuple; the first item names it. Nothing in this module touches MLX.
+Every message is one pickled tuple (`send`/`receive`); the first item names it. Nothing in this
+module touches MLX.
 
 Engine to worker: `("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`.
 Worker to engine: `("ready", Ready)` or `("failed", Exception)` once after the load, then
@@ -10,9 +11,11 @@ number of active sequences. The pair's end (EOF) means the other side is gone.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from multiprocessing.connection import Connection
+from typing import Any, Literal
 
 from lmx.runtime.engine import Delta, GenerationRequest
 
@@ -27,6 +30,8 @@ class WorkerStats:
     prompt_cache_bytes: int
     mlx_active_bytes: int  # the worker process's MLX counters
     mlx_cache_bytes: int
+    step_s: float = 0.0  # time in BatchGenerator.next, all steps so far
+    own_s: float = 0.0  # time in lmx's own per-step work (text, stops, messages), all steps
 
 
 @dataclass(frozen=True)
@@ -47,3 +52,14 @@ Report = (
     | tuple[Literal["failed"], Exception]
     | tuple[Literal["out"], list[tuple[int, Delta]], WorkerStats]
 )
+
+
+def send(conn: Connection, msg: object) -> None:
+    """One message. Plain pickle: `Connection.send`'s pickler copies a dispatch table per call,
+    which costs more than pickling a step's deltas."""
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection) -> Any:
+    """The next message; EOFError once the other side has closed its end."""
+    return pickle.loads(conn.recv_bytes())
