@@ -127,19 +127,31 @@ class Daemon:
         return self.reconciler.desired.server.admin_key or self._file_key
 
     def live_metrics(self) -> dict[str, dict[str, float]]:
-        """Gauges read at scrape time from their owners: the registry and the reconciler."""
+        """Gauges and engine counters read at scrape time from their owners: the registry and
+        the reconciler."""
         out: dict[str, dict[str, float]] = {
-            "queue_depth": {},
-            "in_flight": {},
-            "resident_bytes": {},
-            "state": {},
+            k: {}
+            for k in (
+                "queue_depth",
+                "in_flight",
+                "resident_bytes",
+                "state",
+                "steps",
+                "step_seconds",
+                "overhead_seconds",
+            )
         }
         for mid, m in self.registry.snapshot().items():
             engine = self.registry.get(mid)
-            out["queue_depth"][mid] = engine.stats().queued if engine else 0
+            stats = engine.stats() if engine else None
+            out["queue_depth"][mid] = stats.queued if stats else 0
             out["in_flight"][mid] = m.in_flight
             out["resident_bytes"][mid] = m.resident_bytes
             out["state"][mid] = 1.0 if m.state is EngineState.READY else 0.0
+            if stats:
+                out["steps"][mid] = stats.steps
+                out["step_seconds"][mid] = stats.step_s
+                out["overhead_seconds"][mid] = stats.overhead_s
         memory = self.reconciler.status()["memory"]
         out["memory"] = {
             k.removesuffix("_bytes"): float(v)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -36,6 +36,19 @@ class _Live(Collector):
             for model, value in snap.get(key, {}).items():
                 g.add_metric([model], value)
             yield g
+        counters = {
+            "steps": ("lmx_engine_steps", "batch steps since the model was loaded"),
+            "step_seconds": ("lmx_engine_step_seconds", "time in the engine's batch steps"),
+            "overhead_seconds": (
+                "lmx_engine_overhead_seconds",
+                "time in lmx's own per-step work (detokenizing, stop strings, messages)",
+            ),
+        }
+        for key, (name, doc) in counters.items():
+            c = CounterMetricFamily(name, doc, labels=["model"])
+            for model, value in snap.get(key, {}).items():
+                c.add_metric([model], value)
+            yield c
         mem = GaugeMetricFamily("lmx_memory_bytes", "memory budget and use", labels=["kind"])
         for kind, value in snap.get("memory", {}).items():
             mem.add_metric([kind], value)

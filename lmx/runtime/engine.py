@@ -105,6 +105,8 @@ class EngineStats:
     prompt_cache_bytes: int
     steps: int
     generated_tokens: int
+    step_s: float = 0.0  # time in decode/prefill steps since the load
+    overhead_s: float = 0.0  # the engine's own per-step work (text, stops, messages) since then
 
 
 class Tokenizer(Protocol):

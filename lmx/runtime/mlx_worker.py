@@ -76,7 +76,7 @@ class Worker:
         self._live: dict[int, _Seq] = {}  # by BatchGenerator uid
         self._by_sid: dict[int, _Seq] = {}
         self._steps = 0
-        self._step_s = self._own_s = 0.0
+        self._step_s = self._overhead_s = 0.0
         self._generated = 0
         self._kv_bytes = 0
         self._stats_at = 0.0
@@ -274,7 +274,7 @@ class Worker:
                 out.append((seq.sid, Delta(text=text, token_ids=(r.token,), logprobs=lps)))
         if out or len(self._live) != self._reported_active:
             self._send(("out", out, self._stats(gen)))
-        self._own_s += time.perf_counter() - t1
+        self._overhead_s += time.perf_counter() - t1
 
     def _remember(self, tokens: list[int], kv: Any) -> None:
         if self.config.prompt_cache_bytes > 0:
@@ -296,7 +296,7 @@ class Worker:
             mlx_active_bytes=int(mx.get_active_memory()),
             mlx_cache_bytes=int(mx.get_cache_memory()),
             step_s=self._step_s,
-            own_s=self._own_s,
+            overhead_s=self._overhead_s,
         )
 
     def _logprobs(self, seq: _Seq, token: int, logprobs: mx.array) -> tuple[TokenLogprob, ...]:

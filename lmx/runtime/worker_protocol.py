@@ -31,7 +31,7 @@ class WorkerStats:
     mlx_active_bytes: int  # the worker process's MLX counters
     mlx_cache_bytes: int
     step_s: float = 0.0  # time in BatchGenerator.next, all steps so far
-    own_s: float = 0.0  # time in lmx's own per-step work (text, stops, messages), all steps
+    overhead_s: float = 0.0  # lmx's own per-step work (text, stops, messages), all steps
 
 
 @dataclass(frozen=True)

@@ -248,3 +248,18 @@ def test_full_queue_answers_429_with_retry_after(
     assert r.status_code == 429
     assert int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "queue_full"
+
+
+def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
+    daemon: Daemon, client: openai.OpenAI
+) -> None:
+    client.completions.create(model="lmx-tiny", prompt="one two", max_tokens=8, temperature=0)
+    text = httpx.get(daemon.url + "/metrics", timeout=5).text
+
+    def counter(name: str) -> float:
+        m = re.search(rf'^{name}_total\{{model="lmx-tiny"\}} (\S+)$', text, re.M)
+        assert m, f"{name} missing from /metrics"
+        return float(m.group(1))
+
+    assert counter("lmx_engine_steps") >= 8
+    assert 0 < counter("lmx_engine_overhead_seconds") < counter("lmx_engine_step_seconds")
