@@ -24,7 +24,7 @@ class Point:
     lmx: PointStats
     raw_runs: tuple[PointStats, ...]
     lmx_runs: tuple[PointStats, ...]
-    engine: PointStats | None = None  # lmx's engine in-process, no HTTP (--engine-layer)
+    engine: PointStats | None = None  # lmx's engine without HTTP (--engine-layer)
     engine_runs: tuple[PointStats, ...] = ()
 
     @property
@@ -118,14 +118,16 @@ class Report:
                 "",
                 "lmx's engine without HTTP, same prompts:",
                 "",
-                "| streams | raw tok/s | engine tok/s | engine/raw | ITL p50 ms raw / engine |",
-                "|---:|---:|---:|---:|---:|",
+                "| streams | raw tok/s | engine tok/s | engine/raw "
+                "| TTFT p50 ms raw / engine | ITL p50 ms raw / engine |",
+                "|---:|---:|---:|---:|---:|---:|",
             ]
             for p in self.points:
                 if p.engine is not None:
                     lines.append(
                         f"| {p.concurrency} | {p.raw.output_tok_s:.1f} "
                         f"| {p.engine.output_tok_s:.1f} | {p.engine_ratio:.2f} "
+                        f"| {p.raw.ttft_p50_ms:.1f} / {p.engine.ttft_p50_ms:.1f} "
                         f"| {p.raw.itl_p50_ms:.2f} / {p.engine.itl_p50_ms:.2f} |"
                     )
         verdict = all(p.ratio >= TARGET_RATIO for p in self.points)

@@ -1,7 +1,7 @@
 """Constrained decoding on MLX: llguidance token masks applied as per-sequence logits processors.
 
 The MLX engine builds one `ConstraintFactory` per loaded model (the llguidance tokenizer is costly
-to build) and calls `make_processor` per constrained request; processors run on its worker thread.
+to build) and calls `make_processor` per constrained request; processors run in its worker process.
 Backend-neutral (CPU, CUDA, Metal): llguidance computes the mask, plain MLX ops apply it.
 """
 

@@ -1,6 +1,6 @@
 """Per-request samplers and logits processors for mlx-lm's BatchGenerator.
 
-Called on the engine's worker thread when a request joins the batch. Each sequence gets its own
+Called in the engine's worker process when a request joins the batch. Each sequence gets its own
 sampler (own seed) and processors, so one request's parameters never leak into another's.
 Greedy requests get no sampler: the batch then samples them in one argmax.
 """

@@ -1,6 +1,7 @@
 """The Tokenizer protocol over mlx-lm's TokenizerWrapper: templates, encode/decode, detokenizers.
 
-Built by the MLX engine on its worker thread at load; encode/decode are then safe from any thread.
+Built at load by the MLX engine (for the API) and by its worker process (for detokenizing);
+encode/decode are then safe from any thread.
 Knows the model family's tool-call format and whether it writes <think> blocks.
 """
 

@@ -53,7 +53,7 @@ class ByteDecoder:
     """Streaming detokenizer for byte-level BPE: a table lookup and an incremental UTF-8 decoder.
 
     Exact (the concatenated output equals decoding all tokens at once) and allocation-light, which
-    matters on the worker thread where every sequence decodes every step.
+    matters in the worker process, where every sequence decodes every step.
     """
 
     def __init__(self, token_bytes: Sequence[bytes]) -> None:
