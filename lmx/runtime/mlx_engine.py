@@ -136,7 +136,8 @@ class MlxEngine:
             )
         self._conn = Connection(ours.detach())
         try:
-            self._send(self.config)
+            with contextlib.suppress(OSError):  # a worker that died at start: _await_ready says so
+                self._send(self.config)
             wrapper = self._load_tokenizer()  # while the worker loads the weights
             ready = self._await_ready()
         except BaseException:
