@@ -87,7 +87,9 @@ async def one_request(
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    # Read on to the end of the body, as the openai SDK does, so that the
+                    # connection goes back to the pool instead of being closed.
+                    continue
                 event = json.loads(data)
                 if "error" in event:
                     trace.error = str(event["error"].get("message", event["error"]))
