@@ -36,6 +36,7 @@ from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogpro
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.store import context_tokens
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
 
@@ -109,9 +110,6 @@ class Worker:
         self._constraints = ConstraintFactory(
             wrapper, int(model_config["vocab_size"]), wrapper.eos_token_ids
         )
-        native = int(
-            model_config.get("max_position_embeddings") or model_config.get("max_seq_len") or 4096
-        )
         self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
         gen: Any = BatchGenerator(
             model,
@@ -122,7 +120,7 @@ class Worker:
             stream=mx.new_stream(mx.default_device()),
         )
         ready = Ready(
-            context_length=min(native, self.config.context_length or native),
+            context_length=context_tokens(model_config, self.config.context_length),
             marker_ids=self._constraints.marker_ids,
             device=str(mx.default_device()),
             stats=self._stats(gen),

@@ -111,15 +111,21 @@ def kv_bytes_per_token(config: dict[str, Any]) -> int | None:
     return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
 
 
+def context_tokens(config: dict[str, Any], declared: int | None) -> int:
+    """Tokens per sequence a load reserves: the declared length, capped at the model's native one
+    (from config.json, or its `text_config` for multimodal models; 4096 if it names none)."""
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    assert isinstance(cfg, dict)
+    native = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len") or 4096)
+    return min(native, declared or native)
+
+
 def estimate(
     weights_bytes: int, config: dict[str, Any], sizing: Sizing, process_bytes: int = 0
 ) -> Footprint:
     """The footprint before any load. Context: the declared length, else the model's native one
     (as the engine does); KV for `max_batch` sequences of that length."""
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    assert isinstance(cfg, dict)
-    native = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len") or 4096)
-    tokens = min(native, sizing.context_length or native)
+    tokens = context_tokens(config, sizing.context_length)
     kv = (kv_bytes_per_token(config) or 0) * tokens * sizing.max_batch
     return Footprint(
         weights_bytes=weights_bytes,
