@@ -255,7 +255,8 @@ class Worker:
             text, stopped = seq.stops.feed(text)
             if stopped:
                 finish = "stop"
-                kv = gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
+                keep = self.config.prompt_cache_bytes > 0  # else no cache is extracted
+                kv = gen.remove([r.uid], return_prompt_caches=keep).get(r.uid)
                 if kv is not None:
                     self._remember(list(kv[1]), kv[0])
             elif finish is not None:
