@@ -40,6 +40,8 @@ async def _one(engine: MlxEngine, prompt: list[int], output_tokens: int) -> Requ
         async for delta in engine.stream(GenerationRequest(prompt_tokens=prompt, params=params)):
             if delta.text:
                 trace.chunk_s.append(time.perf_counter())
+            if delta.queue_s is not None:
+                trace.queue_s, trace.prefill_s = delta.queue_s, delta.prefill_s
             if delta.finish_reason is not None:
                 trace.output_tokens = delta.completion_tokens
                 trace.error = delta.error

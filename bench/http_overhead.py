@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class ZeroEngine:
 
     def __init__(self, config: LoadConfig, step_s: float, reasoning: bool) -> None:
         self.config = config
+        self.on_failure: Callable[[str], None] = lambda reason: None  # it never fails
         self.tokenizer = ZeroTokenizer(reasoning)
         self.context_length = 4096
         self._state = EngineState.UNLOADED

@@ -6,6 +6,7 @@ bench.raw and bench.loadgen fill `RequestTrace`s with the same clock (time.perf_
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,8 @@ class RequestTrace:
     chunk_s: list[float] = field(default_factory=list)  # raw: one per token; HTTP: one per chunk
     output_tokens: int = 0  # raw: tokens seen; HTTP: usage.completion_tokens
     error: str | None = None
+    queue_s: float | None = None  # lmx's engine's own account, where the side can see it
+    prefill_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -33,16 +36,23 @@ class PointStats:
     output_tok_s: float
     ttft_p50_ms: float
     ttft_p99_ms: float
+    ttft_mean_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
     tpot_mean_ms: float  # (last chunk - first chunk) / (tokens - 1), averaged over requests
     chunks_per_token: float  # 1.0 when every token streamed as its own chunk
     client_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
+    # Where lmx's time goes (means; NaN where not measured): the server's own TTFT (from its
+    # /metrics), the wait in the engine before the prefill, the prefill, a batch step.
+    server_ttft_ms: float = math.nan
+    queue_ms: float = math.nan
+    prefill_ms: float = math.nan
+    step_ms: float = math.nan
 
 
 def _pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) * 1e3 if values else float("nan")
+    return float(np.percentile(values, q)) * 1e3 if values else math.nan
 
 
 def summarize(
@@ -61,7 +71,9 @@ def summarize(
     ]
     tokens = sum(t.output_tokens for t in ok)
     chunks = sum(len(t.chunk_s) for t in ok)
-    wall = max(t.chunk_s[-1] for t in ok) - min(t.sent_s for t in traces) if ok else float("nan")
+    queue = [t.queue_s for t in ok if t.queue_s is not None]
+    prefill = [t.prefill_s for t in ok if t.prefill_s is not None]
+    wall = max(t.chunk_s[-1] for t in ok) - min(t.sent_s for t in traces) if ok else math.nan
     return PointStats(
         concurrency=concurrency,
         requests=len(traces),
@@ -71,12 +83,15 @@ def summarize(
         output_tok_s=tokens / wall if ok and wall > 0 else 0.0,
         ttft_p50_ms=_pct(ttft, 50),
         ttft_p99_ms=_pct(ttft, 99),
+        ttft_mean_ms=statistics.fmean(ttft) * 1e3 if ttft else math.nan,
         itl_p50_ms=_pct(itl, 50),
         itl_p99_ms=_pct(itl, 99),
-        tpot_mean_ms=statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
-        chunks_per_token=chunks / tokens if tokens else float("nan"),
+        tpot_mean_ms=statistics.fmean(tpot) * 1e3 if tpot else math.nan,
+        chunks_per_token=chunks / tokens if tokens else math.nan,
         client_cpu_s=client_cpu_s,
         server_cpu_s=server_cpu_s,
+        queue_ms=statistics.fmean(queue) * 1e3 if queue else math.nan,
+        prefill_ms=statistics.fmean(prefill) * 1e3 if prefill else math.nan,
     )
 
 

@@ -130,6 +130,7 @@ class Report:
                         f"| {p.raw.ttft_p50_ms:.1f} / {p.engine.ttft_p50_ms:.1f} "
                         f"| {p.raw.itl_p50_ms:.2f} / {p.engine.itl_p50_ms:.2f} |"
                     )
+        lines += self._ttft_table()
         verdict = all(p.ratio >= TARGET_RATIO for p in self.points)
         lines += [
             "",
@@ -139,6 +140,41 @@ class Report:
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
+
+    def _ttft_table(self) -> list[str]:
+        """Mean time to first token, split where lmx can see it: the client's wait, the server's
+        own (handler to first token), the engine's queue and prefill."""
+        if all(math.isnan(p.lmx.queue_ms) for p in self.points):
+            return []
+        engine = any(p.engine is not None for p in self.points)
+        head = "| streams | raw TTFT "
+        head += "| engine: TTFT / queue / prefill / step " if engine else ""
+        head += "| lmx: TTFT client / server / queue / prefill / step |"
+        lines = [
+            "",
+            "Where the time goes (means, ms; queue: waiting in the engine for the prefill to begin,"
+            " prefill: from then to the first token, step: one batch step in the worker):",
+            "",
+            head,
+            "|---:|---:|---:|" + ("---:|" if engine else ""),
+        ]
+        for p in self.points:
+            row = f"| {p.concurrency} | {p.raw.ttft_mean_ms:.1f} "
+            if engine:
+                e = p.engine
+                row += (
+                    f"| {e.ttft_mean_ms:.1f} / {e.queue_ms:.1f} / {e.prefill_ms:.1f}"
+                    f" / {e.step_ms:.2f} "
+                    if e is not None
+                    else "| "
+                )
+            x = p.lmx
+            row += (
+                f"| {x.ttft_mean_ms:.1f} / {x.server_ttft_ms:.1f} / {x.queue_ms:.1f}"
+                f" / {x.prefill_ms:.1f} / {x.step_ms:.2f} |"
+            )
+            lines.append(row)
+        return lines
 
     def write(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import gc
 import importlib.metadata
+import math
 import os
 import platform
 import re
@@ -23,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +98,15 @@ def measure_raw(model: Any, w: Workload, prompts: Any, args: argparse.Namespace)
 
 def measure_engine(engine: Any, w: Workload, prompts: Any, args: argparse.Namespace) -> PointStats:
     gc.collect()
-    cpu0 = time.process_time()
+    cpu0, before = time.process_time(), engine.stats()
     traces = asyncio.run(run_engine(engine, w, prompts, timeout_s=args.timeout_s))
-    cpu = time.process_time() - cpu0
+    cpu, after = time.process_time() - cpu0, engine.stats()
     _check(traces, "engine")
-    return summarize(traces, w.concurrency, server_cpu_s=cpu)
+    steps = after.steps - before.steps
+    return replace(
+        summarize(traces, w.concurrency, server_cpu_s=cpu),
+        step_ms=(after.step_s - before.step_s) / steps * 1e3 if steps else math.nan,
+    )
 
 
 def measure_lmx(
@@ -110,11 +116,26 @@ def measure_lmx(
     target = Target(server.base_url, MODEL_ID)
     assert server.process is not None
     with py_spy(server.process.pid, profile):
-        cpu0, srv0 = time.process_time(), server.cpu_s()
+        cpu0, srv0, totals0 = time.process_time(), server.cpu_s(), server.totals()
         traces = asyncio.run(run_load(target, w, prompts, timeout_s=args.timeout_s))
         cpu, srv = time.process_time() - cpu0, server.cpu_s() - srv0
     _check(traces, "lmx")
-    return summarize(traces, w.concurrency, client_cpu_s=cpu, server_cpu_s=srv)
+    totals = server.totals()
+
+    def mean_ms(total: str, count: str) -> float:
+        n = totals.get(count, 0.0) - totals0.get(count, 0.0)
+        return (totals.get(total, 0.0) - totals0.get(total, 0.0)) / n * 1e3 if n else math.nan
+
+    def latency_ms(name: str) -> float:
+        return mean_ms(f"lmx_{name}_seconds_sum", f"lmx_{name}_seconds_count")
+
+    return replace(
+        summarize(traces, w.concurrency, client_cpu_s=cpu, server_cpu_s=srv),
+        server_ttft_ms=latency_ms("time_to_first_token"),
+        queue_ms=latency_ms("request_queue"),
+        prefill_ms=latency_ms("request_prefill"),
+        step_ms=mean_ms("lmx_engine_step_seconds_total", "lmx_engine_steps_total"),
+    )
 
 
 def measure_point(

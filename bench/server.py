@@ -20,6 +20,7 @@ from types import TracebackType
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -112,6 +113,19 @@ class LmxServer:
                 t = p.cpu_times()
                 total += t.user + t.system
         return total
+
+    def totals(self) -> dict[str, float]:
+        """The model's counters and histogram sums and counts on the server's /metrics, by sample
+        name (`lmx_engine_steps_total`, `lmx_time_to_first_token_seconds_sum`, ...)."""
+        text = httpx.get(self.base_url.removesuffix("/v1") + "/metrics", timeout=10.0).text
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            if family.type in ("counter", "histogram")
+            for s in family.samples
+            if s.labels.get("model") == self.model_id
+            and s.name.endswith(("_total", "_sum", "_count"))
+        }
 
     def log_tail(self, n: int = 40) -> str:
         try:

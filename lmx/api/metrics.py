@@ -73,6 +73,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.queue = Histogram(
+            "lmx_request_queue_seconds",
+            "time a request waited in its model's engine before its prefill began",
+            ["model"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.prefill = Histogram(
+            "lmx_request_prefill_seconds",
+            "time from the start of a request's prefill to its first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.itl = Histogram(
             "lmx_inter_token_latency_seconds",
             "time between tokens of one sequence",

@@ -102,6 +102,8 @@ class _Generation:
         self.stream = stream
         self.ttft = metrics.ttft.labels(model_id)
         self.itl = metrics.itl.labels(model_id)
+        self.queue = metrics.queue.labels(model_id)
+        self.prefill = metrics.prefill.labels(model_id)
         self.prompt_tokens = metrics.prompt_tokens.labels(model_id)
         self.completion_tokens = metrics.completion_tokens.labels(model_id)
         self.started_s = time.perf_counter()
@@ -132,6 +134,10 @@ class _Generation:
 
     def _observe(self, i: int, d: Delta) -> None:
         now = time.perf_counter()
+        if d.queue_s is not None:
+            self.queue.observe(d.queue_s)
+        if d.prefill_s is not None:
+            self.prefill.observe(d.prefill_s)
         if d.token_ids:
             last = self.last_token_s.get(i)
             if last is None:

@@ -94,6 +94,10 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    # On a sequence's first token: seconds it waited in the engine before its prefill began, and
+    # seconds from then to the first token.
+    queue_s: float | None = None
+    prefill_s: float | None = None
 
 
 @dataclass(frozen=True)

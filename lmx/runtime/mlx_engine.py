@@ -65,12 +65,14 @@ class _Stream:
 
 
 def _joined(a: Delta, b: Delta) -> Delta:
-    """`b` appended to `a`: the text, tokens and logprobs of both, and `b`'s ending."""
+    """`b` appended to `a`: the text, tokens and logprobs of both, `a`'s timings, `b`'s ending."""
     return replace(
         b,
         text=a.text + b.text,
         token_ids=a.token_ids + b.token_ids,
         logprobs=a.logprobs + b.logprobs,
+        queue_s=a.queue_s if a.queue_s is not None else b.queue_s,
+        prefill_s=a.prefill_s if a.prefill_s is not None else b.prefill_s,
     )
 
 

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -65,6 +65,11 @@ class _Seq:
     cached_tokens: int = 0
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     constraint: ConstrainedProcessor | None = None
+    # perf_counter times: the add arrived; the prefill began; the first token came.
+    received_s: float = 0.0
+    started_s: float | None = None
+    first_token_s: float | None = None
+    timed: bool = False  # the timings rode on a delta already
 
 
 class Worker:
@@ -73,7 +78,8 @@ class Worker:
     def __init__(self, config: LoadConfig, conn: Connection) -> None:
         self.config = config
         self._conn = conn
-        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        # (arrival time, command)
+        self._inbox: queue.SimpleQueue[tuple[float, Command]] = queue.SimpleQueue()
         self._live: dict[int, _Seq] = {}  # by BatchGenerator uid
         self._by_sid: dict[int, _Seq] = {}
         self._steps = 0
@@ -142,11 +148,11 @@ class Worker:
         try:
             while True:
                 cmd: Command = receive(self._conn)
-                self._inbox.put(cmd)
+                self._inbox.put((time.perf_counter(), cmd))
                 if cmd[0] == "stop":
                     return
         except (EOFError, OSError):  # the daemon is gone: nobody to serve
-            self._inbox.put(("stop",))
+            self._inbox.put((time.perf_counter(), ("stop",)))
 
     def _serve(self, gen: Any) -> None:
         while True:
@@ -164,7 +170,7 @@ class Worker:
     def _take_commands(self, gen: Any, *, block: bool) -> bool:
         """Apply every queued command; False once told to stop."""
         try:
-            cmd = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+            at, cmd = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
         while True:
@@ -172,23 +178,24 @@ class Worker:
                 case ("stop",):
                     return False
                 case ("add", int(sid), GenerationRequest() as request):
-                    self._add(gen, sid, request)
+                    self._add(gen, sid, request, at)
                 case ("cancel", int(sid)):
                     seq = self._by_sid.pop(sid, None)
                     if seq is not None and seq.uid in self._live:
                         gen.remove([seq.uid])
                         del self._live[seq.uid]
             try:
-                cmd = self._inbox.get_nowait()
+                at, cmd = self._inbox.get_nowait()
             except queue.Empty:
                 return True
 
-    def _add(self, gen: Any, sid: int, request: GenerationRequest) -> None:
+    def _add(self, gen: Any, sid: int, request: GenerationRequest, received_s: float) -> None:
         seq = _Seq(
             sid=sid,
             request=request,
             detok=self.tokenizer.detokenizer(request.prompt_tokens),
             stops=StopMatcher(request.params.stop),
+            received_s=received_s,
         )
         try:
             self._insert(gen, seq)
@@ -236,15 +243,21 @@ class Worker:
 
     def _step(self, gen: Any) -> None:
         t0 = time.perf_counter()
-        _, responses = gen.next()
+        prompts, responses = gen.next()
         t1 = time.perf_counter()
         self._step_s += t1 - t0
         self._steps += 1
+        for p in prompts:  # progress of prefills: the first one of a sequence marks its start
+            seq = self._live.get(p.uid)
+            if seq is not None and seq.started_s is None:
+                seq.started_s = t0
         out: list[tuple[int, Delta]] = []
         for r in responses:
             seq = self._live.get(r.uid)
             if seq is None:
                 continue
+            if seq.first_token_s is None:
+                seq.first_token_s = t1
             seq.generated += 1
             self._generated += 1
             finish = r.finish_reason
@@ -268,12 +281,26 @@ class Worker:
                 del self._live[r.uid]
                 self._by_sid.pop(seq.sid, None)
                 error = seq.constraint.error if seq.constraint is not None else None
-                out.append((seq.sid, self._final(seq, finish, error, text, r.token, lps)))
+                out.append(
+                    (seq.sid, self._timed(seq, self._final(seq, finish, error, text, r.token, lps)))
+                )
             elif text or lps:
-                out.append((seq.sid, Delta(text=text, token_ids=(r.token,), logprobs=lps)))
+                delta = Delta(text=text, token_ids=(r.token,), logprobs=lps)
+                out.append((seq.sid, self._timed(seq, delta)))
         if out or len(self._live) != self._reported_active:
             self._send(("out", out, self._stats(gen)))
         self._overhead_s += time.perf_counter() - t1
+
+    @staticmethod
+    def _timed(seq: _Seq, delta: Delta) -> Delta:
+        """`delta` with the sequence's queue and prefill times if no earlier delta carried them."""
+        if seq.timed or seq.first_token_s is None:
+            return delta
+        seq.timed = True
+        started = seq.received_s if seq.started_s is None else seq.started_s
+        return replace(
+            delta, queue_s=started - seq.received_s, prefill_s=seq.first_token_s - started
+        )
 
     def _remember(self, tokens: list[int], kv: Any) -> None:
         if self.config.prompt_cache_bytes > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -148,9 +149,28 @@ async def test_inference_keys_guard_v1_when_configured(registry: EngineRegistry)
 
 
 async def test_generation_feeds_token_and_latency_metrics(client: httpx.AsyncClient) -> None:
-    await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4, "stream": True})
+    parts = ("time_to_first_token", "request_queue", "request_prefill")
+
+    def histograms(text: str) -> dict[str, float]:
+        found = re.findall(r'^lmx_(\w+)_seconds_(sum|count)\{model="tiny"\} (\S+)$', text, re.M)
+        return {f"{name}_{kind}": float(v) for name, kind, v in found}
+
+    before = histograms((await client.get("/metrics")).text)
+    body = {**CHAT, "max_tokens": 4, "stream": True, "n": 2}
+    await client.post("/v1/chat/completions", json=body)
     text = (await client.get("/metrics")).text
-    assert 'lmx_time_to_first_token_seconds_count{model="tiny"}' in text
-    assert 'lmx_inter_token_latency_seconds_count{model="tiny"}' in text
+    after = histograms(text)
+
+    def grew(key: str) -> float:
+        assert key in after, f"{key} missing from /metrics"
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("inter_token_latency_count") > 0
     assert 'lmx_completion_tokens_total{model="tiny"}' in text
     assert 'lmx_requests_total{route="/v1/chat/completions",status="200"}' in text
+    # Each choice's first token is timed once, and its engine-side parts fit inside its TTFT.
+    for part in parts:
+        assert grew(f"{part}_count") == 2
+    ttft, queue, prefill = (grew(f"{part}_sum") for part in parts)
+    assert queue >= 0 and prefill > 0
+    assert queue + prefill < ttft

@@ -165,6 +165,33 @@ async def test_full_queue_is_refused_and_context_overflow_names_the_limit(
         await asyncio.to_thread(e.unload)
 
 
+async def test_a_request_behind_a_full_batch_reports_its_wait_in_the_queue(
+    tiny_model_dir: Path,
+) -> None:
+    e = MlxEngine(LoadConfig(model_id="w", path=tiny_model_dir, max_batch=1))
+    await asyncio.to_thread(e.load)
+    try:
+        p = prompts(e, 1)[0]
+        long = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+
+        async def timed(params: SamplingParams) -> tuple[Delta, float]:
+            """The first delta and the time from it to the last one."""
+            first: tuple[Delta, float] | None = None
+            async for d in e.stream(GenerationRequest(p, params)):
+                now = asyncio.get_running_loop().time()
+                first = first or (d, now)
+            assert first is not None
+            return first[0], now - first[1]
+
+        (head, head_span), (waiter, _) = await asyncio.gather(timed(long), timed(GREEDY))
+        assert head.queue_s is not None and waiter.queue_s is not None
+        assert waiter.prefill_s is not None and waiter.prefill_s > 0
+        # One slot: the second waits while the first generates its 64 tokens.
+        assert waiter.queue_s > max(head.queue_s, head_span / 2)
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
 @pytest.mark.parametrize(
     "narrowing",
     [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}],
