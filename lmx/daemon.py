@@ -7,6 +7,7 @@ Called by `lmx serve`. Lifecycle as named steps: `bind` (fail fast on a taken po
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import signal
@@ -27,6 +28,7 @@ from lmx.reconciler import Reconciler, ReconcilerSettings
 from lmx.reconciler.editing import DesiredEditor
 from lmx.runtime import mlx_engine
 from lmx.runtime.engine import EngineState
+from lmx.runtime.intake import Intake
 from lmx.runtime.memory import MemoryProbe
 from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
@@ -93,7 +95,8 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._file_key = ensure_admin_key(settings.home / "admin.key")
-        self.registry = EngineRegistry(MlxEngine)
+        self.intake = Intake()
+        self.registry = EngineRegistry(functools.partial(MlxEngine, intake=self.intake))
         self.memory = MemoryProbe(mlx_engine.mlx_counters)
         self.store = ModelStore(
             settings.home,
@@ -118,6 +121,7 @@ class Daemon:
                 protect_admin_reads=not settings.is_loopback,
             ),
             metrics=Metrics(self.live_metrics),
+            intake=self.intake,
             served_since_s=time.time(),
         )
         self.app = create_app(self.deps, on_startup=self.startup, on_shutdown=self.shutdown)

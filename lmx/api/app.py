@@ -22,6 +22,7 @@ from lmx.api.cors import DynamicCORS
 from lmx.api.deps import AppDeps
 from lmx.api.generation import new_id
 from lmx.api.metrics import Metrics
+from lmx.runtime.intake import Intake
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,29 @@ class RequestContext:
 
         with structlog.contextvars.bound_contextvars(request_id=rid):
             await self.app(scope, receive, send_with_id)
+
+
+class CountIntake:
+    """Counts the generation requests being prepared (lmx.runtime.intake), from their arrival
+    until they reach an engine or end. Plain ASGI, and in the request's own task, so the engine
+    sees the request's ticket."""
+
+    _ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+    def __init__(self, app: ASGIApp, intake: Intake) -> None:
+        self.app = app
+        self.intake = intake
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in self._ROUTES
+        ):
+            await self.app(scope, receive, send)
+            return
+        with self.intake.preparing():
+            await self.app(scope, receive, send)
 
 
 def readiness(status: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -100,6 +124,7 @@ def create_app(
     app.include_router(v1.router)
     app.include_router(admin.router)
 
+    app.add_middleware(CountIntake, intake=deps.intake)
     app.add_middleware(RequestContext, metrics=deps.metrics)
     app.add_middleware(DynamicCORS, origins=deps.cors_origins)
 

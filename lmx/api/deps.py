@@ -14,6 +14,7 @@ from lmx.api.auth import Keys
 from lmx.api.metrics import Metrics
 from lmx.reconciler.editing import DesiredEditor
 from lmx.reconciler.loop import Reconciler
+from lmx.runtime.intake import Intake
 from lmx.runtime.registry import EngineRegistry
 
 
@@ -46,4 +47,5 @@ class AppDeps:
     cors_origins: Callable[[], tuple[str, ...]] = lambda: ()
     keys: Keys = field(default_factory=Keys)
     metrics: Metrics = field(default_factory=Metrics)
+    intake: Intake = field(default_factory=Intake)  # shared with the engines (lmx.runtime.intake)
     served_since_s: float = 0.0

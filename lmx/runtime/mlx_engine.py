@@ -32,6 +32,7 @@ from mlx_lm.utils import load_tokenizer
 
 from lmx.errors import QueueFull, RequestError
 from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationRequest, LoadConfig
+from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
 
@@ -88,14 +89,17 @@ def _exit_text(code: int | None) -> str:
 class MlxEngine:
     """Implements `lmx.runtime.engine.Engine` on MLX, in a worker process."""
 
-    def __init__(self, config: LoadConfig) -> None:
+    def __init__(self, config: LoadConfig, intake: Intake | None = None) -> None:
         self.config = config
+        self._intake = intake
         self.on_failure: Callable[[str], None] = lambda _reason: None
         self.worker_stats: WorkerStats | None = None
         self._state = EngineState.UNLOADED
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
+        self._outbox: list[Command] = []  # posted, to go in one message (see _post)
+        self._flush_due = False
         self._reader: threading.Thread | None = None
         self._stopping = False
         self._tokenizer: MlxTokenizer | None = None
@@ -181,8 +185,7 @@ class MlxEngine:
 
     def unload(self) -> None:
         self._stopping = True
-        with contextlib.suppress(OSError):
-            self._send(("stop",))
+        self._post(("stop",), now=True)
         self._reap(kill=False)
         self.worker_stats = None
         self._state = EngineState.UNLOADED
@@ -248,8 +251,9 @@ class MlxEngine:
         try:
             if self._state is not EngineState.READY:  # the worker died since the check above
                 raise RequestError(f"model {self.config.model_id!r} is not ready")
-            with contextlib.suppress(OSError):  # a dead worker: the reader ends this stream
-                self._send(("add", sid, request))
+            if self._intake is not None:
+                self._intake.reached_engine()
+            self._post(("add", sid, request))
             while True:
                 delta = await st.out.get()
                 # A consumer that fell behind gets what piled up as one delta (per step, not token).
@@ -263,14 +267,41 @@ class MlxEngine:
             self._in_flight -= 1
             self._streams.pop(sid, None)
             if not finished:
-                with contextlib.suppress(OSError):
-                    self._send(("cancel", sid))
+                self._post(("cancel", sid))
 
-    def _send(self, msg: Command | LoadConfig) -> None:
+    def _send(self, msg: LoadConfig) -> None:
         if self._conn is None:
             raise OSError("the worker is not running")
         with self._send_lock:
             send(self._conn, msg)
+
+    def _post(self, cmd: Command, *, now: bool = False) -> None:
+        """Send `cmd` to the worker at the end of this turn of the event loop, or once the intake
+        lets a burst go (`now`: at once). Commands posted meanwhile go as one message, which the
+        worker applies in one go: the burst joins the batch in one step (see lmx.runtime.intake).
+        """
+        with self._send_lock:
+            self._outbox.append(cmd)
+            if self._flush_due and not now:
+                return
+            self._flush_due = True
+        loop = None
+        if not now:
+            with contextlib.suppress(RuntimeError):  # no event loop: nothing to wait for
+                loop = asyncio.get_running_loop()
+        if loop is None:
+            self._flush()
+        elif self._intake is not None:
+            self._intake.hold(self._flush)
+        else:
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            cmds, self._outbox, self._flush_due = self._outbox, [], False
+            if cmds and self._conn is not None:
+                with contextlib.suppress(OSError):  # a dead worker: the reader ends the streams
+                    send(self._conn, cmds)
 
     # -- the reader thread --
 

@@ -43,6 +43,11 @@ from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, rec
 log = structlog.get_logger(__name__)
 
 _IDLE_POLL_S = 0.5
+# An idle batch waits for a burst of requests to finish arriving (a pause this long, this much in
+# all) so that it starts one prefill for all of them, not one for the first and a step's delay for
+# the rest.
+_BURST_PAUSE_S = 0.0015
+_BURST_MAX_S = 0.01
 _PROMPT_CACHE_ENTRIES = 64
 _STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at most this often
 
@@ -78,8 +83,8 @@ class Worker:
     def __init__(self, config: LoadConfig, conn: Connection) -> None:
         self.config = config
         self._conn = conn
-        # (arrival time, command)
-        self._inbox: queue.SimpleQueue[tuple[float, Command]] = queue.SimpleQueue()
+        # (arrival time, commands); one message's commands are applied together
+        self._inbox: queue.SimpleQueue[tuple[float, list[Command]]] = queue.SimpleQueue()
         self._live: dict[int, _Seq] = {}  # by BatchGenerator uid
         self._by_sid: dict[int, _Seq] = {}
         self._steps = 0
@@ -147,12 +152,12 @@ class Worker:
         """The command reader: the engine's messages into the inbox; its end (EOF) means stop."""
         try:
             while True:
-                cmd: Command = receive(self._conn)
-                self._inbox.put((time.perf_counter(), cmd))
-                if cmd[0] == "stop":
+                cmds: list[Command] = receive(self._conn)
+                self._inbox.put((time.perf_counter(), cmds))
+                if ("stop",) in cmds:
                     return
         except (EOFError, OSError):  # the daemon is gone: nobody to serve
-            self._inbox.put((time.perf_counter(), ("stop",)))
+            self._inbox.put((time.perf_counter(), [("stop",)]))
 
     def _serve(self, gen: Any) -> None:
         while True:
@@ -168,24 +173,28 @@ class Worker:
                 self._send(("out", [], self._stats(gen)))
 
     def _take_commands(self, gen: Any, *, block: bool) -> bool:
-        """Apply every queued command; False once told to stop."""
+        """Apply every queued command (if the batch is idle, also those of a burst still arriving);
+        False once told to stop."""
         try:
-            at, cmd = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+            at, cmds = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
+        burst_end = at + _BURST_MAX_S if block else 0.0
         while True:
-            match cmd:
-                case ("stop",):
-                    return False
-                case ("add", int(sid), GenerationRequest() as request):
-                    self._add(gen, sid, request, at)
-                case ("cancel", int(sid)):
-                    seq = self._by_sid.pop(sid, None)
-                    if seq is not None and seq.uid in self._live:
-                        gen.remove([seq.uid])
-                        del self._live[seq.uid]
+            for cmd in cmds:
+                match cmd:
+                    case ("stop",):
+                        return False
+                    case ("add", int(sid), GenerationRequest() as request):
+                        self._add(gen, sid, request, at)
+                    case ("cancel", int(sid)):
+                        seq = self._by_sid.pop(sid, None)
+                        if seq is not None and seq.uid in self._live:
+                            gen.remove([seq.uid])
+                            del self._live[seq.uid]
             try:
-                at, cmd = self._inbox.get_nowait()
+                wait = min(_BURST_PAUSE_S, burst_end - time.perf_counter())
+                at, cmds = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return True
 

@@ -3,7 +3,8 @@
 Every message is one pickled tuple (`send`/`receive`); the first item names it. Nothing in this
 module touches MLX.
 
-Engine to worker: `("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`.
+Engine to worker: the LoadConfig once, then lists of commands, each list applied in one go:
+`("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`.
 Worker to engine: `("ready", Ready)` or `("failed", Exception)` once after the load, then
 `("out", [(sid, Delta), ...], WorkerStats)` after every step that produced output or changed the
 number of active sequences. The pair's end (EOF) means the other side is gone.

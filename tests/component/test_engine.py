@@ -15,6 +15,7 @@ import pytest
 
 from lmx.errors import QueueFull, RequestError
 from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, mlx_counters
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
@@ -188,6 +189,40 @@ async def test_a_request_behind_a_full_batch_reports_its_wait_in_the_queue(
         assert waiter.prefill_s is not None and waiter.prefill_s > 0
         # One slot: the second waits while the first generates its 64 tokens.
         assert waiter.queue_s > max(head.queue_s, head_span / 2)
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
+async def test_an_engine_holds_a_request_while_its_burst_is_still_being_prepared(
+    tiny_model_dir: Path,
+) -> None:
+    intake = Intake(max_hold_s=10.0)
+    e = MlxEngine(LoadConfig(model_id="i", path=tiny_model_dir), intake=intake)
+    await asyncio.to_thread(e.load)
+    try:
+        p = prompts(e, 1)[0]
+        loop = asyncio.get_running_loop()
+
+        async def request(prepare_s: float) -> tuple[float, float, Delta]:
+            """As the API serves one: prepared for `prepare_s`, then streamed.
+            When it reached the engine, when its first delta came, that delta."""
+            with intake.preparing():
+                await asyncio.sleep(prepare_s)
+                reached = loop.time()
+                stream = e.stream(GenerationRequest(p, GREEDY))
+                first = await anext(stream)
+                await stream.aclose()  # type: ignore[attr-defined]
+                return reached, loop.time(), first
+
+        (a_reached, a_first_at, a), (b_reached, _, b) = await asyncio.gather(
+            request(0.0), request(0.3)
+        )
+        # The first reached its engine at once, yet went to the worker with the second...
+        assert b_reached - a_reached >= 0.3
+        assert a_first_at >= b_reached
+        # ...and both then started at once (the worker saw no wait).
+        assert a.queue_s is not None and b.queue_s is not None
+        assert a.queue_s < 0.2 and b.queue_s < 0.2
     finally:
         await asyncio.to_thread(e.unload)
 

@@ -1,0 +1,89 @@
+"""The intake: an engine's commands wait while a burst of requests is still being prepared."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lmx.runtime.intake import Intake
+
+
+class Flushes:
+    """A held flush that records when (loop time) it ran."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def __call__(self) -> None:
+        self.at.append(asyncio.get_running_loop().time())
+
+
+async def settle() -> None:
+    for _ in range(3):  # a few turns of the loop: call_soon chains run out
+        await asyncio.sleep(0)
+
+
+async def test_a_lone_request_is_not_held_past_the_end_of_the_turn() -> None:
+    intake, flush = Intake(max_hold_s=5.0), Flushes()
+    with intake.preparing():
+        intake.reached_engine()
+        intake.hold(flush)
+        assert flush.at == []  # never inside the turn that posted
+        await settle()
+    assert len(flush.at) == 1
+
+
+async def test_a_hold_lasts_until_the_burst_has_reached_its_engines() -> None:
+    intake, flush = Intake(max_hold_s=5.0), Flushes()
+    second_ready = asyncio.Event()
+
+    async def first() -> None:
+        with intake.preparing():
+            intake.reached_engine()
+            intake.hold(flush)
+            await second_ready.wait()
+
+    async def second() -> None:
+        with intake.preparing():
+            await asyncio.sleep(0.05)  # still templating, tokenizing...
+            intake.reached_engine()
+            second_ready.set()
+
+    start = asyncio.get_running_loop().time()
+    tasks = [asyncio.create_task(first()), asyncio.create_task(second())]
+    await asyncio.sleep(0.02)
+    assert flush.at == []
+    await asyncio.gather(*tasks)
+    await settle()
+    assert len(flush.at) == 1
+    assert flush.at[0] - start >= 0.05
+
+
+async def test_a_request_that_never_reaches_an_engine_releases_the_hold_when_it_ends() -> None:
+    intake, flush = Intake(max_hold_s=5.0), Flushes()
+    with intake.preparing():  # e.g. a 400: bad parameters
+        with intake.preparing():
+            intake.reached_engine()
+            intake.hold(flush)
+        await settle()
+        assert flush.at == []
+    await settle()
+    assert len(flush.at) == 1
+
+
+async def test_a_hold_never_outlasts_max_hold() -> None:
+    intake, flush = Intake(max_hold_s=0.05), Flushes()
+    start = asyncio.get_running_loop().time()
+    with intake.preparing():  # never reaches an engine while we wait
+        intake.hold(flush)
+        await asyncio.sleep(0.2)
+    assert len(flush.at) == 1
+    assert 0.05 <= flush.at[0] - start < 0.15
+
+
+async def test_a_request_preparing_longer_than_max_hold_holds_nobody() -> None:
+    intake, flush = Intake(max_hold_s=0.05), Flushes()
+    with intake.preparing():  # e.g. waiting for its model to load
+        await asyncio.sleep(0.1)
+        intake.hold(flush)
+        await settle()
+        assert len(flush.at) == 1
