@@ -157,8 +157,10 @@ def measure_point(
                 return measure_engine(engine, w, prompts, args)
             return measure_lmx(srv, w, prompts, args, profile)
 
-        # Warm-up: one request per stream on each side, on prompts not used below.
-        warm = Workload(c, 1, args.prompt_tokens, args.output_tokens)
+        # Warm-up: a whole run on each side, on prompts not used below. MLX compiles kernels for
+        # a new shape on first use; one request per stream leaves the refills' batch shapes
+        # unseen, and a stall of a second inside a measured run of a few decides its result.
+        warm = w
         for k, side in enumerate(sides):
             measure(side, warm, make_prompts(warm, ids, seed=10_000 * (k + 1) + c))
         for rep in range(args.repeats):
