@@ -49,6 +49,8 @@ class PointStats:
     queue_ms: float = math.nan
     prefill_ms: float = math.nan
     step_ms: float = math.nan
+    # Steps that also did prompt work (extra forward passes for the whole batch), per request.
+    prefill_steps_per_request: float = math.nan
 
 
 def _pct(values: Sequence[float], q: float) -> float:

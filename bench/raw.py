@@ -35,8 +35,9 @@ def _stream() -> Any:
 
 def run_raw(
     model: Any, workload: Workload, prompts: Prompts, *, max_batch: int, timeout_s: float
-) -> list[RequestTrace]:
-    """Run the workload to completion (or `timeout_s`); one trace per request, in stream order.
+) -> tuple[list[RequestTrace], int]:
+    """Run the workload to completion (or `timeout_s`): one trace per request, in stream order,
+    and how many steps did prompt work.
 
     Each stream inserts its next request as soon as its previous one finished, like an HTTP
     client that sends again on [DONE]. Requests not finished at the deadline carry an error.
@@ -61,14 +62,17 @@ def run_raw(
     # Prefill chunks plus decode steps, with slack: a bound on the loop besides the clock.
     max_steps = 4 * workload.requests * (workload.output_tokens + 2) + 100
     deadline = time.perf_counter() + timeout_s
+    prefill_steps = 0
     try:
         for s in range(workload.concurrency):
             submit(s)
         for _ in range(max_steps):
             if not live or time.perf_counter() > deadline:
                 break
-            _, responses = gen.next()
+            prompt_work, responses = gen.next()
             now = time.perf_counter()
+            if prompt_work:
+                prefill_steps += 1
             for r in responses:
                 stream, trace = live[r.uid]
                 trace.chunk_s.append(now)
@@ -81,7 +85,7 @@ def run_raw(
         gen.close()
     for _, trace in live.values():
         trace.error = "unfinished at the deadline"
-    return [t for stream in traces for t in stream]
+    return [t for stream in traces for t in stream], prefill_steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         run_raw(
             model, w, make_prompts(w, ids, seed=-c % 2**32), max_batch=args.max_batch, timeout_s=60
         )
-        traces = run_raw(
+        traces, _ = run_raw(
             model,
             w,
             make_prompts(w, ids, seed=c),

@@ -147,31 +147,34 @@ class Report:
         if all(math.isnan(p.lmx.queue_ms) for p in self.points):
             return []
         engine = any(p.engine is not None for p in self.points)
-        head = "| streams | raw TTFT "
-        head += "| engine: TTFT / queue / prefill / step " if engine else ""
-        head += "| lmx: TTFT client / server / queue / prefill / step |"
+        head = "| streams | raw: TTFT / prefill steps "
+        head += "| engine: TTFT / queue / prefill / step / prefill steps " if engine else ""
+        head += "| lmx: TTFT client / server / queue / prefill / step / prefill steps |"
         lines = [
             "",
             "Where the time goes (means, ms; queue: waiting in the engine for the prefill to begin,"
-            " prefill: from then to the first token, step: one batch step in the worker):",
+            " prefill: from then to the first token, step: one batch step in the worker; prefill"
+            " steps: steps that also did prompt work, each an extra forward pass for the whole"
+            " batch, per request):",
             "",
             head,
             "|---:|---:|---:|" + ("---:|" if engine else ""),
         ]
         for p in self.points:
-            row = f"| {p.concurrency} | {p.raw.ttft_mean_ms:.1f} "
+            r = p.raw
+            row = f"| {p.concurrency} | {r.ttft_mean_ms:.1f} / {r.prefill_steps_per_request:.2f} "
             if engine:
                 e = p.engine
                 row += (
                     f"| {e.ttft_mean_ms:.1f} / {e.queue_ms:.1f} / {e.prefill_ms:.1f}"
-                    f" / {e.step_ms:.2f} "
+                    f" / {e.step_ms:.2f} / {e.prefill_steps_per_request:.2f} "
                     if e is not None
                     else "| "
                 )
             x = p.lmx
             row += (
                 f"| {x.ttft_mean_ms:.1f} / {x.server_ttft_ms:.1f} / {x.queue_ms:.1f}"
-                f" / {x.prefill_ms:.1f} / {x.step_ms:.2f} |"
+                f" / {x.prefill_ms:.1f} / {x.step_ms:.2f} / {x.prefill_steps_per_request:.2f} |"
             )
             lines.append(row)
         return lines

@@ -89,11 +89,16 @@ def _check(traces: list[RequestTrace], what: str) -> None:
 def measure_raw(model: Any, w: Workload, prompts: Any, args: argparse.Namespace) -> PointStats:
     gc.collect()
     cpu0 = time.process_time()
-    traces = run_raw(model, w, prompts, max_batch=args.max_batch, timeout_s=args.timeout_s)
+    traces, prefill_steps = run_raw(
+        model, w, prompts, max_batch=args.max_batch, timeout_s=args.timeout_s
+    )
     cpu = time.process_time() - cpu0
     mx.clear_cache()  # give the server the memory back (a GPU holds both copies of the model)
     _check(traces, "raw")
-    return summarize(traces, w.concurrency, server_cpu_s=cpu)
+    return replace(
+        summarize(traces, w.concurrency, server_cpu_s=cpu),
+        prefill_steps_per_request=prefill_steps / len(traces),
+    )
 
 
 def measure_engine(engine: Any, w: Workload, prompts: Any, args: argparse.Namespace) -> PointStats:
@@ -106,6 +111,7 @@ def measure_engine(engine: Any, w: Workload, prompts: Any, args: argparse.Namesp
     return replace(
         summarize(traces, w.concurrency, server_cpu_s=cpu),
         step_ms=(after.step_s - before.step_s) / steps * 1e3 if steps else math.nan,
+        prefill_steps_per_request=(after.prefill_steps - before.prefill_steps) / len(traces),
     )
 
 
@@ -135,6 +141,11 @@ def measure_lmx(
         queue_ms=latency_ms("request_queue"),
         prefill_ms=latency_ms("request_prefill"),
         step_ms=mean_ms("lmx_engine_step_seconds_total", "lmx_engine_steps_total"),
+        prefill_steps_per_request=(
+            totals.get("lmx_engine_prefill_steps_total", 0.0)
+            - totals0.get("lmx_engine_prefill_steps_total", 0.0)
+        )
+        / len(traces),
     )
 
 

@@ -141,6 +141,7 @@ class Daemon:
                 "resident_bytes",
                 "state",
                 "steps",
+                "prefill_steps",
                 "step_seconds",
                 "overhead_seconds",
             )
@@ -154,6 +155,7 @@ class Daemon:
             out["state"][mid] = 1.0 if m.state is EngineState.READY else 0.0
             if stats:
                 out["steps"][mid] = stats.steps
+                out["prefill_steps"][mid] = stats.prefill_steps
                 out["step_seconds"][mid] = stats.step_s
                 out["overhead_seconds"][mid] = stats.overhead_s
         memory = self.reconciler.status()["memory"]

@@ -38,6 +38,10 @@ class _Live(Collector):
             yield g
         counters = {
             "steps": ("lmx_engine_steps", "batch steps since the model was loaded"),
+            "prefill_steps": (
+                "lmx_engine_prefill_steps",
+                "batch steps that also processed prompts (each an extra forward pass)",
+            ),
             "step_seconds": ("lmx_engine_step_seconds", "time in the engine's batch steps"),
             "overhead_seconds": (
                 "lmx_engine_overhead_seconds",

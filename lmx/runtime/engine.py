@@ -109,6 +109,7 @@ class EngineStats:
     prompt_cache_bytes: int
     steps: int
     generated_tokens: int
+    prefill_steps: int = 0  # steps that also did prompt work: extra forward passes for the batch
     step_s: float = 0.0  # time in decode/prefill steps since the load
     overhead_s: float = 0.0  # the engine's own per-step work (text, stops, messages) since then
 

@@ -220,6 +220,7 @@ class MlxEngine:
             resident_bytes=self.resident_bytes(),
             prompt_cache_bytes=s.prompt_cache_bytes if s else 0,
             steps=s.steps if s else 0,
+            prefill_steps=s.prefill_steps if s else 0,
             generated_tokens=s.generated_tokens if s else 0,
             step_s=s.step_s if s else 0.0,
             overhead_s=s.overhead_s if s else 0.0,

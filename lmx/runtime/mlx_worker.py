@@ -87,7 +87,7 @@ class Worker:
         self._inbox: queue.SimpleQueue[tuple[float, list[Command]]] = queue.SimpleQueue()
         self._live: dict[int, _Seq] = {}  # by BatchGenerator uid
         self._by_sid: dict[int, _Seq] = {}
-        self._steps = 0
+        self._steps = self._prefill_steps = 0
         self._step_s = self._overhead_s = 0.0
         self._generated = 0
         self._kv_bytes = 0
@@ -256,6 +256,8 @@ class Worker:
         t1 = time.perf_counter()
         self._step_s += t1 - t0
         self._steps += 1
+        if prompts:
+            self._prefill_steps += 1
         for p in prompts:  # progress of prefills: the first one of a sequence marks its start
             seq = self._live.get(p.uid)
             if seq is not None and seq.started_s is None:
@@ -324,6 +326,7 @@ class Worker:
         return WorkerStats(
             active=len(self._live),
             steps=self._steps,
+            prefill_steps=self._prefill_steps,
             generated_tokens=self._generated,
             weights_bytes=self._weights_bytes,
             kv_bytes=self._kv_bytes,

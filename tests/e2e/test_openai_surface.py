@@ -262,4 +262,5 @@ def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
         return float(m.group(1))
 
     assert counter("lmx_engine_steps") >= 8
+    assert 1 <= counter("lmx_engine_prefill_steps") < counter("lmx_engine_steps")
     assert 0 < counter("lmx_engine_overhead_seconds") < counter("lmx_engine_step_seconds")
