@@ -22,7 +22,8 @@ DOWNLOAD_REASONS = WAITING_REASONS | {"DownloadFailed"}
 class Failure:
     spec: ModelSpec  # the spec these failures happened under
     count: int  # consecutive failures with no success between
-    reason: str  # machine-readable: LoadFailed, LoadTimeout, DownloadFailed, LoadCrashedProcess
+    # machine-readable: LoadFailed, LoadTimeout, DownloadFailed, LoadCrashedProcess, EngineCrashed
+    reason: str
     message: str
     retry_at_s: float | None
     quarantined: bool
@@ -78,8 +79,16 @@ class FailureBook:
         self._records[model_id] = rec
         return rec
 
-    def succeeded(self, model_id: str) -> None:
-        self._records.pop(model_id, None)
+    def succeeded(self, model_id: str, *, now_s: float) -> None:
+        """A load or download of `model_id` succeeded: forget its failures, unless the record
+        still holds the model back. A held-back action does not run, so such a record was
+        written after this one began (the new engine crashed at once)."""
+        rec = self._records.get(model_id)
+        if rec is None:
+            return
+        if rec.quarantined or (rec.retry_at_s is not None and rec.retry_at_s > now_s):
+            return
+        del self._records[model_id]
 
     def forget_undeclared(self, declared: set[str]) -> None:
         for mid in [m for m in self._records if m not in declared]:

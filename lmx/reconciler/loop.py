@@ -105,6 +105,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._reasons: set[str] = set()
         self._idled: dict[str, ModelSpec] = {}
+        self._crashes: dict[str, tuple[ModelSpec, int, float]] = {}  # spec, in a row, last at
         self._requeue_after_s: float | None = None
         self._last_pass: dict[str, Any] = {}
         self._pass_ids = itertools.count(1)
@@ -155,6 +156,7 @@ class Reconciler:
         for mid in recovery.downloads:
             log.info("download_resuming", model=mid)
         self._registry.on_change = lambda: self.wake("engine_changed")
+        self._registry.on_engine_failed = self._engine_failed
         self._task = asyncio.create_task(self._main_loop(), name="lmx-reconcile")
         self.wake("start")
         await self._triggers.start()
@@ -304,6 +306,8 @@ class Reconciler:
             self._failures.forget_undeclared(set(desired.models))
             for mid in [m for m, spec in self._idled.items() if desired.models.get(m) != spec]:
                 del self._idled[mid]
+            for mid in [m for m, c in self._crashes.items() if desired.models.get(m) != c[0]]:
+                del self._crashes[mid]
             if back := await self._executor.releases.recheck():
                 self.events.publish("memory_released", models=back)
             observed, current, executed = await self._converge(desired)
@@ -358,6 +362,34 @@ class Reconciler:
             self._wake.clear()
         return await self._observe(desired)
 
+    def _engine_failed(self, model_id: str, reason: str) -> None:
+        """A loaded model's engine died on its own (its worker crashed). It is loaded again after
+        a backoff that doubles with each crash in a row (crashes `crash_window_s` apart start
+        over), and quarantined after `max_failures` in a row: a model that crashes on every
+        request must not be reloaded after every crash."""
+        spec = self._desired.models.get(model_id)
+        if spec is None:
+            return
+        now = self._clock()
+        prev = self._crashes.get(model_id)
+        in_a_row = 1
+        if prev is not None and prev[0] == spec and now - prev[2] < self.settings.crash_window_s:
+            in_a_row = prev[1] + 1
+        self._crashes[model_id] = (spec, in_a_row, now)
+        s = self.settings
+        rec = self._failures.failed(
+            model_id,
+            spec,
+            "EngineCrashed",
+            f"{reason} (crash {in_a_row} in a row)",
+            now_s=now,
+            delay_s=min(s.backoff_max_s, s.backoff_base_s * 2 ** (in_a_row - 1)),
+            permanent=in_a_row >= s.max_failures,
+        )
+        self.events.publish("engine_failed", model=model_id, reason=reason, in_a_row=in_a_row)
+        if rec.quarantined:
+            log.error("model_quarantined", model=model_id, reason="EngineCrashed", crashes=in_a_row)
+
     async def _observe(self, desired: DesiredState, *, record: bool = True) -> ObservedState:
         return await self._observer.observe(
             desired, requested=self._requests.wanted(), idled=self._idled, record=record
@@ -373,7 +405,7 @@ class Reconciler:
                 continue
             match o.action:
                 case Load() | Download() if o.result is Result.DONE:
-                    self._failures.succeeded(mid)
+                    self._failures.succeeded(mid, now_s=now)
                     self._idled.pop(mid, None)
                 case Load() | Download() if o.failed:
                     rec = self._failures.failed(

@@ -27,6 +27,7 @@ class ReconcilerSettings:
     max_failures: int = 5  # consecutive failures before quarantine
     backoff_base_s: float = 2.0
     backoff_max_s: float = 300.0
+    crash_window_s: float = 600.0  # engine crashes this far apart count as consecutive
     max_steps_per_pass: int = 4  # observe-plan-execute rounds before yielding to new triggers
     event_queue_size: int = 256  # per subscriber
 

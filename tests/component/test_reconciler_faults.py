@@ -168,3 +168,34 @@ async def test_an_engine_that_dies_after_loading_is_loaded_again(world: World) -
     await until(lambda: world.engines.count("load", "a") == 2 and world.ready("a"))
     assert world.reg.get("a") is not engine
     assert world.engines.memory.held_bytes == world.reg.snapshot()["a"].resident_bytes
+
+
+async def test_an_engine_that_keeps_crashing_is_reloaded_later_each_time_then_quarantined(
+    world: World,
+) -> None:
+    world.write(a=model(world.model_dir("a")))
+    r = world.build(backoff_base_s=0.2, backoff_max_s=1.0)  # quarantined at the third crash
+    events = r.subscribe()
+    await r.start()
+    loop = asyncio.get_running_loop()
+    for n in (1, 2):
+        await until(lambda n=n: world.engines.count("load", "a") == n and world.ready("a"))
+        engine = world.reg.get("a")
+        assert isinstance(engine, FakeEngine)
+        crashed_at = loop.time()
+        engine.crash("the model's worker process exited unexpectedly (killed by SIGSEGV)")
+        await until(
+            lambda n=n: f"crash {n} in a row" in world.condition("a", "Degraded")["message"]
+        )
+        await until(lambda n=n: world.engines.count("load", "a") == n + 1, timeout_s=5)
+        assert loop.time() - crashed_at >= 0.2 * 2 ** (n - 1) * 0.9  # backed off, doubling
+    await until(lambda: world.ready("a"))
+    engine = world.reg.get("a")
+    assert isinstance(engine, FakeEngine)
+    engine.crash()
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    assert world.condition("a", "Quarantined")["reason"] == "EngineCrashed"
+    await asyncio.sleep(0.5)
+    assert world.engines.count("load", "a") == 3
+    crashes = [e["in_a_row"] for e in events.pending() if e["type"] == "engine_failed"]
+    assert crashes == [1, 2, 3]

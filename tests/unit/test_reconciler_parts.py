@@ -89,8 +89,18 @@ def test_a_permanent_error_quarantines_at_once_and_a_new_spec_starts_clean() -> 
     assert book.failed("a", spec, "DownloadFailed", "404", now_s=0, permanent=True).quarantined
     assert book.current("a", spec) is not None
     assert book.current("a", spec.model_copy(update={"revision": "v2"})) is None
-    book.succeeded("a")
+
+
+def test_a_success_clears_only_failures_older_than_the_action_that_succeeded() -> None:
+    book, spec = FailureBook(base_delay_s=1.0), ModelSpec(source="org/a")
+    book.failed("a", spec, "EngineCrashed", "died", now_s=10.0)  # retry at 11
+    book.succeeded("a", now_s=10.5)  # a load that began before the crash: the crash stands
+    assert book.current("a", spec) is not None
+    book.succeeded("a", now_s=12.0)  # the reload, after the backoff
     assert book.current("a", spec) is None
+    book.failed("a", spec, "LoadFailed", "x", now_s=20.0, permanent=True)
+    book.succeeded("a", now_s=1e9)
+    assert book.current("a", spec) is not None  # quarantined until the spec changes
 
 
 def test_conditions_of_a_model_waiting_for_memory() -> None:
