@@ -62,6 +62,7 @@ class ZeroEngine:
         self.on_failure: Callable[[str], None] = lambda reason: None  # it never fails
         self.tokenizer = ZeroTokenizer(reasoning)
         self.context_length = 4096
+        self.pid: int | None = None  # runs in the server's process
         self._state = EngineState.UNLOADED
         self._step_s = step_s
         self._live: dict[

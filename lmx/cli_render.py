@@ -188,13 +188,15 @@ def status_footer(doc: Doc) -> list[Text]:
 
 def ps_table(doc: Doc) -> Table:
     t = _table(
-        *("MODEL", "RESIDENT", "FOOTPRINT", "IN-FLIGHT", "LAST USED", "CONTEXT"),
-        right=("IN-FLIGHT", "CONTEXT"),
+        *("MODEL", "PID", "RESIDENT", "FOOTPRINT", "IN-FLIGHT", "LAST USED", "CONTEXT"),
+        right=("PID", "IN-FLIGHT", "CONTEXT"),
     )
     for mid, m in loaded_models(doc).items():
         ctx = (m.get("footprint") or {}).get("context_tokens")
+        pid = m.get("pid")
         t.add_row(
             Text(mid),
+            str(pid) if pid else "-",
             fmt_bytes(m.get("resident_bytes")),
             fmt_bytes(_footprint(m)),
             str(m.get("in_flight", 0)),

@@ -6,6 +6,7 @@ Called by `lmx serve`. Lifecycle as named steps: `bind` (fail fast on a taken po
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import os
@@ -96,7 +97,10 @@ class Daemon:
         self.settings = settings
         self._file_key = ensure_admin_key(settings.home / "admin.key")
         self.intake = Intake()
-        self.registry = EngineRegistry(functools.partial(MlxEngine, intake=self.intake))
+        self.spares = mlx_engine.Spares()
+        self.registry = EngineRegistry(
+            functools.partial(MlxEngine, intake=self.intake, spares=self.spares)
+        )
         self.memory = MemoryProbe(mlx_engine.mlx_counters)
         self.store = ModelStore(
             settings.home,
@@ -174,10 +178,12 @@ class Daemon:
             home=str(self.settings.home),
             device=mlx_engine.device_name(),
         )
+        await asyncio.to_thread(self.spares.refill)
         await self.reconciler.start()
 
     async def shutdown(self) -> None:
         await self.reconciler.stop()
+        await asyncio.to_thread(self.spares.close)
         log.info("lmx_stopped")
 
 

@@ -125,6 +125,10 @@ class FakeEngine:
     def state(self) -> EngineState:
         return self._state
 
+    @property
+    def pid(self) -> int | None:
+        return None  # runs in the test's process
+
     def crash(self, reason: str = "injected crash") -> None:
         """Fail on its own, as a worker process that died would: memory gone, registry told."""
         self._state = EngineState.FAILED

@@ -30,6 +30,7 @@ class ObservedModel:
     loaded_want: Want | None = None  # the spec's want when it was loaded
     resident_bytes: int = 0
     in_flight: int = 0
+    pid: int | None = None  # the engine's worker process
     last_used_s: float = 0.0
     draining: bool = False
     drain_deadline_s: float | None = None

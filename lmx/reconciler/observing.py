@@ -94,6 +94,7 @@ class Observer:
                 loaded_want=rec.want if rec else None,
                 resident_bytes=eng.resident_bytes if eng else 0,
                 in_flight=eng.in_flight if eng else 0,
+                pid=eng.pid if eng else None,
                 last_used_s=eng.last_used_s if eng else 0.0,
                 draining=eng.draining if eng else False,
                 drain_deadline_s=ex.drain_deadlines.get(mid),

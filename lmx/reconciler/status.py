@@ -183,6 +183,7 @@ class StatusView:
             },
             "resident_bytes": o.resident_bytes,
             "in_flight": o.in_flight,
+            "pid": o.pid,
             "last_used": None if age is None else _iso(time.time() - age),
             "failures": fail.count if fail else 0,
         }

@@ -156,6 +156,10 @@ class Engine(Protocol):
     @property
     def context_length(self) -> int: ...
 
+    @property
+    def pid(self) -> int | None:
+        """The process serving this model, if it runs in one of its own."""
+
     def load(self) -> None:
         """Load weights and start the worker. Raises on failure; blocking."""
 

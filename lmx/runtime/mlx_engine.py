@@ -59,6 +59,64 @@ def device_name() -> str:
     return str(mx.default_device())
 
 
+WorkerProcess = tuple[subprocess.Popen[bytes], Connection]
+
+
+def start_worker() -> WorkerProcess:
+    """A worker process and our end of its socket pair. It imports MLX and mlx-lm, then waits for
+    the LoadConfig of the model it is to serve; closing our end makes it exit."""
+    ours, theirs = socket.socketpair()
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    with theirs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lmx.runtime.mlx_worker", str(theirs.fileno()), level],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+    return proc, Connection(ours.detach())
+
+
+class Spares:
+    """Worker processes started ahead of time, their imports done (1-3 s of Python, MLX and
+    mlx-lm), waiting for a model: a load takes one instead of starting from nothing, and `refill`
+    starts the next one once the load is done. Each costs one idle process (~100 MiB)."""
+
+    def __init__(self, count: int = 1) -> None:
+        self._count = count
+        self._lock = threading.Lock()
+        self._idle: list[WorkerProcess] = []
+        self._closed = False
+
+    def take(self) -> WorkerProcess:
+        """A spare still alive, else a new worker."""
+        with self._lock:
+            while self._idle:
+                proc, conn = self._idle.pop(0)
+                if proc.poll() is None:
+                    return proc, conn
+                conn.close()  # it died waiting (the OOM killer, a signal): start another
+        return start_worker()
+
+    def refill(self) -> None:
+        with self._lock:
+            while not self._closed and len(self._idle) < self._count:
+                self._idle.append(start_worker())
+
+    def close(self) -> None:
+        """End the idle spares (closing our end of each pair tells it to exit)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for _, conn in idle:
+            conn.close()
+        for proc, _ in idle:
+            try:
+                proc.wait(timeout=_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @dataclass(eq=False)
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -89,9 +147,12 @@ def _exit_text(code: int | None) -> str:
 class MlxEngine:
     """Implements `lmx.runtime.engine.Engine` on MLX, in a worker process."""
 
-    def __init__(self, config: LoadConfig, intake: Intake | None = None) -> None:
+    def __init__(
+        self, config: LoadConfig, intake: Intake | None = None, spares: Spares | None = None
+    ) -> None:
         self.config = config
         self._intake = intake
+        self._spares = spares
         self.on_failure: Callable[[str], None] = lambda _reason: None
         self.worker_stats: WorkerStats | None = None
         self._state = EngineState.UNLOADED
@@ -132,15 +193,7 @@ class MlxEngine:
 
     def load(self) -> None:
         self._state = EngineState.LOADING
-        ours, theirs = socket.socketpair()
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-        with theirs:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "lmx.runtime.mlx_worker", str(theirs.fileno()), level],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-        self._conn = Connection(ours.detach())
+        self._proc, self._conn = self._spares.take() if self._spares else start_worker()
         try:
             with contextlib.suppress(OSError):  # a worker that died at start: _await_ready says so
                 self._send(self.config)
@@ -150,6 +203,9 @@ class MlxEngine:
             self._state = EngineState.FAILED
             self._reap(kill=True)
             raise
+        finally:
+            if self._spares is not None:
+                self._spares.refill()
         self._tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
         self._context_length = ready.context_length
         self.worker_stats = ready.stats
@@ -170,7 +226,7 @@ class MlxEngine:
         assert self._conn is not None and self._proc is not None
         try:
             report: Report = receive(self._conn)
-        except EOFError:
+        except (EOFError, ConnectionResetError):
             code = self._proc.wait()
             raise RuntimeError(
                 f"the worker process for {self.config.model_id!r} exited while loading "

@@ -402,7 +402,10 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us
     configure(level)
     conn = Connection(fd)
-    config: LoadConfig = receive(conn)
+    try:
+        config: LoadConfig = receive(conn)
+    except EOFError:  # a spare the daemon never needed
+        return
     structlog.contextvars.bind_contextvars(worker=config.model_id)
     Worker(config, conn).run()
     conn.close()

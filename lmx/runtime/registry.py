@@ -32,6 +32,7 @@ class ResidentModel:
     in_flight: int
     last_used_s: float
     draining: bool
+    pid: int | None = None  # the engine's own process, if it has one
 
 
 @dataclass
@@ -70,6 +71,7 @@ class EngineRegistry:
                 in_flight=s.in_flight,
                 last_used_s=s.last_used_s,
                 draining=s.draining,
+                pid=s.engine.pid,
             )
             for mid, s in self._slots.items()
         }

@@ -55,6 +55,7 @@ class ScriptedEngine:
         self.tokenizer = ScriptedTokenizer()
         self.context_length = 100_000
         self.state = EngineState.UNLOADED
+        self.pid = None
 
     def load(self) -> None:
         self.state = EngineState.READY

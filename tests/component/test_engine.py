@@ -16,7 +16,7 @@ import pytest
 from lmx.errors import QueueFull, RequestError
 from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.intake import Intake
-from lmx.runtime.mlx_engine import MlxEngine, mlx_counters
+from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
@@ -272,6 +272,57 @@ async def test_unload_ends_the_worker_process(tiny_model_dir: Path) -> None:
     await asyncio.to_thread(e.unload)
     assert e.pid is None and not psutil.pid_exists(pid)
     assert e.state is EngineState.UNLOADED and e.resident_bytes() == 0
+
+
+def _idle_workers(known: set[int]) -> set[int]:
+    """Worker processes of ours not in `known` (spares waiting for a model)."""
+    return {
+        p.pid
+        for p in psutil.Process().children()
+        if p.pid not in known and "lmx.runtime.mlx_worker" in " ".join(p.cmdline())
+    }
+
+
+async def test_a_load_takes_a_waiting_spare_and_a_new_one_waits_after_it(
+    tiny_model_dir: Path,
+) -> None:
+    before = _idle_workers(set())
+    spares = Spares()
+    await asyncio.to_thread(spares.refill)
+    (spare,) = _idle_workers(before)
+    e = MlxEngine(LoadConfig(model_id="s", path=tiny_model_dir), spares=spares)
+    try:
+        await asyncio.to_thread(e.load)
+        assert e.pid == spare
+        (refill,) = _idle_workers(before | {spare})
+        text, last = await run(e, prompts(e, 1)[0], GREEDY)
+        assert last.finish_reason == "length" and text
+    finally:
+        await asyncio.to_thread(e.unload)
+        await asyncio.to_thread(spares.close)
+    assert not psutil.pid_exists(spare) and not psutil.pid_exists(refill)
+
+
+async def test_a_spare_that_died_waiting_is_replaced_at_the_load(tiny_model_dir: Path) -> None:
+    before = _idle_workers(set())
+    spares = Spares()
+    await asyncio.to_thread(spares.refill)
+    (spare,) = _idle_workers(before)
+    os.kill(spare, signal.SIGKILL)
+    for _ in range(500):  # until it is dead (a zombie: ours to reap)
+        if psutil.Process(spare).status() == psutil.STATUS_ZOMBIE:
+            break
+        await asyncio.sleep(0.01)
+    e = MlxEngine(LoadConfig(model_id="d", path=tiny_model_dir), spares=spares)
+    try:
+        await asyncio.to_thread(e.load)
+        assert e.pid not in (None, spare)
+        _, last = await run(e, prompts(e, 1)[0], GREEDY)
+        assert last.finish_reason == "length"
+    finally:
+        await asyncio.to_thread(e.unload)
+        await asyncio.to_thread(spares.close)
+    assert _idle_workers(before) == set()
 
 
 async def test_a_dead_worker_ends_its_streams_with_an_error_and_fails_the_engine(

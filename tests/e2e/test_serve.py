@@ -135,12 +135,13 @@ def test_sigterm_stops_gracefully_after_unloading(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
     d = daemon_factory(tmp_path / "graceful")
-    (worker,) = _worker_pids(d)
+    workers = wait_for(lambda: _worker_pids(d), lambda pids: len(pids) == 2)  # model, spare
+    assert _model_pid(d) in workers
     assert d.stop() == 0
     log = d.log()
     assert '"event": "lmx_stopped"' in log
     assert "Traceback" not in log
-    assert _gone(worker)
+    assert all(_gone(pid) for pid in workers)
 
 
 def _gone(pid: int) -> bool:
@@ -152,7 +153,7 @@ def _gone(pid: int) -> bool:
 
 
 def _worker_pids(d: Daemon) -> list[int]:
-    """The daemon's model worker processes."""
+    """The daemon's worker processes: the models' and the spare waiting for the next load."""
     pids = []
     with contextlib.suppress(psutil.NoSuchProcess):
         for child in psutil.Process(d.proc.pid).children():
@@ -162,13 +163,26 @@ def _worker_pids(d: Daemon) -> list[int]:
     return pids
 
 
+def _model_pid(d: Daemon, model: str = "lmx-tiny") -> int | None:
+    """The worker process serving `model`, as /admin/status reports it."""
+    try:
+        status = httpx.get(d.url + "/admin/status", timeout=5).json()
+    except httpx.HTTPError:
+        return None
+    pid: int | None = status["models"].get(model, {}).get("pid")
+    return pid
+
+
 def test_a_killed_model_worker_is_replaced_and_serving_resumes(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
     d = daemon_factory(tmp_path / "crash")
-    (first,) = _worker_pids(d)
+    first = _model_pid(d)
+    assert first is not None
+    (spare,) = wait_for(lambda: set(_worker_pids(d)) - {first}, lambda pids: len(pids) == 1)
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: _worker_pids(d), lambda pids: len(pids) == 1 and first not in pids)
+    # Loaded again after the crash backoff, in the spare that was waiting.
+    wait_for(lambda: _model_pid(d), lambda pid: pid == spare)
     client = openai.OpenAI(base_url=d.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     wait_for(lambda: _readyz(d), lambda r: r is not None and r[0] == 200)
     r = client.chat.completions.create(model="lmx-tiny", messages=MESSAGES, max_tokens=4)
@@ -180,7 +194,7 @@ def test_a_killed_daemon_takes_its_model_workers_with_it(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
     d = daemon_factory(tmp_path / "orphan")
-    (worker,) = _worker_pids(d)
+    workers = wait_for(lambda: _worker_pids(d), lambda pids: len(pids) == 2)  # model, spare
     d.proc.kill()
     d.proc.wait(10)
-    wait_for(lambda: _gone(worker), bool)
+    wait_for(lambda: all(_gone(pid) for pid in workers), bool)
