@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import yaml
 
@@ -123,7 +124,11 @@ def test_status_ps_and_plan_show_the_builtin_model(daemon: Daemon) -> None:
     assert "No changes. The running state matches the desired state." in plan.stdout
     doc = json.loads(lmx(daemon, "status", "--json").stdout)
     assert doc["models"]["lmx-tiny"]["want"] == "pinned"
-    assert "lmx-tiny" in json.loads(lmx(daemon, "ps", "--json").stdout)
+    loaded = json.loads(lmx(daemon, "ps", "--json").stdout)
+    pid = loaded["lmx-tiny"]["pid"]
+    assert psutil.Process(pid).parent().pid == daemon.proc.pid  # its worker process
+    row = next(line for line in ps.stdout.splitlines() if line.startswith("lmx-tiny"))
+    assert str(pid) in row.split()
 
 
 def test_an_unreachable_daemon_is_one_line_and_exit_1() -> None:
