@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from lmx import __version__
 from lmx.errors import LmxError
 from lmx.service import add_commands as add_service_commands
 from lmx.settings import Settings
+
+_EVENTS_RECONNECT_S = 30.0  # `lmx events` follows a restarting daemon this long
 
 if TYPE_CHECKING:
     from lmx.client import AdminClient
@@ -153,17 +156,35 @@ def _set(args: argparse.Namespace) -> int:
 
 def _events(args: argparse.Namespace) -> int:
     from lmx.cli_render import event_line
+    from lmx.client import DaemonError
+
+    connected = False
+    last: int | None = None
+    lost_at: float | None = None
 
     def opened() -> None:
-        print(f"Following events from {args.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        nonlocal connected, lost_at
+        if not connected:
+            print(f"Following events from {args.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        connected, lost_at = True, None
 
     with _client(args) as c:
         try:
-            for event in c.events(on_open=opened):
-                print(json.dumps(event) if args.json else event_line(event), flush=True)
+            while True:
+                try:
+                    for event in c.events(on_open=opened, after=last):
+                        last = event.get("seq", last)
+                        print(json.dumps(event) if args.json else event_line(event), flush=True)
+                except DaemonError as exc:
+                    # A daemon restarting (launchd, an upgrade) comes back within seconds:
+                    # follow on from the last event seen, for a while.
+                    lost_at = lost_at or time.monotonic()
+                    if not connected or time.monotonic() - lost_at > _EVENTS_RECONNECT_S:
+                        raise
+                    print(f"lmx: {exc}; reconnecting", file=sys.stderr, flush=True)
+                    time.sleep(1.0)
         except KeyboardInterrupt:
             return 0
-    return 1  # not reached: the stream ends with a DaemonError
 
 
 def _pull(args: argparse.Namespace) -> int:

@@ -125,11 +125,18 @@ class AdminClient:
         )
         return self._json(r)
 
-    def events(self, on_open: Callable[[], None] | None = None) -> Iterator[Doc]:
+    def events(
+        self, on_open: Callable[[], None] | None = None, after: int | None = None
+    ) -> Iterator[Doc]:
         """Follow /admin/events: yields each event; raises DaemonError when the stream ends.
-        `on_open` runs once the daemon has subscribed us (no later event is missed)."""
+        `on_open` runs once the daemon has subscribed us (no later event is missed); `after`
+        (an event's `seq`) resumes after that event, with what the daemon kept since."""
         timeout = httpx.Timeout(self._timeout.connect, read=60.0)  # keep-alives come every 15 s
-        with self._translate(), self._http.stream("GET", "/admin/events", timeout=timeout) as r:
+        headers = {"Last-Event-ID": str(after)} if after is not None else {}
+        with (
+            self._translate(),
+            self._http.stream("GET", "/admin/events", timeout=timeout, headers=headers) as r,
+        ):
             if r.status_code >= 400:
                 r.read()
                 self._raise_for(r)

@@ -126,9 +126,20 @@ async def get_plan(control: Reader) -> dict[str, Any]:
 
 
 @router.get("/events", response_model=None)
-async def events(control: Reader) -> StreamingResponse:
-    """Server-sent events: reconcile actions, condition changes, download progress."""
-    sub = control.reconciler.subscribe()
+async def events(
+    control: Reader, last_event_id: Annotated[str | None, Header()] = None
+) -> StreamingResponse:
+    """Server-sent events: reconcile actions, condition changes, download progress. Each has an
+    `id`; a client that reconnects with `Last-Event-ID` first gets what it missed."""
+    after = None
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise RequestError(
+                f"Last-Event-ID must be an event id (a number), not {last_event_id!r}",
+                param="Last-Event-ID",
+            )
+        after = int(last_event_id)
+    sub = control.reconciler.subscribe(after)
 
     async def stream() -> AsyncIterator[bytes]:
         try:

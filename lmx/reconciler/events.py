@@ -2,7 +2,9 @@
 subscribers (the admin SSE stream, tests).
 
 Publishing never blocks and never fails: each subscriber has a bounded queue, and a slow one loses
-its oldest events (it is told how many in a `dropped` event). Event-loop thread only.
+its oldest events (it is told how many in a `dropped` event). Every event has a `seq`, and the bus
+keeps the last `history` of them, so a subscriber that reconnects can resume after the last one
+it saw (SSE's Last-Event-ID). Event-loop thread only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +32,9 @@ class Subscription(AsyncIterator[Event]):
             self._queue.get_nowait()
             self._dropped += 1
         self._queue.put_nowait(event)
+
+    def missed(self, count: int) -> None:
+        self._dropped += count
 
     async def __anext__(self) -> Event:
         if self._dropped:
@@ -51,13 +57,27 @@ class Subscription(AsyncIterator[Event]):
 
 
 class EventBus:
-    def __init__(self, *, maxsize: int = 256) -> None:
+    def __init__(self, *, maxsize: int = 256, history: int = 1024) -> None:
         self._maxsize = maxsize
         self._subs: list[Subscription] = []
         self._seq = itertools.count(1)
+        self._last = 0
+        self._history: deque[Event] = deque(maxlen=history)
 
-    def subscribe(self) -> Subscription:
+    def subscribe(self, after: int | None = None) -> Subscription:
+        """A new subscription; with `after` (the last `seq` a subscriber saw), it starts with the
+        kept events since then and a `dropped` count of those no longer kept. An `after` this
+        bus never reached comes from before a restart: every kept event is new to it."""
         sub = Subscription(self, self._maxsize)
+        if after is not None:
+            if after > self._last:
+                after = 0
+            kept = [e for e in self._history if e["seq"] > after]
+            first = kept[0]["seq"] if kept else self._last + 1
+            if after and first > after + 1:
+                sub.missed(first - after - 1)
+            for event in kept:
+                sub.offer(event)
         self._subs.append(sub)
         return sub
 
@@ -67,6 +87,8 @@ class EventBus:
 
     def publish(self, type_: str, **fields: Any) -> Event:
         event: Event = {"type": type_, "seq": next(self._seq), "time": time.time(), **fields}
+        self._last = event["seq"]
+        self._history.append(event)
         for sub in self._subs:
             sub.offer(event)
         return event

@@ -244,9 +244,10 @@ class Reconciler:
         observed = await self._observe(new, record=False)
         return plan(new, observed)
 
-    def subscribe(self) -> Subscription:
-        """Events: `action`, `condition_changed`, `download_progress`, `desired_changed`, ..."""
-        return self.events.subscribe()
+    def subscribe(self, after: int | None = None) -> Subscription:
+        """Events: `action`, `condition_changed`, `download_progress`, `desired_changed`, ...;
+        with `after`, first those kept since that `seq` (see EventBus.subscribe)."""
+        return self.events.subscribe(after)
 
     # -- accepting a desired state --
 

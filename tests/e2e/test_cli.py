@@ -26,7 +26,7 @@ import yaml
 
 from lmx.cli_render import plan_lines
 from lmx.client import AdminClient, ChangedMeanwhile, parse_assignments, resolve_admin_key
-from tests.conftest import Daemon, free_port, wait_for
+from tests.conftest import Daemon, free_port, start_daemon, wait_for
 from tests.hubserver import HubServer
 
 CLI_TIMEOUT_S = 30.0
@@ -279,6 +279,70 @@ def test_events_prints_a_change_and_ctrl_c_exits_0(
         proc.wait(5)
         err.close()
         out.close()
+
+
+def test_admin_events_resume_after_last_event_id(daemon: Daemon) -> None:
+    def first_events(last_event_id: str, n: int) -> list[tuple[str, dict[str, Any]]]:
+        """The first `n` (id, event) pairs of a stream resumed after `last_event_id`."""
+        got: list[tuple[str, dict[str, Any]]] = []
+        headers = {"Last-Event-ID": last_event_id}
+        with httpx.stream("GET", daemon.url + "/admin/events", headers=headers, timeout=10) as r:
+            assert r.status_code == 200
+            sid = ""
+            for line in r.iter_lines():
+                if line.startswith("id: "):
+                    sid = line[4:]
+                elif line.startswith("data: "):
+                    got.append((sid, json.loads(line[6:])))
+                    if len(got) == n:
+                        break
+        return got
+
+    # What the daemon kept (from its start: the model's load, its conditions) is replayed...
+    replay = [(sid, e) for sid, e in first_events("0", 4) if e["type"] != "dropped"][:3]
+    seqs = [e["seq"] for _, e in replay]
+    assert [int(sid) for sid, _ in replay] == seqs == list(range(seqs[0], seqs[0] + 3))
+    # ...from any point in it.
+    assert [e["seq"] for _, e in first_events(str(seqs[1]), 1)] == [seqs[2]]
+    r = httpx.get(daemon.url + "/admin/events", headers={"Last-Event-ID": "x"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "Last-Event-ID"
+
+
+def test_events_follows_a_restarting_daemon(tmp_path: Path, builtin_cache: Path) -> None:
+    port, home = free_port(), tmp_path / "home"
+    first = start_daemon(home, builtin_cache, port=port)
+    first.wait_ready()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmx.cli", "events", "--json", "--url", first.url],
+        env=cli_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    err, out = Lines(proc.stderr), Lines(proc.stdout)
+    second = None
+    try:
+        err.until(lambda line: line.startswith("Following events"))
+        assert first.stop() == 0
+        err.until(lambda line: "reconnecting" in line)
+        second = start_daemon(home, builtin_cache, port=port)
+        second.wait_ready()
+        assert lmx(second, "set", "lmx-tiny", "want=resident").returncode == 0
+        line = out.until(lambda line: json.loads(line)["type"] == "desired_changed")
+        assert json.loads(line)["origin"] == "admin"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0, err.seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+        err.close()
+        out.close()
+        for d in (first, second):
+            if d is not None:
+                d.stop()
 
 
 def hub_repo(weights_bytes: int) -> dict[str, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 import pytest
 
@@ -138,6 +139,26 @@ async def test_a_slow_subscriber_loses_its_oldest_events_and_is_told_how_many() 
     slow.close()
     bus.publish("tick", i=5)
     assert slow.pending() == []
+
+
+async def test_a_subscriber_resumes_after_the_last_event_it_saw() -> None:
+    bus = EventBus(maxsize=16, history=4)
+    for i in range(6):
+        bus.publish("tick", i=i)  # seq 1..6; seqs 3..6 kept
+    resumed = bus.subscribe(after=4)
+    assert [e["seq"] for e in resumed.pending()] == [5, 6]
+    late = bus.subscribe(after=1)  # seq 2 is no longer kept
+    assert await asyncio.wait_for(anext(late), 1) == {
+        "type": "dropped",
+        "count": 1,
+        "time": pytest.approx(time.time(), abs=5),
+    }
+    assert [e["seq"] for e in late.pending()] == [3, 4, 5, 6]
+    restarted = bus.subscribe(after=900)  # an id from before a restart: all kept is new
+    assert [e["seq"] for e in restarted.pending()] == [3, 4, 5, 6]
+    assert bus.subscribe().pending() == []  # without `after`: from now on
+    bus.publish("tick", i=6)
+    assert [e["seq"] for e in resumed.pending()] == [7]
 
 
 def test_pins_over_the_budget_are_reported_on_the_last_pin() -> None:
