@@ -202,7 +202,9 @@ class AdminClient:
             case 412:
                 raise ChangedMeanwhile("the desired state changed meanwhile; retry")
             case 422:
-                raise Invalid(message, problems_of(message))
+                listed = err.get("errors")
+                problems = [str(p) for p in listed] if isinstance(listed, list) else None
+                raise Invalid(message, problems or problems_of(message))
             case _:
                 raise DaemonError(f"{message} (HTTP {r.status_code})")
 

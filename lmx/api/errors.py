@@ -6,6 +6,8 @@ build error responses themselves.
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,9 +36,14 @@ def envelope(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    errors: list[str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    """The OpenAI error envelope; `errors` (one line per problem, each naming its field) rides
+    along for an invalid desired state, whose `message` joins them."""
+    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
+    if errors is not None:
+        error["errors"] = errors
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
@@ -78,7 +85,10 @@ def install(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, TemporaryError):
             headers = {"Retry-After": str(max(1, round(exc.delay_s)))}
-        return envelope(status, str(exc), type_=type_, param=param, code=code, headers=headers)
+        errors = exc.errors if isinstance(exc, ConfigError) else None
+        return envelope(
+            status, str(exc), type_=type_, param=param, code=code, headers=headers, errors=errors
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -136,6 +136,7 @@ async def test_invalid_patch_is_422_naming_the_field_and_changes_nothing(
     r = await client.patch("/admin/desired", json=patch, headers=PATCH)
     assert r.status_code == 422
     assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["errors"][0].startswith(param)
     assert world.config_path.read_bytes() == before
     assert world.r.generation == generation
 
