@@ -323,8 +323,8 @@ class MlxEngine:
         finally:
             self._in_flight -= 1
             self._streams.pop(sid, None)
-            if not finished:
-                self._post(("cancel", sid))
+            if not finished:  # at once, with whatever is posted before it (its add, maybe)
+                self._post(("cancel", sid), now=True)
 
     def _send(self, msg: LoadConfig) -> None:
         if self._conn is None:

@@ -227,6 +227,37 @@ async def test_an_engine_holds_a_request_while_its_burst_is_still_being_prepared
         await asyncio.to_thread(e.unload)
 
 
+async def test_a_cancel_is_not_held_with_a_burst(tiny_model_dir: Path) -> None:
+    intake = Intake(max_hold_s=10.0)
+    e = MlxEngine(LoadConfig(model_id="c", path=tiny_model_dir), intake=intake)
+    await asyncio.to_thread(e.load)
+    try:
+        long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+        stream = e.stream(GenerationRequest(prompts(e, 1)[0], long))
+        for _ in range(3):
+            await anext(stream)
+        others = asyncio.Event()
+
+        async def preparing() -> None:  # another request, being prepared all along
+            with intake.preparing():
+                await others.wait()
+
+        other = asyncio.create_task(preparing())
+        await asyncio.sleep(0.05)
+        steps_at_cancel = e.stats().steps
+        await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(200):
+            if e.stats().active == 0:
+                break
+            await asyncio.sleep(0.005)
+        assert e.stats().active == 0 and not other.done()
+        assert e.stats().steps - steps_at_cancel <= 2
+        others.set()
+        await other
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
 @pytest.mark.parametrize(
     "narrowing",
     [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}],
