@@ -6,6 +6,7 @@ daemon (own LMX_HOME) through `daemon_factory`. Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -253,13 +254,13 @@ class Lines:
         raise TimeoutError(f"no such line in {timeout_s}s; saw {self.seen!r}")
 
 
-def test_events_prints_a_change_and_ctrl_c_exits_0(
-    daemon_factory: Callable[..., Daemon],
-) -> None:
-    d = daemon_factory()
+@contextlib.contextmanager
+def following_events(url: str, home: Path) -> Iterator[tuple[subprocess.Popen[str], Lines, Lines]]:
+    """`lmx events --json` against `url`, once it says it is following: (process, stderr, stdout).
+    Killed at the end if still running."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmx.cli", "events", "--json", "--url", d.url],
-        env=cli_env(d.home),
+        [sys.executable, "-m", "lmx.cli", "events", "--json", "--url", url],
+        env=cli_env(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -268,17 +269,25 @@ def test_events_prints_a_change_and_ctrl_c_exits_0(
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
         err.until(lambda line: line.startswith("Following events"))
-        assert lmx(d, "set", "lmx-tiny", "want=resident").returncode == 0
-        line = out.until(lambda line: json.loads(line)["type"] == "desired_changed")
-        assert json.loads(line)["origin"] == "admin"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0, err.seen
+        yield proc, err, out
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(5)
         err.close()
         out.close()
+
+
+def test_events_prints_a_change_and_ctrl_c_exits_0(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    with following_events(d.url, d.home) as (proc, err, out):
+        assert lmx(d, "set", "lmx-tiny", "want=resident").returncode == 0
+        line = out.until(lambda line: json.loads(line)["type"] == "desired_changed")
+        assert json.loads(line)["origin"] == "admin"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0, err.seen
 
 
 def test_admin_events_resume_after_last_event_id(daemon: Daemon) -> None:
@@ -311,35 +320,21 @@ def test_admin_events_resume_after_last_event_id(daemon: Daemon) -> None:
 def test_events_follows_a_restarting_daemon(tmp_path: Path, builtin_cache: Path) -> None:
     port, home = free_port(), tmp_path / "home"
     first = start_daemon(home, builtin_cache, port=port)
-    first.wait_ready()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmx.cli", "events", "--json", "--url", first.url],
-        env=cli_env(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    err, out = Lines(proc.stderr), Lines(proc.stdout)
     second = None
     try:
-        err.until(lambda line: line.startswith("Following events"))
-        assert first.stop() == 0
-        err.until(lambda line: "reconnecting" in line)
-        second = start_daemon(home, builtin_cache, port=port)
-        second.wait_ready()
-        assert lmx(second, "set", "lmx-tiny", "want=resident").returncode == 0
-        line = out.until(lambda line: json.loads(line)["type"] == "desired_changed")
-        assert json.loads(line)["origin"] == "admin"
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0, err.seen
+        first.wait_ready()
+        with following_events(first.url, home) as (proc, err, out):
+            assert first.stop() == 0
+            err.until(lambda line: "reconnecting" in line)
+            second = start_daemon(home, builtin_cache, port=port)
+            second.wait_ready()
+            assert lmx(second, "set", "lmx-tiny", "want=resident").returncode == 0
+            line = out.until(lambda line: json.loads(line)["type"] == "desired_changed")
+            assert json.loads(line)["origin"] == "admin"
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 0, err.seen
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(5)
-        err.close()
-        out.close()
         for d in (first, second):
             if d is not None:
                 d.stop()
