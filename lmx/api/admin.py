@@ -133,12 +133,15 @@ async def events(
     `id`; a client that reconnects with `Last-Event-ID` first gets what it missed."""
     after = None
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        try:
+            after = int(last_event_id)
+        except ValueError:
+            after = -1
+        if after < 0:
             raise RequestError(
-                f"Last-Event-ID must be an event id (a number), not {last_event_id!r}",
+                f"Last-Event-ID must be an event id (a number, 0 or more), not {last_event_id!r}",
                 param="Last-Event-ID",
             )
-        after = int(last_event_id)
     sub = control.reconciler.subscribe(after)
 
     async def stream() -> AsyncIterator[bytes]:

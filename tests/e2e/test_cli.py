@@ -313,8 +313,9 @@ def test_admin_events_resume_after_last_event_id(daemon: Daemon) -> None:
     assert [int(sid) for sid, _ in replay] == seqs == list(range(seqs[0], seqs[0] + 3))
     # ...from any point in it.
     assert [e["seq"] for _, e in first_events(str(seqs[1]), 1)] == [seqs[2]]
-    r = httpx.get(daemon.url + "/admin/events", headers={"Last-Event-ID": "x"}, timeout=10)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "Last-Event-ID"
+    for bad in (b"x", b"-1", "²".encode("latin-1")):  # "²" passes str.isdigit, not int()
+        r = httpx.get(daemon.url + "/admin/events", headers={"Last-Event-ID": bad}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "Last-Event-ID", bad
 
 
 def test_events_follows_a_restarting_daemon(tmp_path: Path, builtin_cache: Path) -> None:
