@@ -104,7 +104,8 @@ class World:
         """The condition as status reports it; empty until the loop first reported the model."""
         models = self.r.status()["models"]
         conds = models[mid]["conditions"] if mid in models else []
-        return next((c for c in conds if c["type"] == ctype), {"status": None, "reason": None})
+        missing = {"status": None, "reason": None, "message": ""}
+        return next((c for c in conds if c["type"] == ctype), missing)
 
 
 async def until(probe: Callable[[], Any], timeout_s: float = 5.0) -> Any:
