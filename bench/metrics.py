@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
+
+from lmx.runtime.steptrace import Step, read_steps
 
 
 @dataclass
@@ -51,6 +55,14 @@ class PointStats:
     step_ms: float = math.nan
     # Steps that also did prompt work (extra forward passes for the whole batch), per request.
     prefill_steps_per_request: float = math.nan
+    # From the per-step records (lmx.runtime.steptrace), where the side has them: the mean step
+    # without and with prompt work, the slowest 1% and the slowest step, and the side's own work
+    # on a step's results.
+    decode_step_ms: float = math.nan
+    prompt_step_ms: float = math.nan
+    step_p99_ms: float = math.nan
+    step_max_ms: float = math.nan
+    after_step_ms: float = math.nan
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -94,6 +106,40 @@ def summarize(
         server_cpu_s=server_cpu_s,
         queue_ms=statistics.fmean(queue) * 1e3 if queue else math.nan,
         prefill_ms=statistics.fmean(prefill) * 1e3 if prefill else math.nan,
+    )
+
+
+def settled_steps(directory: Path, start: float, end: float, wait_s: float = 3.0) -> list[Step]:
+    """The Steps a worker logged under `directory` in [start, end), once there are some and the
+    log stopped growing (a worker writes its lines when its batch goes idle, after the last
+    response went out). Empty if none came within `wait_s`."""
+    steps: list[Step] = []
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        again = read_steps(directory, start, end)
+        if again and len(again) == len(steps):
+            break
+        steps = again
+        time.sleep(0.1)
+    return steps
+
+
+def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
+    """`stats` with its step fields from one run's Steps (unchanged without any)."""
+    if not steps:
+        return stats
+    ms = [s.ms for s in steps]
+    decode = [s.ms for s in steps if not s.prompt_work]
+    prompt = [s.ms for s in steps if s.prompt_work]
+    return replace(
+        stats,
+        decode_step_ms=statistics.fmean(decode) if decode else math.nan,
+        prompt_step_ms=statistics.fmean(prompt) if prompt else math.nan,
+        step_p99_ms=float(np.percentile(ms, 99)),
+        step_max_ms=max(ms),
+        after_step_ms=statistics.fmean(s.after_ms for s in steps),
+        step_ms=statistics.fmean(ms),
+        prefill_steps_per_request=len(prompt) / stats.requests if stats.requests else math.nan,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from mlx_lm.generate import BatchGenerator
 from bench.metrics import RequestTrace, summarize
 from bench.synth import printable_token_ids
 from bench.workload import Prompts, Workload, make_prompts
+from lmx.runtime.steptrace import Step, step_of
 
 # As lmx.runtime.mlx_engine configures BatchGenerator for a model with `max_batch`.
 PREFILL_BATCH = 8
@@ -35,9 +37,9 @@ def _stream() -> Any:
 
 def run_raw(
     model: Any, workload: Workload, prompts: Prompts, *, max_batch: int, timeout_s: float
-) -> tuple[list[RequestTrace], int]:
+) -> tuple[list[RequestTrace], list[Step]]:
     """Run the workload to completion (or `timeout_s`): one trace per request, in stream order,
-    and how many steps did prompt work.
+    and one Step per BatchGenerator step (as lmx's worker logs them).
 
     Each stream inserts its next request as soon as its previous one finished, like an HTTP
     client that sends again on [DONE]. Requests not finished at the deadline carry an error.
@@ -62,17 +64,16 @@ def run_raw(
     # Prefill chunks plus decode steps, with slack: a bound on the loop besides the clock.
     max_steps = 4 * workload.requests * (workload.output_tokens + 2) + 100
     deadline = time.perf_counter() + timeout_s
-    prefill_steps = 0
+    steps: list[Step] = []
     try:
         for s in range(workload.concurrency):
             submit(s)
         for _ in range(max_steps):
             if not live or time.perf_counter() > deadline:
                 break
+            t0 = time.perf_counter()
             prompt_work, responses = gen.next()
             now = time.perf_counter()
-            if prompt_work:
-                prefill_steps += 1
             for r in responses:
                 stream, trace = live[r.uid]
                 trace.chunk_s.append(now)
@@ -81,11 +82,13 @@ def run_raw(
                     del live[r.uid]
                     if len(traces[stream]) < workload.requests_per_stream:
                         submit(stream)
+            step = step_of(t0, now, prompt_work, responses)
+            steps.append(replace(step, after_ms=(time.perf_counter() - now) * 1e3))
     finally:
         gen.close()
     for _, trace in live.values():
         trace.error = "unfinished at the deadline"
-    return [t for stream in traces for t in stream], prefill_steps
+    return [t for stream in traces for t in stream], steps
 
 
 def main(argv: list[str] | None = None) -> None:

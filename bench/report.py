@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.metrics import PointStats
+from lmx.runtime.steptrace import Step
 
 TARGET_RATIO = 0.95
 
@@ -26,6 +27,7 @@ class Point:
     lmx_runs: tuple[PointStats, ...]
     engine: PointStats | None = None  # lmx's engine without HTTP (--engine-layer)
     engine_runs: tuple[PointStats, ...] = ()
+    steps: dict[str, tuple[Step, ...]] = field(default_factory=dict)  # by side, its last run
 
     @property
     def ratio(self) -> float:
@@ -72,6 +74,7 @@ class Report:
                     "lmx": asdict(p.lmx),
                     "raw_runs": [asdict(r) for r in p.raw_runs],
                     "lmx_runs": [asdict(r) for r in p.lmx_runs],
+                    "steps": {side: _compact(steps) for side, steps in p.steps.items()},
                     **(
                         {
                             "engine_ratio": p.engine_ratio,
@@ -131,6 +134,7 @@ class Report:
                         f"| {p.raw.itl_p50_ms:.2f} / {p.engine.itl_p50_ms:.2f} |"
                     )
         lines += self._ttft_table()
+        lines += self._step_table()
         verdict = all(p.ratio >= TARGET_RATIO for p in self.points)
         lines += [
             "",
@@ -179,6 +183,43 @@ class Report:
             lines.append(row)
         return lines
 
+    def _step_table(self) -> list[str]:
+        """Each side's batch steps, from the per-step records of its runs."""
+        sides = [
+            side
+            for side in ("raw", "engine", "lmx")
+            if any(
+                not math.isnan(getattr(p, side).decode_step_ms)
+                for p in self.points
+                if getattr(p, side) is not None
+            )
+        ]
+        if not sides:
+            return []
+        lines = [
+            "",
+            "Batch steps (means over a run, ms; decode: a step without prompt work, prompt: a step"
+            " with it, p99 and max over all steps; after: the side's own work on a step's results,"
+            " while the GPU runs the next):",
+            "",
+            "| streams | "
+            + " | ".join(f"{side}: decode / prompt / p99 / max / after" for side in sides)
+            + " |",
+            "|---:|" + "---:|" * len(sides),
+        ]
+        for p in self.points:
+            cells = []
+            for side in sides:
+                st: PointStats | None = getattr(p, side)
+                cells.append(
+                    ""
+                    if st is None
+                    else f"{st.decode_step_ms:.2f} / {st.prompt_step_ms:.2f}"
+                    f" / {st.step_p99_ms:.1f} / {st.step_max_ms:.1f} / {st.after_step_ms:.2f}"
+                )
+            lines.append(f"| {p.concurrency} | " + " | ".join(cells) + " |")
+        return lines
+
     def write(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = [out_dir / f"{self.stem}.json", out_dir / f"{self.stem}.md"]
@@ -187,6 +228,9 @@ class Report:
         png = out_dir / f"{self.stem}.png"
         if self._plot(png):
             paths.append(png)
+        steps_png = out_dir / f"{self.stem}-steps.png"
+        if self._plot_steps(steps_png):
+            paths.append(steps_png)
         return paths
 
     def _plot(self, path: Path) -> bool:
@@ -224,3 +268,55 @@ class Report:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return True
+
+    def _plot_steps(self, path: Path) -> bool:
+        """Every step of each side's last run at each concurrency: its duration over time."""
+        points = [p for p in self.points if p.steps]
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        if not points:
+            return False
+        fig, axes = plt.subplots(
+            len(points), 1, figsize=(8, 1.9 * len(points) + 0.6), squeeze=False
+        )
+        styles = {"raw": ("C0", "raw BatchGenerator"), "engine": ("C2", "lmx engine, no HTTP")}
+        styles["lmx"] = ("C1", "lmx over HTTP")
+        for ax, p in zip(axes[:, 0], points, strict=True):
+            for side, steps in p.steps.items():
+                if not steps:
+                    continue
+                color, label = styles[side]
+                t0 = steps[0].t
+                for prompt_work, marker in ((False, "."), (True, "x")):
+                    xs = [s.t - t0 for s in steps if s.prompt_work == prompt_work]
+                    ys = [s.ms for s in steps if s.prompt_work == prompt_work]
+                    what = "step with prompt work" if prompt_work else "decode step"
+                    ax.plot(xs, ys, marker, color=color, ms=3, label=f"{label}: {what}")
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{p.concurrency} streams\nstep ms")
+            ax.grid(True, alpha=0.3)
+        axes[0, 0].set_title(f"{self.preset} on {self.device}: every batch step of one run")
+        axes[0, 0].legend(fontsize=7, ncol=2, loc="upper right")
+        axes[-1, 0].set_xlabel("seconds since the run's first step")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return True
+
+
+def _compact(steps: tuple[Step, ...]) -> dict[str, Any]:
+    """Steps as columns, times from the first step: small enough to keep beside the summary."""
+    t0 = steps[0].t if steps else 0.0
+    return {
+        "t_s": [round(s.t - t0, 4) for s in steps],
+        "ms": [round(s.ms, 2) for s in steps],
+        "decoded": [s.decoded for s in steps],
+        "prompted": [s.prompted for s in steps],
+        "started": [s.started for s in steps],
+        "after_ms": [round(s.after_ms, 2) for s in steps],
+    }

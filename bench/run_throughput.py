@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,12 +35,21 @@ from mlx_lm import load as mlx_load
 import lmx
 from bench.engine_direct import load_engine, run_engine
 from bench.loadgen import Target, run_load
-from bench.metrics import PointStats, RequestTrace, median_stats, summarize
+from bench.metrics import (
+    PointStats,
+    RequestTrace,
+    median_stats,
+    settled_steps,
+    summarize,
+    with_steps,
+)
 from bench.raw import run_raw
 from bench.report import Point, Report
 from bench.server import LmxServer
 from bench.synth import DTYPES, PRESET_NAMES, ensure_model, printable_token_ids
 from bench.workload import Workload, make_prompts
+from lmx.runtime import steptrace
+from lmx.runtime.steptrace import Step
 
 MODEL_ID = "bench-model"
 
@@ -86,67 +96,59 @@ def _check(traces: list[RequestTrace], what: str) -> None:
         log(f"  {what}: {len(errors)} kinds of error, e.g. {errors[0]}")
 
 
-def measure_raw(model: Any, w: Workload, prompts: Any, args: argparse.Namespace) -> PointStats:
+def measure_raw(
+    model: Any, w: Workload, prompts: Any, args: argparse.Namespace
+) -> tuple[PointStats, list[Step]]:
     gc.collect()
     cpu0 = time.process_time()
-    traces, prefill_steps = run_raw(
-        model, w, prompts, max_batch=args.max_batch, timeout_s=args.timeout_s
-    )
+    traces, steps = run_raw(model, w, prompts, max_batch=args.max_batch, timeout_s=args.timeout_s)
     cpu = time.process_time() - cpu0
     mx.clear_cache()  # give the server the memory back (a GPU holds both copies of the model)
     _check(traces, "raw")
-    return replace(
-        summarize(traces, w.concurrency, server_cpu_s=cpu),
-        prefill_steps_per_request=prefill_steps / len(traces),
-    )
+    return with_steps(summarize(traces, w.concurrency, server_cpu_s=cpu), steps), steps
 
 
-def measure_engine(engine: Any, w: Workload, prompts: Any, args: argparse.Namespace) -> PointStats:
+def measure_engine(
+    engine: Any, w: Workload, prompts: Any, args: argparse.Namespace
+) -> tuple[PointStats, list[Step]]:
     gc.collect()
-    cpu0, before = time.process_time(), engine.stats()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     traces = asyncio.run(run_engine(engine, w, prompts, timeout_s=args.timeout_s))
-    cpu, after = time.process_time() - cpu0, engine.stats()
+    cpu, t1 = time.process_time() - cpu0, time.perf_counter()
     _check(traces, "engine")
-    steps = after.steps - before.steps
-    return replace(
-        summarize(traces, w.concurrency, server_cpu_s=cpu),
-        step_ms=(after.step_s - before.step_s) / steps * 1e3 if steps else math.nan,
-        prefill_steps_per_request=(after.prefill_steps - before.prefill_steps) / len(traces),
-    )
+    steps = settled_steps(args.engine_steps_dir, t0, t1)
+    return with_steps(summarize(traces, w.concurrency, server_cpu_s=cpu), steps), steps
 
 
 def measure_lmx(
     server: LmxServer, w: Workload, prompts: Any, args: argparse.Namespace, profile: Path | None
-) -> PointStats:
+) -> tuple[PointStats, list[Step]]:
     gc.collect()
     target = Target(server.base_url, MODEL_ID)
     assert server.process is not None
     with py_spy(server.process.pid, profile):
         cpu0, srv0, totals0 = time.process_time(), server.cpu_s(), server.totals()
+        t0 = time.perf_counter()
         traces = asyncio.run(run_load(target, w, prompts, timeout_s=args.timeout_s))
+        t1 = time.perf_counter()
         cpu, srv = time.process_time() - cpu0, server.cpu_s() - srv0
     _check(traces, "lmx")
     totals = server.totals()
-
-    def mean_ms(total: str, count: str) -> float:
-        n = totals.get(count, 0.0) - totals0.get(count, 0.0)
-        return (totals.get(total, 0.0) - totals0.get(total, 0.0)) / n * 1e3 if n else math.nan
+    steps = settled_steps(server.steps_dir, t0, t1)
 
     def latency_ms(name: str) -> float:
-        return mean_ms(f"lmx_{name}_seconds_sum", f"lmx_{name}_seconds_count")
+        count = f"lmx_{name}_seconds_count"
+        n = totals.get(count, 0.0) - totals0.get(count, 0.0)
+        total = f"lmx_{name}_seconds_sum"
+        return (totals.get(total, 0.0) - totals0.get(total, 0.0)) / n * 1e3 if n else math.nan
 
-    return replace(
+    stats = replace(
         summarize(traces, w.concurrency, client_cpu_s=cpu, server_cpu_s=srv),
         server_ttft_ms=latency_ms("time_to_first_token"),
         queue_ms=latency_ms("request_queue"),
         prefill_ms=latency_ms("request_prefill"),
-        step_ms=mean_ms("lmx_engine_step_seconds_total", "lmx_engine_steps_total"),
-        prefill_steps_per_request=(
-            totals.get("lmx_engine_prefill_steps_total", 0.0)
-            - totals0.get("lmx_engine_prefill_steps_total", 0.0)
-        )
-        / len(traces),
     )
+    return with_steps(stats, steps), steps
 
 
 def measure_point(
@@ -158,10 +160,11 @@ def measure_point(
     ) as srv:
         sides = ["raw", "lmx"] + (["engine"] if engine is not None else [])
         runs: dict[str, list[PointStats]] = {side: [] for side in sides}
+        steps: dict[str, tuple[Step, ...]] = {}  # each side's last run, step by step
 
         def measure(
             side: str, w: Workload, prompts: Any, profile: Path | None = None
-        ) -> PointStats:
+        ) -> tuple[PointStats, list[Step]]:
             if side == "raw":
                 return measure_raw(model, w, prompts, args)
             if side == "engine":
@@ -181,8 +184,9 @@ def measure_point(
                 profile = args.out / f"profile-{args.preset}-{args.device_label}-c{c}.svg"
             # Alternate the order so that no side always runs on a warmer machine.
             for side in sides if rep % 2 == 0 else sides[::-1]:
-                stats = measure(side, w, prompts, profile)
+                stats, side_steps = measure(side, w, prompts, profile)
                 runs[side].append(stats)
+                steps[side] = tuple(side_steps)
                 log(f"  c={c} rep={rep} {side}: {stats.output_tok_s:.1f} tok/s")
     return Point(
         c,
@@ -192,6 +196,7 @@ def measure_point(
         tuple(runs["lmx"]),
         median_stats(runs["engine"]) if engine is not None else None,
         tuple(runs.get("engine", ())),
+        steps,
     )
 
 
@@ -237,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = printable_token_ids(model_dir)
     engine = None
     if args.engine_layer:
+        # The engine's worker logs its steps here (it inherits the environment).
+        args.engine_steps_dir = Path(tempfile.mkdtemp(prefix="lmx-bench-engine-steps-"))
+        os.environ[steptrace.ENV] = str(args.engine_steps_dir)
         engine = load_engine(
             model_dir, max_batch=args.max_batch, context_length=context_length(args)
         )
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if engine is not None:
         engine.unload()
+        shutil.rmtree(args.engine_steps_dir, ignore_errors=True)
     for path in report.write(args.out):
         log(f"wrote {path}")
     print(report.to_markdown())

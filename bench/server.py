@@ -22,6 +22,8 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from lmx.runtime import steptrace
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,13 +65,14 @@ class LmxServer:
         self._config = self._home / "config.yaml"
         self._config.write_text(config_yaml(model_id, model_dir, max_batch, context_length))
         self._log_path = self._home / "server.log"
+        self.steps_dir = self._home / "steps"  # the model worker's step log (lmx.runtime.steptrace)
         self._ready_timeout_s = ready_timeout_s
         self._command = lmx_command
         self._proc: subprocess.Popen[bytes] | None = None
         self.process: psutil.Process | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "LMX_HOME": str(self._home)}
+        env = {**os.environ, "LMX_HOME": str(self._home), steptrace.ENV: str(self.steps_dir)}
         argv = [*self._command, "serve", "--config", str(self._config), "--port", str(self.port)]
         with self._log_path.open("wb") as log:
             self._proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)

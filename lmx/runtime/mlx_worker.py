@@ -37,6 +37,7 @@ from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogpro
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.steptrace import StepLog, step_of
 from lmx.runtime.store import context_tokens
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
@@ -98,6 +99,7 @@ class Worker:
         self._cache = LRUPromptCache(
             max_size=_PROMPT_CACHE_ENTRIES, max_bytes=config.prompt_cache_bytes
         )
+        self._trace = StepLog.from_env()  # LMX_STEP_TRACE_DIR: a line per step, for bench/
 
     def run(self) -> None:
         try:
@@ -119,6 +121,8 @@ class Worker:
         finally:  # the process exits next, which returns every byte
             self._fail_all(gen, "the model was unloaded")
             gen.close()
+            if self._trace is not None:
+                self._trace.close()
 
     def _load(self) -> tuple[Any, Any, Any, Ready]:
         loaded: Any = mlx_load(str(self.config.path))
@@ -175,8 +179,11 @@ class Worker:
                 except Exception as exc:  # the batch is unusable: fail its requests, go on
                     log.exception("batch_step_failed", model=self.config.model_id)
                     self._fail_all(gen, str(exc))
-            elif len(self._live) != self._reported_active:
-                self._send(("out", [], self._stats(gen)))
+            else:
+                if len(self._live) != self._reported_active:
+                    self._send(("out", [], self._stats(gen)))
+                if self._trace is not None:
+                    self._trace.flush()
 
     def _take_commands(self, gen: Any, *, block: bool) -> bool:
         """Apply every queued command (if the batch is idle, also those of a burst still arriving);
@@ -306,7 +313,12 @@ class Worker:
                 out.append((seq.sid, self._timed(seq, delta)))
         if out or len(self._live) != self._reported_active:
             self._send(("out", out, self._stats(gen)))
-        self._overhead_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self._overhead_s += t2 - t1
+        if self._trace is not None:
+            self._trace.write(
+                replace(step_of(t0, t1, prompts, responses), after_ms=(t2 - t1) * 1e3)
+            )
 
     @staticmethod
     def _timed(seq: _Seq, delta: Delta) -> Delta:

@@ -1,0 +1,90 @@
+"""A record per batch step, for finding where a worker's time goes.
+
+With `LMX_STEP_TRACE_DIR` set to a directory, each MLX worker appends one JSON object per
+BatchGenerator step to `steps-<pid>.jsonl` there: when the step began (time.perf_counter, one
+clock for every process of the machine), how long it took, how many sequences it decoded, how
+many prompts it processed a chunk of, how many finished their prompt (each such group costs a
+forward pass of its own), and the worker's own work on the step's results. bench.run_throughput
+sets it and keeps the same records of its raw BatchGenerator runs, so the two can be set side by
+side step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+ENV = "LMX_STEP_TRACE_DIR"
+_FLUSH_EVERY = 1024
+
+
+@dataclass(frozen=True)
+class Step:
+    t: float  # perf_counter when the step began, s
+    ms: float  # the step itself (BatchGenerator.next)
+    decoded: int  # sequences that got a token
+    prompted: int  # prompts a chunk of which went through the model
+    started: int  # prompts that finished and joined the decoding batch
+    after_ms: float = 0.0  # the worker's work on the results (text, stop strings, messages)
+
+    @property
+    def prompt_work(self) -> bool:
+        return self.prompted + self.started > 0
+
+
+def step_of(t0: float, t1: float, prompts: Sequence[Any], responses: Sequence[Any]) -> Step:
+    """The Step for one `BatchGenerator.next()` that ran from t0 to t1 and returned these."""
+    started = sum(1 for p in prompts if p.end_of_prompt)
+    return Step(
+        t=t0,
+        ms=(t1 - t0) * 1e3,
+        decoded=len(responses),
+        prompted=len(prompts) - started,
+        started=started,
+    )
+
+
+class StepLog:
+    """Appends Steps to `<directory>/steps-<pid>.jsonl`; lines reach the file on flush() (and
+    every `_FLUSH_EVERY` steps), not in the middle of a busy batch."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"steps-{os.getpid()}.jsonl"
+        self._file: TextIO = self.path.open("a", encoding="utf-8")
+        self._pending: list[str] = []
+
+    @classmethod
+    def from_env(cls) -> StepLog | None:
+        directory = os.environ.get(ENV)
+        return cls(Path(directory)) if directory else None
+
+    def write(self, step: Step) -> None:
+        self._pending.append(json.dumps(asdict(step), separators=(",", ":")))
+        if len(self._pending) >= _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._file.write("\n".join(self._pending) + "\n")
+            self._file.flush()
+            self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+
+
+def read_steps(directory: Path, start: float, end: float) -> list[Step]:
+    """Every Step logged under `directory` that began in [start, end), in time order."""
+    steps = [
+        Step(**json.loads(line))
+        for path in sorted(directory.glob("steps-*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line
+    ]
+    return sorted((s for s in steps if start <= s.t < end), key=lambda s: s.t)

@@ -1,0 +1,47 @@
+"""The per-step records a worker writes with LMX_STEP_TRACE_DIR set, and reading them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lmx.runtime import steptrace
+from lmx.runtime.steptrace import Step, StepLog, read_steps, step_of
+
+
+@dataclass
+class PromptResponse:  # the two fields of BatchGenerator's prompt progress that count
+    uid: int
+    end_of_prompt: bool
+
+
+def test_a_step_counts_decoded_prompted_and_started_sequences() -> None:
+    prompts = [PromptResponse(1, False), PromptResponse(2, False), PromptResponse(3, True)]
+    step = step_of(10.0, 10.025, prompts, responses=[object()] * 5)
+    assert step == Step(t=10.0, ms=pytest.approx(25.0), decoded=5, prompted=2, started=1)
+    assert step.prompt_work
+    assert not step_of(0.0, 0.01, [], [object()]).prompt_work
+
+
+def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> None:
+    log = StepLog(tmp_path)
+    steps = [Step(t=float(t), ms=1.0, decoded=1, prompted=0, started=0) for t in (3, 1, 2)]
+    for s in steps:
+        log.write(s)
+    assert read_steps(tmp_path, 0.0, 10.0) == []  # held until the batch goes idle
+    log.flush()
+    assert [s.t for s in read_steps(tmp_path, 0.0, 10.0)] == [1.0, 2.0, 3.0]
+    assert [s.t for s in read_steps(tmp_path, 1.5, 3.0)] == [2.0]
+    log.close()
+    assert log.path.name.startswith("steps-") and log.path.suffix == ".jsonl"
+
+
+def test_only_the_variable_turns_it_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(steptrace.ENV, raising=False)
+    assert StepLog.from_env() is None
+    monkeypatch.setenv(steptrace.ENV, str(tmp_path / "new"))
+    log = StepLog.from_env()
+    assert log is not None and log.path.parent == tmp_path / "new"
+    log.close()
