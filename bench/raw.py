@@ -19,10 +19,10 @@ from mlx_lm.generate import BatchGenerator
 from bench.metrics import RequestTrace, summarize
 from bench.synth import printable_token_ids
 from bench.workload import Prompts, Workload, make_prompts
+from lmx.runtime.mlx_worker import prefill_group
 from lmx.runtime.steptrace import Step, step_of
 
-# As lmx.runtime.mlx_engine configures BatchGenerator for a model with `max_batch`.
-PREFILL_BATCH = 8
+# As lmx's worker configures BatchGenerator for a model with `max_batch`.
 PREFILL_STEP = 2048
 _streams: dict[str, Any] = {}
 
@@ -44,10 +44,12 @@ def run_raw(
     Each stream inserts its next request as soon as its previous one finished, like an HTTP
     client that sends again on [DONE]. Requests not finished at the deadline carry an error.
     """
+    # The prefill group lmx's worker picks when this workload's prompts wait (all one length).
+    chunk = min(workload.prompt_tokens, PREFILL_STEP)
     gen: Any = BatchGenerator(
         model,
         completion_batch_size=max_batch,
-        prefill_batch_size=min(PREFILL_BATCH, max_batch),
+        prefill_batch_size=prefill_group([chunk] * max_batch, PREFILL_STEP, max_batch),
         prefill_step_size=PREFILL_STEP,
         stream=_stream(),
     )

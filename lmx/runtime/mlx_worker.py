@@ -21,6 +21,8 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -45,12 +47,22 @@ from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, rec
 log = structlog.get_logger(__name__)
 
 _IDLE_POLL_S = 0.5
-# An idle batch waits for a burst of requests to finish arriving (a pause this long, this much in
-# all) so that it starts one prefill for all of them, not one for the first and a step's delay for
-# the rest.
+# An idle batch waits for a burst of requests to finish arriving so that it starts one prefill
+# for all of them, not one for the first and a step's delay for the rest. Requests that ended in
+# the last _ROUND_S predict as many new ones (clients that send their next request when the last
+# one ends: agents, scripts, batch jobs; over HTTP they come a few ms apart, the more of them the
+# longer the daemon takes to turn them all around): wait for that many while they keep coming,
+# no gap longer than _FOLLOW_GAP_S, up to _FOLLOW_MAX_S. Otherwise wait for a pause of
+# _BURST_PAUSE_S in arrivals, up to _BURST_MAX_S.
+_ROUND_S = 0.1
+_FOLLOW_GAP_S = 0.025
+_FOLLOW_MAX_S = 0.05
 _BURST_PAUSE_S = 0.0015
 _BURST_MAX_S = 0.01
 _PROMPT_CACHE_ENTRIES = 64
+# Prompts prefilled together in one step: at least this many, and more while the group's padded
+# tokens (members x the longest member's chunk) stay within this many prefill chunks.
+_PREFILL_GROUP = 8
 _STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at most this often
 
 
@@ -68,6 +80,7 @@ class _Seq:
     detok: ByteDecoder | IncrementalDecoder
     stops: StopMatcher
     uid: int = -1  # BatchGenerator's id
+    prompt_left: int = 0  # prompt tokens still to go through the model
     generated: int = 0
     cached_tokens: int = 0
     stop_ids: frozenset[int] = field(default_factory=frozenset)
@@ -100,6 +113,7 @@ class Worker:
             max_size=_PROMPT_CACHE_ENTRIES, max_bytes=config.prompt_cache_bytes
         )
         self._trace = StepLog.from_env()  # LMX_STEP_TRACE_DIR: a line per step, for bench/
+        self._ended: deque[float] = deque(maxlen=config.max_batch)  # when sequences finished
 
     def run(self) -> None:
         try:
@@ -136,7 +150,7 @@ class Worker:
             model,
             stop_tokens=[[int(t)] for t in sorted(wrapper.eos_token_ids)],
             completion_batch_size=self.config.max_batch,
-            prefill_batch_size=min(8, self.config.max_batch),
+            prefill_batch_size=min(_PREFILL_GROUP, self.config.max_batch),
             prefill_step_size=self.config.prefill_step,
             stream=mx.new_stream(mx.default_device()),
         )
@@ -192,7 +206,9 @@ class Worker:
             at, cmds = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
-        burst_end = at + _BURST_MAX_S if block else 0.0
+        expected = sum(1 for t in self._ended if t >= at - _ROUND_S) if block else 0
+        burst_end = at + (_FOLLOW_MAX_S if expected else _BURST_MAX_S) if block else 0.0
+        added = 0
         while True:
             for cmd in cmds:
                 match cmd:
@@ -200,13 +216,17 @@ class Worker:
                         return False
                     case ("add", int(sid), GenerationRequest() as request):
                         self._add(gen, sid, request, at)
+                        added += 1
                     case ("cancel", int(sid)):
                         seq = self._by_sid.pop(sid, None)
                         if seq is not None and seq.uid in self._live:
                             gen.remove([seq.uid])
                             del self._live[seq.uid]
+            if expected and added >= expected:
+                return True
+            left = burst_end - time.perf_counter()
+            wait = min(_FOLLOW_GAP_S if expected else _BURST_PAUSE_S, left)
             try:
-                wait = min(_BURST_PAUSE_S, burst_end - time.perf_counter())
                 at, cmds = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return True
@@ -252,6 +272,7 @@ class Worker:
             )
             procs.append(seq.constraint)
         seq.cached_tokens = len(tokens) - len(rest)
+        seq.prompt_left = len(rest)
         (seq.uid,) = gen.insert(
             [rest],
             max_tokens=[p.max_tokens],
@@ -264,6 +285,7 @@ class Worker:
         self._live[seq.uid] = seq
 
     def _step(self, gen: Any) -> None:
+        gen.prefill_batch_size = self._prefill_group()
         t0 = time.perf_counter()
         prompts, responses = gen.next()
         t1 = time.perf_counter()
@@ -273,8 +295,11 @@ class Worker:
             self._prefill_steps += 1
         for p in prompts:  # progress of prefills: the first one of a sequence marks its start
             seq = self._live.get(p.uid)
-            if seq is not None and seq.started_s is None:
-                seq.started_s = t0
+            if seq is not None:
+                if seq.started_s is None:
+                    seq.started_s = t0
+                done, total = p.progress
+                seq.prompt_left = total - done
         out: list[tuple[int, Delta]] = []
         for r in responses:
             seq = self._live.get(r.uid)
@@ -304,6 +329,7 @@ class Worker:
             if finish is not None:
                 del self._live[r.uid]
                 self._by_sid.pop(seq.sid, None)
+                self._ended.append(t1)
                 error = seq.constraint.error if seq.constraint is not None else None
                 out.append(
                     (seq.sid, self._timed(seq, self._final(seq, finish, error, text, r.token, lps)))
@@ -319,6 +345,15 @@ class Worker:
             self._trace.write(
                 replace(step_of(t0, t1, prompts, responses), after_ms=(t2 - t1) * 1e3)
             )
+
+    def _prefill_group(self) -> int:
+        """How many waiting prompts the next step may take into its prefill."""
+        live = self._live.values()
+        if any(s.started_s is not None and s.prompt_left > 1 for s in live):
+            # A long prompt has chunks to go: newcomers would be padded to its chunk.
+            return min(_PREFILL_GROUP, self.config.max_batch)
+        waiting = [s.prompt_left for s in live if s.started_s is None]
+        return prefill_group(waiting, self.config.prefill_step, self.config.max_batch)
 
     @staticmethod
     def _timed(seq: _Seq, delta: Delta) -> Delta:
@@ -404,6 +439,23 @@ class Worker:
     def _send(self, msg: Report) -> None:
         with contextlib.suppress(OSError):  # the daemon is gone; the reader thread stops the loop
             send(self._conn, msg)
+
+
+def prefill_group(waiting: Sequence[int], chunk: int, max_batch: int) -> int:
+    """How many of the `waiting` prompts (their token counts, oldest first) to prefill in one
+    step: `_PREFILL_GROUP`, or more while the padded group (members x the longest member's first
+    chunk) stays within `_PREFILL_GROUP` full chunks, which a group of long prompts already
+    takes. A burst of short prompts then costs one prefill step instead of one per eight, and no
+    group ever asks more memory of a forward pass than eight long prompts do."""
+    budget = _PREFILL_GROUP * chunk
+    width = 0
+    n = 0
+    for tokens in waiting:
+        width = max(width, min(tokens, chunk))
+        if n >= _PREFILL_GROUP and (n + 1) * width > budget:
+            break
+        n += 1
+    return max(1, min(max(n, _PREFILL_GROUP), max_batch))
 
 
 def _portable(exc: Exception) -> Exception:

@@ -4,9 +4,11 @@ and the worker process behind it starts, stops and dies without taking anything 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,9 +16,11 @@ import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from lmx.errors import QueueFull, RequestError
+from lmx.runtime import steptrace
 from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
+from lmx.runtime.steptrace import read_steps
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
@@ -231,6 +235,53 @@ async def test_an_engine_holds_a_request_while_its_burst_is_still_being_prepared
         assert a.queue_s < 0.2 and b.queue_s < 0.2
     finally:
         await asyncio.to_thread(e.unload)
+
+
+@pytest.mark.parametrize("coming_back", [3, 2])
+async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
+    coming_back: int, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(steptrace.ENV, str(tmp_path))  # the worker logs each of its steps
+    e = MlxEngine(LoadConfig(model_id="f", path=tiny_model_dir))
+    await asyncio.to_thread(e.load)
+    try:
+        ps = prompts(e, 6)
+        fixed = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        await asyncio.gather(*(run(e, p, fixed) for p in ps[:3]))  # three that end in one step
+        next_round = time.perf_counter()
+
+        async def after(delay_s: float, prompt: list[int]) -> tuple[str, Delta]:
+            await asyncio.sleep(delay_s)
+            return await run(e, prompt, fixed)
+
+        # The next ones, 4 ms apart as closed-loop clients' requests come over HTTP: more than
+        # the pause a burst from an idle start waits for. Where one of the three does not come
+        # back, the other two go once no more come.
+        back = ps[3 : 3 + coming_back]
+        await asyncio.gather(*(after(0.004 * k, p) for k, p in enumerate(back)))
+    finally:
+        await asyncio.to_thread(e.unload)
+    steps = read_steps(tmp_path, next_round, math.inf)
+    # One prefill, then they start.
+    assert [s.prompted for s in steps if s.prompt_work] == [coming_back, 0]
+    assert sum(s.started for s in steps) == coming_back
+
+
+async def test_a_burst_of_short_prompts_is_prefilled_in_one_step(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(steptrace.ENV, str(tmp_path))
+    e = MlxEngine(LoadConfig(model_id="g", path=tiny_model_dir, max_batch=16))
+    await asyncio.to_thread(e.load)
+    try:
+        started = time.perf_counter()
+        done = await asyncio.gather(*(run(e, p, GREEDY) for p in prompts(e, 12)))
+    finally:
+        await asyncio.to_thread(e.unload)
+    assert all(d.completion_tokens == 16 for _, d in done)
+    steps = read_steps(tmp_path, started, math.inf)
+    # Twelve, more than the eight long prompts a group is sized for, in one forward pass.
+    assert [s.prompted for s in steps if s.prompted] == [12]
 
 
 async def test_a_cancel_is_not_held_with_a_burst(tiny_model_dir: Path) -> None:
