@@ -50,9 +50,9 @@ _IDLE_POLL_S = 0.5
 # An idle batch waits for a burst of requests to finish arriving so that it starts one prefill
 # for all of them, not one for the first and a step's delay for the rest. Requests that ended in
 # the last _ROUND_S predict as many new ones (clients that send their next request when the last
-# one ends: agents, scripts, batch jobs; over HTTP they come a few ms apart, the more of them the
-# longer the daemon takes to turn them all around): wait for that many while they keep coming,
-# no gap longer than _FOLLOW_GAP_S, up to _FOLLOW_MAX_S. Otherwise wait for a pause of
+# one ends: agents, scripts, batch jobs; over HTTP they come a few ms apart, and the more of them
+# the longer the last one takes): wait for that many while they keep coming, no gap longer than
+# _FOLLOW_GAP_S, up to _FOLLOW_MAX_S. Otherwise wait for a pause of
 # _BURST_PAUSE_S in arrivals, up to _BURST_MAX_S.
 _ROUND_S = 0.1
 _FOLLOW_GAP_S = 0.025
