@@ -49,7 +49,7 @@ log = structlog.get_logger(__name__)
 _IDLE_POLL_S = 0.5
 # An idle batch waits for a burst of requests to finish arriving so that it starts one prefill
 # for all of them, not one for the first and a step's delay for the rest. Requests that ended in
-# the last _ROUND_S predict as many new ones (clients that send their next request when the last
+# the last _ROUND_S and that no new request followed yet predict as many new ones (clients that send their next request when the last
 # one ends: agents, scripts, batch jobs; over HTTP they come a few ms apart, and the more of them
 # the longer the last one takes): wait for that many while they keep coming, no gap longer than
 # _FOLLOW_GAP_S, up to _FOLLOW_MAX_S. Otherwise wait for a pause of
@@ -113,7 +113,8 @@ class Worker:
             max_size=_PROMPT_CACHE_ENTRIES, max_bytes=config.prompt_cache_bytes
         )
         self._trace = StepLog.from_env()  # LMX_STEP_TRACE_DIR: a line per step, for bench/
-        self._ended: deque[float] = deque(maxlen=config.max_batch)  # when sequences finished
+        # When sequences finished, oldest first, less one for each request that came after them.
+        self._ended: deque[float] = deque(maxlen=config.max_batch)
 
     def run(self) -> None:
         try:
@@ -216,6 +217,7 @@ class Worker:
                         return False
                     case ("add", int(sid), GenerationRequest() as request):
                         self._add(gen, sid, request, at)
+                        self._followed(at)
                         added += 1
                     case ("cancel", int(sid)):
                         seq = self._by_sid.pop(sid, None)
@@ -230,6 +232,13 @@ class Worker:
                 at, cmds = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+    def _followed(self, at: float) -> None:
+        """A request came at `at`: it follows the oldest ending still waiting for one."""
+        while self._ended and self._ended[0] < at - _ROUND_S:
+            self._ended.popleft()  # too long ago to be followed
+        if self._ended:
+            self._ended.popleft()
 
     def _add(self, gen: Any, sid: int, request: GenerationRequest, received_s: float) -> None:
         seq = _Seq(

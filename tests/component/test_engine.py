@@ -267,6 +267,33 @@ async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
     assert sum(s.started for s in steps) == coming_back
 
 
+async def test_endings_already_followed_do_not_hold_the_next_round(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(steptrace.ENV, str(tmp_path))
+    e = MlxEngine(LoadConfig(model_id="h", path=tiny_model_dir))
+    await asyncio.to_thread(e.load)
+    try:
+        ps = prompts(e, 10)
+        short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        await asyncio.gather(*(run(e, p, short) for p in ps[:3]))
+        await asyncio.gather(*(run(e, p, short) for p in ps[3:6]))  # these follow the first three
+        third_round = time.perf_counter()
+
+        async def after(delay_s: float, prompt: list[int]) -> tuple[str, Delta]:
+            await asyncio.sleep(delay_s)
+            return await run(e, prompt, short)
+
+        # Three follow the second round; a fourth comes 15 ms later, within the gap a round's
+        # followers are waited for: counting the first round's endings too would take it in.
+        delays = (0.0, 0.004, 0.008, 0.023)
+        await asyncio.gather(*(after(d, p) for d, p in zip(delays, ps[6:], strict=True)))
+    finally:
+        await asyncio.to_thread(e.unload)
+    steps = read_steps(tmp_path, third_round, math.inf)
+    assert next(s.prompted for s in steps if s.prompted) == 3
+
+
 async def test_a_burst_of_short_prompts_is_prefilled_in_one_step(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
