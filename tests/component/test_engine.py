@@ -4,6 +4,7 @@ and the worker process behind it starts, stops and dies without taking anything 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import shutil
@@ -32,6 +33,28 @@ async def run(engine: MlxEngine, prompt: list[int], params: SamplingParams) -> t
         last = d
     assert last is not None
     return "".join(text), last
+
+
+async def run_after(
+    engine: MlxEngine, delay_s: float, prompt: list[int], params: SamplingParams
+) -> tuple[str, Delta]:
+    await asyncio.sleep(delay_s)
+    return await run(engine, prompt, params)
+
+
+@contextlib.asynccontextmanager
+async def traced_engine(
+    config: LoadConfig, steps_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[MlxEngine]:
+    """A loaded engine whose worker logs each of its steps under `steps_dir`; unloaded after,
+    so every step is on file."""
+    monkeypatch.setenv(steptrace.ENV, str(steps_dir))
+    e = MlxEngine(config)
+    await asyncio.to_thread(e.load)
+    try:
+        yield e
+    finally:
+        await asyncio.to_thread(e.unload)
 
 
 def prompts(engine: MlxEngine, n: int) -> list[list[int]]:
@@ -241,26 +264,17 @@ async def test_an_engine_holds_a_request_while_its_burst_is_still_being_prepared
 async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
     coming_back: int, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(steptrace.ENV, str(tmp_path))  # the worker logs each of its steps
-    e = MlxEngine(LoadConfig(model_id="f", path=tiny_model_dir))
-    await asyncio.to_thread(e.load)
-    try:
+    config = LoadConfig(model_id="f", path=tiny_model_dir)
+    async with traced_engine(config, tmp_path, monkeypatch) as e:
         ps = prompts(e, 6)
         fixed = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         await asyncio.gather(*(run(e, p, fixed) for p in ps[:3]))  # three that end in one step
         next_round = time.perf_counter()
-
-        async def after(delay_s: float, prompt: list[int]) -> tuple[str, Delta]:
-            await asyncio.sleep(delay_s)
-            return await run(e, prompt, fixed)
-
         # The next ones, 4 ms apart as closed-loop clients' requests come over HTTP: more than
         # the pause a burst from an idle start waits for. Where one of the three does not come
         # back, the other two go once no more come.
         back = ps[3 : 3 + coming_back]
-        await asyncio.gather(*(after(0.004 * k, p) for k, p in enumerate(back)))
-    finally:
-        await asyncio.to_thread(e.unload)
+        await asyncio.gather(*(run_after(e, 0.004 * k, p, fixed) for k, p in enumerate(back)))
     steps = read_steps(tmp_path, next_round, math.inf)
     # One prefill, then they start.
     assert [s.prompted for s in steps if s.prompt_work] == [coming_back, 0]
@@ -270,26 +284,20 @@ async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
 async def test_endings_already_followed_do_not_hold_the_next_round(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(steptrace.ENV, str(tmp_path))
-    e = MlxEngine(LoadConfig(model_id="h", path=tiny_model_dir))
-    await asyncio.to_thread(e.load)
-    try:
+    async with traced_engine(
+        LoadConfig(model_id="h", path=tiny_model_dir), tmp_path, monkeypatch
+    ) as e:
         ps = prompts(e, 10)
         short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         await asyncio.gather(*(run(e, p, short) for p in ps[:3]))
         await asyncio.gather(*(run(e, p, short) for p in ps[3:6]))  # these follow the first three
         third_round = time.perf_counter()
-
-        async def after(delay_s: float, prompt: list[int]) -> tuple[str, Delta]:
-            await asyncio.sleep(delay_s)
-            return await run(e, prompt, short)
-
         # Three follow the second round; a fourth comes 15 ms later, within the gap a round's
         # followers are waited for: counting the first round's endings too would take it in.
         delays = (0.0, 0.004, 0.008, 0.023)
-        await asyncio.gather(*(after(d, p) for d, p in zip(delays, ps[6:], strict=True)))
-    finally:
-        await asyncio.to_thread(e.unload)
+        await asyncio.gather(
+            *(run_after(e, d, p, short) for d, p in zip(delays, ps[6:], strict=True))
+        )
     steps = read_steps(tmp_path, third_round, math.inf)
     assert next(s.prompted for s in steps if s.prompted) == 3
 
@@ -297,14 +305,10 @@ async def test_endings_already_followed_do_not_hold_the_next_round(
 async def test_a_burst_of_short_prompts_is_prefilled_in_one_step(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(steptrace.ENV, str(tmp_path))
-    e = MlxEngine(LoadConfig(model_id="g", path=tiny_model_dir, max_batch=16))
-    await asyncio.to_thread(e.load)
-    try:
+    config = LoadConfig(model_id="g", path=tiny_model_dir, max_batch=16)
+    async with traced_engine(config, tmp_path, monkeypatch) as e:
         started = time.perf_counter()
         done = await asyncio.gather(*(run(e, p, GREEDY) for p in prompts(e, 12)))
-    finally:
-        await asyncio.to_thread(e.unload)
     assert all(d.completion_tokens == 16 for _, d in done)
     steps = read_steps(tmp_path, started, math.inf)
     # Twelve, more than the eight long prompts a group is sized for, in one forward pass.
