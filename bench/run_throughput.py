@@ -1,8 +1,9 @@
 """Entry point: lmx over HTTP against the raw BatchGenerator ceiling, in one run, per concurrency.
 
-`python -m bench.run_throughput --preset tiny --out bench/results/`. For each concurrency: start
-`lmx serve` (bench.server), warm both sides up, then alternate raw (bench.raw, in this process)
-and lmx (bench.loadgen) runs on identical prompts, and keep the median of the repeats. Writes
+`python -m bench.run_throughput --preset tiny --out bench/results/`. Starts one `lmx serve`
+(bench.server); for each concurrency, warms both sides up, then alternates raw (bench.raw, in this
+process) and lmx (bench.loadgen) runs on identical prompts, and keeps the median of the repeats.
+Writes
 bench/results/throughput-<preset>-<device>.{json,md,png} via bench.report.
 """
 
@@ -152,42 +153,39 @@ def measure_lmx(
 
 
 def measure_point(
-    model: Any, engine: Any, model_dir: Path, c: int, ids: list[int], args: argparse.Namespace
+    model: Any, engine: Any, srv: LmxServer, c: int, ids: list[int], args: argparse.Namespace
 ) -> Point:
     w = Workload.sized(c, args.prompt_tokens, args.output_tokens, args.min_requests)
-    with LmxServer(
-        MODEL_ID, model_dir, max_batch=args.max_batch, context_length=context_length(args)
-    ) as srv:
-        sides = ["raw", "lmx"] + (["engine"] if engine is not None else [])
-        runs: dict[str, list[PointStats]] = {side: [] for side in sides}
-        steps: dict[str, tuple[Step, ...]] = {}  # each side's last run, step by step
+    sides = ["raw", "lmx"] + (["engine"] if engine is not None else [])
+    runs: dict[str, list[PointStats]] = {side: [] for side in sides}
+    steps: dict[str, tuple[Step, ...]] = {}  # each side's last run, step by step
 
-        def measure(
-            side: str, w: Workload, prompts: Any, profile: Path | None = None
-        ) -> tuple[PointStats, list[Step]]:
-            if side == "raw":
-                return measure_raw(model, w, prompts, args)
-            if side == "engine":
-                return measure_engine(engine, w, prompts, args)
-            return measure_lmx(srv, w, prompts, args, profile)
+    def measure(
+        side: str, w: Workload, prompts: Any, profile: Path | None = None
+    ) -> tuple[PointStats, list[Step]]:
+        if side == "raw":
+            return measure_raw(model, w, prompts, args)
+        if side == "engine":
+            return measure_engine(engine, w, prompts, args)
+        return measure_lmx(srv, w, prompts, args, profile)
 
-        # Warm-up: a whole run on each side, on prompts not used below. MLX compiles kernels for
-        # a new shape on first use; one request per stream leaves the refills' batch shapes
-        # unseen, and a stall of a second inside a measured run of a few decides its result.
-        warm = w
-        for k, side in enumerate(sides):
-            measure(side, warm, make_prompts(warm, ids, seed=10_000 * (k + 1) + c))
-        for rep in range(args.repeats):
-            prompts = make_prompts(w, ids, seed=1_000 * c + rep)
-            profile = None
-            if args.py_spy and rep == 0:
-                profile = args.out / f"profile-{args.preset}-{args.device_label}-c{c}.svg"
-            # Alternate the order so that no side always runs on a warmer machine.
-            for side in sides if rep % 2 == 0 else sides[::-1]:
-                stats, side_steps = measure(side, w, prompts, profile)
-                runs[side].append(stats)
-                steps[side] = tuple(side_steps)
-                log(f"  c={c} rep={rep} {side}: {stats.output_tok_s:.1f} tok/s")
+    # Warm-up: a whole run on each side, on prompts not used below. MLX compiles kernels for
+    # a new shape on first use; one request per stream leaves the refills' batch shapes
+    # unseen, and a stall of a second inside a measured run of a few decides its result.
+    warm = w
+    for k, side in enumerate(sides):
+        measure(side, warm, make_prompts(warm, ids, seed=10_000 * (k + 1) + c))
+    for rep in range(args.repeats):
+        prompts = make_prompts(w, ids, seed=1_000 * c + rep)
+        profile = None
+        if args.py_spy and rep == 0:
+            profile = args.out / f"profile-{args.preset}-{args.device_label}-c{c}.svg"
+        # Alternate the order so that no side always runs on a warmer machine.
+        for side in sides if rep % 2 == 0 else sides[::-1]:
+            stats, side_steps = measure(side, w, prompts, profile)
+            runs[side].append(stats)
+            steps[side] = tuple(side_steps)
+            log(f"  c={c} rep={rep} {side}: {stats.output_tok_s:.1f} tok/s")
     return Point(
         c,
         median_stats(runs["raw"]),
@@ -271,16 +269,22 @@ def main(argv: list[str] | None = None) -> int:
         started_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         notes=list(args.note),
     )
-    for c in (int(x) for x in args.concurrency.split(",")):
-        log(f"concurrency {c}")
-        point = measure_point(model, engine, model_dir, c, ids, args)
-        report.points.append(point)
-        report.duration_s = time.monotonic() - t0
-        report.write(args.out)  # after every point: a crash keeps what was measured
-        log(
-            f"  median raw {point.raw.output_tok_s:.1f} tok/s, lmx {point.lmx.output_tok_s:.1f}"
-            f" tok/s, ratio {point.ratio:.2f}"
-        )
+    # One server for the whole run, as the raw side's model stays loaded in this process: each
+    # side keeps what MLX compiled for the batch shapes of earlier points, as a daemon that has
+    # been serving for a while has.
+    with LmxServer(
+        MODEL_ID, model_dir, max_batch=args.max_batch, context_length=context_length(args)
+    ) as srv:
+        for c in (int(x) for x in args.concurrency.split(",")):
+            log(f"concurrency {c}")
+            point = measure_point(model, engine, srv, c, ids, args)
+            report.points.append(point)
+            report.duration_s = time.monotonic() - t0
+            report.write(args.out)  # after every point: a crash keeps what was measured
+            log(
+                f"  median raw {point.raw.output_tok_s:.1f} tok/s,"
+                f" lmx {point.lmx.output_tok_s:.1f} tok/s, ratio {point.ratio:.2f}"
+            )
     if engine is not None:
         engine.unload()
         shutil.rmtree(args.engine_steps_dir, ignore_errors=True)
