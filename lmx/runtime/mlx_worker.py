@@ -294,7 +294,9 @@ class Worker:
         self._live[seq.uid] = seq
 
     def _step(self, gen: Any) -> None:
-        gen.prefill_batch_size = self._prefill_group()
+        waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
+        if waiting:  # else the step takes no prompt in, whatever the group
+            gen.prefill_batch_size = self._prefill_group(waiting)
         t0 = time.perf_counter()
         prompts, responses = gen.next()
         t1 = time.perf_counter()
@@ -355,13 +357,11 @@ class Worker:
                 replace(step_of(t0, t1, prompts, responses), after_ms=(t2 - t1) * 1e3)
             )
 
-    def _prefill_group(self) -> int:
-        """How many waiting prompts the next step may take into its prefill."""
-        live = self._live.values()
-        if any(s.started_s is not None and s.prompt_left > 1 for s in live):
+    def _prefill_group(self, waiting: list[int]) -> int:
+        """How many of the `waiting` prompts the next step may take into its prefill."""
+        if any(s.started_s is not None and s.prompt_left > 1 for s in self._live.values()):
             # A long prompt has chunks to go: newcomers would be padded to its chunk.
             return min(_PREFILL_GROUP, self.config.max_batch)
-        waiting = [s.prompt_left for s in live if s.started_s is None]
         return prefill_group(waiting, self.config.prefill_step, self.config.max_batch)
 
     @staticmethod
