@@ -377,6 +377,11 @@ class Worker:
 
     def _remember(self, tokens: list[int], kv: Any) -> None:
         if self.config.prompt_cache_bytes > 0:
+            # A cache cut out of the batch is a lazy copy that holds the batch's whole KV buffers
+            # until it is computed (every sequence's, not the one it counts): compute it now,
+            # queued behind the step in flight, so the prompt cache holds what it reports.
+            state: list[tuple[str, Any]] = tree_flatten([c.state for c in kv])  # type: ignore[assignment]
+            mx.async_eval([a for _, a in state if isinstance(a, mx.array)])  # type: ignore[no-untyped-call]
             self._cache.insert_cache(self.config.model_id, tokens, kv)
 
     def _stats(self, gen: Any) -> WorkerStats:
