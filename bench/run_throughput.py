@@ -155,7 +155,7 @@ def measure_lmx(
 def measure_point(
     model: Any, engine: Any, srv: LmxServer, c: int, ids: list[int], args: argparse.Namespace
 ) -> Point:
-    w = Workload.sized(c, args.prompt_tokens, args.output_tokens, args.min_requests)
+    w = Workload.sized(c, args.prompt_tokens, args.output_tokens, args.min_requests, args.rounds)
     sides = ["raw", "lmx"] + (["engine"] if engine is not None else [])
     runs: dict[str, list[PointStats]] = {side: [] for side in sides}
     steps: dict[str, tuple[Step, ...]] = {}  # each side's last run, step by step
@@ -212,6 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--min-requests", type=int, default=16, help="requests per run, at least")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="requests per stream, at least (2 or more)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="synthetic weights")
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_batch": args.max_batch,
             "repeats": args.repeats,
             "min_requests": args.min_requests,
+            "rounds": args.rounds,
             "dtype": "float32" if args.preset == "tiny" else args.dtype,
             "api": "/v1/completions, token-id prompts, stream, ignore_eos + min_tokens",
             "mlx_device": str(mx.default_device()),

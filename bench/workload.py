@@ -34,10 +34,16 @@ class Workload:
 
     @classmethod
     def sized(
-        cls, concurrency: int, prompt_tokens: int, output_tokens: int, min_requests: int = 16
+        cls,
+        concurrency: int,
+        prompt_tokens: int,
+        output_tokens: int,
+        min_requests: int = 16,
+        rounds: int = 2,
     ) -> Workload:
-        """At least two requests per stream (so slots are refilled), `min_requests` in all."""
-        per_stream = max(2, math.ceil(min_requests / concurrency))
+        """At least `rounds` requests per stream (two or more, so slots are refilled),
+        `min_requests` in all."""
+        per_stream = max(2, rounds, math.ceil(min_requests / concurrency))
         return cls(concurrency, per_stream, prompt_tokens, output_tokens)
 
 
