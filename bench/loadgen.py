@@ -2,7 +2,8 @@
 
 Sends /v1/completions (token-id prompts: exact length) or /v1/chat/completions over httpx with
 SSE streaming, EOS ignored via the vLLM extensions `ignore_eos` and `min_tokens`, and records a
-RequestTrace per request. Called by bench.run_throughput; standalone: `python -m bench.loadgen`.
+RequestTrace per request; the streams may be split over several client processes
+(`run_load_procs`). Called by bench.run_throughput; standalone: `python -m bench.loadgen`.
 Every loop is bounded in count and time.
 """
 
@@ -11,8 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import httpx
@@ -108,9 +113,15 @@ async def one_request(
 
 
 async def run_load(
-    target: Target, workload: Workload, prompts: Prompts, *, timeout_s: float
+    target: Target,
+    workload: Workload,
+    prompts: Prompts,
+    *,
+    timeout_s: float,
+    ready: Callable[[], Awaitable[None]] | None = None,
 ) -> list[RequestTrace]:
     """Run `workload.concurrency` clients, each sending its prompts in turn; traces in order.
+    `ready`, if given, is awaited once the client is built, before the first request.
 
     Raises TimeoutError if the whole point takes longer than `timeout_s`.
     """
@@ -129,15 +140,116 @@ async def run_load(
                 await one_request(client, target, p, workload.output_tokens) for p in prompts[s]
             ]
 
+        if ready is not None:
+            await ready()
         async with asyncio.timeout(timeout_s):
             per_stream = await asyncio.gather(*(stream(s) for s in range(workload.concurrency)))
     return [t for traces in per_stream for t in traces]
 
 
+def auto_procs(concurrency: int) -> int:
+    """Client processes for `concurrency` streams: one per two cores, at most one per stream."""
+    return max(1, min(concurrency, (os.cpu_count() or 1) // 2))
+
+
+def run_load_procs(
+    target: Target, workload: Workload, prompts: Prompts, *, timeout_s: float, procs: int
+) -> tuple[list[RequestTrace], float]:
+    """`run_load` with the streams split over `procs` client processes that start together: the
+    traces in stream order and the CPU seconds the clients used.
+
+    One Python process parsing every stream's chunks and sending every next request spends ms of
+    CPU per request (httpx; 13 ms for a request of 4 tokens on a 2-core machine): at 32 streams a
+    round's requests would leave it over tens of ms, which measures the client. Clients in processes of their own, as a server's real clients
+    are, send theirs within a few ms. Raises TimeoutError as `run_load` does.
+    """
+    c = workload.concurrency
+    procs = max(1, min(procs, c))
+    if procs == 1:
+        cpu0 = time.process_time()
+        traces = asyncio.run(run_load(target, workload, prompts, timeout_s=timeout_s))
+        return traces, time.process_time() - cpu0
+    bounds = [(i * c // procs, (i + 1) * c // procs) for i in range(procs)]
+    argv = [sys.executable, "-m", "bench.loadgen", "--shard"]
+    children = [
+        subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in bounds
+    ]
+    try:
+        for child, (lo, hi) in zip(children, bounds, strict=True):
+            spec = {
+                "target": asdict(target),
+                "workload": asdict(replace(workload, concurrency=hi - lo)),
+                "prompts": prompts[lo:hi],
+                "timeout_s": timeout_s,
+            }
+            _tell(child, json.dumps(spec))
+        for child in children:  # every client built and waiting
+            if _hear(child) != "ready":
+                raise RuntimeError("a load generator process failed to start")
+        for child in children:
+            _tell(child, "go")
+        merged: list[RequestTrace] = []
+        cpu_s = 0.0
+        for child in children:
+            out, _ = child.communicate(timeout=timeout_s + 60)
+            result = json.loads(out)
+            if result.get("timeout"):
+                raise TimeoutError(f"the point took longer than {timeout_s} s")
+            merged += [RequestTrace(**t) for t in result["traces"]]
+            cpu_s += result["cpu_s"]
+        return merged, cpu_s
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def _tell(child: subprocess.Popen[str], line: str) -> None:
+    assert child.stdin is not None
+    child.stdin.write(line + "\n")
+    child.stdin.flush()
+
+
+def _hear(child: subprocess.Popen[str]) -> str:
+    assert child.stdout is not None
+    return child.stdout.readline().strip()
+
+
+def _shard() -> None:
+    """One client process of `run_load_procs`: its streams as a JSON line on stdin, "ready" on
+    stdout once its client is built, then "go" on stdin; prints its traces as JSON."""
+    spec = json.loads(sys.stdin.readline())
+    cpu0 = 0.0
+
+    async def ready() -> None:
+        nonlocal cpu0
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        cpu0 = time.process_time()
+
+    try:
+        traces = asyncio.run(
+            run_load(
+                Target(**spec["target"]),
+                Workload(**spec["workload"]),
+                spec["prompts"],
+                timeout_s=spec["timeout_s"],
+                ready=ready,
+            )
+        )
+    except TimeoutError:
+        print(json.dumps({"timeout": True}))
+        return
+    cpu_s = time.process_time() - cpu0
+    print(json.dumps({"cpu_s": cpu_s, "traces": [asdict(t) for t in traces]}))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Streaming load against an OpenAI-compatible server.")
     p.add_argument("--url", default="http://127.0.0.1:1234/v1", help="base URL, ending in /v1")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="the model to ask for (required)")
     p.add_argument("--api", choices=["completions", "chat"], default="completions")
     p.add_argument("--api-key")
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated stream counts")
@@ -149,16 +261,31 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--timeout-s", type=float, default=600.0, help="per point")
     p.add_argument("--json", action="store_true", help="print one JSON object per point")
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=0,
+        help="client processes the streams are split over (0: one per two cores)",
+    )
+    p.add_argument("--shard", action="store_true", help=argparse.SUPPRESS)  # run_load_procs' child
     args = p.parse_args(argv)
+    if args.shard:
+        _shard()
+        return
+    if not args.model:
+        p.error("--model is required")
     lo, hi = (int(x) for x in args.token_range.split(","))
     target = Target(args.url.rstrip("/"), args.model, args.api, args.api_key)
     for c in (int(x) for x in args.concurrency.split(",")):
         w = Workload.sized(c, args.prompt_tokens, args.output_tokens, args.min_requests)
-        cpu0 = time.process_time()
-        traces = asyncio.run(
-            run_load(target, w, make_prompts(w, range(lo, hi), seed=c), timeout_s=args.timeout_s)
+        traces, cpu_s = run_load_procs(
+            target,
+            w,
+            make_prompts(w, range(lo, hi), seed=c),
+            timeout_s=args.timeout_s,
+            procs=args.client_procs or auto_procs(c),
         )
-        stats = summarize(traces, c, client_cpu_s=time.process_time() - cpu0)
+        stats = summarize(traces, c, client_cpu_s=cpu_s)
         errors = sorted({t.error for t in traces if t.error})
         if args.json:
             print(json.dumps({**stats.__dict__, "error_samples": errors[:3]}))

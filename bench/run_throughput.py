@@ -35,7 +35,7 @@ from mlx_lm import load as mlx_load
 
 import lmx
 from bench.engine_direct import load_engine, run_engine
-from bench.loadgen import Target, run_load
+from bench.loadgen import Target, auto_procs, run_load_procs
 from bench.metrics import (
     PointStats,
     RequestTrace,
@@ -128,11 +128,17 @@ def measure_lmx(
     target = Target(server.base_url, MODEL_ID)
     assert server.process is not None
     with py_spy(server.process.pid, profile):
-        cpu0, srv0, totals0 = time.process_time(), server.cpu_s(), server.totals()
+        srv0, totals0 = server.cpu_s(), server.totals()
         t0 = time.perf_counter()
-        traces = asyncio.run(run_load(target, w, prompts, timeout_s=args.timeout_s))
+        traces, cpu = run_load_procs(
+            target,
+            w,
+            prompts,
+            timeout_s=args.timeout_s,
+            procs=args.client_procs or auto_procs(w.concurrency),
+        )
         t1 = time.perf_counter()
-        cpu, srv = time.process_time() - cpu0, server.cpu_s() - srv0
+        srv = server.cpu_s() - srv0
     _check(traces, "lmx")
     totals = server.totals()
     steps = settled_steps(server.steps_dir, t0, t1)
@@ -215,6 +221,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rounds", type=int, default=2, help="requests per stream, at least (2 or more)"
     )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=0,
+        help="processes lmx's client streams are split over (0: one per two cores)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="synthetic weights")
@@ -259,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "min_requests": args.min_requests,
             "rounds": args.rounds,
+            "client_procs": args.client_procs or "one per two cores",
             "dtype": "float32" if args.preset == "tiny" else args.dtype,
             "api": "/v1/completions, token-id prompts, stream, ignore_eos + min_tokens",
             "mlx_device": str(mx.default_device()),
