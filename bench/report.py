@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +33,23 @@ class Point:
 
     @property
     def ratio(self) -> float:
-        return self.lmx.output_tok_s / self.raw.output_tok_s if self.raw.output_tok_s else math.nan
+        """The median over the repeats of lmx's tok/s over raw's in the same repeat: the two
+        runs of a repeat are back to back, so a shared machine's slow spells, which last
+        seconds, mostly hit both or neither."""
+        return _paired_ratio(self.lmx_runs, self.raw_runs)
 
     @property
     def engine_ratio(self) -> float:
-        if self.engine is None or not self.raw.output_tok_s:
-            return math.nan
-        return self.engine.output_tok_s / self.raw.output_tok_s
+        return _paired_ratio(self.engine_runs, self.raw_runs)
+
+
+def _paired_ratio(runs: Sequence[PointStats], raw_runs: Sequence[PointStats]) -> float:
+    ratios = [
+        r.output_tok_s / b.output_tok_s
+        for r, b in zip(runs, raw_runs, strict=False)
+        if b.output_tok_s
+    ]
+    return statistics.median(ratios) if ratios else math.nan
 
 
 @dataclass
