@@ -47,13 +47,16 @@ from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, rec
 log = structlog.get_logger(__name__)
 
 _IDLE_POLL_S = 0.5
-# An idle batch waits for a burst of requests to finish arriving so that it starts one prefill
-# for all of them, not one for the first and a step's delay for the rest. Requests that ended in
-# the last _ROUND_S and that no new request followed yet predict as many new ones (clients that send their next request when the last
-# one ends: agents, scripts, batch jobs; over HTTP they come a few ms apart, and the more of them
-# the longer the last one takes): wait for that many while they keep coming, no gap longer than
-# _FOLLOW_GAP_S, up to _FOLLOW_MAX_S. Otherwise wait for a pause of
-# _BURST_PAUSE_S in arrivals, up to _BURST_MAX_S.
+# Requests that arrive together share one prefill: a prefill is a forward pass of its own that
+# every decoding sequence waits for, and a later arrival would need another. Two rules:
+# - Requests that ended in the last _ROUND_S and that no new request followed yet predict as
+#   many new ones: clients that send their next request when the last one ends (agents, scripts,
+#   batch jobs) come a few ms apart over HTTP, the more of them the longer the last takes. New
+#   prompts stay out of the batch while such followers are still due and keep coming: no gap over
+#   _FOLLOW_GAP_S, _FOLLOW_MAX_S at most after the first, whether or not a batch is decoding
+#   meanwhile. Streams that ended a few steps apart so start together again, instead of each
+#   group's next requests stalling the others with prefills of their own round after round.
+# - Otherwise an idle batch waits for a pause of _BURST_PAUSE_S in arrivals, _BURST_MAX_S at most.
 _ROUND_S = 0.1
 _FOLLOW_GAP_S = 0.025
 _FOLLOW_MAX_S = 0.05
@@ -186,30 +189,36 @@ class Worker:
 
     def _serve(self, gen: Any) -> None:
         while True:
-            if not self._take_commands(gen, block=not self._live):
+            running = any(s.started_s is not None for s in self._live.values())
+            hold = 0.0 if running else self._hold_s()
+            # Step at once while anything runs or waits unheld; with only held prompts, wait for
+            # the rest of their round; idle, for anything.
+            wait = hold if hold else 0.0 if self._live else _IDLE_POLL_S
+            if not self._take_commands(gen, wait):
                 return
-            if self._live:
+            if running or (self._live and not self._hold_s()):
                 try:
                     self._step(gen)
                 except Exception as exc:  # the batch is unusable: fail its requests, go on
                     log.exception("batch_step_failed", model=self.config.model_id)
                     self._fail_all(gen, str(exc))
-            else:
-                if len(self._live) != self._reported_active:
+            elif not self._live:
+                if self._reported_active:
                     self._send(("out", [], self._stats(gen)))
                 if self._trace is not None:
                     self._trace.flush()
 
-    def _take_commands(self, gen: Any, *, block: bool) -> bool:
-        """Apply every queued command (if the batch is idle, also those of a burst still arriving);
-        False once told to stop."""
+    def _take_commands(self, gen: Any, wait: float) -> bool:
+        """Apply every queued command, waiting up to `wait` s for the first; if the batch was idle
+        and no followers are due (see _ROUND_S), also those of a burst still arriving. False once
+        told to stop."""
+        idle = not self._live
         try:
-            at, cmds = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+            at, cmds = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
         except queue.Empty:
             return True
-        expected = sum(1 for t in self._ended if t >= at - _ROUND_S) if block else 0
-        burst_end = at + (_FOLLOW_MAX_S if expected else _BURST_MAX_S) if block else 0.0
-        added = 0
+        burst = idle and not self._due(at)
+        burst_end = at + _BURST_MAX_S
         while True:
             for cmd in cmds:
                 match cmd:
@@ -218,20 +227,30 @@ class Worker:
                     case ("add", int(sid), GenerationRequest() as request):
                         self._add(gen, sid, request, at)
                         self._followed(at)
-                        added += 1
                     case ("cancel", int(sid)):
                         seq = self._by_sid.pop(sid, None)
                         if seq is not None and seq.uid in self._live:
                             gen.remove([seq.uid])
                             del self._live[seq.uid]
-            if expected and added >= expected:
-                return True
-            left = burst_end - time.perf_counter()
-            wait = min(_FOLLOW_GAP_S if expected else _BURST_PAUSE_S, left)
+            pause = min(_BURST_PAUSE_S, burst_end - time.perf_counter()) if burst else 0.0
             try:
-                at, cmds = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
+                at, cmds = self._inbox.get(timeout=pause) if pause > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+    def _due(self, now: float) -> int:
+        """Requests that ended within _ROUND_S before `now` and that no request followed yet."""
+        return sum(1 for t in self._ended if t >= now - _ROUND_S)
+
+    def _hold_s(self) -> float:
+        """How much longer the prompts not yet started stay out of the batch (0: not at all):
+        while followers of recent endings are due, up to _FOLLOW_GAP_S after the latest arrival
+        and _FOLLOW_MAX_S after the earliest."""
+        arrivals = [s.received_s for s in self._live.values() if s.started_s is None]
+        now = time.perf_counter()
+        if not arrivals or not self._due(now):
+            return 0.0
+        return max(0.0, min(min(arrivals) + _FOLLOW_MAX_S, max(arrivals) + _FOLLOW_GAP_S) - now)
 
     def _followed(self, at: float) -> None:
         """A request came at `at`: it follows the oldest ending still waiting for one."""
@@ -296,7 +315,7 @@ class Worker:
     def _step(self, gen: Any) -> None:
         waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
         if waiting:  # else the step takes no prompt in, whatever the group
-            gen.prefill_batch_size = self._prefill_group(waiting)
+            gen.prefill_batch_size = 0 if self._hold_s() else self._prefill_group(waiting)
         t0 = time.perf_counter()
         prompts, responses = gen.next()
         t1 = time.perf_counter()
