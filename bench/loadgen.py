@@ -121,7 +121,8 @@ async def run_load(
     ready: Callable[[], Awaitable[None]] | None = None,
 ) -> list[RequestTrace]:
     """Run `workload.concurrency` clients, each sending its prompts in turn; traces in order.
-    `ready`, if given, is awaited once the client is built, before the first request.
+    `ready`, if given, is awaited once the client's connections are open, before the first
+    request.
 
     Raises TimeoutError if the whole point takes longer than `timeout_s`.
     """
@@ -140,6 +141,8 @@ async def run_load(
                 await one_request(client, target, p, workload.output_tokens) for p in prompts[s]
             ]
 
+        # Each stream's connection open before the clock starts, as a long-running client's is.
+        await asyncio.gather(*(client.get("/models") for _ in range(workload.concurrency)))
         if ready is not None:
             await ready()
         async with asyncio.timeout(timeout_s):
