@@ -163,8 +163,9 @@ def run_load_procs(
 
     One Python process parsing every stream's chunks and sending every next request spends ms of
     CPU per request (httpx; 13 ms for a request of 4 tokens on a 2-core machine): at 32 streams a
-    round's requests would leave it over tens of ms, which measures the client. Clients in processes of their own, as a server's real clients
-    are, send theirs within a few ms. Raises TimeoutError as `run_load` does.
+    round's requests would leave it over tens of ms, which measures the client. Clients in
+    processes of their own, as a server's real clients are, send theirs within a few ms. Raises
+    TimeoutError as `run_load` does.
     """
     c = workload.concurrency
     procs = max(1, min(procs, c))
