@@ -196,9 +196,10 @@ class Worker:
             wait = hold if hold else 0.0 if self._live else _IDLE_POLL_S
             if not self._take_commands(gen, wait):
                 return
-            if running or (self._live and not self._hold_s()):
+            hold = self._hold_s()
+            if running or (self._live and not hold):
                 try:
-                    self._step(gen)
+                    self._step(gen, held=hold > 0)
                 except Exception as exc:  # the batch is unusable: fail its requests, go on
                     log.exception("batch_step_failed", model=self.config.model_id)
                     self._fail_all(gen, str(exc))
@@ -312,10 +313,11 @@ class Worker:
         )
         self._live[seq.uid] = seq
 
-    def _step(self, gen: Any) -> None:
+    def _step(self, gen: Any, *, held: bool) -> None:
+        """One BatchGenerator step; `held`: the prompts not yet started stay out of it."""
         waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
         if waiting:  # else the step takes no prompt in, whatever the group
-            gen.prefill_batch_size = 0 if self._hold_s() else self._prefill_group(waiting)
+            gen.prefill_batch_size = 0 if held else self._prefill_group(waiting)
         t0 = time.perf_counter()
         prompts, responses = gen.next()
         t1 = time.perf_counter()
