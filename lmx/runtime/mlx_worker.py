@@ -189,15 +189,14 @@ class Worker:
 
     def _serve(self, gen: Any) -> None:
         while True:
-            running = any(s.started_s is not None for s in self._live.values())
-            hold = 0.0 if running else self._hold_s()
             # Step at once while anything runs or waits unheld; with only held prompts, wait for
-            # the rest of their round; idle, for anything.
+            # the rest of their round; idle, for anything. The commands change all three.
+            hold = 0.0 if self._running() else self._hold_s()
             wait = hold if hold else 0.0 if self._live else _IDLE_POLL_S
             if not self._take_commands(gen, wait):
                 return
             hold = self._hold_s()
-            if running or (self._live and not hold):
+            if self._live and (not hold or self._running()):
                 try:
                     self._step(gen, held=hold > 0)
                 except Exception as exc:  # the batch is unusable: fail its requests, go on
@@ -238,6 +237,10 @@ class Worker:
                 at, cmds = self._inbox.get(timeout=pause) if pause > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+    def _running(self) -> bool:
+        """A sequence of the batch is decoding or partway through its prompt."""
+        return any(s.started_s is not None for s in self._live.values())
 
     def _due(self, now: float) -> int:
         """Requests that ended within _ROUND_S before `now` and that no request followed yet."""

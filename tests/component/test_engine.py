@@ -134,6 +134,22 @@ async def test_cancelled_stream_leaves_the_batch_within_a_step(engine: MlxEngine
     assert engine.stats().in_flight == 0
 
 
+async def test_a_batch_emptied_by_a_cancel_takes_no_further_step(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with traced_engine(
+        LoadConfig(model_id="x", path=tiny_model_dir), tmp_path, monkeypatch
+    ) as e:
+        long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+        for p in prompts(e, 3):  # three cancels, each of the batch's only sequence
+            stream = e.stream(GenerationRequest(p, long))
+            for _ in range(3):
+                await anext(stream)
+            await cancel_and_count_steps(e, stream)
+    steps = read_steps(tmp_path, 0.0, math.inf)
+    assert steps and all(s.decoded or s.prompted or s.started for s in steps)
+
+
 async def test_ignore_eos_and_min_tokens_run_to_max_tokens(engine: MlxEngine) -> None:
     p = prompts(engine, 1)[0]
     params = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True, min_tokens=24)
