@@ -382,24 +382,26 @@ async def test_a_cancel_is_not_held_with_a_burst(tiny_model_dir: Path) -> None:
     intake = Intake(max_hold_s=10.0)
     e = MlxEngine(LoadConfig(model_id="c", path=tiny_model_dir), intake=intake)
     await asyncio.to_thread(e.load)
+    others = asyncio.Event()
+
+    async def preparing() -> None:  # another request, being prepared all along
+        with intake.preparing():
+            await others.wait()
+
+    other: asyncio.Task[None] | None = None
     try:
         long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
         stream = e.stream(GenerationRequest(prompts(e, 1)[0], long))
         for _ in range(3):
             await anext(stream)
-        others = asyncio.Event()
-
-        async def preparing() -> None:  # another request, being prepared all along
-            with intake.preparing():
-                await others.wait()
-
         other = asyncio.create_task(preparing())
         await asyncio.sleep(0.05)
         assert await cancel_and_count_steps(e, stream) <= 2
         assert not other.done()
+    finally:  # the other request ends here too, so a failure above leaves no task behind
         others.set()
-        await other
-    finally:
+        if other is not None:
+            await other
         await asyncio.to_thread(e.unload)
 
 
