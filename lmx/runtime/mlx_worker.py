@@ -56,10 +56,14 @@ _IDLE_POLL_S = 0.5
 #   _FOLLOW_GAP_S, _FOLLOW_MAX_S at most after the first, whether or not a batch is decoding
 #   meanwhile. Streams that ended a few steps apart so start together again, instead of each
 #   group's next requests stalling the others with prefills of their own round after round.
+#   The daemon prepares requests one after another on its event loop, so a round of 32 reaches
+#   the worker over more than 50 ms (H200 host; 100-150 ms on a 2-core CPU), in messages up to
+#   the intake's 25 ms hold (lmx.runtime.intake) apart: the gap allowed exceeds that hold, and
+#   the window such a round.
 # - Otherwise an idle batch waits for a pause of _BURST_PAUSE_S in arrivals, _BURST_MAX_S at most.
-_ROUND_S = 0.1
-_FOLLOW_GAP_S = 0.025
-_FOLLOW_MAX_S = 0.05
+_ROUND_S = 0.25
+_FOLLOW_GAP_S = 0.04
+_FOLLOW_MAX_S = 0.15
 _BURST_PAUSE_S = 0.0015
 _BURST_MAX_S = 0.01
 _PROMPT_CACHE_ENTRIES = 64

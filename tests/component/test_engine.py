@@ -302,21 +302,29 @@ async def test_an_engine_holds_a_request_while_its_burst_is_still_being_prepared
         await asyncio.to_thread(e.unload)
 
 
-@pytest.mark.parametrize("coming_back", [3, 2])
+@pytest.mark.parametrize(
+    ("ended", "coming_back", "apart_s"), [(3, 3, 0.004), (3, 2, 0.004), (4, 4, 0.025)]
+)
 async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
-    coming_back: int, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ended: int,
+    coming_back: int,
+    apart_s: float,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = LoadConfig(model_id="f", path=tiny_model_dir)
     async with traced_engine(config, tmp_path, monkeypatch) as e:
-        ps = prompts(e, 6)
+        ps = prompts(e, ended + coming_back)
         fixed = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-        await asyncio.gather(*(run(e, p, fixed) for p in ps[:3]))  # three that end in one step
+        await asyncio.gather(*(run(e, p, fixed) for p in ps[:ended]))  # they end in one step
         next_round = time.perf_counter()
-        # The next ones, 4 ms apart as closed-loop clients' requests come over HTTP: more than
-        # the pause a burst from an idle start waits for. Where one of the three does not come
-        # back, the other two go once no more come.
-        back = ps[3 : 3 + coming_back]
-        await asyncio.gather(*(run_after(e, 0.004 * k, p, fixed) for k, p in enumerate(back)))
+        # The next ones, `apart_s` apart as closed-loop clients' requests come over HTTP: more
+        # than the pause a burst from an idle start waits for; 25 ms apart, as the intake's
+        # holds may space them, the round spreads over 75 ms. Where one of those that ended
+        # does not come back, the others go once no more come.
+        back = ps[ended:]
+        await asyncio.gather(*(run_after(e, apart_s * k, p, fixed) for k, p in enumerate(back)))
     steps = read_steps(tmp_path, next_round, math.inf)
     # One prefill, then they start.
     assert [s.prompted for s in steps if s.prompt_work] == [coming_back, 0]
