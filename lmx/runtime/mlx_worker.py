@@ -36,6 +36,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 from lmx.logs import configure
 from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogprob
+from lmx.runtime.intake import MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
@@ -58,11 +59,11 @@ _IDLE_POLL_S = 0.5
 #   group's next requests stalling the others with prefills of their own round after round.
 #   The daemon prepares requests one after another on its event loop, so a round of 32 reaches
 #   the worker over more than 50 ms (H200 host; 100-150 ms on a 2-core CPU), in messages up to
-#   the intake's 25 ms hold (lmx.runtime.intake) apart: the gap allowed exceeds that hold, and
-#   the window such a round.
+#   the intake's hold (lmx.runtime.intake) apart: the gap allowed exceeds that hold, and the
+#   window such a round.
 # - Otherwise an idle batch waits for a pause of _BURST_PAUSE_S in arrivals, _BURST_MAX_S at most.
 _ROUND_S = 0.25
-_FOLLOW_GAP_S = 0.04
+_FOLLOW_GAP_S = MAX_HOLD_S + 0.015
 _FOLLOW_MAX_S = 0.15
 _BURST_PAUSE_S = 0.0015
 _BURST_MAX_S = 0.01
