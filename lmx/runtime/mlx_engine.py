@@ -368,8 +368,10 @@ class MlxEngine:
             while True:
                 report: Report = receive(self._conn)
                 if report[0] == "out":
-                    _, items, stats = report
+                    _, pieces, items, stats = report
                     self.worker_stats = stats
+                    if pieces:
+                        items += [(sid, Delta(text, (token,))) for sid, text, token in pieces]
                     if items:
                         self._deliver(items)
         except (EOFError, OSError):

@@ -43,7 +43,7 @@ from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.steptrace import StepLog, step_of
 from lmx.runtime.store import context_tokens
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
-from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
+from lmx.runtime.worker_protocol import Command, Piece, Ready, Report, WorkerStats, receive, send
 
 log = structlog.get_logger(__name__)
 
@@ -209,7 +209,7 @@ class Worker:
                     self._fail_all(gen, str(exc))
             elif not self._live:
                 if self._reported_active:
-                    self._send(("out", [], self._stats(gen)))
+                    self._send(("out", [], [], self._stats(gen)))
                 if self._trace is not None:
                     self._trace.flush()
 
@@ -280,7 +280,8 @@ class Worker:
             self._insert(gen, seq)
         except Exception as exc:  # this request only: an error delta, the batch goes on
             log.warning("request_rejected", model=self.config.model_id, error=str(exc))
-            self._send(("out", [(sid, self._final(seq, "error", str(exc)))], self._stats(gen)))
+            final = self._final(seq, "error", str(exc))
+            self._send(("out", [], [(sid, final)], self._stats(gen)))
             return
         self._by_sid[sid] = seq
 
@@ -340,6 +341,7 @@ class Worker:
                     seq.started_s = t0
                 done, total = p.progress
                 seq.prompt_left = total - done
+        pieces: list[Piece] = []
         out: list[tuple[int, Delta]] = []
         for r in responses:
             seq = self._live.get(r.uid)
@@ -374,11 +376,13 @@ class Worker:
                 out.append(
                     (seq.sid, self._timed(seq, self._final(seq, finish, error, text, r.token, lps)))
                 )
-            elif text or lps:
+            elif lps or (text and not seq.timed):
                 delta = Delta(text=text, token_ids=(r.token,), logprobs=lps)
                 out.append((seq.sid, self._timed(seq, delta)))
-        if out or len(self._live) != self._reported_active:
-            self._send(("out", out, self._stats(gen)))
+            elif text:
+                pieces.append((seq.sid, text, r.token))
+        if pieces or out or len(self._live) != self._reported_active:
+            self._send(("out", pieces, out, self._stats(gen)))
         t2 = time.perf_counter()
         self._overhead_s += t2 - t1
         if self._trace is not None:
@@ -477,7 +481,7 @@ class Worker:
         self._live.clear()
         self._by_sid.clear()
         if failed:
-            self._send(("out", failed, self._stats(gen)))
+            self._send(("out", [], failed, self._stats(gen)))
 
     def _send(self, msg: Report) -> None:
         with contextlib.suppress(OSError):  # the daemon is gone; the reader thread stops the loop

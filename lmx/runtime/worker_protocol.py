@@ -6,8 +6,11 @@ module touches MLX.
 Engine to worker: the LoadConfig once, then lists of commands, each list applied in one go:
 `("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`.
 Worker to engine: `("ready", Ready)` or `("failed", Exception)` once after the load, then
-`("out", [(sid, Delta), ...], WorkerStats)` after every step that produced output or changed the
-number of active sequences. The pair's end (EOF) means the other side is gone.
+`("out", [(sid, text, token), ...], [(sid, Delta), ...], WorkerStats)` after every step that
+produced output or changed the number of active sequences. A step's plain pieces (a token and its
+text, nothing else) travel as tuples, which pickle an order of magnitude faster than Deltas; the
+rest (endings, logprobs, a sequence's first timings) as Deltas. The pair's end (EOF) means the
+other side is gone.
 """
 
 from __future__ import annotations
@@ -49,16 +52,17 @@ Command = (
     | tuple[Literal["cancel"], int]
     | tuple[Literal["stop"]]
 )
+Piece = tuple[int, str, int]  # (sid, text, token): Delta(text, (token,)) for stream sid
 Report = (
     tuple[Literal["ready"], Ready]
     | tuple[Literal["failed"], Exception]
-    | tuple[Literal["out"], list[tuple[int, Delta]], WorkerStats]
+    | tuple[Literal["out"], list[Piece], list[tuple[int, Delta]], WorkerStats]
 )
 
 
 def send(conn: Connection, msg: object) -> None:
     """One message. Plain pickle: `Connection.send`'s pickler copies a dispatch table per call,
-    which costs more than pickling a step's deltas."""
+    which costs more than pickling a step's output."""
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
