@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -121,7 +122,8 @@ class _Generation:
         stack = AsyncExitStack()
         try:
             engine = await stack.enter_async_context(deps.registry.acquire(model_id))
-            requests = build(engine)
+            rid = new_id("req")  # its sequences are one request to the engine
+            requests = [replace(r, request_id=rid) for r in build(engine)]
             streams = [engine.stream(r) for r in requests]
             gen = cls(stack, merged(streams), model_id, deps.metrics)
             stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]

@@ -71,6 +71,9 @@ class GenerationRequest:
     prompt_tokens: Sequence[int]
     params: SamplingParams = SamplingParams()
     constraint: Constraint | None = None
+    # The client request this sequence is part of: the sequences of one (its n choices, its
+    # prompts) share it and count as one request where arrivals and endings are predicted; ""
+    # makes the sequence a request of its own.
     request_id: str = ""
 
 

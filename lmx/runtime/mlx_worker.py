@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -51,7 +51,8 @@ _IDLE_POLL_S = 0.5
 # Requests that arrive together share one prefill: a prefill is a forward pass of its own that
 # every decoding sequence waits for, and a later arrival would need another. Two rules:
 # - Requests that ended in the last _ROUND_S and that no new request followed yet predict as
-#   many new ones: clients that send their next request when the last one ends (agents, scripts,
+#   many new ones (a request is a client's: its n choices and prompts are one, see _arrived and
+#   _left): clients that send their next request when the last one ends (agents, scripts,
 #   batch jobs) come a few ms apart over HTTP, the more of them the longer the last takes. New
 #   prompts stay out of the batch while such followers are still due and keep coming: no gap over
 #   _FOLLOW_GAP_S, _FOLLOW_MAX_S at most after the first, whether or not a batch is decoding
@@ -110,6 +111,7 @@ class Worker:
         self._inbox: queue.SimpleQueue[tuple[float, list[Command]]] = queue.SimpleQueue()
         self._live: dict[int, _Seq] = {}  # by BatchGenerator uid
         self._by_sid: dict[int, _Seq] = {}
+        self._requests: Counter[str] = Counter()  # sequences in the batch per request_id
         self._steps = self._prefill_steps = 0
         self._step_s = self._overhead_s = 0.0
         self._generated = 0
@@ -230,13 +232,16 @@ class Worker:
                     case ("stop",):
                         return False
                     case ("add", int(sid), GenerationRequest() as request):
+                        if self._arrived(request):
+                            self._followed(at)
                         self._add(gen, sid, request, at)
-                        self._followed(at)
                     case ("cancel", int(sid)):
                         seq = self._by_sid.pop(sid, None)
-                        if seq is not None and seq.uid in self._live:
-                            gen.remove([seq.uid])
-                            del self._live[seq.uid]
+                        if seq is not None:
+                            self._left(seq)  # not an ending: nobody will follow it
+                            if seq.uid in self._live:
+                                gen.remove([seq.uid])
+                                del self._live[seq.uid]
             pause = min(_BURST_PAUSE_S, burst_end - time.perf_counter()) if burst else 0.0
             try:
                 at, cmds = self._inbox.get(timeout=pause) if pause > 0 else self._inbox.get_nowait()
@@ -268,6 +273,24 @@ class Worker:
         if self._ended:
             self._ended.popleft()
 
+    def _arrived(self, request: GenerationRequest) -> bool:
+        """A sequence of `request` came; True if it is the request's first (a new request)."""
+        if not request.request_id:
+            return True
+        self._requests[request.request_id] += 1
+        return self._requests[request.request_id] == 1
+
+    def _left(self, seq: _Seq) -> bool:
+        """`seq` left the batch; True if it was the last of its request (the request ended)."""
+        rid = seq.request.request_id
+        if not rid:
+            return True
+        self._requests[rid] -= 1
+        if self._requests[rid] > 0:
+            return False
+        del self._requests[rid]
+        return True
+
     def _add(self, gen: Any, sid: int, request: GenerationRequest, received_s: float) -> None:
         seq = _Seq(
             sid=sid,
@@ -280,6 +303,7 @@ class Worker:
             self._insert(gen, seq)
         except Exception as exc:  # this request only: an error delta, the batch goes on
             log.warning("request_rejected", model=self.config.model_id, error=str(exc))
+            self._left(seq)
             final = self._final(seq, "error", str(exc))
             self._send(("out", [], [(sid, final)], self._stats(gen)))
             return
@@ -371,7 +395,8 @@ class Worker:
             if finish is not None:
                 del self._live[r.uid]
                 self._by_sid.pop(seq.sid, None)
-                self._ended.append(t1)
+                if self._left(seq):
+                    self._ended.append(t1)
                 error = seq.constraint.error if seq.constraint is not None else None
                 out.append(
                     (seq.sid, self._timed(seq, self._final(seq, finish, error, text, r.token, lps)))
@@ -480,6 +505,7 @@ class Worker:
         failed = [(s.sid, self._final(s, "error", error)) for s in self._live.values()]
         self._live.clear()
         self._by_sid.clear()
+        self._requests.clear()
         if failed:
             self._send(("out", [], failed, self._stats(gen)))
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 
 from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps
+from lmx.runtime.engine import Delta, GenerationRequest
+from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
 from tests.api.conftest import StaticModels
 
@@ -122,6 +126,26 @@ async def test_n_choices_are_independent_and_seeded(client: httpx.AsyncClient) -
     assert texts_a == [c["message"]["content"] for c in b["choices"]]
     assert len(set(texts_a)) > 1
     assert a["usage"]["completion_tokens"] == 36
+
+
+async def test_the_sequences_of_one_request_share_its_request_id(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine counts one request's sequences (n choices, several prompts) as one request."""
+    seen: list[str] = []
+    stream = MlxEngine.stream
+
+    def recording(self: MlxEngine, request: GenerationRequest) -> AsyncIterator[Delta]:
+        seen.append(request.request_id)
+        return stream(self, request)
+
+    monkeypatch.setattr(MlxEngine, "stream", recording)
+    body = {"model": "tiny", "prompt": ["Once upon", "In a"], "max_tokens": 2, "n": 2}
+    for _ in range(2):
+        assert (await client.post("/v1/completions", json=body)).status_code == 200
+    first, second = seen[:4], seen[4:]
+    assert len(set(first)) == len(set(second)) == 1 and len(second) == 4
+    assert first[0] and second[0] and first[0] != second[0]
 
 
 async def test_logprobs_report_top_alternatives(client: httpx.AsyncClient) -> None:

@@ -28,9 +28,11 @@ from lmx.runtime.steptrace import read_steps
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
 
-async def run(engine: MlxEngine, prompt: list[int], params: SamplingParams) -> tuple[str, Delta]:
+async def run(
+    engine: MlxEngine, prompt: list[int], params: SamplingParams, request_id: str = ""
+) -> tuple[str, Delta]:
     text, last = [], None
-    async for d in engine.stream(GenerationRequest(prompt, params)):
+    async for d in engine.stream(GenerationRequest(prompt, params, request_id=request_id)):
         text.append(d.text)
         last = d
     assert last is not None
@@ -371,6 +373,23 @@ async def test_endings_already_followed_do_not_hold_the_next_round(
         )
     steps = read_steps(tmp_path, third_round, math.inf)
     assert next(s.prompted for s in steps if s.prompted) == 3
+
+
+async def test_the_sequences_of_one_request_end_as_one_request(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = LoadConfig(model_id="n", path=tiny_model_dir, prompt_cache_bytes=0)
+    async with traced_engine(config, tmp_path, monkeypatch) as e:
+        ps = prompts(e, 3)
+        short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        # One client request with three choices (n=3): its sequences share a request_id.
+        await asyncio.gather(*(run(e, ps[0], short, request_id="req-n3") for _ in range(3)))
+        next_round = time.perf_counter()
+        # One request follows it, and an unrelated one comes 30 ms later, within the gap a
+        # round's followers are waited for: counted as three endings, the first would wait for it.
+        await asyncio.gather(run(e, ps[1], short), run_after(e, 0.03, ps[2], short))
+    steps = read_steps(tmp_path, next_round, math.inf)
+    assert [s.started for s in steps if s.started] == [1, 1]
 
 
 async def test_a_burst_of_short_prompts_is_prefilled_in_one_step(
