@@ -47,6 +47,11 @@ class Intake:
             _current.reset(token)
             self._settle(ticket)
 
+    @property
+    def still_preparing(self) -> int:
+        """Requests being prepared now: an engine tells its idle worker to wait for them."""
+        return len(self._preparing)
+
     def reached_engine(self) -> None:
         """The request handled in this context has handed its work to an engine."""
         current = _current.get()

@@ -357,6 +357,9 @@ class MlxEngine:
         with self._send_lock:
             cmds, self._outbox, self._flush_due = self._outbox, [], False
             if cmds and self._conn is not None:
+                coming = self._intake.still_preparing if self._intake is not None else 0
+                if coming and any(c[0] == "add" for c in cmds):
+                    cmds.append(("coming", coming))
                 with contextlib.suppress(OSError):  # a dead worker: the reader ends the streams
                     send(self._conn, cmds)
 

@@ -62,7 +62,11 @@ _IDLE_POLL_S = 0.5
 #   the worker over more than 50 ms (H200 host; 100-150 ms on a 2-core CPU), in messages up to
 #   the intake's hold (lmx.runtime.intake) apart: the gap allowed exceeds that hold, and the
 #   window such a round.
-# - Otherwise an idle batch waits for a pause of _BURST_PAUSE_S in arrivals, _BURST_MAX_S at most.
+# - Otherwise an idle batch waits for a pause of _BURST_PAUSE_S in arrivals, _BURST_MAX_S at most,
+#   and while the daemon says it is still preparing requests (lmx.runtime.intake), _FOLLOW_MAX_S
+#   at most: the daemon prepares a burst one request after another, and the intake's hold ends
+#   before the last is ready (an H200 run's first round of 32: 1 request alone in a prompt step
+#   of 138 ms, 30 in the next, 1 after). A lone request waits for nothing more.
 _ROUND_S = 0.25
 _FOLLOW_GAP_S = MAX_HOLD_S + 0.015
 _FOLLOW_MAX_S = 0.15
@@ -217,16 +221,17 @@ class Worker:
 
     def _take_commands(self, gen: Any, wait: float) -> bool:
         """Apply every queued command, waiting up to `wait` s for the first; if the batch was idle
-        and no followers are due (see _ROUND_S), also those of a burst still arriving. False once
-        told to stop."""
+        and no followers are due (see _ROUND_S), also those of a burst still arriving or still
+        being prepared. False once told to stop."""
         idle = not self._live
         try:
             at, cmds = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
         except queue.Empty:
             return True
         burst = idle and not self._due(at)
-        burst_end = at + _BURST_MAX_S
+        first_at = at
         while True:
+            coming = 0  # requests the daemon was still preparing when it sent these
             for cmd in cmds:
                 match cmd:
                     case ("stop",):
@@ -242,7 +247,15 @@ class Worker:
                             if seq.uid in self._live:
                                 gen.remove([seq.uid])
                                 del self._live[seq.uid]
-            pause = min(_BURST_PAUSE_S, burst_end - time.perf_counter()) if burst else 0.0
+                    case ("coming", int(n)):
+                        coming = n
+            now = time.perf_counter()
+            if not burst:
+                pause = 0.0
+            elif coming:
+                pause = first_at + _FOLLOW_MAX_S - now
+            else:
+                pause = min(_BURST_PAUSE_S, first_at + _BURST_MAX_S - now)
             try:
                 at, cmds = self._inbox.get(timeout=pause) if pause > 0 else self._inbox.get_nowait()
             except queue.Empty:

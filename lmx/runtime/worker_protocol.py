@@ -4,7 +4,8 @@ Every message is one pickled tuple (`send`/`receive`); the first item names it. 
 module touches MLX.
 
 Engine to worker: the LoadConfig once, then lists of commands, each list applied in one go:
-`("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`.
+`("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`, and after adds
+`("coming", n)`: n more requests were still being prepared in the daemon when it sent them.
 Worker to engine: `("ready", Ready)` or `("failed", Exception)` once after the load, then
 `("out", [(sid, text, token), ...], [(sid, Delta), ...], WorkerStats)` after every step that
 produced output or changed the number of active sequences. A step's plain pieces (a token and its
@@ -50,6 +51,7 @@ class Ready:
 Command = (
     tuple[Literal["add"], int, GenerationRequest]
     | tuple[Literal["cancel"], int]
+    | tuple[Literal["coming"], int]
     | tuple[Literal["stop"]]
 )
 Piece = tuple[int, str, int]  # (sid, text, token): Delta(text, (token,)) for stream sid

@@ -304,6 +304,32 @@ async def test_an_engine_holds_a_request_while_its_burst_is_still_being_prepared
         await asyncio.to_thread(e.unload)
 
 
+async def test_an_idle_worker_waits_for_a_burst_the_daemon_is_still_preparing(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intake = Intake()  # the API's: a hold lasts 25 ms at most
+    monkeypatch.setenv(steptrace.ENV, str(tmp_path))
+    e = MlxEngine(LoadConfig(model_id="b", path=tiny_model_dir), intake=intake)
+    await asyncio.to_thread(e.load)
+    try:
+        ps = prompts(e, 6)
+        short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+        async def request(k: int) -> None:
+            """Six come at once, and the event loop prepares them one after another, 12 ms
+            each: the last reaches the engine after 60 ms, long after the intake let go."""
+            with intake.preparing():
+                await asyncio.sleep(0.012 * k)
+                await run(e, ps[k], short)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(request(k) for k in range(6)))
+    finally:
+        await asyncio.to_thread(e.unload)
+    steps = read_steps(tmp_path, start, math.inf)
+    assert [s.prompted for s in steps if s.prompted] == [6]
+
+
 @pytest.mark.parametrize(
     ("ended", "coming_back", "apart_s"), [(3, 3, 0.004), (3, 2, 0.004), (4, 4, 0.025)]
 )
