@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from lmx import __version__
@@ -168,23 +170,29 @@ def _events(args: argparse.Namespace) -> int:
             print(f"Following events from {args.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
         connected, lost_at = True, None
 
+    # Ctrl-C ends the follow at once, wherever the read is: every event shown is already
+    # printed, and nothing else is left to finish. (Unwinding the HTTP stream with a
+    # KeyboardInterrupt instead twice left the process running past SIGINT in one CI run.)
+    signal.signal(signal.SIGINT, _stop_following)
     with _client(args) as c:
-        try:
-            while True:
-                try:
-                    for event in c.events(on_open=opened, after=last):
-                        last = event.get("seq", last)
-                        print(json.dumps(event) if args.json else event_line(event), flush=True)
-                except DaemonError as exc:
-                    # A daemon restarting (launchd, an upgrade) comes back within seconds:
-                    # follow on from the last event seen, for a while.
-                    lost_at = lost_at or time.monotonic()
-                    if not connected or time.monotonic() - lost_at > _EVENTS_RECONNECT_S:
-                        raise
-                    print(f"lmx: {exc}; reconnecting", file=sys.stderr, flush=True)
-                    time.sleep(1.0)
-        except KeyboardInterrupt:
-            return 0
+        while True:
+            try:
+                for event in c.events(on_open=opened, after=last):
+                    last = event.get("seq", last)
+                    print(json.dumps(event) if args.json else event_line(event), flush=True)
+            except DaemonError as exc:
+                # A daemon restarting (launchd, an upgrade) comes back within seconds:
+                # follow on from the last event seen, for a while.
+                lost_at = lost_at or time.monotonic()
+                if not connected or time.monotonic() - lost_at > _EVENTS_RECONNECT_S:
+                    raise
+                print(f"lmx: {exc}; reconnecting", file=sys.stderr, flush=True)
+                time.sleep(1.0)
+
+
+def _stop_following(_signum: int, _frame: FrameType | None) -> None:
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _pull(args: argparse.Namespace) -> int:
