@@ -24,6 +24,7 @@ from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
 from lmx.runtime.steptrace import read_steps
+from tests.component.reconciler_world import until
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
@@ -185,6 +186,8 @@ async def test_prompt_cache_reuses_a_conversation_prefix(tiny_model_dir: Path) -
         p1 = tok.apply_chat_template(turn1)
         answer, first = await run(e, p1, GREEDY)
         assert first.cached_tokens == 0
+        # Stored after its last token went out; the worker reports it, though no step follows.
+        await until(lambda: e.stats().prompt_cache_bytes > 0)
         turn2 = [
             *turn1,
             {"role": "assistant", "content": answer},
