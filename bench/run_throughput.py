@@ -68,12 +68,14 @@ def log(message: str) -> None:
 
 @contextmanager
 def py_spy(pid: int, out: Path | None) -> Iterator[None]:
-    """Sample `pid` with py-spy (per thread) into `out` while the block runs, if asked."""
+    """Sample `pid` and its children (the server: the daemon and its model's worker) with py-spy,
+    per thread, into `out` while the block runs, if asked."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if out is None or not Path(exe).exists():
         yield
         return
-    argv = [exe, "record", "-p", str(pid), "-o", str(out), "--threads", "--rate", "100"]
+    argv = [exe, "record", "-p", str(pid), "-o", str(out), "--threads", "--subprocesses"]
+    argv += ["--rate", "100"]
     argv += ["--nonblocking"]  # sampling must not pause the server it measures
     argv += ["--format", "speedscope" if out.suffix == ".json" else "flamegraph"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -233,7 +235,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models-dir", type=Path, default=Path("bench/.models"))
     p.add_argument("--device-label", help="names the result files (default: from MLX)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per measured run")
-    p.add_argument("--py-spy", action="store_true", help="flame graph of the server per point")
+    p.add_argument(
+        "--py-spy", action="store_true", help="flame graph of the server and its worker per point"
+    )
     p.add_argument(
         "--engine-layer",
         action="store_true",
