@@ -33,6 +33,7 @@ class Intake:
         self._tickets = itertools.count()
         self._preparing: dict[int, float] = {}  # ticket -> when its request arrived
         self._held: list[tuple[float, Callable[[], None]]] = []  # (deadline, flush)
+        self._when_none: list[Callable[[], None]] = []  # see count_coming
         self._timer: asyncio.TimerHandle | None = None
 
     @contextmanager
@@ -47,9 +48,12 @@ class Intake:
             _current.reset(token)
             self._settle(ticket)
 
-    @property
-    def still_preparing(self) -> int:
-        """Requests being prepared now: an engine tells its idle worker to wait for them."""
+    def count_coming(self, when_none: Callable[[], None]) -> int:
+        """Requests being prepared now (an engine tells its idle worker to wait for them); if
+        any, `when_none` runs once none is, on the event loop: the worker need not wait on for
+        requests that went to another model or failed."""
+        if self._preparing:
+            self._when_none.append(when_none)
         return len(self._preparing)
 
     def reached_engine(self) -> None:
@@ -66,8 +70,15 @@ class Intake:
         asyncio.get_running_loop().call_soon(self._check)
 
     def _settle(self, ticket: int) -> None:
-        if self._preparing.pop(ticket, None) is not None and self._held:
-            asyncio.get_running_loop().call_soon(self._check)
+        if self._preparing.pop(ticket, None) is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._held:
+            loop.call_soon(self._check)
+        if not self._preparing:
+            waiting, self._when_none = self._when_none, []
+            for when_none in waiting:
+                loop.call_soon(when_none)
 
     def _check(self) -> None:
         if not self._held:

@@ -161,6 +161,7 @@ class MlxEngine:
         self._send_lock = threading.Lock()
         self._outbox: list[Command] = []  # posted, to go in one message (see _post)
         self._flush_due = False
+        self._told_coming = False  # the worker was told of requests still being prepared
         self._reader: threading.Thread | None = None
         self._stopping = False
         self._tokenizer: MlxTokenizer | None = None
@@ -357,11 +358,25 @@ class MlxEngine:
         with self._send_lock:
             cmds, self._outbox, self._flush_due = self._outbox, [], False
             if cmds and self._conn is not None:
-                coming = self._intake.still_preparing if self._intake is not None else 0
-                if coming and any(c[0] == "add" for c in cmds):
-                    cmds.append(("coming", coming))
+                if self._intake is not None and any(c[0] == "add" for c in cmds):
+                    coming = self._intake.count_coming(self._none_coming)
+                    if coming:
+                        cmds.append(("coming", coming))
+                        self._told_coming = True
                 with contextlib.suppress(OSError):  # a dead worker: the reader ends the streams
                     send(self._conn, cmds)
+
+    def _none_coming(self) -> None:
+        """No request is being prepared any more: the worker has all there is (what is posted
+        goes with this), and need not wait on."""
+        with self._send_lock:
+            if not self._told_coming:
+                return
+            self._told_coming = False
+            cmds, self._outbox, self._flush_due = self._outbox, [], False
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    send(self._conn, [*cmds, ("coming", 0)])
 
     # -- the reader thread --
 

@@ -5,7 +5,8 @@ module touches MLX.
 
 Engine to worker: the LoadConfig once, then lists of commands, each list applied in one go:
 `("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`, and after adds
-`("coming", n)`: n more requests were still being prepared in the daemon when it sent them.
+`("coming", n)`: n more requests were still being prepared in the daemon when it sent them
+(`("coming", 0)` once none is).
 Worker to engine: `("ready", Ready)` or `("failed", Exception)` once after the load, then
 `("out", [(sid, text, token), ...], [(sid, Delta), ...], WorkerStats)` after every step that
 produced output or changed the number of active sequences. A step's plain pieces (a token and its

@@ -333,6 +333,35 @@ async def test_an_idle_worker_waits_for_a_burst_the_daemon_is_still_preparing(
     assert [s.prompted for s in steps if s.prompted] == [6]
 
 
+async def test_an_idle_worker_stops_waiting_once_nothing_is_being_prepared(
+    tiny_model_dir: Path,
+) -> None:
+    intake = Intake()
+    e = MlxEngine(LoadConfig(model_id="w", path=tiny_model_dir), intake=intake)
+    await asyncio.to_thread(e.load)
+    try:
+        p = prompts(e, 1)[0]
+
+        async def elsewhere() -> None:
+            """A request prepared beside it that goes to another model, or fails: never here."""
+            with intake.preparing():
+                await asyncio.sleep(0.04)
+
+        async def here() -> Delta:
+            with intake.preparing():
+                stream = e.stream(GenerationRequest(p, GREEDY))
+                first = await anext(stream)
+                await stream.aclose()  # type: ignore[attr-defined]
+                return first
+
+        first, _ = await asyncio.gather(here(), elsewhere())
+        # Told that one more was being prepared, the worker waited for it until it was done
+        # elsewhere (40 ms from the start, 15 after the intake let this one go), not 150 ms.
+        assert first.queue_s is not None and first.queue_s < 0.1
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
 @pytest.mark.parametrize(
     ("ended", "coming_back", "apart_s"), [(3, 3, 0.004), (3, 2, 0.004), (4, 4, 0.025)]
 )

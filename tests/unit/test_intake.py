@@ -87,3 +87,16 @@ async def test_a_request_preparing_longer_than_max_hold_holds_nobody() -> None:
         intake.hold(flush)
         await settle()
         assert len(flush.at) == 1
+
+
+async def test_requests_coming_are_counted_and_their_end_is_told() -> None:
+    intake, none_left = Intake(), Flushes()
+    assert intake.count_coming(none_left) == 0  # nothing is prepared: nothing to tell later
+    with intake.preparing():
+        intake.reached_engine()  # this one is at its engine; two more are still being prepared
+        with intake.preparing(), intake.preparing():
+            assert intake.count_coming(none_left) == 2
+            await settle()
+            assert none_left.at == []
+        await settle()
+    assert len(none_left.at) == 1
