@@ -49,10 +49,10 @@ class Intake:
             self._settle(ticket)
 
     def count_coming(self, when_none: Callable[[], None]) -> int:
-        """Requests being prepared now (an engine tells its idle worker to wait for them); if
-        any, `when_none` runs once none is, on the event loop: the worker need not wait on for
-        requests that went to another model or failed."""
-        if self._preparing:
+        """Requests being prepared now (an engine tells its idle worker to wait for them). If
+        any, `when_none` runs once (on the event loop) when none is, so the engine can tell its
+        worker to stop waiting, whether they came to it, went to another model, or failed."""
+        if self._preparing and when_none not in self._when_none:
             self._when_none.append(when_none)
         return len(self._preparing)
 

@@ -96,6 +96,7 @@ async def test_requests_coming_are_counted_and_their_end_is_told() -> None:
         intake.reached_engine()  # this one is at its engine; two more are still being prepared
         with intake.preparing(), intake.preparing():
             assert intake.count_coming(none_left) == 2
+            assert intake.count_coming(none_left) == 2  # asked again: still told once
             await settle()
             assert none_left.at == []
         await settle()
