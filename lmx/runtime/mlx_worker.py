@@ -64,9 +64,10 @@ _IDLE_POLL_S = 0.5
 #   window such a round.
 # - Otherwise an idle batch waits for a pause of _BURST_PAUSE_S in arrivals, _BURST_MAX_S at most,
 #   and while the daemon says it is still preparing requests (lmx.runtime.intake), until it says
-#   none is, _FOLLOW_MAX_S at most: the daemon prepares a burst one request after another, and the intake's hold ends
-#   before the last is ready (an H200 run's first round of 32: 1 request alone in a prompt step
-#   of 138 ms, 30 in the next, 1 after). A lone request waits for nothing more.
+#   none is, _FOLLOW_MAX_S at most: the daemon prepares a burst one request after another, and
+#   the intake's hold ends before the last is ready (an H200 run's first round of 32: 1 request
+#   alone in a prompt step of 138 ms, 30 in the next, 1 after). A lone request waits for nothing
+#   more.
 _ROUND_S = 0.25
 _FOLLOW_GAP_S = MAX_HOLD_S + 0.015
 _FOLLOW_MAX_S = 0.15
