@@ -1,11 +1,13 @@
 """Writes a throughput run's results: JSON (everything), Markdown (the table), PNG (the plot).
 
 Called by run_throughput once all points are measured. The PNG needs matplotlib; without it the
-plot is skipped and the other two files are still written.
+plot is skipped and the other two files are still written. `python -m bench.report FILE.json ...`
+renders saved results again with this version's tables and plots.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -32,24 +34,37 @@ class Point:
     steps: dict[str, tuple[Step, ...]] = field(default_factory=dict)  # by side, its last run
 
     @property
+    def pair_ratios(self) -> list[float]:
+        """lmx's tok/s over raw's, repeat by repeat: the two runs of a repeat are back to back,
+        so a shared machine's slow spells, which last seconds, mostly hit both or neither."""
+        return _pair_ratios(self.lmx_runs, self.raw_runs)
+
+    @property
     def ratio(self) -> float:
-        """The median over the repeats of lmx's tok/s over raw's in the same repeat: the two
-        runs of a repeat are back to back, so a shared machine's slow spells, which last
-        seconds, mostly hit both or neither."""
-        return _paired_ratio(self.lmx_runs, self.raw_runs)
+        """The median of `pair_ratios`."""
+        return _median(self.pair_ratios)
 
     @property
     def engine_ratio(self) -> float:
-        return _paired_ratio(self.engine_runs, self.raw_runs)
+        return _median(_pair_ratios(self.engine_runs, self.raw_runs))
+
+    @property
+    def raw_spread(self) -> float:
+        """raw's fastest run over its slowest: how much the machine alone moved the numbers."""
+        rates = [r.output_tok_s for r in self.raw_runs if r.output_tok_s]
+        return max(rates) / min(rates) if rates else math.nan
 
 
-def _paired_ratio(runs: Sequence[PointStats], raw_runs: Sequence[PointStats]) -> float:
-    ratios = [
+def _pair_ratios(runs: Sequence[PointStats], raw_runs: Sequence[PointStats]) -> list[float]:
+    return [
         r.output_tok_s / b.output_tok_s
         for r, b in zip(runs, raw_runs, strict=False)
         if b.output_tok_s
     ]
-    return statistics.median(ratios) if ratios else math.nan
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
 
 
 @dataclass
@@ -82,6 +97,7 @@ class Report:
                 {
                     "concurrency": p.concurrency,
                     "ratio": p.ratio,
+                    "pair_ratios": p.pair_ratios,
                     "raw": asdict(p.raw),
                     "lmx": asdict(p.lmx),
                     "raw_runs": [asdict(r) for r in p.raw_runs],
@@ -111,17 +127,24 @@ class Report:
             f" run {self.started_at}, {self.duration_s:.0f} s in all.",
             f"Versions: {', '.join(f'{k} {v}' for k, v in self.versions.items())}.",
             "",
-            "| streams | raw tok/s | lmx tok/s | lmx/raw | TTFT p50 ms raw / lmx "
-            "| TTFT p99 ms raw / lmx | ITL p50 ms raw / lmx | ITL p99 ms raw / lmx "
-            "| lmx CPU s server / client | errors |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "lmx/raw: the median over the repeats of lmx's run over raw's run beside it, then the"
+            " lowest and highest of those pairs; raw max/min: raw's fastest run over its slowest,"
+            " what the machine alone moved.",
+            "",
+            "| streams | raw tok/s | lmx tok/s | lmx/raw (pairs) | raw max/min "
+            "| TTFT p50 ms raw / lmx | TTFT p99 ms raw / lmx | ITL p50 ms raw / lmx "
+            "| ITL p99 ms raw / lmx | lmx CPU s server / client | errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for p in self.points:
             r, x = p.raw, p.lmx
             mark = "" if p.ratio >= TARGET_RATIO else " ✗"
+            pairs = p.pair_ratios
+            span = f" ({min(pairs):.2f}–{max(pairs):.2f})" if pairs else ""
             lines.append(
                 f"| {p.concurrency} | {r.output_tok_s:.1f} | {x.output_tok_s:.1f} "
-                f"| **{p.ratio:.2f}**{mark} "
+                f"| **{p.ratio:.2f}**{mark}{span} "
+                f"| {p.raw_spread:.2f} "
                 f"| {r.ttft_p50_ms:.1f} / {x.ttft_p50_ms:.1f} "
                 f"| {r.ttft_p99_ms:.1f} / {x.ttft_p99_ms:.1f} "
                 f"| {r.itl_p50_ms:.2f} / {x.itl_p50_ms:.2f} "
@@ -232,15 +255,44 @@ class Report:
             lines.append(f"| {p.concurrency} | " + " | ".join(cells) + " |")
         return lines
 
-    def write(self, out_dir: Path) -> list[Path]:
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        """The report a `to_json` came from (the steps' times then count from each run's first
+        step), to render it again."""
+        return cls(
+            preset=data["preset"],
+            device=data["device"],
+            settings=data["settings"],
+            versions=data["versions"],
+            started_at=data["started_at"],
+            duration_s=data["duration_s"],
+            notes=data["notes"],
+            points=[
+                Point(
+                    concurrency=p["concurrency"],
+                    raw=PointStats(**p["raw"]),
+                    lmx=PointStats(**p["lmx"]),
+                    raw_runs=tuple(PointStats(**r) for r in p["raw_runs"]),
+                    lmx_runs=tuple(PointStats(**r) for r in p["lmx_runs"]),
+                    engine=PointStats(**p["engine"]) if "engine" in p else None,
+                    engine_runs=tuple(PointStats(**r) for r in p.get("engine_runs", ())),
+                    steps={side: _expand(cols) for side, cols in p["steps"].items()},
+                )
+                for p in data["points"]
+            ],
+        )
+
+    def write(self, out_dir: Path, stem: str | None = None) -> list[Path]:
+        """JSON, Markdown and the plots as `stem`.* (default: `self.stem`) in `out_dir`."""
+        stem = stem or self.stem
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = [out_dir / f"{self.stem}.json", out_dir / f"{self.stem}.md"]
+        paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
         paths[0].write_text(json.dumps(self.to_json(), indent=2) + "\n")
         paths[1].write_text(self.to_markdown())
-        png = out_dir / f"{self.stem}.png"
+        png = out_dir / f"{stem}.png"
         if self._plot(png):
             paths.append(png)
-        steps_png = out_dir / f"{self.stem}-steps.png"
+        steps_png = out_dir / f"{stem}-steps.png"
         if self._plot_steps(steps_png):
             paths.append(steps_png)
         return paths
@@ -267,9 +319,23 @@ class Report:
         top.set_title(f"{self.preset} on {self.device}: throughput vs concurrency")
         top.grid(True, alpha=0.3)
         top.legend()
-        bottom.plot(xs, [p.ratio for p in self.points], "d-", color="C2", label="lmx / raw")
+        ratios = [p.ratio for p in self.points]
+        spans = [
+            (r - min(p.pair_ratios, default=r), max(p.pair_ratios, default=r) - r)
+            for r, p in zip(ratios, self.points, strict=True)
+        ]
+        bottom.errorbar(
+            xs,
+            ratios,
+            yerr=list(zip(*spans, strict=True)),
+            fmt="d-",
+            color="C2",
+            capsize=3,
+            label="lmx / raw (median, lowest-highest pair)",
+        )
         bottom.axhline(TARGET_RATIO, color="C3", ls="--", label=f"target {TARGET_RATIO}")
-        bottom.set_ylim(0, max(1.1, *(p.ratio * 1.05 for p in self.points)))
+        top_ratio = max(r + hi for r, (_, hi) in zip(ratios, spans, strict=True))
+        bottom.set_ylim(0, max(1.1, top_ratio * 1.05))
         bottom.set_xscale("log", base=2)
         bottom.set_xticks(xs, [str(x) for x in xs])
         bottom.set_xlabel("concurrent streams")
@@ -332,3 +398,31 @@ def _compact(steps: tuple[Step, ...]) -> dict[str, Any]:
         "started": [s.started for s in steps],
         "after_ms": [round(s.after_ms, 2) for s in steps],
     }
+
+
+def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
+    """`_compact` undone."""
+    rows = zip(
+        cols["t_s"],
+        cols["ms"],
+        cols["decoded"],
+        cols["prompted"],
+        cols["started"],
+        cols["after_ms"],
+        strict=True,
+    )
+    return tuple(Step(t, ms, d, p, s, after) for t, ms, d, p, s, after in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Render result files again from their JSON, e.g. after a change to the tables or plots."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json")
+    for path in parser.parse_args(argv).files:
+        report = Report.from_json(json.loads(path.read_text()))
+        for written in report.write(path.parent, path.stem):
+            print(f"wrote {written}")
+
+
+if __name__ == "__main__":
+    main()
