@@ -119,6 +119,7 @@ class _Generation:
         build: Callable[[Engine], list[GenerationRequest]],
     ) -> tuple[_Generation, Engine, list[GenerationRequest]]:
         model_id = await deps.models.ensure_ready(model)
+        deps.intake.concerns(model_id)  # not coming to other models' idle workers
         stack = AsyncExitStack()
         try:
             engine = await stack.enter_async_context(deps.registry.acquire(model_id))

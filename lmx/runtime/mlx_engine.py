@@ -350,7 +350,7 @@ class MlxEngine:
         if loop is None:
             self._flush()
         elif self._intake is not None:
-            self._intake.hold(self._flush)
+            self._intake.hold(self.config.model_id, self._flush)
         else:
             loop.call_soon(self._flush)
 
@@ -359,7 +359,7 @@ class MlxEngine:
             cmds, self._outbox, self._flush_due = self._outbox, [], False
             if cmds and self._conn is not None:
                 if self._intake is not None and any(c[0] == "add" for c in cmds):
-                    coming = self._intake.count_coming(self._none_coming)
+                    coming = self._intake.count_coming(self.config.model_id, self._none_coming)
                     if coming:
                         cmds.append(("coming", coming))
                         self._told_coming = True

@@ -60,8 +60,8 @@ _IDLE_POLL_S = 0.5
 #   group's next requests stalling the others with prefills of their own round after round.
 #   The daemon prepares requests one after another on its event loop, so a round of 32 reaches
 #   the worker over more than 50 ms (H200 host; 100-150 ms on a 2-core CPU), in messages up to
-#   the intake's hold (lmx.runtime.intake) apart: the gap allowed exceeds that hold, and the
-#   window such a round.
+#   the intake's hold (lmx.runtime.intake) apart: the gap allowed exceeds that hold, and
+#   _FOLLOW_MAX_S spans such a round.
 # - Otherwise an idle batch waits for a pause of _BURST_PAUSE_S in arrivals, _BURST_MAX_S at most,
 #   and while the daemon says it is still preparing requests (lmx.runtime.intake), until it says
 #   none is, _FOLLOW_MAX_S at most: the daemon prepares a burst one request after another, and

@@ -19,7 +19,7 @@ async def test_only_generation_requests_hold_a_burst() -> None:
         if scope["path"] == "/first":  # not a generation route: its handler plays one
             with intake.preparing():
                 intake.reached_engine()
-                intake.hold(flushed.set)
+                intake.hold("m", flushed.set)
         else:
             await asyncio.sleep(0.2)  # preparing: parsing, templating, tokenizing
         await send({"type": "http.response.start", "status": 200, "headers": []})

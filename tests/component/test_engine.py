@@ -362,6 +362,36 @@ async def test_an_idle_worker_stops_waiting_once_nothing_is_being_prepared(
         await asyncio.to_thread(e.unload)
 
 
+async def test_a_request_for_another_model_does_not_hold_an_idle_worker(
+    tiny_model_dir: Path,
+) -> None:
+    intake = Intake()
+    e = MlxEngine(LoadConfig(model_id="o", path=tiny_model_dir), intake=intake)
+    await asyncio.to_thread(e.load)
+    try:
+        p = prompts(e, 1)[0]
+
+        async def elsewhere() -> None:
+            """Prepared beside it, for a model still loading: ready 300 ms later."""
+            with intake.preparing():
+                intake.concerns("another")
+                await asyncio.sleep(0.3)
+
+        async def here() -> Delta:
+            with intake.preparing():
+                intake.concerns("o")
+                stream = e.stream(GenerationRequest(p, GREEDY))
+                first = await anext(stream)
+                await stream.aclose()  # type: ignore[attr-defined]
+                return first
+
+        first, _ = await asyncio.gather(here(), elsewhere())
+        # Counted as coming, it would have kept the worker waiting for 150 ms.
+        assert first.queue_s is not None and first.queue_s < 0.08
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
 @pytest.mark.parametrize(
     ("ended", "coming_back", "apart_s"), [(3, 3, 0.004), (3, 2, 0.004), (4, 4, 0.025)]
 )
