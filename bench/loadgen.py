@@ -73,9 +73,17 @@ async def one_request(
     trace = RequestTrace(sent_s=time.perf_counter())
     usage_tokens: int | None = None
     max_lines = 4 * output_tokens + 64  # data lines and blank separators, with slack
+
+    async def on_event(name: str, _info: dict[str, Any]) -> None:  # httpcore's trace extension
+        if name == "http11.send_request_body.complete":
+            trace.written_s = time.perf_counter()
+
     try:
         async with client.stream(
-            "POST", path, json=request_body(target, prompt, output_tokens)
+            "POST",
+            path,
+            json=request_body(target, prompt, output_tokens),
+            extensions={"trace": on_event},
         ) as resp:
             if resp.status_code != 200:
                 body = (await resp.aread())[:300].decode(errors="replace")

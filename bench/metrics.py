@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmx.runtime.steptrace import Step, read_steps
+from lmx.runtime.steptrace import Arrival, Step, read_steps
 
 
 @dataclass
@@ -24,6 +24,7 @@ class RequestTrace:
 
     sent_s: float
     chunk_s: list[float] = field(default_factory=list)  # raw: one per token; HTTP: one per chunk
+    written_s: float | None = None  # HTTP: the request's last byte went to the socket
     output_tokens: int = 0  # raw: tokens seen; HTTP: usage.completion_tokens
     error: str | None = None
     queue_s: float | None = None  # lmx's engine's own account, where the side can see it
@@ -63,6 +64,16 @@ class PointStats:
     step_p99_ms: float = math.nan
     step_max_ms: float = math.nan
     after_step_ms: float = math.nan
+    # A run's first round (its first `concurrency` requests, sent together to an idle worker):
+    # how far apart they were, first to last, as the clients began to send them, as they had
+    # written them, as the daemon began each, as each reached its engine and as the worker took
+    # each in (lmx.runtime.steptrace's Arrivals), and the prompt steps that prefilled them all.
+    round_sent_ms: float = math.nan
+    round_written_ms: float = math.nan
+    round_api_ms: float = math.nan
+    round_engine_ms: float = math.nan
+    round_worker_ms: float = math.nan
+    round_prompt_steps: float = math.nan
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -140,6 +151,38 @@ def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
         after_step_ms=statistics.fmean(s.after_ms for s in steps),
         step_ms=statistics.fmean(ms),
         prefill_steps_per_request=len(prompt) / stats.requests if stats.requests else math.nan,
+    )
+
+
+def with_first_round(
+    stats: PointStats,
+    traces: Sequence[RequestTrace],
+    arrivals: Sequence[Arrival],
+    steps: Sequence[Step],
+) -> PointStats:
+    """`stats` with its first round's fields, from one run's traces and what the daemon and the
+    worker logged of it (fields without records stay NaN)."""
+    n = stats.concurrency
+
+    def spread_ms(times: Sequence[float | None]) -> float:
+        first = sorted(t for t in times if t is not None)[:n]
+        return (first[-1] - first[0]) * 1e3 if len(first) == n else math.nan
+
+    prompted, prompt_steps = 0, 0
+    for s in steps:
+        if prompted >= n:
+            break
+        if s.prompted:
+            prompted += s.prompted
+            prompt_steps += 1
+    return replace(
+        stats,
+        round_sent_ms=spread_ms([t.sent_s for t in traces]),
+        round_written_ms=spread_ms([t.written_s for t in traces]),
+        round_api_ms=spread_ms([a.t for a in arrivals if a.at == "api"]),
+        round_engine_ms=spread_ms([a.t for a in arrivals if a.at == "engine"]),
+        round_worker_ms=spread_ms([a.t for a in arrivals if a.at == "worker"]),
+        round_prompt_steps=float(prompt_steps) if prompted >= n else math.nan,
     )
 
 

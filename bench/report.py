@@ -169,6 +169,7 @@ class Report:
                         f"| {p.raw.itl_p50_ms:.2f} / {p.engine.itl_p50_ms:.2f} |"
                     )
         lines += self._ttft_table()
+        lines += self._round_table()
         lines += self._step_table()
         verdict = all(p.ratio >= TARGET_RATIO for p in self.points)
         lines += [
@@ -216,6 +217,32 @@ class Report:
                 f" / {x.prefill_ms:.1f} / {x.step_ms:.2f} / {x.prefill_steps_per_request:.2f} |"
             )
             lines.append(row)
+        return lines
+
+    def _round_table(self) -> list[str]:
+        """How a run's first round reached lmx's worker, stage by stage, and its prefills."""
+        if all(math.isnan(p.lmx.round_worker_ms) for p in self.points):
+            return []
+        lines = [
+            "",
+            "A run's first round (one request per stream, sent together to an idle worker; medians"
+            " over the runs): ms from its first request to its last as the clients began to send"
+            " them, as they had written them, as the daemon began each, as each reached its engine"
+            " and as the worker took each in; then the prompt steps that prefilled them (raw: one,"
+            " when a round fits a group):",
+            "",
+            "| streams | raw: prompt steps | lmx: sent / written / daemon / engine / worker ms "
+            "| lmx: prompt steps |",
+            "|---:|---:|---:|---:|",
+        ]
+        for p in self.points:
+            x = p.lmx
+            lines.append(
+                f"| {p.concurrency} | {p.raw.round_prompt_steps:.0f} "
+                f"| {x.round_sent_ms:.1f} / {x.round_written_ms:.1f} / {x.round_api_ms:.1f}"
+                f" / {x.round_engine_ms:.1f}"
+                f" / {x.round_worker_ms:.1f} | {x.round_prompt_steps:.0f} |"
+            )
         return lines
 
     def _step_table(self) -> list[str]:

@@ -42,6 +42,7 @@ from bench.metrics import (
     median_stats,
     settled_steps,
     summarize,
+    with_first_round,
     with_steps,
 )
 from bench.raw import run_raw
@@ -50,7 +51,7 @@ from bench.server import LmxServer
 from bench.synth import DTYPES, PRESET_NAMES, ensure_model, printable_token_ids
 from bench.workload import Workload, make_prompts
 from lmx.runtime import steptrace
-from lmx.runtime.steptrace import Step
+from lmx.runtime.steptrace import Step, read_arrivals
 
 MODEL_ID = "bench-model"
 
@@ -108,7 +109,8 @@ def measure_raw(
     cpu = time.process_time() - cpu0
     mx.clear_cache()  # give the server the memory back (a GPU holds both copies of the model)
     _check(traces, "raw")
-    return with_steps(summarize(traces, w.concurrency, server_cpu_s=cpu), steps), steps
+    stats = with_steps(summarize(traces, w.concurrency, server_cpu_s=cpu), steps)
+    return with_first_round(stats, traces, [], steps), steps
 
 
 def measure_engine(
@@ -120,7 +122,9 @@ def measure_engine(
     cpu, t1 = time.process_time() - cpu0, time.perf_counter()
     _check(traces, "engine")
     steps = settled_steps(args.engine_steps_dir, t0, t1)
-    return with_steps(summarize(traces, w.concurrency, server_cpu_s=cpu), steps), steps
+    arrivals = read_arrivals(args.engine_steps_dir, t0, t1)
+    stats = with_steps(summarize(traces, w.concurrency, server_cpu_s=cpu), steps)
+    return with_first_round(stats, traces, arrivals, steps), steps
 
 
 def measure_lmx(
@@ -144,6 +148,7 @@ def measure_lmx(
     _check(traces, "lmx")
     totals = server.totals()
     steps = settled_steps(server.steps_dir, t0, t1)
+    arrivals = read_arrivals(server.steps_dir, t0, t1)  # written by the time the steps are
 
     def latency_ms(name: str) -> float:
         count = f"lmx_{name}_seconds_count"
@@ -157,7 +162,7 @@ def measure_lmx(
         queue_ms=latency_ms("request_queue"),
         prefill_ms=latency_ms("request_prefill"),
     )
-    return with_steps(stats, steps), steps
+    return with_first_round(with_steps(stats, steps), traces, arrivals, steps), steps
 
 
 def measure_point(

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from lmx.runtime.steptrace import Arrival, TraceLog
+
 MAX_HOLD_S = 0.025
 COMING_FOR_S = 0.15  # as long as an idle worker waits for a burst (lmx.runtime.mlx_worker)
 
@@ -49,12 +51,15 @@ class Intake:
         self._held: list[tuple[float, str, Callable[[], None]]] = []  # (deadline, model, flush)
         self._when_none: list[tuple[str, Callable[[], None]]] = []  # see count_coming
         self._timer: asyncio.TimerHandle | None = None
+        self._trace = TraceLog.from_env("arrivals")  # for bench/ (lmx.runtime.steptrace)
 
     @contextmanager
     def preparing(self) -> Iterator[None]:
         """Around the API's handling of one generation request, until it reaches an engine."""
         ticket = next(self._tickets)
         self._preparing[ticket] = _Ticket(time.monotonic())
+        if self._trace is not None:
+            self._trace.write(Arrival(time.perf_counter(), "api"))
         token = _current.set((self, ticket))
         try:
             yield
@@ -84,6 +89,8 @@ class Intake:
         """The request handled in this context has handed its work to an engine."""
         current = _current.get()
         if current is not None and current[0] is self:
+            if self._trace is not None and current[1] in self._preparing:
+                self._trace.write(Arrival(time.perf_counter(), "engine"))
             self._settle(current[1])
 
     def hold(self, model: str, flush: Callable[[], None]) -> None:
@@ -118,6 +125,8 @@ class Intake:
         if self._held:
             asyncio.get_running_loop().call_soon(self._check)
         self._tell_none()
+        if self._trace is not None and not self._preparing:
+            self._trace.flush()
 
     def _check(self) -> None:
         now = time.monotonic()

@@ -40,7 +40,7 @@ from lmx.runtime.intake import MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
-from lmx.runtime.steptrace import StepLog, step_of
+from lmx.runtime.steptrace import Arrival, TraceLog, step_of
 from lmx.runtime.store import context_tokens
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
 from lmx.runtime.worker_protocol import Command, Piece, Ready, Report, WorkerStats, receive, send
@@ -127,7 +127,9 @@ class Worker:
         self._cache = LRUPromptCache(
             max_size=_PROMPT_CACHE_ENTRIES, max_bytes=config.prompt_cache_bytes
         )
-        self._trace = StepLog.from_env()  # LMX_STEP_TRACE_DIR: a line per step, for bench/
+        # LMX_STEP_TRACE_DIR: a line per step, and one per request taken in, for bench/
+        self._trace = TraceLog.from_env("steps")
+        self._arrivals = TraceLog.from_env("arrivals")
         # When sequences finished, oldest first, less one for each request that came after them.
         self._ended: deque[float] = deque(maxlen=config.max_batch)
 
@@ -151,8 +153,9 @@ class Worker:
         finally:  # the process exits next, which returns every byte
             self._fail_all(gen, "the model was unloaded")
             gen.close()
-            if self._trace is not None:
-                self._trace.close()
+            for trace in (self._trace, self._arrivals):
+                if trace is not None:
+                    trace.flush()
 
     def _load(self) -> tuple[Any, Any, Any, Ready]:
         loaded: Any = mlx_load(str(self.config.path))
@@ -214,11 +217,12 @@ class Worker:
                 except Exception as exc:  # the batch is unusable: fail its requests, go on
                     log.exception("batch_step_failed", model=self.config.model_id)
                     self._fail_all(gen, str(exc))
-            elif not self._live:
+            if not self._live:  # idle, or from this step on: the logs for bench/ go to disk now
                 if self._reported_active:
                     self._send(("out", [], [], self._stats(gen)))
-                if self._trace is not None:
-                    self._trace.flush()
+                for trace in (self._trace, self._arrivals):
+                    if trace is not None:
+                        trace.flush()
 
     def _take_commands(self, gen: Any, wait: float) -> bool:
         """Apply every queued command, waiting up to `wait` s for the first; if the batch was idle
@@ -240,6 +244,8 @@ class Worker:
                     case ("add", int(sid), GenerationRequest() as request):
                         if self._arrived(request):
                             self._followed(at)
+                        if self._arrivals is not None:
+                            self._arrivals.write(Arrival(at, "worker"))
                         self._add(gen, sid, request, at)
                     case ("cancel", int(sid)):
                         seq = self._by_sid.pop(sid, None)

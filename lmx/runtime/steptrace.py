@@ -1,4 +1,4 @@
-"""A record per batch step, for finding where a worker's time goes.
+"""A record per batch step, and per request at each stage it reaches, for finding where time goes.
 
 With `LMX_STEP_TRACE_DIR` set to a directory, each MLX worker appends one JSON object per
 BatchGenerator step to `steps-<pid>.jsonl` there: when the step began (time.perf_counter, one
@@ -7,6 +7,10 @@ many prompts it processed a chunk of, how many finished their prompt (each such 
 forward pass of its own), and the worker's own work on the step's results. bench.run_throughput
 sets it and keeps the same records of its raw BatchGenerator runs, so the two can be set side by
 side step by step.
+
+The daemon and its workers also append an Arrival to `arrivals-<pid>.jsonl` each time a
+generation request reaches a stage (the API, its engine, the worker): how a burst of requests
+spreads out on its way to one prefill.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 ENV = "LMX_STEP_TRACE_DIR"
 _FLUSH_EVERY = 1024
@@ -36,6 +40,12 @@ class Step:
         return self.prompted + self.started > 0
 
 
+@dataclass(frozen=True)
+class Arrival:
+    t: float  # perf_counter, s
+    at: str  # "api": the daemon began handling it; "engine": handed to its engine; "worker"
+
+
 def step_of(t0: float, t1: float, prompts: Sequence[Any], responses: Sequence[Any]) -> Step:
     """The Step for one `BatchGenerator.next()` that ran from t0 to t1 and returned these."""
     started = sum(1 for p in prompts if p.end_of_prompt)
@@ -48,43 +58,49 @@ def step_of(t0: float, t1: float, prompts: Sequence[Any], responses: Sequence[An
     )
 
 
-class StepLog:
-    """Appends Steps to `<directory>/steps-<pid>.jsonl`; lines reach the file on flush() (and
-    every `_FLUSH_EVERY` steps), not in the middle of a busy batch."""
+class TraceLog:
+    """Appends records (Steps or Arrivals) to `<directory>/<kind>-<pid>.jsonl`; lines reach the
+    file on flush() (and every `_FLUSH_EVERY` records), not in the middle of a busy batch. The
+    file is open only while a flush writes."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, kind: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"steps-{os.getpid()}.jsonl"
-        self._file: TextIO = self.path.open("a", encoding="utf-8")
+        self.path = directory / f"{kind}-{os.getpid()}.jsonl"
         self._pending: list[str] = []
 
     @classmethod
-    def from_env(cls) -> StepLog | None:
+    def from_env(cls, kind: str) -> TraceLog | None:
         directory = os.environ.get(ENV)
-        return cls(Path(directory)) if directory else None
+        return cls(Path(directory), kind) if directory else None
 
-    def write(self, step: Step) -> None:
-        self._pending.append(json.dumps(asdict(step), separators=(",", ":")))
+    def write(self, record: Step | Arrival) -> None:
+        self._pending.append(json.dumps(asdict(record), separators=(",", ":")))
         if len(self._pending) >= _FLUSH_EVERY:
             self.flush()
 
     def flush(self) -> None:
         if self._pending:
-            self._file.write("\n".join(self._pending) + "\n")
-            self._file.flush()
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write("\n".join(self._pending) + "\n")
             self._pending.clear()
-
-    def close(self) -> None:
-        self.flush()
-        self._file.close()
 
 
 def read_steps(directory: Path, start: float, end: float) -> list[Step]:
     """Every Step logged under `directory` that began in [start, end), in time order."""
-    steps = [
-        Step(**json.loads(line))
-        for path in sorted(directory.glob("steps-*.jsonl"))
+    steps = [Step(**r) for r in _records(directory, "steps")]
+    return sorted((s for s in steps if start <= s.t < end), key=lambda s: s.t)
+
+
+def read_arrivals(directory: Path, start: float, end: float) -> list[Arrival]:
+    """Every Arrival logged under `directory` in [start, end), in time order."""
+    arrivals = [Arrival(**r) for r in _records(directory, "arrivals")]
+    return sorted((a for a in arrivals if start <= a.t < end), key=lambda a: a.t)
+
+
+def _records(directory: Path, kind: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for path in sorted(directory.glob(f"{kind}-*.jsonl"))
         for line in path.read_text(encoding="utf-8").splitlines()
         if line
     ]
-    return sorted((s for s in steps if start <= s.t < end), key=lambda s: s.t)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from lmx.runtime import steptrace
 from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
-from lmx.runtime.steptrace import read_steps
+from lmx.runtime.steptrace import read_arrivals, read_steps
 from tests.component.reconciler_world import until
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
@@ -310,8 +311,8 @@ async def test_an_engine_holds_a_request_while_its_burst_is_still_being_prepared
 async def test_an_idle_worker_waits_for_a_burst_the_daemon_is_still_preparing(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    intake = Intake()  # the API's: a hold lasts 25 ms at most
     monkeypatch.setenv(steptrace.ENV, str(tmp_path))
+    intake = Intake()  # the API's: a hold lasts 25 ms at most
     e = MlxEngine(LoadConfig(model_id="b", path=tiny_model_dir), intake=intake)
     await asyncio.to_thread(e.load)
     try:
@@ -331,6 +332,11 @@ async def test_an_idle_worker_waits_for_a_burst_the_daemon_is_still_preparing(
         await asyncio.to_thread(e.unload)
     steps = read_steps(tmp_path, start, math.inf)
     assert [s.prompted for s in steps if s.prompted] == [6]
+    # Each request logged where it arrived: the API (here the test), its engine, the worker.
+    arrivals = read_arrivals(tmp_path, start, math.inf)
+    assert Counter(a.at for a in arrivals) == {"api": 6, "engine": 6, "worker": 6}
+    engine_at = [a.t for a in arrivals if a.at == "engine"]
+    assert max(engine_at) - min(engine_at) >= 0.05  # 12 ms apart, as prepared
 
 
 async def test_an_idle_worker_stops_waiting_once_nothing_is_being_prepared(

@@ -7,9 +7,11 @@ import json
 import math
 from pathlib import Path
 
-from bench.metrics import PointStats
+import pytest
+
+from bench.metrics import PointStats, RequestTrace, with_first_round
 from bench.report import Point, Report
-from lmx.runtime.steptrace import Step
+from lmx.runtime.steptrace import Arrival, Step
 
 
 def _run(tok_s: float) -> PointStats:
@@ -76,3 +78,34 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
             "queue_ms"
         ]
     )
+
+
+def test_a_runs_first_round_is_measured_stage_by_stage() -> None:
+    # Two streams: their first requests 3 ms apart when sent, 5 ms when written, ... and their
+    # next requests later on, which are not the first round.
+    traces = [
+        RequestTrace(sent_s=1.000, written_s=1.001),
+        RequestTrace(sent_s=1.003, written_s=1.006),
+        RequestTrace(sent_s=1.500, written_s=1.501),
+        RequestTrace(sent_s=1.600, written_s=1.601),
+    ]
+    arrivals = [Arrival(1.002, "api"), Arrival(1.010, "api"), Arrival(1.5, "api")]
+    arrivals += [Arrival(1.004, "engine"), Arrival(1.012, "engine")]
+    arrivals += [Arrival(1.005, "worker"), Arrival(1.020, "worker")]
+    steps = [
+        Step(t=1.006, ms=5.0, decoded=0, prompted=1, started=0),
+        Step(t=1.011, ms=5.0, decoded=0, prompted=0, started=1),
+        Step(t=1.021, ms=5.0, decoded=1, prompted=1, started=0),
+        Step(t=1.501, ms=5.0, decoded=1, prompted=1, started=0),  # a later round's
+    ]
+    stats = with_first_round(_run(100.0), traces, arrivals, steps)
+    assert stats.round_sent_ms == pytest.approx(3.0)
+    assert stats.round_written_ms == pytest.approx(5.0)
+    assert stats.round_api_ms == pytest.approx(8.0)
+    assert stats.round_engine_ms == pytest.approx(8.0)
+    assert stats.round_worker_ms == pytest.approx(15.0)
+    assert stats.round_prompt_steps == 2
+    # raw: no arrivals; both prompts in one step
+    both = Step(t=1.0, ms=5.0, decoded=0, prompted=2, started=0)
+    raw = with_first_round(_run(100.0), traces[:2], [], [both])
+    assert math.isnan(raw.round_api_ms) and raw.round_prompt_steps == 1

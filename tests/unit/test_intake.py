@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from pathlib import Path
 
+import pytest
+
+from lmx.runtime import steptrace
 from lmx.runtime.intake import COMING_FOR_S, Intake
+from lmx.runtime.steptrace import read_arrivals
 
 
 class Flushes:
@@ -133,3 +139,15 @@ async def test_a_request_for_another_model_holds_nobody_once_it_names_it() -> No
             intake.hold("a", flush)
         await settle()
         assert len(flush.at) == 1
+
+
+async def test_with_the_trace_on_a_request_is_logged_where_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(steptrace.ENV, str(tmp_path))
+    intake = Intake()
+    with intake.preparing():
+        intake.reached_engine()
+        intake.reached_engine()  # its second sequence: the request reached its engine once
+    # On disk once nothing is being prepared, before the response is done.
+    assert [a.at for a in read_arrivals(tmp_path, 0.0, math.inf)] == ["api", "engine"]

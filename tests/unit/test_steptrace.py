@@ -1,4 +1,4 @@
-"""The per-step records a worker writes with LMX_STEP_TRACE_DIR set, and reading them back."""
+"""The records the daemon and its workers write with LMX_STEP_TRACE_DIR set, and reading them back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmx.runtime import steptrace
-from lmx.runtime.steptrace import Step, StepLog, read_steps, step_of
+from lmx.runtime.steptrace import Arrival, Step, TraceLog, read_arrivals, read_steps, step_of
 
 
 @dataclass
@@ -26,7 +26,7 @@ def test_a_step_counts_decoded_prompted_and_started_sequences() -> None:
 
 
 def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> None:
-    log = StepLog(tmp_path)
+    log = TraceLog(tmp_path, "steps")
     steps = [Step(t=float(t), ms=1.0, decoded=1, prompted=0, started=0) for t in (3, 1, 2)]
     for s in steps:
         log.write(s)
@@ -34,14 +34,25 @@ def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> 
     log.flush()
     assert [s.t for s in read_steps(tmp_path, 0.0, 10.0)] == [1.0, 2.0, 3.0]
     assert [s.t for s in read_steps(tmp_path, 1.5, 3.0)] == [2.0]
-    log.close()
+    log.flush()
     assert log.path.name.startswith("steps-") and log.path.suffix == ".jsonl"
 
 
 def test_only_the_variable_turns_it_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(steptrace.ENV, raising=False)
-    assert StepLog.from_env() is None
+    assert TraceLog.from_env("steps") is None
     monkeypatch.setenv(steptrace.ENV, str(tmp_path / "new"))
-    log = StepLog.from_env()
+    log = TraceLog.from_env("steps")
     assert log is not None and log.path.parent == tmp_path / "new"
-    log.close()
+    log.flush()
+
+
+def test_arrivals_are_kept_apart_from_steps(tmp_path: Path) -> None:
+    steps, arrivals = TraceLog(tmp_path, "steps"), TraceLog(tmp_path, "arrivals")
+    steps.write(Step(t=1.0, ms=1.0, decoded=1, prompted=0, started=0))
+    arrivals.write(Arrival(t=2.0, at="worker"))
+    arrivals.write(Arrival(t=1.5, at="api"))
+    steps.flush()
+    arrivals.flush()
+    assert [s.t for s in read_steps(tmp_path, 0.0, 10.0)] == [1.0]
+    assert read_arrivals(tmp_path, 0.0, 10.0) == [Arrival(1.5, "api"), Arrival(2.0, "worker")]
