@@ -31,6 +31,7 @@ from lmx.runtime.steptrace import Arrival, TraceLog
 
 MAX_HOLD_S = 0.025
 COMING_FOR_S = 0.15  # as long as an idle worker waits for a burst (lmx.runtime.mlx_worker)
+_TRACE_FLUSH_S = 0.05
 
 
 @dataclass
@@ -58,8 +59,7 @@ class Intake:
         """Around the API's handling of one generation request, until it reaches an engine."""
         ticket = next(self._tickets)
         self._preparing[ticket] = _Ticket(time.monotonic())
-        if self._trace is not None:
-            self._trace.write(Arrival(time.perf_counter(), "api"))
+        self._log("api")
         token = _current.set((self, ticket))
         try:
             yield
@@ -89,8 +89,8 @@ class Intake:
         """The request handled in this context has handed its work to an engine."""
         current = _current.get()
         if current is not None and current[0] is self:
-            if self._trace is not None and current[1] in self._preparing:
-                self._trace.write(Arrival(time.perf_counter(), "engine"))
+            if current[1] in self._preparing:
+                self._log("engine")
             self._settle(current[1])
 
     def hold(self, model: str, flush: Callable[[], None]) -> None:
@@ -99,6 +99,14 @@ class Intake:
         loop, so requests that arrived with this one get counted first."""
         self._held.append((time.monotonic() + self.max_hold_s, model, flush))
         asyncio.get_running_loop().call_soon(self._check)
+
+    def _log(self, at: str) -> None:
+        """An Arrival for bench/, written to disk shortly after, off the request's way."""
+        if self._trace is None:
+            return
+        if not self._trace.pending:
+            asyncio.get_running_loop().call_later(_TRACE_FLUSH_S, self._trace.flush)
+        self._trace.write(Arrival(time.perf_counter(), at))
 
     def _coming(self, model: str, within_s: float = COMING_FOR_S) -> int:
         """Requests being prepared that may be for `model`, for less than `within_s` so far."""
@@ -125,8 +133,6 @@ class Intake:
         if self._held:
             asyncio.get_running_loop().call_soon(self._check)
         self._tell_none()
-        if self._trace is not None and not self._preparing:
-            self._trace.flush()
 
     def _check(self) -> None:
         now = time.monotonic()

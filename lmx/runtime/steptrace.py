@@ -73,6 +73,11 @@ class TraceLog:
         directory = os.environ.get(ENV)
         return cls(Path(directory), kind) if directory else None
 
+    @property
+    def pending(self) -> int:
+        """Records written since the last flush."""
+        return len(self._pending)
+
     def write(self, record: Step | Arrival) -> None:
         self._pending.append(json.dumps(asdict(record), separators=(",", ":")))
         if len(self._pending) >= _FLUSH_EVERY:

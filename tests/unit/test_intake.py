@@ -149,5 +149,7 @@ async def test_with_the_trace_on_a_request_is_logged_where_it_arrives(
     with intake.preparing():
         intake.reached_engine()
         intake.reached_engine()  # its second sequence: the request reached its engine once
-    # On disk once nothing is being prepared, before the response is done.
+    # On disk shortly after, not in the request's way.
+    assert read_arrivals(tmp_path, 0.0, math.inf) == []
+    await asyncio.sleep(0.1)
     assert [a.at for a in read_arrivals(tmp_path, 0.0, math.inf)] == ["api", "engine"]
