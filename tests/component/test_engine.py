@@ -339,8 +339,18 @@ async def test_an_idle_worker_waits_for_a_burst_the_daemon_is_still_preparing(
     assert max(engine_at) - min(engine_at) >= 0.05  # 12 ms apart, as prepared
 
 
-async def test_an_idle_worker_stops_waiting_once_nothing_is_being_prepared(
-    tiny_model_dir: Path,
+@pytest.mark.parametrize(
+    ("other_model", "other_prepare_s"),
+    [
+        # Not yet named (being parsed; or a 400 to come): waited for until it was done, 40 ms
+        # from the start (15 after the intake let this one go), not 150 ms.
+        (None, 0.04),
+        # Named for another model, still loading (300 ms): not waited for at all.
+        ("another", 0.3),
+    ],
+)
+async def test_an_idle_worker_waits_only_for_requests_that_may_be_its_own(
+    tiny_model_dir: Path, other_model: str | None, other_prepare_s: float
 ) -> None:
     intake = Intake()
     e = MlxEngine(LoadConfig(model_id="w", path=tiny_model_dir), intake=intake)
@@ -349,51 +359,22 @@ async def test_an_idle_worker_stops_waiting_once_nothing_is_being_prepared(
         p = prompts(e, 1)[0]
 
         async def elsewhere() -> None:
-            """A request prepared beside it that goes to another model, or fails: never here."""
+            """A request prepared beside it that never comes here."""
             with intake.preparing():
-                await asyncio.sleep(0.04)
+                if other_model is not None:
+                    intake.concerns(other_model)
+                await asyncio.sleep(other_prepare_s)
 
         async def here() -> Delta:
             with intake.preparing():
+                intake.concerns("w")
                 stream = e.stream(GenerationRequest(p, GREEDY))
                 first = await anext(stream)
                 await stream.aclose()  # type: ignore[attr-defined]
                 return first
 
         first, _ = await asyncio.gather(here(), elsewhere())
-        # Told that one more was being prepared, the worker waited for it until it was done
-        # elsewhere (40 ms from the start, 15 after the intake let this one go), not 150 ms.
         assert first.queue_s is not None and first.queue_s < 0.1
-    finally:
-        await asyncio.to_thread(e.unload)
-
-
-async def test_a_request_for_another_model_does_not_hold_an_idle_worker(
-    tiny_model_dir: Path,
-) -> None:
-    intake = Intake()
-    e = MlxEngine(LoadConfig(model_id="o", path=tiny_model_dir), intake=intake)
-    await asyncio.to_thread(e.load)
-    try:
-        p = prompts(e, 1)[0]
-
-        async def elsewhere() -> None:
-            """Prepared beside it, for a model still loading: ready 300 ms later."""
-            with intake.preparing():
-                intake.concerns("another")
-                await asyncio.sleep(0.3)
-
-        async def here() -> Delta:
-            with intake.preparing():
-                intake.concerns("o")
-                stream = e.stream(GenerationRequest(p, GREEDY))
-                first = await anext(stream)
-                await stream.aclose()  # type: ignore[attr-defined]
-                return first
-
-        first, _ = await asyncio.gather(here(), elsewhere())
-        # Counted as coming, it would have kept the worker waiting for 150 ms.
-        assert first.queue_s is not None and first.queue_s < 0.08
     finally:
         await asyncio.to_thread(e.unload)
 
