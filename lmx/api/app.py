@@ -5,6 +5,7 @@ There is no module-level app: the CLI and the tests each build their own with th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -77,6 +78,11 @@ class CountIntake:
             await self.app(scope, receive, send)
             return
         with self.intake.preparing():
+            # Let the requests read in the same turn of the event loop be counted before this
+            # one is prepared (without yielding, ~0.3-2 ms): a burst written together then
+            # reaches its engine, and the worker, as one (the first request of 32 had found none
+            # of the others counted, and went alone).
+            await asyncio.sleep(0)
             await self.app(scope, receive, send)
 
 

@@ -43,3 +43,22 @@ async def test_only_generation_requests_hold_a_burst() -> None:
         assert not await flushed_while("POST", "/v1/completions")
         assert await flushed_while("GET", "/v1/models")
         assert await flushed_while("POST", "/admin/desired")
+
+
+async def test_a_burst_is_counted_before_any_of_it_is_prepared() -> None:
+    # Requests read in one turn of the event loop: each handler prepares its request without
+    # yielding (templating, tokenizing) and hands it to its engine. If the first one got there
+    # before the others were counted, its engine would see nothing coming and start it alone.
+    intake = Intake()
+    coming_at_engine: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        coming_at_engine.append(intake.count_coming("m", lambda: None))
+        intake.reached_engine()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    transport = httpx.ASGITransport(app=CountIntake(app, intake))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        await asyncio.gather(*(client.post("/v1/completions") for _ in range(4)))
+    assert coming_at_engine == [4, 3, 2, 1]  # itself included
