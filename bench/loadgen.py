@@ -110,15 +110,15 @@ class Http11:
                 await self._writer.drain()
                 on_written()
                 event = await self._next()
+                if not isinstance(event, h11.Response):  # e.g. ConnectionClosed
+                    raise h11.RemoteProtocolError(f"expected a response, got {event!r}")
             except (ConnectionError, h11.RemoteProtocolError):
                 self.close()
                 if fresh or attempt:
                     raise
                 continue
-            if not isinstance(event, h11.Response):
-                raise h11.RemoteProtocolError(f"expected a response, got {event!r}")
             return event.status_code, self._body()
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: the second attempt opens a connection")
 
     async def _ready(self) -> bool:
         """Whether the connection had to be opened for this request."""
