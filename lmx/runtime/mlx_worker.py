@@ -153,9 +153,7 @@ class Worker:
         finally:  # the process exits next, which returns every byte
             self._fail_all(gen, "the model was unloaded")
             gen.close()
-            for trace in (self._trace, self._arrivals):
-                if trace is not None:
-                    trace.flush()
+            self._flush_logs()
 
     def _load(self) -> tuple[Any, Any, Any, Ready]:
         loaded: Any = mlx_load(str(self.config.path))
@@ -220,9 +218,12 @@ class Worker:
             if not self._live:  # idle, or from this step on: the logs for bench/ go to disk now
                 if self._reported_active:
                     self._send(("out", [], [], self._stats(gen)))
-                for trace in (self._trace, self._arrivals):
-                    if trace is not None:
-                        trace.flush()
+                self._flush_logs()
+
+    def _flush_logs(self) -> None:
+        for trace in (self._trace, self._arrivals):
+            if trace is not None:
+                trace.flush()
 
     def _take_commands(self, gen: Any, wait: float) -> bool:
         """Apply every queued command, waiting up to `wait` s for the first; if the batch was idle
