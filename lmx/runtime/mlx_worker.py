@@ -36,7 +36,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 from lmx.logs import configure
 from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogprob
-from lmx.runtime.intake import MAX_HOLD_S
+from lmx.runtime.intake import COMING_FOR_S, MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
@@ -70,7 +70,7 @@ _IDLE_POLL_S = 0.5
 #   more.
 _ROUND_S = 0.25
 _FOLLOW_GAP_S = MAX_HOLD_S + 0.015
-_FOLLOW_MAX_S = 0.15
+_FOLLOW_MAX_S = COMING_FOR_S  # the intake counts a request as coming for as long
 _BURST_PAUSE_S = 0.0015
 _BURST_MAX_S = 0.01
 _PROMPT_CACHE_ENTRIES = 64
