@@ -6,6 +6,7 @@ bench.raw and bench.loadgen fill `RequestTrace`s with the same clock (time.perf_
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -57,13 +58,15 @@ class PointStats:
     # Steps that also did prompt work (extra forward passes for the whole batch), per request.
     prefill_steps_per_request: float = math.nan
     # From the per-step records (lmx.runtime.steptrace), where the side has them: the mean step
-    # without and with prompt work, the slowest 1% and the slowest step, and the side's own work
-    # on a step's results.
+    # without and with prompt work, the slowest 1% and the slowest step, the side's own work on a
+    # step's results, and the share of the run's steps' span that no step was running (the side's
+    # work between steps and its waits for requests: what lmx adds, whatever the machine's speed).
     decode_step_ms: float = math.nan
     prompt_step_ms: float = math.nan
     step_p99_ms: float = math.nan
     step_max_ms: float = math.nan
     after_step_ms: float = math.nan
+    idle_share: float = math.nan
     # A run's first round (its first `concurrency` requests, sent together to an idle worker):
     # how far apart they were, first to last, as the clients began to send them, as they had
     # written them, as the daemon began each, as each reached its engine and as the worker took
@@ -135,6 +138,13 @@ def settled_steps(directory: Path, start: float, end: float, wait_s: float = 3.0
     return steps
 
 
+def _idle_share(steps: Sequence[Step]) -> float:
+    """The share of `steps`' span (first start to last end) that lay between steps."""
+    between = sum(max(0.0, b.t - a.t - a.ms / 1e3) for a, b in itertools.pairwise(steps))
+    span = steps[-1].t + steps[-1].ms / 1e3 - steps[0].t
+    return between / span if span > 0 else 0.0
+
+
 def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
     """`stats` with its step fields from one run's Steps (unchanged without any)."""
     if not steps:
@@ -149,6 +159,7 @@ def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
         step_p99_ms=float(np.percentile(ms, 99)),
         step_max_ms=max(ms),
         after_step_ms=statistics.fmean(s.after_ms for s in steps),
+        idle_share=_idle_share(steps),
         step_ms=statistics.fmean(ms),
         prefill_steps_per_request=len(prompt) / stats.requests if stats.requests else math.nan,
     )

@@ -262,10 +262,11 @@ class Report:
             "",
             "Batch steps (means over a run, ms; decode: a step without prompt work, prompt: a step"
             " with it, p99 and max over all steps; after: the side's own work on a step's results,"
-            " while the GPU runs the next):",
+            " while the GPU runs the next; idle: the share of the run's span between steps, that"
+            " work and the waits for requests):",
             "",
             "| streams | "
-            + " | ".join(f"{side}: decode / prompt / p99 / max / after" for side in sides)
+            + " | ".join(f"{side}: decode / prompt / p99 / max / after / idle" for side in sides)
             + " |",
             "|---:|" + "---:|" * len(sides),
         ]
@@ -278,6 +279,7 @@ class Report:
                     if st is None
                     else f"{st.decode_step_ms:.2f} / {st.prompt_step_ms:.2f}"
                     f" / {st.step_p99_ms:.1f} / {st.step_max_ms:.1f} / {st.after_step_ms:.2f}"
+                    f" / {st.idle_share:.1%}"
                 )
             lines.append(f"| {p.concurrency} | " + " | ".join(cells) + " |")
         return lines

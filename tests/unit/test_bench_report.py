@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bench.metrics import PointStats, RequestTrace, with_first_round
+from bench.metrics import PointStats, RequestTrace, with_first_round, with_steps
 from bench.report import Point, Report
 from lmx.runtime.steptrace import Arrival, Step
 
@@ -109,3 +110,19 @@ def test_a_runs_first_round_is_measured_stage_by_stage() -> None:
     both = Step(t=1.0, ms=5.0, decoded=0, prompted=2, started=0)
     raw = with_first_round(_run(100.0), traces[:2], [], [both])
     assert math.isnan(raw.round_api_ms) and raw.round_prompt_steps == 1
+
+
+def test_the_idle_share_is_the_time_between_steps() -> None:
+    # Steps of 10 ms: back to back, then a 20 ms wait before the third; span 50 ms.
+    steps = [
+        Step(t=2.000, ms=10.0, decoded=0, prompted=1, started=0, after_ms=0.5),
+        Step(t=2.010, ms=10.0, decoded=1, prompted=0, started=0, after_ms=0.5),
+        Step(t=2.040, ms=10.0, decoded=1, prompted=0, started=0, after_ms=0.5),
+    ]
+    stats = with_steps(_run(100.0), steps)
+    assert stats.idle_share == pytest.approx(0.4)
+    assert with_steps(_run(100.0), steps[:1]).idle_share == 0.0
+    report = _report()
+    point = report.points[0]
+    report.points[0] = replace(point, lmx=stats, lmx_runs=(stats,))
+    assert "0.50 / 40.0%" in report.to_markdown()
