@@ -60,7 +60,8 @@ class PointStats:
     # From the per-step records (lmx.runtime.steptrace), where the side has them: the mean step
     # without and with prompt work, the slowest 1% and the slowest step, the side's own work on a
     # step's results, and the share of the run's steps' span that no step was running (the side's
-    # work between steps and its waits for requests: what lmx adds, whatever the machine's speed).
+    # work between steps and its waits for requests, whatever the machine's speed; on a GPU that
+    # work overlaps the step already launched, so the share bounds what it costs from above).
     decode_step_ms: float = math.nan
     prompt_step_ms: float = math.nan
     step_p99_ms: float = math.nan
