@@ -68,6 +68,7 @@ class PointStats:
     step_max_ms: float = math.nan
     after_step_ms: float = math.nan
     idle_share: float = math.nan
+    busy_s: float = math.nan  # the run's time in steps: their durations summed
     # A run's first round (its first `concurrency` requests, sent together to an idle worker):
     # how far apart they were, first to last, as the clients began to send them, as they had
     # written them, as the daemon began each, as each reached its engine and as the worker took
@@ -161,6 +162,7 @@ def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
         step_max_ms=max(ms),
         after_step_ms=statistics.fmean(s.after_ms for s in steps),
         idle_share=_idle_share(steps),
+        busy_s=math.fsum(ms) / 1e3,
         step_ms=statistics.fmean(ms),
         prefill_steps_per_request=len(prompt) / stats.requests if stats.requests else math.nan,
     )

@@ -49,6 +49,32 @@ class Point:
         return _median(_pair_ratios(self.engine_runs, self.raw_runs))
 
     @property
+    def own_ratio(self) -> float:
+        """lmx/raw had lmx's steps taken raw's time, the median over the repeats: what lmx's own
+        time outside its batch steps (its work on each step's results, the waits for requests,
+        HTTP at a run's start and end) leaves of raw's rate."""
+        return _median(
+            [
+                x.output_tokens / (x.wall_s - x.busy_s + r.busy_s) / (r.output_tokens / r.wall_s)
+                for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
+                if r.wall_s > 0 and x.busy_s > 0 and r.busy_s > 0
+            ]
+        )
+
+    @property
+    def step_ratio(self) -> float:
+        """raw's time in batch steps over lmx's, the median over the repeats: how fast lmx's steps
+        ran, the same steps of the same BatchGenerator, against raw's; with `own_ratio`, about
+        `ratio`."""
+        return _median(
+            [
+                r.busy_s / x.busy_s
+                for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
+                if x.busy_s > 0 and r.busy_s > 0
+            ]
+        )
+
+    @property
     def raw_spread(self) -> float:
         """raw's fastest run over its slowest: how much the machine alone moved the numbers."""
         rates = [r.output_tok_s for r in self.raw_runs if r.output_tok_s]
@@ -98,6 +124,11 @@ class Report:
                     "concurrency": p.concurrency,
                     "ratio": p.ratio,
                     "pair_ratios": p.pair_ratios,
+                    **(
+                        {"own_ratio": p.own_ratio, "step_ratio": p.step_ratio}
+                        if not math.isnan(p.own_ratio)  # runs without step records have none
+                        else {}
+                    ),
                     "raw": asdict(p.raw),
                     "lmx": asdict(p.lmx),
                     "raw_runs": [asdict(r) for r in p.raw_runs],
@@ -168,6 +199,7 @@ class Report:
                         f"| {p.raw.ttft_p50_ms:.1f} / {p.engine.ttft_p50_ms:.1f} "
                         f"| {p.raw.itl_p50_ms:.2f} / {p.engine.itl_p50_ms:.2f} |"
                     )
+        lines += self._parts_table()
         lines += self._ttft_table()
         lines += self._round_table()
         lines += self._step_table()
@@ -180,6 +212,28 @@ class Report:
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
+
+    def _parts_table(self) -> list[str]:
+        """lmx/raw split in two: lmx's own time between its steps, and its steps' speed."""
+        if all(math.isnan(p.own_ratio) for p in self.points):
+            return []
+        lines = [
+            "",
+            "What lmx/raw is made of (medians over the repeats; their product is about lmx/raw):"
+            " lmx's own time, lmx/raw had lmx's batch steps taken raw's time (what its work on"
+            " each step's results, its waits for requests and HTTP at a run's ends leave of raw's"
+            " rate); its steps' speed, raw's time in steps over lmx's for the same steps of the"
+            " same BatchGenerator, which the machine moves as it moves raw max/min:",
+            "",
+            "| streams | lmx/raw | lmx's own time | its steps' speed | raw max/min |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for p in self.points:
+            lines.append(
+                f"| {p.concurrency} | {p.ratio:.2f} | {p.own_ratio:.3f} | {p.step_ratio:.3f} "
+                f"| {p.raw_spread:.2f} |"
+            )
+        return lines
 
     def _ttft_table(self) -> list[str]:
         """Mean time to first token, split where lmx can see it: the client's wait, the server's

@@ -126,3 +126,21 @@ def test_the_idle_share_is_the_time_between_steps() -> None:
     point = report.points[0]
     report.points[0] = replace(point, lmx=stats, lmx_runs=(stats,))
     assert "0.50 / 40.0%" in report.to_markdown()
+
+
+def test_lmx_raw_splits_into_lmx_own_time_and_its_steps_speed() -> None:
+    # raw: 1.0 s, 0.95 s of it in steps. lmx: 1.25 s, 1.14 s in steps (its steps 20% slower),
+    # 0.11 s outside them against raw's 0.05: with raw's steps it would take 1.06 s.
+    raw = replace(_run(256.0), busy_s=0.95)
+    lmx = replace(_run(256 / 1.25), busy_s=1.14)
+    report = _report()
+    point = replace(report.points[0], raw_runs=(raw,), lmx_runs=(lmx,), raw=raw, lmx=lmx)
+    assert point.ratio == pytest.approx(0.8)
+    assert point.own_ratio == pytest.approx(1.0 / 1.06)
+    assert point.step_ratio == pytest.approx(0.95 / 1.14)
+    assert point.own_ratio * point.step_ratio == pytest.approx(point.ratio, rel=0.02)
+    report.points[0] = point
+    assert "| 2 | 0.80 | 0.943 | 0.833 | 1.00 |" in report.to_markdown()
+    assert report.to_json()["points"][0]["own_ratio"] == pytest.approx(1.0 / 1.06)
+    # Without step records (older results) the split is left out.
+    assert "lmx's own time" not in _report().to_markdown()
