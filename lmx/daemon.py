@@ -33,6 +33,7 @@ from lmx.runtime.intake import Intake
 from lmx.runtime.memory import MemoryProbe
 from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.scheduling import yield_to_workers
 from lmx.runtime.store import ModelStore
 from lmx.settings import Settings
 
@@ -194,6 +195,7 @@ def run(settings: Settings) -> int:
     except StartupError as exc:
         print(f"lmx: {exc}", file=sys.stderr)
         return 1
+    yield_to_workers()  # before any thread or worker starts: they inherit it
     daemon = Daemon(settings)
     config = uvicorn.Config(
         daemon.app,

@@ -40,6 +40,7 @@ from lmx.runtime.intake import COMING_FOR_S, MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.scheduling import run_as_worker
 from lmx.runtime.steptrace import Arrival, TraceLog, step_of
 from lmx.runtime.store import context_tokens
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
@@ -577,6 +578,7 @@ def _portable(exc: Exception) -> Exception:
 
 
 def main(argv: list[str]) -> None:
+    run_as_worker()  # the daemon's policy is the daemon's (lmx.runtime.scheduling)
     fd, level = int(argv[0]), argv[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us
     configure(level)

@@ -173,6 +173,17 @@ def _model_pid(d: Daemon, model: str = "lmx-tiny") -> int | None:
     return pid
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux's scheduling policies")
+def test_the_daemon_yields_the_cpu_to_its_model_workers(daemon: Daemon) -> None:
+    # lmx.runtime.scheduling: the daemon's threads take no wakeup preemption, the workers (the
+    # model's and the spare) keep the default policy.
+    assert os.sched_getscheduler(daemon.proc.pid) == os.SCHED_BATCH
+    workers = wait_for(lambda: _worker_pids(daemon), lambda pids: len(pids) == 2)
+    assert _model_pid(daemon) in workers
+    for pid in workers:
+        wait_for(lambda pid=pid: os.sched_getscheduler(pid), lambda p: p == os.SCHED_OTHER)
+
+
 def test_a_killed_model_worker_is_replaced_and_serving_resumes(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
