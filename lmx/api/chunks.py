@@ -61,6 +61,9 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+DONE = sse("[DONE]")  # a stream's last event
+
+
 def error_event(message: str) -> bytes:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 

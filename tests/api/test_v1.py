@@ -77,6 +77,48 @@ async def test_streaming_chat_ends_with_done_and_usage(client: httpx.AsyncClient
     assert finishes[-1] == "length"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_streams_last_events_end_its_body_in_one_message(
+    registry: EngineRegistry, path: str
+) -> None:
+    # The last chunk, usage and [DONE] reach the server as one body message that ends the
+    # response (one write), not one message each and an empty one after.
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    body = {"model": "tiny", "max_tokens": 4, "stream": True}
+    body |= {"stream_options": {"include_usage": True}}
+    body |= {"messages": CHAT["messages"]} if "chat" in path else {"prompt": "Hello"}
+    raw = json.dumps(body).encode()
+    sent: list[dict[str, Any]] = []
+    requests = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return requests.pop() if requests else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"lmx.test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+    }
+    await app(scope, receive, send)
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    last = sse_events(bodies[-1]["body"].decode())
+    assert last[-1] == "[DONE]" and last[-2]["usage"]["completion_tokens"] == 4
+    assert last[-3]["choices"][0]["finish_reason"] == "length"
+    assert all("[DONE]" not in m["body"].decode() for m in bodies[:-1])
+
+
 async def test_unknown_model_is_404_envelope(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
     err = assert_envelope(r, 404, "model")
