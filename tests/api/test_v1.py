@@ -77,14 +77,18 @@ async def test_streaming_chat_ends_with_done_and_usage(client: httpx.AsyncClient
     assert finishes[-1] == "length"
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    ("path", "n"),
+    [("/v1/chat/completions", 1), ("/v1/chat/completions", 2), ("/v1/completions", 2)],
+)
 async def test_a_streams_last_events_end_its_body_in_one_message(
-    registry: EngineRegistry, path: str
+    registry: EngineRegistry, path: str, n: int
 ) -> None:
     # The last chunk, usage and [DONE] reach the server as one body message that ends the
-    # response (one write), not one message each and an empty one after.
+    # response (one write), not one message each and an empty one after. With n choices only
+    # the last one to end waits for the stream's end.
     app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
-    body = {"model": "tiny", "max_tokens": 4, "stream": True}
+    body = {"model": "tiny", "max_tokens": 4, "stream": True, "n": n}
     body |= {"stream_options": {"include_usage": True}}
     body |= {"messages": CHAT["messages"]} if "chat" in path else {"prompt": "Hello"}
     raw = json.dumps(body).encode()
@@ -114,9 +118,11 @@ async def test_a_streams_last_events_end_its_body_in_one_message(
     bodies = [m for m in sent if m["type"] == "http.response.body"]
     assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
     last = sse_events(bodies[-1]["body"].decode())
-    assert last[-1] == "[DONE]" and last[-2]["usage"]["completion_tokens"] == 4
-    assert last[-3]["choices"][0]["finish_reason"] == "length"
-    assert all("[DONE]" not in m["body"].decode() for m in bodies[:-1])
+    assert last[-1] == "[DONE]" and last[-2]["usage"]["completion_tokens"] == 4 * n
+    assert len(last) == 3 and last[0]["choices"][0]["finish_reason"] == "length"
+    events = [e for m in bodies for e in sse_events(m["body"].decode())]
+    ends = [c["index"] for e in events if e != "[DONE]" for c in e["choices"] if c["finish_reason"]]
+    assert sorted(ends) == list(range(n))
 
 
 async def test_unknown_model_is_404_envelope(client: httpx.AsyncClient) -> None:
