@@ -45,7 +45,7 @@ class _Live(Collector):
             "step_seconds": ("lmx_engine_step_seconds", "time in the engine's batch steps"),
             "overhead_seconds": (
                 "lmx_engine_overhead_seconds",
-                "time in lmx's own per-step work (detokenizing, stop strings, messages)",
+                "time the engine's stepping thread spends between steps on their results",
             ),
         }
         for key, (name, doc) in counters.items():

@@ -114,7 +114,7 @@ class EngineStats:
     generated_tokens: int
     prefill_steps: int = 0  # steps that also did prompt work: extra forward passes for the batch
     step_s: float = 0.0  # time in decode/prefill steps since the load
-    overhead_s: float = 0.0  # the engine's own per-step work (text, stops, messages) since then
+    overhead_s: float = 0.0  # the stepping thread's own work between steps since then
 
 
 class Tokenizer(Protocol):

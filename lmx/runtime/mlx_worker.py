@@ -6,8 +6,9 @@ process has a GIL of its own, so the daemon's HTTP work never delays a decode st
 fails this model's requests and leaves the daemon serving; its exit returns all of its memory.
 
 New requests join the running batch at the next step; a cancelled one leaves it at the next step.
-Text (detokenization, stop strings) is produced here, so a stop string ends its sequence in the
-step that completed it.
+Text (detokenization, stop strings) is produced here, on an output thread of its own while the
+main thread runs the next step (see Worker._emit_all): a stop string ends its text at once, and
+its sequence leaves the batch before the next step or the one after.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ _PROMPT_CACHE_ENTRIES = 64
 # tokens (members x the longest member's chunk) stay within this many prefill chunks.
 _PREFILL_GROUP = 8
 _STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at most this often
+# Steps whose output the output thread may have still to send before the main thread waits for it
+# (Worker._room): a sequence whose text hit a stop string takes this many extra steps at most.
+_OUTPUT_LAG = 2
 
 
 def _params(model: Any) -> list[tuple[str, Any]]:
@@ -105,6 +109,19 @@ class _Seq:
     started_s: float | None = None
     first_token_s: float | None = None
     timed: bool = False  # the timings rode on a delta already
+    done: bool = False  # its last delta went out (the output thread's)
+
+
+# One sequence's token of one step, as the main thread hands it to the output thread: the
+# sequence, the token, BatchGenerator's finish reason, the sequence's tokens so far, logprobs.
+_Token = tuple[_Seq, int, str | None, int, tuple[TokenLogprob, ...]]
+
+
+@dataclass(frozen=True)
+class _StepOutput:
+    tokens: list[_Token]
+    stats: WorkerStats
+    changed: bool  # the batch's size changed: the stats go out even without text
 
 
 class Worker:
@@ -122,6 +139,7 @@ class Worker:
         self._step_s = self._overhead_s = 0.0
         self._generated = 0
         self._kv_bytes = 0
+        self._mlx_bytes = (0, 0)  # MLX's active and cache memory
         self._stats_at = 0.0
         self._reported_active = -1
         self._weights_bytes = 0
@@ -133,12 +151,27 @@ class Worker:
         self._arrivals = TraceLog.from_env("arrivals")
         # When sequences finished, oldest first, less one for each request that came after them.
         self._ended: deque[float] = deque(maxlen=config.max_batch)
+        # To the output thread, in order: steps' outputs and whole messages; None ends it.
+        self._outbox: queue.SimpleQueue[_StepOutput | Report | None] = queue.SimpleQueue()
+        self._room = threading.Semaphore(_OUTPUT_LAG)  # step outputs it may lag behind
+        # From the output thread: sequences whose text ended (a stop string, or an error making
+        # it), for the main thread to take out of the batch.
+        self._text_ended: deque[_Seq] = deque()
 
     def run(self) -> None:
+        output = threading.Thread(target=self._emit_all, name="output")
+        output.start()
+        try:
+            self._run()
+        finally:  # every message posted goes out before the process exits
+            self._outbox.put(None)
+            output.join()
+
+    def _run(self) -> None:
         try:
             model, wrapper, gen, ready = self._load()
         except Exception as exc:  # reported to the engine's load(), which raises it
-            self._send(("failed", _portable(exc)))
+            self._post(("failed", _portable(exc)))
             return
         self._warn_if_slow(model)
         self.tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
@@ -148,7 +181,7 @@ class Worker:
         gc.collect()
         gc.freeze()
         threading.Thread(target=self._read, name="commands", daemon=True).start()
-        self._send(("ready", ready))
+        self._post(("ready", ready))
         try:
             self._serve(gen)
         finally:  # the process exits next, which returns every byte
@@ -209,6 +242,7 @@ class Worker:
             wait = hold if hold else 0.0 if self._live else _IDLE_POLL_S
             if not self._take_commands(gen, wait):
                 return
+            self._retire(gen)
             hold = self._hold_s()
             if self._live and (not hold or self._running()):
                 try:
@@ -218,7 +252,7 @@ class Worker:
                     self._fail_all(gen, str(exc))
             if not self._live:  # idle, or from this step on: the logs for bench/ go to disk now
                 if self._reported_active:
-                    self._send(("out", [], [], self._stats(gen)))
+                    self._post(("out", [], [], self._stats(gen)))
                 self._flush_logs()
 
     def _flush_logs(self) -> None:
@@ -325,8 +359,8 @@ class Worker:
         except Exception as exc:  # this request only: an error delta, the batch goes on
             log.warning("request_rejected", model=self.config.model_id, error=str(exc))
             self._left(seq)
-            final = self._final(seq, "error", str(exc))
-            self._send(("out", [], [(sid, final)], self._stats(gen)))
+            final = self._final(seq, "error", str(exc), 0)
+            self._post(("out", [], [(sid, final)], self._stats(gen)))
             return
         self._by_sid[sid] = seq
 
@@ -368,7 +402,8 @@ class Worker:
         self._live[seq.uid] = seq
 
     def _step(self, gen: Any, *, held: bool) -> None:
-        """One BatchGenerator step; `held`: the prompts not yet started stay out of it."""
+        """One BatchGenerator step; `held`: the prompts not yet started stay out of it. Its
+        tokens go to the output thread, which makes their text while the next step runs."""
         waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
         if waiting:  # else the step takes no prompt in, whatever the group
             gen.prefill_batch_size = 0 if held else self._prefill_group(waiting)
@@ -386,62 +421,117 @@ class Worker:
                     seq.started_s = t0
                 done, total = p.progress
                 seq.prompt_left = total - done
-        pieces: list[Piece] = []
-        out: list[tuple[int, Delta]] = []
-        caching = self.config.prompt_cache_bytes > 0
+        tokens: list[_Token] = []
         finished: list[tuple[list[int], Any]] = []  # (tokens, KV cache) for the prompt cache
         for r in responses:
             seq = self._live.get(r.uid)
-            if seq is None:
+            if seq is None:  # its text ended (a stop string) or it was cancelled
                 continue
             if seq.first_token_s is None:
                 seq.first_token_s = t1
             seq.generated += 1
             self._generated += 1
-            finish = r.finish_reason
-            hit_stop_token = finish == "stop" and r.token in seq.stop_ids
-            text = "" if hit_stop_token else seq.detok.add(r.token)
-            if finish is not None:
-                text += seq.detok.flush()
-            text, stopped = seq.stops.feed(text)
-            if stopped:
-                finish = "stop"
-                kv = gen.remove([r.uid], return_prompt_caches=caching).get(r.uid)
-                if kv is not None:
-                    finished.append((list(kv[1]), kv[0]))
-            elif finish is not None:
-                text += seq.stops.flush()
-                if caching and r.prompt_cache is not None:
-                    finished.append((list(r.all_tokens or []), r.prompt_cache))
             lps = self._logprobs(seq, r.token, r.logprobs) if seq.request.params.logprobs else ()
-            if finish is not None:
-                del self._live[r.uid]
-                self._by_sid.pop(seq.sid, None)
-                if self._left(seq):
-                    self._ended.append(t1)
-                error = seq.constraint.error if seq.constraint is not None else None
-                out.append(
-                    (seq.sid, self._timed(seq, self._final(seq, finish, error, text, r.token, lps)))
-                )
-            elif lps or (text and not seq.timed):
-                delta = Delta(text=text, token_ids=(r.token,), logprobs=lps)
-                out.append((seq.sid, self._timed(seq, delta)))
-            elif text:
-                pieces.append((seq.sid, text, r.token))
-        if pieces or out or len(self._live) != self._reported_active:
-            self._send(("out", pieces, out, self._stats(gen)))
+            if r.finish_reason is not None:
+                self._leave(seq, t1)
+                if self.config.prompt_cache_bytes > 0 and r.prompt_cache is not None:
+                    finished.append((list(r.all_tokens or []), r.prompt_cache))
+            tokens.append((seq, r.token, r.finish_reason, seq.generated, lps))
+        changed = len(self._live) != self._reported_active
+        if tokens or changed:
+            self._room.acquire()  # waits only while the output thread is _OUTPUT_LAG steps behind
+            self._outbox.put(_StepOutput(tokens, self._stats(gen), changed))
         if finished:
             # After the output: the prompt cache's bookkeeping takes ~1 ms a sequence (H200 host),
             # which held back a round's endings, and so the clients' next requests, by 26 ms.
-            for tokens, kv in finished:
-                self._remember(tokens, kv)
-            self._send(("out", [], [], self._stats(gen)))  # the prompt cache's new size
+            for all_tokens, kv in finished:
+                self._remember(all_tokens, kv)
+            self._post(("out", [], [], self._stats(gen)))  # the prompt cache's new size
         t2 = time.perf_counter()
         self._overhead_s += t2 - t1
         if self._trace is not None:
             self._trace.write(
                 replace(step_of(t0, t1, prompts, responses), after_ms=(t2 - t1) * 1e3)
             )
+
+    def _leave(self, seq: _Seq, now: float) -> None:
+        """`seq` is out of the batch (BatchGenerator's part is the caller's)."""
+        del self._live[seq.uid]
+        self._by_sid.pop(seq.sid, None)
+        if self._left(seq):
+            self._ended.append(now)
+
+    def _retire(self, gen: Any) -> None:
+        """Take the sequences whose text the output thread ended out of the batch."""
+        caching = self.config.prompt_cache_bytes > 0
+        while self._text_ended:
+            seq = self._text_ended.popleft()
+            if self._live.get(seq.uid) is not seq:  # it finished or was cancelled meanwhile
+                continue
+            kv = gen.remove([seq.uid], return_prompt_caches=caching).get(seq.uid)
+            self._leave(seq, time.perf_counter())
+            if kv is not None:
+                self._remember(list(kv[1]), kv[0])
+
+    def _emit_all(self) -> None:
+        """The output thread: makes each step's text and sends it, and sends the main thread's
+        messages, in the order posted. It runs while the main thread is in MLX's calls, which
+        release the GIL (on a GPU, most of a step goes to launching its kernels), so that the
+        step's results cost the stepping thread a handoff instead of their text and message.
+        Should it fail, the worker stops: the engine then ends the model's streams."""
+        try:
+            while (item := self._outbox.get()) is not None:
+                if not isinstance(item, _StepOutput):
+                    self._send(item)
+                    continue
+                self._emit(item)
+                self._room.release()
+        except Exception:
+            log.exception("worker_output_failed", model=self.config.model_id)
+            self._inbox.put((time.perf_counter(), [("stop",)]))
+            self._room.release(_OUTPUT_LAG)  # before its next step, the main thread sees the stop
+
+    def _emit(self, step: _StepOutput) -> None:
+        pieces: list[Piece] = []
+        out: list[tuple[int, Delta]] = []
+        for seq, token, finish, generated, lps in step.tokens:
+            if seq.done:  # its text ended at an earlier step
+                continue
+            try:
+                text, stopped = self._text(seq, token, finish)
+            except Exception as exc:  # this sequence only: an error delta, the batch goes on
+                log.exception("sequence_text_failed", model=self.config.model_id)
+                seq.done = True
+                self._text_ended.append(seq)
+                out.append((seq.sid, self._final(seq, "error", str(exc), generated)))
+                continue
+            if stopped:
+                finish = "stop"
+                self._text_ended.append(seq)
+            if finish is not None:
+                seq.done = True
+                error = seq.constraint.error if seq.constraint is not None else None
+                final = self._final(seq, finish, error, generated, text, token, lps)
+                out.append((seq.sid, self._timed(seq, final)))
+            elif lps or (text and not seq.timed):
+                delta = Delta(text=text, token_ids=(token,), logprobs=lps)
+                out.append((seq.sid, self._timed(seq, delta)))
+            elif text:
+                pieces.append((seq.sid, text, token))
+        if pieces or out or step.changed:
+            self._send(("out", pieces, out, step.stats))
+
+    @staticmethod
+    def _text(seq: _Seq, token: int, finish: str | None) -> tuple[str, bool]:
+        """`token`'s text for `seq`, and whether it completed a stop string (the text then
+        ends before it)."""
+        text = "" if finish == "stop" and token in seq.stop_ids else seq.detok.add(token)
+        if finish is not None:
+            text += seq.detok.flush()
+        text, stopped = seq.stops.feed(text)
+        if finish is not None and not stopped:
+            text += seq.stops.flush()
+        return text, stopped
 
     def _prefill_group(self, waiting: list[int]) -> int:
         """How many of the `waiting` prompts the next step may take into its prefill."""
@@ -474,6 +564,7 @@ class Worker:
         if now - self._stats_at >= _STATS_EVERY_S or not self._live:
             self._stats_at = now
             self._kv_bytes = gen.prompt_cache_nbytes
+            self._mlx_bytes = int(mx.get_active_memory()), int(mx.get_cache_memory())
         self._reported_active = len(self._live)
         return WorkerStats(
             active=len(self._live),
@@ -483,8 +574,8 @@ class Worker:
             weights_bytes=self._weights_bytes,
             kv_bytes=self._kv_bytes,
             prompt_cache_bytes=self._cache.nbytes,
-            mlx_active_bytes=int(mx.get_active_memory()),
-            mlx_cache_bytes=int(mx.get_cache_memory()),
+            mlx_active_bytes=self._mlx_bytes[0],
+            mlx_cache_bytes=self._mlx_bytes[1],
             step_s=self._step_s,
             overhead_s=self._overhead_s,
         )
@@ -511,6 +602,7 @@ class Worker:
         seq: _Seq,
         finish: str,
         error: str | None,
+        generated: int,
         text: str = "",
         token: int | None = None,
         lps: tuple[TokenLogprob, ...] = (),
@@ -521,7 +613,7 @@ class Worker:
             logprobs=lps,
             finish_reason=finish,
             prompt_tokens=len(seq.request.prompt_tokens),
-            completion_tokens=seq.generated,
+            completion_tokens=generated,
             cached_tokens=seq.cached_tokens,
             error=error,
         )
@@ -529,14 +621,18 @@ class Worker:
     def _fail_all(self, gen: Any, error: str) -> None:
         if self._live:
             gen.remove(list(self._live))
-        failed = [(s.sid, self._final(s, "error", error)) for s in self._live.values()]
+        failed = [(s.sid, self._final(s, "error", error, s.generated)) for s in self._live.values()]
         self._live.clear()
         self._by_sid.clear()
         self._requests.clear()
         if failed:
-            self._send(("out", [], failed, self._stats(gen)))
+            self._post(("out", [], failed, self._stats(gen)))
 
-    def _send(self, msg: Report) -> None:
+    def _post(self, msg: Report) -> None:
+        """`msg` to the engine, by the output thread, after every step output posted before it."""
+        self._outbox.put(msg)
+
+    def _send(self, msg: Report) -> None:  # the output thread's
         with contextlib.suppress(OSError):  # the daemon is gone; the reader thread stops the loop
             send(self._conn, msg)
 

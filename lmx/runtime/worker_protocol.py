@@ -38,7 +38,7 @@ class WorkerStats:
     mlx_cache_bytes: int
     prefill_steps: int = 0  # steps that also did prompt work (prefill, joining the batch)
     step_s: float = 0.0  # time in BatchGenerator.next, all steps so far
-    overhead_s: float = 0.0  # lmx's own per-step work (text, stops, messages), all steps
+    overhead_s: float = 0.0  # the stepping thread's own work between steps, all steps
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,29 @@ async def test_stop_string_ends_only_its_request_and_is_not_emitted(engine: MlxE
     assert all(d.finish_reason == "length" and d.completion_tokens == 16 for _, d in results[::2])
 
 
+async def test_a_sequence_whose_text_hit_a_stop_string_leaves_the_batch_within_a_few_steps(
+    engine: MlxEngine,
+) -> None:
+    p = prompts(engine, 1)[0]
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    reference, lengths = "", []  # the text's length after each token
+    async for d in engine.stream(GenerationRequest(p, replace(long, max_tokens=40))):
+        reference += d.text
+        lengths.append(len(reference))
+    stop = reference[5:8]
+    assert stop and stop not in reference[:7]
+    tokens_to_stop = next(n for n, length in enumerate(lengths, 1) if length >= 8)
+    await until(lambda: engine.stats().active == 0)
+    steps_before = engine.stats().steps
+
+    text, last = await run(engine, p, replace(long, stop=(stop,)))
+    assert (text, last.finish_reason) == (reference[: reference.index(stop)], "stop")
+    await until(lambda: engine.stats().active == 0)
+    # Its prefill, its tokens up to the stop, and the few steps the worker's output thread may
+    # lag behind the batch (_OUTPUT_LAG): far from the 400 its max_tokens allows.
+    assert engine.stats().steps - steps_before <= tokens_to_stop + 5
+
+
 async def cancel_and_count_steps(engine: MlxEngine, stream: AsyncIterator[Delta]) -> int:
     """Close `stream` (the client is gone); the batch steps its sequence took meanwhile, once it
     has left the batch (or after a second)."""

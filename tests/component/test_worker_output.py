@@ -1,0 +1,109 @@
+"""The model worker's output thread, with the worker run in this process on the real tiny model:
+a sequence whose text cannot be made ends with that error and the batch goes on; a message that
+cannot be sent stops the worker instead of leaving its streams waiting."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import pytest
+
+from lmx.runtime import mlx_worker
+from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.mlx_worker import Worker
+from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder
+from lmx.runtime.worker_protocol import receive, send
+
+POISON = 11  # a prompt that starts with this token gets a detokenizer that fails
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+class _BrokenDecoder:
+    def add(self, token: int) -> str:
+        raise ValueError(f"no text for token {token}")
+
+    def flush(self) -> str:
+        return ""
+
+
+@pytest.fixture
+def worker(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[threading.Thread, Connection]]:
+    """A Worker running in a thread of this process, and our end of its socket pair."""
+    real = MlxTokenizer.detokenizer
+
+    def detokenizer(self: MlxTokenizer, context: Sequence[int]) -> ByteDecoder | IncrementalDecoder:
+        if context and context[0] == POISON:
+            return _BrokenDecoder()  # type: ignore[return-value]
+        return real(self, context)
+
+    monkeypatch.setattr(MlxTokenizer, "detokenizer", detokenizer)
+    ours, theirs = socket.socketpair()
+    conn, worker_end = Connection(ours.detach()), Connection(theirs.detach())
+    thread = threading.Thread(
+        target=Worker(LoadConfig(model_id="t", path=tiny_model_dir), worker_end).run
+    )
+    thread.start()
+    try:
+        assert receive(conn)[0] == "ready"
+        yield thread, conn
+    finally:
+        send(conn, [("stop",)])
+        thread.join(timeout=30)
+        conn.close()  # the worker's command reader, should it still wait, reads its end
+        for reader in [t for t in threading.enumerate() if t.name == "commands"]:
+            reader.join(timeout=30)
+        worker_end.close()
+        gc.unfreeze()  # the worker froze this process's objects at its start
+    assert not thread.is_alive()
+
+
+def finals(conn: Connection, sids: set[int]) -> dict[int, Delta]:
+    """Read the worker's messages until each of `sids` got its last delta."""
+    out: dict[int, Delta] = {}
+    for _ in range(1000):  # messages; a bound besides the worker's own end
+        if sids <= out.keys():
+            return out
+        assert conn.poll(30), f"no message, and no last delta for {sids - out.keys()}"
+        kind, _pieces, items, _stats = receive(conn)
+        assert kind == "out"
+        out |= {sid: d for sid, d in items if d.finish_reason is not None}
+    raise AssertionError(f"no last delta for {sids - out.keys()}")
+
+
+def test_a_sequence_whose_text_fails_ends_with_the_error_and_the_batch_goes_on(
+    worker: tuple[threading.Thread, Connection],
+) -> None:
+    _, conn = worker
+    send(
+        conn,
+        [
+            ("add", 1, GenerationRequest([POISON, 12, 13], PARAMS)),
+            ("add", 2, GenerationRequest([14, 15, 16], PARAMS)),
+        ],
+    )
+    ended = finals(conn, {1, 2})
+    assert ended[1].finish_reason == "error"
+    assert (ended[1].error or "").startswith("no text for token ")
+    assert (ended[2].finish_reason, ended[2].completion_tokens) == ("length", PARAMS.max_tokens)
+
+
+def test_a_message_that_cannot_be_sent_stops_the_worker(
+    worker: tuple[threading.Thread, Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thread, conn = worker
+
+    def fail(_conn: Connection, msg: object) -> None:
+        raise RuntimeError("cannot send")
+
+    monkeypatch.setattr(mlx_worker, "send", fail)
+    send(conn, [("add", 1, GenerationRequest([14, 15, 16], PARAMS))])
+    thread.join(timeout=30)  # without a stop from us
+    assert not thread.is_alive()
