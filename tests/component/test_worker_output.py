@@ -52,6 +52,7 @@ def worker(
     )
     thread.start()
     try:
+        assert conn.poll(60), "the worker sent nothing in 60 s"
         assert receive(conn)[0] == "ready"
         yield thread, conn
     finally:
