@@ -120,7 +120,9 @@ async def test_a_sequence_whose_text_hit_a_stop_string_leaves_the_batch_within_a
     p = prompts(engine, 1)[0]
     long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     reference, lengths = "", []  # the text's length after each token
-    async for d in engine.stream(GenerationRequest(p, replace(long, max_tokens=40))):
+    # With logprobs every token comes as a delta of its own, those without text too.
+    each = replace(long, max_tokens=40, logprobs=True)
+    async for d in engine.stream(GenerationRequest(p, each)):
         reference += d.text
         lengths.append(len(reference))
     stop = reference[5:8]
