@@ -32,6 +32,8 @@ class Point:
     engine: PointStats | None = None  # lmx's engine without HTTP (--engine-layer)
     engine_runs: tuple[PointStats, ...] = ()
     steps: dict[str, tuple[Step, ...]] = field(default_factory=dict)  # by side, its last run
+    # Raw once more in each repeat, beside raw's run: the A/A test (--no-again leaves it out).
+    again_runs: tuple[PointStats, ...] = ()
 
     @property
     def pair_ratios(self) -> list[float]:
@@ -43,6 +45,16 @@ class Point:
     def ratio(self) -> float:
         """The median of `pair_ratios`."""
         return _median(self.pair_ratios)
+
+    @property
+    def again_ratios(self) -> list[float]:
+        """raw's second run over its first, repeat by repeat: the same pairing as `pair_ratios`
+        with nothing to find, so what the machine alone makes of a pair."""
+        return _pair_ratios(self.again_runs, self.raw_runs)
+
+    @property
+    def again_ratio(self) -> float:
+        return _median(self.again_ratios)
 
     @property
     def engine_ratio(self) -> float:
@@ -87,6 +99,13 @@ def _pair_ratios(runs: Sequence[PointStats], raw_runs: Sequence[PointStats]) -> 
         for r, b in zip(runs, raw_runs, strict=False)
         if b.output_tok_s
     ]
+
+
+def _ratio_cell(ratio: float, pairs: Sequence[float]) -> str:
+    """The median in bold, marked when below the target, then its lowest and highest pair."""
+    mark = "" if ratio >= TARGET_RATIO else " ✗"
+    span = f" ({min(pairs):.2f}–{max(pairs):.2f})" if pairs else ""
+    return f"**{ratio:.2f}**{mark}{span}"
 
 
 def _median(values: Sequence[float]) -> float:
@@ -136,6 +155,15 @@ class Report:
                     "steps": {side: _compact(steps) for side, steps in p.steps.items()},
                     **(
                         {
+                            "again_ratio": p.again_ratio,
+                            "again_ratios": p.again_ratios,
+                            "again_runs": [asdict(r) for r in p.again_runs],
+                        }
+                        if p.again_runs
+                        else {}
+                    ),
+                    **(
+                        {
                             "engine_ratio": p.engine_ratio,
                             "engine": asdict(p.engine),
                             "engine_runs": [asdict(r) for r in p.engine_runs],
@@ -150,6 +178,7 @@ class Report:
 
     def to_markdown(self) -> str:
         s = self.settings
+        again = any(p.again_runs for p in self.points)
         lines = [
             f"# Throughput: lmx over HTTP vs raw BatchGenerator — `{self.preset}` on `{self.device}`",
             "",
@@ -160,22 +189,27 @@ class Report:
             "",
             "lmx/raw: the median over the repeats of lmx's run over raw's run beside it, then the"
             " lowest and highest of those pairs; raw max/min: raw's fastest run over its slowest,"
-            " what the machine alone moved.",
+            " what the machine alone moved."
+            + (
+                " A/A: the same for a second run of raw beside raw's, where there is nothing to"
+                " find: what a pair on this machine says of two equal sides."
+                if again
+                else ""
+            ),
             "",
-            "| streams | raw tok/s | lmx tok/s | lmx/raw (pairs) | raw max/min "
-            "| TTFT p50 ms raw / lmx | TTFT p99 ms raw / lmx | ITL p50 ms raw / lmx "
-            "| ITL p99 ms raw / lmx | lmx CPU s server / client | errors |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| streams | raw tok/s | lmx tok/s | lmx/raw (pairs) "
+            + ("| A/A (pairs) " if again else "")
+            + "| raw max/min | TTFT p50 ms raw / lmx | TTFT p99 ms raw / lmx "
+            "| ITL p50 ms raw / lmx | ITL p99 ms raw / lmx | lmx CPU s server / client | errors |",
+            "|---:" * (12 if again else 11) + "|",
         ]
         for p in self.points:
             r, x = p.raw, p.lmx
-            mark = "" if p.ratio >= TARGET_RATIO else " ✗"
-            pairs = p.pair_ratios
-            span = f" ({min(pairs):.2f}–{max(pairs):.2f})" if pairs else ""
             lines.append(
                 f"| {p.concurrency} | {r.output_tok_s:.1f} | {x.output_tok_s:.1f} "
-                f"| **{p.ratio:.2f}**{mark}{span} "
-                f"| {p.raw_spread:.2f} "
+                f"| {_ratio_cell(p.ratio, p.pair_ratios)} "
+                + (f"| {_ratio_cell(p.again_ratio, p.again_ratios)} " if again else "")
+                + f"| {p.raw_spread:.2f} "
                 f"| {r.ttft_p50_ms:.1f} / {x.ttft_p50_ms:.1f} "
                 f"| {r.ttft_p99_ms:.1f} / {x.ttft_p99_ms:.1f} "
                 f"| {r.itl_p50_ms:.2f} / {x.itl_p50_ms:.2f} "
@@ -209,6 +243,14 @@ class Report:
             f"Target lmx/raw ≥ {TARGET_RATIO} at every concurrency: "
             f"**{'met' if verdict else 'not met'}**.",
         ]
+        if again:
+            passed = sum(p.again_ratio >= TARGET_RATIO for p in self.points if p.again_runs)
+            counted = sum(1 for p in self.points if p.again_runs)
+            lines[-1] += (
+                f" The same test of raw against itself (A/A) passes at {passed} of {counted}"
+                " points: where it fails, this run's pairs cannot tell a side"
+                f" {1 - TARGET_RATIO:.0%} slower from an equal one."
+            )
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
@@ -360,6 +402,7 @@ class Report:
                     engine=PointStats(**p["engine"]) if "engine" in p else None,
                     engine_runs=tuple(PointStats(**r) for r in p.get("engine_runs", ())),
                     steps={side: _expand(cols) for side, cols in p["steps"].items()},
+                    again_runs=tuple(PointStats(**r) for r in p.get("again_runs", ())),
                 )
                 for p in data["points"]
             ],
@@ -402,23 +445,27 @@ class Report:
         top.set_title(f"{self.preset} on {self.device}: throughput vs concurrency")
         top.grid(True, alpha=0.3)
         top.legend()
-        ratios = [p.ratio for p in self.points]
-        spans = [
-            (r - min(p.pair_ratios, default=r), max(p.pair_ratios, default=r) - r)
-            for r, p in zip(ratios, self.points, strict=True)
-        ]
-        bottom.errorbar(
-            xs,
-            ratios,
-            yerr=list(zip(*spans, strict=True)),
-            fmt="d-",
-            color="C2",
-            capsize=3,
-            label="lmx / raw (median, lowest-highest pair)",
-        )
+        highest = 1.1
+        series = [("lmx / raw", [(p.ratio, p.pair_ratios) for p in self.points], "d-", "C2")]
+        if all(p.again_runs for p in self.points):
+            aa = [(p.again_ratio, p.again_ratios) for p in self.points]
+            series.append(("A/A: raw again / raw", aa, "x:", "C7"))
+        for label, points, fmt, color in series:
+            ratios = [r for r, _ in points]
+            lows = [r - min(pairs, default=r) for r, pairs in points]
+            highs = [max(pairs, default=r) - r for r, pairs in points]
+            bottom.errorbar(
+                xs,
+                ratios,
+                yerr=[lows, highs],
+                fmt=fmt,
+                color=color,
+                capsize=3,
+                label=f"{label} (median, lowest-highest pair)",
+            )
+            highest = max(highest, *(r + h for r, h in zip(ratios, highs, strict=True)))
         bottom.axhline(TARGET_RATIO, color="C3", ls="--", label=f"target {TARGET_RATIO}")
-        top_ratio = max(r + hi for r, (_, hi) in zip(ratios, spans, strict=True))
-        bottom.set_ylim(0, max(1.1, top_ratio * 1.05))
+        bottom.set_ylim(0, highest * 1.05)
         bottom.set_xscale("log", base=2)
         bottom.set_xticks(xs, [str(x) for x in xs])
         bottom.set_xlabel("concurrent streams")

@@ -3,6 +3,8 @@
 `python -m bench.run_throughput --preset tiny --out bench/results/`. Starts one `lmx serve`
 (bench.server); for each concurrency, warms both sides up, then alternates raw (bench.raw, in this
 process) and lmx (bench.loadgen) runs on identical prompts, and keeps the median of the repeats.
+Each repeat also runs raw a second time beside raw's run: that A/A pair shows how far this
+machine moves a pair of equal sides.
 Writes
 bench/results/throughput-<preset>-<device>.{json,md,png} via bench.report.
 """
@@ -169,14 +171,16 @@ def measure_point(
     model: Any, engine: Any, srv: LmxServer, c: int, ids: list[int], args: argparse.Namespace
 ) -> Point:
     w = Workload.sized(c, args.prompt_tokens, args.output_tokens, args.min_requests, args.rounds)
-    sides = ["raw", "lmx"] + (["engine"] if engine is not None else [])
+    # Raw stays beside both lmx and its second run ("again", the A/A test) in either order.
+    sides = (["again"] if args.again else []) + ["raw", "lmx"]
+    sides += ["engine"] if engine is not None else []
     runs: dict[str, list[PointStats]] = {side: [] for side in sides}
     steps: dict[str, tuple[Step, ...]] = {}  # each side's last run, step by step
 
     def measure(
         side: str, w: Workload, prompts: Any, profile: Path | None = None
     ) -> tuple[PointStats, list[Step]]:
-        if side == "raw":
+        if side in ("raw", "again"):
             return measure_raw(model, w, prompts, args)
         if side == "engine":
             return measure_engine(engine, w, prompts, args)
@@ -186,7 +190,7 @@ def measure_point(
     # a new shape on first use; one request per stream leaves the refills' batch shapes
     # unseen, and a stall of a second inside a measured run of a few decides its result.
     warm = w
-    for k, side in enumerate(sides):
+    for k, side in enumerate(s for s in sides if s != "again"):  # raw's warm-up is again's
         measure(side, warm, make_prompts(warm, ids, seed=10_000 * (k + 1) + c))
     for rep in range(args.repeats):
         prompts = make_prompts(w, ids, seed=1_000 * c + rep)
@@ -197,7 +201,8 @@ def measure_point(
         for side in sides if rep % 2 == 0 else sides[::-1]:
             stats, side_steps = measure(side, w, prompts, profile)
             runs[side].append(stats)
-            steps[side] = tuple(side_steps)
+            if side != "again":
+                steps[side] = tuple(side_steps)
             log(f"  c={c} rep={rep} {side}: {stats.output_tok_s:.1f} tok/s")
     return Point(
         c,
@@ -208,6 +213,7 @@ def measure_point(
         median_stats(runs["engine"]) if engine is not None else None,
         tuple(runs.get("engine", ())),
         steps,
+        tuple(runs.get("again", ())),
     )
 
 
@@ -247,6 +253,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engine-layer",
         action="store_true",
         help="also measure lmx's engine without HTTP (a second copy of the model)",
+    )
+    p.add_argument(
+        "--no-again",
+        dest="again",
+        action="store_false",
+        help="leave out raw's second run per repeat (the A/A test of the pairing)",
     )
     p.add_argument("--note", action="append", default=[], help="a line for the report")
     args = p.parse_args(argv)

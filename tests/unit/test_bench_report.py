@@ -144,3 +144,23 @@ def test_lmx_raw_splits_into_lmx_own_time_and_its_steps_speed() -> None:
     assert report.to_json()["points"][0]["own_ratio"] == pytest.approx(1.0 / 1.06)
     # Without step records (older results) the split is left out.
     assert "lmx's own time" not in _report().to_markdown()
+
+
+def test_raw_against_itself_is_shown_and_tested_as_lmx_is() -> None:
+    # raw's second runs over its first: 1.2, 0.8, 0.9 (median 0.9, below the target).
+    report = _report()
+    again = (_run(120.0), _run(160.0), _run(135.0))
+    report.points[0] = replace(report.points[0], again_runs=again)
+    point = report.points[0]
+    assert point.again_ratios == pytest.approx([1.2, 0.8, 0.9])
+    assert point.again_ratio == pytest.approx(0.9)
+    text = report.to_markdown()
+    row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert "| **0.90** ✗ (0.50–1.00) | **0.90** ✗ (0.80–1.20) | 2.00 |" in row
+    assert "| A/A (pairs) |" in text
+    assert "raw against itself (A/A) passes at 0 of 1 points" in text
+    saved = json.loads(json.dumps(report.to_json()))
+    assert saved["points"][0]["again_ratio"] == pytest.approx(0.9)
+    assert Report.from_json(saved).to_markdown() == text
+    # Results without the second runs keep their columns.
+    assert "A/A" not in _report().to_markdown()
