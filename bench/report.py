@@ -12,7 +12,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -544,12 +544,45 @@ def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
     return tuple(Step(t, ms, d, p, s, after) for t, ms, d, p, s, after in rows)
 
 
+def join(reports: Sequence[Report]) -> Report:
+    """One report of the points of several runs with the same settings (a run split over calls
+    to a machine that allows only so long a call), in the order given."""
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("preset", "device", "settings"):
+            if getattr(other, key) != getattr(first, key):
+                raise ValueError(
+                    f"cannot join runs with different {key}: "
+                    f"{getattr(first, key)!r} and {getattr(other, key)!r}"
+                )
+    notes = [n for r in reports for n in r.notes]
+    return replace(
+        first,
+        points=[p for r in reports for p in r.points],
+        duration_s=math.fsum(r.duration_s for r in reports),
+        notes=list(dict.fromkeys(notes)),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Render result files again from their JSON, e.g. after a change to the tables or plots."""
+    """Render result files again from their JSON, e.g. after a change to the tables or plots;
+    with --join, write one result of several runs' points."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json")
-    for path in parser.parse_args(argv).files:
-        report = Report.from_json(json.loads(path.read_text()))
+    parser.add_argument(
+        "--join", type=Path, metavar="OUT.json", help="one result of all FILES' points, as OUT.*"
+    )
+    args = parser.parse_args(argv)
+    reports = [Report.from_json(json.loads(path.read_text())) for path in args.files]
+    if args.join is not None:
+        try:
+            joined = join(reports)
+        except ValueError as e:
+            parser.error(str(e))
+        outputs = [(joined, args.join)]
+    else:
+        outputs = list(zip(reports, args.files, strict=True))
+    for report, path in outputs:
         for written in report.write(path.parent, path.stem):
             print(f"wrote {written}")
 

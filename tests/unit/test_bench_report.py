@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.metrics import PointStats, RequestTrace, with_first_round, with_steps
-from bench.report import Point, Report
+from bench.report import Point, Report, join
+from bench.report import main as report_main
 from lmx.runtime.steptrace import Arrival, Step
 
 
@@ -164,3 +165,21 @@ def test_raw_against_itself_is_shown_and_tested_as_lmx_is() -> None:
     assert Report.from_json(saved).to_markdown() == text
     # Results without the second runs keep their columns.
     assert "A/A" not in _report().to_markdown()
+
+
+def test_runs_split_over_calls_join_into_one_result(tmp_path: Path) -> None:
+    first, second = _report(), _report()
+    second.points[0] = replace(second.points[0], concurrency=8)
+    second.notes = ["the second call"]
+    paths = []
+    for name, report in (("a", first), ("b", second)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report.to_json()))
+    report_main([*map(str, paths), "--join", str(tmp_path / "joined.json")])
+    joined = Report.from_json(json.loads((tmp_path / "joined.json").read_text()))
+    assert [p.concurrency for p in joined.points] == [2, 8]
+    assert joined.duration_s == 24.0 and joined.notes == ["the second call"]
+    assert "| 8 |" in (tmp_path / "joined.md").read_text()
+    other = replace(_report(), preset="qwen3-0.6b")
+    with pytest.raises(ValueError, match=r"different preset: 'tiny' and 'qwen3-0\.6b'"):
+        join([first, other])
