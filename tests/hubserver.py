@@ -197,10 +197,18 @@ class HubServer:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            req.in_flight = True
         try:
             self._handle(req, method)
         finally:
-            with self._lock:
+            self._answered(req)
+
+    def _answered(self, req: _Handler) -> None:
+        """`req` no longer counts as in flight: called before its response's last bytes go out,
+        as a client that has them may send its next request before this thread gets further."""
+        with self._lock:
+            if req.in_flight:
+                req.in_flight = False
                 self.in_flight -= 1
 
     def _handle(self, req: _Handler, method: str) -> None:
@@ -376,13 +384,17 @@ class HubServer:
         for k, v in headers.items():
             req.send_header(k, v)
         req.send_header("Content-Length", str(len(body)))
+        limit = 0 if method == "HEAD" else len(body) if drop_at is None else min(drop_at, len(body))
+        if not limit:
+            self._answered(req)
         req.end_headers()
         if method == "HEAD":
             return
-        limit = len(body) if drop_at is None else min(drop_at, len(body))
         for at in range(0, limit, _PIECE):
             if at and self.bytes_per_s:  # between pieces: the response ends with its last byte
                 time.sleep(_PIECE / self.bytes_per_s)
+            if at + _PIECE >= limit:
+                self._answered(req)
             req.wfile.write(body[at : min(at + _PIECE, limit)])
         req.wfile.flush()
         if drop_at is not None:
@@ -411,6 +423,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms stalls
     server: _Server
     timeout = 10  # idle keep-alive connections end, so handler threads do too
+    in_flight = False  # its request is being answered (HubServer.in_flight counts it)
 
     def setup(self) -> None:
         super().setup()
