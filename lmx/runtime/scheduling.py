@@ -4,9 +4,9 @@ A worker's threads pace its model's batch: its main thread steps, its output thr
 step's tokens into text and sends them to the daemon, whose threads wake for every step of every
 worker. Where fewer cores are free than threads want one, the kernel lets a thread it wakes take
 the core of the thread that woke it (wakeup preemption): the daemon then runs in the middle of the
-worker's step, and the batch waits. On a 2-core machine that doubled the worker's own time between steps (tiny
-model: 0.22 ms a step at 1 stream, 0.60 at 8; the daemon under SCHED_BATCH: 0.10-0.14 and
-0.17-0.24; bench.run_throughput).
+worker's step, and the batch waits. On a 2-core machine that doubled the worker's own time
+between steps (tiny model: 0.22 ms a step at 1 stream, 0.60 at 8; the daemon under SCHED_BATCH:
+0.10-0.14 and 0.17-0.24; bench.run_throughput).
 
 So the daemon's threads run under SCHED_BATCH, which takes no wakeup preemption: they keep their
 fair share of the CPU and run at once on a free core, but no longer push a worker off its own.
