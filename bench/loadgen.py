@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import h11
 
+from bench.cpus import pin_process
 from bench.metrics import RequestTrace, summarize
 from bench.workload import Prompts, Workload, make_prompts
 
@@ -271,16 +272,24 @@ async def run_load(
     return [t for traces in per_stream for t in traces]
 
 
-def auto_procs(concurrency: int) -> int:
-    """Client processes for `concurrency` streams: one per two cores, at most one per stream."""
-    return max(1, min(concurrency, (os.cpu_count() or 1) // 2))
+def auto_procs(cores: int, concurrency: int) -> int:
+    """Client processes for `concurrency` streams on `cores` cores: one per two cores, at most
+    one per stream."""
+    return max(1, min(concurrency, cores // 2))
 
 
 def run_load_procs(
-    target: Target, workload: Workload, prompts: Prompts, *, timeout_s: float, procs: int
+    target: Target,
+    workload: Workload,
+    prompts: Prompts,
+    *,
+    timeout_s: float,
+    procs: int,
+    cpus: frozenset[int] | None = None,
 ) -> tuple[list[RequestTrace], float]:
     """`run_load` with the streams split over `procs` client processes that start together: the
-    traces in stream order and the CPU seconds the clients used.
+    traces in stream order and the CPU seconds the clients used. With `cpus`, the clients run on
+    those CPUs only (in processes of their own even when `procs` is 1).
 
     One Python process parsing every stream's chunks and sending every next request spends ms of
     CPU per request (httpx: 13 ms for a request of 4 tokens on a 2-core machine): at 32 streams a
@@ -290,7 +299,7 @@ def run_load_procs(
     """
     c = workload.concurrency
     procs = max(1, min(procs, c))
-    if procs == 1:
+    if procs == 1 and cpus is None:
         cpu0 = time.process_time()
         traces = asyncio.run(run_load(target, workload, prompts, timeout_s=timeout_s))
         return traces, time.process_time() - cpu0
@@ -307,6 +316,7 @@ def run_load_procs(
                 "workload": asdict(replace(workload, concurrency=hi - lo)),
                 "prompts": prompts[lo:hi],
                 "timeout_s": timeout_s,
+                "cpus": sorted(cpus) if cpus is not None else None,
             }
             _tell(child, json.dumps(spec))
         for child in children:  # every client built and waiting
@@ -346,6 +356,8 @@ def _shard() -> None:
     """One client process of `run_load_procs`: its streams as a JSON line on stdin, "ready" on
     stdout once its client is built, then "go" on stdin; prints its traces as JSON."""
     spec = json.loads(sys.stdin.readline())
+    if spec["cpus"] is not None:
+        pin_process(frozenset(spec["cpus"]))
     cpu0 = 0.0
 
     async def ready() -> None:
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
             w,
             make_prompts(w, range(lo, hi), seed=c),
             timeout_s=args.timeout_s,
-            procs=args.client_procs or auto_procs(c),
+            procs=args.client_procs or auto_procs(os.cpu_count() or 1, c),
         )
         stats = summarize(traces, c, client_cpu_s=cpu_s)
         errors = sorted({t.error for t in traces if t.error})

@@ -36,6 +36,7 @@ import mlx.core as mx
 from mlx_lm import load as mlx_load
 
 import lmx
+from bench.cpus import parse_cpus, pin_process
 from bench.engine_direct import load_engine, run_engine
 from bench.loadgen import Target, auto_procs, run_load_procs
 from bench.metrics import (
@@ -143,7 +144,8 @@ def measure_lmx(
             w,
             prompts,
             timeout_s=args.timeout_s,
-            procs=args.client_procs or auto_procs(w.concurrency),
+            procs=args.client_procs or auto_procs(len(args.client_cpus), w.concurrency),
+            cpus=args.client_cpus if args.cpus else None,
         )
         t1 = time.perf_counter()
         srv = server.cpu_s() - srv0
@@ -217,6 +219,10 @@ def measure_point(
     )
 
 
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
+
+
 def context_length(args: argparse.Namespace) -> int:
     # Room for the prompt and the output, rounded up to a multiple of 256.
     need: int = args.prompt_tokens + args.output_tokens + 64
@@ -260,8 +266,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="leave out raw's second run per repeat (the A/A test of the pairing)",
     )
+    p.add_argument(
+        "--cpus",
+        help="CPUs (e.g. 2-5) for raw and lmx's daemon and worker; lmx's clients get the others",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report")
     args = p.parse_args(argv)
+    available = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    args.client_cpus = available or frozenset(range(os.cpu_count() or 1))
+    if args.cpus:
+        if available is None:
+            p.error("--cpus needs CPU affinity, which this platform does not have (Linux has)")
+        try:
+            args.cpus = parse_cpus(args.cpus)
+        except ValueError as e:
+            p.error(f"--cpus: {e}")
+        if not args.cpus <= available:
+            p.error(f"--cpus: {_cpu_list(args.cpus - available)} not among this process's CPUs")
+        args.client_cpus = available - args.cpus
+        if not args.client_cpus:
+            p.error("--cpus: leaves no CPU for lmx's clients")
     args.device_label = args.device_label or default_device_label()
     return args
 
@@ -269,6 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.cpus:
+        pin_process(args.cpus)  # before the server starts: its daemon and worker inherit it
     t0 = time.monotonic()
     model_dir = ensure_model(args.preset, args.models_dir, args.dtype)
     log(f"model {model_dir} (built or found in {time.monotonic() - t0:.1f}s)")
@@ -297,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             "api": "/v1/completions, token-id prompts, stream, ignore_eos + min_tokens",
             "mlx_device": str(mx.default_device()),
             "cpu_count": os.cpu_count(),
+            "cpus": (
+                f"{_cpu_list(args.cpus)}, clients {_cpu_list(args.client_cpus)}"
+                if args.cpus
+                else "any"
+            ),
         },
         versions={
             "lmx": lmx.__version__,
