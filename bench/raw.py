@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +83,8 @@ def run_raw(
                     del live[r.uid]
                     if len(traces[stream]) < workload.requests_per_stream:
                         submit(stream)
-            step = step_of(t0, now, prompt_work, responses)
-            steps.append(replace(step, after_ms=(time.perf_counter() - now) * 1e3))
+            after_ms = (time.perf_counter() - now) * 1e3
+            steps.append(step_of(t0, now, prompt_work, responses, after_ms))
     finally:
         gen.close()
     for _, trace in live.values():

@@ -450,9 +450,7 @@ class Worker:
         t2 = time.perf_counter()
         self._overhead_s += t2 - t1
         if self._trace is not None:
-            self._trace.write(
-                replace(step_of(t0, t1, prompts, responses), after_ms=(t2 - t1) * 1e3)
-            )
+            self._trace.write(step_of(t0, t1, prompts, responses, (t2 - t1) * 1e3))
 
     def _leave(self, seq: _Seq, now: float) -> None:
         """`seq` is out of the batch (BatchGenerator's part is the caller's)."""

@@ -23,6 +23,7 @@ def test_a_step_counts_decoded_prompted_and_started_sequences() -> None:
     assert step == Step(t=10.0, ms=pytest.approx(25.0), decoded=5, prompted=2, started=1)
     assert step.prompt_work
     assert not step_of(0.0, 0.01, [], [object()]).prompt_work
+    assert step_of(0.0, 0.01, [], [], after_ms=0.25).after_ms == 0.25
 
 
 def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> None:
