@@ -61,30 +61,36 @@ class Point:
         return _median(_pair_ratios(self.engine_runs, self.raw_runs))
 
     @property
+    def own_ratios(self) -> list[float]:
+        """lmx/raw had lmx's steps taken raw's time, repeat by repeat: what lmx's own time outside
+        its batch steps (its work on each step's results, the waits for requests, HTTP at a
+        run's start and end) leaves of raw's rate."""
+        return [
+            x.output_tokens / (x.wall_s - x.busy_s + r.busy_s) / (r.output_tokens / r.wall_s)
+            for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
+            if r.wall_s > 0 and x.busy_s > 0 and r.busy_s > 0
+        ]
+
+    @property
     def own_ratio(self) -> float:
-        """lmx/raw had lmx's steps taken raw's time, the median over the repeats: what lmx's own
-        time outside its batch steps (its work on each step's results, the waits for requests,
-        HTTP at a run's start and end) leaves of raw's rate."""
-        return _median(
-            [
-                x.output_tokens / (x.wall_s - x.busy_s + r.busy_s) / (r.output_tokens / r.wall_s)
-                for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
-                if r.wall_s > 0 and x.busy_s > 0 and r.busy_s > 0
-            ]
-        )
+        """The median of `own_ratios`."""
+        return _median(self.own_ratios)
+
+    @property
+    def step_ratios(self) -> list[float]:
+        """raw's time in batch steps over lmx's, repeat by repeat: how fast lmx's steps ran, the
+        same steps of the same BatchGenerator, against raw's; with `own_ratios`, about
+        `pair_ratios`."""
+        return [
+            r.busy_s / x.busy_s
+            for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
+            if x.busy_s > 0 and r.busy_s > 0
+        ]
 
     @property
     def step_ratio(self) -> float:
-        """raw's time in batch steps over lmx's, the median over the repeats: how fast lmx's steps
-        ran, the same steps of the same BatchGenerator, against raw's; with `own_ratio`, about
-        `ratio`."""
-        return _median(
-            [
-                r.busy_s / x.busy_s
-                for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
-                if x.busy_s > 0 and r.busy_s > 0
-            ]
-        )
+        """The median of `step_ratios`."""
+        return _median(self.step_ratios)
 
     @property
     def raw_spread(self) -> float:

@@ -1,0 +1,125 @@
+"""Pooling the pairs of several throughput runs: the median's interval, the verdicts, the files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.metrics import PointStats
+from bench.pool import Pool, Pooled, median_interval
+from bench.pool import main as pool_main
+from bench.report import Point, Report
+
+RESULTS = Path(__file__).parents[2] / "bench" / "results"
+
+
+def _run(tok_s: float, busy_s: float = math.nan) -> PointStats:
+    return PointStats(
+        concurrency=8,
+        requests=16,
+        errors=0,
+        output_tokens=1024,
+        wall_s=1024 / tok_s,
+        output_tok_s=tok_s,
+        ttft_p50_ms=30.0,
+        ttft_p99_ms=40.0,
+        ttft_mean_ms=31.0,
+        itl_p50_ms=8.0,
+        itl_p99_ms=12.0,
+        tpot_mean_ms=8.5,
+        chunks_per_token=1.0,
+        busy_s=busy_s,
+    )
+
+
+def _report(ratios: list[float], *, preset: str = "tiny", tokens: int = 64) -> Report:
+    """One run whose point at 8 streams has these lmx/raw pairs (raw at 1000 tok/s)."""
+    raw = tuple(_run(1000.0) for _ in ratios)
+    lmx = tuple(_run(1000.0 * r) for r in ratios)
+    point = Point(concurrency=8, raw=raw[0], lmx=lmx[0], raw_runs=raw, lmx_runs=lmx)
+    return Report(
+        preset=preset,
+        device="cpu",
+        settings={"prompt_tokens": tokens, "output_tokens": 64, "max_batch": 32, "repeats": 3},
+        versions={"lmx": "0"},
+        started_at="2026-12-03 08:00 UTC",
+        points=[point],
+    )
+
+
+def test_the_median_interval_is_the_widest_needed_order_statistics() -> None:
+    # 6 values: the extremes hold the median with 1 - 2/64 = 97%; 5 values reach only 94%.
+    assert median_interval([5, 1, 4, 2, 6, 3]) == (1, 6)
+    with pytest.raises(ValueError, match="5 values give no 95% interval"):
+        median_interval([1, 2, 3, 4, 5])
+    # 20 values: the 6th lowest and 6th highest (1 - 2 P(Binomial(20, 1/2) <= 5) = 95.9%; the
+    # 7th: 88.5%).
+    assert median_interval(range(1, 21)) == (6, 15)
+    assert median_interval(range(1, 21), confidence=0.8) == (7, 14)
+
+
+def test_a_verdict_needs_the_whole_interval_on_one_side_of_the_target() -> None:
+    assert Pooled((0.98, 0.99, 1.0, 1.01, 0.97, 0.99)).verdict(0.95) == "met"
+    assert Pooled((0.8, 0.82, 0.85, 0.9, 0.81, 0.83)).verdict(0.95) == "not met"
+    assert Pooled((0.8, 0.9, 1.0, 1.1, 0.85, 1.2)).verdict(0.95) == "undecided"
+    assert Pooled((1.0, 1.0, 1.0)).verdict(0.95) == "too few pairs"
+
+
+def test_the_pairs_for_a_narrower_interval_grow_with_the_spread() -> None:
+    tight, wide = Pooled((0.99, 1.0, 1.01, 1.0)), Pooled((0.8, 1.25, 0.9, 1.1))
+    assert tight.pairs_for(0.03) is not None and wide.pairs_for(0.03) is not None
+    assert tight.pairs_for(0.03) < 4 < wide.pairs_for(0.03)
+    assert Pooled((1.0,)).pairs_for(0.03) is None
+
+
+def test_runs_pool_their_pairs_per_concurrency() -> None:
+    pool = Pool.of([("a.json", _report([0.9, 1.0, 1.1])), ("b.json", _report([0.95, 1.05, 1.0]))])
+    (point,) = pool.points
+    assert point.concurrency == 8
+    lmx_raw = point.series["lmx_raw"]
+    assert sorted(lmx_raw.values) == pytest.approx([0.9, 0.95, 1.0, 1.0, 1.05, 1.1])
+    assert lmx_raw.median == pytest.approx(1.0) and lmx_raw.below_1 == 2
+    assert lmx_raw.interval == pytest.approx((0.9, 1.1))
+    assert point.verdict == "undecided"
+    assert point.series["aa"].n == 0  # these runs had no A/A pairs
+    row = next(line for line in pool.to_markdown().splitlines() if line.startswith("| 8 |"))
+    assert "| 6 | 1.00 [0.90–1.10] |" in row and "| A/A" not in row
+
+
+def test_runs_of_other_workloads_do_not_pool() -> None:
+    with pytest.raises(ValueError, match=r"b\.json ran preset 'other', a\.json 'tiny'"):
+        Pool.of([("a.json", _report([1.0])), ("b.json", _report([1.0], preset="other"))])
+    with pytest.raises(ValueError, match="prompt_tokens=128"):
+        Pool.of([("a.json", _report([1.0])), ("b.json", _report([1.0], tokens=128))])
+
+
+def test_the_saved_gpu_runs_pool_as_bench_readme_says(tmp_path: Path) -> None:
+    names = [
+        "throughput-qwen3-0.6b-h200-aa.json",
+        "throughput-qwen3-0.6b-h100-pinned.json",
+        "throughput-qwen3-0.6b-h100-pinned-c1.json",
+    ]
+    pool_main([str(tmp_path / "pooled"), *(str(RESULTS / n) for n in names)])
+    data = json.loads((tmp_path / "pooled.json").read_text())
+    by = {p["concurrency"]: p for p in data["points"]}
+    assert [by[c]["lmx_raw"]["n"] for c in (1, 2, 4, 8, 16, 32)] == [14, 8, 8, 8, 8, 8]
+    medians = [round(by[c]["lmx_raw"]["median"], 2) for c in (1, 2, 4, 8, 16, 32)]
+    assert medians == [0.93, 0.94, 0.97, 0.95, 0.93, 1.0]
+    assert {p["verdict"] for p in data["points"]} == {"undecided"}
+    assert all(p["own"]["interval"][0] >= 0.95 for p in data["points"])
+    assert (tmp_path / "pooled.md").read_text().startswith("# Pooled pairs")
+
+
+def test_the_command_names_what_does_not_pool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_report([1.0]).to_json()))
+    b.write_text(json.dumps(_report([1.0], tokens=128).to_json()))
+    with pytest.raises(SystemExit):
+        pool_main([str(tmp_path / "out"), str(a), str(b)])
+    assert "b.json ran prompt_tokens=128, a.json prompt_tokens=64" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
