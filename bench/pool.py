@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import TARGET_RATIO, Point, Report
+from bench.report import TARGET_RATIO, Point, Report, pyplot
 
 CONFIDENCE = 0.95
 # The settings whose differences make two runs' pairs measure different things.
@@ -255,12 +255,8 @@ class Pool:
         return paths
 
     def _plot(self, path: Path) -> bool:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return False
         fig, ax = plt.subplots(figsize=(7, 4.2))
         xs = [p.concurrency for p in self.points]

@@ -114,6 +114,19 @@ def _ratio_cell(ratio: float, pairs: Sequence[float]) -> str:
     return f"**{ratio:.2f}**{mark}{span}"
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot drawing to files (the Agg backend), or None where it is not
+    installed: the plots are optional, the tables are not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -430,12 +443,8 @@ class Report:
         return paths
 
     def _plot(self, path: Path) -> bool:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return False
         xs = [p.concurrency for p in self.points]
         fig, (top, bottom) = plt.subplots(
@@ -486,14 +495,8 @@ class Report:
     def _plot_steps(self, path: Path) -> bool:
         """Every step of each side's last run at each concurrency: its duration over time."""
         points = [p for p in self.points if p.steps]
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return False
-        if not points:
+        plt = pyplot()
+        if plt is None or not points:
             return False
         fig, axes = plt.subplots(
             len(points), 1, figsize=(8, 1.9 * len(points) + 0.6), squeeze=False

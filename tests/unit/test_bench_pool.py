@@ -3,42 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 
-from bench.metrics import PointStats
 from bench.pool import Pool, Pooled, median_interval
 from bench.pool import main as pool_main
 from bench.report import Point, Report
+from tests.unit.bench_runs import run_at
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
 
 
-def _run(tok_s: float, busy_s: float = math.nan) -> PointStats:
-    return PointStats(
-        concurrency=8,
-        requests=16,
-        errors=0,
-        output_tokens=1024,
-        wall_s=1024 / tok_s,
-        output_tok_s=tok_s,
-        ttft_p50_ms=30.0,
-        ttft_p99_ms=40.0,
-        ttft_mean_ms=31.0,
-        itl_p50_ms=8.0,
-        itl_p99_ms=12.0,
-        tpot_mean_ms=8.5,
-        chunks_per_token=1.0,
-        busy_s=busy_s,
-    )
-
-
 def _report(ratios: list[float], *, preset: str = "tiny", tokens: int = 64) -> Report:
     """One run whose point at 8 streams has these lmx/raw pairs (raw at 1000 tok/s)."""
-    raw = tuple(_run(1000.0) for _ in ratios)
-    lmx = tuple(_run(1000.0 * r) for r in ratios)
+    raw = tuple(run_at(1000.0, concurrency=8) for _ in ratios)
+    lmx = tuple(run_at(1000.0 * r, concurrency=8) for r in ratios)
     point = Point(concurrency=8, raw=raw[0], lmx=lmx[0], raw_runs=raw, lmx_runs=lmx)
     return Report(
         preset=preset,

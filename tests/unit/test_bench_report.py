@@ -10,33 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.metrics import PointStats, RequestTrace, with_first_round, with_steps
+from bench.metrics import RequestTrace, with_first_round, with_steps
 from bench.report import Point, Report, join
 from bench.report import main as report_main
 from lmx.runtime.steptrace import Arrival, Step
-
-
-def _run(tok_s: float) -> PointStats:
-    return PointStats(
-        concurrency=2,
-        requests=4,
-        errors=0,
-        output_tokens=256,
-        wall_s=256 / tok_s,
-        output_tok_s=tok_s,
-        ttft_p50_ms=30.0,
-        ttft_p99_ms=40.0,
-        ttft_mean_ms=31.0,
-        itl_p50_ms=8.0,
-        itl_p99_ms=12.0,
-        tpot_mean_ms=8.5,
-        chunks_per_token=1.0,
-    )
+from tests.unit.bench_runs import run_at
 
 
 def _report() -> Report:
-    raw = (_run(100.0), _run(200.0), _run(150.0))
-    lmx = (_run(50.0), _run(200.0), _run(135.0))
+    raw = (run_at(100.0), run_at(200.0), run_at(150.0))
+    lmx = (run_at(50.0), run_at(200.0), run_at(135.0))
     steps = (Step(t=10.0, ms=20.0, decoded=0, prompted=2, started=0), Step(10.02, 8.0, 2, 0, 0))
     point = Point(
         concurrency=2,
@@ -100,7 +83,7 @@ def test_a_runs_first_round_is_measured_stage_by_stage() -> None:
         Step(t=1.021, ms=5.0, decoded=1, prompted=1, started=0),
         Step(t=1.501, ms=5.0, decoded=1, prompted=1, started=0),  # a later round's
     ]
-    stats = with_first_round(_run(100.0), traces, arrivals, steps)
+    stats = with_first_round(run_at(100.0), traces, arrivals, steps)
     assert stats.round_sent_ms == pytest.approx(3.0)
     assert stats.round_written_ms == pytest.approx(5.0)
     assert stats.round_api_ms == pytest.approx(8.0)
@@ -109,7 +92,7 @@ def test_a_runs_first_round_is_measured_stage_by_stage() -> None:
     assert stats.round_prompt_steps == 2
     # raw: no arrivals; both prompts in one step
     both = Step(t=1.0, ms=5.0, decoded=0, prompted=2, started=0)
-    raw = with_first_round(_run(100.0), traces[:2], [], [both])
+    raw = with_first_round(run_at(100.0), traces[:2], [], [both])
     assert math.isnan(raw.round_api_ms) and raw.round_prompt_steps == 1
 
 
@@ -120,9 +103,9 @@ def test_the_idle_share_is_the_time_between_steps() -> None:
         Step(t=2.010, ms=10.0, decoded=1, prompted=0, started=0, after_ms=0.5),
         Step(t=2.040, ms=10.0, decoded=1, prompted=0, started=0, after_ms=0.5),
     ]
-    stats = with_steps(_run(100.0), steps)
+    stats = with_steps(run_at(100.0), steps)
     assert stats.idle_share == pytest.approx(0.4)
-    assert with_steps(_run(100.0), steps[:1]).idle_share == 0.0
+    assert with_steps(run_at(100.0), steps[:1]).idle_share == 0.0
     report = _report()
     point = report.points[0]
     report.points[0] = replace(point, lmx=stats, lmx_runs=(stats,))
@@ -132,8 +115,8 @@ def test_the_idle_share_is_the_time_between_steps() -> None:
 def test_lmx_raw_splits_into_lmx_own_time_and_its_steps_speed() -> None:
     # raw: 1.0 s, 0.95 s of it in steps. lmx: 1.25 s, 1.14 s in steps (its steps 20% slower),
     # 0.11 s outside them against raw's 0.05: with raw's steps it would take 1.06 s.
-    raw = replace(_run(256.0), busy_s=0.95)
-    lmx = replace(_run(256 / 1.25), busy_s=1.14)
+    raw = replace(run_at(256.0), busy_s=0.95)
+    lmx = replace(run_at(256 / 1.25), busy_s=1.14)
     report = _report()
     point = replace(report.points[0], raw_runs=(raw,), lmx_runs=(lmx,), raw=raw, lmx=lmx)
     assert point.ratio == pytest.approx(0.8)
@@ -150,7 +133,7 @@ def test_lmx_raw_splits_into_lmx_own_time_and_its_steps_speed() -> None:
 def test_raw_against_itself_is_shown_and_tested_as_lmx_is() -> None:
     # raw's second runs over its first: 1.2, 0.8, 0.9 (median 0.9, below the target).
     report = _report()
-    again = (_run(120.0), _run(160.0), _run(135.0))
+    again = (run_at(120.0), run_at(160.0), run_at(135.0))
     report.points[0] = replace(report.points[0], again_runs=again)
     point = report.points[0]
     assert point.again_ratios == pytest.approx([1.2, 0.8, 0.9])
