@@ -37,7 +37,7 @@ from bench.report import TARGET_RATIO, Point, Report, pyplot
 CONFIDENCE = 0.95
 # The settings whose differences make two runs' pairs measure different things.
 _SAME = ("prompt_tokens", "output_tokens", "max_batch", "dtype")
-# A median's standard error over a normal's: how much more a median interval needs than a mean's.
+# A median's standard error over a mean's, for normal data: how much wider its interval is.
 _MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2)
 
 
@@ -48,7 +48,7 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
     xs = sorted(values)
     n = len(xs)
     k = 0
-    below = 0  # P(fewer than k+1 of n values fall below the median) = P(Binomial(n, 1/2) <= k)
+    below = 0  # 2^n P(Binomial(n, 1/2) <= k): the chance that at most k values fall below it
     while k < n // 2:
         below += math.comb(n, k)
         if 1 - 2 * below / 2**n < confidence:

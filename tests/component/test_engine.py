@@ -590,14 +590,14 @@ def _idle_workers(known: set[int]) -> set[int]:
     }
 
 
-def _new_worker(known: set[int]) -> int:
+async def _new_worker(known: set[int]) -> int:
     """The one worker process of ours not in `known`. Popen returns once the exec has begun, and
     the kernel fills in a new process's command line a moment later: until then it reads empty."""
     for _ in range(200):
         if new := _idle_workers(known):
             (pid,) = new
             return pid
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
     raise AssertionError("no new worker process within 2 s")
 
 
@@ -607,12 +607,12 @@ async def test_a_load_takes_a_waiting_spare_and_a_new_one_waits_after_it(
     before = _idle_workers(set())
     spares = Spares()
     await asyncio.to_thread(spares.refill)
-    spare = _new_worker(before)
+    spare = await _new_worker(before)
     e = MlxEngine(LoadConfig(model_id="s", path=tiny_model_dir), spares=spares)
     try:
         await asyncio.to_thread(e.load)
         assert e.pid == spare
-        refill = _new_worker(before | {spare})
+        refill = await _new_worker(before | {spare})
         text, last = await run(e, prompts(e, 1)[0], GREEDY)
         assert last.finish_reason == "length" and text
     finally:
@@ -625,7 +625,7 @@ async def test_a_spare_that_died_waiting_is_replaced_at_the_load(tiny_model_dir:
     before = _idle_workers(set())
     spares = Spares()
     await asyncio.to_thread(spares.refill)
-    spare = _new_worker(before)
+    spare = await _new_worker(before)
     os.kill(spare, signal.SIGKILL)
     for _ in range(500):  # until it is dead (a zombie: ours to reap)
         if psutil.Process(spare).status() == psutil.STATUS_ZOMBIE:
