@@ -315,7 +315,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="output stem, e.g. bench/results/pooled-NAME")
     parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json of one workload")
     args = parser.parse_args(argv)
-    runs = [(f.name, Report.from_json(json.loads(f.read_text()))) for f in args.files]
+    runs = []
+    for f in args.files:
+        try:
+            runs.append((f.name, Report.from_json(json.loads(f.read_text()))))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            parser.error(f"{f}: not a throughput result ({type(e).__name__}: {e})")
     try:
         pool = Pool.of(runs)
     except ValueError as e:

@@ -103,3 +103,15 @@ def test_the_command_names_what_does_not_pool(
         pool_main([str(tmp_path / "out"), str(a), str(b)])
     assert "b.json ran prompt_tokens=128, a.json prompt_tokens=64" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_command_names_a_file_that_is_not_a_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"points": []}')
+    for path in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            pool_main([str(tmp_path / "out"), str(path)])
+        assert f"{path}: not a throughput result" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
