@@ -3,6 +3,8 @@
 On a GPU the model's step is launched by one CPU thread, and on a shared host that thread's
 speed moves from run to run with the core it lands on. Pinning raw and lmx's daemon and worker to
 the same few CPUs (and lmx's clients to the others) takes that part of the noise out of a pair.
+`--step-cpu` goes further: the one thread of each side that steps the model (raw's loop, lmx's
+worker's main thread) runs on one CPU of its own, and nothing else runs on that CPU's core.
 """
 
 from __future__ import annotations
@@ -33,5 +35,27 @@ def pin_process(cpus: frozenset[int]) -> None:
     for task in Path("/proc/self/task").iterdir():
         try:
             os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+
+
+def core_of(cpu: int) -> frozenset[int]:
+    """`cpu` and the hyperthreads that share its core, as Linux's topology says (`cpu` alone
+    where it says nothing)."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    try:
+        return parse_cpus(path.read_text()) | {cpu}
+    except (OSError, ValueError):
+        return frozenset({cpu})
+
+
+def pin_stepper(pid: int, cpu: int, rest: frozenset[int]) -> None:
+    """Process `pid`'s main thread, the one that steps its model, to `cpu` alone; its other
+    threads to `rest`. Threads the main thread starts later inherit `cpu`: call again to move
+    them."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        try:
+            os.sched_setaffinity(tid, {cpu} if tid == pid else rest)
         except ProcessLookupError:  # a thread that ended meanwhile
             continue

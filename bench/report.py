@@ -205,6 +205,12 @@ class Report:
             f" greedy, max_batch {s['max_batch']}, median of {s['repeats']} runs per point;"
             f" run {self.started_at}, {self.duration_s:.0f} s in all.",
             f"Versions: {', '.join(f'{k} {v}' for k, v in self.versions.items())}.",
+            f"CPUs: {s.get('cpus', 'any')}"
+            + (
+                f"; each side's stepping thread on CPU {s['step_cpu']}, alone on its core."
+                if s.get("step_cpu") is not None
+                else "."
+            ),
             "",
             "lmx/raw: the median over the repeats of lmx's run over raw's run beside it, then the"
             " lowest and highest of those pairs; raw max/min: raw's fastest run over its slowest,"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import gc
 import importlib.metadata
@@ -36,7 +37,7 @@ import mlx.core as mx
 from mlx_lm import load as mlx_load
 
 import lmx
-from bench.cpus import parse_cpus, pin_process
+from bench.cpus import core_of, parse_cpus, pin_process, pin_stepper
 from bench.engine_direct import load_engine, run_engine
 from bench.loadgen import Target, auto_procs, run_load_procs
 from bench.metrics import (
@@ -103,12 +104,37 @@ def _check(traces: list[RequestTrace], what: str) -> None:
         log(f"  {what}: {len(errors)} kinds of error, e.g. {errors[0]}")
 
 
+@contextmanager
+def stepping(args: argparse.Namespace, steps_dir: Path | None) -> Iterator[None]:
+    """With `--step-cpu`, the side about to run steps its model on that CPU: an lmx worker, found
+    by its step trace in `steps_dir` once it has written one (after the warm-up), or raw
+    (`steps_dir` None): this process's main thread, which goes back to the other CPUs after."""
+    if args.step_cpu is None:
+        yield
+        return
+    if steps_dir is None:
+        pin_stepper(os.getpid(), args.step_cpu, args.pinned)
+        try:
+            yield
+        finally:
+            pin_process(args.pinned)
+        return
+    traces = sorted(steps_dir.glob("steps-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    if traces:
+        with contextlib.suppress(FileNotFoundError):  # that worker is gone
+            pin_stepper(int(traces[-1].stem.removeprefix("steps-")), args.step_cpu, args.pinned)
+    yield
+
+
 def measure_raw(
     model: Any, w: Workload, prompts: Any, args: argparse.Namespace
 ) -> tuple[PointStats, list[Step]]:
     gc.collect()
     cpu0 = time.process_time()
-    traces, steps = run_raw(model, w, prompts, max_batch=args.max_batch, timeout_s=args.timeout_s)
+    with stepping(args, None):
+        traces, steps = run_raw(
+            model, w, prompts, max_batch=args.max_batch, timeout_s=args.timeout_s
+        )
     cpu = time.process_time() - cpu0
     mx.clear_cache()  # give the server the memory back (a GPU holds both copies of the model)
     _check(traces, "raw")
@@ -121,7 +147,8 @@ def measure_engine(
 ) -> tuple[PointStats, list[Step]]:
     gc.collect()
     cpu0, t0 = time.process_time(), time.perf_counter()
-    traces = asyncio.run(run_engine(engine, w, prompts, timeout_s=args.timeout_s))
+    with stepping(args, args.engine_steps_dir):
+        traces = asyncio.run(run_engine(engine, w, prompts, timeout_s=args.timeout_s))
     cpu, t1 = time.process_time() - cpu0, time.perf_counter()
     _check(traces, "engine")
     steps = settled_steps(args.engine_steps_dir, t0, t1)
@@ -136,7 +163,7 @@ def measure_lmx(
     gc.collect()
     target = Target(server.base_url, MODEL_ID)
     assert server.process is not None
-    with py_spy(server.process.pid, profile):
+    with py_spy(server.process.pid, profile), stepping(args, server.steps_dir):
         srv0, totals0 = server.cpu_s(), server.totals()
         t0 = time.perf_counter()
         traces, cpu = run_load_procs(
@@ -145,7 +172,7 @@ def measure_lmx(
             prompts,
             timeout_s=args.timeout_s,
             procs=args.client_procs or auto_procs(len(args.client_cpus), w.concurrency),
-            cpus=args.client_cpus if args.cpus else None,
+            cpus=args.client_cpus if args.cpus or args.step_cpu is not None else None,
         )
         t1 = time.perf_counter()
         srv = server.cpu_s() - srv0
@@ -270,6 +297,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpus",
         help="CPUs (e.g. 2-5) for raw and lmx's daemon and worker; lmx's clients get the others",
     )
+    p.add_argument(
+        "--step-cpu",
+        type=int,
+        help="a CPU for the thread of each side that steps the model; nothing else runs on its core",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report")
     args = p.parse_args(argv)
     available = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -286,6 +318,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.client_cpus = available - args.cpus
         if not args.client_cpus:
             p.error("--cpus: leaves no CPU for lmx's clients")
+    # Raw and lmx's daemon, and with --step-cpu the threads of both sides that do not step.
+    args.pinned = args.cpus or available
+    if args.step_cpu is not None:
+        if available is None:
+            p.error("--step-cpu needs CPU affinity, which this platform does not have (Linux has)")
+        if args.step_cpu not in args.pinned:
+            where = "--cpus" if args.cpus else "this process's CPUs"
+            p.error(f"--step-cpu: {args.step_cpu} is not among {where}")
+        core = core_of(args.step_cpu)
+        args.pinned -= core
+        args.client_cpus -= core
+        if not args.pinned or not args.client_cpus:
+            p.error(f"--step-cpu: core {_cpu_list(core)} leaves no CPU for the rest")
     args.device_label = args.device_label or default_device_label()
     return args
 
@@ -293,8 +338,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.cpus:
-        pin_process(args.cpus)  # before the server starts: its daemon and worker inherit it
+    if args.cpus or args.step_cpu is not None:
+        pin_process(args.pinned)  # before the server starts: its daemon and worker inherit it
     t0 = time.monotonic()
     model_dir = ensure_model(args.preset, args.models_dir, args.dtype)
     log(f"model {model_dir} (built or found in {time.monotonic() - t0:.1f}s)")
@@ -324,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             "mlx_device": str(mx.default_device()),
             "cpu_count": os.cpu_count(),
             "cpus": (
-                f"{_cpu_list(args.cpus)}, clients {_cpu_list(args.client_cpus)}"
-                if args.cpus
+                f"{_cpu_list(args.pinned)}, clients {_cpu_list(args.client_cpus)}"
+                if args.cpus or args.step_cpu is not None
                 else "any"
             ),
+            "step_cpu": args.step_cpu,
         },
         versions={
             "lmx": lmx.__version__,

@@ -1,16 +1,18 @@
-"""The bench's `--cpus`: CPU lists parsed with errors naming the bad part, a pin that holds for
-every thread and child process started after it, and the options it refuses."""
+"""The bench's `--cpus` and `--step-cpu`: CPU lists parsed with errors naming the bad part, a pin
+that holds for every thread and child process started after it, each side's stepping thread on a
+core of its own, and the options it refuses."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from bench.cpus import parse_cpus
-from bench.run_throughput import parse_args
+from bench.cpus import core_of, parse_cpus
+from bench.run_throughput import parse_args, stepping
 
 linux_only = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's"
@@ -81,3 +83,67 @@ def test_the_bench_gives_lmx_clients_the_cpus_it_does_not_pin() -> None:
     args = parse_args(["--cpus", str(first)])
     assert args.cpus == {first}
     assert args.client_cpus == available - {first}
+
+
+@linux_only
+def test_the_step_cpu_has_its_core_to_itself() -> None:
+    available = os.sched_getaffinity(0)
+    cpu = max(available)
+    core = core_of(cpu)
+    if not available - core:
+        pytest.skip("needs a second core")
+    args = parse_args(["--step-cpu", str(cpu)])
+    assert cpu in core
+    assert args.pinned == args.client_cpus == available - core
+
+
+@linux_only
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--step-cpu", "100000"], "--step-cpu: 100000 is not among this process's CPUs"),
+        (["--step-cpu", "{other}", "--cpus", "{first}"], "is not among --cpus"),
+        (["--step-cpu", "{first}", "--cpus", "{first}"], "leaves no CPU for the rest"),
+    ],
+)
+def test_the_bench_refuses_a_step_cpu_it_cannot_give(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        pytest.skip("needs two CPUs")
+    with pytest.raises(SystemExit):
+        parse_args([a.format(first=available[0], other=available[-1]) for a in argv])
+    assert says in capsys.readouterr().err
+
+
+@linux_only
+def test_each_side_steps_on_the_step_cpu_and_its_other_threads_run_elsewhere(
+    tmp_path: Path,
+) -> None:
+    available = frozenset(os.sched_getaffinity(0))
+    cpu = max(available)
+    if not available - core_of(cpu):
+        pytest.skip("needs a second core")
+    args = parse_args(["--step-cpu", str(cpu)])
+    # An lmx worker: a process with a second thread, found by the step trace it wrote.
+    code = "import threading, time\nthreading.Thread(target=time.sleep, args=(30,)).start()\n"
+    code += "print('up', flush=True)\ntime.sleep(30)\n"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as w:
+        try:
+            assert w.stdout is not None and w.stdout.readline().strip() == "up"
+            (tmp_path / f"steps-{w.pid}.jsonl").write_text("")
+            with stepping(args, tmp_path):
+                pass
+            tasks = {int(t.name) for t in Path(f"/proc/{w.pid}/task").iterdir()}
+            assert os.sched_getaffinity(w.pid) == {cpu}
+            assert [os.sched_getaffinity(t) for t in tasks - {w.pid}] == [args.pinned]
+        finally:
+            w.kill()
+    # Raw: this process's main thread while the block runs, and the other CPUs after it.
+    try:
+        with stepping(args, None):
+            assert os.sched_getaffinity(0) == {cpu}
+        assert os.sched_getaffinity(0) == args.pinned
+    finally:
+        os.sched_setaffinity(0, available)
