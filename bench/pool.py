@@ -12,7 +12,8 @@ runs back to back, whatever the machine's level at the time. Per concurrency thi
   pair is an outlier it is not moved by), and no interval below 6 pairs;
 - the geometric mean and the pairs below 1;
 - the same for the A/A pairs (raw's second run over its first: their interval should hold 1, or
-  the pairing is biased) and for lmx's own time (lmx/raw had lmx's steps taken raw's time);
+  the pairing is biased), for lmx's own time (lmx/raw had lmx's steps taken raw's time) and for
+  its steps' speed (raw's time in steps over lmx's);
 - the verdict: met where the interval lies at or above the target, not met where it lies below,
   else undecided; and about how many pairs would narrow the interval to ±3% at this spread.
 
@@ -220,8 +221,8 @@ class Pool:
             "interval to ±3% at this spread.",
             "",
             "| streams | pairs | lmx/raw median [interval] | geomean | below 1 | spread "
-            "| A/A median [interval] | lmx's own time median [interval] | its steps' speed "
-            "| verdict | pairs for ±3% |",
+            "| A/A median [interval] | lmx's own time median [interval] "
+            "| its steps' speed median [interval] | verdict | pairs for ±3% |",
             "|---:" * 9 + "|---|---:|",
         ]
         for p in self.points:
@@ -230,7 +231,7 @@ class Pool:
             lines.append(
                 f"| {p.concurrency} | {x.n} | {_cell(x)} | {x.geomean:.3f} "
                 f"| {x.below_1} of {x.n} | {x.log_sd:.1%} | {_cell(aa)} | {_cell(own, 3)} "
-                f"| {st.median:.3f} | {p.verdict} | {'—' if need is None else need} |"
+                f"| {_cell(st, 3)} | {p.verdict} | {'—' if need is None else need} |"
             )
         met = sum(p.verdict == "met" for p in self.points)
         own_met = sum(p.series["own"].verdict(TARGET_RATIO) == "met" for p in self.points)

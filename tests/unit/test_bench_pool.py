@@ -93,6 +93,20 @@ def test_the_saved_gpu_runs_pool_as_bench_readme_says(tmp_path: Path) -> None:
     assert (tmp_path / "pooled.md").read_text().startswith("# Pooled pairs")
 
 
+def test_the_runs_with_each_side_stepping_on_a_core_of_its_own_pool_as_bench_readme_says(
+    tmp_path: Path,
+) -> None:
+    names = [f"throughput-qwen3-0.6b-h200-stepcpu{s}.json" for s in ("", "-long", "-c1", "-c16")]
+    pool_main([str(tmp_path / "pooled"), *(str(RESULTS / n) for n in names)])
+    data = json.loads((tmp_path / "pooled.json").read_text())
+    by = {p["concurrency"]: p for p in data["points"]}
+    assert [by[c]["lmx_raw"]["n"] for c in (1, 16, 32)] == [42, 38, 40]
+    assert [round(by[c]["lmx_raw"]["median"], 2) for c in (1, 16, 32)] == [0.94, 0.95, 0.91]
+    assert by[1]["steps"]["interval"][1] < 1  # lmx's decode steps are the slower at 1 stream
+    assert all(by[c]["steps"]["interval"][0] < 1 < by[c]["steps"]["interval"][1] for c in (16, 32))
+    assert all(p["own"]["interval"][0] >= 0.95 for p in data["points"])
+
+
 def test_the_command_names_what_does_not_pool(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
