@@ -1,10 +1,10 @@
 """Entry point: lmx over HTTP against the raw BatchGenerator ceiling, in one run, per concurrency.
 
 `python -m bench.run_throughput --preset tiny --out bench/results/`. Starts one `lmx serve`
-(bench.server); for each concurrency, warms both sides up, then alternates raw (bench.raw, in this
-process) and lmx (bench.loadgen) runs on identical prompts, and keeps the median of the repeats.
-Each repeat also runs raw a second time beside raw's run: that A/A pair shows how far this
-machine moves a pair of equal sides.
+(bench.server); for each concurrency, warms both sides up, then runs raw (bench.raw, in this
+process) and lmx (bench.loadgen) on identical prompts in turns (`run_order`), and keeps the median
+of the repeats. Each repeat also runs raw a second time: that A/A pair shows how far this machine
+moves a pair of equal sides.
 Writes
 bench/results/throughput-<preset>-<device>.{json,md,png} via bench.report.
 """
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -196,11 +196,22 @@ def measure_lmx(
     return with_first_round(with_steps(stats, steps), traces, arrivals, steps), steps
 
 
+def run_order(sides: Sequence[str], rep: int) -> list[str]:
+    """The order of the sides' runs in repeat `rep`: turned by one every other repeat and
+    reversed in every second, so that each side takes each place, and follows each other side,
+    equally often (every 2 repeats for two sides, every 6 for three). Until 2026-12-03 raw was
+    always in the middle of three, beside both of the runs it was compared with; on the lent
+    GPU its second run ("again") then scored 0.95 of it at 1 stream, and so might lmx have."""
+    k = rep // 2 % len(sides)
+    turned = [*sides[k:], *sides[:k]]
+    return turned[::-1] if rep % 2 else turned
+
+
 def measure_point(
     model: Any, engine: Any, srv: LmxServer, c: int, ids: list[int], args: argparse.Namespace
 ) -> Point:
     w = Workload.sized(c, args.prompt_tokens, args.output_tokens, args.min_requests, args.rounds)
-    # Raw stays beside both lmx and its second run ("again", the A/A test) in either order.
+    # "again": raw's second run, the A/A test.
     sides = (["again"] if args.again else []) + ["raw", "lmx"]
     sides += ["engine"] if engine is not None else []
     runs: dict[str, list[PointStats]] = {side: [] for side in sides}
@@ -226,8 +237,7 @@ def measure_point(
         profile = None
         if args.py_spy and rep == 0:
             profile = args.out / f"profile-{args.preset}-{args.device_label}-c{c}.svg"
-        # Alternate the order so that no side always runs on a warmer machine.
-        for side in sides if rep % 2 == 0 else sides[::-1]:
+        for side in run_order(sides, rep):
             stats, side_steps = measure(side, w, prompts, profile)
             runs[side].append(stats)
             if side != "again":
