@@ -32,7 +32,7 @@ class Point:
     engine: PointStats | None = None  # lmx's engine without HTTP (--engine-layer)
     engine_runs: tuple[PointStats, ...] = ()
     steps: dict[str, tuple[Step, ...]] = field(default_factory=dict)  # by side, its last run
-    # Raw once more in each repeat, beside raw's run: the A/A test (--no-again leaves it out).
+    # Raw once more in each repeat: the A/A test (--no-again leaves it out).
     again_runs: tuple[PointStats, ...] = ()
 
     @property
@@ -212,11 +212,11 @@ class Report:
                 else "."
             ),
             "",
-            "lmx/raw: the median over the repeats of lmx's run over raw's run beside it, then the"
-            " lowest and highest of those pairs; raw max/min: raw's fastest run over its slowest,"
+            "lmx/raw: the median over the repeats of lmx's run over raw's run of that repeat, then"
+            " the lowest and highest of those pairs; raw max/min: raw's fastest run over its slowest,"
             " what the machine alone moved."
             + (
-                " A/A: the same for a second run of raw beside raw's, where there is nothing to"
+                " A/A: the same for a second run of raw in each repeat, where there is nothing to"
                 " find: what a pair on this machine says of two equal sides."
                 if again
                 else ""
