@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cpus import core_of, parse_cpus
+from bench.cpus import core_of, parse_cpus, pin_process
 from bench.run_throughput import parse_args, stepping
 
 linux_only = pytest.mark.skipif(
@@ -145,5 +145,5 @@ def test_each_side_steps_on_the_step_cpu_and_its_other_threads_run_elsewhere(
         with stepping(args, None):
             assert os.sched_getaffinity(0) == {cpu}
         assert os.sched_getaffinity(0) == args.pinned
-    finally:
-        os.sched_setaffinity(0, available)
+    finally:  # every thread of this process, as stepping's exit moved them all
+        pin_process(available)
