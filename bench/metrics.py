@@ -12,11 +12,10 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 import numpy as np
 
-from lmx.runtime.steptrace import Arrival, Step, read_steps
+from lmx.runtime.steptrace import Arrival, Step, TraceReader
 
 
 @dataclass
@@ -125,18 +124,18 @@ def summarize(
     )
 
 
-def settled_steps(directory: Path, start: float, end: float, wait_s: float = 3.0) -> list[Step]:
-    """The Steps a worker logged under `directory` in [start, end), once there are some and the
-    log stopped growing (a worker writes its lines when its batch goes idle, after the last
-    response went out). Empty if none came within `wait_s`."""
+def settled_steps(trace: TraceReader, start: float, end: float, wait_s: float = 3.0) -> list[Step]:
+    """The Steps a worker logged in [start, end), once there are some and the log stopped growing
+    (a worker writes its lines when its batch goes idle, after the last response went out).
+    Empty if none came within `wait_s`."""
     steps: list[Step] = []
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        again = read_steps(directory, start, end)
+        again = trace.steps(start, end)
         if again and len(again) == len(steps):
             break
         steps = again
-        time.sleep(0.1)
+        time.sleep(0.02)
     return steps
 
 

@@ -55,7 +55,7 @@ from bench.server import LmxServer
 from bench.synth import DTYPES, PRESET_NAMES, ensure_model, printable_token_ids
 from bench.workload import Workload, make_prompts
 from lmx.runtime import steptrace
-from lmx.runtime.steptrace import Step, read_arrivals
+from lmx.runtime.steptrace import Step, TraceReader
 
 MODEL_ID = "bench-model"
 
@@ -151,8 +151,8 @@ def measure_engine(
         traces = asyncio.run(run_engine(engine, w, prompts, timeout_s=args.timeout_s))
     cpu, t1 = time.process_time() - cpu0, time.perf_counter()
     _check(traces, "engine")
-    steps = settled_steps(args.engine_steps_dir, t0, t1)
-    arrivals = read_arrivals(args.engine_steps_dir, t0, t1)
+    steps = settled_steps(args.engine_trace, t0, t1)
+    arrivals = args.engine_trace.arrivals(t0, t1)
     stats = with_steps(summarize(traces, w.concurrency, server_cpu_s=cpu), steps)
     return with_first_round(stats, traces, arrivals, steps), steps
 
@@ -178,8 +178,8 @@ def measure_lmx(
         srv = server.cpu_s() - srv0
     _check(traces, "lmx")
     totals = server.totals()
-    steps = settled_steps(server.steps_dir, t0, t1)
-    arrivals = read_arrivals(server.steps_dir, t0, t1)  # written by the time the steps are
+    steps = settled_steps(server.trace, t0, t1)
+    arrivals = server.trace.arrivals(t0, t1)  # written by the time the steps are
 
     def latency_ms(name: str) -> float:
         count = f"lmx_{name}_seconds_count"
@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         # The engine's worker logs its steps here (it inherits the environment).
         args.engine_steps_dir = Path(tempfile.mkdtemp(prefix="lmx-bench-engine-steps-"))
         os.environ[steptrace.ENV] = str(args.engine_steps_dir)
+        args.engine_trace = TraceReader(args.engine_steps_dir)
         engine = load_engine(
             model_dir, max_batch=args.max_batch, context_length=context_length(args)
         )

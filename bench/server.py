@@ -66,6 +66,7 @@ class LmxServer:
         self._config.write_text(config_yaml(model_id, model_dir, max_batch, context_length))
         self._log_path = self._home / "server.log"
         self.steps_dir = self._home / "steps"  # the model worker's step log (lmx.runtime.steptrace)
+        self.trace = steptrace.TraceReader(self.steps_dir)
         self._ready_timeout_s = ready_timeout_s
         self._command = lmx_command
         self._proc: subprocess.Popen[bytes] | None = None

@@ -97,22 +97,50 @@ class TraceLog:
             self._pending.clear()
 
 
+class TraceReader:
+    """The records logged under a directory, read as they are appended: each read parses only
+    the lines added since the one before. Reading whole logs again after every run made each run
+    of a long bench slower than the last (30,000 lines: 0.27 s a read on the 2-core CPU)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._parsed: dict[Path, int] = {}  # bytes of each log read so far
+        self._steps: list[Step] = []
+        self._arrivals: list[Arrival] = []
+
+    def steps(self, start: float, end: float) -> list[Step]:
+        """Every Step logged that began in [start, end), in time order."""
+        self._catch_up()
+        return sorted((s for s in self._steps if start <= s.t < end), key=lambda s: s.t)
+
+    def arrivals(self, start: float, end: float) -> list[Arrival]:
+        """Every Arrival logged in [start, end), in time order."""
+        self._catch_up()
+        return sorted((a for a in self._arrivals if start <= a.t < end), key=lambda a: a.t)
+
+    def _catch_up(self) -> None:
+        for path in sorted(self.directory.glob("*-*.jsonl")):
+            kind = path.name.partition("-")[0]
+            if kind not in ("steps", "arrivals"):
+                continue
+            done = self._parsed.get(path, 0)
+            with path.open("rb") as f:
+                f.seek(done)
+                data = f.read()
+            data = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+            self._parsed[path] = done + len(data)
+            records = [json.loads(line) for line in data.splitlines() if line]
+            if kind == "steps":
+                self._steps += [Step(**r) for r in records]
+            else:
+                self._arrivals += [Arrival(**r) for r in records]
+
+
 def read_steps(directory: Path, start: float, end: float) -> list[Step]:
     """Every Step logged under `directory` that began in [start, end), in time order."""
-    steps = [Step(**r) for r in _records(directory, "steps")]
-    return sorted((s for s in steps if start <= s.t < end), key=lambda s: s.t)
+    return TraceReader(directory).steps(start, end)
 
 
 def read_arrivals(directory: Path, start: float, end: float) -> list[Arrival]:
     """Every Arrival logged under `directory` in [start, end), in time order."""
-    arrivals = [Arrival(**r) for r in _records(directory, "arrivals")]
-    return sorted((a for a in arrivals if start <= a.t < end), key=lambda a: a.t)
-
-
-def _records(directory: Path, kind: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for path in sorted(directory.glob(f"{kind}-*.jsonl"))
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line
-    ]
+    return TraceReader(directory).arrivals(start, end)

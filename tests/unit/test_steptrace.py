@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from lmx.runtime import steptrace
-from lmx.runtime.steptrace import Arrival, Step, TraceLog, read_arrivals, read_steps, step_of
+from lmx.runtime.steptrace import (
+    Arrival,
+    Step,
+    TraceLog,
+    TraceReader,
+    read_arrivals,
+    read_steps,
+    step_of,
+)
 
 
 @dataclass
@@ -57,3 +65,24 @@ def test_arrivals_are_kept_apart_from_steps(tmp_path: Path) -> None:
     arrivals.flush()
     assert [s.t for s in read_steps(tmp_path, 0.0, 10.0)] == [1.0]
     assert read_arrivals(tmp_path, 0.0, 10.0) == [Arrival(1.5, "api"), Arrival(2.0, "worker")]
+
+
+def test_a_reader_takes_in_what_is_appended_and_waits_for_a_line_being_written(
+    tmp_path: Path,
+) -> None:
+    reader = TraceReader(tmp_path / "logs")
+    assert reader.steps(0.0, 10.0) == []  # no worker has made the directory yet
+    log = TraceLog(tmp_path / "logs", "steps")
+    log.write(Step(t=1.0, ms=1.0, decoded=1, prompted=0, started=0))
+    log.flush()
+    assert [s.t for s in reader.steps(0.0, 10.0)] == [1.0]
+    log.write(Step(t=2.0, ms=1.0, decoded=1, prompted=0, started=0))
+    log.flush()
+    with log.path.open("a", encoding="utf-8") as f:
+        f.write('{"t":3.0,"ms":1.0,')
+        f.flush()
+        assert [s.t for s in reader.steps(0.0, 10.0)] == [1.0, 2.0]
+        f.write('"decoded":1,"prompted":0,"started":0}\n')
+    assert [s.t for s in reader.steps(0.0, 10.0)] == [1.0, 2.0, 3.0]
+    assert [s.t for s in reader.steps(1.5, 10.0)] == [2.0, 3.0]
+    assert reader.arrivals(0.0, 10.0) == []
