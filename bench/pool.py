@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import TARGET_RATIO, Point, Report, pyplot
+from bench.report import TARGET_RATIO, Point, Report, pyplot, write_result
 
 CONFIDENCE = 0.95
 # The settings whose differences make two runs' pairs measure different things.
@@ -246,14 +246,7 @@ class Pool:
 
     def write(self, stem: Path) -> list[Path]:
         """`stem`.json, .md and (with matplotlib) .png."""
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = [stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")]
-        paths[0].write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        paths[1].write_text(self.to_markdown())
-        png = stem.with_name(stem.name + ".png")
-        if self._plot(png):
-            paths.append(png)
-        return paths
+        return write_result(stem, self.to_json(), self.to_markdown(), {"": self._plot})
 
     def _plot(self, path: Path) -> bool:
         plt = pyplot()

@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,22 @@ def pyplot() -> Any:
     except ImportError:
         return None
     return plt
+
+
+def write_result(
+    stem: Path, data: dict[str, Any], markdown: str, plots: Mapping[str, Callable[[Path], bool]]
+) -> list[Path]:
+    """`stem`.json and `stem`.md, and `stem<suffix>`.png for each plot that draws (it returns
+    False without matplotlib): the paths written."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")]
+    paths[0].write_text(json.dumps(data, indent=2) + "\n")
+    paths[1].write_text(markdown)
+    for suffix, plot in plots.items():
+        png = stem.with_name(f"{stem.name}{suffix}.png")
+        if plot(png):
+            paths.append(png)
+    return paths
 
 
 def _median(values: Sequence[float]) -> float:
@@ -435,18 +451,10 @@ class Report:
 
     def write(self, out_dir: Path, stem: str | None = None) -> list[Path]:
         """JSON, Markdown and the plots as `stem`.* (default: `self.stem`) in `out_dir`."""
-        stem = stem or self.stem
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-        paths[0].write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        paths[1].write_text(self.to_markdown())
-        png = out_dir / f"{stem}.png"
-        if self._plot(png):
-            paths.append(png)
-        steps_png = out_dir / f"{stem}-steps.png"
-        if self._plot_steps(steps_png):
-            paths.append(steps_png)
-        return paths
+        plots = {"": self._plot, "-steps": self._plot_steps}
+        return write_result(
+            out_dir / (stem or self.stem), self.to_json(), self.to_markdown(), plots
+        )
 
     def _plot(self, path: Path) -> bool:
         plt = pyplot()
