@@ -444,8 +444,7 @@ class Worker:
         if finished:
             # After the output: the prompt cache's bookkeeping takes ~1 ms a sequence (H200 host),
             # which held back a round's endings, and so the clients' next requests, by 26 ms.
-            for all_tokens, kv in finished:
-                self._remember(all_tokens, kv)
+            self._remember(finished)
             self._post(("out", [], [], self._stats(gen)))  # the prompt cache's new size
         t2 = time.perf_counter()
         self._overhead_s += t2 - t1
@@ -469,7 +468,7 @@ class Worker:
             kv = gen.remove([seq.uid], return_prompt_caches=caching).get(seq.uid)
             self._leave(seq, time.perf_counter())
             if kv is not None:
-                self._remember(list(kv[1]), kv[0])
+                self._remember([(list(kv[1]), kv[0])])
 
     def _emit_all(self) -> None:
         """The output thread: makes each step's text and sends it, and sends the main thread's
@@ -549,13 +548,17 @@ class Worker:
             delta, queue_s=started - seq.received_s, prefill_s=seq.first_token_s - started
         )
 
-    def _remember(self, tokens: list[int], kv: Any) -> None:
+    def _remember(self, finished: list[tuple[list[int], Any]]) -> None:
+        """Put each (tokens, KV cache) of `finished` in the prompt cache."""
         # A cache cut out of the batch is a lazy copy that holds the batch's whole KV buffers
         # until it is computed (every sequence's, not the one it counts): compute it now, queued
-        # behind the step in flight, so the prompt cache holds what it reports.
-        state: list[tuple[str, Any]] = tree_flatten([c.state for c in kv])  # type: ignore[assignment]
+        # behind the step in flight, so the prompt cache holds what it reports. One call for
+        # them all: a call costs something besides its arrays (32 tiny caches: 25% less time).
+        caches = [[c.state for c in kv] for _, kv in finished]
+        state: list[tuple[str, Any]] = tree_flatten(caches)  # type: ignore[assignment]
         mx.async_eval([a for _, a in state if isinstance(a, mx.array)])  # type: ignore[no-untyped-call]
-        self._cache.insert_cache(self.config.model_id, tokens, kv)
+        for tokens, kv in finished:
+            self._cache.insert_cache(self.config.model_id, tokens, kv)
 
     def _stats(self, gen: Any) -> WorkerStats:
         now = time.monotonic()

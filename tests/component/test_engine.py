@@ -227,6 +227,33 @@ async def test_prompt_cache_reuses_a_conversation_prefix(tiny_model_dir: Path) -
         await asyncio.to_thread(e.unload)
 
 
+async def test_conversations_that_end_in_one_step_each_reuse_their_own_prefix(
+    tiny_model_dir: Path,
+) -> None:
+    """A round of first turns that started together ends in one step, whose caches the worker
+    stores together: each second turn finds its own first turn's cache."""
+    e = MlxEngine(LoadConfig(model_id="r", path=tiny_model_dir, prompt_cache_bytes=64 * 2**20))
+    await asyncio.to_thread(e.load)
+    try:
+        tok = e.tokenizer
+        turns = [[{"role": "user", "content": f"story {i}: " + "waves " * i}] for i in range(4)]
+        firsts = [tok.apply_chat_template(t) for t in turns]
+        same_length = replace(GREEDY, max_tokens=8, ignore_eos=True)
+        answers = await asyncio.gather(*(run(e, p, same_length) for p in firsts))
+        await until(lambda: e.stats().prompt_cache_bytes > 0)
+        seconds = [
+            tok.apply_chat_template(
+                [*t, {"role": "assistant", "content": a}, {"role": "user", "content": "more"}]
+            )
+            for t, (a, _) in zip(turns, answers, strict=True)
+        ]
+        for p1, p2 in zip(firsts, seconds, strict=True):
+            _, last = await run(e, p2, GREEDY)
+            assert last.cached_tokens >= len(p1) - 1
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
 async def test_the_prompt_cache_holds_no_more_memory_than_it_reports(tiny_model_dir: Path) -> None:
     """Each finished sequence's cache is cut out of the batch's KV buffers: the worker's memory
     beyond the weights stays near what the prompt cache counts, not the buffers it was cut from."""
