@@ -252,7 +252,7 @@ class Pool:
         plt = pyplot()
         if plt is None:
             return False
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(8.5, 4.2))
         xs = [p.concurrency for p in self.points]
         shown = (("lmx_raw", "d", "C2"), ("aa", "x", "C7"), ("own", "o", "C0"))
         for i, (key, marker, color) in enumerate(shown):
@@ -281,7 +281,8 @@ class Pool:
         ax.set_ylabel(f"median of pooled pairs, {CONFIDENCE:.0%} interval")
         ax.set_title(f"{self.runs[0][1].preset}: {len(self.runs)} runs pooled")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower left", fontsize="small")
+        # Beside the axes: inside, it hid the lowest intervals.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
