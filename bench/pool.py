@@ -12,8 +12,9 @@ runs back to back, whatever the machine's level at the time. Per concurrency thi
   pair is an outlier it is not moved by), and no interval below 6 pairs;
 - the geometric mean and the pairs below 1;
 - the same for the A/A pairs (raw's second run over its first: their interval should hold 1, or
-  the pairing is biased), for lmx's own time (lmx/raw had lmx's steps taken raw's time) and for
-  its steps' speed (raw's time in steps over lmx's);
+  the pairing is biased), for lmx's own time (lmx/raw had lmx's steps taken raw's time), for
+  its steps' speed (raw's time in steps over lmx's) and for its decode steps' alone (raw's mean
+  decode step over lmx's), with a sign test of the last: does lmx decode slower or faster?
 - the verdict: met where the interval lies at or above the target, not met where it lies below,
   else undecided; and about how many pairs would narrow the interval to ±3% at this spread.
 
@@ -83,6 +84,17 @@ class Pooled:
         return sum(v < 1 for v in self.values)
 
     @property
+    def sign_p(self) -> float:
+        """Two-sided sign test: the chance of pairs at least this lopsided about 1 if each pair
+        were as likely below 1 as above (pairs of exactly 1 left out); nan without pairs."""
+        below, above = self.below_1, sum(v > 1 for v in self.values)
+        n = below + above
+        if not n:
+            return math.nan
+        tail = sum(math.comb(n, i) for i in range(min(below, above) + 1))
+        return min(1.0, 2 * tail / (1 << n))
+
+    @property
     def interval(self) -> tuple[float, float] | None:
         try:
             return median_interval(self.values)
@@ -121,6 +133,7 @@ class Pooled:
             "interval": self.interval,
             "geomean": self.geomean,
             "below_1": self.below_1,
+            "sign_p": self.sign_p,
             "log_sd": self.log_sd,
             "values": list(self.values),
         }
@@ -132,6 +145,7 @@ _SERIES: tuple[tuple[str, str, Callable[[Point], list[float]]], ...] = (
     ("aa", "A/A", lambda p: p.again_ratios),
     ("own", "lmx's own time", lambda p: p.own_ratios),
     ("steps", "its steps' speed", lambda p: p.step_ratios),
+    ("decode", "its decode steps' speed", lambda p: p.decode_ratios),
 )
 
 
@@ -222,16 +236,20 @@ class Pool:
             "",
             "| streams | pairs | lmx/raw median [interval] | geomean | below 1 | spread "
             "| A/A median [interval] | lmx's own time median [interval] "
-            "| its steps' speed median [interval] | verdict | pairs for ±3% |",
-            "|---:" * 9 + "|---|---:|",
+            "| its steps' speed median [interval] | its decode steps' speed: median [interval], "
+            "below 1, sign test | verdict | pairs for ±3% |",
+            "|---:" * 10 + "|---|---:|",
         ]
         for p in self.points:
-            x, aa, own, st = (p.series[k] for k in ("lmx_raw", "aa", "own", "steps"))
+            x, aa, own, st, dec = (p.series[k] for k in ("lmx_raw", "aa", "own", "steps", "decode"))
             need = x.pairs_for(0.03)
+            decode = (
+                f"{_cell(dec, 3)}, {dec.below_1} of {dec.n}, p = {dec.sign_p:.2g}" if dec.n else "—"
+            )
             lines.append(
                 f"| {p.concurrency} | {x.n} | {_cell(x)} | {x.geomean:.3f} "
                 f"| {x.below_1} of {x.n} | {x.log_sd:.1%} | {_cell(aa)} | {_cell(own, 3)} "
-                f"| {_cell(st, 3)} | {p.verdict} | {'—' if need is None else need} |"
+                f"| {_cell(st, 3)} | {decode} | {p.verdict} | {'—' if need is None else need} |"
             )
         met = sum(p.verdict == "met" for p in self.points)
         own_met = sum(p.series["own"].verdict(TARGET_RATIO) == "met" for p in self.points)

@@ -93,6 +93,16 @@ class Point:
         return _median(self.step_ratios)
 
     @property
+    def decode_ratios(self) -> list[float]:
+        """raw's mean decode step (no prompt work) over lmx's, repeat by repeat: `step_ratios`
+        without the prompt steps, whose share of a run differs between repeats."""
+        return [
+            r.decode_step_ms / x.decode_step_ms
+            for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
+            if x.decode_step_ms > 0 and r.decode_step_ms > 0
+        ]
+
+    @property
     def raw_spread(self) -> float:
         """raw's fastest run over its slowest: how much the machine alone moved the numbers."""
         rates = [r.output_tok_s for r in self.raw_runs if r.output_tok_s]

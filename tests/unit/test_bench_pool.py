@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,36 @@ def test_the_pairs_for_a_narrower_interval_grow_with_the_spread() -> None:
     assert Pooled((1.0,)).pairs_for(0.03) is None
 
 
+def test_the_sign_test_weighs_the_pairs_on_each_side_of_1() -> None:
+    # 5 of 6 below 1: a split at least this lopsided, either way, has 2 (1 + 6) / 64 = 21.9%.
+    assert Pooled((0.9, 0.9, 0.9, 0.9, 0.9, 1.1)).sign_p == pytest.approx(14 / 64)
+    assert Pooled((0.9,) * 10).sign_p == pytest.approx(2 / 1024)
+    assert Pooled((0.9, 1.1, 1.0)).sign_p == 1.0  # a pair of exactly 1 counts on neither side
+    assert math.isnan(Pooled((1.0, 1.0)).sign_p)
+
+
+def test_decode_steps_pool_raw_s_mean_decode_step_over_lmx_s() -> None:
+    report = _report([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    (point,) = report.points
+    raw = tuple(replace(r, decode_step_ms=10.0) for r in point.raw_runs)
+    lmx = tuple(
+        replace(x, decode_step_ms=d)
+        for x, d in zip(point.lmx_runs, [10.5] * 5 + [9.5], strict=True)
+    )
+    report = replace(report, points=[replace(point, raw_runs=raw, lmx_runs=lmx)])
+    pool = Pool.of([("a.json", report)])
+    decode = pool.points[0].series["decode"]
+    assert decode.values == pytest.approx([10 / 10.5] * 5 + [10 / 9.5])
+    assert decode.below_1 == 5
+    row = next(line for line in pool.to_markdown().splitlines() if line.startswith("| 8 |"))
+    assert "| 0.952 [0.952–1.053], 5 of 6, p = 0.22 |" in row
+    # Runs without step records (no decode step time) leave the column empty.
+    plain = Pool.of([("b.json", _report([1.0] * 6))])
+    assert plain.points[0].series["decode"].n == 0
+    row = next(line for line in plain.to_markdown().splitlines() if line.startswith("| 8 |"))
+    assert row.endswith("| — | met | 0 |")
+
+
 def test_runs_pool_their_pairs_per_concurrency() -> None:
     pool = Pool.of([("a.json", _report([0.9, 1.0, 1.1])), ("b.json", _report([0.95, 1.05, 1.0]))])
     (point,) = pool.points
@@ -105,6 +137,20 @@ def test_the_runs_with_each_side_stepping_on_a_core_of_its_own_pool_as_bench_rea
     assert by[1]["steps"]["interval"][1] < 1  # lmx's decode steps are the slower at 1 stream
     assert all(by[c]["steps"]["interval"][0] < 1 < by[c]["steps"]["interval"][1] for c in (16, 32))
     assert all(p["own"]["interval"][0] >= 0.95 for p in data["points"])
+
+
+def test_the_runs_of_e1a1f74_pool_as_bench_readme_says(tmp_path: Path) -> None:
+    names = [f"throughput-qwen3-0.6b-h200-e1a1f74-{i}.json" for i in (1, 2, 3, 4)]
+    pool_main([str(tmp_path / "pooled"), *(str(RESULTS / n) for n in names)])
+    data = json.loads((tmp_path / "pooled.json").read_text())
+    by = {p["concurrency"]: p for p in data["points"]}
+    assert [by[c]["lmx_raw"]["n"] for c in (1, 16, 32)] == [65, 65, 65]
+    assert [round(by[c]["lmx_raw"]["median"], 2) for c in (1, 16, 32)] == [0.91, 0.94, 0.96]
+    assert [round(by[c]["own"]["median"], 3) for c in (1, 16, 32)] == [0.989, 0.977, 0.962]
+    assert [by[c]["decode"]["below_1"] for c in (1, 16, 32)] == [39, 38, 32]
+    assert round(by[1]["decode"]["geomean"], 3) == 0.953
+    assert round(by[1]["decode"]["sign_p"], 2) == 0.14
+    assert {p["verdict"] for p in data["points"]} == {"undecided"}
 
 
 def test_the_command_names_what_does_not_pool(
