@@ -13,7 +13,7 @@ runs back to back, whatever the machine's level at the time. Per concurrency thi
 - the geometric mean and the pairs below 1;
 - the same for the A/A pairs (raw's second run over its first: their interval should hold 1, or
   the pairing is biased), for lmx's own time (lmx/raw had lmx's steps taken raw's time), for
-  its steps' speed (raw's time in steps over lmx's) and for its decode steps' alone (raw's mean
+  its steps' speed (raw's time in steps over lmx's) and for its decode steps alone (raw's mean
   decode step over lmx's), with a sign test of the last: does lmx decode slower or faster?
 - the verdict: met where the interval lies at or above the target, not met where it lies below,
   else undecided; and about how many pairs would narrow the interval to ±3% at this spread.
