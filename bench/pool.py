@@ -244,12 +244,12 @@ class Pool:
             x, aa, own, st, dec = (p.series[k] for k in ("lmx_raw", "aa", "own", "steps", "decode"))
             need = x.pairs_for(0.03)
             decode = (
-                f"{_cell(dec, 3)}, {dec.below_1} of {dec.n}, p = {dec.sign_p:.2g}" if dec.n else "—"
+                f"{cell(dec, 3)}, {dec.below_1} of {dec.n}, p = {dec.sign_p:.2g}" if dec.n else "—"
             )
             lines.append(
-                f"| {p.concurrency} | {x.n} | {_cell(x)} | {x.geomean:.3f} "
-                f"| {x.below_1} of {x.n} | {x.log_sd:.1%} | {_cell(aa)} | {_cell(own, 3)} "
-                f"| {_cell(st, 3)} | {decode} | {p.verdict} | {'—' if need is None else need} |"
+                f"| {p.concurrency} | {x.n} | {cell(x)} | {x.geomean:.3f} "
+                f"| {x.below_1} of {x.n} | {x.log_sd:.1%} | {cell(aa)} | {cell(own, 3)} "
+                f"| {cell(st, 3)} | {decode} | {p.verdict} | {'—' if need is None else need} |"
             )
         met = sum(p.verdict == "met" for p in self.points)
         own_met = sum(p.series["own"].verdict(TARGET_RATIO) == "met" for p in self.points)
@@ -315,7 +315,8 @@ def _pairs(
     )
 
 
-def _cell(s: Pooled, digits: int = 2) -> str:
+def cell(s: Pooled, digits: int = 2) -> str:
+    """`s`'s median and its interval, as the tables show them."""
     if not s.n:
         return "—"
     iv = s.interval

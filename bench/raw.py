@@ -26,8 +26,9 @@ PREFILL_STEP = 2048
 _streams: dict[str, Any] = {}
 
 
-def _stream() -> Any:
-    # One stream per process: on the CPU backend each new stream starts a thread that stays.
+def mlx_stream() -> Any:
+    """This process's MLX stream for raw's BatchGenerators: one per process, because on the CPU
+    backend each new stream starts a thread that stays."""
     key = str(mx.default_device())
     if key not in _streams:
         _streams[key] = mx.new_stream(mx.default_device())
@@ -50,7 +51,7 @@ def run_raw(
         completion_batch_size=max_batch,
         prefill_batch_size=prefill_group([chunk] * max_batch, PREFILL_STEP, max_batch),
         prefill_step_size=PREFILL_STEP,
-        stream=_stream(),
+        stream=mlx_stream(),
     )
     traces: list[list[RequestTrace]] = [[] for _ in range(workload.concurrency)]
     live: dict[int, tuple[int, RequestTrace]] = {}

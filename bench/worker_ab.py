@@ -1,0 +1,407 @@
+"""lmx's worker against raw's loop in one process: do lmx's decode steps cost more?
+
+bench.run_throughput compares lmx over HTTP with raw in another process, runs seconds apart;
+when lmx's decode steps come out slower there, that cannot tell lmx's worker from the rest of an
+HTTP run (the daemon and the clients busy on other cores) or from the host moving between runs.
+This takes both out: one process, one model, short blocks of requests that alternate between
+
+- raw: bench.raw's loop (`insert`, `next`) on a BatchGenerator of its own;
+- thread: lmx's `Worker` (lmx.runtime.mlx_worker) stepping as in the daemon, its output thread
+  making each step's text and sending it to another process that reads it, as the engine does;
+- inline: the same, with the text made and sent on the stepping thread;
+- quiet: as thread, but nothing reads the messages until the block ends (no wakeups elsewhere).
+
+Each block runs `--requests` greedy requests per stream, EOS ignored; the median of its decode
+steps (`BatchGenerator.next` without prompt work, wall and the stepping thread's CPU time) is the
+block's. A round runs each mode once, starting one mode later each round; per pair of modes, the
+rounds' ratios are pooled as bench.pool pools pairs (median, distribution-free interval, sign
+test). Writes bench/results/worker-ab-<preset>-<label>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator
+
+from bench.cpus import pin_stepper
+from bench.pool import Pooled, cell
+from bench.raw import PREFILL_STEP, mlx_stream
+from bench.report import write_result
+from bench.synth import PRESET_NAMES, ensure_model, printable_token_ids
+from lmx.runtime import mlx_worker
+from lmx.runtime.engine import GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime.mlx_tokenizer import MlxTokenizer
+
+MODES = ("raw", "thread", "inline", "quiet")
+MAX_BATCH = 32
+_BUFFER = 8 << 20  # a quiet worker's socket holds a block's messages until the block ends
+_READER = "import os, sys\nfd = int(sys.argv[1])\nwhile os.read(fd, 1 << 20):\n    pass\n"
+
+Prompts = list[list[list[int]]]  # per stream, its requests' prompt token ids
+
+
+class _Timed:
+    """Wraps a BatchGenerator's `next`: the wall and thread-CPU ms of each decode step."""
+
+    def __init__(self, gen: Any) -> None:
+        self._next = gen.next
+        gen.next = self
+        self.steps: list[tuple[float, float]] = []
+
+    def __call__(self) -> Any:
+        c0, t0 = time.thread_time(), time.perf_counter()
+        prompts, responses = out = self._next()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        if not prompts and responses:
+            self.steps.append(((t1 - t0) * 1e3, (c1 - c0) * 1e3))
+        return out
+
+    def take(self) -> tuple[float, float]:
+        """The median wall and CPU ms of the decode steps since the last take."""
+        wall, cpu = zip(*self.steps, strict=True)
+        self.steps = []
+        return statistics.median(wall), statistics.median(cpu)
+
+
+class _Side:
+    """One mode: runs a block of requests to completion."""
+
+    def __init__(self, gen: Any, block: Callable[[Prompts, int], None]) -> None:
+        self.gen = gen
+        self.timed = _Timed(gen)
+        self.block = block
+        self.after: Callable[[], None] = lambda: None  # between blocks, outside the timing
+
+    def close(self) -> None:
+        self.gen.close()
+
+
+def _raw_side(model: Any, prompt_tokens: int) -> _Side:
+    gen: Any = BatchGenerator(
+        model,
+        completion_batch_size=MAX_BATCH,
+        prefill_batch_size=mlx_worker.prefill_group(
+            [prompt_tokens] * MAX_BATCH, PREFILL_STEP, MAX_BATCH
+        ),
+        prefill_step_size=PREFILL_STEP,
+        stream=mlx_stream(),
+    )
+
+    def block(prompts: Prompts, output_tokens: int) -> None:
+        queues = [list(p) for p in prompts]
+        live: dict[int, int] = {}
+
+        def submit(stream: int) -> None:
+            (uid,) = gen.insert([queues[stream].pop()], max_tokens=[output_tokens])
+            live[uid] = stream
+
+        for stream in range(len(queues)):
+            submit(stream)
+        for _ in range(_max_steps(prompts, output_tokens)):
+            if not live:
+                return
+            for r in gen.next()[1]:
+                if r.finish_reason is not None and queues[stream := live.pop(r.uid)]:
+                    submit(stream)
+        raise RuntimeError("raw: a block did not finish")
+
+    return _Side(gen, block)
+
+
+class _WorkerSide(_Side):
+    """lmx's Worker without its process: its own gen, the model shared, fed here."""
+
+    def __init__(self, model_dir: Path, loaded: Any, mode: str) -> None:
+        ours, theirs = socket.socketpair()
+        self._reader: subprocess.Popen[bytes] | None = None
+        self._quiet: socket.socket | None = None
+        if mode == "quiet":
+            for s in (ours, theirs):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
+            theirs.setblocking(False)
+            self._quiet = theirs
+        else:
+            fd = theirs.detach()
+            self._reader = subprocess.Popen([sys.executable, "-c", _READER, str(fd)], pass_fds=[fd])
+            os.close(fd)
+        config = LoadConfig(model_id=model_dir.name, path=model_dir, max_batch=MAX_BATCH)
+        self.worker = w = mlx_worker.Worker(config, Connection(ours.detach()))
+        with mock.patch.object(mlx_worker, "mlx_load", lambda _path: loaded):
+            _model, wrapper, gen, ready = w._load()
+        w.tokenizer = MlxTokenizer(wrapper, config, ready.marker_ids)
+        self._output: threading.Thread | None = None
+        if mode == "inline":
+            w._outbox = _Inline(w)  # type: ignore[assignment]
+        else:
+            self._output = threading.Thread(target=w._emit_all, name="output")
+            self._output.start()
+        super().__init__(gen, self._block)
+        self._sids = itertools.count(1)
+        self.after = self._drain
+
+    def _block(self, prompts: Prompts, output_tokens: int) -> None:
+        """What the worker's serving loop does, the engine's commands put in its inbox here."""
+        w, gen = self.worker, self.gen
+        queues = [list(p) for p in prompts]
+        streams: dict[int, int] = {}  # sid -> stream
+        params = SamplingParams(
+            max_tokens=output_tokens, temperature=0.0, min_tokens=output_tokens, ignore_eos=True
+        )
+
+        def add(stream: int) -> None:
+            sid = next(self._sids)
+            request = GenerationRequest(
+                prompt_tokens=tuple(queues[stream].pop()), params=params, request_id=str(sid)
+            )
+            w._inbox.put((time.perf_counter(), [("add", sid, request)]))
+            streams[sid] = stream
+
+        for stream in range(len(queues)):
+            add(stream)
+        for _ in range(_max_steps(prompts, output_tokens)):
+            if not streams:
+                return
+            w._take_commands(gen, 0.0)
+            w._retire(gen)
+            hold = w._hold_s()
+            if w._live and (not hold or w._running()):
+                w._step(gen, held=hold > 0)
+            for sid in [sid for sid in streams if sid not in w._by_sid]:
+                if queues[stream := streams.pop(sid)]:
+                    add(stream)
+        raise RuntimeError("worker: a block did not finish")
+
+    def _drain(self) -> None:
+        if self._quiet is None:
+            return
+        try:
+            while self._quiet.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        if self._output is not None:
+            self.worker._outbox.put(None)  # ends the output thread
+            self._output.join()
+        self.worker._conn.close()
+        if self._quiet is not None:
+            self._quiet.close()
+        if self._reader is not None:  # it reads to the end of what was sent, then exits
+            self._reader.wait()
+        super().close()
+
+
+class _Inline:
+    """A Worker's outbox that makes each step's text at once, on the stepping thread."""
+
+    def __init__(self, worker: Any) -> None:
+        self._w = worker
+
+    def put(self, item: Any) -> None:
+        if isinstance(item, mlx_worker._StepOutput):
+            self._w._emit(item)
+            self._w._room.release()
+        elif item is not None:
+            self._w._send(item)
+
+
+def _max_steps(prompts: Prompts, output_tokens: int) -> int:
+    """A bound on a block's loop besides its requests' end: prefills and decodes, with slack."""
+    return 4 * sum(len(p) for p in prompts) * (output_tokens + 2) + 100
+
+
+@dataclass(frozen=True)
+class Point:
+    concurrency: int
+    blocks: dict[str, list[tuple[float, float]]]  # per mode, per round: (wall, cpu) median ms
+
+    def pooled(self, a: str, b: str, which: int) -> Pooled:
+        """Per round, a's median decode step over b's (0: wall, 1: CPU time), the speed of b's
+        steps relative to a's: below 1, b's steps took longer."""
+        return Pooled(
+            tuple(x[which] / y[which] for x, y in zip(self.blocks[a], self.blocks[b], strict=True))
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        pairs = {
+            f"{a}/{b}": {
+                "wall": self.pooled(a, b, 0).to_json(),
+                "cpu": self.pooled(a, b, 1).to_json(),
+            }
+            for a, b in itertools.combinations(self.blocks, 2)
+        }
+        return {"concurrency": self.concurrency, "blocks": self.blocks, "pairs": pairs}
+
+
+def measure(
+    model_dir: Path,
+    *,
+    concurrency: Sequence[int],
+    seconds: float,
+    modes: Sequence[str] = MODES,
+    requests: int = 2,
+    prompt_tokens: int = 64,
+    output_tokens: int = 64,
+    step_cpu: int | None = None,
+    max_rounds: int = 10_000,
+) -> list[Point]:
+    """Alternate `modes`' blocks for `seconds` at each concurrency (`max_rounds` at most)."""
+    loaded = mlx_load(str(model_dir))
+    ids = np.asarray(printable_token_ids(model_dir))
+    rng = np.random.default_rng(0)
+    sides = {
+        m: _raw_side(loaded[0], prompt_tokens) if m == "raw" else _WorkerSide(model_dir, loaded, m)
+        for m in modes
+    }
+    rest = frozenset(os.sched_getaffinity(0)) - {step_cpu} if step_cpu is not None else None
+    points = []
+    try:
+        for c in concurrency:
+
+            def run(mode: str, c: int = c) -> tuple[float, float]:
+                prompts = [
+                    rng.choice(ids, size=(requests, prompt_tokens)).tolist() for _ in range(c)
+                ]
+                sides[mode].block(prompts, output_tokens)
+                sides[mode].after()
+                return sides[mode].timed.take()
+
+            for m in modes:  # each side's first block compiles and allocates
+                run(m)
+            gc.collect()
+            gc.freeze()  # as the worker does once loaded
+            if step_cpu is not None and rest:
+                pin_stepper(os.getpid(), step_cpu, rest)
+            blocks: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+            deadline = time.perf_counter() + seconds
+            for r in range(max_rounds):
+                if time.perf_counter() > deadline:
+                    break
+                for m in [*modes[r % len(modes) :], *modes[: r % len(modes)]]:
+                    blocks[m].append(run(m))
+            points.append(Point(c, blocks))
+    finally:
+        gc.unfreeze()
+        for side in sides.values():
+            side.close()
+    return points
+
+
+def to_markdown(points: Sequence[Point], title: str, notes: Sequence[str]) -> str:
+    lines = [
+        f"# lmx's worker against raw's loop in one process — {title}",
+        "",
+        *notes,
+        "",
+        "Per block, the median decode step (ms, wall / the stepping thread's CPU); per pair of "
+        "modes, a's step time over b's per round (below 1: b's steps took longer): median "
+        "[distribution-free 95% interval], geometric mean, rounds below 1, sign test.",
+    ]
+    for p in points:
+        modes = list(p.blocks)
+        lines += [
+            "",
+            f"## {p.concurrency} stream{'s' if p.concurrency > 1 else ''}, "
+            f"{len(p.blocks[modes[0]])} rounds",
+            "",
+            "| mode | decode step ms, wall | CPU |",
+            "|---|---:|---:|",
+        ]
+        for m in modes:
+            wall = statistics.median(b[0] for b in p.blocks[m])
+            cpu = statistics.median(b[1] for b in p.blocks[m])
+            lines.append(f"| {m} | {wall:.3f} | {cpu:.3f} |")
+        lines += ["", "| a/b | wall | CPU |", "|---|---:|---:|"]
+        for a, b in itertools.combinations(modes, 2):
+            cells = [_pair_cell(p.pooled(a, b, i)) for i in (0, 1)]
+            lines.append(f"| {a}/{b} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pair_cell(s: Pooled) -> str:
+    return f"{cell(s, 3)}, {s.geomean:.3f}, {s.below_1} of {s.n} below 1, p = {s.sign_p:.2g}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
+    p.add_argument("--model", type=Path, help="a model directory instead of --preset's")
+    p.add_argument("--models-dir", type=Path, default=Path("bench/.models"))
+    p.add_argument("--concurrency", default="1,16")
+    p.add_argument("--seconds", type=float, default=120.0, help="per concurrency")
+    p.add_argument("--max-rounds", type=int, default=10_000)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--requests", type=int, default=2, help="per stream per block")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--step-cpu", type=int, help="Linux: the stepping thread on this CPU alone")
+    p.add_argument("--device-label", help="names the result files (default: from MLX)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+    if len(modes) < 2:
+        p.error("--modes: name two or more")
+    model_dir = args.model or ensure_model(args.preset, args.models_dir)
+    label = args.device_label or str(mx.default_device()).replace("Device(", "").rstrip(")")
+    label = label.replace(", ", "")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    points = measure(
+        model_dir,
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        seconds=args.seconds,
+        modes=modes,
+        requests=args.requests,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        step_cpu=args.step_cpu,
+        max_rounds=args.max_rounds,
+    )
+    title = f"`{args.preset if args.model is None else model_dir.name}` on `{label}`"
+    pinned = "" if args.step_cpu is None else f"; the stepping thread on CPU {args.step_cpu}"
+    notes = [
+        f"Run {started}; {args.requests} requests per stream per block, {args.prompt_tokens} "
+        f"prompt and {args.output_tokens} output tokens, greedy, EOS ignored{pinned}."
+    ]
+    data = {
+        "model": str(model_dir.name),
+        "device": label,
+        "started_at": started,
+        "settings": {
+            "requests": args.requests,
+            "prompt_tokens": args.prompt_tokens,
+            "output_tokens": args.output_tokens,
+            "modes": modes,
+            "step_cpu": args.step_cpu,
+        },
+        "points": [pt.to_json() for pt in points],
+    }
+    stem = args.out / f"worker-ab-{model_dir.name if args.model else args.preset}-{label}"
+    for path in write_result(stem, data, to_markdown(points, title, notes), {}):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""bench.worker_ab on the real tiny model: every mode runs its blocks to the end, and the pairs
+it reports are the rounds' ratios of what it measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.worker_ab import MODES, main
+
+ROUNDS = 6  # the fewest rounds whose median has a 95% interval
+
+
+def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_path: Path) -> None:
+    main(
+        [
+            *("--model", str(tiny_model_dir), "--concurrency", "1,2", "--requests", "1"),
+            *("--seconds", "120", "--max-rounds", str(ROUNDS), "--device-label", "here"),
+            *("--out", str(tmp_path)),
+        ]
+    )
+    stem = f"worker-ab-{tiny_model_dir.name}-here"
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert [p["concurrency"] for p in data["points"]] == [1, 2]
+    for point in data["points"]:
+        blocks = point["blocks"]
+        assert list(blocks) == list(MODES)
+        assert all(len(rows) == ROUNDS for rows in blocks.values())
+        assert all(wall > 0 and cpu > 0 for rows in blocks.values() for wall, cpu in rows)
+        pair = point["pairs"]["raw/thread"]["wall"]
+        ratios = [r[0] / t[0] for r, t in zip(blocks["raw"], blocks["thread"], strict=True)]
+        assert pair["values"] == pytest.approx(ratios)
+        assert pair["interval"] is not None
+        assert len(point["pairs"]) == len(MODES) * (len(MODES) - 1) // 2
+    markdown = (tmp_path / f"{stem}.md").read_text()
+    assert "## 2 streams, 6 rounds" in markdown
+    assert "| quiet/" not in markdown  # quiet is the last mode: only ever b of a pair
+    assert "| inline/quiet |" in markdown
+
+
+def test_names_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--modes", "raw,threads"])
+    assert "--modes: unknown threads; known: raw, thread, inline, quiet" in capsys.readouterr().err
