@@ -11,11 +11,13 @@ This takes both out: one process, one model, short blocks of requests that alter
 - inline: the same, with the text made and sent on the stepping thread;
 - quiet: as thread, but nothing reads the messages until the block ends (no wakeups elsewhere).
 
-Each block runs `--requests` greedy requests per stream, EOS ignored; the median of its decode
-steps (`BatchGenerator.next` without prompt work, wall and the stepping thread's CPU time) is the
-block's. A round runs each mode once, starting one mode later each round; per pair of modes, the
-rounds' ratios are pooled as bench.pool pools pairs (median, distribution-free interval, sign
-test). Writes bench/results/worker-ab-<preset>-<label>.{json,md}.
+Each block runs `--requests` greedy requests per stream, EOS ignored. Per block: the median of its
+decode steps (`BatchGenerator.next` without prompt work), wall and the stepping thread's CPU time,
+and the whole block's time, which adds prompt steps and everything between steps (the worker's
+own work, a round's end included): its ratios are lmx's throughput against raw's without HTTP. A
+round runs each mode once, starting one mode later each round; per pair of modes, the rounds'
+ratios are pooled as bench.pool pools pairs (median, distribution-free interval, sign test).
+Writes bench/results/worker-ab-<preset>-<label>.{json,md}.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from unittest import mock
 
 import mlx.core as mx
@@ -57,6 +59,18 @@ _BUFFER = 8 << 20  # a quiet worker's socket holds a block's messages until the 
 _READER = "import os, sys\nfd = int(sys.argv[1])\nwhile os.read(fd, 1 << 20):\n    pass\n"
 
 Prompts = list[list[list[int]]]  # per stream, its requests' prompt token ids
+
+
+class Block(NamedTuple):
+    """One block's measures: its median decode step (ms, wall and CPU) and its time (s)."""
+
+    wall_ms: float
+    cpu_ms: float
+    block_s: float
+
+
+# A pair's measures: (key, column), each a field of Block.
+MEASURES = (("wall", "decode step, wall"), ("cpu", "decode step, CPU"), ("block", "whole block"))
 
 
 class _Timed:
@@ -234,21 +248,18 @@ def _max_steps(prompts: Prompts, output_tokens: int) -> int:
 @dataclass(frozen=True)
 class Point:
     concurrency: int
-    blocks: dict[str, list[tuple[float, float]]]  # per mode, per round: (wall, cpu) median ms
+    blocks: dict[str, list[Block]]  # per mode, per round
 
     def pooled(self, a: str, b: str, which: int) -> Pooled:
-        """Per round, a's median decode step over b's (0: wall, 1: CPU time), the speed of b's
-        steps relative to a's: below 1, b's steps took longer."""
+        """Per round, a's measure over b's (`which`: a field of Block), b's speed relative to
+        a's: below 1, b took longer."""
         return Pooled(
             tuple(x[which] / y[which] for x, y in zip(self.blocks[a], self.blocks[b], strict=True))
         )
 
     def to_json(self) -> dict[str, Any]:
         pairs = {
-            f"{a}/{b}": {
-                "wall": self.pooled(a, b, 0).to_json(),
-                "cpu": self.pooled(a, b, 1).to_json(),
-            }
+            f"{a}/{b}": {key: self.pooled(a, b, i).to_json() for i, (key, _) in enumerate(MEASURES)}
             for a, b in itertools.combinations(self.blocks, 2)
         }
         return {"concurrency": self.concurrency, "blocks": self.blocks, "pairs": pairs}
@@ -279,13 +290,15 @@ def measure(
     try:
         for c in concurrency:
 
-            def run(mode: str, c: int = c) -> tuple[float, float]:
+            def run(mode: str, c: int = c) -> Block:
                 prompts = [
                     rng.choice(ids, size=(requests, prompt_tokens)).tolist() for _ in range(c)
                 ]
+                t0 = time.perf_counter()
                 sides[mode].block(prompts, output_tokens)
+                block_s = time.perf_counter() - t0
                 sides[mode].after()
-                return sides[mode].timed.take()
+                return Block(*sides[mode].timed.take(), block_s)
 
             for m in modes:  # each side's first block compiles and allocates
                 run(m)
@@ -293,7 +306,7 @@ def measure(
             gc.freeze()  # as the worker does once loaded
             if step_cpu is not None and rest:
                 pin_stepper(os.getpid(), step_cpu, rest)
-            blocks: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+            blocks: dict[str, list[Block]] = {m: [] for m in modes}
             deadline = time.perf_counter() + seconds
             for r in range(max_rounds):
                 if time.perf_counter() > deadline:
@@ -314,9 +327,10 @@ def to_markdown(points: Sequence[Point], title: str, notes: Sequence[str]) -> st
         "",
         *notes,
         "",
-        "Per block, the median decode step (ms, wall / the stepping thread's CPU); per pair of "
-        "modes, a's step time over b's per round (below 1: b's steps took longer): median "
-        "[distribution-free 95% interval], geometric mean, rounds below 1, sign test.",
+        "Per block, medians over the rounds: its median decode step (ms, wall and the stepping "
+        "thread's CPU time) and the whole block's time (s). Per pair of modes, a's measure over "
+        "b's per round (below 1: b took longer; for whole blocks, b's throughput over a's): "
+        "median [distribution-free 95% interval], geometric mean, rounds below 1, sign test.",
     ]
     for p in points:
         modes = list(p.blocks)
@@ -325,17 +339,16 @@ def to_markdown(points: Sequence[Point], title: str, notes: Sequence[str]) -> st
             f"## {p.concurrency} stream{'s' if p.concurrency > 1 else ''}, "
             f"{len(p.blocks[modes[0]])} rounds",
             "",
-            "| mode | decode step ms, wall | CPU |",
-            "|---|---:|---:|",
+            "| mode | decode step ms, wall | CPU | whole block s |",
+            "|---|---:|---:|---:|",
         ]
         for m in modes:
-            wall = statistics.median(b[0] for b in p.blocks[m])
-            cpu = statistics.median(b[1] for b in p.blocks[m])
-            lines.append(f"| {m} | {wall:.3f} | {cpu:.3f} |")
-        lines += ["", "| a/b | wall | CPU |", "|---|---:|---:|"]
+            wall, cpu, block = (statistics.median(b[i] for b in p.blocks[m]) for i in range(3))
+            lines.append(f"| {m} | {wall:.3f} | {cpu:.3f} | {block:.3f} |")
+        lines += ["", f"| a/b | {' | '.join(c for _, c in MEASURES)} |", "|---|---:|---:|---:|"]
         for a, b in itertools.combinations(modes, 2):
-            cells = [_pair_cell(p.pooled(a, b, i)) for i in (0, 1)]
-            lines.append(f"| {a}/{b} | {cells[0]} | {cells[1]} |")
+            cells = [_pair_cell(p.pooled(a, b, i)) for i in range(len(MEASURES))]
+            lines.append(f"| {a}/{b} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -28,16 +28,20 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
         blocks = point["blocks"]
         assert list(blocks) == list(MODES)
         assert all(len(rows) == ROUNDS for rows in blocks.values())
-        assert all(wall > 0 and cpu > 0 for rows in blocks.values() for wall, cpu in rows)
-        pair = point["pairs"]["raw/thread"]["wall"]
-        ratios = [r[0] / t[0] for r, t in zip(blocks["raw"], blocks["thread"], strict=True)]
-        assert pair["values"] == pytest.approx(ratios)
-        assert pair["interval"] is not None
+        assert all(min(row) > 0 for rows in blocks.values() for row in rows)
+        # a block holds its request's 63 decode steps: half of them take less than it does
+        assert all(32 * ms / 1e3 < s for rows in blocks.values() for ms, _, s in rows)
+        pairs = point["pairs"]["raw/thread"]
+        for i, key in enumerate(("wall", "cpu", "block")):
+            ratios = [r[i] / t[i] for r, t in zip(blocks["raw"], blocks["thread"], strict=True)]
+            assert pairs[key]["values"] == pytest.approx(ratios)
+            assert pairs[key]["interval"] is not None
         assert len(point["pairs"]) == len(MODES) * (len(MODES) - 1) // 2
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "## 2 streams, 6 rounds" in markdown
     assert "| quiet/" not in markdown  # quiet is the last mode: only ever b of a pair
     assert "| inline/quiet |" in markdown
+    assert "| mode | decode step ms, wall | CPU | whole block s |" in markdown
 
 
 def test_names_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
