@@ -26,13 +26,25 @@ PREFILL_STEP = 2048
 _streams: dict[str, Any] = {}
 
 
-def mlx_stream() -> Any:
-    """This process's MLX stream for raw's BatchGenerators: one per process, because on the CPU
-    backend each new stream starts a thread that stays."""
+def _stream() -> Any:
+    # One stream per process: on the CPU backend each new stream starts a thread that stays.
     key = str(mx.default_device())
     if key not in _streams:
         _streams[key] = mx.new_stream(mx.default_device())
     return _streams[key]
+
+
+def batch_generator(model: Any, max_batch: int, prompt_tokens: int) -> Any:
+    """A BatchGenerator as lmx's worker configures one for a model with `max_batch`, its prefill
+    group the one the worker picks when prompts of `prompt_tokens` wait."""
+    chunk = min(prompt_tokens, PREFILL_STEP)
+    return BatchGenerator(
+        model,
+        completion_batch_size=max_batch,
+        prefill_batch_size=prefill_group([chunk] * max_batch, PREFILL_STEP, max_batch),
+        prefill_step_size=PREFILL_STEP,
+        stream=_stream(),
+    )
 
 
 def run_raw(
@@ -44,15 +56,7 @@ def run_raw(
     Each stream inserts its next request as soon as its previous one finished, like an HTTP
     client that sends again on [DONE]. Requests not finished at the deadline carry an error.
     """
-    # The prefill group lmx's worker picks when this workload's prompts wait (all one length).
-    chunk = min(workload.prompt_tokens, PREFILL_STEP)
-    gen: Any = BatchGenerator(
-        model,
-        completion_batch_size=max_batch,
-        prefill_batch_size=prefill_group([chunk] * max_batch, PREFILL_STEP, max_batch),
-        prefill_step_size=PREFILL_STEP,
-        stream=mlx_stream(),
-    )
+    gen = batch_generator(model, max_batch, workload.prompt_tokens)
     traces: list[list[RequestTrace]] = [[] for _ in range(workload.concurrency)]
     live: dict[int, tuple[int, RequestTrace]] = {}
 

@@ -42,11 +42,10 @@ from unittest import mock
 import mlx.core as mx
 import numpy as np
 from mlx_lm import load as mlx_load
-from mlx_lm.generate import BatchGenerator
 
 from bench.cpus import pin_stepper
 from bench.pool import Pooled, cell
-from bench.raw import PREFILL_STEP, mlx_stream
+from bench.raw import batch_generator
 from bench.report import write_result
 from bench.synth import PRESET_NAMES, ensure_model, printable_token_ids
 from lmx.runtime import mlx_worker
@@ -110,15 +109,7 @@ class _Side:
 
 
 def _raw_side(model: Any, prompt_tokens: int) -> _Side:
-    gen: Any = BatchGenerator(
-        model,
-        completion_batch_size=MAX_BATCH,
-        prefill_batch_size=mlx_worker.prefill_group(
-            [prompt_tokens] * MAX_BATCH, PREFILL_STEP, MAX_BATCH
-        ),
-        prefill_step_size=PREFILL_STEP,
-        stream=mlx_stream(),
-    )
+    gen = batch_generator(model, MAX_BATCH, prompt_tokens)
 
     def block(prompts: Prompts, output_tokens: int) -> None:
         queues = [list(p) for p in prompts]
