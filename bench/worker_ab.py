@@ -23,6 +23,7 @@ Writes bench/results/worker-ab-<preset>-<label>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import os
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -96,40 +97,51 @@ class _Timed:
 
 
 class _Side:
-    """One mode: runs a block of requests to completion."""
+    """One mode: runs blocks of requests, each stream's one after another."""
 
-    def __init__(self, gen: Any, block: Callable[[Prompts, int], None]) -> None:
+    def __init__(self, gen: Any) -> None:
         self.gen = gen
         self.timed = _Timed(gen)
-        self.block = block
-        self.after: Callable[[], None] = lambda: None  # between blocks, outside the timing
+
+    def start(self, prompt: list[int], output_tokens: int) -> int:
+        """Send a request in; its id."""
+        raise NotImplementedError
+
+    def step(self, live: Collection[int]) -> list[int]:
+        """One step of the batch; the ids of the `live` requests that ended."""
+        raise NotImplementedError
+
+    def block(self, prompts: Prompts, output_tokens: int) -> None:
+        """Each stream's requests to the end, the next sent as soon as the last one ends."""
+        queues = [list(p) for p in prompts]
+        live = {self.start(q.pop(), output_tokens): stream for stream, q in enumerate(queues)}
+        for _ in range(_max_steps(prompts, output_tokens)):
+            if not live:
+                return
+            for ended in self.step(live):
+                if queues[stream := live.pop(ended)]:
+                    live[self.start(queues[stream].pop(), output_tokens)] = stream
+        raise RuntimeError(f"{type(self).__name__}: a block did not finish")
+
+    def after(self) -> None:
+        """Between blocks, outside the timing."""
 
     def close(self) -> None:
         self.gen.close()
 
 
-def _raw_side(model: Any, prompt_tokens: int) -> _Side:
-    gen = batch_generator(model, MAX_BATCH, prompt_tokens)
+class _RawSide(_Side):
+    """bench.raw's loop on a BatchGenerator of its own."""
 
-    def block(prompts: Prompts, output_tokens: int) -> None:
-        queues = [list(p) for p in prompts]
-        live: dict[int, int] = {}
+    def __init__(self, model: Any, prompt_tokens: int) -> None:
+        super().__init__(batch_generator(model, MAX_BATCH, prompt_tokens))
 
-        def submit(stream: int) -> None:
-            (uid,) = gen.insert([queues[stream].pop()], max_tokens=[output_tokens])
-            live[uid] = stream
+    def start(self, prompt: list[int], output_tokens: int) -> int:
+        (uid,) = self.gen.insert([prompt], max_tokens=[output_tokens])
+        return int(uid)
 
-        for stream in range(len(queues)):
-            submit(stream)
-        for _ in range(_max_steps(prompts, output_tokens)):
-            if not live:
-                return
-            for r in gen.next()[1]:
-                if r.finish_reason is not None and queues[stream := live.pop(r.uid)]:
-                    submit(stream)
-        raise RuntimeError("raw: a block did not finish")
-
-    return _Side(gen, block)
+    def step(self, live: Collection[int]) -> list[int]:
+        return [r.uid for r in self.gen.next()[1] if r.finish_reason is not None]
 
 
 class _WorkerSide(_Side):
@@ -160,50 +172,35 @@ class _WorkerSide(_Side):
         else:
             self._output = threading.Thread(target=w._emit_all, name="output")
             self._output.start()
-        super().__init__(gen, self._block)
+        super().__init__(gen)
         self._sids = itertools.count(1)
-        self.after = self._drain
 
-    def _block(self, prompts: Prompts, output_tokens: int) -> None:
-        """What the worker's serving loop does, the engine's commands put in its inbox here."""
-        w, gen = self.worker, self.gen
-        queues = [list(p) for p in prompts]
-        streams: dict[int, int] = {}  # sid -> stream
+    def start(self, prompt: list[int], output_tokens: int) -> int:
+        """The engine's `add` command, in the worker's inbox."""
+        sid = next(self._sids)
         params = SamplingParams(
             max_tokens=output_tokens, temperature=0.0, min_tokens=output_tokens, ignore_eos=True
         )
+        request = GenerationRequest(tuple(prompt), params, request_id=str(sid))
+        self.worker._inbox.put((time.perf_counter(), [("add", sid, request)]))
+        return sid
 
-        def add(stream: int) -> None:
-            sid = next(self._sids)
-            request = GenerationRequest(
-                prompt_tokens=tuple(queues[stream].pop()), params=params, request_id=str(sid)
-            )
-            w._inbox.put((time.perf_counter(), [("add", sid, request)]))
-            streams[sid] = stream
+    def step(self, live: Collection[int]) -> list[int]:
+        """One pass of the worker's serving loop (Worker._serve), its commands queued already."""
+        w, gen = self.worker, self.gen
+        w._take_commands(gen, 0.0)
+        w._retire(gen)
+        hold = w._hold_s()
+        if w._live and (not hold or w._running()):
+            w._step(gen, held=hold > 0)
+        return [sid for sid in live if sid not in w._by_sid]
 
-        for stream in range(len(queues)):
-            add(stream)
-        for _ in range(_max_steps(prompts, output_tokens)):
-            if not streams:
-                return
-            w._take_commands(gen, 0.0)
-            w._retire(gen)
-            hold = w._hold_s()
-            if w._live and (not hold or w._running()):
-                w._step(gen, held=hold > 0)
-            for sid in [sid for sid in streams if sid not in w._by_sid]:
-                if queues[stream := streams.pop(sid)]:
-                    add(stream)
-        raise RuntimeError("worker: a block did not finish")
-
-    def _drain(self) -> None:
+    def after(self) -> None:
         if self._quiet is None:
             return
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self._quiet.recv(1 << 20):
                 pass
-        except BlockingIOError:
-            pass
 
     def close(self) -> None:
         if self._output is not None:
@@ -273,7 +270,7 @@ def measure(
     ids = np.asarray(printable_token_ids(model_dir))
     rng = np.random.default_rng(0)
     sides = {
-        m: _raw_side(loaded[0], prompt_tokens) if m == "raw" else _WorkerSide(model_dir, loaded, m)
+        m: _RawSide(loaded[0], prompt_tokens) if m == "raw" else _WorkerSide(model_dir, loaded, m)
         for m in modes
     }
     rest = frozenset(os.sched_getaffinity(0)) - {step_cpu} if step_cpu is not None else None
