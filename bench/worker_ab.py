@@ -9,7 +9,8 @@ This takes both out: one process, one model, short blocks of requests that alter
 - thread: lmx's `Worker` (lmx.runtime.mlx_worker) stepping as in the daemon, its output thread
   making each step's text and sending it to another process that reads it, as the engine does;
 - inline: the same, with the text made and sent on the stepping thread;
-- quiet: as thread, but nothing reads the messages until the block ends (no wakeups elsewhere).
+- quiet: as thread, but nothing reads the messages until the block ends (no wakeups elsewhere);
+- nocache: as thread, without the prompt cache (what storing each ended sequence's cache costs).
 
 Each block runs `--requests` greedy requests per stream, EOS ignored. Per block: the median of its
 decode steps (`BatchGenerator.next` without prompt work), wall and the stepping thread's CPU time,
@@ -34,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,7 +54,7 @@ from lmx.runtime import mlx_worker
 from lmx.runtime.engine import GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 
-MODES = ("raw", "thread", "inline", "quiet")
+MODES = ("raw", "thread", "inline", "quiet", "nocache")
 MAX_BATCH = 32
 _BUFFER = 8 << 20  # a quiet worker's socket holds a block's messages until the block ends
 _READER = "import os, sys\nfd = int(sys.argv[1])\nwhile os.read(fd, 1 << 20):\n    pass\n"
@@ -162,6 +163,8 @@ class _WorkerSide(_Side):
             self._reader = subprocess.Popen([sys.executable, "-c", _READER, str(fd)], pass_fds=[fd])
             os.close(fd)
         config = LoadConfig(model_id=model_dir.name, path=model_dir, max_batch=MAX_BATCH)
+        if mode == "nocache":
+            config = replace(config, prompt_cache_bytes=0)
         self.worker = w = mlx_worker.Worker(config, Connection(ours.detach()))
         with mock.patch.object(mlx_worker, "mlx_load", lambda _path: loaded):
             _model, wrapper, gen, ready = w._load()

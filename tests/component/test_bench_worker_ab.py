@@ -39,12 +39,13 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
         assert len(point["pairs"]) == len(MODES) * (len(MODES) - 1) // 2
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "## 2 streams, 6 rounds" in markdown
-    assert "| quiet/" not in markdown  # quiet is the last mode: only ever b of a pair
-    assert "| inline/quiet |" in markdown
+    assert "| nocache/" not in markdown  # nocache is the last mode: only ever b of a pair
+    assert "| quiet/nocache |" in markdown
     assert "| mode | decode step ms, wall | CPU | whole block s |" in markdown
 
 
 def test_names_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--modes", "raw,threads"])
-    assert "--modes: unknown threads; known: raw, thread, inline, quiet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--modes: unknown threads; known: raw, thread, inline, quiet, nocache" in err
