@@ -368,13 +368,34 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
     if len(modes) < 2:
         p.error("--modes: name two or more")
+    try:
+        concurrency = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        p.error(f"--concurrency: {args.concurrency!r} is not a list of numbers such as 1,16")
+    for name, value, least in (
+        ("--concurrency", min(concurrency), 1),
+        ("--requests", args.requests, 1),
+        ("--prompt-tokens", args.prompt_tokens, 1),
+        ("--output-tokens", args.output_tokens, 2),  # the first token comes from the prompt step
+        ("--max-rounds", args.max_rounds, 1),
+    ):
+        if value < least:
+            p.error(f"{name}: {value} is below {least}")
+    if args.step_cpu is not None:
+        if not hasattr(os, "sched_getaffinity"):
+            p.error("--step-cpu needs CPU affinity, which this platform does not have (Linux has)")
+        cpus = os.sched_getaffinity(0)
+        if args.step_cpu not in cpus:
+            p.error(f"--step-cpu: {args.step_cpu} is not among this process's CPUs")
+        if cpus == {args.step_cpu}:
+            p.error(f"--step-cpu: {args.step_cpu} leaves no CPU for the other threads")
     model_dir = args.model or ensure_model(args.preset, args.models_dir)
     label = args.device_label or str(mx.default_device()).replace("Device(", "").rstrip(")")
     label = label.replace(", ", "")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     points = measure(
         model_dir,
-        concurrency=[int(c) for c in args.concurrency.split(",")],
+        concurrency=concurrency,
         seconds=args.seconds,
         modes=modes,
         requests=args.requests,

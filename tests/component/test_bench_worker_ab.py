@@ -44,8 +44,23 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
     assert "| mode | decode step ms, wall | CPU | whole block s |" in markdown
 
 
-def test_names_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--modes", "raw,threads"],
+            "--modes: unknown threads; known: raw, thread, inline, quiet, nocache",
+        ),
+        (["--modes", "raw"], "--modes: name two or more"),
+        (["--concurrency", "1,x"], "--concurrency: '1,x' is not a list of numbers such as 1,16"),
+        (["--concurrency", "0"], "--concurrency: 0 is below 1"),
+        (["--output-tokens", "1"], "--output-tokens: 1 is below 2"),
+        (["--step-cpu", "100000"], "--step-cpu: 100000 is not among this process's CPUs"),
+    ],
+)
+def test_names_what_is_wrong_with_its_arguments(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
-        main(["--modes", "raw,threads"])
-    err = capsys.readouterr().err
-    assert "--modes: unknown threads; known: raw, thread, inline, quiet, nocache" in err
+        main(args)
+    assert message in capsys.readouterr().err
