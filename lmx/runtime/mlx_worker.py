@@ -32,13 +32,13 @@ import mlx.core as mx
 import structlog
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
-from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.generate import BatchGenerator
 
 from lmx.logs import configure
 from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogprob
 from lmx.runtime.intake import COMING_FOR_S, MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
+from lmx.runtime.mlx_prompt_cache import PromptCache, take_out
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.scheduling import run_as_worker
@@ -143,8 +143,8 @@ class Worker:
         self._stats_at = 0.0
         self._reported_active = -1
         self._weights_bytes = 0
-        self._cache = LRUPromptCache(
-            max_size=_PROMPT_CACHE_ENTRIES, max_bytes=config.prompt_cache_bytes
+        self._prompts = PromptCache(
+            config.model_id, config.prompt_cache_bytes, _PROMPT_CACHE_ENTRIES
         )
         # LMX_STEP_TRACE_DIR: a line per step, and one per request taken in, for bench/
         self._trace = TraceLog.from_env("steps")
@@ -197,9 +197,8 @@ class Worker:
             wrapper, int(model_config["vocab_size"]), wrapper.eos_token_ids
         )
         self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
-        gen: Any = BatchGenerator(
+        gen: Any = BatchGenerator(  # the worker ends its sequences itself: see _step
             model,
-            stop_tokens=[[int(t)] for t in sorted(wrapper.eos_token_ids)],
             completion_batch_size=self.config.max_batch,
             prefill_batch_size=min(_PREFILL_GROUP, self.config.max_batch),
             prefill_step_size=self.config.prefill_step,
@@ -374,14 +373,7 @@ class Worker:
         tokens = list(req.prompt_tokens)
         kv, rest = (None, tokens)
         if self.config.prompt_cache_bytes > 0:
-            kv, rest = self._cache.fetch_nearest_cache(self.config.model_id, tokens)
-            if kv is not None and not rest:
-                # An exact hit still needs one token to feed: step the cache back by one.
-                if can_trim_prompt_cache(kv):
-                    trim_prompt_cache(kv, 1)
-                    rest = tokens[-1:]
-                else:
-                    kv, rest = None, tokens
+            kv, rest = self._prompts.fetch(tokens)
         procs = make_processors(p, sorted(eos))
         if req.constraint is not None:
             seq.constraint = self._constraints.make_processor(
@@ -392,18 +384,21 @@ class Worker:
         seq.prompt_left = len(rest)
         (seq.uid,) = gen.insert(
             [rest],
-            max_tokens=[p.max_tokens],
+            max_tokens=[p.max_tokens + 1],  # one more than it will get: see _step
             caches=[kv] if kv is not None else None,
             all_tokens=[tokens[: seq.cached_tokens]],
             samplers=[make_sampler(p)],  # None entries fall back to the batch's greedy sampler
             logits_processors=[procs],
-            stop_sequences=[StopSequences([[t] for t in sorted(seq.stop_ids)])],
         )
         self._live[seq.uid] = seq
 
     def _step(self, gen: Any, *, held: bool) -> None:
         """One BatchGenerator step; `held`: the prompts not yet started stay out of it. Its
-        tokens go to the output thread, which makes their text while the next step runs."""
+        tokens go to the output thread, which makes their text while the next step runs.
+
+        The worker ends sequences itself (a stop token, max_tokens), not BatchGenerator: its
+        ending cuts each sequence's KV cache out on its own (see lmx.runtime.mlx_prompt_cache),
+        while take_out cuts those of all the sequences a step ends in one gather per layer."""
         waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
         if waiting:  # else the step takes no prompt in, whatever the group
             gen.prefill_batch_size = 0 if held else self._prefill_group(waiting)
@@ -422,7 +417,7 @@ class Worker:
                 done, total = p.progress
                 seq.prompt_left = total - done
         tokens: list[_Token] = []
-        finished: list[tuple[list[int], Any]] = []  # (tokens, KV cache) for the prompt cache
+        finished: list[int] = []
         for r in responses:
             seq = self._live.get(r.uid)
             if seq is None:  # its text ended (a stop string) or it was cancelled
@@ -432,24 +427,30 @@ class Worker:
             seq.generated += 1
             self._generated += 1
             lps = self._logprobs(seq, r.token, r.logprobs) if seq.request.params.logprobs else ()
-            if r.finish_reason is not None:
+            finish = self._finish(seq, r.token)
+            if finish is not None:
                 self._leave(seq, t1)
-                if self.config.prompt_cache_bytes > 0 and r.prompt_cache is not None:
-                    finished.append((list(r.all_tokens or []), r.prompt_cache))
-            tokens.append((seq, r.token, r.finish_reason, seq.generated, lps))
+                finished.append(seq.uid)
+            tokens.append((seq, r.token, finish, seq.generated, lps))
         changed = len(self._live) != self._reported_active
         if tokens or changed:
             self._room.acquire()  # waits only while the output thread is _OUTPUT_LAG steps behind
             self._outbox.put(_StepOutput(tokens, self._stats(gen), changed))
         if finished:
-            # After the output: the prompt cache's bookkeeping takes ~1 ms a sequence (H200 host),
-            # which held back a round's endings, and so the clients' next requests, by 26 ms.
-            self._remember(finished)
-            self._post(("out", [], [], self._stats(gen)))  # the prompt cache's new size
+            # After the output: storing the caches of a round's 32 endings would hold them back,
+            # and so the clients' next requests.
+            self._take_out(gen, finished)
         t2 = time.perf_counter()
         self._overhead_s += t2 - t1
         if self._trace is not None:
             self._trace.write(step_of(t0, t1, prompts, responses, (t2 - t1) * 1e3))
+
+    @staticmethod
+    def _finish(seq: _Seq, token: int) -> str | None:
+        """Why `seq` ends with `token`, its latest, if it does."""
+        if token in seq.stop_ids:
+            return "stop"
+        return "length" if seq.generated >= seq.request.params.max_tokens else None
 
     def _leave(self, seq: _Seq, now: float) -> None:
         """`seq` is out of the batch (BatchGenerator's part is the caller's)."""
@@ -460,15 +461,14 @@ class Worker:
 
     def _retire(self, gen: Any) -> None:
         """Take the sequences whose text the output thread ended out of the batch."""
-        caching = self.config.prompt_cache_bytes > 0
+        ended: list[int] = []
         while self._text_ended:
             seq = self._text_ended.popleft()
-            if self._live.get(seq.uid) is not seq:  # it finished or was cancelled meanwhile
-                continue
-            kv = gen.remove([seq.uid], return_prompt_caches=caching).get(seq.uid)
-            self._leave(seq, time.perf_counter())
-            if kv is not None:
-                self._remember([(list(kv[1]), kv[0])])
+            if self._live.get(seq.uid) is seq:  # else it finished or was cancelled meanwhile
+                self._leave(seq, time.perf_counter())
+                ended.append(seq.uid)
+        if ended:
+            self._take_out(gen, ended)
 
     def _emit_all(self) -> None:
         """The output thread: makes each step's text and sends it, and sends the main thread's
@@ -548,17 +548,14 @@ class Worker:
             delta, queue_s=started - seq.received_s, prefill_s=seq.first_token_s - started
         )
 
-    def _remember(self, finished: list[tuple[list[int], Any]]) -> None:
-        """Put each (tokens, KV cache) of `finished` in the prompt cache."""
-        # A cache cut out of the batch is a lazy copy that holds the batch's whole KV buffers
-        # until it is computed (every sequence's, not the one it counts): compute it now, queued
-        # behind the step in flight, so the prompt cache holds what it reports. One call for
-        # them all: a call costs something besides its arrays (32 tiny caches: 25% less time).
-        caches = [[c.state for c in kv] for _, kv in finished]
-        state: list[tuple[str, Any]] = tree_flatten(caches)  # type: ignore[assignment]
-        mx.async_eval([a for _, a in state if isinstance(a, mx.array)])  # type: ignore[no-untyped-call]
-        for tokens, kv in finished:
-            self._cache.insert_cache(self.config.model_id, tokens, kv)
+    def _take_out(self, gen: Any, uids: list[int]) -> None:
+        """Take `uids`, which left `_live`, out of the batch, their KV caches into the prompt
+        cache; then the cache's new size to the engine."""
+        if self.config.prompt_cache_bytes <= 0:
+            gen.remove(uids)
+            return
+        self._prompts.store(take_out(gen, uids, gen.stream, self._prompts.gather_bytes).values())
+        self._post(("out", [], [], self._stats(gen)))
 
     def _stats(self, gen: Any) -> WorkerStats:
         now = time.monotonic()
@@ -574,7 +571,7 @@ class Worker:
             generated_tokens=self._generated,
             weights_bytes=self._weights_bytes,
             kv_bytes=self._kv_bytes,
-            prompt_cache_bytes=self._cache.nbytes,
+            prompt_cache_bytes=self._prompts.nbytes,
             mlx_active_bytes=self._mlx_bytes[0],
             mlx_cache_bytes=self._mlx_bytes[1],
             step_s=self._step_s,

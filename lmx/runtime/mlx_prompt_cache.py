@@ -1,0 +1,185 @@
+"""The worker's prompt cache: the KV caches of sequences that left the batch, for the next turn of
+their conversations, bounded by the bytes it holds.
+
+mlx-lm cuts a sequence's cache out of the batch on its own: two copies per layer, so the 32
+sequences ending a round of a 28-layer model are 1792 copies, each launched on its own from the
+stepping thread, and each reads the batch's padding, which waits for the step in flight when
+sequences left the step before. `take_out` copies the rows of all the sequences leaving together
+in one gather per layer (56 here) and gives each of them views into it, placed by its token count.
+Those views share their gather's buffers, which stay whole until the last of them is dropped, so
+`PromptCache` counts a gather's bytes while any of its sequences is stored, and evicts until that
+fits its budget.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    KVCache,
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    trim_prompt_cache,
+)
+
+# A sequence joins a gather while the rows it pads (the others started before it) are at most
+# this share of its own; a gather holds at most this share of the cache's budget, so one that
+# outlives most of its sequences cannot take all of it.
+_PAD_SHARE = 0.25
+_GATHER_SHARE = 0.25
+
+
+class _Buffers:
+    """The arrays a stored cache's views share: a gather's, or the cache's own."""
+
+    __slots__ = ("nbytes", "stored")
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.stored = 0  # sequences of it in the prompt cache
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A sequence's tokens and KV cache (one per layer) as it left the batch."""
+
+    tokens: list[int]
+    cache: list[Any]
+    buffers: _Buffers
+
+
+class PromptCache:
+    """mlx-lm's LRUPromptCache for one model, with the exact-hit rule and the real bytes."""
+
+    def __init__(self, model_id: str, max_bytes: int, max_entries: int) -> None:
+        self._model_id = model_id
+        self.max_bytes = max_bytes
+        self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
+        self._held = 0
+
+    @property
+    def gather_bytes(self) -> int:
+        """The most bytes one gather may hold."""
+        return int(self.max_bytes * _GATHER_SHARE)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its caches hold: every buffer any of them shares, once."""
+        return self._held
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """A copy of the cache sharing the longest prefix with `tokens`, and the tokens it
+        lacks: at least one, the model's input for the next step."""
+        kv, rest = self._lru.fetch_nearest_cache(self._model_id, tokens)
+        if kv is not None and not rest:
+            if not can_trim_prompt_cache(kv):
+                return None, tokens
+            trim_prompt_cache(kv, 1)  # an exact hit steps back one token to feed it
+            rest = tokens[-1:]
+        return kv, rest
+
+    def store(self, taken: Iterable[Taken]) -> None:
+        """Keep `taken`'s caches, evicting the least recently stored until what it holds fits."""
+        for t in taken:
+            if t.buffers.stored == 0:
+                self._held += t.buffers.nbytes
+            t.buffers.stored += 1
+            weakref.finalize(t.cache[0], self._dropped, t.buffers)
+            self._lru.insert_cache(self._model_id, t.tokens, t.cache)
+        # The newest caches are in `taken` still: evicted, they are dropped when the caller is done
+        n = len(self._lru)
+        while self._held > self.max_bytes and n:
+            n -= 1
+            self._lru.trim_to(n_sequences=n)
+
+    def _dropped(self, buffers: _Buffers) -> None:
+        buffers.stored -= 1
+        if buffers.stored == 0:
+            self._held -= buffers.nbytes
+
+
+def take_out(gen: Any, uids: Sequence[int], stream: Any, max_gather_bytes: int) -> dict[int, Taken]:
+    """Take `uids` out of `gen` (mlx-lm's BatchGenerator); those with tokens in their KV cache
+    come back with it, in the order of `uids`.
+
+    The caches are computed in the background on `stream` (the batch's): until then they would
+    hold the batch's KV buffers, every sequence's. Decoding sequences whose layers are all
+    BatchKVCache go by gathers; the rest (other cache types, prompts partway) one by one."""
+    batch = gen._generation_batch  # mlx-lm keeps the decoding batch's caches there
+    rows = {uid: i for i, uid in enumerate(batch.uids)}
+    layers = batch.prompt_cache
+    gathered = [rows[u] for u in uids if u in rows]
+    if not all(isinstance(c, BatchKVCache) and c.keys is not None for c in layers):
+        gathered = []
+    rest = [u for u in uids if u not in rows or not gathered]
+    taken: dict[int, Taken] = {}
+    arrays: list[mx.array] = []
+    # A row's cache holds its tokens, the last rows of the buffers: reading the rows' padding
+    # instead would wait for the step in flight, which computes it when sequences left last step.
+    lengths = {r: len(batch.tokens[r]) for r in gathered}
+    with mx.stream(stream):
+        for group in _groups(layers, lengths, max_gather_bytes):
+            caches = _gather(layers, group, lengths, arrays)
+            taken |= {batch.uids[r]: Taken(list(batch.tokens[r]), *c) for r, c in caches.items()}
+        for uid, (kv, tokens) in gen.extract_cache(rest).items() if rest else ():
+            if kv is not None and tokens:
+                state: list[tuple[str, Any]] = tree_flatten([c.state for c in kv])  # type: ignore[assignment]
+                own = [a for _, a in state if isinstance(a, mx.array)]
+                arrays += own
+                taken[uid] = Taken(list(tokens), kv, _Buffers(sum(a.nbytes for a in own)))
+        if arrays:
+            mx.async_eval(arrays)  # type: ignore[no-untyped-call]
+        gen.remove(list(uids))
+    return {u: taken[u] for u in uids if u in taken}
+
+
+def _groups(layers: list[Any], lengths: dict[int, int], max_bytes: int) -> list[list[int]]:
+    """The rows of `lengths` (row: tokens in its cache) in gathers, longest first, each while
+    what it pads and holds stays in bounds."""
+    per_token = sum(
+        (c.keys.nbytes + c.values.nbytes) // (c.keys.shape[0] * c.keys.shape[2]) for c in layers
+    )
+    groups: list[list[int]] = []
+    for r in sorted(lengths, key=lambda r: -lengths[r]):
+        if groups:
+            group = groups[-1]
+            longest = lengths[group[0]]
+            fits = (len(group) + 1) * longest * per_token <= max_bytes
+            if fits and longest - lengths[r] <= _PAD_SHARE * lengths[r]:
+                group.append(r)
+                continue
+        groups.append([r])
+    return groups
+
+
+def _gather(
+    layers: list[Any], group: list[int], lengths: dict[int, int], arrays: list[mx.array]
+) -> dict[int, tuple[list[Any], _Buffers]]:
+    """One gather per layer's keys and values of `group`'s rows (added to `arrays`), and each
+    row's cache: views of them."""
+    caches: list[list[Any]] = [[] for _ in group]
+    idx = mx.array(group)
+    longest = lengths[group[0]]
+    nbytes = 0
+    for c in layers:
+        keys = c.keys[:, :, c._idx - longest : c._idx][idx]
+        values = c.values[:, :, c._idx - longest : c._idx][idx]
+        arrays += (keys, values)
+        nbytes += keys.nbytes + values.nbytes
+        for j, r in enumerate(group):
+            kv = KVCache()  # type: ignore[no-untyped-call]
+            kv.keys = keys[j : j + 1, :, longest - lengths[r] :]
+            kv.values = values[j : j + 1, :, longest - lengths[r] :]
+            kv.offset = lengths[r]
+            caches[j].append(kv)
+    buffers = _Buffers(nbytes)
+    return {r: (kv, buffers) for r, kv in zip(group, caches, strict=True)}

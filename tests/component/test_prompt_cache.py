@@ -1,0 +1,173 @@
+"""The worker's prompt cache with the real tiny model and mlx-lm's BatchGenerator: caches taken out
+of a batch in gathers equal mlx-lm's own, one by one, and the cache counts what they hold."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.generate import BatchGenerator
+
+from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, take_out
+
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    return mlx_lm.load(str(tiny_model_dir))[0]
+
+
+def batch(model: Any, lengths: list[int], steps: int = 3) -> tuple[Any, list[int]]:
+    """A batch decoding prompts of `lengths` (in one prefill), `steps` tokens in."""
+    gen = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8)
+    prompts = [[(7 * i + 3 * j) % 200 + 10 for j in range(n)] for i, n in enumerate(lengths)]
+    uids = gen.insert(prompts, max_tokens=[64] * len(prompts))
+    for _ in range(steps + 1):
+        gen.next()
+    assert set(gen._generation_batch.uids) == set(uids)
+    return gen, uids
+
+
+def continuation(gen: Any, steps: int = 4) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for _ in range(steps):
+        for r in gen.next()[1]:
+            out.setdefault(r.uid, []).append(r.token)
+    return out
+
+
+def test_caches_taken_in_gathers_equal_mlx_lms_and_the_rest_decode_on(model: Any) -> None:
+    lengths = [20, 22, 21, 9]
+    ours, uids = batch(model, lengths)
+    theirs, _ = batch(model, lengths)
+    leaving = uids[:3]
+
+    taken = take_out(ours, leaving, ours.stream, 64 * MB)
+    expected = theirs.remove(leaving, return_prompt_caches=True)
+
+    assert taken.keys() == expected.keys()
+    assert len({id(t.buffers) for t in taken.values()}) == 1  # one gather for all three
+    for uid, t in taken.items():
+        kv, tokens = expected[uid]
+        assert t.tokens == list(tokens)
+        assert len(t.cache) == len(kv)
+        for a, b in zip(t.cache, kv, strict=True):
+            assert a.offset == b.offset
+            assert a.keys.shape == b.keys.shape
+            assert mx.array_equal(a.keys, b.keys).item()
+            assert mx.array_equal(a.values, b.values).item()
+    assert list(ours._generation_batch.uids) == [uids[3]]
+    assert continuation(ours) == continuation(theirs)
+
+
+def test_a_sequence_that_would_mostly_pad_a_gather_gets_one_of_its_own(model: Any) -> None:
+    gen, uids = batch(model, [40, 4, 39])
+    long1, short, long2 = take_out(gen, uids, gen.stream, 64 * MB).values()
+    assert len(long1.tokens) - 40 == len(short.tokens) - 4 == len(long2.tokens) - 39
+    assert long1.buffers is long2.buffers
+    assert short.buffers is not long1.buffers
+    assert short.buffers.nbytes < long1.buffers.nbytes / 4
+
+
+def test_a_gather_holds_at_most_the_bytes_it_may(model: Any) -> None:
+    gen, uids = batch(model, [20, 20, 20, 20])
+    taken = take_out(gen, uids, gen.stream, 1)  # too little for two rows: each alone
+    assert len({id(t.buffers) for t in taken.values()}) == 4
+
+
+def test_a_sequence_not_yet_decoding_leaves_with_the_cache_it_came_with(model: Any) -> None:
+    gen, uids = batch(model, [12, 14])
+    (waiting,) = gen.insert([[5, 6, 7]], max_tokens=[8])
+    taken = take_out(gen, [uids[0], waiting], gen.stream, 64 * MB)
+    assert list(taken) == [uids[0]]  # the new one has no tokens cached yet
+    assert list(gen._generation_batch.uids) == [uids[1]]
+    assert continuation(gen)  # the other decodes on
+
+
+def stored(model: Any, cache: PromptCache, lengths: list[int]) -> list[Taken]:
+    gen, uids = batch(model, lengths)
+    taken = list(take_out(gen, uids, gen.stream, cache.gather_bytes).values())
+    mx.eval([a for t in taken for c in t.cache for a in (c.keys, c.values)])
+    cache.store(taken)
+    return taken
+
+
+def test_the_cache_counts_a_gather_while_any_of_its_sequences_is_stored(model: Any) -> None:
+    cache = PromptCache("m", 64 * MB, max_entries=3)
+    taken = stored(model, cache, [20, 21, 22])
+    gather = taken[0].buffers
+    assert all(t.buffers is gather for t in taken)
+    assert cache.nbytes == gather.nbytes
+    del taken
+    gc.collect()
+    assert len(cache) == 3 and cache.nbytes == gather.nbytes
+
+    later = stored(model, cache, [30, 31])  # the three entries allowed: two of the gather go
+    later_bytes = later[0].buffers.nbytes
+    assert len(cache) == 3
+    assert cache.nbytes == gather.nbytes + later_bytes
+    del later
+    (last,) = stored(model, cache, [8])  # the gather's last goes, and its buffers with it
+    gc.collect()
+    assert len(cache) == 3
+    assert gather.stored == 0
+    assert cache.nbytes == later_bytes + last.buffers.nbytes
+
+
+def test_the_cache_evicts_until_what_it_holds_fits(model: Any) -> None:
+    probe = PromptCache("m", 64 * MB, max_entries=8)
+    size = stored(model, probe, [20, 21])[0].buffers.nbytes
+
+    cache = PromptCache("m", int(size * 2.5), max_entries=8)  # gathers of one sequence at most
+    for lengths in ([20, 21], [22, 23], [24, 25]):
+        stored(model, cache, lengths)
+        gc.collect()
+        assert cache.nbytes <= cache.max_bytes
+    assert 0 < len(cache) < 6
+
+
+def test_an_exact_hit_steps_back_one_token_to_feed_it(model: Any) -> None:
+    cache = PromptCache("m", 64 * MB, max_entries=4)
+    (t,) = stored(model, cache, [16])
+    kv, rest = cache.fetch(t.tokens)
+    assert kv is not None and rest == t.tokens[-1:]
+    assert kv[0].offset == len(t.tokens) - 1
+    kv, rest = cache.fetch([*t.tokens, 99, 98])
+    assert kv is not None and rest == [99, 98]
+    kv, rest = cache.fetch([1, 2, 3])
+    assert kv is None and rest == [1, 2, 3]
+
+
+def test_a_sequence_resumed_from_the_prompt_cache_is_taken_out_whole(model: Any) -> None:
+    cache = PromptCache("m", 64 * MB, max_entries=4)
+    (first,) = stored(model, cache, [18])
+    turn = [*first.tokens, 40, 41, 42]
+    twins = []
+    for _ in range(2):
+        gen = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8)
+        kv, rest = cache.fetch(turn)
+        assert kv is not None and len(rest) == 3
+        (uid,) = gen.insert(
+            [rest], max_tokens=[64], caches=[kv], all_tokens=[turn[: len(turn) - len(rest)]]
+        )
+        others = gen.insert([[9, 8, 7, 6, 5], [50 + j for j in range(30)]], max_tokens=[64] * 2)
+        for _ in range(4):
+            gen.next()
+        twins.append((gen, [uid, *others]))
+    (ours, uids), (theirs, _) = twins
+
+    taken = take_out(ours, uids, ours.stream, 64 * MB)
+    expected = theirs.remove(uids, return_prompt_caches=True)
+    assert list(taken) == uids and taken[uids[0]].tokens[: len(turn)] == turn
+    for uid, t in taken.items():
+        kv, tokens = expected[uid]
+        assert t.tokens == list(tokens)
+        for a, b in zip(t.cache, kv, strict=True):
+            assert a.offset == b.offset == len(tokens)
+            assert mx.array_equal(a.keys, b.keys).item()
+            assert mx.array_equal(a.values, b.values).item()
