@@ -164,22 +164,30 @@ def _groups(layers: list[Any], lengths: dict[int, int], max_bytes: int) -> list[
 def _gather(
     layers: list[Any], group: list[int], lengths: dict[int, int], arrays: list[mx.array]
 ) -> dict[int, tuple[list[Any], _Buffers]]:
-    """One gather per layer's keys and values of `group`'s rows (added to `arrays`), and each
+    """One copy per layer's keys and values of `group`'s rows (added to `arrays`), and each
     row's cache: views of them."""
-    caches: list[list[Any]] = [[] for _ in group]
-    idx = mx.array(group)
+    first = min(group)
+    # A run of rows is copied as a slice: MLX's gather is several times slower on the CPU.
+    if max(group) - first + 1 == len(group):
+        rows: slice | mx.array = slice(first, first + len(group))
+        at = {r: r - first for r in group}
+    else:
+        rows = mx.array(group)
+        at = {r: j for j, r in enumerate(group)}
     longest = lengths[group[0]]
+    caches: dict[int, list[Any]] = {r: [] for r in group}
     nbytes = 0
     for c in layers:
-        keys = c.keys[:, :, c._idx - longest : c._idx][idx]
-        values = c.values[:, :, c._idx - longest : c._idx][idx]
+        span = slice(c._idx - longest, c._idx)
+        keys = mx.array(c.keys[rows, :, span])  # a copy, even of a view that is contiguous
+        values = mx.array(c.values[rows, :, span])
         arrays += (keys, values)
         nbytes += keys.nbytes + values.nbytes
-        for j, r in enumerate(group):
+        for r in group:
             kv = KVCache()  # type: ignore[no-untyped-call]
-            kv.keys = keys[j : j + 1, :, longest - lengths[r] :]
-            kv.values = values[j : j + 1, :, longest - lengths[r] :]
+            kv.keys = keys[at[r] : at[r] + 1, :, longest - lengths[r] :]
+            kv.values = values[at[r] : at[r] + 1, :, longest - lengths[r] :]
             kv.offset = lengths[r]
-            caches[j].append(kv)
+            caches[r].append(kv)
     buffers = _Buffers(nbytes)
-    return {r: (kv, buffers) for r, kv in zip(group, caches, strict=True)}
+    return {r: (kv, buffers) for r, kv in caches.items()}
