@@ -123,8 +123,8 @@ def take_out(gen: Any, uids: Sequence[int], stream: Any, max_gather_bytes: int) 
     rest = [u for u in uids if u not in rows or not gathered]
     taken: dict[int, Taken] = {}
     arrays: list[mx.array] = []
-    # A row's cache holds its tokens, the last rows of the buffers: reading the rows' padding
-    # instead would wait for the step in flight, which computes it when sequences left last step.
+    # A sequence's cache is the last len(tokens) positions of its row. Reading its padding instead
+    # would wait for the step in flight, which computes the padding when sequences left before.
     lengths = {r: len(batch.tokens[r]) for r in gathered}
     with mx.stream(stream):
         for group in _groups(layers, lengths, max_gather_bytes):
