@@ -5,10 +5,10 @@ mlx-lm cuts a sequence's cache out of the batch on its own: two copies per layer
 sequences ending a round of a 28-layer model are 1792 copies, each launched on its own from the
 stepping thread, and each reads the batch's padding, which waits for the step in flight when
 sequences left the step before. `take_out` copies the rows of all the sequences leaving together
-in one gather per layer (56 here) and gives each of them views into it, placed by its token count.
-Those views share their gather's buffers, which stay whole until the last of them is dropped, so
-`PromptCache` counts a gather's bytes while any of its sequences is stored, and evicts until that
-fits its budget.
+in one gather per layer (56 copies, if they fit one gather) and gives each of them views into it,
+placed by its token count. Those views share their gather's buffers, which stay whole until the
+last of them is dropped, so `PromptCache` counts a gather's bytes while any of its sequences is
+stored, and evicts until that fits its budget.
 """
 
 from __future__ import annotations
