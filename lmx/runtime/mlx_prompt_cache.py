@@ -114,13 +114,14 @@ def take_out(gen: Any, uids: Sequence[int], stream: Any, max_gather_bytes: int) 
     The caches are computed in the background on `stream` (the batch's): until then they would
     hold the batch's KV buffers, every sequence's. Decoding sequences whose layers are all
     BatchKVCache go by gathers; the rest (other cache types, prompts partway) one by one."""
-    batch = gen._generation_batch  # mlx-lm keeps the decoding batch's caches there
-    rows = {uid: i for i, uid in enumerate(batch.uids)}
-    layers = batch.prompt_cache
+    batch: Any = getattr(gen, "_generation_batch", None)  # where mlx-lm keeps the decoding batch
+    layers = getattr(batch, "prompt_cache", [])
+    by_gather = bool(layers) and all(
+        isinstance(c, BatchKVCache) and c.keys is not None for c in layers
+    )
+    rows = {uid: i for i, uid in enumerate(batch.uids)} if by_gather else {}
     gathered = [rows[u] for u in uids if u in rows]
-    if not all(isinstance(c, BatchKVCache) and c.keys is not None for c in layers):
-        gathered = []
-    rest = [u for u in uids if u not in rows or not gathered]
+    rest = [u for u in uids if u not in rows]
     taken: dict[int, Taken] = {}
     arrays: list[mx.array] = []
     # A sequence's cache is the last len(tokens) positions of its row. Reading its padding instead

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache
 
 from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, take_out
 
@@ -87,6 +88,31 @@ def test_a_sequence_not_yet_decoding_leaves_with_the_cache_it_came_with(model: A
     assert list(taken) == [uids[0]]  # the new one has no tokens cached yet
     assert list(gen._generation_batch.uids) == [uids[1]]
     assert continuation(gen)  # the other decodes on
+
+
+def test_caches_of_another_kind_are_taken_out_one_by_one(model: Any) -> None:
+    twins = []
+    for _ in range(2):
+        gen = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8, max_kv_size=32)
+        uids = gen.insert([[10 + j for j in range(n)] for n in (12, 14)], max_tokens=[64] * 2)
+        for _ in range(4):
+            gen.next()
+        twins.append((gen, uids))
+    (ours, uids), (theirs, _) = twins
+    assert not isinstance(ours._generation_batch.prompt_cache[0], BatchKVCache)
+
+    taken = take_out(ours, uids, ours.stream, 64 * MB)
+    expected = theirs.remove(uids, return_prompt_caches=True)
+    assert list(taken) == uids
+    assert taken[uids[0]].buffers is not taken[uids[1]].buffers
+    for uid, t in taken.items():
+        kv, tokens = expected[uid]
+        assert t.tokens == list(tokens)
+        assert t.buffers.nbytes == sum(c.nbytes for c in t.cache)
+        for a, b in zip(t.cache, kv, strict=True):
+            assert type(a) is type(b)
+            assert all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state, strict=True))
+    assert len(ours._generation_batch) == 0
 
 
 def stored(model: Any, cache: PromptCache, lengths: list[int]) -> list[Taken]:
