@@ -560,11 +560,12 @@ def _compact(steps: tuple[Step, ...]) -> dict[str, Any]:
         "prompted": [s.prompted for s in steps],
         "started": [s.started for s in steps],
         "after_ms": [round(s.after_ms, 2) for s in steps],
+        "cache_ms": [round(s.cache_ms, 2) for s in steps],
     }
 
 
 def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
-    """`_compact` undone."""
+    """`_compact` undone (results from before cache_ms have none)."""
     rows = zip(
         cols["t_s"],
         cols["ms"],
@@ -572,9 +573,10 @@ def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
         cols["prompted"],
         cols["started"],
         cols["after_ms"],
+        cols.get("cache_ms", [0.0] * len(cols["t_s"])),
         strict=True,
     )
-    return tuple(Step(t, ms, d, p, s, after) for t, ms, d, p, s, after in rows)
+    return tuple(Step(*row) for row in rows)
 
 
 def join(reports: Sequence[Report]) -> Report:

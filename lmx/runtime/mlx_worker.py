@@ -436,14 +436,18 @@ class Worker:
         if tokens or changed:
             self._room.acquire()  # waits only while the output thread is _OUTPUT_LAG steps behind
             self._outbox.put(_StepOutput(tokens, self._stats(gen), changed))
+        cache_s = 0.0
         if finished:
             # After the output: storing the caches of a round's 32 endings would hold them back,
             # and so the clients' next requests.
+            tc = time.perf_counter()
             self._take_out(gen, finished)
+            cache_s = time.perf_counter() - tc
         t2 = time.perf_counter()
         self._overhead_s += t2 - t1
         if self._trace is not None:
-            self._trace.write(step_of(t0, t1, prompts, responses, (t2 - t1) * 1e3))
+            after_ms = (t2 - t1) * 1e3
+            self._trace.write(step_of(t0, t1, prompts, responses, after_ms, cache_s * 1e3))
 
     @staticmethod
     def _finish(seq: _Seq, token: int) -> str | None:

@@ -4,7 +4,8 @@ With `LMX_STEP_TRACE_DIR` set to a directory, each MLX worker appends one JSON o
 BatchGenerator step to `steps-<pid>.jsonl` there: when the step began (time.perf_counter, one
 clock for every process of the machine), how long it took, how many sequences it decoded, how
 many prompts it processed a chunk of, how many finished their prompt (each such group costs a
-forward pass of its own), and the worker's own work on the step's results. bench.run_throughput
+forward pass of its own), and the worker's own work on the step's results (and the part of it
+that took ended sequences out of the batch and stored their KV caches). bench.run_throughput
 sets it and keeps the same records of its raw BatchGenerator runs, so the two can be set side by
 side step by step.
 
@@ -34,6 +35,7 @@ class Step:
     prompted: int  # prompts a chunk of which went through the model
     started: int  # prompts that finished and joined the decoding batch
     after_ms: float = 0.0  # the worker's work on the results (text, stop strings, messages)
+    cache_ms: float = 0.0  # of after_ms: ended sequences out of the batch, their caches stored
 
     @property
     def prompt_work(self) -> bool:
@@ -47,7 +49,12 @@ class Arrival:
 
 
 def step_of(
-    t0: float, t1: float, prompts: Sequence[Any], responses: Sequence[Any], after_ms: float = 0.0
+    t0: float,
+    t1: float,
+    prompts: Sequence[Any],
+    responses: Sequence[Any],
+    after_ms: float = 0.0,
+    cache_ms: float = 0.0,
 ) -> Step:
     """The Step for one `BatchGenerator.next()` that ran from t0 to t1 and returned these."""
     started = sum(1 for p in prompts if p.end_of_prompt)
@@ -58,6 +65,7 @@ def step_of(
         prompted=len(prompts) - started,
         started=started,
         after_ms=after_ms,
+        cache_ms=cache_ms,
     )
 
 

@@ -462,6 +462,21 @@ async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
     assert sum(s.started for s in steps) == coming_back
 
 
+async def test_the_step_a_round_ends_in_logs_the_time_its_caches_took(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = LoadConfig(model_id="s", path=tiny_model_dir)
+    async with traced_engine(config, tmp_path, monkeypatch) as e:
+        fixed = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        await asyncio.gather(*(run(e, p, fixed) for p in prompts(e, 4)))  # they end in one step
+        await until(lambda: e.stats().prompt_cache_bytes > 0)
+    steps = read_steps(tmp_path, 0.0, math.inf)
+    last = max((s for s in steps if s.decoded), key=lambda s: s.t)
+    assert last.decoded == 4
+    assert 0 < last.cache_ms <= last.after_ms
+    assert all(s.cache_ms == 0 for s in steps if s is not last)  # nothing ended there
+
+
 async def test_followers_join_a_running_batch_in_one_prefill(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,7 +20,10 @@ from tests.unit.bench_runs import run_at
 def _report() -> Report:
     raw = (run_at(100.0), run_at(200.0), run_at(150.0))
     lmx = (run_at(50.0), run_at(200.0), run_at(135.0))
-    steps = (Step(t=10.0, ms=20.0, decoded=0, prompted=2, started=0), Step(10.02, 8.0, 2, 0, 0))
+    steps = (
+        Step(t=10.0, ms=20.0, decoded=0, prompted=2, started=0),
+        Step(10.02, 8.0, 2, 0, 0, after_ms=3.0, cache_ms=2.5),
+    )
     point = Point(
         concurrency=2,
         raw=raw[2],
@@ -56,6 +59,7 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     assert again.to_markdown() == _report().to_markdown()
     # The steps' times count from each run's first step once saved.
     assert [s.t for s in again.points[0].steps["lmx"]] == [0.0, 0.02]
+    assert [s.cache_ms for s in again.points[0].steps["lmx"]] == [0.0, 2.5]
     written = again.write(tmp_path, "throughput-renamed")
     assert {p.name for p in written} >= {"throughput-renamed.json", "throughput-renamed.md"}
     assert math.isnan(
@@ -63,6 +67,17 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
             "queue_ms"
         ]
     )
+
+
+def test_results_saved_before_the_steps_had_cache_times_read_as_none_spent(
+    tmp_path: Path,
+) -> None:
+    saved = json.loads(json.dumps(_report().to_json()))
+    for cols in saved["points"][0]["steps"].values():
+        del cols["cache_ms"]
+    again = Report.from_json(saved)
+    assert [s.cache_ms for s in again.points[0].steps["lmx"]] == [0.0, 0.0]
+    assert [s.after_ms for s in again.points[0].steps["lmx"]] == [0.0, 3.0]
 
 
 def test_a_runs_first_round_is_measured_stage_by_stage() -> None:

@@ -32,6 +32,7 @@ def test_a_step_counts_decoded_prompted_and_started_sequences() -> None:
     assert step.prompt_work
     assert not step_of(0.0, 0.01, [], [object()]).prompt_work
     assert step_of(0.0, 0.01, [], [], after_ms=0.25).after_ms == 0.25
+    assert step_of(0.0, 0.01, [], [], 0.25, cache_ms=0.2).cache_ms == 0.2
 
 
 def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> None:
