@@ -189,14 +189,9 @@ class _WorkerSide(_Side):
         return sid
 
     def step(self, live: Collection[int]) -> list[int]:
-        """One pass of the worker's serving loop (Worker._serve), its commands queued already."""
-        w, gen = self.worker, self.gen
-        w._take_commands(gen, 0.0)
-        w._retire(gen)
-        hold = w._hold_s()
-        if w._live and (not hold or w._running()):
-            w._step(gen, held=hold > 0)
-        return [sid for sid in live if sid not in w._by_sid]
+        """One pass of the worker's serving loop, its commands queued already."""
+        self.worker._serve_once(self.gen, 0.0)
+        return [sid for sid in live if sid not in self.worker._by_sid]
 
     def after(self) -> None:
         if self._quiet is None:

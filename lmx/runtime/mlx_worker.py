@@ -239,20 +239,27 @@ class Worker:
             # the rest of their round; idle, for anything. The commands change all three.
             hold = 0.0 if self._running() else self._hold_s()
             wait = hold if hold else 0.0 if self._live else _IDLE_POLL_S
-            if not self._take_commands(gen, wait):
+            if not self._serve_once(gen, wait):
                 return
-            self._retire(gen)
-            hold = self._hold_s()
-            if self._live and (not hold or self._running()):
-                try:
-                    self._step(gen, held=hold > 0)
-                except Exception as exc:  # the batch is unusable: fail its requests, go on
-                    log.exception("batch_step_failed", model=self.config.model_id)
-                    self._fail_all(gen, str(exc))
-            if not self._live:  # idle, or from this step on: the logs for bench/ go to disk now
-                if self._reported_active:
-                    self._post(("out", [], [], self._stats(gen)))
-                self._flush_logs()
+
+    def _serve_once(self, gen: Any, wait: float) -> bool:
+        """One pass of the serving loop: the commands (waiting up to `wait` s for the first),
+        then a step unless the batch is empty or held; False once told to stop."""
+        if not self._take_commands(gen, wait):
+            return False
+        self._retire(gen)
+        hold = self._hold_s()
+        if self._live and (not hold or self._running()):
+            try:
+                self._step(gen, held=hold > 0)
+            except Exception as exc:  # the batch is unusable: fail its requests, go on
+                log.exception("batch_step_failed", model=self.config.model_id)
+                self._fail_all(gen, str(exc))
+        if not self._live:  # idle, or from this step on: the logs for bench/ go to disk now
+            if self._reported_active:
+                self._post(("out", [], [], self._stats(gen)))
+            self._flush_logs()
+        return True
 
     def _flush_logs(self) -> None:
         for trace in (self._trace, self._arrivals):
