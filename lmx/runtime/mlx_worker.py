@@ -143,9 +143,7 @@ class Worker:
         self._stats_at = 0.0
         self._reported_active = -1
         self._weights_bytes = 0
-        self._prompts = PromptCache(
-            config.model_id, config.prompt_cache_bytes, _PROMPT_CACHE_ENTRIES
-        )
+        self._prompts = PromptCache(config.prompt_cache_bytes, _PROMPT_CACHE_ENTRIES)
         # LMX_STEP_TRACE_DIR: a line per step, and one per request taken in, for bench/
         self._trace = TraceLog.from_env("steps")
         self._arrivals = TraceLog.from_env("arrivals")

@@ -11,9 +11,9 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, take_out
+from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, _Buffers, take_out
 
 MB = 2**20
 
@@ -124,7 +124,7 @@ def stored(model: Any, cache: PromptCache, lengths: list[int]) -> list[Taken]:
 
 
 def test_the_cache_counts_a_gather_while_any_of_its_sequences_is_stored(model: Any) -> None:
-    cache = PromptCache("m", 64 * MB, max_entries=3)
+    cache = PromptCache(64 * MB, max_entries=3)
     taken = stored(model, cache, [20, 21, 22])
     gather = taken[0].buffers
     assert all(t.buffers is gather for t in taken)
@@ -146,10 +146,10 @@ def test_the_cache_counts_a_gather_while_any_of_its_sequences_is_stored(model: A
 
 
 def test_the_cache_evicts_until_what_it_holds_fits(model: Any) -> None:
-    probe = PromptCache("m", 64 * MB, max_entries=8)
+    probe = PromptCache(64 * MB, max_entries=8)
     size = stored(model, probe, [20, 21])[0].buffers.nbytes
 
-    cache = PromptCache("m", int(size * 2.5), max_entries=8)  # gathers of one sequence at most
+    cache = PromptCache(int(size * 2.5), max_entries=8)  # gathers of one sequence at most
     for lengths in ([20, 21], [22, 23], [24, 25]):
         stored(model, cache, lengths)
         gc.collect()
@@ -158,7 +158,7 @@ def test_the_cache_evicts_until_what_it_holds_fits(model: Any) -> None:
 
 
 def test_an_exact_hit_steps_back_one_token_to_feed_it(model: Any) -> None:
-    cache = PromptCache("m", 64 * MB, max_entries=4)
+    cache = PromptCache(64 * MB, max_entries=4)
     (t,) = stored(model, cache, [16])
     kv, rest = cache.fetch(t.tokens)
     assert kv is not None and rest == t.tokens[-1:]
@@ -170,7 +170,7 @@ def test_an_exact_hit_steps_back_one_token_to_feed_it(model: Any) -> None:
 
 
 def test_a_sequence_resumed_from_the_prompt_cache_is_taken_out_whole(model: Any) -> None:
-    cache = PromptCache("m", 64 * MB, max_entries=4)
+    cache = PromptCache(64 * MB, max_entries=4)
     (first,) = stored(model, cache, [18])
     turn = [*first.tokens, 40, 41, 42]
     twins = []
@@ -197,3 +197,80 @@ def test_a_sequence_resumed_from_the_prompt_cache_is_taken_out_whole(model: Any)
             assert a.offset == b.offset == len(tokens)
             assert mx.array_equal(a.keys, b.keys).item()
             assert mx.array_equal(a.values, b.values).item()
+
+
+def kept(tokens: list[int], trimmable: bool = True) -> Taken:
+    """A one-layer cache of `tokens` (their ids as its keys), as a stored sequence's."""
+    if not trimmable:  # a state, as a recurrent layer's: it cannot step back
+        state = ArraysCache(1)
+        state.cache = [mx.array([tokens])]
+        return Taken(tokens, [state], _Buffers(state.nbytes))
+    kv = KVCache()
+    ids = mx.array(tokens, dtype=mx.float32).reshape(1, 1, -1, 1)
+    kv.update_and_fetch(ids, ids)
+    return Taken(tokens, [kv], _Buffers(kv.nbytes))
+
+
+def served(cache: PromptCache, tokens: list[int]) -> tuple[list[int] | None, list[int]]:
+    """The tokens of what `cache` serves for `tokens` (None: nothing), and the rest to feed."""
+    kv, rest = cache.fetch(tokens)
+    if kv is None:
+        return None, rest
+    (layer,) = kv
+    assert layer.offset == len(tokens) - len(rest)
+    return layer.keys[0, 0, : layer.offset, 0].astype(mx.int32).tolist(), rest
+
+
+def test_a_stored_prefix_serves_a_longer_prompt_whole() -> None:
+    cache = PromptCache(MB, max_entries=4)
+    cache.store([kept([1, 2, 3, 4])])
+    assert served(cache, [1, 2, 3, 4, 5, 6]) == ([1, 2, 3, 4], [5, 6])
+    assert served(cache, [9, 2, 3, 4, 5]) == (None, [9, 2, 3, 4, 5])
+
+
+def test_a_longer_cache_steps_back_to_the_prefix_it_shares() -> None:
+    cache = PromptCache(MB, max_entries=4)
+    cache.store([kept([1, 2, 3, 4, 5, 6])])
+    assert served(cache, [1, 2, 3, 7, 8]) == ([1, 2, 3], [7, 8])
+    assert served(cache, [1, 2, 3]) == ([1, 2], [3])  # a prompt it extends: all but its last
+    assert served(cache, [1, 2, 3, 4, 5, 6]) == ([1, 2, 3, 4, 5], [6])  # it is whole still
+
+
+def test_the_longest_usable_prefix_wins_and_the_most_recent_a_tie() -> None:
+    cache = PromptCache(MB, max_entries=4)
+    cache.store([kept([1, 2, 3]), kept([5, 6, 7, 8, 9]), kept([1, 2, 3, 4, 5, 6])])
+    assert len(cache) == 2  # [1, 2, 3] can be had from the longer one, which replaced it
+    assert served(cache, [1, 2, 3, 4, 5, 6, 7]) == ([1, 2, 3, 4, 5, 6], [7])
+    cache.store([kept([1, 2, 9, 9])])  # as good for [1, 2, 8] as [1, 2, 3, 4, 5, 6], newer
+    (layer,) = cache.fetch([1, 2, 8])[0] or []
+    assert layer.keys[0, 0, :4, 0].tolist() == [1, 2, 9, 9] and layer.offset == 2
+
+
+def test_a_cache_that_cannot_step_back_serves_only_prompts_it_is_a_prefix_of() -> None:
+    cache = PromptCache(MB, max_entries=4)
+    cache.store([kept([1, 2, 3], trimmable=False)])
+    kv, rest = cache.fetch([1, 2, 3, 4])
+    assert kv is not None and rest == [4]
+    assert cache.fetch([1, 2, 3]) == (None, [1, 2, 3])
+    assert cache.fetch([1, 2, 7, 8]) == (None, [1, 2, 7, 8])
+    cache.store([kept([1, 2, 3, 4], trimmable=False)])
+    assert len(cache) == 2  # it cannot stand in for the shorter one
+
+
+def test_the_least_recently_used_goes_first_and_a_fetch_uses_it() -> None:
+    cache = PromptCache(MB, max_entries=2)
+    cache.store([kept([1, 2, 3]), kept([4, 5, 6])])
+    assert served(cache, [1, 2, 3, 9])[0] == [1, 2, 3]
+    cache.store([kept([7, 8, 9])])
+    assert served(cache, [4, 5, 6, 9]) == (None, [4, 5, 6, 9])
+    assert served(cache, [1, 2, 3, 9])[0] == [1, 2, 3]
+    assert len(cache) == 2 and cache.nbytes == 2 * kept([1, 2, 3]).buffers.nbytes
+
+
+def test_a_fetched_cache_is_a_copy() -> None:
+    cache = PromptCache(MB, max_entries=2)
+    cache.store([kept([1, 2, 3, 4])])
+    kv, _ = cache.fetch([1, 2, 3, 4])
+    assert kv is not None
+    kv[0].update_and_fetch(*[mx.full((1, 1, 5, 1), 9.0)] * 2)
+    assert served(cache, [1, 2, 3, 4]) == ([1, 2, 3], [4])
