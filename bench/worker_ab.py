@@ -221,7 +221,7 @@ class _Inline:
     def put(self, item: Any) -> None:
         if isinstance(item, mlx_worker._StepOutput):
             self._w._emit(item)
-            self._w._room.release()
+            self._w._sent += 1
         elif item is not None:
             self._w._send(item)
 

@@ -81,7 +81,7 @@ _PROMPT_CACHE_ENTRIES = 64
 _PREFILL_GROUP = 8
 _STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at most this often
 # Steps whose output the output thread may have still to send before the main thread waits for it
-# (Worker._room): a sequence whose text hit a stop string takes this many extra steps at most.
+# (Worker._behind): a sequence whose text hit a stop string takes this many extra steps at most.
 _OUTPUT_LAG = 2
 
 
@@ -151,7 +151,10 @@ class Worker:
         self._ended: deque[float] = deque(maxlen=config.max_batch)
         # To the output thread, in order: steps' outputs and whole messages; None ends it.
         self._outbox: queue.SimpleQueue[_StepOutput | Report | None] = queue.SimpleQueue()
-        self._room = threading.Semaphore(_OUTPUT_LAG)  # step outputs it may lag behind
+        # Step outputs posted (the main thread's count) and sent (the output thread's)
+        self._output = threading.Condition()
+        self._posted = self._sent = 0
+        self._output_failed = False
         # From the output thread: sequences whose text ended (a stop string, or an error making
         # it), for the main thread to take out of the batch.
         self._text_ended: deque[_Seq] = deque()
@@ -439,12 +442,14 @@ class Worker:
             tokens.append((seq, r.token, finish, seq.generated, lps))
         changed = len(self._live) != self._reported_active
         if tokens or changed:
-            self._room.acquire()  # waits only while the output thread is _OUTPUT_LAG steps behind
+            self._behind(_OUTPUT_LAG - 1)
+            self._posted += 1
             self._outbox.put(_StepOutput(tokens, self._stats(gen), changed))
         cache_s = 0.0
         if finished:
-            # After the output: storing the caches of a round's 32 endings would hold them back,
-            # and so the clients' next requests.
+            # Their clients' next requests wait for these last tokens: out first. The output
+            # thread needs the GIL, which storing the caches would hold 5 ms at a time.
+            self._behind(0)
             tc = time.perf_counter()
             self._take_out(gen, finished)
             cache_s = time.perf_counter() - tc
@@ -491,11 +496,21 @@ class Worker:
                     self._send(item)
                     continue
                 self._emit(item)
-                self._room.release()
+                with self._output:
+                    self._sent += 1
+                    self._output.notify()
         except Exception:
             log.exception("worker_output_failed", model=self.config.model_id)
             self._inbox.put((time.perf_counter(), [("stop",)]))
-            self._room.release(_OUTPUT_LAG)  # before its next step, the main thread sees the stop
+            with self._output:  # before its next step, the main thread sees the stop
+                self._output_failed = True
+                self._output.notify()
+
+    def _behind(self, steps: int) -> None:
+        """Wait until the output thread has at most `steps` step outputs still to send (the main
+        thread's)."""
+        with self._output:
+            self._output.wait_for(lambda: self._posted - self._sent <= steps or self._output_failed)
 
     def _emit(self, step: _StepOutput) -> None:
         pieces: list[Piece] = []

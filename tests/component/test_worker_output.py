@@ -1,13 +1,14 @@
 """The model worker's output thread, with the worker run in this process on the real tiny model:
 a sequence whose text cannot be made ends with that error and the batch goes on; a message that
-cannot be sent stops the worker instead of leaving its streams waiting."""
+cannot be sent stops the worker instead of leaving its streams waiting; the last tokens of a step
+go out before the caches of the sequences it ended are stored."""
 
 from __future__ import annotations
 
 import gc
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import pytest
 
 from lmx.runtime import mlx_worker
 from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime.mlx_prompt_cache import PromptCache, Taken
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.mlx_worker import Worker
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder
-from lmx.runtime.worker_protocol import receive, send
+from lmx.runtime.worker_protocol import Report, receive, send
 
 POISON = 11  # a prompt that starts with this token gets a detokenizer that fails
 PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -108,3 +110,29 @@ def test_a_message_that_cannot_be_sent_stops_the_worker(
     send(conn, [("add", 1, GenerationRequest([14, 15, 16], PARAMS))])
     thread.join(timeout=30)  # without a stop from us
     assert not thread.is_alive()
+
+
+def test_a_steps_last_tokens_go_out_before_their_caches_are_stored(
+    worker: tuple[threading.Thread, Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, conn = worker
+    finals_out, stored = threading.Event(), threading.Event()
+    out_at_store: list[bool] = []
+    real_send, real_store = Worker._send, PromptCache.store
+
+    def send_(self: Worker, msg: Report) -> None:
+        real_send(self, msg)
+        if msg[0] == "out" and any(d.finish_reason for _, d in msg[2]):
+            finals_out.set()
+
+    def store(self: PromptCache, taken: Iterable[Taken]) -> None:
+        out_at_store.append(finals_out.is_set())
+        real_store(self, taken)
+        stored.set()
+
+    monkeypatch.setattr(Worker, "_send", send_)
+    monkeypatch.setattr(PromptCache, "store", store)
+    send(conn, [("add", i, GenerationRequest([14 + i, 15, 16], PARAMS)) for i in range(4)])
+    assert len(finals(conn, set(range(4)))) == 4  # they end in one step
+    assert stored.wait(30)
+    assert out_at_store == [True]
