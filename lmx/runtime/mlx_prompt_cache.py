@@ -4,11 +4,12 @@ their conversations, bounded by the bytes it holds.
 mlx-lm cuts a sequence's cache out of the batch on its own: two copies per layer, so the 32
 sequences ending a round of a 28-layer model are 1792 copies, each launched on its own from the
 stepping thread, and each reads the batch's padding, which waits for the step in flight when
-sequences left the step before. `take_out` copies the rows of all the sequences leaving together
-in one gather per layer (56 copies, if they fit one gather) and gives each of them views into it,
-placed by its token count. Those views share their gather's buffers, which stay whole until the
-last of them is dropped, so `PromptCache` counts a gather's bytes while any of its sequences is
-stored, and evicts until that fits its budget.
+sequences left the step before. `take_out` copies the rows of all the sequences leaving together in
+one gather per layer (56 copies, if they fit one gather), placed by their token counts; a sequence's
+cache becomes views of its row only when a prompt takes it (a round's end making 1792 views beside
+the copies took 8 ms of the stepping thread on an H200 host). A gather's buffers stay whole while
+any of its sequences is stored, so `PromptCache` counts a gather's bytes until the last of them
+goes, and evicts until that fits its budget.
 
 `PromptCache` finds the longest shared prefix by comparing token arrays, not in mlx-lm's
 LRUPromptCache's trie of one dict per token: storing a 4096-token sequence there took 2.3 ms of
@@ -19,6 +20,7 @@ sequence of the batch waited.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,35 +43,73 @@ _PAD_SHARE = 0.25
 _GATHER_SHARE = 0.25
 
 
-class _Buffers:
-    """The arrays a stored cache's views share: a gather's, or the cache's own."""
+class _Buffers(ABC):
+    """The arrays stored caches are made of: a gather's rows, or one sequence's own cache."""
 
-    __slots__ = ("nbytes", "stored")
-
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, trimmable: bool) -> None:
         self.nbytes = nbytes
+        self.trimmable = trimmable  # each of its caches can step back to any of its prefixes
         self.stored = 0  # sequences of it in the prompt cache
+
+    @abstractmethod
+    def cache(self, row: int, length: int) -> list[Any]:
+        """A new cache (one per layer) of the `length` tokens of the sequence at `row`."""
+
+
+class _Gather(_Buffers):
+    """Rows of several sequences' caches, one copy per layer's keys and values, each row's
+    positions at its end."""
+
+    def __init__(self, keys: list[mx.array], values: list[mx.array]) -> None:
+        super().__init__(sum(a.nbytes for a in (*keys, *values)), trimmable=True)
+        self.keys, self.values = keys, values
+
+    def cache(self, row: int, length: int) -> list[Any]:
+        layers = []
+        for keys, values in zip(self.keys, self.values, strict=True):
+            kv = KVCache()  # type: ignore[no-untyped-call]
+            start = keys.shape[2] - length
+            kv.keys, kv.values = keys[row : row + 1, :, start:], values[row : row + 1, :, start:]
+            kv.offset = length
+            layers.append(kv)
+        return layers
+
+
+class _Own(_Buffers):
+    """One sequence's cache as mlx-lm cut it out of the batch, of any kind."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        state: list[tuple[str, Any]] = tree_flatten([c.state for c in layers])  # type: ignore[assignment]
+        self.arrays = [a for _, a in state if isinstance(a, mx.array)]
+        super().__init__(sum(a.nbytes for a in self.arrays), can_trim_prompt_cache(layers))
+        self.layers = layers
+
+    def cache(self, row: int, length: int) -> list[Any]:
+        return copy.deepcopy(self.layers)
 
 
 @dataclass(frozen=True)
 class Taken:
-    """A sequence's tokens and KV cache (one per layer) as it left the batch."""
+    """A sequence's tokens as it left the batch, and where its KV cache is."""
 
     tokens: list[int]
-    cache: list[Any]
     buffers: _Buffers
+    row: int = 0
+
+    def cache(self) -> list[Any]:
+        """A new KV cache of it (one per layer), which leaves the buffers as they are."""
+        return self.buffers.cache(self.row, len(self.tokens))
 
 
 @dataclass(frozen=True)
 class _Entry:
     taken: Taken
     ids: np.ndarray  # the tokens, int32
-    trimmable: bool  # can step back to any prefix of its tokens
 
     def usable(self, ids: np.ndarray) -> int:
         """How many of the prompt `ids` it can serve, leaving at least one to feed: 0 if none."""
         shared = _shared(self.ids, ids)
-        if self.trimmable:
+        if self.taken.buffers.trimmable:
             return max(0, min(shared, len(ids) - 1))
         return shared if shared == len(self.ids) < len(ids) else 0
 
@@ -110,7 +150,7 @@ class PromptCache:
             return None, tokens
         self._entries.move_to_end(key)
         e = self._entries[key]
-        kv = copy.deepcopy(e.taken.cache)
+        kv = e.taken.cache()
         if usable < len(e.ids):
             trim_prompt_cache(kv, len(e.ids) - usable)
         return kv, tokens[usable:]
@@ -121,10 +161,10 @@ class PromptCache:
         for t in taken:
             ids = np.asarray(t.tokens, dtype=np.int32)
             key = ids.tobytes()
-            trimmable = can_trim_prompt_cache(t.cache)
+            trimmable = t.buffers.trimmable
             for old in [k for k in self._entries if k == key or (trimmable and key.startswith(k))]:
                 self._drop(old)
-            self._entries[key] = _Entry(t, ids, trimmable)
+            self._entries[key] = _Entry(t, ids)
             if t.buffers.stored == 0:
                 self._held += t.buffers.nbytes
             t.buffers.stored += 1
@@ -171,14 +211,14 @@ def take_out(gen: Any, uids: Sequence[int], stream: Any, max_gather_bytes: int) 
     lengths = {r: len(batch.tokens[r]) for r in gathered}
     with mx.stream(stream):
         for group in _groups(layers, lengths, max_gather_bytes):
-            caches = _gather(layers, group, lengths, arrays)
-            taken |= {batch.uids[r]: Taken(list(batch.tokens[r]), *c) for r, c in caches.items()}
+            gather, at = _gather(layers, group, lengths[group[0]])
+            arrays += gather.keys + gather.values
+            taken |= {batch.uids[r]: Taken(list(batch.tokens[r]), gather, at[r]) for r in group}
         for uid, (kv, tokens) in gen.extract_cache(rest).items() if rest else ():
             if kv is not None and tokens:
-                state: list[tuple[str, Any]] = tree_flatten([c.state for c in kv])  # type: ignore[assignment]
-                own = [a for _, a in state if isinstance(a, mx.array)]
-                arrays += own
-                taken[uid] = Taken(list(tokens), kv, _Buffers(sum(a.nbytes for a in own)))
+                own = _Own(kv)
+                arrays += own.arrays
+                taken[uid] = Taken(list(tokens), own)
         if arrays:
             mx.async_eval(arrays)  # type: ignore[no-untyped-call]
         gen.remove(list(uids))
@@ -204,11 +244,9 @@ def _groups(layers: list[Any], lengths: dict[int, int], max_bytes: int) -> list[
     return groups
 
 
-def _gather(
-    layers: list[Any], group: list[int], lengths: dict[int, int], arrays: list[mx.array]
-) -> dict[int, tuple[list[Any], _Buffers]]:
-    """One copy per layer's keys and values of `group`'s rows (added to `arrays`), and each
-    row's cache: views of them."""
+def _gather(layers: list[Any], group: list[int], width: int) -> tuple[_Gather, dict[int, int]]:
+    """One copy per layer's keys and values of `group`'s rows, their last `width` positions, and
+    the row each of them has there."""
     first = min(group)
     # A run of rows is copied as a slice: MLX's gather is several times slower on the CPU.
     if max(group) - first + 1 == len(group):
@@ -217,24 +255,9 @@ def _gather(
     else:
         rows = mx.array(group)
         at = {r: j for j, r in enumerate(group)}
-    longest = lengths[group[0]]
-    caches: dict[int, list[Any]] = {r: [] for r in group}
-    nbytes = 0
+    keys, values = [], []
     for c in layers:
-        span = slice(c._idx - longest, c._idx)
-        keys = mx.array(c.keys[rows, :, span])  # a copy, even of a view that is contiguous
-        values = mx.array(c.values[rows, :, span])
-        arrays += (keys, values)
-        nbytes += keys.nbytes + values.nbytes
-        # One split for all the rows' views: half the time of a slice each (28 layers, 32 rows)
-        row_keys = mx.split(keys, len(group), axis=0)
-        row_values = mx.split(values, len(group), axis=0)
-        for r in group:
-            kv = KVCache()  # type: ignore[no-untyped-call]
-            kv.keys, kv.values, kv.offset = row_keys[at[r]], row_values[at[r]], lengths[r]
-            if lengths[r] < longest:
-                kv.keys = kv.keys[:, :, longest - lengths[r] :]
-                kv.values = kv.values[:, :, longest - lengths[r] :]
-            caches[r].append(kv)
-    buffers = _Buffers(nbytes)
-    return {r: (kv, buffers) for r, kv in caches.items()}
+        span = slice(c._idx - width, c._idx)
+        keys.append(mx.array(c.keys[rows, :, span]))  # a copy, even of a view that is contiguous
+        values.append(mx.array(c.values[rows, :, span]))
+    return _Gather(keys, values), at

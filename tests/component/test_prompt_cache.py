@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, _Buffers, take_out
+from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, _Own, take_out
 
 MB = 2**20
 
@@ -56,8 +56,7 @@ def test_caches_taken_in_gathers_equal_mlx_lms_and_the_rest_decode_on(model: Any
     for uid, t in taken.items():
         kv, tokens = expected[uid]
         assert t.tokens == list(tokens)
-        assert len(t.cache) == len(kv)
-        for a, b in zip(t.cache, kv, strict=True):
+        for a, b in zip(t.cache(), kv, strict=True):
             assert a.offset == b.offset
             assert a.keys.shape == b.keys.shape
             assert mx.array_equal(a.keys, b.keys).item()
@@ -108,8 +107,8 @@ def test_caches_of_another_kind_are_taken_out_one_by_one(model: Any) -> None:
     for uid, t in taken.items():
         kv, tokens = expected[uid]
         assert t.tokens == list(tokens)
-        assert t.buffers.nbytes == sum(c.nbytes for c in t.cache)
-        for a, b in zip(t.cache, kv, strict=True):
+        assert t.buffers.nbytes == sum(c.nbytes for c in t.cache())
+        for a, b in zip(t.cache(), kv, strict=True):
             assert type(a) is type(b)
             assert all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state, strict=True))
     assert len(ours._generation_batch) == 0
@@ -118,7 +117,7 @@ def test_caches_of_another_kind_are_taken_out_one_by_one(model: Any) -> None:
 def stored(model: Any, cache: PromptCache, lengths: list[int]) -> list[Taken]:
     gen, uids = batch(model, lengths)
     taken = list(take_out(gen, uids, gen.stream, cache.gather_bytes).values())
-    mx.eval([a for t in taken for c in t.cache for a in (c.keys, c.values)])
+    mx.eval([a for t in taken for c in t.cache() for a in (c.keys, c.values)])
     cache.store(taken)
     return taken
 
@@ -193,7 +192,7 @@ def test_a_sequence_resumed_from_the_prompt_cache_is_taken_out_whole(model: Any)
     for uid, t in taken.items():
         kv, tokens = expected[uid]
         assert t.tokens == list(tokens)
-        for a, b in zip(t.cache, kv, strict=True):
+        for a, b in zip(t.cache(), kv, strict=True):
             assert a.offset == b.offset == len(tokens)
             assert mx.array_equal(a.keys, b.keys).item()
             assert mx.array_equal(a.values, b.values).item()
@@ -204,11 +203,11 @@ def kept(tokens: list[int], trimmable: bool = True) -> Taken:
     if not trimmable:  # a state, as a recurrent layer's: it cannot step back
         state = ArraysCache(1)
         state.cache = [mx.array([tokens])]
-        return Taken(tokens, [state], _Buffers(state.nbytes))
+        return Taken(tokens, _Own([state]))
     kv = KVCache()
     ids = mx.array(tokens, dtype=mx.float32).reshape(1, 1, -1, 1)
     kv.update_and_fetch(ids, ids)
-    return Taken(tokens, [kv], _Buffers(kv.nbytes))
+    return Taken(tokens, _Own([kv]))
 
 
 def served(cache: PromptCache, tokens: list[int]) -> tuple[list[int] | None, list[int]]:
@@ -274,3 +273,16 @@ def test_a_fetched_cache_is_a_copy() -> None:
     assert kv is not None
     kv[0].update_and_fetch(*[mx.full((1, 1, 5, 1), 9.0)] * 2)
     assert served(cache, [1, 2, 3, 4]) == ([1, 2, 3], [4])
+
+
+def test_a_cache_fetched_from_a_gather_leaves_the_gather_as_it_was(model: Any) -> None:
+    cache = PromptCache(64 * MB, max_entries=4)
+    first, second = stored(model, cache, [12, 14])
+    assert first.buffers is second.buffers
+    before = [mx.array(a) for c in second.cache() for a in (c.keys, c.values)]
+    kv, rest = cache.fetch([*second.tokens, 5])
+    assert kv is not None and rest == [5]
+    for c in kv:  # as a batch that took it in would, for the tokens it adds
+        c.update_and_fetch(*[mx.zeros((1, *c.keys.shape[1:2], 3, c.keys.shape[3]))] * 2)
+    after = [a for c in second.cache() for a in (c.keys, c.values)]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(before, after, strict=True))
