@@ -35,7 +35,6 @@ class _Side:
     """One cache behind the three operations."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
         if name == "mlx-lm":
             lru = LRUPromptCache(max_size=ENTRIES)
             self.store: Callable[[list[int], list[Any]], None] = lambda t, kv: lru.insert_cache(
