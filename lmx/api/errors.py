@@ -78,6 +78,17 @@ def _param_of(loc: tuple[int | str, ...]) -> str | None:
     return out or None
 
 
+def _problem(error: dict[str, Any]) -> tuple[str | None, str]:
+    """A validation error's param and its line of the message."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":  # its loc is ("body", character): no param
+        why = error.get("ctx", {}).get("error")
+        at = f" at character {loc[-1]}" if len(loc) > 1 else ""
+        return None, f"body: not valid JSON{at}" + (f" ({why})" if why else "")
+    param = _param_of(loc)
+    return param, f"{param or 'body'}: {error.get('msg', '')}"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(LmxError)
     async def _lmx(_: Request, exc: LmxError) -> JSONResponse:
@@ -92,13 +103,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = _param_of(tuple(first.get("loc", ())))
-        msg = "; ".join(
-            f"{_param_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', '')}"
-            for e in exc.errors()
+        problems = [_problem(e) for e in exc.errors()] or [(None, "body: invalid request")]
+        msg = "; ".join(line for _, line in problems)
+        return envelope(
+            400, msg, type_="invalid_request_error", param=problems[0][0], code="invalid_value"
         )
-        return envelope(400, msg, type_="invalid_request_error", param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -19,6 +19,7 @@ from lmx.runtime.registry import EngineRegistry
 from tests.api.conftest import StaticModels
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]}
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def sse_events(text: str) -> list[Any]:
@@ -136,6 +137,10 @@ async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> N
     assert_envelope(r, 400, "temperature")
     r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert_envelope(r, 400, "messages")
+    # Not JSON: where it broke, and no param (the character's position is none).
+    r = await client.post("/v1/chat/completions", content=b'{"model": ,}', headers=JSON_TYPE)
+    err = assert_envelope(r, 400)
+    assert err["message"].startswith("body: not valid JSON at character 10") and not err["param"]
 
 
 async def test_context_overflow_is_400_naming_the_limit(client: httpx.AsyncClient) -> None:
