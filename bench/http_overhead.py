@@ -142,15 +142,19 @@ class _Models:
         return name
 
 
-async def serve(port: int, step_s: float, reasoning: bool) -> None:
-    """The server side: lmx's app and uvicorn configured as lmx.daemon does."""
+def serve(port: int, step_s: float, reasoning: bool) -> None:
+    """The server side: lmx's app and uvicorn configured as lmx.daemon does (its event loop too)."""
     registry = EngineRegistry(lambda config: ZeroEngine(config, step_s, reasoning))
-    await registry.load(LoadConfig(model_id=MODEL_ID, path=Path("/nonexistent"), max_batch=1024))
-    app = create_app(AppDeps(registry=registry, models=_Models(registry)))
+
+    async def load() -> None:
+        config = LoadConfig(model_id=MODEL_ID, path=Path("/nonexistent"), max_batch=1024)
+        await registry.load(config)
+
+    app = create_app(AppDeps(registry=registry, models=_Models(registry)), on_startup=load)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
     )
-    await uvicorn.Server(config).serve()
+    uvicorn.Server(config).run()
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        asyncio.run(serve(args.serve, args.step_ms / 1e3, args.reasoning))
+        serve(args.serve, args.step_ms / 1e3, args.reasoning)
     else:
         measure(args)
 
