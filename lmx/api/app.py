@@ -23,6 +23,7 @@ from lmx.api.cors import DynamicCORS
 from lmx.api.deps import AppDeps
 from lmx.api.generation import new_id
 from lmx.api.metrics import Metrics
+from lmx.api.shortcut import Shortcut
 from lmx.runtime.intake import Intake
 
 log = structlog.get_logger(__name__)
@@ -63,8 +64,6 @@ class CountIntake:
     until they reach an engine or end. Plain ASGI, and in the request's own task, so the engine
     sees the request's ticket."""
 
-    _ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-
     def __init__(self, app: ASGIApp, intake: Intake) -> None:
         self.app = app
         self.intake = intake
@@ -73,7 +72,7 @@ class CountIntake:
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
-            or scope["path"] not in self._ROUTES
+            or scope["path"] not in v1.GENERATION
         ):
             await self.app(scope, receive, send)
             return
@@ -130,6 +129,7 @@ def create_app(
     app.include_router(v1.router)
     app.include_router(admin.router)
 
+    app.add_middleware(Shortcut, api=app, deps=deps, ways=v1.GENERATION)
     app.add_middleware(CountIntake, intake=deps.intake)
     app.add_middleware(RequestContext, metrics=deps.metrics)
     app.add_middleware(DynamicCORS, origins=deps.cors_origins)

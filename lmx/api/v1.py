@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.types import Send
 
 from lmx import __version__
@@ -48,6 +49,7 @@ from lmx.api.schemas import (
     ModelCard,
     ModelList,
 )
+from lmx.api.shortcut import Endpoint
 from lmx.errors import ModelNotFound, RequestError
 from lmx.runtime.engine import Delta, Engine, GenerationRequest
 from lmx.runtime.parsers import Content, make_parser
@@ -371,3 +373,10 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         yield tail + DONE
 
     return EventStream(events())
+
+
+# The routes lmx.api.shortcut takes straight to their endpoints: path, body's model, endpoint.
+GENERATION: dict[str, tuple[type[BaseModel], Endpoint]] = {
+    "/v1/chat/completions": (ChatCompletionRequest, chat_completions),
+    "/v1/completions": (CompletionRequest, completions),
+}
