@@ -76,7 +76,6 @@ class Shortcut:
             await self.app(scope, _replay(raw, receive), send)
             return
         scope["route"] = way.route
-        scope["endpoint"] = way.endpoint
         try:
             response = await way.endpoint(body, self.deps)
         except Exception as exc:
