@@ -151,9 +151,10 @@ class Worker:
         self._ended: deque[float] = deque(maxlen=config.max_batch)
         # To the output thread, in order: steps' outputs and whole messages; None ends it.
         self._outbox: queue.SimpleQueue[_StepOutput | Report | None] = queue.SimpleQueue()
-        # Step outputs posted (the main thread's count) and sent (the output thread's)
+        # Step outputs posted (the main thread's count) and sent (the output thread's), and the
+        # latest whose first tokens are sent
         self._output = threading.Condition()
-        self._posted = self._sent = 0
+        self._posted = self._sent = self._firsts_sent = 0
         self._output_failed = False
         # From the output thread: sequences whose text ended (a stop string, or an error making
         # it), for the main thread to take out of the batch.
@@ -426,12 +427,14 @@ class Worker:
                 seq.prompt_left = total - done
         tokens: list[_Token] = []
         finished: list[int] = []
+        first = False  # a sequence's first token
         for r in responses:
             seq = self._live.get(r.uid)
             if seq is None:  # its text ended (a stop string) or it was cancelled
                 continue
             if seq.first_token_s is None:
                 seq.first_token_s = t1
+                first = True
             seq.generated += 1
             self._generated += 1
             lps = self._logprobs(seq, r.token, r.logprobs) if seq.request.params.logprobs else ()
@@ -445,11 +448,16 @@ class Worker:
             self._behind(_OUTPUT_LAG - 1)
             self._posted += 1
             self._outbox.put(_StepOutput(tokens, self._stats(gen), changed))
+        # Clients wait for these: a last token (their next request), a first one (their time to
+        # it). Out before this thread goes on: the output thread needs the GIL, which storing the
+        # caches holds 5 ms at a time, and building the next step until it launches the step's
+        # kernels (on a GPU a first token left half a step's time after it came).
+        if finished:
+            self._behind(0)
+        elif first:
+            self._firsts_out()
         cache_s = 0.0
         if finished:
-            # Their clients' next requests wait for these last tokens: out first. The output
-            # thread needs the GIL, which storing the caches would hold 5 ms at a time.
-            self._behind(0)
             tc = time.perf_counter()
             self._take_out(gen, finished)
             cache_s = time.perf_counter() - tc
@@ -512,10 +520,30 @@ class Worker:
         with self._output:
             self._output.wait_for(lambda: self._posted - self._sent <= steps or self._output_failed)
 
+    def _firsts_out(self) -> None:
+        """Wait until the output thread has sent the first tokens of the latest step output."""
+        with self._output:
+            n = self._posted
+            self._output.wait_for(lambda: self._firsts_sent >= n or self._output_failed)
+
     def _emit(self, step: _StepOutput) -> None:
+        """Send a step's text; its first tokens first, in a message of their own when it has
+        others, for the main thread waits for them (`_firsts_out`)."""
+        firsts = [t for t in step.tokens if t[3] == 1]  # the sequence's first generated token
+        if not firsts:
+            self._emit_tokens(step.tokens, step.stats, step.changed)
+            return
+        self._emit_tokens(firsts, step.stats, step.changed)
+        with self._output:
+            self._firsts_sent = self._sent + 1
+            self._output.notify()
+        if len(firsts) < len(step.tokens):
+            self._emit_tokens([t for t in step.tokens if t[3] != 1], step.stats, False)
+
+    def _emit_tokens(self, tokens: list[_Token], stats: WorkerStats, changed: bool) -> None:
         pieces: list[Piece] = []
         out: list[tuple[int, Delta]] = []
-        for seq, token, finish, generated, lps in step.tokens:
+        for seq, token, finish, generated, lps in tokens:
             if seq.done:  # its text ended at an earlier step
                 continue
             try:
@@ -539,8 +567,8 @@ class Worker:
                 out.append((seq.sid, self._timed(seq, delta)))
             elif text:
                 pieces.append((seq.sid, text, token))
-        if pieces or out or step.changed:
-            self._send(("out", pieces, out, step.stats))
+        if pieces or out or changed:
+            self._send(("out", pieces, out, stats))
 
     @staticmethod
     def _text(seq: _Seq, token: int, finish: str | None) -> tuple[str, bool]:

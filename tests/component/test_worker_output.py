@@ -1,7 +1,8 @@
 """The model worker's output thread, with the worker run in this process on the real tiny model:
 a sequence whose text cannot be made ends with that error and the batch goes on; a message that
 cannot be sent stops the worker instead of leaving its streams waiting; the last tokens of a step
-go out before the caches of the sequences it ended are stored."""
+go out before the caches of the sequences it ended are stored, and a first token before the next
+step begins."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mlx_lm.generate import BatchGenerator
 
 from lmx.runtime import mlx_worker
 from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, SamplingParams
@@ -136,3 +139,65 @@ def test_a_steps_last_tokens_go_out_before_their_caches_are_stored(
     assert len(finals(conn, set(range(4)))) == 4  # they end in one step
     assert stored.wait(30)
     assert out_at_store == [True]
+
+
+def test_a_first_token_goes_out_before_the_next_step_begins(
+    worker: tuple[threading.Thread, Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, conn = worker
+    steps: list[list[int]] = []  # each BatchGenerator step's uids with a token
+    sent_after: list[int] = []  # steps begun when a first token went out
+    real_next, real_send = BatchGenerator.next, Worker._send
+
+    def next_(self: BatchGenerator) -> Any:
+        steps.append([])
+        prompts, responses = real_next(self)
+        steps[-1] = [r.uid for r in responses]
+        return prompts, responses
+
+    def send_(self: Worker, msg: Report) -> None:
+        if msg[0] == "out" and any(d.token_ids for _, d in msg[2]):
+            sent_after.append(len(steps))
+        real_send(self, msg)
+
+    monkeypatch.setattr(BatchGenerator, "next", next_)
+    monkeypatch.setattr(Worker, "_send", send_)
+    send(conn, [("add", 1, GenerationRequest([14, 15, 16], PARAMS))])
+    assert finals(conn, {1})[1].completion_tokens == PARAMS.max_tokens
+    first_step = 1 + next(i for i, uids in enumerate(steps) if uids)
+    assert sent_after[0] == first_step  # no later step had begun
+
+
+def test_a_joining_sequences_first_token_goes_out_without_the_rest_of_its_step(
+    worker: tuple[threading.Thread, Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The step that gives a joining sequence its first token also decodes the others. The main
+    # thread waits only for that first token: the others' text of the step is made while the next
+    # step runs, as always. (Were it to wait for all of it, the step below would never begin.)
+    _, conn = worker
+    joined, next_began = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    real_next, real_emit = BatchGenerator.next, Worker._emit_tokens
+
+    def next_(self: BatchGenerator) -> Any:
+        if joined.is_set():
+            next_began.set()
+        return real_next(self)
+
+    def emit(self: Worker, tokens: list[Any], stats: Any, changed: bool) -> None:
+        if joined.is_set() and not waited:  # the rest of the joiner's first step
+            waited.append(next_began.wait(10))
+        real_emit(self, tokens, stats, changed)
+        if any(seq.sid == 2 and generated == 1 for seq, _, _, generated, _ in tokens):
+            joined.set()
+
+    monkeypatch.setattr(BatchGenerator, "next", next_)
+    monkeypatch.setattr(Worker, "_emit_tokens", emit)
+    long = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    send(conn, [("add", 1, GenerationRequest([14, 15, 16], long))])
+    assert conn.poll(30)
+    receive(conn)  # its first token: it is decoding
+    send(conn, [("add", 2, GenerationRequest([17, 18, 19], PARAMS))])
+    ended = finals(conn, {1, 2})
+    assert ended[1].completion_tokens == 48 and ended[2].completion_tokens == PARAMS.max_tokens
+    assert waited == [True]
