@@ -181,6 +181,10 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        # Not cached, and not buffered by a proxy (nginx) in front: each event as it comes.
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     async def stream_response(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
@@ -262,10 +266,7 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
             states[i].absorb(delta)
         return JSONResponse(chat_body(base, states))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return EventStream(
-        _chat_events(base, gen, states, include_usage),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(_chat_events(base, gen, states, include_usage))
 
 
 async def _chat_events(

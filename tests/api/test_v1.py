@@ -116,6 +116,10 @@ async def test_a_streams_last_events_end_its_body_in_one_message(
         "scheme": "http",
     }
     await app(scope, receive, send)
+    # Each event as it comes: not cached, and not held back by a buffering proxy.
+    assert {(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")} <= set(
+        sent[0]["headers"]
+    )
     bodies = [m for m in sent if m["type"] == "http.response.body"]
     assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
     last = sse_events(bodies[-1]["body"].decode())
