@@ -15,7 +15,7 @@ from typing import Any
 
 from lmx.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from lmx.errors import RequestError
-from lmx.runtime.engine import Delta, Engine, SamplingParams
+from lmx.runtime.engine import Constraint, Delta, Engine, GenerationRequest, SamplingParams
 from lmx.runtime.parsers import Content, OutputParser, Piece, Reasoning, ToolCall, make_parser
 
 
@@ -67,6 +67,36 @@ def sampling_params(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
+
+
+def generation_requests(
+    body: SamplingFields,
+    engine: Engine,
+    prompts: Sequence[list[int]],
+    *,
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    constraint: Constraint | None = None,
+) -> list[GenerationRequest]:
+    """A request's sequences: for each prompt, its `n` choices, each with its own seed."""
+    return [
+        GenerationRequest(
+            prompt,
+            sampling_params(
+                body,
+                engine,
+                len(prompt),
+                max_tokens=max_tokens,
+                choice=i,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+            ),
+            constraint,
+        )
+        for prompt in prompts
+        for i in range(body.n)
+    ]
 
 
 def _text_of(message: ChatMessage) -> str | None:

@@ -37,10 +37,10 @@ from lmx.api.generation import (
     ChoiceState,
     chat_prompt,
     completion_prompts,
+    generation_requests,
     merged,
     new_id,
     output_parser,
-    sampling_params,
 )
 from lmx.api.metrics import Metrics
 from lmx.api.schemas import (
@@ -230,29 +230,21 @@ class EventStream(StreamingResponse):
 async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
     tools_on = bool(body.tools) and body.tool_choice != "none"
     max_tokens = body.max_completion_tokens or body.max_tokens
-    want_lp = body.logprobs
-    if body.top_logprobs and not want_lp:
+    if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
 
     def build(engine: Engine) -> list[GenerationRequest]:
         constraint = constraint_for(body, engine)
         prompt = chat_prompt(body, engine, thinking=constraint is None)
-        return [
-            GenerationRequest(
-                prompt,
-                sampling_params(
-                    body,
-                    engine,
-                    len(prompt),
-                    max_tokens=max_tokens,
-                    choice=i,
-                    logprobs=want_lp,
-                    top_logprobs=body.top_logprobs or 0,
-                ),
-                constraint,
-            )
-            for i in range(body.n)
-        ]
+        return generation_requests(
+            body,
+            engine,
+            [prompt],
+            max_tokens=max_tokens,
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs or 0,
+            constraint=constraint,
+        )
 
     gen, engine, requests = await _Generation.start(deps, body.model, build)
     states = [
@@ -320,22 +312,14 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
     want_lp = body.logprobs is not None
 
     def build(engine: Engine) -> list[GenerationRequest]:
-        return [
-            GenerationRequest(
-                prompt,
-                sampling_params(
-                    body,
-                    engine,
-                    len(prompt),
-                    max_tokens=body.max_tokens or 16,
-                    choice=i,
-                    logprobs=want_lp,
-                    top_logprobs=body.logprobs or 0,
-                ),
-            )
-            for prompt in completion_prompts(body, engine)
-            for i in range(body.n)
-        ]
+        return generation_requests(
+            body,
+            engine,
+            completion_prompts(body, engine),
+            max_tokens=body.max_tokens or 16,
+            logprobs=want_lp,
+            top_logprobs=body.logprobs or 0,
+        )
 
     gen, engine, requests = await _Generation.start(deps, body.model, build)
     prompts = [r.prompt_tokens for r in requests]
