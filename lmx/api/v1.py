@@ -261,47 +261,64 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
     return EventStream(_chat_events(base, gen, states, include_usage))
 
 
-async def _chat_events(
+def _chat_events(
     base: dict[str, Any], gen: _Generation, states: list[ChoiceState], include_usage: bool
 ) -> AsyncIterator[bytes]:
     chunk = {**base, "object": "chat.completion.chunk"}
     if include_usage:
         chunk["usage"] = None
-    for s in states:
-        role = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-        yield sse({**chunk, "choices": [{**role, "finish_reason": None}]})
-    tail = b""  # the last choice's last chunk: it goes with the stream's end
-    async for i, d in gen.deltas():
+    role = {"role": "assistant", "content": ""}
+    head = [
+        {"index": s.index, "delta": role, "logprobs": None, "finish_reason": None} for s in states
+    ]
+
+    def choice(i: int, d: Delta) -> dict[str, Any] | None:
         state = states[i]
-        n_calls = len(state.tool_calls)
-        lp_before = len(state.logprobs)
+        n_calls, lp_before = len(state.tool_calls), len(state.logprobs)
         pieces = state.absorb(d)
         if state.error is not None:
-            yield error_event(state.error)
-            break
+            return None  # the stream ends with it
         delta = chat_delta(pieces, state, n_calls)
         lps = state.logprobs[lp_before:]
-        if delta or lps or state.finish_reason:
-            event = sse(
-                {
-                    **chunk,
-                    "choices": [
-                        {
-                            "index": i,
-                            "delta": delta,
-                            "logprobs": lp_chat(lps) if lps else None,
-                            "finish_reason": state.finish_reason,
-                        }
-                    ],
-                }
-            )
+        if not (delta or lps or state.finish_reason):
+            return None
+        lp = lp_chat(lps) if lps else None
+        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": state.finish_reason}
+
+    return _events(
+        gen, states, chunk, head, choice, (lambda: usage(states)) if include_usage else None
+    )
+
+
+async def _events(
+    gen: _Generation,
+    states: list[ChoiceState],
+    chunk: dict[str, Any],
+    head: list[dict[str, Any]],
+    choice: Callable[[int, Delta], dict[str, Any] | None],
+    usage_of: Callable[[], dict[str, Any]] | None,
+) -> AsyncIterator[bytes]:
+    """A stream's events: `chunk` with each of `head`'s choices, then with the choice `choice`
+    makes of each delta (absorbing it into its state), and at the end the usage (`usage_of`) and
+    [DONE]. An error in a choice's output ends the stream with an error event."""
+    for first in head:
+        yield sse({**chunk, "choices": [first]})
+    tail = b""  # the last choice's last event: it goes with the stream's end
+    async for i, d in gen.deltas():
+        c = choice(i, d)
+        error = states[i].error
+        if error is not None:
+            yield error_event(error)
+            break
+        if c is not None:
+            event = sse({**chunk, "choices": [c]})
             if all(s.finish_reason for s in states):
                 tail = event
             else:
                 yield event
     else:
-        if include_usage:
-            tail += sse({**chunk, "choices": [], "usage": usage(states)})
+        if usage_of is not None:
+            tail += sse({**chunk, "choices": [], "usage": usage_of()})
     yield tail + DONE
 
 
@@ -357,36 +374,23 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         return JSONResponse({**base, "choices": choices, "usage": usage(states, n_prompts)})
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    async def events() -> AsyncIterator[bytes]:
-        if include_usage:
-            base["usage"] = None
-        for s in states:
-            if prefixes[s.index]:
-                yield sse({**base, "choices": [text_choice(s.index, prefixes[s.index])]})
-        tail = b""  # as in _chat_events
-        async for i, d in gen.deltas():
-            s = states[i]
-            lp_before = len(s.logprobs)
-            pieces = s.absorb(d)
-            if s.error is not None:
-                yield error_event(s.error)
-                break
-            text = "".join(p.text for p in pieces if isinstance(p, Content))
-            lps = s.logprobs[lp_before:]
-            if text or lps or s.finish_reason:
-                choice = text_choice(i, text, s.finish_reason)
-                choice["logprobs"] = lp_text(lps, 0) if want_lp and lps else None
-                event = sse({**base, "choices": [choice]})
-                if all(st.finish_reason for st in states):
-                    tail = event
-                else:
-                    yield event
-        else:
-            if include_usage:
-                tail += sse({**base, "choices": [], "usage": usage(states, n_prompts)})
-        yield tail + DONE
+    if include_usage:
+        base["usage"] = None
+    head = [text_choice(s.index, prefixes[s.index]) for s in states if prefixes[s.index]]
 
-    return EventStream(events())
+    def choice(i: int, d: Delta) -> dict[str, Any] | None:
+        s = states[i]
+        lp_before = len(s.logprobs)
+        text = "".join(p.text for p in s.absorb(d) if isinstance(p, Content))
+        lps = s.logprobs[lp_before:]
+        if not (text or lps or s.finish_reason):
+            return None
+        c = text_choice(i, text, s.finish_reason)
+        c["logprobs"] = lp_text(lps, 0) if want_lp and lps else None
+        return c
+
+    usage_of = (lambda: usage(states, n_prompts)) if include_usage else None
+    return EventStream(_events(gen, states, base, head, choice, usage_of))
 
 
 # The routes lmx.api.shortcut takes straight to their endpoints: path, body's model, endpoint.
