@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -57,6 +58,8 @@ from lmx.runtime.parsers import Content, make_parser
 
 FINGERPRINT = f"fp_lmx_{__version__}"
 
+log = structlog.get_logger(__name__)
+
 
 async def get_deps(request: Request) -> AppDeps:
     deps: AppDeps = request.app.state.deps
@@ -94,7 +97,8 @@ async def get_model(model: str, deps: Deps) -> ModelCard:
 class _Generation:
     """One request's engine streams, held open (model acquired) until the response ends.
 
-    Also where latency is measured: time to first token and the gaps between tokens, per choice.
+    Also where latency is measured: time to first token and the gaps between tokens, per choice;
+    and where its end is logged (`generation_done`, with the request's id).
     """
 
     def __init__(
@@ -102,10 +106,13 @@ class _Generation:
         stack: AsyncExitStack,
         stream: AsyncIterator[tuple[int, Delta]],
         model_id: str,
+        sequences: int,
         metrics: Metrics,
     ) -> None:
         self.stack = stack
         self.stream = stream
+        self.model_id = model_id
+        self.sequences = sequences
         self.ttft = metrics.ttft.labels(model_id)
         self.itl = metrics.itl.labels(model_id)
         self.queue = metrics.queue.labels(model_id)
@@ -115,6 +122,10 @@ class _Generation:
         self.started_s = time.perf_counter()
         self.last_token_s: dict[int, float] = {}
         self.first: tuple[int, Delta] | None = None
+        self.ttft_s: float | None = None  # the first choice's
+        self.finish_reasons: dict[int, str] = {}
+        # Over the sequences that finished:
+        self.prompt_total = self.completion_total = 0
 
     @classmethod
     async def start(
@@ -131,7 +142,7 @@ class _Generation:
             rid = new_id("req")  # its sequences are one request to the engine
             requests = [replace(r, request_id=rid) for r in build(engine)]
             streams = [engine.stream(r) for r in requests]
-            gen = cls(stack, merged(streams), model_id, deps.metrics)
+            gen = cls(stack, merged(streams), model_id, len(streams), deps.metrics)
             stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]
             # Wait for the first delta so that queue-full and bad-request errors get a status code.
             gen.first = await anext(gen.stream)
@@ -150,6 +161,8 @@ class _Generation:
             last = self.last_token_s.get(i)
             if last is None:
                 self.ttft.observe(now - self.started_s)
+                if self.ttft_s is None:
+                    self.ttft_s = now - self.started_s
             else:
                 # Coalesced deltas carry several tokens: spread the gap over them.
                 gap = (now - last) / len(d.token_ids)
@@ -159,6 +172,9 @@ class _Generation:
         if d.finish_reason is not None:
             self.prompt_tokens.inc(d.prompt_tokens)
             self.completion_tokens.inc(d.completion_tokens)
+            self.finish_reasons[i] = d.finish_reason
+            self.prompt_total += d.prompt_tokens
+            self.completion_total += d.completion_tokens
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         try:
@@ -170,6 +186,18 @@ class _Generation:
                 yield i, d
         finally:
             await self.stack.aclose()
+            log.info(
+                "generation_done",
+                model=self.model_id,
+                # A sequence that did not finish: its client left, or the stream ended early.
+                finish_reasons=[
+                    self.finish_reasons.get(i, "cancelled") for i in range(self.sequences)
+                ],
+                prompt_tokens=self.prompt_total,
+                completion_tokens=self.completion_total,
+                ttft_ms=None if self.ttft_s is None else round(self.ttft_s * 1e3, 1),
+                duration_ms=round((time.perf_counter() - self.started_s) * 1e3, 1),
+            )
 
 
 class EventStream(StreamingResponse):

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from lmx.api.app import create_app
 from lmx.api.auth import Keys
@@ -255,3 +257,16 @@ async def test_generation_feeds_token_and_latency_metrics(client: httpx.AsyncCli
     ttft, queue, prefill = (grew(f"{part}_sum") for part in parts)
     assert queue >= 0 and prefill > 0
     assert queue + prefill < ttft
+
+
+async def test_a_generations_end_is_logged_under_its_request_id(client: httpx.AsyncClient) -> None:
+    body = {**CHAT, "max_tokens": 3, "temperature": 0, "n": 2}
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        r = await client.post("/v1/chat/completions", json=body, headers={"x-request-id": "req-7"})
+    done = [e for e in logs if e["event"] == "generation_done"]
+    assert len(done) == 1, logs
+    (end,) = done
+    assert end["request_id"] == "req-7" and end["model"] == "tiny"
+    assert end["finish_reasons"] == ["length", "length"] and end["completion_tokens"] == 6
+    assert end["prompt_tokens"] == 2 * r.json()["usage"]["prompt_tokens"]  # each sequence's
+    assert 0 < end["ttft_ms"] <= end["duration_ms"]

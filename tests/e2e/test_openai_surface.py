@@ -170,9 +170,10 @@ def test_client_disconnect_frees_the_slot(daemon: Daemon) -> None:
         "stream": True,
         "ignore_eos": True,
     }
+    rid = {"x-request-id": "req-left-early"}
     with (
         httpx.Client(base_url=daemon.url, timeout=30) as http,
-        http.stream("POST", "/v1/chat/completions", json=body) as r,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=rid) as r,
     ):
         lines = r.iter_lines()
         for _ in range(5):
@@ -180,6 +181,14 @@ def test_client_disconnect_frees_the_slot(daemon: Daemon) -> None:
         assert _in_flight(daemon) == 1
     # The response was closed mid-stream: the sequence must leave the batch.
     wait_for(lambda: _in_flight(daemon), lambda v: v == 0, timeout_s=10)
+    # And the log says so, under the request's id.
+
+    def ends() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in daemon.log().splitlines() if "req-left-early" in line]
+        return [e for e in lines if e["event"] == "generation_done"]
+
+    done = wait_for(ends, lambda v: len(v) > 0, timeout_s=10)
+    assert len(done) == 1 and done[0]["finish_reasons"] == ["cancelled"], done
 
 
 def test_healthz_answers_fast_while_16_streams_generate(daemon: Daemon) -> None:
