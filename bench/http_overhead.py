@@ -28,6 +28,7 @@ from bench.server import free_port
 from bench.workload import Workload, make_prompts
 from lmx.api.app import create_app
 from lmx.api.deps import AppDeps
+from lmx.logs import configure
 from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationRequest, LoadConfig
 from lmx.runtime.registry import EngineRegistry
 
@@ -143,7 +144,9 @@ class _Models:
 
 
 def serve(port: int, step_s: float, reasoning: bool) -> None:
-    """The server side: lmx's app and uvicorn configured as lmx.daemon does (its event loop too)."""
+    """The server side: lmx's app and uvicorn configured as lmx.daemon does (its event loop and
+    its JSON logs too)."""
+    configure("info", json=True)
     registry = EngineRegistry(lambda config: ZeroEngine(config, step_s, reasoning))
 
     async def load() -> None:

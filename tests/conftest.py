@@ -161,8 +161,10 @@ def daemon_factory(tmp_path: Path, builtin_cache: Path) -> Iterator[Callable[...
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory, builtin_cache: Path) -> Iterator[Daemon]:
-    """One shared daemon serving the default manifest (the built-in model, pinned)."""
-    d = start_daemon(tmp_path_factory.mktemp("lmx-home"), builtin_cache)
+    """One shared daemon serving the default manifest (the built-in model, pinned), logging at
+    debug level (each generation's end too)."""
+    home = tmp_path_factory.mktemp("lmx-home")
+    d = start_daemon(home, builtin_cache, args=("--log-level", "debug"))
     try:
         d.wait_ready()
         yield d

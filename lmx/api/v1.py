@@ -98,7 +98,7 @@ class _Generation:
     """One request's engine streams, held open (model acquired) until the response ends.
 
     Also where latency is measured: time to first token and the gaps between tokens, per choice;
-    and where its end is logged (`generation_done`, with the request's id).
+    and where its end is logged (`generation_done`, debug level, with the request's id).
     """
 
     def __init__(
@@ -186,7 +186,9 @@ class _Generation:
                 yield i, d
         finally:
             await self.stack.aclose()
-            log.info(
+            # At debug level (`lmx serve --log-level debug`): a line per request costs the event
+            # loop about as much as the rest of a short request's own work in the daemon.
+            log.debug(
                 "generation_done",
                 model=self.model_id,
                 # A sequence that did not finish: its client left, or the stream ended early.
