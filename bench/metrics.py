@@ -62,6 +62,8 @@ class PointStats:
     # work between steps and its waits for requests, whatever the machine's speed; on a GPU that
     # work overlaps the step already launched, so the share bounds what it costs from above).
     decode_step_ms: float = math.nan
+    # Of a decode step, the stepping thread's CPU time (the rest it waited off its core).
+    decode_cpu_ms: float = math.nan
     prompt_step_ms: float = math.nan
     step_p99_ms: float = math.nan
     step_max_ms: float = math.nan
@@ -153,9 +155,12 @@ def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
     ms = [s.ms for s in steps]
     decode = [s.ms for s in steps if not s.prompt_work]
     prompt = [s.ms for s in steps if s.prompt_work]
+    # NaN from records without it (written before it was measured) makes the mean NaN
+    decode_cpu = [s.cpu_ms for s in steps if not s.prompt_work]
     return replace(
         stats,
         decode_step_ms=statistics.fmean(decode) if decode else math.nan,
+        decode_cpu_ms=statistics.fmean(decode_cpu) if decode_cpu else math.nan,
         prompt_step_ms=statistics.fmean(prompt) if prompt else math.nan,
         step_p99_ms=float(np.percentile(ms, 99)),
         step_max_ms=max(ms),

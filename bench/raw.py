@@ -77,9 +77,9 @@ def run_raw(
         for _ in range(max_steps):
             if not live or time.perf_counter() > deadline:
                 break
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             prompt_work, responses = gen.next()
-            now = time.perf_counter()
+            now, c1 = time.perf_counter(), time.thread_time()
             for r in responses:
                 stream, trace = live[r.uid]
                 trace.chunk_s.append(now)
@@ -89,7 +89,8 @@ def run_raw(
                     if len(traces[stream]) < workload.requests_per_stream:
                         submit(stream)
             after_ms = (time.perf_counter() - now) * 1e3
-            steps.append(step_of(t0, now, prompt_work, responses, after_ms))
+            cpu_ms = (c1 - c0) * 1e3
+            steps.append(step_of(t0, now, prompt_work, responses, after_ms, cpu_ms=cpu_ms))
     finally:
         gen.close()
     for _, trace in live.values():

@@ -103,6 +103,18 @@ class Point:
         ]
 
     @property
+    def decode_cpu_ratios(self) -> list[float]:
+        """raw's stepping thread's CPU time in a decode step over lmx's, repeat by repeat: where
+        `decode_ratios` is below 1 and this is not, lmx's stepping thread waited in its steps (for
+        the GIL, for a core); where this is too, its steps took more work of the CPU (a slower
+        core, or one whose caches other processes share)."""
+        return [
+            r.decode_cpu_ms / x.decode_cpu_ms
+            for x, r in zip(self.lmx_runs, self.raw_runs, strict=False)
+            if x.decode_cpu_ms > 0 and r.decode_cpu_ms > 0
+        ]
+
+    @property
     def raw_spread(self) -> float:
         """raw's fastest run over its slowest: how much the machine alone moved the numbers."""
         rates = [r.output_tok_s for r in self.raw_runs if r.output_tok_s]
@@ -325,6 +337,28 @@ class Report:
             lines.append(
                 f"| {p.concurrency} | {p.ratio:.2f} | {p.own_ratio:.3f} | {p.step_ratio:.3f} "
                 f"| {p.raw_spread:.2f} |"
+            )
+        if not any(p.decode_cpu_ratios for p in self.points):
+            return lines
+        lines += [
+            "",
+            "Its decode steps (medians over the repeats): their speed, raw's mean decode step over"
+            " lmx's; the same for the stepping thread's CPU time in them; and the share of a"
+            " decode step each side's stepping thread spent off its core (waiting for the GIL, for"
+            " a core). Where the speed is below 1 and the CPU time is not, lmx's thread waited;"
+            " where both are, its steps took more of the CPU's work:",
+            "",
+            "| streams | speed | CPU time | off its core: raw / lmx |",
+            "|---:|---:|---:|---:|",
+        ]
+        for p in self.points:
+            off = [
+                _median([1 - r.decode_cpu_ms / r.decode_step_ms for r in runs])
+                for runs in (p.raw_runs, p.lmx_runs)
+            ]
+            lines.append(
+                f"| {p.concurrency} | {_median(p.decode_ratios):.3f} "
+                f"| {_median(p.decode_cpu_ratios):.3f} | {off[0]:.1%} / {off[1]:.1%} |"
             )
         return lines
 

@@ -411,9 +411,9 @@ class Worker:
         waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
         if waiting:  # else the step takes no prompt in, whatever the group
             gen.prefill_batch_size = 0 if held else self._prefill_group(waiting)
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         prompts, responses = gen.next()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         self._step_s += t1 - t0
         self._steps += 1
         if prompts:
@@ -465,7 +465,8 @@ class Worker:
         self._overhead_s += t2 - t1
         if self._trace is not None:
             after_ms = (t2 - t1) * 1e3
-            self._trace.write(step_of(t0, t1, prompts, responses, after_ms, cache_s * 1e3))
+            cpu_ms = (c1 - c0) * 1e3
+            self._trace.write(step_of(t0, t1, prompts, responses, after_ms, cache_s * 1e3, cpu_ms))
 
     @staticmethod
     def _finish(seq: _Seq, token: int) -> str | None:

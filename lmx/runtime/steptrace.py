@@ -1,13 +1,13 @@
 """A record per batch step, and per request at each stage it reaches, for finding where time goes.
 
 With `LMX_STEP_TRACE_DIR` set to a directory, each MLX worker appends one JSON object per
-BatchGenerator step to `steps-<pid>.jsonl` there: when the step began (time.perf_counter, one
-clock for every process of the machine), how long it took, how many sequences it decoded, how
-many prompts it processed a chunk of, how many finished their prompt (each such group costs a
-forward pass of its own), and the worker's own work on the step's results (and the part of it
-that took ended sequences out of the batch and stored their KV caches). bench.run_throughput
-sets it and keeps the same records of its raw BatchGenerator runs, so the two can be set side by
-side step by step.
+BatchGenerator step to `steps-<pid>.jsonl` there: when the step began (time.perf_counter, one clock
+for every process of the machine), how long it took, how many sequences it decoded, how many prompts
+it processed a chunk of, how many finished their prompt (each such group costs a forward pass of its
+own), the stepping thread's CPU time in it, and the worker's own work on the step's results (and the
+part of it that took ended sequences out of the batch and stored their KV caches).
+bench.run_throughput sets it and keeps the same records of its raw BatchGenerator runs, so the two
+can be set side by side step by step.
 
 The daemon and its workers also append an Arrival to `arrivals-<pid>.jsonl` each time a
 generation request reaches a stage (the API, its engine, the worker): how a burst of requests
@@ -17,6 +17,7 @@ spreads out on its way to one prefill.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class Step:
     started: int  # prompts that finished and joined the decoding batch
     after_ms: float = 0.0  # the worker's work on the results (text, stop strings, messages)
     cache_ms: float = 0.0  # of after_ms: ended sequences out of the batch, their caches stored
+    # The stepping thread's CPU time in the step: less than `ms` by the time it waited off its
+    # core (for the GIL, for a core, for the GPU where its wait sleeps instead of spinning).
+    cpu_ms: float = math.nan
 
     @property
     def prompt_work(self) -> bool:
@@ -55,6 +59,7 @@ def step_of(
     responses: Sequence[Any],
     after_ms: float = 0.0,
     cache_ms: float = 0.0,
+    cpu_ms: float = math.nan,
 ) -> Step:
     """The Step for one `BatchGenerator.next()` that ran from t0 to t1 and returned these."""
     started = sum(1 for p in prompts if p.end_of_prompt)
@@ -66,6 +71,7 @@ def step_of(
         started=started,
         after_ms=after_ms,
         cache_ms=cache_ms,
+        cpu_ms=cpu_ms,
     )
 
 

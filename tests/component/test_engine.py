@@ -462,7 +462,7 @@ async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
     assert sum(s.started for s in steps) == coming_back
 
 
-async def test_the_step_a_round_ends_in_logs_the_time_its_caches_took(
+async def test_the_step_a_round_ends_in_logs_the_time_its_caches_took_each_its_cpu_time(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = LoadConfig(model_id="s", path=tiny_model_dir)
@@ -475,6 +475,9 @@ async def test_the_step_a_round_ends_in_logs_the_time_its_caches_took(
     assert last.decoded == 4
     assert 0 < last.cache_ms <= last.after_ms
     assert all(s.cache_ms == 0 for s in steps if s is not last)  # nothing ended there
+    # The stepping thread's CPU time in each step, its wall time at most (the clocks are read
+    # around each other: a few us over).
+    assert all(0 < s.cpu_ms <= s.ms + 0.05 for s in steps)
 
 
 async def test_followers_join_a_running_batch_in_one_prefill(

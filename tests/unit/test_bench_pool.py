@@ -65,12 +65,12 @@ def test_the_sign_test_weighs_the_pairs_on_each_side_of_1() -> None:
     assert math.isnan(Pooled((1.0, 1.0)).sign_p)
 
 
-def test_decode_steps_pool_raw_s_mean_decode_step_over_lmx_s() -> None:
+def test_decode_steps_pool_raw_s_mean_decode_step_over_lmx_s_and_their_cpu_time() -> None:
     report = _report([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     (point,) = report.points
-    raw = tuple(replace(r, decode_step_ms=10.0) for r in point.raw_runs)
-    lmx = tuple(
-        replace(x, decode_step_ms=d)
+    raw = tuple(replace(r, decode_step_ms=10.0, decode_cpu_ms=9.9) for r in point.raw_runs)
+    lmx = tuple(  # lmx's thread waited 0.6 ms more in five of six: the same CPU time
+        replace(x, decode_step_ms=d, decode_cpu_ms=9.9)
         for x, d in zip(point.lmx_runs, [10.5] * 5 + [9.5], strict=True)
     )
     report = replace(report, points=[replace(point, raw_runs=raw, lmx_runs=lmx)])
@@ -79,12 +79,15 @@ def test_decode_steps_pool_raw_s_mean_decode_step_over_lmx_s() -> None:
     assert decode.values == pytest.approx([10 / 10.5] * 5 + [10 / 9.5])
     assert decode.below_1 == 5
     row = next(line for line in pool.to_markdown().splitlines() if line.startswith("| 8 |"))
-    assert "| 0.952 [0.952–1.053], 5 of 6, p = 0.22 |" in row
+    assert "| 0.952 [0.952–1.053], 5 of 6, p = 0.22 | 1.000 [1.000–1.000], 0 of 6, p = nan |" in row
+    assert pool.points[0].series["decode_cpu"].values == pytest.approx([1.0] * 6)
     # Runs without step records (no decode step time) leave the column empty.
     plain = Pool.of([("b.json", _report([1.0] * 6))])
     assert plain.points[0].series["decode"].n == 0
     row = next(line for line in plain.to_markdown().splitlines() if line.startswith("| 8 |"))
-    assert row.endswith("| — | met | 0 |")
+    assert (
+        row == "| 8 | 6 | 1.00 [1.00–1.00] | 1.000 | 0 of 6 | 0.0% | — | — | — | — | — | met | 0 |"
+    )
 
 
 def test_runs_pool_their_pairs_per_concurrency() -> None:

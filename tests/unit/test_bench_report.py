@@ -145,6 +145,29 @@ def test_lmx_raw_splits_into_lmx_own_time_and_its_steps_speed() -> None:
     assert "lmx's own time" not in _report().to_markdown()
 
 
+def test_decode_steps_split_into_cpu_time_and_time_off_the_core() -> None:
+    # Per step, raw: 10 ms, 9.9 of them on the CPU. lmx: 11 ms, 10.45 on the CPU: its steps are
+    # 10% slower, 5% of that from more CPU time and the rest from waiting off its core.
+    def steps(ms: float, cpu_ms: float) -> list[Step]:
+        prompt = Step(t=1.0, ms=30.0, decoded=0, prompted=1, started=1, cpu_ms=1.0)
+        return [prompt] + [Step(1.0 + i / 100, ms, 1, 0, 0, cpu_ms=cpu_ms) for i in range(1, 4)]
+
+    raw = with_steps(run_at(100.0), steps(10.0, 9.9))
+    lmx = with_steps(run_at(95.0), steps(11.0, 10.45))
+    assert raw.decode_cpu_ms == pytest.approx(9.9)  # decode steps only
+    report = _report()
+    report.points[0] = point = replace(
+        report.points[0], raw=raw, lmx=lmx, raw_runs=(raw,), lmx_runs=(lmx,)
+    )
+    assert point.decode_cpu_ratios == pytest.approx([9.9 / 10.45])
+    assert "| 2 | 0.909 | 0.947 | 1.0% / 5.0% |" in report.to_markdown()
+    # Steps recorded before the CPU time was (NaN) leave the table out.
+    old = with_steps(run_at(100.0), [replace(s, cpu_ms=math.nan) for s in steps(10.0, 0.0)])
+    assert math.isnan(old.decode_cpu_ms)
+    report.points[0] = replace(point, raw_runs=(old,))
+    assert "off its core" not in report.to_markdown()
+
+
 def test_raw_against_itself_is_shown_and_tested_as_lmx_is() -> None:
     # raw's second runs over its first: 1.2, 0.8, 0.9 (median 0.9, below the target).
     report = _report()

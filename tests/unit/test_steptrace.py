@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def test_a_step_counts_decoded_prompted_and_started_sequences() -> None:
     assert not step_of(0.0, 0.01, [], [object()]).prompt_work
     assert step_of(0.0, 0.01, [], [], after_ms=0.25).after_ms == 0.25
     assert step_of(0.0, 0.01, [], [], 0.25, cache_ms=0.2).cache_ms == 0.2
+    assert step_of(0.0, 0.01, [], [], cpu_ms=9.5).cpu_ms == 9.5
+    assert math.isnan(step.cpu_ms)  # not measured
 
 
 def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> None:
