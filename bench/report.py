@@ -169,6 +169,15 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _prompt_cache_line(nbytes: int | None) -> list[str]:
+    """The report's line on lmx's prompt cache where the run set its budget (none by default)."""
+    if nbytes is None:
+        return []
+    if nbytes == 0:
+        return ["lmx's prompt cache: off."]
+    return [f"lmx's prompt cache: {nbytes / 2**20:.0f} MiB."]
+
+
 @dataclass
 class Report:
     preset: str
@@ -249,6 +258,7 @@ class Report:
                 if s.get("step_cpu") is not None
                 else "."
             ),
+            *_prompt_cache_line(s.get("prompt_cache_bytes")),
             "",
             "lmx/raw: the median over the repeats of lmx's run over raw's run of that repeat, then"
             " the lowest and highest of those pairs; raw max/min: raw's fastest run over its slowest,"

@@ -54,6 +54,7 @@ from bench.report import Point, Report
 from bench.server import LmxServer
 from bench.synth import DTYPES, PRESET_NAMES, ensure_model, printable_token_ids
 from bench.workload import Workload, make_prompts
+from lmx.reconciler.spec import parse_bytes
 from lmx.runtime import steptrace
 from lmx.runtime.steptrace import Step, TraceReader
 
@@ -312,8 +313,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="a CPU for the thread of each side that steps the model; nothing else runs on its core",
     )
+    p.add_argument(
+        "--prompt-cache",
+        metavar="SIZE",
+        help="lmx's prompt cache budget (e.g. 256MiB; 0 turns it off; default: lmx's default)",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report")
     args = p.parse_args(argv)
+    args.prompt_cache_bytes = None
+    if args.prompt_cache is not None:
+        try:
+            args.prompt_cache_bytes = parse_bytes(args.prompt_cache)
+        except ValueError as e:
+            p.error(f"--prompt-cache: {e}")
     available = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     args.client_cpus = available or frozenset(range(os.cpu_count() or 1))
     if args.cpus:
@@ -385,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 else "any"
             ),
             "step_cpu": args.step_cpu,
+            "prompt_cache_bytes": args.prompt_cache_bytes,
         },
         versions={
             "lmx": lmx.__version__,
@@ -399,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     # side keeps what MLX compiled for the batch shapes of earlier points, as a daemon that has
     # been serving for a while has.
     with LmxServer(
-        MODEL_ID, model_dir, max_batch=args.max_batch, context_length=context_length(args)
+        MODEL_ID,
+        model_dir,
+        max_batch=args.max_batch,
+        context_length=context_length(args),
+        prompt_cache_bytes=args.prompt_cache_bytes,
     ) as srv:
         for c in (int(x) for x in args.concurrency.split(",")):
             log(f"concurrency {c}")

@@ -32,7 +32,17 @@ def free_port() -> int:
         return port
 
 
-def config_yaml(model_id: str, model_dir: Path, max_batch: int, context_length: int) -> str:
+def config_yaml(
+    model_id: str,
+    model_dir: Path,
+    max_batch: int,
+    context_length: int,
+    prompt_cache_bytes: int | None = None,
+) -> str:
+    """lmx's config for the run; `prompt_cache_bytes` None leaves the engine's default."""
+    engine = f"max_batch: {max_batch}, context_length: {context_length}"
+    if prompt_cache_bytes is not None:
+        engine += f", prompt_cache_bytes: {prompt_cache_bytes}"
     return (
         "# Written by bench.server for one benchmark run.\n"
         "memory: {budget: 95%}\n"
@@ -41,7 +51,7 @@ def config_yaml(model_id: str, model_dir: Path, max_batch: int, context_length: 
         f"  {model_id}:\n"
         f"    source: {model_dir.resolve()}\n"
         "    want: pinned\n"
-        f"    engine: {{max_batch: {max_batch}, context_length: {context_length}}}\n"
+        f"    engine: {{{engine}}}\n"
     )
 
 
@@ -55,6 +65,7 @@ class LmxServer:
         *,
         max_batch: int,
         context_length: int,
+        prompt_cache_bytes: int | None = None,
         ready_timeout_s: float = 900.0,
         lmx_command: tuple[str, ...] = (sys.executable, "-m", "lmx.cli"),
     ) -> None:
@@ -63,7 +74,9 @@ class LmxServer:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._home = Path(tempfile.mkdtemp(prefix="lmx-bench-"))
         self._config = self._home / "config.yaml"
-        self._config.write_text(config_yaml(model_id, model_dir, max_batch, context_length))
+        self._config.write_text(
+            config_yaml(model_id, model_dir, max_batch, context_length, prompt_cache_bytes)
+        )
         self._log_path = self._home / "server.log"
         self.steps_dir = self._home / "steps"  # the model worker's step log (lmx.runtime.steptrace)
         self.trace = steptrace.TraceReader(self.steps_dir)

@@ -52,6 +52,17 @@ def test_the_ratio_is_the_median_pair_shown_with_the_lowest_and_highest() -> Non
     assert "| **0.90** ✗ (0.50–1.00) | 2.00 |" in row
 
 
+@pytest.mark.parametrize(
+    ("nbytes", "lines"),
+    [(None, []), (0, ["lmx's prompt cache: off."]), (256 << 20, ["lmx's prompt cache: 256 MiB."])],
+)
+def test_a_run_that_set_lmxs_prompt_cache_says_so(nbytes: int | None, lines: list[str]) -> None:
+    report = _report()
+    report.settings["prompt_cache_bytes"] = nbytes
+    said = [x for x in report.to_markdown().splitlines() if x.startswith("lmx's prompt cache")]
+    assert said == lines
+
+
 def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     saved = json.loads(json.dumps(_report().to_json()))
     again = Report.from_json(saved)
