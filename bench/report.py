@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.metrics import PointStats
+from lmx.reconciler.actions import fmt_bytes
 from lmx.runtime.steptrace import Step
 
 TARGET_RATIO = 0.95
@@ -175,7 +176,7 @@ def _prompt_cache_line(nbytes: int | None) -> list[str]:
         return []
     if nbytes == 0:
         return ["lmx's prompt cache: off."]
-    return [f"lmx's prompt cache: {nbytes / 2**20:.0f} MiB."]
+    return [f"lmx's prompt cache: {fmt_bytes(nbytes)}."]
 
 
 @dataclass

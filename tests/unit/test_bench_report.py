@@ -54,7 +54,12 @@ def test_the_ratio_is_the_median_pair_shown_with_the_lowest_and_highest() -> Non
 
 @pytest.mark.parametrize(
     ("nbytes", "lines"),
-    [(None, []), (0, ["lmx's prompt cache: off."]), (256 << 20, ["lmx's prompt cache: 256 MiB."])],
+    [
+        (None, []),
+        (0, ["lmx's prompt cache: off."]),
+        (256 << 20, ["lmx's prompt cache: 256.0 MiB."]),
+        (96 << 10, ["lmx's prompt cache: 96.0 KiB."]),
+    ],
 )
 def test_a_run_that_set_lmxs_prompt_cache_says_so(nbytes: int | None, lines: list[str]) -> None:
     report = _report()
