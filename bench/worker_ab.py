@@ -1,16 +1,22 @@
-"""lmx's worker against raw's loop in one process: do lmx's decode steps cost more?
+"""lmx's worker against raw's loop, without HTTP: do lmx's decode steps cost more?
 
 bench.run_throughput compares lmx over HTTP with raw in another process, runs seconds apart;
 when lmx's decode steps come out slower there, that cannot tell lmx's worker from the rest of an
 HTTP run (the daemon and the clients busy on other cores) or from the host moving between runs.
-This takes both out: one process, one model, short blocks of requests that alternate between
+This takes both out: one model, short blocks of requests that alternate between
 
 - raw: bench.raw's loop (`insert`, `next`) on a BatchGenerator of its own;
+- again: the same loop once more, on another BatchGenerator (raw against itself: the A/A test);
 - thread: lmx's `Worker` (lmx.runtime.mlx_worker) stepping as in the daemon, its output thread
   making each step's text and sending it to another process that reads it, as the engine does;
 - inline: the same, with the text made and sent on the stepping thread;
 - quiet: as thread, but nothing reads the messages until the block ends (no wakeups elsewhere);
 - nocache: as thread, without the prompt cache (what storing each ended sequence's cache costs).
+
+By default every mode runs in this process and they share the model's weights. With
+`--processes` each runs in a process of its own that loads the model itself, as raw's process
+and lmx's worker do in an HTTP run: what separate processes bring (their own allocator, MLX
+streams, Python heap), still without HTTP.
 
 Each block runs `--requests` greedy requests per stream, EOS ignored. Per block: the median of its
 decode steps (`BatchGenerator.next` without prompt work), wall and the stepping thread's CPU time,
@@ -27,6 +33,7 @@ import argparse
 import contextlib
 import gc
 import itertools
+import multiprocessing
 import os
 import socket
 import statistics
@@ -54,7 +61,8 @@ from lmx.runtime import mlx_worker
 from lmx.runtime.engine import GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 
-MODES = ("raw", "thread", "inline", "quiet", "nocache")
+MODES = ("raw", "again", "thread", "inline", "quiet", "nocache")
+RAW_MODES = frozenset({"raw", "again"})
 MAX_BATCH = 32
 _BUFFER = 8 << 20  # a quiet worker's socket holds a block's messages until the block ends
 _READER = "import os, sys\nfd = int(sys.argv[1])\nwhile os.read(fd, 1 << 20):\n    pass\n"
@@ -146,7 +154,8 @@ class _RawSide(_Side):
 
 
 class _WorkerSide(_Side):
-    """lmx's Worker without its process: its own gen, the model shared, fed here."""
+    """lmx's Worker without its process: its own gen, fed here; the model shared (`loaded`, as
+    mlx_load returned it) or, with `loaded` None, loaded as the worker loads it."""
 
     def __init__(self, model_dir: Path, loaded: Any, mode: str) -> None:
         ours, theirs = socket.socketpair()
@@ -166,7 +175,11 @@ class _WorkerSide(_Side):
         if mode == "nocache":
             config = replace(config, prompt_cache_bytes=0)
         self.worker = w = mlx_worker.Worker(config, Connection(ours.detach()))
-        with mock.patch.object(mlx_worker, "mlx_load", lambda _path: loaded):
+        with (
+            contextlib.nullcontext()
+            if loaded is None
+            else mock.patch.object(mlx_worker, "mlx_load", lambda _path: loaded)
+        ):
             _model, wrapper, gen, ready = w._load()
         w.tokenizer = MlxTokenizer(wrapper, config, ready.marker_ids)
         self._output: threading.Thread | None = None
@@ -251,26 +264,163 @@ class Point:
         return {"concurrency": self.concurrency, "blocks": self.blocks, "pairs": pairs}
 
 
+def _make_side(mode: str, model_dir: Path, loaded: Any, prompt_tokens: int) -> _Side:
+    """`mode`'s side on the model `loaded` (as mlx_load returned it), or, with None, on a model
+    of its own loaded as raw's process or lmx's worker loads it."""
+    if mode in RAW_MODES:
+        return _RawSide((mlx_load(str(model_dir)) if loaded is None else loaded)[0], prompt_tokens)
+    return _WorkerSide(model_dir, loaded, mode)
+
+
+def _run_block(side: _Side, prompts: Prompts, output_tokens: int) -> Block:
+    t0 = time.perf_counter()
+    side.block(prompts, output_tokens)
+    block_s = time.perf_counter() - t0
+    side.after()
+    return Block(*side.timed.take(), block_s)
+
+
+def _settle(step_cpu: int | None, rest: frozenset[int] | None) -> None:
+    """After the first blocks: the heap frozen as the worker freezes it once loaded, and the
+    stepping thread (this process's main thread) on `step_cpu` alone."""
+    gc.collect()
+    gc.freeze()
+    if step_cpu is not None and rest:
+        pin_stepper(os.getpid(), step_cpu, rest)
+
+
+class _InProcess:
+    """Every mode's side in this process, on one model."""
+
+    def __init__(self, modes: Sequence[str], model_dir: Path, prompt_tokens: int) -> None:
+        loaded = mlx_load(str(model_dir))
+        self._sides: dict[str, _Side] = {}
+        try:
+            for m in modes:
+                self._sides[m] = _make_side(m, model_dir, loaded, prompt_tokens)
+        except BaseException:
+            self.close()
+            raise
+        self.pids = dict.fromkeys(modes, os.getpid())
+
+    def run(self, mode: str, prompts: Prompts, output_tokens: int) -> Block:
+        return _run_block(self._sides[mode], prompts, output_tokens)
+
+    def settle(self, step_cpu: int | None, rest: frozenset[int] | None) -> None:
+        _settle(step_cpu, rest)
+
+    def close(self) -> None:
+        gc.unfreeze()
+        for side in self._sides.values():
+            side.close()
+
+
+class _Processes:
+    """Each mode's side in a process of its own, which loads the model itself and runs the
+    blocks this process sends it (`_serve_side`)."""
+
+    def __init__(self, modes: Sequence[str], model_dir: Path, prompt_tokens: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # MLX's threads and device do not survive fork
+        self._procs: dict[str, Any] = {}
+        self._conns: dict[str, Connection] = {}
+        self.pids: dict[str, int] = {}
+        try:
+            for m in modes:
+                ours, theirs = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_serve_side,
+                    args=(theirs, m, model_dir, prompt_tokens),
+                    name=f"worker-ab-{m}",
+                    daemon=True,
+                )
+                proc.start()
+                theirs.close()
+                self._procs[m], self._conns[m] = proc, ours
+            for m in modes:
+                self.pids[m] = self._answer(m)
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, mode: str) -> Any:
+        try:
+            kind, value = self._conns[mode].recv()
+        except EOFError:
+            self._procs[mode].join(5)
+            code = self._procs[mode].exitcode
+            raise RuntimeError(f"{mode}: its process ended (exit code {code})") from None
+        if kind == "error":
+            raise RuntimeError(f"{mode}: {value}")
+        return value
+
+    def run(self, mode: str, prompts: Prompts, output_tokens: int) -> Block:
+        self._conns[mode].send(("block", prompts, output_tokens))
+        return Block(*self._answer(mode))
+
+    def settle(self, step_cpu: int | None, rest: frozenset[int] | None) -> None:
+        for m, conn in self._conns.items():
+            conn.send(("settle", step_cpu, rest))
+            self._answer(m)
+        if step_cpu is not None and rest:  # this process only waits: off the stepping CPU
+            os.sched_setaffinity(0, rest)
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self._procs.values():
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns.values():
+            conn.close()
+
+
+def _serve_side(conn: Connection, mode: str, model_dir: Path, prompt_tokens: int) -> None:
+    """A `--processes` side: its pid once loaded, then a Block per block asked for, until None;
+    an error's text instead of an answer, after which it stops."""
+    try:
+        side = _make_side(mode, model_dir, None, prompt_tokens)
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    try:
+        conn.send(("ok", os.getpid()))
+        while (msg := conn.recv()) is not None:
+            try:
+                answer: Any = None
+                if msg[0] == "block":
+                    answer = tuple(_run_block(side, msg[1], msg[2]))
+                else:
+                    _settle(msg[1], msg[2])
+            except Exception as e:
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+                return
+            conn.send(("ok", answer))
+    finally:
+        gc.unfreeze()
+        side.close()
+
+
 def measure(
     model_dir: Path,
     *,
     concurrency: Sequence[int],
     seconds: float,
     modes: Sequence[str] = MODES,
+    processes: bool = False,
     requests: int = 2,
     prompt_tokens: int = 64,
     output_tokens: int = 64,
     step_cpu: int | None = None,
     max_rounds: int = 10_000,
-) -> list[Point]:
-    """Alternate `modes`' blocks for `seconds` at each concurrency (`max_rounds` at most)."""
-    loaded = mlx_load(str(model_dir))
+) -> tuple[list[Point], dict[str, int]]:
+    """Alternate `modes`' blocks for `seconds` at each concurrency (`max_rounds` at most), in
+    this process or (`processes`) each in its own; the points and each mode's process id."""
     ids = np.asarray(printable_token_ids(model_dir))
     rng = np.random.default_rng(0)
-    sides = {
-        m: _RawSide(loaded[0], prompt_tokens) if m == "raw" else _WorkerSide(model_dir, loaded, m)
-        for m in modes
-    }
+    sides = (_Processes if processes else _InProcess)(modes, model_dir, prompt_tokens)
     rest = frozenset(os.sched_getaffinity(0)) - {step_cpu} if step_cpu is not None else None
     points = []
     try:
@@ -280,18 +430,11 @@ def measure(
                 prompts = [
                     rng.choice(ids, size=(requests, prompt_tokens)).tolist() for _ in range(c)
                 ]
-                t0 = time.perf_counter()
-                sides[mode].block(prompts, output_tokens)
-                block_s = time.perf_counter() - t0
-                sides[mode].after()
-                return Block(*sides[mode].timed.take(), block_s)
+                return sides.run(mode, prompts, output_tokens)
 
             for m in modes:  # each side's first block compiles and allocates
                 run(m)
-            gc.collect()
-            gc.freeze()  # as the worker does once loaded
-            if step_cpu is not None and rest:
-                pin_stepper(os.getpid(), step_cpu, rest)
+            sides.settle(step_cpu, rest)
             blocks: dict[str, list[Block]] = {m: [] for m in modes}
             deadline = time.perf_counter() + seconds
             for r in range(max_rounds):
@@ -301,15 +444,16 @@ def measure(
                     blocks[m].append(run(m))
             points.append(Point(c, blocks))
     finally:
-        gc.unfreeze()
-        for side in sides.values():
-            side.close()
-    return points
+        sides.close()
+    return points, sides.pids
 
 
-def to_markdown(points: Sequence[Point], title: str, notes: Sequence[str]) -> str:
+def to_markdown(
+    points: Sequence[Point], title: str, notes: Sequence[str], *, processes: bool = False
+) -> str:
+    where = "each in a process of its own" if processes else "in one process"
     lines = [
-        f"# lmx's worker against raw's loop in one process — {title}",
+        f"# lmx's worker against raw's loop {where} — {title}",
         "",
         *notes,
         "",
@@ -351,6 +495,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=120.0, help="per concurrency")
     p.add_argument("--max-rounds", type=int, default=10_000)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="each mode in a process of its own, loading the model itself (default: one process)",
+    )
     p.add_argument("--requests", type=int, default=2, help="per stream per block")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=64)
@@ -388,11 +537,12 @@ def main(argv: list[str] | None = None) -> None:
     label = args.device_label or str(mx.default_device()).replace("Device(", "").rstrip(")")
     label = label.replace(", ", "")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    points = measure(
+    points, pids = measure(
         model_dir,
         concurrency=concurrency,
         seconds=args.seconds,
         modes=modes,
+        processes=args.processes,
         requests=args.requests,
         prompt_tokens=args.prompt_tokens,
         output_tokens=args.output_tokens,
@@ -401,9 +551,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     title = f"`{args.preset if args.model is None else model_dir.name}` on `{label}`"
     pinned = "" if args.step_cpu is None else f"; the stepping thread on CPU {args.step_cpu}"
+    where = (
+        "each mode in a process of its own, which loaded the model itself"
+        if args.processes
+        else "every mode in one process, on one copy of the model"
+    )
     notes = [
         f"Run {started}; {args.requests} requests per stream per block, {args.prompt_tokens} "
-        f"prompt and {args.output_tokens} output tokens, greedy, EOS ignored{pinned}."
+        f"prompt and {args.output_tokens} output tokens, greedy, EOS ignored; {where}{pinned}."
     ]
     data = {
         "model": str(model_dir.name),
@@ -414,12 +569,15 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_tokens": args.prompt_tokens,
             "output_tokens": args.output_tokens,
             "modes": modes,
+            "processes": args.processes,
             "step_cpu": args.step_cpu,
         },
+        "pids": pids,
         "points": [pt.to_json() for pt in points],
     }
     stem = args.out / f"worker-ab-{model_dir.name if args.model else args.preset}-{label}"
-    for path in write_result(stem, data, to_markdown(points, title, notes), {}):
+    markdown = to_markdown(points, title, notes, processes=args.processes)
+    for path in write_result(stem, data, markdown, {}):
         print(f"wrote {path}")
 
 

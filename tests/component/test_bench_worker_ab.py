@@ -1,14 +1,17 @@
-"""bench.worker_ab on the real tiny model: every mode runs its blocks to the end, and the pairs
-it reports are the rounds' ratios of what it measured."""
+"""bench.worker_ab on the real tiny model: every mode runs its blocks to the end, in this process
+or each in its own, and the pairs it reports are the rounds' ratios of what it measured."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from bench.worker_ab import MODES, main
+from bench.worker_ab import MODES, main, measure
 
 ROUNDS = 6  # the fewest rounds whose median has a 95% interval
 
@@ -37,11 +40,50 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
             assert pairs[key]["values"] == pytest.approx(ratios)
             assert pairs[key]["interval"] is not None
         assert len(point["pairs"]) == len(MODES) * (len(MODES) - 1) // 2
+    assert data["pids"] == dict.fromkeys(MODES, os.getpid())
     markdown = (tmp_path / f"{stem}.md").read_text()
+    assert "loop in one process —" in markdown
     assert "## 2 streams, 6 rounds" in markdown
     assert "| nocache/" not in markdown  # nocache is the last mode: only ever b of a pair
     assert "| quiet/nocache |" in markdown
     assert "| mode | decode step ms, wall | CPU | whole block s |" in markdown
+
+
+def test_with_processes_each_mode_steps_in_a_process_of_its_own(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    modes = ("raw", "again", "thread")
+    main(
+        [
+            *("--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "1"),
+            *("--modes", ",".join(modes), "--processes", "--seconds", "120"),
+            *("--max-rounds", str(ROUNDS), "--device-label", "here", "--out", str(tmp_path)),
+        ]
+    )
+    stem = f"worker-ab-{tiny_model_dir.name}-here"
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert data["settings"]["processes"] is True
+    pids = data["pids"]
+    assert list(pids) == list(modes)
+    assert len(set(pids.values()) | {os.getpid()}) == len(modes) + 1
+    (point,) = data["points"]
+    assert all(len(point["blocks"][m]) == ROUNDS for m in modes)
+    assert all(32 * ms / 1e3 < s for m in modes for ms, _, s in point["blocks"][m])
+    assert point["pairs"]["raw/again"]["wall"]["interval"] is not None
+    assert "loop each in a process of its own —" in (tmp_path / f"{stem}.md").read_text()
+    assert not multiprocessing.active_children()  # every side's process ended with the run
+
+
+def test_a_side_that_cannot_load_is_named_and_no_process_is_left(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    with pytest.raises(RuntimeError, match=r"^raw: "):
+        measure(broken, concurrency=[1], seconds=1, modes=("raw", "thread"), processes=True)
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.parametrize(
@@ -49,7 +91,7 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
     [
         (
             ["--modes", "raw,threads"],
-            "--modes: unknown threads; known: raw, thread, inline, quiet, nocache",
+            "--modes: unknown threads; known: raw, again, thread, inline, quiet, nocache",
         ),
         (["--modes", "raw"], "--modes: name two or more"),
         (["--concurrency", "1,x"], "--concurrency: '1,x' is not a list of numbers such as 1,16"),
