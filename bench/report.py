@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.metrics import PointStats
-from lmx.reconciler.actions import fmt_bytes
 from lmx.runtime.steptrace import Step
+from lmx.units import fmt_bytes
 
 TARGET_RATIO = 0.95
 

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from lmx import units
 from lmx.client import Doc, conditions, problems_of
 
 NO_CHANGES = "No changes. The running state matches the desired state."
@@ -46,12 +47,7 @@ def console(*, stderr: bool = False) -> Console:
 
 
 def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
+    return "-" if n is None else units.fmt_bytes(n)
 
 
 def fmt_duration(seconds: float) -> str:

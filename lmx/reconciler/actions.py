@@ -123,13 +123,6 @@ class Plan:
         return next((b for b in self.blocked if b.model_id == model_id), None)
 
 
-def fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def action_json(action: Action) -> dict[str, Any]:
     """`{"action": "Load", "model": ..., ...}` for logs, events and the admin API."""
     fields = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(action).items()}

@@ -22,10 +22,10 @@ from lmx.reconciler.actions import (
     Plan,
     Unload,
     UnloadReason,
-    fmt_bytes,
 )
 from lmx.reconciler.observed import ObservedModel, ObservedState
 from lmx.reconciler.spec import DesiredState, ModelSpec, Want
+from lmx.units import fmt_bytes
 
 _Candidate = tuple[ModelSpec, ObservedModel]
 # An engine unloaded for these reasons may be loaded again by the same plan.

@@ -12,10 +12,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from lmx.reconciler.actions import Blocked, fmt_bytes
+from lmx.reconciler.actions import Blocked
 from lmx.reconciler.failures import DOWNLOAD_REASONS, Failure
 from lmx.reconciler.observed import ObservedModel
 from lmx.reconciler.spec import ModelSpec, Want
+from lmx.units import fmt_bytes
 
 
 class ConditionType(StrEnum):

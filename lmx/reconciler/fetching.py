@@ -18,13 +18,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from lmx.reconciler.actions import Download, fmt_bytes
+from lmx.reconciler.actions import Download
 from lmx.reconciler.events import EventBus
 from lmx.reconciler.journal import Intent, Journal
 from lmx.reconciler.outcomes import Outcome, Result, failure
 from lmx.reconciler.spec import ModelSpec
 from lmx.runtime.downloads import DownloadCancelled, ProgressEvent, RepoSnapshot
 from lmx.runtime.store import Footprint, ModelStore, Sizing
+from lmx.units import fmt_bytes
 
 log = structlog.get_logger(__name__)
 
