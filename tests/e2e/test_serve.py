@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -42,6 +43,16 @@ def test_fresh_home_gets_the_default_manifest(daemon: Daemon) -> None:
     declared = yaml.safe_load(daemon.config_path.read_text())
     assert declared["models"]["lmx-tiny"]["want"] == "pinned"
     assert "# lmx desired state" in daemon.config_path.read_text()
+
+
+def test_the_log_leaves_out_the_schedulers_routine(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory()  # at the default level, info
+    entries = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "config_watch_started" for e in entries)  # the scheduler's start
+    chatter = [e for e in entries if e["logger"].startswith("apscheduler")]
+    assert not [e for e in chatter if e["level"] in ("debug", "info")], chatter
 
 
 def test_sdk_lists_the_pinned_builtin_model(client: openai.OpenAI) -> None:
