@@ -606,11 +606,13 @@ def _compact(steps: tuple[Step, ...]) -> dict[str, Any]:
         "started": [s.started for s in steps],
         "after_ms": [round(s.after_ms, 2) for s in steps],
         "cache_ms": [round(s.cache_ms, 2) for s in steps],
+        "cpu_ms": [None if math.isnan(s.cpu_ms) else round(s.cpu_ms, 2) for s in steps],
     }
 
 
 def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
-    """`_compact` undone (results from before cache_ms have none)."""
+    """`_compact` undone (results from before cache_ms or cpu_ms have none of them)."""
+    n = len(cols["t_s"])
     rows = zip(
         cols["t_s"],
         cols["ms"],
@@ -618,7 +620,8 @@ def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
         cols["prompted"],
         cols["started"],
         cols["after_ms"],
-        cols.get("cache_ms", [0.0] * len(cols["t_s"])),
+        cols.get("cache_ms", [0.0] * n),
+        [math.nan if ms is None else ms for ms in cols.get("cpu_ms", [None] * n)],
         strict=True,
     )
     return tuple(Step(*row) for row in rows)

@@ -22,7 +22,7 @@ def _report() -> Report:
     lmx = (run_at(50.0), run_at(200.0), run_at(135.0))
     steps = (
         Step(t=10.0, ms=20.0, decoded=0, prompted=2, started=0),
-        Step(10.02, 8.0, 2, 0, 0, after_ms=3.0, cache_ms=2.5),
+        Step(10.02, 8.0, 2, 0, 0, after_ms=3.0, cache_ms=2.5, cpu_ms=7.5),
     )
     point = Point(
         concurrency=2,
@@ -76,6 +76,8 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     # The steps' times count from each run's first step once saved.
     assert [s.t for s in again.points[0].steps["lmx"]] == [0.0, 0.02]
     assert [s.cache_ms for s in again.points[0].steps["lmx"]] == [0.0, 2.5]
+    first, second = (s.cpu_ms for s in again.points[0].steps["lmx"])
+    assert math.isnan(first) and second == 7.5  # a step not timed on its thread: none
     written = again.write(tmp_path, "throughput-renamed")
     assert {p.name for p in written} >= {"throughput-renamed.json", "throughput-renamed.md"}
     assert math.isnan(
@@ -85,14 +87,15 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     )
 
 
-def test_results_saved_before_the_steps_had_cache_times_read_as_none_spent(
+def test_results_saved_before_the_steps_had_cache_or_cpu_times_read_as_none(
     tmp_path: Path,
 ) -> None:
     saved = json.loads(json.dumps(_report().to_json()))
     for cols in saved["points"][0]["steps"].values():
-        del cols["cache_ms"]
+        del cols["cache_ms"], cols["cpu_ms"]
     again = Report.from_json(saved)
     assert [s.cache_ms for s in again.points[0].steps["lmx"]] == [0.0, 0.0]
+    assert all(math.isnan(s.cpu_ms) for s in again.points[0].steps["lmx"])
     assert [s.after_ms for s in again.points[0].steps["lmx"]] == [0.0, 3.0]
 
 
