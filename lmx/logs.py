@@ -48,11 +48,13 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # APScheduler logs each run of a job twice at INFO (the reconciler's wake every 30 s: some
-    # 5,800 lines a day) and its start-up: its warnings (a run missed) and errors stay, and at
-    # debug everything does.
+    # The libraries behind the reconcile loop log their routine at INFO: APScheduler each run of
+    # a job twice (the reconciler's wake every 30 s: some 5,800 lines a day) and its start-up,
+    # watchfiles each change it sees (lmx logs what the change meant). Their warnings and errors
+    # stay, and at debug everything does.
     chatter = logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(chatter)
+    for name in ("apscheduler", "watchfiles"):
+        logging.getLogger(name).setLevel(chatter)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -45,13 +46,23 @@ def test_fresh_home_gets_the_default_manifest(daemon: Daemon) -> None:
     assert "# lmx desired state" in daemon.config_path.read_text()
 
 
-def test_the_log_leaves_out_the_schedulers_routine(
+def test_the_log_leaves_out_the_scheduler_and_file_watchers_routine(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
     daemon = daemon_factory()  # at the default level, info
-    entries = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
-    assert any(e["event"] == "config_watch_started" for e in entries)  # the scheduler's start
-    chatter = [e for e in entries if e["logger"].startswith("apscheduler")]
+    declared = yaml.safe_load(daemon.config_path.read_text())
+    declared["models"]["lmx-tiny"]["want"] = "resident"
+    daemon.config_path.write_text(yaml.safe_dump(declared))
+
+    def entries() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+
+    # The scheduler started before the watcher, and the watcher saw the edit before lmx took it.
+    wait_for(
+        entries,
+        lambda es: any(e["event"] == "desired_accepted" and e["generation"] == 2 for e in es),
+    )
+    chatter = [e for e in entries() if e["logger"].startswith(("apscheduler", "watchfiles"))]
     assert not [e for e in chatter if e["level"] in ("debug", "info")], chatter
 
 
