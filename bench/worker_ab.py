@@ -7,6 +7,9 @@ This takes both out: one model, short blocks of requests that alternate between
 
 - raw: bench.raw's loop (`insert`, `next`) on a BatchGenerator of its own;
 - again: the same loop once more, on another BatchGenerator (raw against itself: the A/A test);
+- hosted: the same loop beside an lmx `Worker` loaded and idle (its tokenizer, grammar tokenizer,
+  output thread and reader): with `--processes`, whether what the worker brings into a process
+  slows raw's steps;
 - thread: lmx's `Worker` (lmx.runtime.mlx_worker) stepping as in the daemon, its output thread
   making each step's text and sending it to another process that reads it, as the engine does;
 - inline: the same, with the text made and sent on the stepping thread;
@@ -61,7 +64,7 @@ from lmx.runtime import mlx_worker
 from lmx.runtime.engine import GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 
-MODES = ("raw", "again", "thread", "inline", "quiet", "nocache")
+MODES = ("raw", "again", "hosted", "thread", "inline", "quiet", "nocache")
 RAW_MODES = frozenset({"raw", "again"})
 MAX_BATCH = 32
 _BUFFER = 8 << 20  # a quiet worker's socket holds a block's messages until the block ends
@@ -180,7 +183,7 @@ class _WorkerSide(_Side):
             if loaded is None
             else mock.patch.object(mlx_worker, "mlx_load", lambda _path: loaded)
         ):
-            _model, wrapper, gen, ready = w._load()
+            self.model, wrapper, gen, ready = w._load()
         w.tokenizer = MlxTokenizer(wrapper, config, ready.marker_ids)
         self._output: threading.Thread | None = None
         if mode == "inline":
@@ -223,6 +226,22 @@ class _WorkerSide(_Side):
         if self._reader is not None:  # it reads to the end of what was sent, then exits
             self._reader.wait()
         super().close()
+
+
+class _HostedSide(_RawSide):
+    """raw's loop on the model of an lmx Worker that stays loaded and idle beside it."""
+
+    def __init__(self, model_dir: Path, loaded: Any, prompt_tokens: int) -> None:
+        self._host = _WorkerSide(model_dir, loaded, "thread")
+        try:
+            super().__init__(self._host.model, prompt_tokens)
+        except BaseException:
+            self._host.close()
+            raise
+
+    def close(self) -> None:
+        super().close()
+        self._host.close()
 
 
 class _Inline:
@@ -269,6 +288,8 @@ def _make_side(mode: str, model_dir: Path, loaded: Any, prompt_tokens: int) -> _
     of its own loaded as raw's process or lmx's worker loads it."""
     if mode in RAW_MODES:
         return _RawSide((mlx_load(str(model_dir)) if loaded is None else loaded)[0], prompt_tokens)
+    if mode == "hosted":
+        return _HostedSide(model_dir, loaded, prompt_tokens)
     return _WorkerSide(model_dir, loaded, mode)
 
 

@@ -52,7 +52,7 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
 def test_with_processes_each_mode_steps_in_a_process_of_its_own(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    modes = ("raw", "again", "thread")
+    modes = ("raw", "again", "hosted", "thread")
     main(
         [
             *("--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "1"),
@@ -91,7 +91,7 @@ def test_a_side_that_cannot_load_is_named_and_no_process_is_left(
     [
         (
             ["--modes", "raw,threads"],
-            "--modes: unknown threads; known: raw, again, thread, inline, quiet, nocache",
+            "--modes: unknown threads; known: raw, again, hosted, thread, inline, quiet, nocache",
         ),
         (["--modes", "raw"], "--modes: name two or more"),
         (["--concurrency", "1,x"], "--concurrency: '1,x' is not a list of numbers such as 1,16"),
