@@ -498,12 +498,14 @@ def to_markdown(
             lines.append(f"| {m} | {wall:.3f} | {cpu:.3f} | {block:.3f} |")
         lines += ["", f"| a/b | {' | '.join(c for _, c in MEASURES)} |", "|---|---:|---:|---:|"]
         for a, b in itertools.combinations(modes, 2):
-            cells = [_pair_cell(p.pooled(a, b, i)) for i in range(len(MEASURES))]
+            cells = [pair_cell(p.pooled(a, b, i)) for i in range(len(MEASURES))]
             lines.append(f"| {a}/{b} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
-def _pair_cell(s: Pooled) -> str:
+def pair_cell(s: Pooled) -> str:
+    """A pair's cell in the tables: median [interval], geometric mean, rounds below 1, sign
+    test."""
     return f"{cell(s, 3)}, {s.geomean:.3f}, {s.below_1} of {s.n} below 1, p = {s.sign_p:.2g}"
 
 
