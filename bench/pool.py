@@ -32,11 +32,12 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.report import TARGET_RATIO, Point, Report, pyplot, write_result
 
 CONFIDENCE = 0.95
+_R = TypeVar("_R")
 # The settings whose differences make two runs' pairs measure different things.
 _SAME = ("prompt_tokens", "output_tokens", "max_batch", "dtype")
 # A median's standard error over a mean's, for normal data: how much wider its interval is.
@@ -327,17 +328,31 @@ def cell(s: Pooled, digits: int = 2) -> str:
     return f"{s.median:.{digits}f}{span}"
 
 
+def read_results(
+    parser: argparse.ArgumentParser,
+    files: Sequence[Path],
+    kind: str,
+    parse: Callable[[str, Any], _R],
+) -> list[_R]:
+    """Each file's JSON parsed (with its name); a file that is not `kind` ends the command,
+    naming it and what is wrong."""
+    results = []
+    for f in files:
+        try:
+            results.append(parse(f.name, json.loads(f.read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            parser.error(f"{f}: not {kind} ({type(e).__name__}: {e})")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pool the pairs of several throughput runs.")
     parser.add_argument("out", type=Path, help="output stem, e.g. bench/results/pooled-NAME")
     parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json of one workload")
     args = parser.parse_args(argv)
-    runs = []
-    for f in args.files:
-        try:
-            runs.append((f.name, Report.from_json(json.loads(f.read_text()))))
-        except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-            parser.error(f"{f}: not a throughput result ({type(e).__name__}: {e})")
+    runs = read_results(
+        parser, args.files, "a throughput result", lambda name, data: (name, Report.from_json(data))
+    )
     try:
         pool = Pool.of(runs)
     except ValueError as e:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.pool import Pooled
+from bench.pool import Pooled, read_results
 from bench.report import write_result
 from bench.worker_ab import MEASURES, MODES, Block, Point, pair_cell
 
@@ -156,12 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="output stem, e.g. bench/results/pooled-worker-ab-X")
     parser.add_argument("files", nargs="+", type=Path, help="worker-ab-*.json")
     args = parser.parse_args(argv)
-    runs = []
-    for f in args.files:
-        try:
-            runs.append(Run.from_json(f.name, json.loads(f.read_text())))
-        except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-            parser.error(f"{f}: not a bench.worker_ab result ({type(e).__name__}: {e})")
+    runs = read_results(parser, args.files, "a bench.worker_ab result", Run.from_json)
     try:
         pooled = pool(runs)
     except ValueError as e:
