@@ -7,7 +7,6 @@ Backend-neutral (CPU, CUDA, Metal): llguidance computes the mask, plain MLX ops 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -58,7 +57,6 @@ class ConstrainedProcessor:
         self._started = False
         self.error: str | None = None
         self.steps = 0  # calls so far; the tokens consumed are one fewer
-        self.busy_s = 0.0  # time spent on the mask (not waiting for the token), for metrics
 
     @property
     def accepting(self) -> bool:
@@ -73,15 +71,12 @@ class ConstrainedProcessor:
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         # Reading the sampled token waits for the previous step: the one sync constraints need.
         token: int | None = tokens[-1].item() if self._started else None  # type: ignore[assignment]
-        t0 = time.perf_counter()
         self._started = True
         self.steps += 1
         if self.error is None:
             self._advance(token)
         allowed = self._eos_only if self.error is not None else mx.array(self._allowed())
-        out = mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
-        self.busy_s += time.perf_counter() - t0
-        return out
+        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
 
     def _advance(self, token: int | None) -> None:
         m = self._matcher
@@ -126,11 +121,9 @@ class ConstraintFactory:
         self.eos_token_ids = sorted({int(i) for i in eos} or {int(hf.eos_token_id)})
         self.vocab_size = int(vocab_size)
         self.n_vocab = max(self.vocab_size, len(hf))
-        t0 = time.perf_counter()
         self.tokenizer = llguidance.hf.from_tokenizer(
             hf, n_vocab=self.n_vocab, eos_token=list(self.eos_token_ids)
         )
-        self.build_s = time.perf_counter() - t0
         # llguidance counts every added `<...>` token as special, whatever the tokenizer says.
         added = getattr(hf, "added_tokens_decoder", {})
         self.marker_ids: dict[str, int] = {
