@@ -28,10 +28,6 @@ class Workload:
     def requests(self) -> int:
         return self.concurrency * self.requests_per_stream
 
-    @property
-    def output_tokens_total(self) -> int:
-        return self.requests * self.output_tokens
-
     @classmethod
     def sized(
         cls,

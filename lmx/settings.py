@@ -47,9 +47,5 @@ class Settings:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
     @property
-    def builtin_dir(self) -> Path:
-        return self.home / "builtin"
-
-    @property
     def models_dir(self) -> Path:
         return self.home / "models"

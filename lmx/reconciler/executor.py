@@ -50,7 +50,6 @@ class LoadRecord:
     spec: ModelSpec
     want: Want  # why it was loaded: its spec's want, or DOWNLOADED for a load on request
     usage: Usage  # what the load took, by each memory signal
-    loaded_s: float
 
 
 def load_config(model_id: str, spec: ModelSpec, store: ModelStore) -> LoadConfig:
@@ -227,7 +226,7 @@ class Executor:
         usage = rise(before.sample, after.sample, others_growth=after.others - before.others)
         measured = max(usage.bytes, engine.resident_bytes())
         want = Want.DOWNLOADED if action.why is Want.DOWNLOADED else spec.want
-        self.loaded[mid] = LoadRecord(spec, want, usage, self._clock())
+        self.loaded[mid] = LoadRecord(spec, want, usage)
         self._journal.end(Intent.LOAD, mid, ok=True)
         await asyncio.to_thread(self._store.record_measured, mid, digest, measured)
         took = time.monotonic() - started

@@ -59,11 +59,6 @@ class ConstrainedProcessor:
         self.steps = 0  # calls so far; the tokens consumed are one fewer
 
     @property
-    def accepting(self) -> bool:
-        """The output so far is a complete match: EOS would end it validly."""
-        return bool(self._matcher.is_accepting())
-
-    @property
     def done(self) -> bool:
         """Nothing but EOS may follow: the match is complete, or it failed (see `error`)."""
         return self.error is not None or bool(self._matcher.is_stopped())

@@ -148,13 +148,3 @@ class TraceReader:
                 self._steps += [Step(**r) for r in records]
             else:
                 self._arrivals += [Arrival(**r) for r in records]
-
-
-def read_steps(directory: Path, start: float, end: float) -> list[Step]:
-    """Every Step logged under `directory` that began in [start, end), in time order."""
-    return TraceReader(directory).steps(start, end)
-
-
-def read_arrivals(directory: Path, start: float, end: float) -> list[Arrival]:
-    """Every Arrival logged under `directory` in [start, end), in time order."""
-    return TraceReader(directory).arrivals(start, end)

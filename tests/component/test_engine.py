@@ -24,7 +24,7 @@ from lmx.runtime import steptrace
 from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
-from lmx.runtime.steptrace import read_arrivals, read_steps
+from lmx.runtime.steptrace import TraceReader
 from tests.component.reconciler_world import until
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
@@ -175,7 +175,7 @@ async def test_a_batch_emptied_by_a_cancel_takes_no_further_step(
             for _ in range(3):
                 await anext(stream)
             await cancel_and_count_steps(e, stream)
-    steps = read_steps(tmp_path, 0.0, math.inf)
+    steps = TraceReader(tmp_path).steps(0.0, math.inf)
     assert steps and all(s.decoded or s.prompted or s.started for s in steps)
 
 
@@ -382,13 +382,15 @@ async def test_an_idle_worker_waits_for_a_burst_the_daemon_is_still_preparing(
         await asyncio.gather(*(request(k) for k in range(6)))
     finally:
         await asyncio.to_thread(e.unload)
-    steps = read_steps(tmp_path, start, math.inf)
+    steps = TraceReader(tmp_path).steps(start, math.inf)
     assert [s.prompted for s in steps if s.prompted] == [6]
     # Each request logged where it arrived: the API (here the test), its engine, the worker
     # (the daemon's side reaches the disk 50 ms after its latest record).
     expected = {"api": 6, "engine": 6, "worker": 6}
-    await until(lambda: Counter(a.at for a in read_arrivals(tmp_path, start, math.inf)) == expected)
-    arrivals = read_arrivals(tmp_path, start, math.inf)
+    await until(
+        lambda: Counter(a.at for a in TraceReader(tmp_path).arrivals(start, math.inf)) == expected
+    )
+    arrivals = TraceReader(tmp_path).arrivals(start, math.inf)
     engine_at = [a.t for a in arrivals if a.at == "engine"]
     assert max(engine_at) - min(engine_at) >= 0.05  # 12 ms apart, as prepared
 
@@ -456,7 +458,7 @@ async def test_requests_that_follow_a_round_of_endings_start_in_one_prefill(
         # does not come back, the others go once no more come.
         back = ps[ended:]
         await asyncio.gather(*(run_after(e, apart_s * k, p, fixed) for k, p in enumerate(back)))
-    steps = read_steps(tmp_path, next_round, math.inf)
+    steps = TraceReader(tmp_path).steps(next_round, math.inf)
     # One prefill, then they start.
     assert [s.prompted for s in steps if s.prompt_work] == [coming_back, 0]
     assert sum(s.started for s in steps) == coming_back
@@ -470,7 +472,7 @@ async def test_the_step_a_round_ends_in_logs_the_time_its_caches_took_each_its_c
         fixed = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         await asyncio.gather(*(run(e, p, fixed) for p in prompts(e, 4)))  # they end in one step
         await until(lambda: e.stats().prompt_cache_bytes > 0)
-    steps = read_steps(tmp_path, 0.0, math.inf)
+    steps = TraceReader(tmp_path).steps(0.0, math.inf)
     last = max((s for s in steps if s.decoded), key=lambda s: s.t)
     assert last.decoded == 4
     assert 0 < last.cache_ms <= last.after_ms
@@ -495,7 +497,7 @@ async def test_followers_join_a_running_batch_in_one_prefill(
         # Their followers come 4 ms apart while the long one decodes on, a step or more apart.
         await asyncio.gather(*(run_after(e, 0.004 * k, p, fixed) for k, p in enumerate(ps[4:])))
         await running.aclose()  # type: ignore[attr-defined]
-    steps = read_steps(tmp_path, next_round, math.inf)
+    steps = TraceReader(tmp_path).steps(next_round, math.inf)
     assert [s.prompted for s in steps if s.prompted] == [3]
     prefill = next(s for s in steps if s.prompted)
     assert any(s.decoded and s.t < prefill.t for s in steps)  # the long one went on meanwhile
@@ -518,7 +520,7 @@ async def test_endings_already_followed_do_not_hold_the_next_round(
         await asyncio.gather(
             *(run_after(e, d, p, short) for d, p in zip(delays, ps[6:], strict=True))
         )
-    steps = read_steps(tmp_path, third_round, math.inf)
+    steps = TraceReader(tmp_path).steps(third_round, math.inf)
     assert next(s.prompted for s in steps if s.prompted) == 3
 
 
@@ -535,7 +537,7 @@ async def test_the_sequences_of_one_request_end_as_one_request(
         # One request follows it, and an unrelated one comes 30 ms later, within the gap a
         # round's followers are waited for: counted as three endings, the first would wait for it.
         await asyncio.gather(run(e, ps[1], short), run_after(e, 0.03, ps[2], short))
-    steps = read_steps(tmp_path, next_round, math.inf)
+    steps = TraceReader(tmp_path).steps(next_round, math.inf)
     assert [s.started for s in steps if s.started] == [1, 1]
 
 
@@ -547,7 +549,7 @@ async def test_a_burst_of_short_prompts_is_prefilled_in_one_step(
         started = time.perf_counter()
         done = await asyncio.gather(*(run(e, p, GREEDY) for p in prompts(e, 12)))
     assert all(d.completion_tokens == 16 for _, d in done)
-    steps = read_steps(tmp_path, started, math.inf)
+    steps = TraceReader(tmp_path).steps(started, math.inf)
     # Twelve, more than the eight long prompts a group is sized for, in one forward pass.
     assert [s.prompted for s in steps if s.prompted] == [12]
 

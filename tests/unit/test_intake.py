@@ -10,7 +10,7 @@ import pytest
 
 from lmx.runtime import steptrace
 from lmx.runtime.intake import COMING_FOR_S, Intake
-from lmx.runtime.steptrace import read_arrivals
+from lmx.runtime.steptrace import TraceReader
 
 
 class Flushes:
@@ -150,6 +150,6 @@ async def test_with_the_trace_on_a_request_is_logged_where_it_arrives(
         intake.reached_engine()
         intake.reached_engine()  # its second sequence: the request reached its engine once
     # On disk shortly after, not in the request's way.
-    assert read_arrivals(tmp_path, 0.0, math.inf) == []
+    assert TraceReader(tmp_path).arrivals(0.0, math.inf) == []
     await asyncio.sleep(0.1)
-    assert [a.at for a in read_arrivals(tmp_path, 0.0, math.inf)] == ["api", "engine"]
+    assert [a.at for a in TraceReader(tmp_path).arrivals(0.0, math.inf)] == ["api", "engine"]

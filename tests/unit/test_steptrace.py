@@ -14,8 +14,6 @@ from lmx.runtime.steptrace import (
     Step,
     TraceLog,
     TraceReader,
-    read_arrivals,
-    read_steps,
     step_of,
 )
 
@@ -43,10 +41,10 @@ def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> 
     steps = [Step(t=float(t), ms=1.0, decoded=1, prompted=0, started=0) for t in (3, 1, 2)]
     for s in steps:
         log.write(s)
-    assert read_steps(tmp_path, 0.0, 10.0) == []  # held until the batch goes idle
+    assert TraceReader(tmp_path).steps(0.0, 10.0) == []  # held until the batch goes idle
     log.flush()
-    assert [s.t for s in read_steps(tmp_path, 0.0, 10.0)] == [1.0, 2.0, 3.0]
-    assert [s.t for s in read_steps(tmp_path, 1.5, 3.0)] == [2.0]
+    assert [s.t for s in TraceReader(tmp_path).steps(0.0, 10.0)] == [1.0, 2.0, 3.0]
+    assert [s.t for s in TraceReader(tmp_path).steps(1.5, 3.0)] == [2.0]
     log.flush()
     assert log.path.name.startswith("steps-") and log.path.suffix == ".jsonl"
 
@@ -67,8 +65,11 @@ def test_arrivals_are_kept_apart_from_steps(tmp_path: Path) -> None:
     arrivals.write(Arrival(t=1.5, at="api"))
     steps.flush()
     arrivals.flush()
-    assert [s.t for s in read_steps(tmp_path, 0.0, 10.0)] == [1.0]
-    assert read_arrivals(tmp_path, 0.0, 10.0) == [Arrival(1.5, "api"), Arrival(2.0, "worker")]
+    assert [s.t for s in TraceReader(tmp_path).steps(0.0, 10.0)] == [1.0]
+    assert TraceReader(tmp_path).arrivals(0.0, 10.0) == [
+        Arrival(1.5, "api"),
+        Arrival(2.0, "worker"),
+    ]
 
 
 def test_a_reader_takes_in_what_is_appended_and_waits_for_a_line_being_written(
