@@ -14,7 +14,7 @@ from bench.pool_ab import Run, main, pool
 SETTINGS = {"requests": 2, "prompt_tokens": 64, "output_tokens": 64, "processes": True}
 
 
-def _run(name: str, blocks: dict[int, dict[str, list[list[float]]]], **settings: Any) -> Any:
+def _run(blocks: dict[int, dict[str, list[list[float]]]], **settings: Any) -> Any:
     """A worker_ab result: per concurrency, per mode, its rounds' (wall ms, CPU ms, block s)."""
     return {
         "model": "tiny",
@@ -32,15 +32,12 @@ def _rounds(*walls: float) -> list[list[float]]:
 
 
 FIRST = _run(
-    "first",
     {
         1: {"raw": _rounds(5, 5, 6), "again": _rounds(5, 4, 6), "thread": _rounds(10, 5, 3)},
         16: {"raw": _rounds(8), "thread": _rounds(16)},
     },
 )
-SECOND = _run(
-    "second", {1: {"raw": _rounds(4, 4), "hosted": _rounds(2, 8), "thread": _rounds(8, 4)}}
-)
+SECOND = _run({1: {"raw": _rounds(4, 4), "hosted": _rounds(2, 8), "thread": _rounds(8, 4)}})
 
 
 def test_pools_each_pair_over_the_runs_that_ran_both() -> None:
@@ -95,8 +92,8 @@ def test_writes_the_pooled_tables(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize(
     ("second", "message"),
     [
-        (_run("b", {1: {"raw": _rounds(1), "thread": _rounds(1)}}, processes=False), "processes"),
-        (_run("b", {1: {"raw": _rounds(1), "thread": _rounds(1)}}, output_tokens=32), "output"),
+        (_run({1: {"raw": _rounds(1), "thread": _rounds(1)}}, processes=False), "processes"),
+        (_run({1: {"raw": _rounds(1), "thread": _rounds(1)}}, output_tokens=32), "output"),
         ({**FIRST, "model": "other"}, "model other, not tiny as a.json"),
     ],
 )
