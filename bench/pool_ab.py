@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.pool import Pooled, read_results
 from bench.report import write_result
-from bench.worker_ab import MEASURES, MODES, Block, Point, pair_cell
+from bench.worker_ab import MEASURES, MODES, Point, pair_cell
 
 # The settings whose differences make two runs' rounds measure different things.
 _SAME = ("requests", "prompt_tokens", "output_tokens", "processes")
@@ -38,16 +38,7 @@ class Run:
 
     @classmethod
     def from_json(cls, name: str, data: dict[str, Any]) -> Run:
-        points = [
-            Point(
-                int(p["concurrency"]),
-                {m: [Block(*map(float, b)) for b in blocks] for m, blocks in p["blocks"].items()},
-            )
-            for p in data["points"]
-        ]
-        for p in points:
-            if unknown := set(p.blocks) - set(MODES):
-                raise ValueError(f"unknown modes {', '.join(sorted(unknown))}")
+        points = [Point.from_json(p) for p in data["points"]]
         return cls(
             name, data["model"], data["device"], data["started_at"], data["settings"], points
         )

@@ -282,6 +282,14 @@ class Point:
         }
         return {"concurrency": self.concurrency, "blocks": self.blocks, "pairs": pairs}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Point:
+        """`to_json` undone (its pairs are derived again); ValueError for a mode not in MODES."""
+        blocks = {m: [Block(*map(float, b)) for b in rows] for m, rows in data["blocks"].items()}
+        if unknown := set(blocks) - set(MODES):
+            raise ValueError(f"unknown modes {', '.join(sorted(unknown))}")
+        return cls(int(data["concurrency"]), blocks)
+
 
 def _make_side(mode: str, model_dir: Path, loaded: Any, prompt_tokens: int) -> _Side:
     """`mode`'s side on the model `loaded` (as mlx_load returned it), or, with None, on a model

@@ -120,3 +120,15 @@ def test_a_file_that_is_not_a_result_is_named(
     assert "throughput.json: not a bench.worker_ab result (KeyError: 'model')" in (
         capsys.readouterr().err
     )
+
+
+def test_a_result_with_an_unknown_mode_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps(_run({1: {"raw": _rounds(1), "warp": _rounds(1)}})))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "pooled"), str(odd)])
+    assert "odd.json: not a bench.worker_ab result (ValueError: unknown modes warp)" in (
+        capsys.readouterr().err
+    )
