@@ -4,12 +4,16 @@ their conversations, bounded by the bytes it holds.
 mlx-lm cuts a sequence's cache out of the batch on its own: two copies per layer, so the 32
 sequences ending a round of a 28-layer model are 1792 copies, each launched on its own from the
 stepping thread, and each reads the batch's padding, which waits for the step in flight when
-sequences left the step before. `take_out` copies the rows of all the sequences leaving together in
-one gather per layer (56 copies, if they fit one gather), placed by their token counts; a sequence's
-cache becomes views of its row only when a prompt takes it (a round's end making 1792 views beside
-the copies took 8 ms of the stepping thread on an H200 host). A gather's buffers stay whole while
-any of its sequences is stored, so `PromptCache` counts a gather's bytes until the last of them
-goes, and evicts until that fits its budget.
+sequences left the step before. `take_out` copies the rows of all the sequences leaving together (56
+copies, if they fit one gather), placed by their token counts, into one buffer; a sequence's cache
+becomes views of its row only when a prompt takes it (a round's end making 1792 views beside the
+copies took 8 ms of the stepping thread on an H200 host). One buffer, not one per layer's keys and
+values: on MLX's CUDA backend a step takes longer the more buffers are alive. Beside idle arrays as
+many and as large as a full prompt cache of per-layer copies holds (512 MiB, about 2000 buffers for
+Qwen3-0.6B), mlx-lm's own decode steps took 3% longer on an H200 host, as long as lmx's worker's
+then; beside the same bytes in 8 buffers, no longer (bench/README.md, 2026-12-04). A gather's buffer
+stays whole while any of its sequences is stored, so `PromptCache` counts its bytes until the last
+of them goes, and evicts until that fits its budget.
 
 `PromptCache` finds the longest shared prefix by comparing token arrays, not in mlx-lm's
 LRUPromptCache's trie of one dict per token, while every other sequence of the batch waits: with 64
@@ -57,22 +61,36 @@ class _Buffers(ABC):
 
 
 class _Gather(_Buffers):
-    """Rows of several sequences' caches, one copy per layer's keys and values, each row's
-    positions at its end."""
+    """Rows of several sequences' caches, each row's positions at its end: every layer's keys and
+    values in one copy per shape (one in all where keys and values are alike), each layer's
+    arrays views of it."""
 
-    def __init__(self, keys: list[mx.array], values: list[mx.array]) -> None:
-        super().__init__(sum(a.nbytes for a in (*keys, *values)), trimmable=True)
-        self.keys, self.values = keys, values
+    def __init__(self, parts: list[mx.array]) -> None:
+        """`parts`: each layer's keys, then its values, in turn."""
+        alike: dict[tuple[tuple[int, ...], mx.Dtype], list[int]] = {}
+        for i, a in enumerate(parts):
+            alike.setdefault((tuple(a.shape), a.dtype), []).append(i)
+        self.arrays: list[mx.array] = []
+        self._where: dict[int, tuple[int, int]] = {}  # per part: its array, its index there
+        for members in alike.values():
+            self._where |= {i: (len(self.arrays), j) for j, i in enumerate(members)}
+            self.arrays.append(mx.stack([parts[i] for i in members]))
+        super().__init__(sum(a.nbytes for a in self.arrays), trimmable=True)
 
     def cache(self, row: int, length: int) -> list[Any]:
         layers = []
-        for keys, values in zip(self.keys, self.values, strict=True):
+        for layer in range(len(self._where) // 2):
             kv = KVCache()  # type: ignore[no-untyped-call]
+            keys, values = (self._part(2 * layer + i) for i in (0, 1))
             start = keys.shape[2] - length
             kv.keys, kv.values = keys[row : row + 1, :, start:], values[row : row + 1, :, start:]
             kv.offset = length
             layers.append(kv)
         return layers
+
+    def _part(self, i: int) -> mx.array:
+        array, index = self._where[i]
+        return self.arrays[array][index]
 
 
 class _Own(_Buffers):
@@ -214,7 +232,7 @@ def take_out(gen: Any, uids: Sequence[int], stream: Any, max_gather_bytes: int) 
     with mx.stream(stream):
         for group in _groups(layers, lengths, max_gather_bytes):
             gather, at = _gather(layers, group, lengths[group[0]])
-            arrays += gather.keys + gather.values
+            arrays += gather.arrays
             taken |= {batch.uids[r]: Taken(list(batch.tokens[r]), gather, at[r]) for r in group}
         for uid, (kv, tokens) in gen.extract_cache(rest).items() if rest else ():
             if kv is not None and tokens:
@@ -257,9 +275,8 @@ def _gather(layers: list[Any], group: list[int], width: int) -> tuple[_Gather, d
     else:
         rows = mx.array(group)
         at = {r: j for j, r in enumerate(group)}
-    keys, values = [], []
+    parts = []
     for c in layers:
         span = slice(c._idx - width, c._idx)
-        keys.append(mx.array(c.keys[rows, :, span]))  # a copy, even of a view that is contiguous
-        values.append(mx.array(c.values[rows, :, span]))
-    return _Gather(keys, values), at
+        parts += [c.keys[rows, :, span], c.values[rows, :, span]]
+    return _Gather(parts), at

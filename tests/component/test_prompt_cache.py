@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, _Own, take_out
+from lmx.runtime.mlx_prompt_cache import PromptCache, Taken, _gather, _Own, take_out
 
 MB = 2**20
 
@@ -78,6 +78,36 @@ def test_a_gather_holds_at_most_the_bytes_it_may(model: Any) -> None:
     gen, uids = batch(model, [20, 20, 20, 20])
     taken = take_out(gen, uids, gen.stream, 1)  # too little for two rows: each alone
     assert len({id(t.buffers) for t in taken.values()}) == 4
+
+
+def test_a_gather_holds_every_layers_keys_and_values_in_one_buffer(model: Any) -> None:
+    gen, uids = batch(model, [20, 21])
+    first, second = take_out(gen, uids, gen.stream, 64 * MB).values()
+    assert first.buffers is second.buffers
+    (buffer,) = first.buffers.arrays
+    _, heads, _, dims = first.cache()[0].keys.shape
+    width = len(second.tokens)  # the longer one's
+    assert buffer.shape == (2 * len(model.layers), 2, heads, width, dims)
+    assert first.buffers.nbytes == buffer.nbytes
+
+
+def test_keys_and_values_of_other_shapes_go_in_a_buffer_per_shape() -> None:
+    layers = []
+    for heads in (2, 2, 4):  # the last layer has more heads; values are narrower than keys
+        c = BatchKVCache([0, 0])
+        c.update_and_fetch(mx.random.normal((2, heads, 5, 8)), mx.random.normal((2, heads, 5, 6)))
+        layers.append(c)
+    gather, at = _gather(layers, [0, 1], 5)
+    assert sorted(a.shape for a in gather.arrays) == [
+        (1, 2, 4, 5, 6),
+        (1, 2, 4, 5, 8),
+        (2, 2, 2, 5, 6),
+        (2, 2, 2, 5, 8),
+    ]
+    for ours, c in zip(gather.cache(at[1], 3), layers, strict=True):
+        assert ours.offset == 3
+        assert mx.array_equal(ours.keys, c.keys[1:2, :, 2:5]).item()
+        assert mx.array_equal(ours.values, c.values[1:2, :, 2:5]).item()
 
 
 def test_a_sequence_not_yet_decoding_leaves_with_the_cache_it_came_with(model: Any) -> None:
