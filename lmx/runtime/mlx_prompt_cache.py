@@ -265,8 +265,8 @@ def _groups(layers: list[Any], lengths: dict[int, int], max_bytes: int) -> list[
 
 
 def _gather(layers: list[Any], group: list[int], width: int) -> tuple[_Gather, dict[int, int]]:
-    """One copy per layer's keys and values of `group`'s rows, their last `width` positions, and
-    the row each of them has there."""
+    """Every layer's keys and values of `group`'s rows, their last `width` positions, copied into
+    one gather, and the row each of them has there."""
     first = min(group)
     # A run of rows is copied as a slice: MLX's gather is several times slower on the CPU.
     if max(group) - first + 1 == len(group):

@@ -407,7 +407,7 @@ class Worker:
 
         The worker ends sequences itself (a stop token, max_tokens), not BatchGenerator: its
         ending cuts each sequence's KV cache out on its own (see lmx.runtime.mlx_prompt_cache),
-        while take_out cuts those of all the sequences a step ends in one gather per layer."""
+        while take_out cuts those of all the sequences a step ends together, into one buffer."""
         waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
         if waiting:  # else the step takes no prompt in, whatever the group
             gen.prefill_batch_size = 0 if held else self._prefill_group(waiting)
