@@ -14,7 +14,10 @@ This takes both out: one model, short blocks of requests that alternate between
   making each step's text and sending it to another process that reads it, as the engine does;
 - inline: the same, with the text made and sent on the stepping thread;
 - quiet: as thread, but nothing reads the messages until the block ends (no wakeups elsewhere);
-- nocache: as thread, without the prompt cache (what storing each ended sequence's cache costs).
+- nocache: as thread, without the prompt cache (what storing each ended sequence's cache costs);
+- piled: raw's loop beside idle arrays as many and as large as the buffers that a prompt cache of
+  per-layer copies (lmx's before 2026-12-04) holds: whether live buffers slow the steps;
+- lumped: raw's loop beside the same bytes in 8 arrays.
 
 By default every mode runs in this process and they share the model's weights. With
 `--processes` each runs in a process of its own that loads the model itself, as raw's process
@@ -36,6 +39,7 @@ import argparse
 import contextlib
 import gc
 import itertools
+import json
 import multiprocessing
 import os
 import socket
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -64,9 +69,11 @@ from lmx.runtime import mlx_worker
 from lmx.runtime.engine import GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 
-MODES = ("raw", "again", "hosted", "thread", "inline", "quiet", "nocache")
+MODES = ("raw", "again", "hosted", "thread", "inline", "quiet", "nocache", "piled", "lumped")
 RAW_MODES = frozenset({"raw", "again"})
+PILED_MODES = frozenset({"piled", "lumped"})
 MAX_BATCH = 32
+_PILE_BYTES = LoadConfig.prompt_cache_bytes  # the default prompt cache's budget
 _BUFFER = 8 << 20  # a quiet worker's socket holds a block's messages until the block ends
 _READER = "import os, sys\nfd = int(sys.argv[1])\nwhile os.read(fd, 1 << 20):\n    pass\n"
 
@@ -154,6 +161,42 @@ class _RawSide(_Side):
 
     def step(self, live: Collection[int]) -> list[int]:
         return [r.uid for r in self.gen.next()[1] if r.finish_reason is not None]
+
+
+class _PiledSide(_RawSide):
+    """raw's loop beside idle bf16 arrays (the synthetic models' KV dtype) of a prompt cache's
+    budget: after each block, for each of its requests, its keys and values of each layer, one
+    array each, the oldest dropped past the budget (`lumped` False); or, from the start, the
+    budget in 8 arrays."""
+
+    def __init__(self, model: Any, model_dir: Path, prompt_tokens: int, *, lumped: bool) -> None:
+        super().__init__(model, prompt_tokens)
+        config = json.loads((model_dir / "config.json").read_text())
+        self._layers = int(config["num_hidden_layers"])
+        self._heads = int(config["num_key_value_heads"])
+        self._dims = int(
+            config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        )
+        self._ended: list[int] = []  # the last block's requests' tokens
+        self._pile: deque[list[mx.array]] = deque()
+        if lumped:
+            self._pile.append([mx.ones((_PILE_BYTES // 16,), mx.bfloat16) for _ in range(8)])
+            mx.eval(self._pile[0])
+        self._lumped = lumped
+
+    def block(self, prompts: Prompts, output_tokens: int) -> None:
+        super().block(prompts, output_tokens)
+        self._ended = [len(p) + output_tokens for stream in prompts for p in stream]
+
+    def after(self) -> None:
+        if self._lumped:
+            return
+        for tokens in self._ended:
+            shape = (1, self._heads, tokens, self._dims)
+            self._pile.append([mx.ones(shape, mx.bfloat16) for _ in range(2 * self._layers)])
+            mx.eval(self._pile[-1])
+        while sum(a.nbytes for entry in self._pile for a in entry) > _PILE_BYTES:
+            self._pile.popleft()
 
 
 class _WorkerSide(_Side):
@@ -294,8 +337,11 @@ class Point:
 def _make_side(mode: str, model_dir: Path, loaded: Any, prompt_tokens: int) -> _Side:
     """`mode`'s side on the model `loaded` (as mlx_load returned it), or, with None, on a model
     of its own loaded as raw's process or lmx's worker loads it."""
-    if mode in RAW_MODES:
-        return _RawSide((mlx_load(str(model_dir)) if loaded is None else loaded)[0], prompt_tokens)
+    if mode in RAW_MODES or mode in PILED_MODES:
+        model = (mlx_load(str(model_dir)) if loaded is None else loaded)[0]
+        if mode in RAW_MODES:
+            return _RawSide(model, prompt_tokens)
+        return _PiledSide(model, model_dir, prompt_tokens, lumped=mode == "lumped")
     if mode == "hosted":
         return _HostedSide(model_dir, loaded, prompt_tokens)
     return _WorkerSide(model_dir, loaded, mode)

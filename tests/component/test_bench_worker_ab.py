@@ -9,9 +9,12 @@ import os
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+from mlx_lm import load as mlx_load
 
-from bench.worker_ab import MODES, main, measure
+from bench import worker_ab
+from bench.worker_ab import MODES, _PiledSide, main, measure
 
 ROUNDS = 6  # the fewest rounds whose median has a 95% interval
 
@@ -44,8 +47,8 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "loop in one process —" in markdown
     assert "## 2 streams, 6 rounds" in markdown
-    assert "| nocache/" not in markdown  # nocache is the last mode: only ever b of a pair
-    assert "| quiet/nocache |" in markdown
+    assert "| lumped/" not in markdown  # lumped is the last mode: only ever b of a pair
+    assert "| piled/lumped |" in markdown
     assert "| mode | decode step ms, wall | CPU | whole block s |" in markdown
 
 
@@ -86,12 +89,41 @@ def test_a_side_that_cannot_load_is_named_and_no_process_is_left(
     assert not multiprocessing.active_children()
 
 
+def test_piled_keeps_each_requests_keys_and_values_within_the_budget_and_lumped_8_arrays(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = mlx_load(str(tiny_model_dir))[0]
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    prompts = [[[5] * 8, [6] * 8]]  # one stream, two requests of 8 tokens
+
+    piled = _PiledSide(model, tiny_model_dir, 8, lumped=False)
+    piled.block(prompts, 4)
+    piled.after()
+    assert [len(entry) for entry in piled._pile] == [2 * layers] * 2
+    assert {a.shape[2] for entry in piled._pile for a in entry} == {12}  # 8 + 4 tokens each
+    entry_bytes = sum(a.nbytes for a in piled._pile[0])
+    monkeypatch.setattr(worker_ab, "_PILE_BYTES", 3 * entry_bytes)
+    piled.block(prompts, 4)
+    piled.after()
+    assert len(piled._pile) == 3  # the oldest of four went
+
+    lumped = _PiledSide(model, tiny_model_dir, 8, lumped=True)
+    lumped.block(prompts, 4)
+    lumped.after()
+    (arrays,) = lumped._pile
+    assert len(arrays) == 8 and sum(a.nbytes for a in arrays) == 3 * entry_bytes
+    assert all(a.dtype == mx.bfloat16 for a in arrays)
+    for side in (piled, lumped):
+        side.close()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (
             ["--modes", "raw,threads"],
-            "--modes: unknown threads; known: raw, again, hosted, thread, inline, quiet, nocache",
+            "--modes: unknown threads; known: raw, again, hosted, thread, inline, quiet, nocache, "
+            "piled, lumped",
         ),
         (["--modes", "raw"], "--modes: name two or more"),
         (["--concurrency", "1,x"], "--concurrency: '1,x' is not a list of numbers such as 1,16"),
