@@ -1,5 +1,7 @@
 """Pools the rounds of several bench.worker_ab runs: per concurrency and pair of modes, every
-round of every run that ran both modes there, as bench.pool pools the pairs of throughput runs.
+round of every run that ran both modes there, as bench.pool pools the pairs of throughput runs;
+and every draw's median of its rounds (a run from before `--draws` was one draw): with `--processes`
+a draw's rounds share their processes' layout in memory, so draws are what tell modes apart.
 
 A run's round is a ratio of two blocks run back to back on one machine, whatever its level at the
 time, so rounds of runs on different leases pool; runs with different workloads, or one in one
@@ -48,6 +50,7 @@ class Run:
 class PooledPair:
     runs: int
     measures: tuple[Pooled, ...]  # per MEASURES
+    draws: Pooled  # each draw's median of its rounds' decode steps (wall)
 
 
 def pool(runs: Sequence[Run]) -> dict[int, dict[tuple[str, str], PooledPair]]:
@@ -76,6 +79,7 @@ def pool(runs: Sequence[Run]) -> dict[int, dict[tuple[str, str], PooledPair]]:
                         Pooled(tuple(v for p in with_both for v in p.pooled(a, b, i).values))
                         for i in range(len(MEASURES))
                     ),
+                    Pooled(tuple(v for p in with_both for v in p.by_draw(a, b, 0).values)),
                 )
         pooled[c] = pairs
     return pooled
@@ -100,18 +104,19 @@ def to_markdown(runs: Sequence[Run], pooled: dict[int, dict[tuple[str, str], Poo
         "",
         "Per pair of modes, a's measure over b's per round, the rounds of every run that ran both "
         "(below 1: b took longer; for whole blocks, b's throughput over a's): median "
-        "[distribution-free 95% interval], geometric mean, rounds below 1, sign test.",
+        "[distribution-free 95% interval], geometric mean, rounds below 1, sign test; and so "
+        "each draw's median decode step ratio (wall).",
     ]
     for c, pairs in pooled.items():
         lines += [
             "",
             f"## {c} stream{'s' if c > 1 else ''}",
             "",
-            f"| a/b | runs | {' | '.join(col for _, col in MEASURES)} |",
-            "|---|---:|---:|---:|---:|",
+            f"| a/b | runs | {' | '.join(col for _, col in MEASURES)} | per draw, decode step, wall |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for (a, b), pair in pairs.items():
-            cells = " | ".join(pair_cell(m) for m in pair.measures)
+            cells = " | ".join(pair_cell(m) for m in (*pair.measures, pair.draws))
             lines.append(f"| {a}/{b} | {pair.runs} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -128,6 +133,7 @@ def to_json(runs: Sequence[Run], pooled: dict[int, dict[tuple[str, str], PooledP
                 "pairs": {
                     f"{a}/{b}": {
                         "runs": pair.runs,
+                        "by_draw": pair.draws.to_json(),
                         **{
                             key: m.to_json()
                             for (key, _), m in zip(MEASURES, pair.measures, strict=True)

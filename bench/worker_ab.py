@@ -22,14 +22,20 @@ This takes both out: one model, short blocks of requests that alternate between
 By default every mode runs in this process and they share the model's weights. With
 `--processes` each runs in a process of its own that loads the model itself, as raw's process
 and lmx's worker do in an HTTP run: what separate processes bring (their own allocator, MLX
-streams, Python heap), still without HTTP.
+streams, Python heap), still without HTTP. Where a process's code and data land in memory is
+new with each process and moves its speed as a whole: on a 2-core CPU, raw's loop in two processes
+differed by 1.2% over 98 rounds (p < 0.001), and a third, beside an idle worker, ran 18% faster in
+one run and 3% slower in the next. So one process per mode compares two processes, not two modes;
+`--draws N` makes each mode's process anew N times per concurrency, and sums each pair up per draw
+too.
 
 Each block runs `--requests` greedy requests per stream, EOS ignored. Per block: the median of its
 decode steps (`BatchGenerator.next` without prompt work), wall and the stepping thread's CPU time,
 and the whole block's time, which adds prompt steps and everything between steps (the worker's
 own work, a round's end included): its ratios are lmx's throughput against raw's without HTTP. A
 round runs each mode once, starting one mode later each round; per pair of modes, the rounds'
-ratios are pooled as bench.pool pools pairs (median, distribution-free interval, sign test).
+ratios are pooled as bench.pool pools pairs (median, distribution-free interval, sign test), and
+so are each draw's medians.
 Writes bench/results/worker-ab-<preset>-<label>.{json,md}.
 """
 
@@ -310,6 +316,7 @@ def _max_steps(prompts: Prompts, output_tokens: int) -> int:
 class Point:
     concurrency: int
     blocks: dict[str, list[Block]]  # per mode, per round
+    draws: tuple[int, ...]  # per round, the draw (set of sides) that ran it
 
     def pooled(self, a: str, b: str, which: int) -> Pooled:
         """Per round, a's measure over b's (`which`: a field of Block), b's speed relative to
@@ -318,20 +325,47 @@ class Point:
             tuple(x[which] / y[which] for x, y in zip(self.blocks[a], self.blocks[b], strict=True))
         )
 
+    def by_draw(self, a: str, b: str, which: int) -> Pooled:
+        """Per draw, the median of its rounds' ratios (as `pooled`). A process's layout in
+        memory, new with each, moves all of its rounds together: with `--processes`, rounds
+        tell two processes apart, draws tell two modes apart."""
+        per: dict[int, list[float]] = {}
+        for draw, ratio in zip(self.draws, self.pooled(a, b, which).values, strict=True):
+            per.setdefault(draw, []).append(ratio)
+        return Pooled(tuple(statistics.median(v) for v in per.values()))
+
     def to_json(self) -> dict[str, Any]:
         pairs = {
-            f"{a}/{b}": {key: self.pooled(a, b, i).to_json() for i, (key, _) in enumerate(MEASURES)}
+            f"{a}/{b}": {
+                **{key: self.pooled(a, b, i).to_json() for i, (key, _) in enumerate(MEASURES)},
+                "by_draw": {
+                    key: self.by_draw(a, b, i).to_json() for i, (key, _) in enumerate(MEASURES)
+                },
+            }
             for a, b in itertools.combinations(self.blocks, 2)
         }
-        return {"concurrency": self.concurrency, "blocks": self.blocks, "pairs": pairs}
+        return {
+            "concurrency": self.concurrency,
+            "blocks": self.blocks,
+            "draws": list(self.draws),
+            "pairs": pairs,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Point:
-        """`to_json` undone (its pairs are derived again); ValueError for a mode not in MODES."""
+        """`to_json` undone (its pairs are derived again); a run from before draws was one.
+        ValueError for a mode not in MODES or draws not one per round."""
         blocks = {m: [Block(*map(float, b)) for b in rows] for m, rows in data["blocks"].items()}
         if unknown := set(blocks) - set(MODES):
             raise ValueError(f"unknown modes {', '.join(sorted(unknown))}")
-        return cls(int(data["concurrency"]), blocks)
+        rounds = {len(rows) for rows in blocks.values()}
+        if len(rounds) != 1:
+            raise ValueError(f"modes with different numbers of rounds: {sorted(rounds)}")
+        (n,) = rounds
+        draws = tuple(int(d) for d in data.get("draws", [0] * n))
+        if len(draws) != n:
+            raise ValueError(f"{len(draws)} draws for {n} rounds")
+        return cls(int(data["concurrency"]), blocks, draws)
 
 
 def _make_side(mode: str, model_dir: Path, loaded: Any, prompt_tokens: int) -> _Side:
@@ -485,42 +519,47 @@ def measure(
     seconds: float,
     modes: Sequence[str] = MODES,
     processes: bool = False,
+    draws: int = 1,
     requests: int = 2,
     prompt_tokens: int = 64,
     output_tokens: int = 64,
     step_cpu: int | None = None,
     max_rounds: int = 10_000,
-) -> tuple[list[Point], dict[str, int]]:
-    """Alternate `modes`' blocks for `seconds` at each concurrency (`max_rounds` at most), in
-    this process or (`processes`) each in its own; the points and each mode's process id."""
+) -> tuple[list[Point], list[dict[str, int]]]:
+    """Alternate `modes`' blocks for `seconds` at each concurrency, in this process or
+    (`processes`) each in its own: in `draws` parts, each on sides made anew (new processes),
+    `max_rounds` at most each. The points, and each draw's process id per mode."""
     ids = np.asarray(printable_token_ids(model_dir))
     rng = np.random.default_rng(0)
-    sides = (_Processes if processes else _InProcess)(modes, model_dir, prompt_tokens)
     rest = frozenset(os.sched_getaffinity(0)) - {step_cpu} if step_cpu is not None else None
-    points = []
-    try:
-        for c in concurrency:
+    points, pids = [], []
+    for c in concurrency:
 
-            def run(mode: str, c: int = c) -> Block:
-                prompts = [
-                    rng.choice(ids, size=(requests, prompt_tokens)).tolist() for _ in range(c)
-                ]
-                return sides.run(mode, prompts, output_tokens)
+        def run(sides: _InProcess | _Processes, mode: str, c: int = c) -> Block:
+            prompts = [rng.choice(ids, size=(requests, prompt_tokens)).tolist() for _ in range(c)]
+            return sides.run(mode, prompts, output_tokens)
 
-            for m in modes:  # each side's first block compiles and allocates
-                run(m)
-            sides.settle(step_cpu, rest)
-            blocks: dict[str, list[Block]] = {m: [] for m in modes}
-            deadline = time.perf_counter() + seconds
-            for r in range(max_rounds):
-                if time.perf_counter() > deadline:
-                    break
-                for m in [*modes[r % len(modes) :], *modes[: r % len(modes)]]:
-                    blocks[m].append(run(m))
-            points.append(Point(c, blocks))
-    finally:
-        sides.close()
-    return points, sides.pids
+        blocks: dict[str, list[Block]] = {m: [] for m in modes}
+        drawn: list[int] = []
+        for draw in range(draws):
+            sides = (_Processes if processes else _InProcess)(modes, model_dir, prompt_tokens)
+            try:
+                pids.append(sides.pids)
+                for m in modes:  # each side's first block compiles and allocates
+                    run(sides, m)
+                sides.settle(step_cpu, rest)
+                deadline = time.perf_counter() + seconds / draws
+                for _ in range(max_rounds):
+                    if time.perf_counter() > deadline:
+                        break
+                    turn = len(drawn) % len(modes)  # each round starts one mode later
+                    for m in [*modes[turn:], *modes[:turn]]:
+                        blocks[m].append(run(sides, m))
+                    drawn.append(draw)
+            finally:
+                sides.close()
+        points.append(Point(c, blocks, tuple(drawn)))
+    return points, pids
 
 
 def to_markdown(
@@ -537,12 +576,18 @@ def to_markdown(
         "b's per round (below 1: b took longer; for whole blocks, b's throughput over a's): "
         "median [distribution-free 95% interval], geometric mean, rounds below 1, sign test.",
     ]
+    drawn = any(len(set(p.draws)) > 1 for p in points)
+    if drawn:
+        lines[-1] += (
+            " Per draw (sides made anew, each mode's process with a layout of its own): the "
+            "medians of its rounds' decode steps (wall), summed up as the rounds are."
+        )
     for p in points:
         modes = list(p.blocks)
         lines += [
             "",
             f"## {p.concurrency} stream{'s' if p.concurrency > 1 else ''}, "
-            f"{len(p.blocks[modes[0]])} rounds",
+            f"{len(p.draws)} rounds" + (f" in {len(set(p.draws))} draws" if drawn else ""),
             "",
             "| mode | decode step ms, wall | CPU | whole block s |",
             "|---|---:|---:|---:|",
@@ -550,9 +595,12 @@ def to_markdown(
         for m in modes:
             wall, cpu, block = (statistics.median(b[i] for b in p.blocks[m]) for i in range(3))
             lines.append(f"| {m} | {wall:.3f} | {cpu:.3f} | {block:.3f} |")
-        lines += ["", f"| a/b | {' | '.join(c for _, c in MEASURES)} |", "|---|---:|---:|---:|"]
+        columns = [c for _, c in MEASURES] + (["per draw, decode step, wall"] if drawn else [])
+        lines += ["", f"| a/b | {' | '.join(columns)} |", f"|---|{'---:|' * len(columns)}"]
         for a, b in itertools.combinations(modes, 2):
             cells = [pair_cell(p.pooled(a, b, i)) for i in range(len(MEASURES))]
+            if drawn:
+                cells.append(pair_cell(p.by_draw(a, b, 0)))
             lines.append(f"| {a}/{b} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
@@ -570,12 +618,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models-dir", type=Path, default=Path("bench/.models"))
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--seconds", type=float, default=120.0, help="per concurrency")
-    p.add_argument("--max-rounds", type=int, default=10_000)
+    p.add_argument("--max-rounds", type=int, default=10_000, help="per draw")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument(
         "--processes",
         action="store_true",
         help="each mode in a process of its own, loading the model itself (default: one process)",
+    )
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="with --processes: each concurrency's time in this many parts, each in new processes",
     )
     p.add_argument("--requests", type=int, default=2, help="per stream per block")
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -599,9 +653,12 @@ def main(argv: list[str] | None = None) -> None:
         ("--prompt-tokens", args.prompt_tokens, 1),
         ("--output-tokens", args.output_tokens, 2),  # the first token comes from the prompt step
         ("--max-rounds", args.max_rounds, 1),
+        ("--draws", args.draws, 1),
     ):
         if value < least:
             p.error(f"{name}: {value} is below {least}")
+    if args.draws > 1 and not args.processes:
+        p.error("--draws: needs --processes (in one process, every mode shares its layout)")
     if args.step_cpu is not None:
         if not hasattr(os, "sched_getaffinity"):
             p.error("--step-cpu needs CPU affinity, which this platform does not have (Linux has)")
@@ -620,6 +677,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds=args.seconds,
         modes=modes,
         processes=args.processes,
+        draws=args.draws,
         requests=args.requests,
         prompt_tokens=args.prompt_tokens,
         output_tokens=args.output_tokens,
@@ -630,6 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     pinned = "" if args.step_cpu is None else f"; the stepping thread on CPU {args.step_cpu}"
     where = (
         "each mode in a process of its own, which loaded the model itself"
+        + (f", in {args.draws} draws of new processes per concurrency" if args.draws > 1 else "")
         if args.processes
         else "every mode in one process, on one copy of the model"
     )
@@ -647,6 +706,7 @@ def main(argv: list[str] | None = None) -> None:
             "output_tokens": args.output_tokens,
             "modes": modes,
             "processes": args.processes,
+            "draws": args.draws,
             "step_cpu": args.step_cpu,
         },
         "pids": pids,

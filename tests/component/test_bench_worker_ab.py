@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,7 +44,7 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
             assert pairs[key]["values"] == pytest.approx(ratios)
             assert pairs[key]["interval"] is not None
         assert len(point["pairs"]) == len(MODES) * (len(MODES) - 1) // 2
-    assert data["pids"] == dict.fromkeys(MODES, os.getpid())
+    assert data["pids"] == [dict.fromkeys(MODES, os.getpid())] * 2  # a draw per concurrency
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "loop in one process —" in markdown
     assert "## 2 streams, 6 rounds" in markdown
@@ -59,21 +60,34 @@ def test_with_processes_each_mode_steps_in_a_process_of_its_own(
     main(
         [
             *("--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "1"),
-            *("--modes", ",".join(modes), "--processes", "--seconds", "120"),
-            *("--max-rounds", str(ROUNDS), "--device-label", "here", "--out", str(tmp_path)),
+            *("--modes", ",".join(modes), "--processes", "--draws", "2", "--seconds", "120"),
+            *("--max-rounds", str(ROUNDS // 2), "--device-label", "here", "--out", str(tmp_path)),
         ]
     )
     stem = f"worker-ab-{tiny_model_dir.name}-here"
     data = json.loads((tmp_path / f"{stem}.json").read_text())
     assert data["settings"]["processes"] is True
-    pids = data["pids"]
-    assert list(pids) == list(modes)
-    assert len(set(pids.values()) | {os.getpid()}) == len(modes) + 1
+    assert data["settings"]["draws"] == 2
+    first, second = data["pids"]  # each draw's processes are new ones
+    assert list(first) == list(second) == list(modes)
+    pids = {*first.values(), *second.values(), os.getpid()}
+    assert len(pids) == 2 * len(modes) + 1
     (point,) = data["points"]
     assert all(len(point["blocks"][m]) == ROUNDS for m in modes)
+    assert point["draws"] == [0] * (ROUNDS // 2) + [1] * (ROUNDS // 2)
+    by_draw = point["pairs"]["raw/thread"]["by_draw"]["wall"]
+    raw, thread = point["blocks"]["raw"], point["blocks"]["thread"]
+    ratios = [r[0] / t[0] for r, t in zip(raw, thread, strict=True)]
+    half = ROUNDS // 2
+    assert by_draw["values"] == pytest.approx(
+        [statistics.median(ratios[:half]), statistics.median(ratios[half:])]
+    )
     assert all(32 * ms / 1e3 < s for m in modes for ms, _, s in point["blocks"][m])
     assert point["pairs"]["raw/again"]["wall"]["interval"] is not None
-    assert "loop each in a process of its own —" in (tmp_path / f"{stem}.md").read_text()
+    markdown = (tmp_path / f"{stem}.md").read_text()
+    assert "loop each in a process of its own —" in markdown
+    assert "## 2 streams, 6 rounds in 2 draws" in markdown
+    assert "| per draw, decode step, wall |" in markdown
     assert not multiprocessing.active_children()  # every side's process ended with the run
 
 
@@ -128,6 +142,8 @@ def test_piled_keeps_each_requests_keys_and_values_within_the_budget_and_lumped_
         (["--modes", "raw"], "--modes: name two or more"),
         (["--concurrency", "1,x"], "--concurrency: '1,x' is not a list of numbers such as 1,16"),
         (["--concurrency", "0"], "--concurrency: 0 is below 1"),
+        (["--draws", "2"], "--draws: needs --processes"),
+        (["--processes", "--draws", "0"], "--draws: 0 is below 1"),
         (["--output-tokens", "1"], "--output-tokens: 1 is below 2"),
         (["--step-cpu", "100000"], "--step-cpu: 100000 is not among this process's CPUs"),
     ],

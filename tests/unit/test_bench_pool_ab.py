@@ -56,6 +56,7 @@ def test_pools_each_pair_over_the_runs_that_ran_both() -> None:
     assert raw_thread.runs == 2
     wall, cpu, block = raw_thread.measures
     assert wall.values == (0.5, 1.0, 2.0, 0.5, 1.0)  # the first run's rounds, then the second's
+    assert raw_thread.draws.values == (1.0, 0.75)  # a run from before draws is one draw
     assert cpu.values == wall.values
     assert block.values == pytest.approx(wall.values)
     assert at_1["raw", "hosted"].runs == 1
