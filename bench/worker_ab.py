@@ -23,11 +23,11 @@ By default every mode runs in this process and they share the model's weights. W
 `--processes` each runs in a process of its own that loads the model itself, as raw's process
 and lmx's worker do in an HTTP run: what separate processes bring (their own allocator, MLX
 streams, Python heap), still without HTTP. Where a process's code and data land in memory is
-new with each process and moves its speed as a whole: on a 2-core CPU, raw's loop in two processes
-differed by 1.2% over 98 rounds (p < 0.001), and a third, beside an idle worker, ran 18% faster in
-one run and 3% slower in the next. So one process per mode compares two processes, not two modes;
-`--draws N` makes each mode's process anew N times per concurrency, and sums each pair up per draw
-too.
+new with each process and moves its speed as a whole: on a 2-core CPU, raw's loop beside an idle
+worker ran 18% faster than raw's in one run and 2% slower in the next, whose raw against itself in
+another process differed by 1.2% in its rounds (p < 0.001; bench/README.md, 2026-12-05). So one
+process per mode compares two processes, not two modes; `--draws N` makes each mode's process
+anew N times per concurrency, and sums each pair up per draw too.
 
 Each block runs `--requests` greedy requests per stream, EOS ignored. Per block: the median of its
 decode steps (`BatchGenerator.next` without prompt work), wall and the stepping thread's CPU time,
