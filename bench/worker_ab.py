@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -147,6 +147,9 @@ class _Side:
                 if queues[stream := live.pop(ended)]:
                     live[self.start(queues[stream].pop(), output_tokens)] = stream
         raise RuntimeError(f"{type(self).__name__}: a block did not finish")
+
+    def before(self) -> None:
+        """Before each block, outside the timing."""
 
     def after(self) -> None:
         """Between blocks, outside the timing."""
@@ -382,6 +385,7 @@ def _make_side(mode: str, model_dir: Path, loaded: Any, prompt_tokens: int) -> _
 
 
 def _run_block(side: _Side, prompts: Prompts, output_tokens: int) -> Block:
+    side.before()
     t0 = time.perf_counter()
     side.block(prompts, output_tokens)
     block_s = time.perf_counter() - t0
@@ -398,15 +402,22 @@ def _settle(step_cpu: int | None, rest: frozenset[int] | None) -> None:
         pin_stepper(os.getpid(), step_cpu, rest)
 
 
+# What makes a mode's side: (mode, model directory, the model as mlx_load returned it or None for
+# one of its own, prompt tokens).
+MakeSide = Callable[[str, Path, Any, int], _Side]
+
+
 class _InProcess:
     """Every mode's side in this process, on one model."""
 
-    def __init__(self, modes: Sequence[str], model_dir: Path, prompt_tokens: int) -> None:
+    def __init__(
+        self, modes: Sequence[str], model_dir: Path, prompt_tokens: int, make_side: MakeSide
+    ) -> None:
         loaded = mlx_load(str(model_dir))
         self._sides: dict[str, _Side] = {}
         try:
             for m in modes:
-                self._sides[m] = _make_side(m, model_dir, loaded, prompt_tokens)
+                self._sides[m] = make_side(m, model_dir, loaded, prompt_tokens)
         except BaseException:
             self.close()
             raise
@@ -525,10 +536,12 @@ def measure(
     output_tokens: int = 64,
     step_cpu: int | None = None,
     max_rounds: int = 10_000,
+    make_side: MakeSide = _make_side,
 ) -> tuple[list[Point], list[dict[str, int]]]:
     """Alternate `modes`' blocks for `seconds` at each concurrency, in this process or
     (`processes`) each in its own: in `draws` parts, each on sides made anew (new processes),
-    `max_rounds` at most each. The points, and each draw's process id per mode."""
+    `max_rounds` at most each. The points, and each draw's process id per mode. In this process,
+    `make_side` makes the sides (other modes than this module's); each process makes its own."""
     ids = np.asarray(printable_token_ids(model_dir))
     rng = np.random.default_rng(0)
     rest = frozenset(os.sched_getaffinity(0)) - {step_cpu} if step_cpu is not None else None
@@ -542,7 +555,11 @@ def measure(
         blocks: dict[str, list[Block]] = {m: [] for m in modes}
         drawn: list[int] = []
         for draw in range(draws):
-            sides = (_Processes if processes else _InProcess)(modes, model_dir, prompt_tokens)
+            sides = (
+                _Processes(modes, model_dir, prompt_tokens)
+                if processes
+                else _InProcess(modes, model_dir, prompt_tokens, make_side)
+            )
             try:
                 pids.append(sides.pids)
                 for m in modes:  # each side's first block compiles and allocates
@@ -563,11 +580,16 @@ def measure(
 
 
 def to_markdown(
-    points: Sequence[Point], title: str, notes: Sequence[str], *, processes: bool = False
+    points: Sequence[Point],
+    title: str,
+    notes: Sequence[str],
+    *,
+    processes: bool = False,
+    heading: str = "lmx's worker against raw's loop",
 ) -> str:
     where = "each in a process of its own" if processes else "in one process"
     lines = [
-        f"# lmx's worker against raw's loop {where} — {title}",
+        f"# {heading} {where} — {title}",
         "",
         *notes,
         "",
