@@ -12,6 +12,7 @@ import pytest
 from mlx_lm import load as mlx_load
 
 from bench.load_ab import LoadedSide, main, start_load
+from tests.conftest import wait_for
 
 ROUNDS = 6  # the fewest rounds whose median has a 95% interval
 
@@ -21,7 +22,7 @@ def test_a_load_runs_between_before_and_after_only(tiny_model_dir: Path) -> None
     side = LoadedSide(model, 8, start_load("spin", 1, [0], step_ms=2.0, streams=1))
     try:
         (proc,) = side._ps
-        assert proc.status() == psutil.STATUS_STOPPED
+        wait_for(proc.status, lambda status: status == psutil.STATUS_STOPPED, 5)
         stopped = side._cpu_s()
         time.sleep(0.3)
         assert side._cpu_s() - stopped < 0.02
@@ -30,7 +31,7 @@ def test_a_load_runs_between_before_and_after_only(tiny_model_dir: Path) -> None
         time.sleep(0.3)
         side.after()
         assert side.busy[-1] > 0.2  # a busy loop on its CPU (shared with the other tests)
-        assert proc.status() == psutil.STATUS_STOPPED
+        wait_for(proc.status, lambda status: status == psutil.STATUS_STOPPED, 5)
     finally:
         side.close()
     assert not psutil.pid_exists(proc.pid) or proc.status() == psutil.STATUS_ZOMBIE
