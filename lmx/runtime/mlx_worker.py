@@ -41,7 +41,7 @@ from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_prompt_cache import PromptCache, take_out
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
-from lmx.runtime.scheduling import run_as_worker
+from lmx.runtime.scheduling import run_as_worker, yield_to_workers
 from lmx.runtime.steptrace import Arrival, TraceLog, step_of
 from lmx.runtime.store import context_tokens
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
@@ -498,7 +498,10 @@ class Worker:
         messages, in the order posted. It runs while the main thread is in MLX's calls, which
         release the GIL (on a GPU, most of a step goes to launching its kernels), so that the
         step's results cost the stepping thread a handoff instead of their text and message.
-        Should it fail, the worker stops: the engine then ends the model's streams."""
+        It runs under SCHED_BATCH: woken every step, it takes no core from MLX's threads
+        (lmx.runtime.scheduling). Should it fail, the worker stops: the engine then ends the
+        model's streams."""
+        yield_to_workers()
         try:
             while (item := self._outbox.get()) is not None:
                 if not isinstance(item, _StepOutput):

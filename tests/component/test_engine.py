@@ -690,6 +690,28 @@ async def test_a_spare_that_died_waiting_is_replaced_at_the_load(tiny_model_dir:
     assert _idle_workers(before) == set()
 
 
+def _policies(pid: int) -> dict[int, int]:
+    """Each thread's scheduling policy in process `pid`."""
+    tids = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    return {tid: os.sched_getscheduler(tid) for tid in tids}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux's scheduling policies")
+async def test_the_workers_output_thread_alone_runs_under_sched_batch(tiny_model_dir: Path) -> None:
+    e = MlxEngine(LoadConfig(model_id="b", path=tiny_model_dir))
+    await asyncio.to_thread(e.load)
+    try:
+        _, last = await run(e, prompts(e, 1)[0], GREEDY)
+        assert last.finish_reason == "length"
+        pid = e.pid
+        assert pid is not None
+        policies = _policies(pid)
+    finally:
+        await asyncio.to_thread(e.unload)
+    assert policies[pid] == os.SCHED_OTHER  # the stepping thread, and MLX's threads
+    assert list(policies.values()).count(os.SCHED_BATCH) == 1
+
+
 async def test_a_dead_worker_ends_its_streams_with_an_error_and_fails_the_engine(
     tiny_model_dir: Path,
 ) -> None:
