@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import mlx.core as mx
 import psutil
 from mlx_lm import load as mlx_load
 
@@ -60,7 +59,7 @@ _SCRIPTS = {
         "    np.copyto(a, b)\n"
     ),
 }
-_RESUME_S = 0.2  # after SIGCONT, for a serve load's streams to flow again before the block
+_RESUME_S = 0.2  # after SIGCONT, for the load to run again (a serve load's streams to flow)
 _SERVER_WAIT_S = 60.0
 
 
@@ -96,10 +95,14 @@ class LoadedSide(worker_ab._RawSide):
         self._signal(signal.SIGSTOP)
 
     def close(self) -> None:
-        for p in self.procs:
-            p.kill()
-            p.wait()
+        _end(self.procs)
         super().close()
+
+
+def _end(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
 
 
 def _load_cpus(step_cpu: int | None) -> list[int]:
@@ -159,9 +162,7 @@ def start_load(
             if k
         ]
     except BaseException:
-        for p in procs:
-            p.kill()
-            p.wait()
+        _end(procs)
         raise
     return procs
 
@@ -186,7 +187,11 @@ def side_maker(
             return worker_ab._make_side(mode, model_dir, loaded, prompt_tokens)
         model = (mlx_load(str(model_dir)) if loaded is None else loaded)[0]
         procs = start_load(m[1], int(m[2]), cpus, step_ms=step_ms, streams=streams)
-        side = LoadedSide(model, prompt_tokens, procs)
+        try:
+            side = LoadedSide(model, prompt_tokens, procs)
+        except BaseException:
+            _end(procs)
+            raise
         made.setdefault(mode, []).append(side)
         return side
 
@@ -237,18 +242,14 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--modes: name two or more")
     if not hasattr(os, "sched_getaffinity"):
         p.error("needs CPU affinity, which this platform does not have (Linux has)")
-    try:
-        concurrency = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        p.error(f"--concurrency: {args.concurrency!r} is not a list of numbers such as 1,16")
-    for name, value, least in (
+    concurrency = worker_ab.concurrency_arg(p, args.concurrency)
+    worker_ab.at_least(
+        p,
         ("--concurrency", min(concurrency), 1),
         ("--requests", args.requests, 1),
         ("--max-rounds", args.max_rounds, 1),
         ("--serve-streams", args.serve_streams, 1),
-    ):
-        if value < least:
-            p.error(f"{name}: {value} is below {least}")
+    )
     if args.step_ms <= 0:
         p.error(f"--step-ms: {args.step_ms} is not above 0")
     if args.step_cpu is not None and args.step_cpu not in os.sched_getaffinity(0):
@@ -257,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cpus:
         p.error(f"--step-cpu: core {sorted(core_of(args.step_cpu))} leaves no CPU for loads")
     model_dir = args.model or ensure_model(args.preset, args.models_dir)
-    label = args.device_label or str(mx.default_device()).replace("Device(", "").rstrip(")")
-    label = label.replace(", ", "")
+    label = worker_ab.device_label(args.device_label)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     make, made = side_maker(cpus, step_ms=args.step_ms, streams=args.serve_streams)
     points, _ = worker_ab.measure(
@@ -272,7 +272,6 @@ def main(argv: list[str] | None = None) -> None:
         make_side=make,
     )
     name = args.preset if args.model is None else model_dir.name
-    cpus = _load_cpus(args.step_cpu)
     pinned = f"raw's loop on CPU {args.step_cpu}" if args.step_cpu is not None else "nothing pinned"
     notes = [
         f"Run {started}; {args.requests} requests per stream per block, 64 prompt and 64 output "

@@ -633,6 +633,27 @@ def pair_cell(s: Pooled) -> str:
     return f"{cell(s, 3)}, {s.geomean:.3f}, {s.below_1} of {s.n} below 1, p = {s.sign_p:.2g}"
 
 
+def concurrency_arg(p: argparse.ArgumentParser, text: str) -> list[int]:
+    """`--concurrency`'s numbers; p.error names a list that is not one."""
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        p.error(f"--concurrency: {text!r} is not a list of numbers such as 1,16")
+
+
+def at_least(p: argparse.ArgumentParser, *checks: tuple[str, float, float]) -> None:
+    """p.error names the first (option, value, least) whose value is below its least."""
+    for name, value, least in checks:
+        if value < least:
+            p.error(f"{name}: {value} is below {least}")
+
+
+def device_label(given: str | None) -> str:
+    """The device's part of result files' names: `given`, else MLX's device (e.g. "gpu0")."""
+    label = given or str(mx.default_device()).replace("Device(", "").rstrip(")")
+    return label.replace(", ", "")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
@@ -665,20 +686,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
     if len(modes) < 2:
         p.error("--modes: name two or more")
-    try:
-        concurrency = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        p.error(f"--concurrency: {args.concurrency!r} is not a list of numbers such as 1,16")
-    for name, value, least in (
+    concurrency = concurrency_arg(p, args.concurrency)
+    at_least(
+        p,
         ("--concurrency", min(concurrency), 1),
         ("--requests", args.requests, 1),
         ("--prompt-tokens", args.prompt_tokens, 1),
         ("--output-tokens", args.output_tokens, 2),  # the first token comes from the prompt step
         ("--max-rounds", args.max_rounds, 1),
         ("--draws", args.draws, 1),
-    ):
-        if value < least:
-            p.error(f"{name}: {value} is below {least}")
+    )
     if args.draws > 1 and not args.processes:
         p.error("--draws: needs --processes (in one process, every mode shares its layout)")
     if args.step_cpu is not None:
@@ -690,8 +707,7 @@ def main(argv: list[str] | None = None) -> None:
         if cpus == {args.step_cpu}:
             p.error(f"--step-cpu: {args.step_cpu} leaves no CPU for the other threads")
     model_dir = args.model or ensure_model(args.preset, args.models_dir)
-    label = args.device_label or str(mx.default_device()).replace("Device(", "").rstrip(")")
-    label = label.replace(", ", "")
+    label = device_label(args.device_label)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     points, pids = measure(
         model_dir,

@@ -4,6 +4,7 @@ serve load streams from lmx's app, and no load process outlives the run."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import psutil
 import pytest
 from mlx_lm import load as mlx_load
 
+from bench.cpus import core_of
 from bench.load_ab import LoadedSide, main, start_load
 from tests.conftest import wait_for
 
@@ -41,15 +43,21 @@ def test_alternates_raw_with_loads_and_reports_what_they_kept_busy(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     modes = ("raw", "spin1", "serve1")
+    cpus = sorted(os.sched_getaffinity(0))
+    # raw's loop on a CPU of its own where another core is left for the loads
+    step = cpus[-1]
+    others = [c for c in cpus if c not in core_of(step)]
+    pinned = ["--step-cpu", str(step)] if others else []
     main(
         [
             *("--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "1"),
             *("--modes", ",".join(modes), "--seconds", "120", "--max-rounds", str(ROUNDS)),
             *("--step-ms", "2", "--serve-streams", "2", "--device-label", "here"),
-            *("--out", str(tmp_path)),
+            *("--out", str(tmp_path), *pinned),
         ]
     )
     data = json.loads((tmp_path / f"load-ab-{tiny_model_dir.name}-here.json").read_text())
+    assert data["settings"]["load_cpus"] == (others if others else cpus)
     (point,) = data["points"]
     assert list(point["blocks"]) == list(modes)
     assert all(len(rows) == ROUNDS for rows in point["blocks"].values())
