@@ -66,7 +66,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm import load as mlx_load
 
-from bench.cpus import pin_stepper
+from bench.cpus import pin_process, pin_stepper
 from bench.pool import Pooled, cell
 from bench.raw import batch_generator
 from bench.report import write_result
@@ -541,10 +541,12 @@ def measure(
     """Alternate `modes`' blocks for `seconds` at each concurrency, in this process or
     (`processes`) each in its own: in `draws` parts, each on sides made anew (new processes),
     `max_rounds` at most each. The points, and each draw's process id per mode. In this process,
-    `make_side` makes the sides (other modes than this module's); each process makes its own."""
+    `make_side` makes the sides (other modes than this module's); each process makes its own.
+    With `step_cpu`, this process's threads are back on their CPUs after each draw."""
     ids = np.asarray(printable_token_ids(model_dir))
     rng = np.random.default_rng(0)
-    rest = frozenset(os.sched_getaffinity(0)) - {step_cpu} if step_cpu is not None else None
+    whole = frozenset(os.sched_getaffinity(0))
+    rest = whole - {step_cpu} if step_cpu is not None else None
     points, pids = [], []
     for c in concurrency:
 
@@ -575,6 +577,8 @@ def measure(
                     drawn.append(draw)
             finally:
                 sides.close()
+                if step_cpu is not None:
+                    pin_process(whole)
         points.append(Point(c, blocks, tuple(drawn)))
     return points, pids
 

@@ -57,6 +57,7 @@ def test_alternates_raw_with_loads_and_reports_what_they_kept_busy(
             *("--out", str(tmp_path), *pinned),
         ]
     )
+    assert sorted(os.sched_getaffinity(0)) == cpus  # this process's threads unpinned again
     data = json.loads((tmp_path / f"load-ab-{tiny_model_dir.name}-here.json").read_text())
     assert data["settings"]["load_cpus"] == (others if others else cpus)
     (point,) = data["points"]
