@@ -12,8 +12,8 @@ So the daemon's threads run under SCHED_BATCH, which takes no wakeup preemption:
 fair share of the CPU and run at once on a free core, but no longer push a worker off its own.
 Workers go back to SCHED_OTHER, the default, first thing, all but their output thread, which the
 main thread wakes every step. Under SCHED_BATCH too, it made the worker's decode steps 3.5% faster
-at 4 streams on a 2-core machine (lmx/raw 0.93 [0.92-0.93], 18 pairs, against 0.90 [0.88-0.90],
-24, in runs taking turns), within the noise at 1 and 2. Elsewhere nothing changes (on macOS the
+at 4 streams on a 2-core machine (lmx/raw 0.93 [0.92-0.93] against 0.90 [0.88-0.90], 24 pairs
+each, bench.run_throughput), 1-2% at 1 and 2 streams. Elsewhere nothing changes (on macOS the
 launchd job's ProcessType keeps the service's processes unthrottled).
 """
 
