@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationReques
 from lmx.runtime.registry import EngineRegistry
 
 MODEL_ID = "zero"
+_SERVER_WAIT_S = 60.0  # for `serve` to answer
 
 
 class ZeroTokenizer:
@@ -160,20 +162,42 @@ def serve(port: int, step_s: float, reasoning: bool) -> None:
     uvicorn.Server(config).run()
 
 
-def measure(args: argparse.Namespace) -> None:
+def start_server(
+    step_ms: float, *, reasoning: bool = True, cpus: Collection[int] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`serve` in a process of its own on a free port (with `cpus`, on those CPUs), once it
+    answers: the process and its /v1 URL. RuntimeError, the process ended, if it exits or does
+    not answer within _SERVER_WAIT_S."""
     port = free_port()
     argv = [sys.executable, "-m", "bench.http_overhead", "--serve", str(port)]
-    argv += ["--step-ms", str(args.step_ms)] + ([] if args.reasoning else ["--no-reasoning"])
+    argv += ["--step-ms", str(step_ms)] + ([] if reasoning else ["--no-reasoning"])
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        server = psutil.Process(proc.pid)
+        if cpus is not None:
+            os.sched_setaffinity(proc.pid, set(cpus))
         url = f"http://127.0.0.1:{port}/v1"
-        for _ in range(120):  # up to ~60 s for the server to answer
+        deadline = time.monotonic() + _SERVER_WAIT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the free engine's server ended (exit code {proc.returncode})")
             try:
                 if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
-                    break
+                    return proc, url
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the free engine's server did not answer in {_SERVER_WAIT_S} s")
+            time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def measure(args: argparse.Namespace) -> None:
+    proc, url = start_server(args.step_ms, reasoning=args.reasoning)
+    try:
+        server = psutil.Process(proc.pid)
         target = Target(url, MODEL_ID)
         print(
             f"zero-cost engine, one step every {args.step_ms} ms; {args.output_tokens} tokens each"

@@ -34,15 +34,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from mlx_lm import load as mlx_load
 
 from bench import worker_ab
 from bench.cpus import core_of
+from bench.http_overhead import start_server
 from bench.loadgen import Target, run_load
 from bench.report import write_result
-from bench.server import free_port
 from bench.synth import PRESET_NAMES, ensure_model
 from bench.workload import Workload, make_prompts
 
@@ -60,7 +59,6 @@ _SCRIPTS = {
     ),
 }
 _RESUME_S = 0.2  # after SIGCONT, for the load to run again (a serve load's streams to flow)
-_SERVER_WAIT_S = 60.0
 
 
 class LoadedSide(worker_ab._RawSide):
@@ -127,34 +125,9 @@ def start_load(
         return [
             _start([sys.executable, "-c", _SCRIPTS[kind]], [cpus[i % len(cpus)]]) for i in range(n)
         ]
-    port = free_port()
-    server = _start(
-        [
-            sys.executable,
-            "-m",
-            "bench.http_overhead",
-            "--serve",
-            str(port),
-            "--step-ms",
-            str(step_ms),
-        ],
-        cpus,
-    )
+    server, url = start_server(step_ms, cpus=cpus)
     procs = [server]
     try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + _SERVER_WAIT_S
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the serve load's server ended (exit code {server.returncode})")
-            try:
-                if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the serve load's server did not answer in {_SERVER_WAIT_S} s")
-            time.sleep(0.2)
         per = [streams // n + (i < streams % n) for i in range(n)]
         procs += [
             _start([sys.executable, "-m", "bench.load_ab", "--client", url, str(k)], cpus)
@@ -198,11 +171,15 @@ def side_maker(
     return make, made
 
 
-def busy_table(made: dict[str, list[LoadedSide]]) -> list[str]:
+def busy_by_mode(made: dict[str, list[LoadedSide]]) -> dict[str, list[float]]:
+    """Per load mode, the CPUs its load kept busy in each of its blocks."""
+    return {mode: [b for side in sides for b in side.busy] for mode, sides in made.items()}
+
+
+def busy_table(busy_of: dict[str, list[float]]) -> list[str]:
     """Per load mode, the CPUs its load kept busy during its blocks: median [lowest–highest]."""
     lines = ["", "| load | CPUs busy during its blocks |", "|---|---:|"]
-    for mode, sides in made.items():
-        busy = [b for s in sides for b in s.busy]
+    for mode, busy in busy_of.items():
         lines.append(
             f"| {mode} | {statistics.median(busy):.2f} [{min(busy):.2f}–{max(busy):.2f}] |"
         )
@@ -282,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     markdown = worker_ab.to_markdown(
         points, f"`{name}` on `{label}`", notes, heading="raw's loop beside loads"
     )
-    markdown += "\n".join(busy_table(made)) + "\n"
+    busy = busy_by_mode(made)
+    markdown += "\n".join(busy_table(busy)) + "\n"
     data = {
         "model": model_dir.name,
         "device": label,
@@ -295,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             "step_ms": args.step_ms,
             "serve_streams": args.serve_streams,
         },
-        "busy": {mode: [b for s in sides for b in s.busy] for mode, sides in made.items()},
+        "busy": busy,
         "points": [pt.to_json() for pt in points],
     }
     stem = args.out / f"load-ab-{name}-{label}"
