@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import os
 import re
+import select
 import signal
 import statistics
 import subprocess
@@ -34,7 +35,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 from mlx_lm import load as mlx_load
 
 from bench import worker_ab
@@ -58,6 +58,7 @@ _SCRIPTS = {
         "    np.copyto(a, b)\n"
     ),
 }
+_CLIENT_WAIT_S = 60.0  # for a serve load's clients to stream
 _RESUME_S = 0.2  # after SIGCONT, for the load to run again (a serve load's streams to flow)
 
 
@@ -68,19 +69,25 @@ class LoadedSide(worker_ab._RawSide):
     def __init__(self, model: Any, prompt_tokens: int, procs: Sequence[subprocess.Popen[bytes]]):
         super().__init__(model, prompt_tokens)
         self.procs = list(procs)
-        self._ps = [psutil.Process(p.pid) for p in self.procs]
         self.busy: list[float] = []
         self._since = (0.0, 0.0)
         self._signal(signal.SIGSTOP)
 
-    def _signal(self, sig: signal.Signals) -> None:
+    def _alive(self) -> None:
         for p in self.procs:
             if p.poll() is not None:
                 raise RuntimeError(f"a load process ended (exit code {p.returncode}): {p.args!r}")
+
+    def _signal(self, sig: signal.Signals) -> None:
+        self._alive()
+        for p in self.procs:
             os.kill(p.pid, sig)
 
     def _cpu_s(self) -> float:
-        return sum(t.user + t.system for t in (ps.cpu_times() for ps in self._ps))
+        """The CPU seconds the load's processes have used, to the nanosecond: psutil's count
+        clock ticks (10 ms), to which a short block's serve load (a few ms of CPU) can round."""
+        self._alive()
+        return sum(time.clock_gettime(_cpu_clock(p.pid)) for p in self.procs)
 
     def before(self) -> None:
         self._signal(signal.SIGCONT)
@@ -97,10 +104,18 @@ class LoadedSide(worker_ab._RawSide):
         super().close()
 
 
+def _cpu_clock(pid: int) -> int:
+    """The clock of process `pid`'s CPU time, all its threads' (those ended too), as glibc's
+    clock_getcpuclockid makes it on Linux (which Python does not wrap)."""
+    return (~pid << 3) | 2  # the kernel's MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+
+
 def _end(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         p.kill()
         p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 def _load_cpus(step_cpu: int | None) -> list[int]:
@@ -110,17 +125,30 @@ def _load_cpus(step_cpu: int | None) -> list[int]:
     return [c for c in cpus if c not in core_of(step_cpu)]
 
 
-def _start(argv: list[str], cpus: Sequence[int]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+def _start(argv: list[str], cpus: Sequence[int], *, piped: bool = False) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if piped else subprocess.DEVNULL)
     os.sched_setaffinity(proc.pid, set(cpus))
     return proc
+
+
+def _await_streaming(clients: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Wait until each of a serve load's clients has done its first round: its imports (a CPU
+    second) over and its streams flowing, before the load's first block."""
+    deadline = time.monotonic() + _CLIENT_WAIT_S
+    for c in clients:
+        assert c.stdout is not None
+        ready, _, _ = select.select([c.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready or c.stdout.readline() != b"streaming\n":
+            raise RuntimeError(
+                f"a serve load's client did not stream within {_CLIENT_WAIT_S} s: {c.args!r}"
+            )
 
 
 def start_load(
     kind: str, n: int, cpus: Sequence[int], *, step_ms: float, streams: int
 ) -> list[subprocess.Popen[bytes]]:
     """`kind`'s load of `n` processes on `cpus` (spin and mem: one CPU each, in turn); a serve
-    load answers its first request before this returns."""
+    load's clients are streaming when this returns."""
     if kind != "serve":
         return [
             _start([sys.executable, "-c", _SCRIPTS[kind]], [cpus[i % len(cpus)]]) for i in range(n)
@@ -129,11 +157,15 @@ def start_load(
     procs = [server]
     try:
         per = [streams // n + (i < streams % n) for i in range(n)]
-        procs += [
-            _start([sys.executable, "-m", "bench.load_ab", "--client", url, str(k)], cpus)
+        clients = [
+            _start(
+                [sys.executable, "-m", "bench.load_ab", "--client", url, str(k)], cpus, piped=True
+            )
             for k in per
             if k
         ]
+        procs += clients
+        _await_streaming(clients)
     except BaseException:
         _end(procs)
         raise
@@ -144,8 +176,14 @@ def client(url: str, streams: int) -> None:
     """A serve load's client process: `streams` streams of 64 tokens each, round after round."""
     workload = Workload(streams, 2, 16, 64)
     prompts = make_prompts(workload, range(8, 64), seed=streams)
-    while True:
+
+    def one_round() -> None:
         asyncio.run(run_load(Target(url, "zero"), workload, prompts, timeout_s=3600))
+
+    one_round()
+    print("streaming", flush=True)  # to start_load
+    while True:
+        one_round()
 
 
 def side_maker(
