@@ -47,18 +47,21 @@ from bench.workload import Workload, make_prompts
 
 LOADS = ("spin", "mem", "serve")
 _LOAD_MODE = re.compile(rf"({'|'.join(LOADS)})([1-9][0-9]*)")
+# Each prints READY once under way (start_load waits for it).
 _SCRIPTS = {
-    "spin": "while True:\n    pass\n",
+    "spin": "print('ready', flush=True)\nwhile True:\n    pass\n",
     "mem": (
         "import numpy as np\n"
         "a = np.ones(1 << 25)\n"  # 256 MiB of float64
         "b = np.empty_like(a)\n"
+        "print('ready', flush=True)\n"
         "while True:\n"
         "    np.copyto(b, a)\n"
         "    np.copyto(a, b)\n"
     ),
 }
-_CLIENT_WAIT_S = 60.0  # for a serve load's clients to stream
+READY = b"ready\n"
+_READY_S = 60.0  # for a load's processes to be under way
 _RESUME_S = 0.2  # after SIGCONT, for the load to run again (a serve load's streams to flow)
 
 
@@ -125,51 +128,49 @@ def _load_cpus(step_cpu: int | None) -> list[int]:
     return [c for c in cpus if c not in core_of(step_cpu)]
 
 
-def _start(argv: list[str], cpus: Sequence[int], *, piped: bool = False) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if piped else subprocess.DEVNULL)
+def _start(argv: list[str], cpus: Sequence[int]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
     os.sched_setaffinity(proc.pid, set(cpus))
     return proc
 
 
-def _await_streaming(clients: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Wait until each of a serve load's clients has done its first round: its imports (a CPU
-    second) over and its streams flowing, before the load's first block."""
-    deadline = time.monotonic() + _CLIENT_WAIT_S
-    for c in clients:
-        assert c.stdout is not None
-        ready, _, _ = select.select([c.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready or c.stdout.readline() != b"streaming\n":
-            raise RuntimeError(
-                f"a serve load's client did not stream within {_CLIENT_WAIT_S} s: {c.args!r}"
-            )
+def _await_ready(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Wait until each process has said READY: its start (imports, allocations; a serve client's
+    first round, a CPU second) over before the load's first block."""
+    deadline = time.monotonic() + _READY_S
+    for p in procs:
+        assert p.stdout is not None
+        ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready or p.stdout.readline() != READY:
+            raise RuntimeError(f"a load process was not under way within {_READY_S} s: {p.args!r}")
 
 
 def start_load(
     kind: str, n: int, cpus: Sequence[int], *, step_ms: float, streams: int
 ) -> list[subprocess.Popen[bytes]]:
-    """`kind`'s load of `n` processes on `cpus` (spin and mem: one CPU each, in turn); a serve
-    load's clients are streaming when this returns."""
-    if kind != "serve":
-        return [
-            _start([sys.executable, "-c", _SCRIPTS[kind]], [cpus[i % len(cpus)]]) for i in range(n)
-        ]
-    server, url = start_server(step_ms, cpus=cpus)
-    procs = [server]
-    try:
+    """`kind`'s load of `n` processes on `cpus` (spin and mem: one CPU each, in turn), under way
+    when this returns (a serve load's clients streaming)."""
+    procs: list[subprocess.Popen[bytes]] = []  # the server, if any, answers already
+    if kind == "serve":
+        server, url = start_server(step_ms, cpus=cpus)
+        procs.append(server)
         per = [streams // n + (i < streams % n) for i in range(n)]
-        clients = [
-            _start(
-                [sys.executable, "-m", "bench.load_ab", "--client", url, str(k)], cpus, piped=True
-            )
+        runs = [
+            ([sys.executable, "-m", "bench.load_ab", "--client", url, str(k)], cpus)
             for k in per
             if k
         ]
-        procs += clients
-        _await_streaming(clients)
+    else:
+        runs = [([sys.executable, "-c", _SCRIPTS[kind]], [cpus[i % len(cpus)]]) for i in range(n)]
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for argv, on in runs:
+            started.append(_start(argv, on))
+        _await_ready(started)
     except BaseException:
-        _end(procs)
+        _end(procs + started)
         raise
-    return procs
+    return procs + started
 
 
 def client(url: str, streams: int) -> None:
@@ -181,7 +182,8 @@ def client(url: str, streams: int) -> None:
         asyncio.run(run_load(Target(url, "zero"), workload, prompts, timeout_s=3600))
 
     one_round()
-    print("streaming", flush=True)  # to start_load
+    sys.stdout.buffer.write(READY)  # to start_load
+    sys.stdout.flush()
     while True:
         one_round()
 
