@@ -79,7 +79,16 @@ def generation_requests(
     top_logprobs: int,
     constraint: Constraint | None = None,
 ) -> list[GenerationRequest]:
-    """A request's sequences: for each prompt, its `n` choices, each with its own seed."""
+    """A request's sequences: for each prompt, its `n` choices, each with its own seed. Refused
+    (400) if they could never fit the model's batch and queue together: a 429 would be retried."""
+    sequences = len(prompts) * body.n
+    capacity = engine.config.max_batch + engine.config.max_queue
+    if sequences > capacity:
+        raise RequestError(
+            f"the request asks for {sequences} sequences ({len(prompts)} prompts, n={body.n}); "
+            f"this model takes at most {capacity} at once (its max_batch and max_queue)",
+            param="prompt" if len(prompts) > 1 else "n",
+        )
     return [
         GenerationRequest(
             prompt,

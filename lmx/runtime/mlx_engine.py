@@ -166,6 +166,7 @@ class MlxEngine:
         self._stopping = False
         self._tokenizer: MlxTokenizer | None = None
         self._context_length = config.context_length or 4096
+        self._vocab_size = 0  # the loaded model's, from its worker
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count()
         self._in_flight = 0
@@ -209,6 +210,7 @@ class MlxEngine:
                 self._spares.refill()
         self._tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
         self._context_length = ready.context_length
+        self._vocab_size = ready.vocab_size
         self.worker_stats = ready.stats
         self._reader = threading.Thread(
             target=self._read, name=f"mlx-{self.config.model_id}", daemon=True
@@ -301,6 +303,7 @@ class MlxEngine:
             )
         if self._in_flight >= self.config.max_batch + self.config.max_queue:
             raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
+        request = self._within_vocabulary(request)
         sid = next(self._ids)
         st = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[sid] = st
@@ -326,6 +329,27 @@ class MlxEngine:
             self._streams.pop(sid, None)
             if not finished:  # at once, with whatever is posted before it (its add, maybe)
                 self._post(("cancel", sid), now=True)
+
+    def _within_vocabulary(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` as the worker may take it, or RequestError naming the field: a token id
+        outside the vocabulary would index past the model's embedding or logits (the worker
+        crashes); a top_k at or past the vocabulary's size filters nothing, so it is dropped."""
+        vocab = self._vocab_size
+        p = request.params
+        for param, ids in (
+            ("prompt", request.prompt_tokens),
+            ("logit_bias", p.logit_bias.keys()),
+            ("stop_token_ids", p.stop_token_ids),
+        ):
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                bad = next(t for t in ids if not 0 <= t < vocab)
+                raise RequestError(
+                    f"token id {bad} is outside the model's vocabulary (0 to {vocab - 1})",
+                    param=param,
+                )
+        if p.top_k >= vocab:
+            return replace(request, params=replace(p, top_k=0))
+        return request
 
     def _send(self, msg: LoadConfig) -> None:
         if self._conn is None:

@@ -195,9 +195,8 @@ class Worker:
         loaded: Any = mlx_load(str(self.config.path))
         model, wrapper = loaded[0], loaded[1]
         model_config = json.loads((self.config.path / "config.json").read_text())
-        self._constraints = ConstraintFactory(
-            wrapper, int(model_config["vocab_size"]), wrapper.eos_token_ids
-        )
+        vocab_size = int(model_config["vocab_size"])
+        self._constraints = ConstraintFactory(wrapper, vocab_size, wrapper.eos_token_ids)
         self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
         gen: Any = BatchGenerator(  # the worker ends its sequences itself: see _step
             model,
@@ -208,6 +207,7 @@ class Worker:
         )
         ready = Ready(
             context_length=context_tokens(model_config, self.config.context_length),
+            vocab_size=vocab_size,
             marker_ids=self._constraints.marker_ids,
             device=str(mx.default_device()),
             stats=self._stats(gen),

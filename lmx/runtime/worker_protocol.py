@@ -44,6 +44,7 @@ class WorkerStats:
 @dataclass(frozen=True)
 class Ready:
     context_length: int
+    vocab_size: int  # rows of the model's embedding and logits: a token id must be below it
     marker_ids: Mapping[str, int]
     device: str
     stats: WorkerStats

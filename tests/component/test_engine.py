@@ -203,6 +203,36 @@ async def test_eos_is_never_emitted_before_min_tokens(engine: MlxEngine) -> None
     assert last.finish_reason == "stop" and last.completion_tokens == 6
 
 
+@pytest.mark.parametrize(
+    ("prompt_tail", "params", "param"),
+    [
+        ([2048], GREEDY, "prompt"),  # the tiny model's vocabulary is 0-2047
+        ([-5], GREEDY, "prompt"),
+        ([], replace(GREEDY, logit_bias={99_999_999: 5.0}), "logit_bias"),
+        ([], replace(GREEDY, logit_bias={-3: 5.0}), "logit_bias"),
+        ([], replace(GREEDY, stop_token_ids=(4096,)), "stop_token_ids"),
+    ],
+)
+async def test_a_token_id_outside_the_vocabulary_is_refused_and_the_worker_serves_on(
+    engine: MlxEngine, prompt_tail: list[int], params: SamplingParams, param: str
+) -> None:
+    """Such an id would index past the embedding or the logits: the worker crashed on it."""
+    p = prompts(engine, 1)[0]
+    with pytest.raises(RequestError, match="outside the model's vocabulary") as info:
+        await run(engine, p + prompt_tail, params)
+    assert info.value.param == param
+    _, last = await run(engine, p, GREEDY)
+    assert last.finish_reason in ("stop", "length") and engine.state is EngineState.READY
+
+
+async def test_a_top_k_past_the_vocabulary_filters_nothing(engine: MlxEngine) -> None:
+    p = prompts(engine, 1)[0]
+    hot = SamplingParams(max_tokens=8, temperature=1.5, seed=11)
+    unfiltered, _ = await run(engine, p, hot)
+    text, last = await run(engine, p, replace(hot, top_k=5000))
+    assert text == unfiltered and last.finish_reason in ("stop", "length")
+
+
 async def test_prompt_cache_reuses_a_conversation_prefix(tiny_model_dir: Path) -> None:
     e = MlxEngine(LoadConfig(model_id="c", path=tiny_model_dir, prompt_cache_bytes=64 * 2**20))
     await asyncio.to_thread(e.load)
