@@ -2,6 +2,7 @@
 
     LmxError
     ├── ConfigError              a desired-state file or patch is invalid (names the field path)
+    ├── GenerationFailed         a request's generation failed once under way (its worker died)
     ├── TemporaryError(delay_s)  retry later: transient I/O, busy engine, memory not yet freed
     │   └── QueueFull            a model's request queue is full (HTTP 429 with Retry-After)
     └── PermanentError           retrying cannot help until the spec changes
@@ -25,6 +26,11 @@ class ConfigError(LmxError):
         self.source = source
         self.errors = errors
         super().__init__(f"{source}: " + "; ".join(errors))
+
+
+class GenerationFailed(LmxError):
+    """The engine ended a sequence with an error after taking it in: its worker process died, or
+    its output could not be made. The message is the engine's reason."""
 
 
 class TemporaryError(LmxError):

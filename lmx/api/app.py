@@ -33,8 +33,10 @@ Hook = Callable[[], Awaitable[None]]
 
 class RequestContext:
     """Binds `request_id` for logs, echoes it as `x-request-id` and counts responses by route and
-    status. Plain ASGI, so streamed bodies pass straight through (a BaseHTTPMiddleware relays
-    every chunk through a task)."""
+    status; answers an error that no handler took with the 500 envelope (lmx.api.errors), so that
+    one too is counted and carries the id and, from the middleware around this one, CORS headers.
+    Plain ASGI, so streamed bodies pass straight through (a BaseHTTPMiddleware relays every chunk
+    through a task)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -47,8 +49,12 @@ class RequestContext:
         given = dict(scope["headers"]).get(b"x-request-id")
         rid = given.decode("latin-1") if given else new_id("req")
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 # The route template, not the raw path, keeps the label set small.
                 route = getattr(scope.get("route"), "path", "unmatched")
@@ -56,7 +62,12 @@ class RequestContext:
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=rid):
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                if started:  # too late for a status: the server ends the response
+                    raise
+                await errors.unexpected(exc)(scope, receive, send_with_id)
 
 
 class CountIntake:

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from lmx.api.generation import ChoiceState
+from lmx.errors import GenerationFailed
 from lmx.runtime.engine import TokenLogprob
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
 
@@ -72,7 +73,7 @@ def chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]
     choices = []
     for s in states:
         if s.error is not None:
-            raise RuntimeError(s.error)
+            raise GenerationFailed(s.error)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(s.content) or None}
         if s.reasoning:
             message["reasoning_content"] = "".join(s.reasoning)

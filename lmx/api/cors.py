@@ -2,6 +2,8 @@
 
 The allowed origins are read per request (`server.cors_origins` can change with a config edit),
 so this is a small ASGI middleware of its own rather than Starlette's static CORSMiddleware.
+/admin is left out whatever the origins: no web page may read the desired state or send a
+mutation, even where `server.cors_origins` is "*".
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class DynamicCORS:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"]) if scope["type"] == "http" else {}
         origin = headers.get(b"origin", b"").decode("latin-1")
-        if not origin or not self._allowed(origin):
+        if not origin or scope["path"].startswith("/admin") or not self._allowed(origin):
             await self.app(scope, receive, send)
             return
         allow = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]

@@ -1,7 +1,8 @@
 """The OpenAI error envelope: every error response from lmx is `{"error": {message, type, param, code}}`.
 
-The one broad exception handler of the HTTP layer lives here; routes raise `LmxError`s and never
-build error responses themselves.
+Routes raise `LmxError`s and never build error responses themselves; `unexpected` answers anything
+else (lmx.api.app.RequestContext calls it, inside the other middlewares, so that such a response
+still carries its request id and CORS headers and is counted).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmx.errors import (
     ConfigError,
+    GenerationFailed,
     LmxError,
     ModelNotFound,
     PermanentError,
@@ -60,6 +62,8 @@ def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
             first = exc.errors[0].split(":")[0].split(" (")[0] if exc.errors else None
             param = None if first in (None, "(root)") or first.startswith("line ") else first
             return 422, "invalid_request_error", param, "invalid_desired_state"
+        case GenerationFailed():
+            return 500, "server_error", None, "generation_failed"
         case QueueFull():
             return 429, "rate_limit_exceeded", None, "queue_full"
         case TemporaryError():
@@ -121,7 +125,8 @@ def install(app: FastAPI) -> None:
             headers=dict(exc.headers or {}),
         )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error", error=repr(exc))
-        return envelope(500, "internal error: " + type(exc).__name__, type_="server_error")
+
+def unexpected(exc: Exception) -> JSONResponse:
+    """The 500 for an error no handler took: logged with its traceback, named by its type."""
+    log.exception("unhandled_error", error=repr(exc))
+    return envelope(500, "internal error: " + type(exc).__name__, type_="server_error")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Request(BaseModel):
@@ -83,6 +83,13 @@ class ChatMessage(_Wire):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        """Only an assistant's message may go without content (its tool calls stand for it)."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -101,6 +108,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     echo: bool = False
     suffix: str | None = None
+    best_of: Annotated[int | None, Field(ge=1)] = None
 
 
 class ModelCard(BaseModel):

@@ -13,6 +13,7 @@ is the one FastAPI's route gives, and the routes stay in the OpenAPI schema.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from inspect import isawaitable
@@ -77,10 +78,36 @@ class Shortcut:
             return
         scope["route"] = way.route
         try:
-            response = await way.endpoint(body, self.deps)
+            response = await self._answer(way, body, receive)
         except Exception as exc:
             response = await self._handled(request, exc)
-        await response(scope, receive, send)
+        if response is not None:
+            await response(scope, receive, send)
+
+    async def _answer(self, way: _Way, body: BaseModel, receive: Receive) -> Response | None:
+        """The endpoint's response, or None if the client left before it: a watcher cancels the
+        endpoint then, so that a request answered only at its end (not streamed) stops
+        generating when its client goes, as a stream does (lmx.api.v1.EventStream)."""
+        answering = asyncio.current_task()
+        assert answering is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            answering.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await way.endpoint(body, self.deps)
+        except asyncio.CancelledError:
+            if not left or answering.uncancel() > 0:
+                raise  # not (only) the client leaving
+            return None
+        finally:
+            watcher.cancel()
 
     def _allowed(self, request: Request) -> bool:
         try:

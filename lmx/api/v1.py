@@ -52,7 +52,7 @@ from lmx.api.schemas import (
     ModelList,
 )
 from lmx.api.shortcut import Endpoint
-from lmx.errors import ModelNotFound, RequestError
+from lmx.errors import GenerationFailed, ModelNotFound, RequestError
 from lmx.runtime.engine import Delta, Engine, GenerationRequest
 from lmx.runtime.parsers import Content, make_parser
 
@@ -356,6 +356,12 @@ async def _events(
 async def completions(body: CompletionRequest, deps: Deps) -> Any:
     if body.suffix:
         raise RequestError("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestError(
+            f"best_of {body.best_of} is not supported: each of the n choices is sampled once "
+            "(leave best_of out, or equal to n)",
+            param="best_of",
+        )
     want_lp = body.logprobs is not None
 
     def build(engine: Engine) -> list[GenerationRequest]:
@@ -390,7 +396,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         choices = []
         for s in states:
             if s.error is not None:
-                raise RuntimeError(s.error)
+                raise GenerationFailed(s.error)
             text = "".join(s.content)
             lps = lp_text(s.logprobs, len(prefixes[s.index])) if want_lp else None
             choices.append(

@@ -67,3 +67,38 @@ async def test_other_origins_get_no_cors_headers_and_the_list_is_live(
     client.origins[0] = ("*",)  # type: ignore[attr-defined]
     r = await client.get("/v1/models", headers=evil)
     assert r.headers["access-control-allow-origin"] == "http://evil.example"
+
+
+async def test_admin_is_never_open_to_other_origins(client: httpx.AsyncClient) -> None:
+    client.origins[0] = ("*",)  # type: ignore[attr-defined]
+    evil = {"Origin": "http://evil.example"}
+    r = await client.get("/admin/status", headers=evil)  # 400 here: these deps manage nothing
+    assert "access-control-allow-origin" not in r.headers
+    preflight = {**evil, "Access-Control-Request-Method": "PATCH"}
+    r = await client.options("/admin/desired", headers=preflight)
+    assert r.status_code != 204 and "access-control-allow-origin" not in r.headers
+
+
+async def test_an_unexpected_error_is_a_500_envelope_with_the_id_cors_and_its_count(
+    registry: EngineRegistry,
+) -> None:
+    deps = AppDeps(registry=registry, models=StaticModels(registry), cors_origins=lambda: ("*",))
+    app = create_app(deps)
+
+    async def broken() -> None:
+        raise KeyError("a bug")
+
+    app.add_api_route("/v1/broken", broken)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+        r = await c.get("/v1/broken", headers={"Origin": ALLOWED, "x-request-id": "req-bug"})
+    assert r.status_code == 500
+    assert r.json()["error"] == {
+        "message": "internal error: KeyError",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    assert r.headers["x-request-id"] == "req-bug"
+    assert r.headers["access-control-allow-origin"] == ALLOWED
+    assert 'route="/v1/broken",status="500"' in deps.metrics.render().decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -98,11 +99,18 @@ async def test_a_streams_last_events_end_its_body_in_one_message(
     sent: list[dict[str, Any]] = []
     requests = [{"type": "http.request", "body": raw, "more_body": False}]
 
+    ended = asyncio.Event()
+
     async def receive() -> dict[str, Any]:
-        return requests.pop() if requests else {"type": "http.disconnect"}
+        if requests:
+            return requests.pop()
+        await ended.wait()  # as a server does: the client stays until the response has ended
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if message["type"] == "http.response.body" and not message["more_body"]:
+            ended.set()
 
     scope = {
         "type": "http",
@@ -147,6 +155,53 @@ async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> N
     r = await client.post("/v1/chat/completions", content=b'{"model": ,}', headers=JSON_TYPE)
     err = assert_envelope(r, 400)
     assert err["message"].startswith("body: not valid JSON at character 10") and not err["param"]
+
+
+async def test_a_message_other_than_the_assistants_needs_content(
+    client: httpx.AsyncClient,
+) -> None:
+    for message in ({"role": "user"}, {"role": "system", "content": None}):
+        r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [message]})
+        err = assert_envelope(r, 400, "messages[0]")
+        assert "message needs content" in err["message"]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    said = {"role": "assistant", "content": None, "tool_calls": calls}
+    turns = [*CHAT["messages"], said, {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "messages": turns, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+async def test_token_ids_outside_the_vocabulary_are_400s_naming_the_field(
+    client: httpx.AsyncClient,
+) -> None:
+    # The worker would index past the model's embedding or logits (it crashed on such ids).
+    base = {"model": "tiny", "max_tokens": 2}
+    r = await client.post("/v1/completions", json={**base, "prompt": [5, 99_999_999]})
+    err = assert_envelope(r, 400, "prompt")
+    assert "99999999 is outside the model's vocabulary (0 to 2047)" in err["message"]
+    r = await client.post("/v1/completions", json={**base, "prompt": "Hi", "logit_bias": {"-3": 5}})
+    assert_envelope(r, 400, "logit_bias")
+    # A top_k past the vocabulary filters nothing: no error.
+    r = await client.post("/v1/completions", json={**base, "prompt": "Hi", "top_k": 5000})
+    assert r.status_code == 200, r.text
+
+
+async def test_a_request_that_could_never_fit_the_queue_is_a_400_not_a_429(
+    client: httpx.AsyncClient,
+) -> None:
+    # This model takes 12 sequences at once (max_batch 8 + max_queue 4): a 429 would be retried.
+    body = {"model": "tiny", "max_tokens": 2, "prompt": ["Hi"] * 7, "n": 2}
+    err = assert_envelope(await client.post("/v1/completions", json=body), 400, "prompt")
+    assert "asks for 14 sequences" in err["message"] and "at most 12" in err["message"]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "n": 13})
+    assert_envelope(r, 400, "n")
+
+
+async def test_best_of_other_than_n_is_refused(client: httpx.AsyncClient) -> None:
+    body = {"model": "tiny", "max_tokens": 2, "prompt": "Hi", "n": 2}
+    assert_envelope(await client.post("/v1/completions", json={**body, "best_of": 3}), 400)
+    r = await client.post("/v1/completions", json={**body, "best_of": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 async def test_context_overflow_is_400_naming_the_limit(client: httpx.AsyncClient) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,12 +185,50 @@ def test_client_disconnect_frees_the_slot(daemon: Daemon) -> None:
     wait_for(lambda: _in_flight(daemon), lambda v: v == 0, timeout_s=10)
     # And the log says so, under the request's id.
 
-    def ends() -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in daemon.log().splitlines() if "req-left-early" in line]
-        return [e for e in lines if e["event"] == "generation_done"]
-
-    done = wait_for(ends, lambda v: len(v) > 0, timeout_s=10)
+    done = wait_for(lambda: _generations_done(daemon, "req-left-early"), bool, timeout_s=10)
     assert len(done) == 1 and done[0]["finish_reasons"] == ["cancelled"], done
+
+
+def _generations_done(daemon: Daemon, request_id: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in daemon.log().splitlines() if request_id in line]
+    return [e for e in lines if e["event"] == "generation_done"]
+
+
+def test_a_client_that_leaves_a_request_answered_at_its_end_frees_the_slot(
+    daemon: Daemon,
+) -> None:
+    # Not streamed: the answer comes only at the end, ~3800 tokens (seconds) away.
+    body = {"model": "lmx-tiny", "messages": ASK, "max_tokens": 3800, "ignore_eos": True}
+    rid = {"x-request-id": "req-gave-up"}
+    with (
+        httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(30, read=0.5)) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post("/v1/chat/completions", json=body, headers=rid)
+    wait_for(lambda: _in_flight(daemon), lambda v: v == 0, timeout_s=10)
+    done = wait_for(lambda: _generations_done(daemon, "req-gave-up"), bool, timeout_s=10)
+    assert done[0]["finish_reasons"] == ["cancelled"], done
+
+
+def test_a_worker_that_dies_under_a_request_answered_at_its_end_is_a_500_saying_so(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory(tmp_path / "dies")
+    pid = httpx.get(d.url + "/admin/status", timeout=5).json()["models"]["lmx-tiny"]["pid"]
+    body = {"model": "lmx-tiny", "messages": ASK, "max_tokens": 3800, "ignore_eos": True}
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=d.url, timeout=60) as http:
+            answer = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            await asyncio.to_thread(wait_for, lambda: _in_flight(d), lambda v: v == 1, 20)
+            os.kill(pid, signal.SIGKILL)
+            return await answer
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["code"] == "generation_failed"
+    assert "worker process exited unexpectedly (killed by SIGKILL)" in r.json()["error"]["message"]
+    assert "x-request-id" in r.headers and "Traceback" not in d.log()
 
 
 def test_healthz_answers_fast_while_16_streams_generate(daemon: Daemon) -> None:
