@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmx.api.shortcut import is_json
 from lmx.errors import (
     ConfigError,
     GenerationFailed,
@@ -106,9 +107,12 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [_problem(e) for e in exc.errors()] or [(None, "body: invalid request")]
         msg = "; ".join(line for _, line in problems)
+        whole_body = any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors())
+        if whole_body and not is_json(request.headers.get("content-type")):
+            msg += " (send it as JSON, with the header content-type: application/json)"
         return envelope(
             400, msg, type_="invalid_request_error", param=problems[0][0], code="invalid_value"
         )

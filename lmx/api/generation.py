@@ -108,7 +108,7 @@ def generation_requests(
     ]
 
 
-def _text_of(message: ChatMessage) -> str | None:
+def _text_of(message: ChatMessage, index: int) -> str | None:
     if message.content is None or isinstance(message.content, str):
         return message.content
     parts = []
@@ -116,7 +116,7 @@ def _text_of(message: ChatMessage) -> str | None:
         if part.get("type") != "text":
             raise RequestError(
                 f"content part of type {part.get('type')!r} is not supported by this model",
-                param=f"messages.content[{i}].type",
+                param=f"messages[{index}].content[{i}].type",
             )
         parts.append(str(part.get("text", "")))
     return "".join(parts)
@@ -125,9 +125,9 @@ def _text_of(message: ChatMessage) -> str | None:
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages as the chat template expects them (plain-text content, system for developer)."""
     out = []
-    for m in body.messages:
+    for i, m in enumerate(body.messages):
         d = m.model_dump(exclude_none=True)
-        d["content"] = _text_of(m)
+        d["content"] = _text_of(m, i)
         if m.role == "developer":
             d["role"] = "system"
         out.append(d)

@@ -64,7 +64,7 @@ class Shortcut:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
-        if not _json(request.headers.get("content-type")) or not self._allowed(request):
+        if not is_json(request.headers.get("content-type")) or not self._allowed(request):
             await self.app(scope, receive, send)
             return
         try:
@@ -130,7 +130,7 @@ class Shortcut:
         raise exc
 
 
-def _json(content_type: str | None) -> bool:
+def is_json(content_type: str | None) -> bool:
     return content_type is not None and (
         content_type.partition(";")[0].strip().lower() == "application/json"
     )

@@ -171,6 +171,24 @@ async def test_a_message_other_than_the_assistants_needs_content(
     assert r.status_code == 200, r.text
 
 
+async def test_an_unsupported_content_part_is_named_with_its_message(
+    client: httpx.AsyncClient,
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    turns = [*CHAT["messages"], {"role": "user", "content": [image]}]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "messages": turns})
+    assert_envelope(r, 400, "messages[1].content[0].type")
+
+
+async def test_a_body_sent_without_the_json_content_type_says_so(
+    client: httpx.AsyncClient,
+) -> None:
+    form = {"content-type": "application/x-www-form-urlencoded"}  # curl -d's default
+    r = await client.post("/v1/chat/completions", content=json.dumps(CHAT), headers=form)
+    err = assert_envelope(r, 400)
+    assert err["message"].endswith("with the header content-type: application/json)")
+
+
 async def test_token_ids_outside_the_vocabulary_are_400s_naming_the_field(
     client: httpx.AsyncClient,
 ) -> None:
