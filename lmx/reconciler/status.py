@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from lmx.reconciler.observed import ObservedModel, ObservedState
 from lmx.reconciler.observing import Observer
 from lmx.reconciler.spec import DesiredState, Want
 from lmx.runtime.engine import EngineState
-from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.registry import EngineRegistry, ResidentModel
 from lmx.runtime.store import ModelStore
 
 _CONFIG = ""  # the condition book's key for top-level conditions (model ids are never empty)
@@ -124,9 +124,10 @@ class StatusView:
     def status(self, head: Head) -> dict[str, Any]:
         observed, plan = self.observed, self.plan
         sample = self._observer.sample
+        live = self._registry.snapshot()
         models = {}
         for mid in {*head.desired.models, *(observed.models if observed else {})}:
-            models[mid] = self._model_status(mid, head.desired, observed)
+            models[mid] = self._model_status(mid, head.desired, observed, live.get(mid))
         budget = head.desired.memory.budget_bytes(sample.total_bytes) if sample else None
         return {
             "generation": head.generation,
@@ -153,11 +154,26 @@ class StatusView:
         }
 
     def _model_status(
-        self, mid: str, desired: DesiredState, observed: ObservedState | None
+        self,
+        mid: str,
+        desired: DesiredState,
+        observed: ObservedState | None,
+        live: ResidentModel | None,
     ) -> dict[str, Any]:
+        """The model's conditions as of the last pass; what its engine is doing (requests in
+        flight, bytes, process, last use) as of now, from `live`, where it is loaded."""
         spec = desired.models.get(mid)
         o = observed.models.get(mid) if observed else None
         o = o or ObservedModel(mid)
+        if live is not None:
+            o = replace(
+                o,
+                resident=True,
+                resident_bytes=live.resident_bytes,
+                in_flight=live.in_flight,
+                pid=live.pid,
+                last_used_s=live.last_used_s,
+            )
         facts = self._observer.disk.get(mid)
         fp = facts.footprint if facts else None
         est = facts.estimate if facts else None

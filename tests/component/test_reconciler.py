@@ -250,6 +250,12 @@ async def test_status_reports_generations_memory_and_per_model_state(world: Worl
     assert a["in_flight"] == 0 and a["last_used"] is not None
     assert world.r.servable() == ["a"]
     assert world.r.plan_now().is_empty
+    # Requests in flight as they are now, not as the last pass saw them (none runs meanwhile).
+    passes = world.r.status()["last_pass"]
+    async with world.reg.acquire("a"), world.reg.acquire("a"):
+        doc = world.r.status()
+        assert doc["models"]["a"]["in_flight"] == 2 and doc["last_pass"] == passes
+    assert world.r.status()["models"]["a"]["in_flight"] == 0
 
 
 async def test_stop_unloads_every_engine(world: World) -> None:
