@@ -106,15 +106,25 @@ def chat_delta(pieces: list[Piece], state: ChoiceState, n_calls: int) -> dict[st
     return delta
 
 
-def lp_text(lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
+def lp_text(
+    lps: list[TokenLogprob], offset0: int, echoed: tuple[str, list[TokenLogprob]] | None = None
+) -> dict[str, Any]:
+    """A text completion's logprobs. `echoed`: the echoed prompt's first token's text and its
+    other tokens' logprobs, ahead of `lps` from offset 0 (the first token has none: null)."""
+    entries: list[tuple[str, float | None, dict[str, float] | None]] = []
+    if echoed is not None:
+        first, prompt = echoed
+        entries.append((first, None, None))
+        lps, offset0 = [*prompt, *lps], 0
+    entries += [(lp.token, lp.logprob, {t: v for t, v, _ in lp.top}) for lp in lps]
     offsets, pos = [], offset0
-    for lp in lps:
+    for token, _, _ in entries:
         offsets.append(pos)
-        pos += len(lp.token)
+        pos += len(token)
     return {
-        "tokens": [lp.token for lp in lps],
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{t: v for t, v, _ in lp.top} for lp in lps],
+        "tokens": [e[0] for e in entries],
+        "token_logprobs": [e[1] for e in entries],
+        "top_logprobs": [e[2] for e in entries],
         "text_offset": offsets,
     }
 

@@ -15,7 +15,14 @@ from typing import Any
 
 from lmx.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from lmx.errors import RequestError
-from lmx.runtime.engine import Constraint, Delta, Engine, GenerationRequest, SamplingParams
+from lmx.runtime.engine import (
+    Constraint,
+    Delta,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
 from lmx.runtime.parsers import Content, OutputParser, Piece, Reasoning, ToolCall, make_parser
 
 
@@ -32,6 +39,7 @@ def sampling_params(
     choice: int,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    prompt_logprobs: bool = False,
 ) -> SamplingParams:
     """Map OpenAI fields to engine parameters. Raises RequestError naming the field."""
     room = engine.context_length - n_prompt
@@ -66,6 +74,7 @@ def sampling_params(
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -78,6 +87,7 @@ def generation_requests(
     logprobs: bool,
     top_logprobs: int,
     constraint: Constraint | None = None,
+    prompt_logprobs: bool = False,
 ) -> list[GenerationRequest]:
     """A request's sequences: for each prompt, its `n` choices, each with its own seed. Refused
     (400) if they could never fit the model's batch and queue together: a 429 would be retried."""
@@ -100,6 +110,7 @@ def generation_requests(
                 choice=i,
                 logprobs=logprobs,
                 top_logprobs=top_logprobs,
+                prompt_logprobs=prompt_logprobs,
             ),
             constraint,
         )
@@ -174,6 +185,7 @@ class ChoiceState:
     reasoning: list[str] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -197,6 +209,7 @@ class ChoiceState:
                 case ToolCall():
                     self.tool_calls.append(piece)
         self.logprobs.extend(delta.logprobs)
+        self.prompt_logprobs.extend(delta.prompt_logprobs)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             if self.tool_calls and delta.finish_reason == "stop":

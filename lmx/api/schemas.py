@@ -105,6 +105,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int | None, Field(ge=0)] = None  # 0: the echoed prompt alone, scored
     logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     echo: bool = False
     suffix: str | None = None

@@ -53,7 +53,7 @@ from lmx.api.schemas import (
 )
 from lmx.api.shortcut import Endpoint
 from lmx.errors import GenerationFailed, ModelNotFound, RequestError
-from lmx.runtime.engine import Delta, Engine, GenerationRequest
+from lmx.runtime.engine import Delta, Engine, GenerationRequest, TokenLogprob
 from lmx.runtime.parsers import Content, make_parser
 
 FINGERPRINT = f"fp_lmx_{__version__}"
@@ -362,17 +362,28 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             "(leave best_of out, or equal to n)",
             param="best_of",
         )
+    if body.max_tokens == 0 and not body.echo:
+        raise RequestError("max_tokens 0 returns nothing without echo", param="max_tokens")
     want_lp = body.logprobs is not None
+    scored = want_lp and body.echo  # the echoed prompt's tokens come with logprobs too
 
     def build(engine: Engine) -> list[GenerationRequest]:
         return generation_requests(
             body,
             engine,
             completion_prompts(body, engine),
-            max_tokens=body.max_tokens or 16,
+            max_tokens=16 if body.max_tokens is None else body.max_tokens,
             logprobs=want_lp,
             top_logprobs=body.logprobs or 0,
+            prompt_logprobs=scored,
         )
+
+    def logprobs(s: ChoiceState, lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
+        """`lps` in the completions format, led by the echoed prompt's where it is scored."""
+        if not scored:
+            return lp_text(lps, offset0)
+        first = engine.tokenizer.decode(list(prompts[s.index][:1]))
+        return lp_text(lps, offset0, (first, s.prompt_logprobs))
 
     gen, engine, requests = await _Generation.start(deps, body.model, build)
     prompts = [r.prompt_tokens for r in requests]
@@ -398,7 +409,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             if s.error is not None:
                 raise GenerationFailed(s.error)
             text = "".join(s.content)
-            lps = lp_text(s.logprobs, len(prefixes[s.index])) if want_lp else None
+            lps = logprobs(s, s.logprobs, len(prefixes[s.index])) if want_lp else None
             choices.append(
                 {
                     "index": s.index,
@@ -412,13 +423,25 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
 
     if include_usage:
         base["usage"] = None
-    head = [text_choice(s.index, prefixes[s.index]) for s in states if prefixes[s.index]]
+    # The echoed prompt leads each choice's events; where it is scored, it goes with the
+    # choice's first delta, which brings its logprobs.
+    head = (
+        []
+        if scored
+        else [text_choice(s.index, prefixes[s.index]) for s in states if prefixes[s.index]]
+    )
+    echoed: set[int] = set()
 
     def choice(i: int, d: Delta) -> dict[str, Any] | None:
         s = states[i]
         lp_before = len(s.logprobs)
         text = "".join(p.text for p in s.absorb(d) if isinstance(p, Content))
         lps = s.logprobs[lp_before:]
+        if scored and i not in echoed:
+            echoed.add(i)
+            c = text_choice(i, prefixes[i] + text, s.finish_reason)
+            c["logprobs"] = logprobs(s, lps, 0)
+            return c
         if not (text or lps or s.finish_reason):
             return None
         c = text_choice(i, text, s.finish_reason)

@@ -57,6 +57,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Also each prompt token's logprob given those before it (the first has none), with the
+    # `top_logprobs` likeliest: a legacy completion's `echo` with `logprobs` (scoring, evals).
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class Delta:
     # seconds from then to the first token.
     queue_s: float | None = None
     prefill_s: float | None = None
+    # On a sequence's first delta, where asked for: its prompt's tokens after the first.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ def _joined(a: Delta, b: Delta) -> Delta:
         text=a.text + b.text,
         token_ids=a.token_ids + b.token_ids,
         logprobs=a.logprobs + b.logprobs,
+        prompt_logprobs=a.prompt_logprobs + b.prompt_logprobs,
         queue_s=a.queue_s if a.queue_s is not None else b.queue_s,
         prefill_s=a.prefill_s if a.prefill_s is not None else b.prefill_s,
     )

@@ -33,6 +33,7 @@ import structlog
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 
 from lmx.logs import configure
 from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogprob
@@ -83,6 +84,7 @@ _STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at m
 # Steps whose output the output thread may have still to send before the main thread waits for it
 # (Worker._behind): a sequence whose text hit a stop string takes this many extra steps at most.
 _OUTPUT_LAG = 2
+_SCORE_CHUNK = 512  # prompt tokens per forward pass when scoring a prompt (its logits are float32)
 
 
 def _params(model: Any) -> list[tuple[str, Any]]:
@@ -101,7 +103,10 @@ class _Seq:
     uid: int = -1  # BatchGenerator's id
     prompt_left: int = 0  # prompt tokens still to go through the model
     generated: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # the prompt's tokens the prompt cache held
+    prompt_lps: tuple[
+        TokenLogprob, ...
+    ] = ()  # where asked for: its prompt's tokens after the first
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     constraint: ConstrainedProcessor | None = None
     # perf_counter times: the add arrived; the prefill began; the first token came.
@@ -197,6 +202,7 @@ class Worker:
         model_config = json.loads((self.config.path / "config.json").read_text())
         vocab_size = int(model_config["vocab_size"])
         self._constraints = ConstraintFactory(wrapper, vocab_size, wrapper.eos_token_ids)
+        self._model = model
         self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
         gen: Any = BatchGenerator(  # the worker ends its sequences itself: see _step
             model,
@@ -363,6 +369,9 @@ class Worker:
             received_s=received_s,
         )
         try:
+            if request.params.max_tokens == 0:  # its prompt scored, nothing to generate
+                self._scored_only(gen, seq)
+                return
             self._insert(gen, seq)
         except Exception as exc:  # this request only: an error delta, the batch goes on
             log.warning("request_rejected", model=self.config.model_id, error=str(exc))
@@ -381,25 +390,53 @@ class Worker:
         seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if ignore_eos else eos)
         tokens = list(req.prompt_tokens)
         kv, rest = (None, tokens)
-        if self.config.prompt_cache_bytes > 0:
+        if p.prompt_logprobs and len(tokens) > 1:  # the scoring pass fills the cache too
+            kv, seq.prompt_lps = self._score(gen, tokens, p.top_logprobs)
+            rest = tokens[-1:]
+        elif self.config.prompt_cache_bytes > 0:
             kv, rest = self._prompts.fetch(tokens)
+            seq.cached_tokens = len(tokens) - len(rest)
         procs = make_processors(p, sorted(eos))
         if req.constraint is not None:
             seq.constraint = self._constraints.make_processor(
                 req.constraint.grammar, on_error="end"
             )
             procs.append(seq.constraint)
-        seq.cached_tokens = len(tokens) - len(rest)
         seq.prompt_left = len(rest)
         (seq.uid,) = gen.insert(
             [rest],
             max_tokens=[p.max_tokens + 1],  # one more than it will get: see _step
             caches=[kv] if kv is not None else None,
-            all_tokens=[tokens[: seq.cached_tokens]],
+            all_tokens=[tokens[: len(tokens) - len(rest)]],
             samplers=[make_sampler(p)],  # None entries fall back to the batch's greedy sampler
             logits_processors=[procs],
         )
         self._live[seq.uid] = seq
+
+    def _scored_only(self, gen: Any, seq: _Seq) -> None:
+        """A request for no tokens: its prompt's logprobs (if asked for) in its only delta."""
+        self._left(seq)
+        p, tokens = seq.request.params, list(seq.request.prompt_tokens)
+        if p.prompt_logprobs and len(tokens) > 1:
+            _, seq.prompt_lps = self._score(gen, tokens, p.top_logprobs)
+        final = replace(self._final(seq, "length", None, 0), prompt_logprobs=seq.prompt_lps)
+        self._post(("out", [], [(seq.sid, final)], self._stats(gen)))
+
+    def _score(
+        self, gen: Any, tokens: list[int], top: int
+    ) -> tuple[list[Any], tuple[TokenLogprob, ...]]:
+        """Each of `tokens` after the first: its logprob given those before it, with the `top`
+        likeliest; and the KV cache of all but the last token, which the batch can go on from.
+        One forward pass over the prompt, in chunks, on the stepping thread (the batch waits)."""
+        cache = make_prompt_cache(self._model)
+        scored: list[TokenLogprob] = []
+        with mx.stream(gen.stream):
+            for start in range(0, len(tokens) - 1, _SCORE_CHUNK):
+                ids = tokens[start : start + _SCORE_CHUNK + 1]
+                logits = self._model(mx.array(ids[:-1])[None], cache=cache)[0].astype(mx.float32)
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                scored += self._token_logprobs(ids[1:], logprobs, top)
+        return cache, tuple(scored)
 
     def _step(self, gen: Any, *, held: bool) -> None:
         """One BatchGenerator step; `held`: the prompts not yet started stay out of it. Its
@@ -437,7 +474,12 @@ class Worker:
                 first = True
             seq.generated += 1
             self._generated += 1
-            lps = self._logprobs(seq, r.token, r.logprobs) if seq.request.params.logprobs else ()
+            p = seq.request.params
+            lps = (
+                self._token_logprobs([r.token], r.logprobs[None], p.top_logprobs)
+                if p.logprobs
+                else ()
+            )
             finish = self._finish(seq, r.token)
             if finish is not None:
                 self._leave(seq, t1)
@@ -601,7 +643,10 @@ class Worker:
         seq.timed = True
         started = seq.received_s if seq.started_s is None else seq.started_s
         return replace(
-            delta, queue_s=started - seq.received_s, prefill_s=seq.first_token_s - started
+            delta,
+            queue_s=started - seq.received_s,
+            prefill_s=seq.first_token_s - started,
+            prompt_logprobs=seq.prompt_lps,
         )
 
     def _take_out(self, gen: Any, uids: list[int]) -> None:
@@ -634,22 +679,29 @@ class Worker:
             overhead_s=self._overhead_s,
         )
 
-    def _logprobs(self, seq: _Seq, token: int, logprobs: mx.array) -> tuple[TokenLogprob, ...]:
+    def _token_logprobs(
+        self, tokens: list[int], logprobs: mx.array, k: int
+    ) -> tuple[TokenLogprob, ...]:
+        """Each of `tokens` with its logprob and the `k` likeliest tokens in its place, from
+        `logprobs` (a row over the vocabulary per token)."""
         tok = self.tokenizer
-        k = seq.request.params.top_logprobs
-        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        index = mx.array(tokens)[:, None]
+        chosen: list[float] = mx.take_along_axis(logprobs, index, axis=-1)[:, 0].tolist()  # type: ignore[assignment]
+        ids: list[list[int]] = [[] for _ in tokens]
+        values: list[list[float]] = [[] for _ in tokens]
         if k > 0:
-            idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
-            vals = logprobs[idx]
-            ids: list[int] = idx.tolist()  # type: ignore[assignment]
-            values: list[float] = vals.tolist()  # type: ignore[assignment]
-            pairs = sorted(zip(ids, values, strict=True), key=lambda x: -x[1])
+            idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+            ids = idx.tolist()  # type: ignore[assignment]
+            values = mx.take_along_axis(logprobs, idx, axis=-1).tolist()  # type: ignore[assignment]
+        out = []
+        for token, lp, top_ids, top_values in zip(tokens, chosen, ids, values, strict=True):
+            pairs = sorted(zip(top_ids, top_values, strict=True), key=lambda x: -x[1])
             top = tuple(
                 (s, v, tuple(s.encode())) for s, v in ((tok.decode([i]), v) for i, v in pairs)
             )
-        text = tok.decode([token])
-        chosen: float = logprobs[token].item()  # type: ignore[assignment]
-        return (TokenLogprob(text, chosen, tuple(text.encode()), top),)
+            text = tok.decode([token])
+            out.append(TokenLogprob(text, lp, tuple(text.encode()), top))
+        return tuple(out)
 
     @staticmethod
     def _final(

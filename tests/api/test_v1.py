@@ -249,6 +249,39 @@ async def test_completions_with_token_ids_and_echo(client: httpx.AsyncClient) ->
     assert r2.json()["choices"][0]["text"].startswith("Once upon")
 
 
+async def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(
+    client: httpx.AsyncClient,
+) -> None:
+    # lm-evaluation-harness's loglikelihood: the prompt echoed, its tokens' logprobs, no tokens.
+    body = {"model": "tiny", "prompt": "Once upon a time", "echo": True, "logprobs": 2}
+    r = await client.post("/v1/completions", json={**body, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    lp = choice["logprobs"]
+    assert choice["text"] == "Once upon a time" == "".join(lp["tokens"])
+    assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 0
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v < 0 for v in lp["token_logprobs"][1:]) and lp["text_offset"][0] == 0
+    assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
+    # With tokens after it: the prompt's entries lead, the completion's follow, offsets running on.
+    r = await client.post("/v1/completions", json={**body, "max_tokens": 3, "temperature": 0})
+    (choice,) = r.json()["choices"]
+    full, n = choice["logprobs"], len(lp["tokens"])
+    assert full["tokens"][:n] == lp["tokens"] and len(full["tokens"]) == n + 3
+    assert full["token_logprobs"][1:n] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+    assert "".join(full["tokens"]) == choice["text"]
+    assert full["text_offset"][n] == len("Once upon a time")
+    # Streamed: the echoed prompt and its logprobs come with the choice's first event.
+    stream = {**body, "max_tokens": 3, "temperature": 0, "stream": True}
+    r = await client.post("/v1/completions", json=stream)
+    chunks = [e["choices"][0] for e in sse_events(r.text) if e != "[DONE]"]
+    assert chunks[0]["text"].startswith("Once upon a time")
+    assert chunks[0]["logprobs"]["tokens"][:n] == lp["tokens"]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    r = await client.post("/v1/completions", json={**body, "echo": False, "max_tokens": 0})
+    assert_envelope(r, 400, "max_tokens")
+
+
 async def test_n_choices_are_independent_and_seeded(client: httpx.AsyncClient) -> None:
     payload = {**CHAT, "max_tokens": 12, "temperature": 1.5, "seed": 11, "n": 3}
     a = (await client.post("/v1/chat/completions", json=payload)).json()

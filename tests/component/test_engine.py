@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
+import mlx_lm
 import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
@@ -223,6 +225,31 @@ async def test_a_token_id_outside_the_vocabulary_is_refused_and_the_worker_serve
     assert info.value.param == param
     _, last = await run(engine, p, GREEDY)
     assert last.finish_reason in ("stop", "length") and engine.state is EngineState.READY
+
+
+async def test_a_scored_prompt_has_each_tokens_logprob_and_goes_on_as_it_would(
+    engine: MlxEngine, tiny_model_dir: Path
+) -> None:
+    p = prompts(engine, 3)[2]
+    scored = replace(GREEDY, logprobs=True, top_logprobs=3, prompt_logprobs=True)
+    deltas = [d async for d in engine.stream(GenerationRequest(p, scored))]
+    lps = [lp for d in deltas for lp in d.prompt_logprobs]
+    # As the model gives them, the whole prompt in one pass.
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    logits = model(mx.array(p)[None])[0].astype(mx.float32)
+    reference = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    assert [lp.token for lp in lps] == [engine.tokenizer.decode([t]) for t in p[1:]]
+    for i, lp in enumerate(lps, start=1):
+        assert lp.logprob == pytest.approx(reference[i - 1, p[i]].item(), abs=1e-4)
+        assert len(lp.top) == 3 and lp.top[0][1] >= max(lp.logprob, lp.top[2][1])
+    # The pass that scored the prompt filled its cache: the continuation is the unscored one.
+    text, last = await run(engine, p, GREEDY)
+    assert "".join(d.text for d in deltas) == text
+    assert last.completion_tokens == deltas[-1].completion_tokens == 16
+    # No tokens asked for: the scores alone, in one delta.
+    (only,) = [d async for d in engine.stream(GenerationRequest(p, replace(scored, max_tokens=0)))]
+    assert only.finish_reason == "length" and only.completion_tokens == 0
+    assert only.prompt_logprobs == tuple(lps)
 
 
 async def test_a_top_k_past_the_vocabulary_filters_nothing(engine: MlxEngine) -> None:
