@@ -84,7 +84,7 @@ _STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at m
 # Steps whose output the output thread may have still to send before the main thread waits for it
 # (Worker._behind): a sequence whose text hit a stop string takes this many extra steps at most.
 _OUTPUT_LAG = 2
-_SCORE_CHUNK = 512  # prompt tokens per forward pass when scoring a prompt (its logits are float32)
+_SCORE_CHUNK = 256  # prompt tokens a scoring pass takes at once: 256 x vocabulary float32 logits
 
 
 def _params(model: Any) -> list[tuple[str, Any]]:

@@ -230,7 +230,8 @@ async def test_a_token_id_outside_the_vocabulary_is_refused_and_the_worker_serve
 async def test_a_scored_prompt_has_each_tokens_logprob_and_goes_on_as_it_would(
     engine: MlxEngine, tiny_model_dir: Path
 ) -> None:
-    p = prompts(engine, 3)[2]
+    p = engine.tokenizer.encode("count " + "and more " * 150)
+    assert len(p) > 256  # more than one scoring pass (mlx_worker._SCORE_CHUNK)
     scored = replace(GREEDY, logprobs=True, top_logprobs=3, prompt_logprobs=True)
     deltas = [d async for d in engine.stream(GenerationRequest(p, scored))]
     lps = [lp for d in deltas for lp in d.prompt_logprobs]
