@@ -157,7 +157,7 @@ async def bench_latency(trials: int) -> dict[str, Any]:
         "load_median_ms": round(statistics.median(s["load_ms"] for s in samples), 1),
         "total_median_ms": round(statistics.median(s["total_ms"] for s in samples), 1),
         "unload_median_ms": round(statistics.median(unload_ms), 1),
-        "watch_debounce_ms": ReconcilerSettings(home=Path()).watch_debounce_ms,
+        "watch_settle_ms": ReconcilerSettings(home=Path()).watch_settle_ms,
     }
 
 
@@ -182,8 +182,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"## Config file saved → model Ready, less its load (target < {OVERHEAD_TARGET_MS:g} ms)",
         "",
-        f"{lat['trials']} trials, built-in tiny model on the MLX engine, watcher debounce"
-        f" {lat['watch_debounce_ms']} ms.",
+        f"{lat['trials']} trials, built-in tiny model on the MLX engine, the watcher reading"
+        f" after {lat['watch_settle_ms']} ms of quiet.",
         "",
         "| overhead median ms | p90 ms | max ms | load median ms | total median ms |",
         "|---:|---:|---:|---:|---:|",

@@ -1,7 +1,11 @@
 """/admin: status, the desired state (GET with ETag, PATCH merge patch, PUT), plan, events.
 
 Reads are open on loopback; every mutation needs the admin key. Mutations go through the
-DesiredEditor (validated whole, written atomically, comments kept), never around it.
+DesiredEditor (validated whole, written atomically, comments kept), never around it. Secrets
+(`server.admin_key`, `server.api_keys`) are shown only to a GET that carries the admin key; every
+other answer that echoes the desired state shows spec.REDACTED in their place, and the spec refuses
+that marker as a key (422 naming the field), so a document read back and sent again never installs
+it. The ETag is the file's, whichever way it is shown.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lmx.api.auth import require_admin
+from lmx.api.auth import has_admin_key, require_admin
 from lmx.api.deps import AppDeps, Control
 from lmx.api.schemas import ErrorEnvelope
 from lmx.errors import ConfigError, RequestError
 from lmx.reconciler.actions import plan_json
 from lmx.reconciler.editing import EditResult
+from lmx.reconciler.spec import redact
 
 MERGE_PATCH = "application/merge-patch+json"
 _KEEPALIVE_S = 15.0
@@ -68,10 +73,12 @@ def _desired_response(control: Control, data: dict[str, Any], etag: str) -> JSON
 
 
 def _edit_response(control: Control, result: EditResult) -> JSONResponse:
+    # The caller sent the change: its answer need not echo secrets (CLI --json output, logs).
+    data = redact(result.data)
     if result.plan is not None:
-        body = {"dry_run": True, "desired": result.data, "plan": plan_json(result.plan)}
+        body = {"dry_run": True, "desired": data, "plan": plan_json(result.plan)}
         return JSONResponse(body, headers={"ETag": result.etag})
-    return _desired_response(control, result.data, result.etag)
+    return _desired_response(control, data, result.etag)
 
 
 @router.get("/status")
@@ -81,10 +88,14 @@ async def status(control: Reader) -> dict[str, Any]:
 
 
 @router.get("/desired", response_model=None)
-async def get_desired(control: Reader) -> JSONResponse:
-    """The desired state as the config file declares it, with its ETag and generation."""
+async def get_desired(
+    request: Request, control: Reader, deps: Annotated[AppDeps, Depends(_deps)]
+) -> JSONResponse:
+    """The desired state as the config file declares it, with its ETag and generation. Secrets
+    show as "<redacted>" unless the request carries the admin key."""
     current = await asyncio.to_thread(control.editor.read)
-    return _desired_response(control, current.data, current.etag)
+    data = current.data if has_admin_key(deps.keys, request) else redact(current.data)
+    return _desired_response(control, data, current.etag)
 
 
 @router.patch("/desired", response_model=None)
@@ -130,7 +141,8 @@ async def events(
     control: Reader, last_event_id: Annotated[str | None, Header()] = None
 ) -> StreamingResponse:
     """Server-sent events: reconcile actions, condition changes, download progress. Each has an
-    `id`; a client that reconnects with `Last-Event-ID` first gets what it missed."""
+    `id`; a client that reconnects with `Last-Event-ID` first gets what it missed. The stream
+    ends when the daemon begins to stop."""
     after = None
     if last_event_id is not None:
         try:
@@ -154,6 +166,8 @@ async def events(
                 except TimeoutError:
                     yield b": keep-alive\n\n"
                     continue
+                except StopAsyncIteration:
+                    return  # the daemon is stopping: end the response, do not hold it up
                 kind = str(event.get("type", "message"))
                 seq = f"id: {event['seq']}\n" if "seq" in event else ""
                 yield f"{seq}event: {kind}\ndata: {json.dumps(event, default=str)}\n\n".encode()

@@ -45,6 +45,12 @@ def _deny(token: str | None, what: str) -> HTTPException:
     )
 
 
+def has_admin_key(keys: Keys, request: Request) -> bool:
+    """Whether the request carries the admin key (what decides if /admin shows secrets)."""
+    admin = keys.admin()
+    return admin is not None and _matches(_bearer(request), (admin,))
+
+
 def require_admin(keys: Keys, request: Request, *, mutation: bool) -> None:
     if not mutation and not keys.protect_admin_reads:
         return

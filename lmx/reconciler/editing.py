@@ -3,6 +3,7 @@
 The one writer of the config file (the person's editor aside). Every change is validated as a
 whole, checked against the budget, written atomically with the user's comments kept, then handed
 to the reconciler. Serialized by a lock; a concurrent editor's save is detected and merged over.
+A symlinked config file is written through: its target is replaced, the link kept.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lmx.reconciler.writeback import (
 from lmx.runtime.files import write_atomic
 
 _CAS_ATTEMPTS = 3
+_CHANGED = "the changed desired state"
 
 
 class PreconditionFailed(LmxError):
@@ -87,6 +89,8 @@ class DesiredEditor:
     async def replace(self, text: str, *, if_match: str | None, dry_run: bool) -> EditResult:
         """Replace the whole file with `text` (YAML, comments and all)."""
         load_tree(text, "request body")
+        if manifest.is_empty(manifest.check_text(text, source="request body")):
+            raise ConfigError("request body", [manifest.EMPTY])
         return await self._change(lambda _old: text, if_match=if_match, dry_run=dry_run)
 
     async def _change(self, edit: Any, *, if_match: str | None, dry_run: bool) -> EditResult:
@@ -96,16 +100,23 @@ class DesiredEditor:
                 if if_match is not None and if_match not in (before.etag, "*"):
                     raise PreconditionFailed(if_match, before.etag)
                 new_text = edit(before.text)
-                data = to_plain(load_tree(new_text, "the changed desired state"))
-                desired = manifest.validate(data, source="the changed desired state")
-                await self._reconciler.check(desired)
+                # Validated as the daemon will read the file back: PyYAML, empty and duplicate
+                # keys refused, the lines of the text as it would be written.
+                desired = manifest.parse(new_text, source=_CHANGED)
+                data = to_plain(load_tree(new_text, _CHANGED))
+                try:
+                    await self._reconciler.check(desired)
+                except ConfigError as exc:
+                    raise ConfigError(exc.source, manifest.locate(exc.errors, new_text)) from None
                 if dry_run:
                     plan = await self._reconciler.dry_run(desired)
                     return EditResult(desired, data, before.etag, plan, written=False)
                 # Compare and swap: an editor's save since we read is merged over, not lost.
                 if self.read().etag != before.etag:
                     continue
-                await asyncio.to_thread(write_atomic, self.path, new_text)
+                # Through a symlink (a dotfiles setup), the link's target is replaced, in its
+                # own directory; the link stays a link.
+                await asyncio.to_thread(write_atomic, self.path.resolve(), new_text)
                 await self._reconciler.apply_desired(desired)
                 return EditResult(desired, data, etag_of(new_text), None, written=True)
         raise ConfigError(str(self.path), ["(root): the file kept changing while it was written"])

@@ -216,8 +216,13 @@ class Reconciler:
 
     async def apply_desired(self, new: DesiredState) -> None:
         """Accept a new desired state (admin PATCH). Raises ConfigError if its pins alone exceed
-        the budget; otherwise bumps `generation` and wakes the loop. Writes no file."""
+        the budget; otherwise bumps `generation` and wakes the loop. Writes no file: the caller
+        has written `new` to the config file, so the file is valid now and an error reported
+        for what it held before is cleared (the answer to a PATCH that fixes it says so)."""
         await self._accept(new, origin="admin")
+        if self._config_error is not None:
+            self._config_error = None
+            self._view.update_config(None)
 
     def status(self) -> dict[str, Any]:
         """A JSON-able document: generations, config validity, memory, per-model conditions."""
@@ -254,10 +259,19 @@ class Reconciler:
     async def _reload_config(self) -> None:
         """Read the file; accept it or keep the last good state. Runs inside the loop (or before
         it starts), so accepting needs no wake."""
-        assert self.config_path is not None
+        path = self.config_path
+        assert path is not None
+
+        def read() -> tuple[str, DesiredState]:
+            text = manifest.read_text(path)
+            return text, manifest.parse(text, source=str(path))
+
         try:
-            new = await asyncio.to_thread(manifest.load, self.config_path)
-            await self._accept(new, origin=str(self.config_path), wake=False)
+            text, new = await asyncio.to_thread(read)
+            try:
+                await self._accept(new, origin=str(path), wake=False)
+            except ConfigError as exc:  # the budget check: its errors get the file's lines
+                raise ConfigError(exc.source, manifest.locate(exc.errors, text)) from None
         except ConfigError as exc:
             self._config_error = str(exc)
             log.error("config_invalid", path=str(self.config_path), errors=exc.errors)

@@ -15,7 +15,10 @@ class ReconcilerSettings:
     home: Path  # LMX_HOME: models, builtin/, footprints.json, journal.json
     resync_interval_s: float = 30.0  # a pass even when nothing woke the loop
     watch_config: bool = True  # watch the config file's directory for edits
-    watch_debounce_ms: int = 50  # how long a burst of file events is grouped
+    # A burst of file events ends after this much quiet (an editor that truncates, then writes,
+    # must not be read in between), or at the latest `watch_debounce_ms` after it began.
+    watch_settle_ms: int = 50
+    watch_debounce_ms: int = 500
     drain_timeout_s: float = 120.0  # then a busy model is unloaded anyway
     load_timeout_s: float = 900.0  # a load taking longer is reported failed (it may still finish)
     unload_timeout_s: float = 120.0

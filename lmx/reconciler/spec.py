@@ -13,7 +13,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _UNITS = {
     "": 1,
@@ -31,6 +31,8 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _DURATION_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+# What /admin shows in place of a secret to a reader without the admin key (see `redact`).
+REDACTED = "<redacted>"
 
 
 def parse_bytes(value: str | int) -> int:
@@ -158,11 +160,41 @@ class MemorySpec(_Strict):
         return self.budget
 
 
+def _not_redacted(value: str) -> str:
+    # A document read without the admin key, sent back as it came, must not install the
+    # placeholder as a real key: refused (422 naming the field), never silently kept.
+    if value == REDACTED:
+        raise ValueError(
+            f"{REDACTED!r} stands in for a secret lmx did not show; give the real key, or leave"
+            " the field out of a merge patch to keep the one declared"
+        )
+    return value
+
+
+Secret = Annotated[str, AfterValidator(_not_redacted)]
+
+
 class ServerSpec(_Strict):
-    admin_key: str | None = None
-    api_keys: tuple[str, ...] = ()
+    admin_key: Secret | None = None
+    api_keys: tuple[Secret, ...] = ()
     # Browser origins allowed to call the API (e.g. "http://localhost:3000"); "*" allows any.
     cors_origins: tuple[str, ...] = ()
+
+
+def redact(data: Any) -> Any:
+    """A copy of plain desired-state data (valid or not) with `server.admin_key` and each of
+    `server.api_keys` replaced by REDACTED; a list keeps its length, so a reader can count keys."""
+    if not isinstance(data, dict) or not isinstance(data.get("server"), dict):
+        return data
+    server = dict(data["server"])
+    if server.get("admin_key") is not None:
+        server["admin_key"] = REDACTED
+    keys = server.get("api_keys")
+    if isinstance(keys, list | tuple):
+        server["api_keys"] = [REDACTED] * len(keys)
+    elif keys is not None:
+        server["api_keys"] = REDACTED
+    return {**data, "server": server}
 
 
 class DownloadsSpec(_Strict):

@@ -1,7 +1,8 @@
 """Triggers that wake the reconcile loop: edits of the config file and a periodic resync.
 
 They only call `wake(reason)`; the loop does all the work. The watcher watches the config file's
-directory, not the file, because editors save by writing a new file and renaming it over the old.
+directory, not the file, because editors save by writing a new file and renaming it over the old;
+for a symlinked file, its target's directory too. A burst of events is read once it has settled.
 """
 
 from __future__ import annotations
@@ -58,21 +59,34 @@ class Triggers:
             self._watcher = None
 
     async def _watch(self, path: Path) -> None:
-        directory, name = path.parent.resolve(), path.name
+        # Synchronous up to the first suspension: the OS watch is in place when start() returns.
+        while not self._stop.is_set():
+            watched = _watched(path)
+            directories = sorted({p.parent for p in watched})
 
-        def ours(_: watchfiles.Change, changed: str) -> bool:
-            return Path(changed).name == name
+            def ours(_: watchfiles.Change, changed: str, watched: set[Path] = watched) -> bool:
+                return Path(changed) in watched
 
-        if not directory.is_dir():
-            log.warning("config_dir_missing", path=str(directory))
-            return
-        log.info("config_watch_started", path=str(path))
-        async for _ in watchfiles.awatch(
-            directory,
-            watch_filter=ours,
-            stop_event=self._stop,
-            debounce=self._s.watch_debounce_ms,
-            step=min(20, self._s.watch_debounce_ms),  # quiet time that ends a burst of events
-            recursive=False,
-        ):
-            self._wake("config_changed")
+            if missing := [d for d in directories if not d.is_dir()]:
+                log.warning("config_dir_missing", path=str(missing[0]))
+                return
+            log.info("config_watch_started", path=str(path), files=sorted(map(str, watched)))
+            changes = watchfiles.awatch(
+                *directories,
+                watch_filter=ours,
+                stop_event=self._stop,
+                debounce=max(self._s.watch_debounce_ms, self._s.watch_settle_ms),
+                step=self._s.watch_settle_ms,  # quiet time that ends a burst of events
+                recursive=False,
+            )
+            async with contextlib.aclosing(changes):
+                async for _ in changes:
+                    self._wake("config_changed")
+                    if _watched(path) != watched:
+                        break  # the file became a symlink, or its link was re-pointed
+
+
+def _watched(path: Path) -> set[Path]:
+    """The file's path in its directory (a save by rename replaces it there) and, for a symlink,
+    its target's path (the target edited in place or saved by rename in its own directory)."""
+    return {path.parent.resolve() / path.name, path.resolve()}

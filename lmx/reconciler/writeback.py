@@ -17,6 +17,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
 from lmx.errors import ConfigError
+from lmx.reconciler import manifest
 
 
 def etag_of(text: str) -> str:
@@ -33,7 +34,9 @@ def _yaml() -> YAML:
 
 
 def load_tree(text: str, source: str = "config.yaml") -> CommentedMap:
-    """The round-trip tree of `text` (an empty mapping for an empty file)."""
+    """The round-trip tree of `text` (an empty mapping for an empty file). Raises ConfigError
+    for bad YAML or a duplicate key, worded as when the daemon reads the file (line, key path)."""
+    manifest.check_text(text, source=source)
     try:
         tree = _yaml().load(text)
     except YAMLError as exc:

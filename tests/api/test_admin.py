@@ -265,3 +265,115 @@ async def test_beyond_loopback_admin_reads_need_the_key_too(world: World) -> Non
             assert (await c.get(path)).status_code == 401
             assert (await c.get(path, headers=AUTH)).status_code == 200
         assert (await c.get("/healthz")).status_code == 200
+
+
+SECRETS = "server:\n  admin_key: adm-7f3c9\n  api_keys: [inf-a1b2, inf-c3d4]\n"
+
+
+async def test_get_desired_hides_secrets_from_a_reader_without_the_admin_key(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    world.write_text(world.config_path.read_text() + SECRETS)
+    await until(lambda: world.r.desired.server.api_keys == ("inf-a1b2", "inf-c3d4"))
+    anonymous = await client.get("/admin/desired")
+    wrong = await client.get("/admin/desired", headers={"Authorization": "Bearer inf-a1b2"})
+    for r in (anonymous, wrong):
+        assert r.status_code == 200
+        assert "adm-7f3c9" not in r.text and "inf-a1b2" not in r.text
+        server = r.json()["desired"]["server"]
+        assert server == {"admin_key": "<redacted>", "api_keys": ["<redacted>", "<redacted>"]}
+    full = await client.get("/admin/desired", headers=AUTH)
+    assert full.json()["desired"]["server"]["api_keys"] == ["inf-a1b2", "inf-c3d4"]
+    # One ETag for the file, whoever reads it: a redacted read may guard a PATCH.
+    assert anonymous.headers["etag"] == full.headers["etag"] == wrong.headers["etag"]
+    patch = {"models": {"small": {"idle_ttl": "1h"}}}
+    r = await client.patch(
+        "/admin/desired", json=patch, headers={**PATCH, "If-Match": anonymous.headers["etag"]}
+    )
+    assert r.status_code == 200, r.text
+    assert "adm-7f3c9" not in r.text and "inf-a1b2" not in r.text  # the answer echoes no secret
+    assert world.r.desired.server.admin_key == "adm-7f3c9"
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"server": {"admin_key": "<redacted>"}}, "server.admin_key"),
+        ({"server": {"api_keys": ["<redacted>", "<redacted>", "inf-e5f6"]}}, "server.api_keys.0"),
+    ],
+)
+async def test_a_patch_sending_the_redaction_marker_back_is_refused_naming_the_field(
+    client: httpx.AsyncClient, world: World, patch: dict[str, Any], param: str
+) -> None:
+    world.write_text(world.config_path.read_text() + SECRETS)
+    await until(lambda: world.r.desired.server.admin_key == "adm-7f3c9")
+    before = world.config_path.read_bytes()
+    r = await client.patch("/admin/desired", json=patch, headers=PATCH)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param
+    assert world.config_path.read_bytes() == before
+    redacted = (await client.get("/admin/desired")).json()["desired"]
+    r = await client.put("/admin/desired", content=yaml.safe_dump(redacted), headers=AUTH)
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("server.")
+    assert world.config_path.read_bytes() == before
+    assert world.r.desired.server.api_keys == ("inf-a1b2", "inf-c3d4")
+
+
+async def test_a_patch_that_fixes_an_invalid_file_answers_with_the_file_valid(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    world.write_text(world.config_path.read_text() + "bogus: 1\n")
+    await until(lambda: world.r.config_error is not None)
+    assert (await client.get("/admin/desired")).json()["valid"] is False
+    r = await client.patch("/admin/desired", json={"bogus": None}, headers=PATCH)
+    assert r.status_code == 200, r.text
+    assert (r.json()["valid"], r.json()["error"]) == (True, None)
+    assert world.r.status()["config"]["valid"] is True
+
+
+async def test_a_patch_of_a_file_with_a_duplicate_key_names_the_key_and_line(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    text = world.config_path.read_text()
+    world.write_text(text + "  small:\n    source: elsewhere\n")
+    await until(lambda: world.r.config_error is not None)
+    before = world.config_path.read_bytes()
+    r = await client.patch("/admin/desired", json={"jit": False}, headers=PATCH)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    line = len(text.splitlines()) + 1
+    assert err["param"] == "models.small"
+    assert err["errors"] == [
+        f"models.small (line {line}): duplicate key (first at line 5); each key may appear once"
+    ]
+    assert "suppress" not in err["message"] and "http" not in err["message"]
+    assert world.config_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("body", ["", "# nothing here\n"])
+async def test_put_of_an_empty_document_is_refused(
+    client: httpx.AsyncClient, world: World, body: str
+) -> None:
+    before = world.config_path.read_bytes()
+    r = await client.put("/admin/desired", content=body, headers=AUTH)
+    assert r.status_code == 422 and "`models: {}`" in r.json()["error"]["message"]
+    assert world.config_path.read_bytes() == before
+
+
+async def test_a_patch_writes_through_a_symlinked_config_file(tmp_path: Path, world: World) -> None:
+    dotfiles = tmp_path / "dotfiles"
+    dotfiles.mkdir()
+    target = dotfiles / "lmx.yaml"
+    target.write_text(world.config_path.read_text())
+    link = tmp_path / "linked" / "config.yaml"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    control = Control(world.r, DesiredEditor(link, world.r))
+    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=Keys(lambda: KEY))
+    transport = httpx.ASGITransport(app=create_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+        r = await c.patch("/admin/desired", json={"jit": False}, headers=PATCH)
+    assert r.status_code == 200, r.text
+    assert link.is_symlink() and link.resolve() == target
+    assert "jit: false" in target.read_text() and "# my models" in target.read_text()
+    assert sorted(p.name for p in dotfiles.iterdir()) == ["lmx.yaml"]  # no temp file left

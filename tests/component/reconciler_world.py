@@ -20,7 +20,8 @@ from tests.fakes import FakeEngines, GiB, make_model_dir
 
 FAST = {
     "resync_interval_s": 3600.0,
-    "watch_debounce_ms": 20,
+    "watch_settle_ms": 20,
+    "watch_debounce_ms": 100,
     "drain_timeout_s": 5.0,
     "load_timeout_s": 5.0,
     "unload_timeout_s": 5.0,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lmx.errors import ConfigError
-from lmx.reconciler.manifest import parse
-from lmx.reconciler.spec import Want, parse_bytes, parse_duration_s
+from lmx.reconciler.manifest import locate, parse
+from lmx.reconciler.spec import REDACTED, Want, parse_bytes, parse_duration_s, redact
 
 
 def errors_of(text: str) -> list[str]:
@@ -42,9 +42,69 @@ def test_percent_budget_and_defaults() -> None:
     assert d.jit is True and d.models["t"].want is Want.RESIDENT and d.models["t"].is_builtin
 
 
-def test_empty_file_is_an_empty_desired_state() -> None:
-    assert parse("").models == {}
+@pytest.mark.parametrize("text", ["", "  \n\n", "# all models commented out\n#models:\n", "---\n"])
+def test_a_file_with_nothing_in_it_is_invalid_not_no_models(text: str) -> None:
+    # An editor's truncate-then-write read half way must not unload every model, pins too.
+    (err,) = errors_of(text)
+    assert err.startswith("(root): the file is empty") and "`models: {}`" in err
+
+
+def test_no_models_is_declared_explicitly() -> None:
+    assert parse("models: {}\n").models == {}
     assert parse("models:\n").models == {}
+    assert parse("# nothing yet\njit: true\n").models == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "models:\n  a: {source: x/y}\n  b: {source: x/z}\n  a: {source: x/w}\n",
+            "models.a (line 4): duplicate key (first at line 2)",
+        ),
+        ("jit: true\nmemory: {budget: 1GiB}\njit: false\n", "jit (line 3): duplicate key"),
+        (
+            "models:\n  a:\n    source: x/y\n    want: pinned\n    want: absent\n",
+            "models.a.want (line 5): duplicate key (first at line 4)",
+        ),
+        ("server:\n  api_keys:\n    - {k: 1, k: 2}\n", "server.api_keys.0.k (line 3): duplicate"),
+    ],
+)
+def test_duplicate_keys_anywhere_are_named_with_their_line(text: str, expected: str) -> None:
+    (err,) = errors_of(text)
+    assert err.startswith(expected), err
+
+
+def test_budget_errors_get_the_line_of_their_field() -> None:
+    text = "models:\n  qwen2.5:\n    source: x/y\n    want: pinned\n"
+    errors = ["models.qwen2.5.want: the pinned models need 9 GiB", "(root): other"]
+    assert locate(errors, text) == [
+        "models.qwen2.5.want (line 4): the pinned models need 9 GiB",
+        "(root): other",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server: {admin_key: <redacted>}\n", "server.admin_key (line 1): '<redacted>' stands"),
+        ("server:\n  api_keys: [k1, <redacted>]\n", "server.api_keys.1 (line 2): '<redacted>'"),
+    ],
+)
+def test_the_redaction_marker_is_never_a_key(text: str, expected: str) -> None:
+    (err,) = errors_of(text)
+    assert err.startswith(expected), err
+
+
+def test_redact_hides_every_secret_and_keeps_the_count() -> None:
+    data = {"server": {"admin_key": "a", "api_keys": ["k1", "k2"], "cors_origins": ["x"]}}
+    assert redact(data) == {
+        "server": {"admin_key": REDACTED, "api_keys": [REDACTED] * 2, "cors_origins": ["x"]}
+    }
+    assert data["server"]["admin_key"] == "a"  # a copy
+    assert redact({"server": {"admin_key": None}}) == {"server": {"admin_key": None}}
+    assert redact({"server": "bogus"}) == {"server": "bogus"}
+    assert redact({"server": {"api_keys": "k"}}) == {"server": {"api_keys": REDACTED}}
 
 
 @pytest.mark.parametrize(

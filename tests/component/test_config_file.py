@@ -1,0 +1,152 @@
+"""The config file as people's editors and dotfiles treat it: emptied, half written, keys given
+twice, symlinked. A bad read keeps the last good state serving; fake engines, real watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.component.reconciler_world import World, model, settle, until
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    yield w
+    if w.reconciler is not None:
+        async with asyncio.timeout(10):
+            await w.reconciler.stop()
+
+
+async def pinned_and_resident(world: World, **settings: object) -> str:
+    """Start with `a` pinned and `b` resident, both ready; returns the good file's text."""
+    world.write(a=model(world.model_dir("a"), "pinned"), b=model(world.model_dir("b")))
+    await world.build(**settings).start()
+    await until(lambda: world.ready("a") and world.ready("b"))
+    await until(settle(world))
+    return world.config_path.read_text()
+
+
+@pytest.mark.parametrize("text", ["", "\n   \n", "# models:\n#   a: {source: x}\n"])
+async def test_an_emptied_file_keeps_every_model_and_says_how_to_declare_none(
+    world: World, text: str
+) -> None:
+    good = await pinned_and_resident(world)
+    generation = world.r.generation
+    world.write_text(text)
+    await until(lambda: world.r.config_error is not None)
+    assert "the file is empty" in (world.r.config_error or "")
+    assert "write `models: {}` to declare no models" in (world.r.config_error or "")
+    assert world.r.status()["config"]["valid"] is False
+    assert world.r.generation == generation
+    assert world.loaded() == {"a", "b"}
+    assert world.engines.count("unload", "a") == world.engines.count("unload", "b") == 0
+    world.write_text(good)
+    await until(lambda: world.r.config_error is None)
+    assert world.loaded() == {"a", "b"} and world.r.generation == generation
+
+
+async def test_models_declared_as_none_unload_everything(world: World) -> None:
+    await pinned_and_resident(world)
+    world.write_text("models: {}\n")
+    await until(lambda: not world.loaded())
+    assert world.r.config_error is None
+
+
+async def test_a_file_truncated_then_written_is_read_once_it_settles(world: World) -> None:
+    # In place, as an editor without rename saves: truncate, then the content a moment later.
+    good = await pinned_and_resident(world, watch_settle_ms=100, watch_debounce_ms=500)
+    generation = world.r.generation
+    events = world.r.subscribe()
+    edited = good.replace("want: resident", "want: resident\n    idle_ttl: 1h")
+    with world.config_path.open("r+") as f:
+        f.truncate(0)
+        os.fsync(f.fileno())
+        await asyncio.sleep(0.04)
+        f.write(edited)
+    await until(lambda: world.r.generation > generation)
+    await until(settle(world))
+    kinds = [e["type"] for e in events.pending()]
+    assert "config_invalid" not in kinds, kinds
+    assert world.r.desired.models["b"].idle_ttl_s == 3600
+    assert world.loaded() == {"a", "b"} and world.engines.count("unload", "a") == 0
+
+
+async def test_a_duplicate_key_is_refused_naming_it_and_the_last_good_state_serves(
+    world: World,
+) -> None:
+    good = await pinned_and_resident(world)
+    generation = world.r.generation
+    b = world.model_dir("b")
+    # The second `a` would win in PyYAML: `a` downloaded only, its pin silently gone.
+    world.write_text(good + f"  a:\n    source: {b}\n    want: downloaded\n")
+    await until(lambda: world.r.config_error is not None)
+    error = world.r.config_error or ""
+    first = 1 + good.splitlines().index("  a:")
+    assert f"models.a (line {len(good.splitlines()) + 1}): duplicate key" in error
+    assert f"(first at line {first})" in error
+    assert world.r.generation == generation and world.loaded() == {"a", "b"}
+
+
+async def test_pins_over_the_budget_are_reported_with_the_line(world: World) -> None:
+    a, b = world.model_dir("a"), world.model_dir("b")
+    world.write("3GiB", a=model(a, "pinned"))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    world.write("2GiB", a=model(a, "pinned"), b=model(b, "pinned"))
+    await until(lambda: world.r.config_error is not None)
+    lines = world.config_path.read_text().splitlines()
+    want_b = next(
+        i + 1
+        for i, line in enumerate(lines)
+        if line.strip() == "want: pinned" and i > lines.index("  b:")
+    )
+    assert f"models.b.want (line {want_b}): the pinned models need" in (world.r.config_error or "")
+
+
+async def test_edits_of_a_symlinked_files_target_are_seen_at_once(
+    world: World, tmp_path: Path
+) -> None:
+    dotfiles = tmp_path / "dotfiles"
+    dotfiles.mkdir()
+    target = dotfiles / "lmx.yaml"
+    a = world.model_dir("a")
+    target.write_text(yaml.safe_dump({"memory": {"budget": "3GiB"}, "models": {"a": model(a)}}))
+    world.config_path.symlink_to(target)
+    await world.build().start()  # resync hourly: only the watcher can see the edit
+    await until(lambda: world.ready("a"))
+    generation = world.r.generation
+    b = world.model_dir("b")
+    swap = dotfiles / ".lmx.yaml.swp"  # saved by rename, in the target's directory
+    swap.write_text(yaml.safe_dump({"models": {"a": model(a), "b": model(b)}}))
+    os.replace(swap, target)
+    await until(lambda: world.ready("b"))
+    assert world.r.generation == generation + 1
+    with target.open("a") as f:  # and edited in place
+        f.write("jit: false\n")
+    await until(lambda: world.r.desired.jit is False)
+
+
+async def test_a_file_replaced_by_a_symlink_while_running_is_followed(
+    world: World, tmp_path: Path
+) -> None:
+    a = world.model_dir("a")
+    world.write(a=model(a))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    dotfiles = tmp_path / "dotfiles"
+    dotfiles.mkdir()
+    target = dotfiles / "lmx.yaml"
+    target.write_text(world.config_path.read_text())
+    link = tmp_path / ".config.yaml.link"
+    link.symlink_to(target)
+    os.replace(link, world.config_path)  # as `ln -sf` does
+    await asyncio.sleep(0.3)  # the watcher takes the link in (a pass, nothing changed)
+    with target.open("a") as f:
+        f.write("jit: false\n")
+    await until(lambda: world.r.desired.jit is False)
