@@ -2,7 +2,9 @@
 through its admin API (lmx.client) and show the answers (lmx.cli_render).
 
 Parses flags into explicit values (Settings, paths) and hands them on; no command reads another's
-flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage, 130 on Ctrl-C.
+flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage (a bad --url too),
+3 when `lmx status` finds the daemon unhealthy (its config file invalid, or a model quarantined),
+130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from lmx.client import AdminClient
 
 DEFAULT_URL = "http://127.0.0.1:1234"
+EXIT_UNHEALTHY = 3  # `lmx status`: the config is invalid or a model is quarantined
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -64,15 +67,29 @@ def _status(args: argparse.Namespace) -> int:
 
     with _client(args) as c:
         doc = c.status()
+    code = EXIT_UNHEALTHY if unhealthy(doc) else 0
     if args.json:
         _print_json(doc)
-        return 0
+        return code
     con = console()
     table, notes = status_table(doc)
     con.print(table if doc.get("models") else "No models are declared.")
     for line in [*notes, Text(""), *status_footer(doc)]:
         con.print(line)
-    return 0
+    return code
+
+
+def unhealthy(doc: dict[str, Any]) -> bool:
+    """The config file is invalid (the daemon keeps the last good state) or a model is
+    quarantined (it waits for a change of its spec): what a script checking `lmx status` must
+    see. Loads, downloads and backoffs in progress are not problems."""
+    if not (doc.get("config") or {}).get("valid", True):
+        return True
+    return any(
+        c.get("type") == "Quarantined" and c.get("status")
+        for m in (doc.get("models") or {}).values()
+        for c in m.get("conditions") or []
+    )
 
 
 def _ps(args: argparse.Namespace) -> int:
@@ -280,7 +297,9 @@ def _admin_commands(sub: Any) -> None:
         help=f"the daemon (default $LMX_URL or {DEFAULT_URL})",
     )
     conn.add_argument(
-        "--admin-key", help="admin key (default $LMX_ADMIN_KEY, else LMX_HOME/admin.key)"
+        "--admin-key",
+        help="admin key (default $LMX_ADMIN_KEY, else the daemon's: server.admin_key in"
+        " LMX_HOME/config.yaml if declared, else LMX_HOME/admin.key)",
     )
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--json", action="store_true", help="machine-readable output")
@@ -292,7 +311,13 @@ def _admin_commands(sub: Any) -> None:
         cmd.set_defaults(func=func)
         return cmd
 
-    add("status", _status, "models, their state and memory; config validity", out)
+    add(
+        "status",
+        _status,
+        "models, their state and memory; config validity (exits 3 if the config is invalid"
+        " or a model is quarantined)",
+        out,
+    )
     add("ps", _ps, "loaded models", out)
     add("plan", _plan, "what the daemon would do now to match the desired state", out)
     apply = add("apply", _apply, "replace the desired state with FILE", out, dry)
@@ -317,8 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except LmxError as exc:
-        from lmx.client import DaemonError, Invalid
+        from lmx.client import DaemonError, Invalid, InvalidUrl
 
+        if isinstance(exc, InvalidUrl):
+            print(f"lmx: {exc}", file=sys.stderr)
+            return 2
         if isinstance(exc, Invalid):
             for problem in exc.problems:
                 print(f"lmx: invalid: {problem}", file=sys.stderr)

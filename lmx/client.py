@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,16 +63,33 @@ class AdminKey:
 
 
 def resolve_admin_key(explicit: str | None) -> AdminKey:
-    """--admin-key, else $LMX_ADMIN_KEY, else LMX_HOME/admin.key (None if that is unreadable)."""
+    """--admin-key, else $LMX_ADMIN_KEY, else the key the daemon uses: `server.admin_key` in
+    LMX_HOME/config.yaml when declared, else LMX_HOME/admin.key (None if that is unreadable)."""
     if explicit:
         return AdminKey(explicit, "--admin-key")
     if env := os.environ.get("LMX_ADMIN_KEY"):
         return AdminKey(env, "LMX_ADMIN_KEY")
-    path = default_home() / "admin.key"
+    home = default_home()
+    config = home / "config.yaml"
+    if declared := _declared_admin_key(config):
+        return AdminKey(declared, f"server.admin_key in {config}")
+    path = home / "admin.key"
     try:
         return AdminKey(path.read_text(encoding="utf-8").strip() or None, str(path))
     except OSError:
         return AdminKey(None, str(path))
+
+
+def _declared_admin_key(config: Path) -> str | None:
+    """`server.admin_key` of the config file, read as the daemon reads it; None when the file
+    is missing, unreadable or declares none (the daemon then uses admin.key too)."""
+    try:
+        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    server = doc.get("server") if isinstance(doc, dict) else None
+    key = server.get("admin_key") if isinstance(server, dict) else None
+    return key if isinstance(key, str) and key else None
 
 
 def problems_of(message: str) -> list[str]:
@@ -80,9 +98,24 @@ def problems_of(message: str) -> list[str]:
     return [p.strip() for p in (rest if sep else message).split("; ") if p.strip()]
 
 
+class InvalidUrl(DaemonError):
+    """--url (or $LMX_URL) is not an http(s) URL."""
+
+
+def check_url(url: str) -> str:
+    """`url` without a trailing slash. Raises InvalidUrl with the line to show."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise InvalidUrl(f"invalid URL {url!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidUrl(f"invalid URL {url!r}: give the daemon as http://HOST:PORT")
+    return url.rstrip("/")
+
+
 class AdminClient:
     def __init__(self, url: str, key: AdminKey, *, timeout_s: float = 30.0) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url)
         self.key = key
         headers = {"Authorization": f"Bearer {key.value}"} if key.value else {}
         self._timeout = httpx.Timeout(timeout_s, connect=5.0)

@@ -1,7 +1,8 @@
 """The daemon: composes settings, registry, store, reconciler and the HTTP app, and runs uvicorn.
 
-Called by `lmx serve`. Lifecycle as named steps: `bind` (fail fast on a taken port), `startup`
-(first reconcile) and `shutdown` (unload everything), with uvicorn handling signals in between.
+Called by `lmx serve`. Lifecycle as named steps: `bind` (fail fast on a taken port), the home's
+lock (one daemon per LMX_HOME), `startup` (first reconcile), `stopping` (end event streams) and
+`shutdown` (unload everything), with uvicorn handling signals in between.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps, Control
 from lmx.api.metrics import Metrics
+from lmx.homelock import HomeInUse, HomeLock
 from lmx.reconciler import Reconciler, ReconcilerSettings
 from lmx.reconciler.editing import DesiredEditor
 from lmx.runtime import mlx_engine
@@ -182,15 +185,44 @@ class Daemon:
         await asyncio.to_thread(self.spares.refill)
         await self.reconciler.start()
 
+    def stopping(self) -> None:
+        """The server has begun to stop: end the event streams (their clients reconnect to the
+        next daemon, resuming where they left off)."""
+        self.reconciler.events.close()
+
     async def shutdown(self) -> None:
         await self.reconciler.stop()
         await asyncio.to_thread(self.spares.close)
         log.info("lmx_stopped")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the daemon the moment it begins to stop: before it waits for
+    open connections, so that endless responses (event streams) end instead of holding the
+    shutdown up for `timeout_graceful_shutdown` and being cancelled."""
+
+    def __init__(self, config: uvicorn.Config, *, on_stopping: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stopping = on_stopping
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_stopping()
+        await super().shutdown(sockets)
+
+
 def run(settings: Settings) -> int:
+    lock = HomeLock(settings.home)
     try:
         sock = bind(settings.host, settings.port)
+        try:
+            # Before anything in the home is written: a second daemon must change nothing.
+            lock.acquire(port=settings.port)
+        except HomeInUse as exc:
+            sock.close()
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot lock {lock.path}: {exc.strerror}") from None
         ensure_config(settings)
     except StartupError as exc:
         print(f"lmx: {exc}", file=sys.stderr)
@@ -204,9 +236,12 @@ def run(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, on_stopping=daemon.stopping)
     # uvicorn re-raises SIGTERM after its graceful shutdown, into the handler that was there
     # before it: a no-op one makes a requested stop exit 0 (launchd/systemd: not a failure).
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        lock.release()
     return 0 if server.started else 1

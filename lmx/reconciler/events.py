@@ -4,7 +4,7 @@ subscribers (the admin SSE stream, tests).
 Publishing never blocks and never fails: each subscriber has a bounded queue, and a slow one loses
 its oldest events (it is told how many in a `dropped` event). Every event has a `seq`, and the bus
 keeps the last `history` of them, so a subscriber that reconnects can resume after the last one
-it saw (SSE's Last-Event-ID). Event-loop thread only.
+it saw (SSE's Last-Event-ID). `close()` ends every subscription (shutdown). Event-loop thread only.
 """
 
 from __future__ import annotations
@@ -24,29 +24,43 @@ class Subscription(AsyncIterator[Event]):
 
     def __init__(self, bus: EventBus, maxsize: int) -> None:
         self._bus = bus
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
         self._dropped = 0
+        self._ended = False
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Event | None) -> None:
         if self._queue.full():
             self._queue.get_nowait()
             self._dropped += 1
         self._queue.put_nowait(event)
 
+    def end(self) -> None:
+        """End the iteration once what is queued has been taken (the bus is closing)."""
+        self._ended = True
+        if not self._queue.full():  # wakes a reader waiting on an empty queue; a full one
+            self._queue.put_nowait(None)  # ends by `_ended` once drained, losing nothing
+
     def missed(self, count: int) -> None:
         self._dropped += count
 
     async def __anext__(self) -> Event:
+        """The next event; raises StopAsyncIteration once the bus has closed."""
         if self._dropped:
             n, self._dropped = self._dropped, 0
             return {"type": "dropped", "count": n, "time": time.time()}
-        return await self._queue.get()
+        if self._ended and self._queue.empty():
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
 
     def pending(self) -> list[Event]:
         """Take every queued event without waiting."""
         out = []
         while not self._queue.empty():
-            out.append(self._queue.get_nowait())
+            if (event := self._queue.get_nowait()) is not None:
+                out.append(event)
         return out
 
     def close(self) -> None:
@@ -63,6 +77,7 @@ class EventBus:
         self._seq = itertools.count(1)
         self._last = 0
         self._history: deque[Event] = deque(maxlen=history)
+        self._closed = False
 
     def subscribe(self, after: int | None = None) -> Subscription:
         """A new subscription; with `after` (the last `seq` a subscriber saw), it starts with the
@@ -78,8 +93,19 @@ class EventBus:
                 sub.missed(first - after - 1)
             for event in kept:
                 sub.offer(event)
-        self._subs.append(sub)
+        if self._closed:
+            sub.end()
+        else:
+            self._subs.append(sub)
         return sub
+
+    def close(self) -> None:
+        """End every subscription, now and to come, after the events already queued for it
+        (the daemon is stopping: open event streams must end, not hold the shutdown up)."""
+        self._closed = True
+        for sub in self._subs:
+            sub.end()
+        self._subs.clear()
 
     def unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subs:

@@ -205,8 +205,11 @@ def test_apply_of_an_invalid_file_names_each_field_and_changes_nothing(
     r = lmx(d, "apply", "-f", str(bad))
     assert r.returncode == 1
     lines = r.stderr.splitlines()
-    assert any(line.startswith("lmx: invalid: models.x.want:") for line in lines), r.stderr
-    assert any(line.startswith("lmx: invalid: models.x.engine.max_batch:") for line in lines)
+    # Each names its field and its line in the file given.
+    assert any(line.startswith("lmx: invalid: models.x.want (line 4):") for line in lines), r.stderr
+    assert any(
+        line.startswith("lmx: invalid: models.x.engine.max_batch (line 5):") for line in lines
+    )
     assert d.config_path.read_text() == text_before
     assert desired(d)["generation"] == gen_before
 
@@ -379,3 +382,84 @@ def test_pull_downloads_a_hub_model_then_says_it_is_there_and_reports_a_missing_
     missing = lmx(d, "pull", "org/nope")
     assert missing.returncode == 1
     assert missing.stderr.startswith("lmx: org/nope ") and "RepoNotFound" in missing.stderr
+
+
+def test_set_uses_the_admin_key_declared_in_the_config_file(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    from lmx.daemon import default_manifest
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.yaml").write_text(default_manifest() + "server:\n  admin_key: cfg-9d2e1\n")
+    d = daemon_factory(home)
+    r = lmx(d, "set", "lmx-tiny", "want=resident")
+    assert r.returncode == 0, r.stderr
+    assert desired_with_key(d, "cfg-9d2e1")["desired"]["models"]["lmx-tiny"]["want"] == "resident"
+    # An explicit key still wins: the admin.key file's is not the daemon's key now.
+    file_key = (home / "admin.key").read_text().strip()
+    r = lmx(d, "set", "lmx-tiny", "want=pinned", "--admin-key", file_key)
+    assert r.returncode == 1 and "refused (--admin-key)" in r.stderr
+
+
+def desired_with_key(d: Daemon, key: str) -> dict[str, Any]:
+    auth = {"Authorization": f"Bearer {key}"}
+    body: dict[str, Any] = httpx.get(d.url + "/admin/desired", headers=auth, timeout=10).json()
+    return body
+
+
+def test_status_exits_3_while_the_config_is_invalid(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    good = d.config_path.read_text()
+    d.config_path.write_text(good + "bogus: 1\n")
+    wait_for(lambda: status(d)["config"]["valid"], lambda valid: not valid)
+    for args in (("status",), ("status", "--json")):
+        r = lmx(d, *args)
+        assert r.returncode == 3, (args, r.stdout, r.stderr)
+    assert "bogus (line" in lmx(d, "status").stdout
+    d.config_path.write_text(good)
+    wait_for(lambda: status(d)["config"]["valid"], bool)
+    assert lmx(d, "status").returncode == 0
+
+
+def test_a_quarantined_model_makes_status_unhealthy() -> None:
+    from lmx.cli import unhealthy
+
+    quarantined = {"type": "Quarantined", "status": True, "reason": "LoadFailed"}
+    fine = {"type": "Quarantined", "status": False}
+    assert unhealthy({"config": {"valid": True}, "models": {"m": {"conditions": [quarantined]}}})
+    assert not unhealthy({"config": {"valid": True}, "models": {"m": {"conditions": [fine]}}})
+    assert unhealthy({"config": {"valid": False}, "models": {}})
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "ftp://127.0.0.1:1234", "localhost:1234"])
+def test_a_bad_url_is_one_line_and_exit_2(url: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "lmx.cli", "status", "--url", url],
+        env=cli_env(None),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"lmx: invalid URL {url!r}") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_the_admin_key_is_the_one_the_daemon_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMX_HOME", str(tmp_path))
+    monkeypatch.delenv("LMX_ADMIN_KEY", raising=False)
+    (tmp_path / "admin.key").write_text("from-file\n")
+    assert resolve_admin_key(None).value == "from-file"
+    (tmp_path / "config.yaml").write_text("models: {}\nserver: {admin_key: null}\n")
+    assert resolve_admin_key(None).value == "from-file"
+    (tmp_path / "config.yaml").write_text("models: {}\nserver:\n  admin_key: from-config\n")
+    key = resolve_admin_key(None)
+    assert key.value == "from-config" and "server.admin_key" in key.origin
+    monkeypatch.setenv("LMX_ADMIN_KEY", "from-env")
+    assert resolve_admin_key(None).value == "from-env"
+    assert resolve_admin_key("from-flag").value == "from-flag"

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,55 @@ def test_a_killed_daemon_takes_its_model_workers_with_it(
     d.proc.kill()
     d.proc.wait(10)
     wait_for(lambda: all(_gone(pid) for pid in workers), bool)
+
+
+def test_a_second_daemon_on_the_same_home_fails_at_once_and_a_crashed_ones_does_not_block(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    home = tmp_path / "shared"
+    first = daemon_factory(home)
+    config, key = first.config_path.read_bytes(), (home / "admin.key").read_bytes()
+    journal = (home / "journal.json").stat().st_mtime_ns
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmx.cli", "serve", "--port", str(free_port())],
+        env={**os.environ, "LMX_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert str(home) in lines[0] and "in use by another lmx daemon" in lines[0]
+    assert f"pid {first.proc.pid}" in lines[0] and f"port {first.port}" in lines[0]
+    assert first.config_path.read_bytes() == config and (home / "admin.key").read_bytes() == key
+    assert (home / "journal.json").stat().st_mtime_ns == journal
+    ready = _readyz(first)
+    assert ready is not None and ready[0] == 200  # the first serves on, untouched
+    # Killed outright, the first leaves its lock file behind: the OS has released the lock.
+    first.proc.kill()
+    first.proc.wait(10)
+    daemon_factory(home)
+
+
+def test_sigterm_with_an_event_stream_attached_stops_at_once(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory(tmp_path / "events")
+    with httpx.stream("GET", d.url + "/admin/events", timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines) == ": connected"
+        started = time.monotonic()
+        d.proc.terminate()
+        ended_cleanly = True
+        try:
+            for _ in lines:
+                pass
+        except httpx.HTTPError:
+            ended_cleanly = False
+    assert d.proc.wait(20) == 0
+    took_s = time.monotonic() - started
+    log = d.log()
+    assert ended_cleanly and took_s < 3.0, (took_s, log[-2000:])
+    assert "Traceback" not in log and "timeout graceful shutdown" not in log
+    assert '"event": "lmx_stopped"' in log

@@ -161,6 +161,26 @@ async def test_a_subscriber_resumes_after_the_last_event_it_saw() -> None:
     assert [e["seq"] for e in resumed.pending()] == [7]
 
 
+async def test_closing_the_bus_ends_every_subscription_after_what_it_queued() -> None:
+    bus = EventBus(maxsize=2)
+    waiting, full = bus.subscribe(), bus.subscribe()
+    pending = asyncio.ensure_future(anext(waiting))
+    await asyncio.sleep(0)  # it waits on an empty queue
+    bus.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(pending, 1)
+    assert [e["i"] async for e in full] == []
+    bus = EventBus(maxsize=2)
+    full = bus.subscribe()
+    bus.publish("tick", i=0)
+    bus.publish("tick", i=1)
+    bus.close()
+    assert [e["i"] async for e in full] == [0, 1]  # what was queued comes first, whole
+    late = bus.subscribe()  # the daemon is stopping: a reconnect ends at once
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(late), 1)
+
+
 def test_pins_over_the_budget_are_reported_on_the_last_pin() -> None:
     d = desired("2GiB", a={"want": "pinned"}, b={"want": "resident"}, c={"want": "pinned"})
     problems = pins_over_budget(d, {"a": GiB, "b": 5 * GiB, "c": int(1.5 * GiB)}, 64 * GiB)
