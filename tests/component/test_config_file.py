@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.component.reconciler_world import World, model, settle, until
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
-    yield w
-    if w.reconciler is not None:
-        async with asyncio.timeout(10):
-            await w.reconciler.stop()
 
 
 async def pinned_and_resident(world: World, **settings: object) -> str:

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from lmx.errors import ConfigError, ModelNotFound, PermanentError
 from lmx.reconciler import manifest
 from tests.component.reconciler_world import World, model, settle, until
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
-    yield w
-    if w.reconciler is not None:
-        async with asyncio.timeout(10):
-            await w.reconciler.stop()
 
 
 async def test_start_loads_pinned_and_resident_models_but_not_downloaded_ones(world: World) -> None:

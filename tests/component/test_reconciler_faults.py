@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from lmx.reconciler import manifest
 from lmx.reconciler.spec import ModelSpec
 from tests.component.reconciler_world import World, model, until
 from tests.fakes import FakeEngine, Faults
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
-    yield w
-    if w.reconciler is not None:
-        async with asyncio.timeout(10):
-            await w.reconciler.stop()
 
 
 async def test_a_load_that_fails_once_backs_off_and_then_succeeds(world: World) -> None:

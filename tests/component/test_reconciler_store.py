@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from lmx.runtime.store import (
     MARGIN_MIN_BYTES,
@@ -120,15 +116,6 @@ def test_builtin_models_are_built_into_the_store(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "home", build=build)
     assert store.fetch("builtin:tiny", "main") == tmp_path / "home" / "builtin" / "tiny-x"
     assert built == ["tiny"]
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
-    yield w
-    if w.reconciler is not None:
-        async with asyncio.timeout(10):
-            await w.reconciler.stop()
 
 
 def hub_model(weights: int) -> dict[str, bytes]:

@@ -43,9 +43,15 @@ def cli_env(home: Path | None) -> dict[str, str]:
 def lmx(
     d: Daemon, *args: str, timeout_s: float = CLI_TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, "--url", d.url, home=d.home, timeout_s=timeout_s)
+
+
+def run_cli(
+    *args: str, home: Path | None = None, timeout_s: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lmx.cli", *args, "--url", d.url],
-        env=cli_env(d.home),
+        [sys.executable, "-m", "lmx.cli", *args],
+        env=cli_env(home),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -134,14 +140,7 @@ def test_status_ps_and_plan_show_the_builtin_model(daemon: Daemon) -> None:
 
 def test_an_unreachable_daemon_is_one_line_and_exit_1() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    r = subprocess.run(
-        [sys.executable, "-m", "lmx.cli", "status", "--url", url],
-        env=cli_env(None),
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
+    r = run_cli("status", "--url", url)
     assert r.returncode == 1
     assert r.stderr == f"lmx: cannot reach the daemon at {url} (is `lmx serve` running?)\n"
 
@@ -436,14 +435,7 @@ def test_a_quarantined_model_makes_status_unhealthy() -> None:
 
 @pytest.mark.parametrize("url", ["http://[::1", "ftp://127.0.0.1:1234", "localhost:1234"])
 def test_a_bad_url_is_one_line_and_exit_2(url: str) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "lmx.cli", "status", "--url", url],
-        env=cli_env(None),
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
+    r = run_cli("status", "--url", url)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"lmx: invalid URL {url!r}") and r.stderr.count("\n") == 1, r.stderr
 
