@@ -83,22 +83,6 @@ async def test_a_duplicate_key_is_refused_naming_it_and_the_last_good_state_serv
     assert world.r.generation == generation and world.loaded() == {"a", "b"}
 
 
-async def test_pins_over_the_budget_are_reported_with_the_line(world: World) -> None:
-    a, b = world.model_dir("a"), world.model_dir("b")
-    world.write("3GiB", a=model(a, "pinned"))
-    await world.build().start()
-    await until(lambda: world.ready("a"))
-    world.write("2GiB", a=model(a, "pinned"), b=model(b, "pinned"))
-    await until(lambda: world.r.config_error is not None)
-    lines = world.config_path.read_text().splitlines()
-    want_b = next(
-        i + 1
-        for i, line in enumerate(lines)
-        if line.strip() == "want: pinned" and i > lines.index("  b:")
-    )
-    assert f"models.b.want (line {want_b}): the pinned models need" in (world.r.config_error or "")
-
-
 async def test_edits_of_a_symlinked_files_target_are_seen_at_once(
     world: World, tmp_path: Path
 ) -> None:

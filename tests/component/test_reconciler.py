@@ -153,14 +153,23 @@ async def test_a_bad_edit_keeps_the_last_good_spec_and_reports_the_error(world: 
     await until(lambda: world.r.config_error is None and world.ready("b"))
 
 
-async def test_a_file_whose_pins_exceed_the_budget_is_rejected(world: World) -> None:
+async def test_a_file_whose_pins_exceed_the_budget_is_rejected_naming_the_line(
+    world: World,
+) -> None:
     a, b = world.model_dir("a"), world.model_dir("b")
     world.write("3GiB", a=model(a, "pinned"))
     await world.build().start()
     await until(lambda: world.ready("a"))
     world.write("2GiB", a=model(a, "pinned"), b=model(b, "pinned"))
     await until(lambda: world.r.config_error is not None)
-    assert "the pinned models need 2.1 GiB" in (world.r.config_error or "")
+    lines = world.config_path.read_text().splitlines()
+    want_b = next(
+        i + 1
+        for i, line in enumerate(lines)
+        if line.strip() == "want: pinned" and i > lines.index("  b:")
+    )
+    error = world.r.config_error or ""
+    assert f"models.b.want (line {want_b}): the pinned models need 2.1 GiB" in error
     assert world.loaded() == {"a"}
 
 
