@@ -13,7 +13,7 @@ from typing import Any
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from lmx.runtime.engine import LoadConfig
-from lmx.runtime.parsers import detect_reasoning, detect_tool_parser
+from lmx.runtime.parsers import MARKUP, detect_reasoning, detect_tool_parser
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, byte_level_table
 
 
@@ -29,6 +29,7 @@ class MlxTokenizer:
             byte_level_table(detok.tokenmap) if isinstance(detok, BPEStreamingDetokenizer) else None
         )
         self.eos_token_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
+        self.hidden_ids = _hidden_specials(wrapper)
         template = getattr(wrapper, "chat_template", None)
         vocab = wrapper.get_vocab()
         self.tool_parser = config.tool_parser or detect_tool_parser(template, vocab)
@@ -68,3 +69,13 @@ class MlxTokenizer:
         if self._byte_table is not None:
             return ByteDecoder(self._byte_table)
         return IncrementalDecoder(self.decode, context[-6:])
+
+
+def _hidden_specials(wrapper: Any) -> frozenset[int]:
+    """The special tokens a sequence's text leaves out, as OpenAI's and vLLM's do: chat markup
+    such as `<|im_end|>` that a model writes past an ignored EOS, or mid-answer. The markup the
+    output parsers read (`<tool_call>`, `[TOOL_CALLS]`, `<think>`, ...) stays."""
+    added = getattr(wrapper._tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(
+        int(i) for i, t in added.items() if getattr(t, "special", False) and str(t) not in MARKUP
+    )

@@ -616,11 +616,11 @@ class Worker:
         if pieces or out or changed:
             self._send(("out", pieces, out, stats))
 
-    @staticmethod
-    def _text(seq: _Seq, token: int, finish: str | None) -> tuple[str, bool]:
-        """`token`'s text for `seq`, and whether it completed a stop string (the text then
-        ends before it)."""
-        text = "" if finish == "stop" and token in seq.stop_ids else seq.detok.add(token)
+    def _text(self, seq: _Seq, token: int, finish: str | None) -> tuple[str, bool]:
+        """`token`'s text for `seq` (none for a stop token that ended it, or a special token the
+        text leaves out), and whether it completed a stop string (the text then ends before it)."""
+        ended = finish == "stop" and token in seq.stop_ids
+        text = "" if ended or token in self.tokenizer.hidden_ids else seq.detok.add(token)
         if finish is not None:
             text += seq.detok.flush()
         text, stopped = seq.stops.feed(text)

@@ -13,7 +13,10 @@ from types import MappingProxyType
 from typing import Protocol, TypeAlias
 
 from lmx.runtime.toolcalls import (
+    HERMES_CLOSE,
     HERMES_OPEN,
+    MISTRAL_ARGS,
+    MISTRAL_CALL_ID,
     MISTRAL_OPEN,
     PYTHON_TAG,
     Scanned,
@@ -38,6 +41,19 @@ __all__ = [
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
+# The markup these parsers read: it stays in a sequence's text even where the tokenizer counts
+# its token as special (lmx.runtime.mlx_tokenizer leaves the other special tokens out).
+MARKUP = frozenset(
+    {
+        HERMES_OPEN,
+        HERMES_CLOSE,
+        MISTRAL_OPEN,
+        MISTRAL_ARGS,
+        MISTRAL_CALL_ID,
+        PYTHON_TAG,
+        *_THINK_TAGS,
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,24 @@ async def test_logit_bias_forces_a_token(engine: MlxEngine) -> None:
     assert text == engine.tokenizer.decode([target] * 4)
 
 
+async def test_special_tokens_stay_out_of_the_text_but_the_parsers_markup_stays(
+    engine: MlxEngine,
+) -> None:
+    p = prompts(engine, 1)[0]
+    tok = engine.tokenizer
+    im_end, tool_call = tok.encode("<|im_end|>"), tok.encode("<tool_call>")
+    assert len(im_end) == len(tool_call) == 1  # one special token, one markup token
+    # Past an ignored EOS the model writes chat markup: it is counted, not shown.
+    forced = SamplingParams(
+        max_tokens=3, temperature=0, ignore_eos=True, logit_bias={im_end[0]: 100}
+    )
+    text, last = await run(engine, p, forced)
+    assert text == "" and last.completion_tokens == 3
+    forced = replace(forced, logit_bias={tool_call[0]: 100.0})
+    text, _ = await run(engine, p, forced)
+    assert text == "<tool_call>" * 3
+
+
 async def test_eos_is_never_emitted_before_min_tokens(engine: MlxEngine) -> None:
     p = prompts(engine, 1)[0]
     eos = min(engine.tokenizer.eos_token_ids)
