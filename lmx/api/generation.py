@@ -22,6 +22,7 @@ from lmx.runtime.engine import (
     GenerationRequest,
     SamplingParams,
     TokenLogprob,
+    context_exceeded,
 )
 from lmx.runtime.parsers import Content, OutputParser, Piece, Reasoning, ToolCall, make_parser
 
@@ -50,6 +51,10 @@ def sampling_params(
             param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
+    if max_tokens is not None and max_tokens > room:
+        chat = isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None
+        field = "max_completion_tokens" if chat else "max_tokens"
+        raise context_exceeded(engine.context_length, n_prompt, max_tokens, field)
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         if not key.lstrip("-").isdigit():

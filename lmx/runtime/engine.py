@@ -13,6 +13,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from lmx.errors import RequestError
+
 
 class EngineState(StrEnum):
     LOADING = "loading"
@@ -187,3 +189,14 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[LoadConfig], Engine]
+
+
+def context_exceeded(limit: int, n_prompt: int, max_tokens: int, param: str) -> RequestError:
+    """The error for a prompt and completion longer than the model's context, OpenAI's words."""
+    return RequestError(
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in the "
+        "completion).",
+        param=param,
+        code="context_length_exceeded",
+    )

@@ -31,7 +31,14 @@ import structlog
 from mlx_lm.utils import load_tokenizer
 
 from lmx.errors import QueueFull, RequestError
-from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationRequest, LoadConfig
+from lmx.runtime.engine import (
+    Delta,
+    EngineState,
+    EngineStats,
+    GenerationRequest,
+    LoadConfig,
+    context_exceeded,
+)
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
@@ -295,13 +302,8 @@ class MlxEngine:
         if n_prompt == 0:
             raise RequestError("the prompt is empty", param="prompt")
         if n_prompt + request.params.max_tokens > self._context_length:
-            raise RequestError(
-                f"This model's maximum context length is {self._context_length} tokens. "
-                f"However, you requested {n_prompt + request.params.max_tokens} tokens "
-                f"({n_prompt} in the prompt, {request.params.max_tokens} in the completion).",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+            limit, wanted = self._context_length, request.params.max_tokens
+            raise context_exceeded(limit, n_prompt, wanted, "max_tokens")
         if self._in_flight >= self.config.max_batch + self.config.max_queue:
             raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
         request = self._within_vocabulary(request)

@@ -226,6 +226,9 @@ async def test_context_overflow_is_400_naming_the_limit(client: httpx.AsyncClien
     r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000})
     err = assert_envelope(r, 400, "max_tokens")
     assert "4096" in err["message"] and err["code"] == "context_length_exceeded"
+    # The field the client sent is the one named.
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 5000})
+    assert_envelope(r, 400, "max_completion_tokens")
 
 
 async def test_completions_with_token_ids_and_echo(client: httpx.AsyncClient) -> None:
