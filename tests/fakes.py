@@ -119,6 +119,7 @@ class FakeEngine:
         self._factory = factory
         self._state = EngineState.UNLOADED
         self._bytes = 0
+        self.served = 0  # streams that ran to their end
         self.on_failure: Callable[[str], None] = lambda _reason: None
 
     @property
@@ -171,7 +172,7 @@ class FakeEngine:
             self._factory.memory.free(id(self))
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0, self._bytes, 0, 0, 0)
+        return EngineStats(0, 0, 0, self._bytes, 0, 0, 0, served=self.served)
 
     def resident_bytes(self) -> int:
         return self._bytes if self._state is EngineState.READY else 0
@@ -180,6 +181,7 @@ class FakeEngine:
         for tok in request.prompt_tokens[: request.params.max_tokens]:
             await asyncio.sleep(0)
             yield Delta(text=chr(tok), token_ids=(tok,))
+        self.served += 1
         yield Delta(text="", finish_reason="stop")
 
 

@@ -377,18 +377,21 @@ class Reconciler:
             self._wake.clear()
         return await self._observe(desired)
 
-    def _engine_failed(self, model_id: str, reason: str) -> None:
+    def _engine_failed(self, model_id: str, reason: str, served: bool) -> None:
         """A loaded model's engine died on its own (its worker crashed). It is loaded again after
-        a backoff that doubles with each crash in a row (crashes `crash_window_s` apart start
-        over), and quarantined after `max_failures` in a row: a model that crashes on every
-        request must not be reloaded after every crash."""
+        a backoff that doubles with each crash in a row, and quarantined after `max_failures` in
+        a row: a model that crashes on every request must not be reloaded after every crash. An
+        engine that `served` a request before it crashed, or a crash `crash_window_s` after the
+        last, starts the count over: a model that serves between rare crashes is not one that
+        cannot run, and a few bad requests must not take it out of service."""
         spec = self._desired.models.get(model_id)
         if spec is None:
             return
         now = self._clock()
         prev = self._crashes.get(model_id)
         in_a_row = 1
-        if prev is not None and prev[0] == spec and now - prev[2] < self.settings.crash_window_s:
+        recent = prev is not None and now - prev[2] < self.settings.crash_window_s
+        if prev is not None and prev[0] == spec and recent and not served:
             in_a_row = prev[1] + 1
         self._crashes[model_id] = (spec, in_a_row, now)
         s = self.settings

@@ -122,6 +122,7 @@ class EngineStats:
     prefill_steps: int = 0  # steps that also did prompt work: extra forward passes for the batch
     step_s: float = 0.0  # time in decode/prefill steps since the load
     overhead_s: float = 0.0  # the stepping thread's own work between steps since then
+    served: int = 0  # sequences that ended well (stop, length) since the load
 
 
 class Tokenizer(Protocol):

@@ -178,6 +178,7 @@ class MlxEngine:
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count()
         self._in_flight = 0
+        self._served = 0
         _engines.add(self)
 
     # -- lifecycle (blocking; called on a worker thread by the registry) --
@@ -291,6 +292,7 @@ class MlxEngine:
             generated_tokens=s.generated_tokens if s else 0,
             step_s=s.step_s if s else 0.0,
             overhead_s=s.overhead_s if s else 0.0,
+            served=self._served,
         )
 
     # -- the asyncio side --
@@ -324,6 +326,8 @@ class MlxEngine:
                 while delta.finish_reason is None and not st.out.empty():
                     delta = _joined(delta, st.out.get_nowait())
                 finished = delta.finish_reason is not None
+                if finished and delta.finish_reason != "error":
+                    self._served += 1
                 yield delta
                 if finished:
                     return

@@ -51,8 +51,9 @@ class EngineRegistry:
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
         self.on_change: Callable[[], None] = lambda: None
-        # Called (model id, reason) on the loop when a loaded engine fails on its own.
-        self.on_engine_failed: Callable[[str, str], None] = lambda model_id, reason: None
+        # Called (model id, reason, whether it served any request) on the loop when a loaded
+        # engine fails on its own.
+        self.on_engine_failed: Callable[[str, str, bool], None] = lambda mid, reason, served: None
 
     def get(self, model_id: str) -> Engine | None:
         slot = self._slots.get(model_id)
@@ -100,7 +101,7 @@ class EngineRegistry:
             return
         del self._slots[model_id]
         log.error("engine_failed", model=model_id, reason=reason)
-        self.on_engine_failed(model_id, reason)
+        self.on_engine_failed(model_id, reason, engine.stats().served > 0)
         self.on_change()
 
     def drain(self, model_id: str, draining: bool = True) -> None:

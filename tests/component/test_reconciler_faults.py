@@ -12,6 +12,7 @@ import pytest
 from lmx.errors import PermanentError, TemporaryError
 from lmx.reconciler import manifest
 from lmx.reconciler.spec import ModelSpec
+from lmx.runtime.engine import GenerationRequest, SamplingParams
 from tests.component.reconciler_world import World, model, until
 from tests.fakes import FakeEngine, Faults
 
@@ -189,3 +190,23 @@ async def test_an_engine_that_keeps_crashing_is_reloaded_later_each_time_then_qu
     assert world.engines.count("load", "a") == 3
     crashes = [e["in_a_row"] for e in events.pending() if e["type"] == "engine_failed"]
     assert crashes == [1, 2, 3]
+
+
+async def test_crashes_with_requests_served_between_them_never_quarantine(world: World) -> None:
+    # A few bad requests, each crashing a worker that had served others, must not take the model
+    # out of service: only crashes with nothing served between them count in a row.
+    world.write(a=model(world.model_dir("a")))
+    r = world.build(backoff_base_s=0.05, backoff_max_s=0.2)  # quarantined at the third in a row
+    events = r.subscribe()
+    await r.start()
+    for n in (1, 2, 3, 4):
+        await until(lambda n=n: world.engines.count("load", "a") == n and world.ready("a"))
+        engine = world.reg.get("a")
+        assert isinstance(engine, FakeEngine)
+        async for _ in engine.stream(GenerationRequest([5, 6], SamplingParams(max_tokens=2))):
+            pass
+        engine.crash()
+    await until(lambda: world.engines.count("load", "a") == 5 and world.ready("a"))
+    assert not world.condition("a", "Quarantined")["status"]
+    crashes = [e["in_a_row"] for e in events.pending() if e["type"] == "engine_failed"]
+    assert crashes == [1, 1, 1, 1]
