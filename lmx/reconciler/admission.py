@@ -32,6 +32,30 @@ _Candidate = tuple[ModelSpec, ObservedModel]
 _RELOAD = frozenset({UnloadReason.SPEC_CHANGED, UnloadReason.DRAINED})
 
 
+def pinned_bytes(desired: DesiredState, observed: ObservedState) -> int:
+    """What the declared pins take of the budget, loaded or not: room no other model can have."""
+    pins = [mid for mid, s in desired.models.items() if s.want is Want.PINNED]
+    return sum(observed.model(mid).charge_bytes for mid in pins)
+
+
+def never_fits(spec: ModelSpec, o: ObservedModel, budget: int, pins: int) -> Blocked | None:
+    """Why the model can never be loaded while the budget and the pins stay as declared: it is
+    larger than the whole budget, or (not pinned itself) than what the pins leave of it."""
+    fp = o.footprint_bytes
+    if fp is None:
+        return None
+    if fp > budget:
+        msg = f"needs {fmt_bytes(fp)}, the whole budget is {fmt_bytes(budget)}"
+        return Blocked(o.model_id, BlockReason.EXCEEDS_BUDGET, msg)
+    if spec.want is not Want.PINNED and fp > budget - pins:
+        msg = (
+            f"needs {fmt_bytes(fp)}; the pinned models take {fmt_bytes(pins)} of the budget of"
+            f" {fmt_bytes(budget)}, leaving {fmt_bytes(max(budget - pins, 0))}"
+        )
+        return Blocked(o.model_id, BlockReason.EXCEEDS_BUDGET, msg)
+    return None
+
+
 def gate(o: ObservedModel, now_s: float) -> Blocked | None:
     """A failure record that holds back downloads and loads of this model."""
     if o.quarantine_reason is not None:
@@ -63,6 +87,7 @@ class Admission:
         self.draining_bytes = 0  # held by busy models on their way out
         self.pin_total = 0
         self.pin_prefix: dict[str, int] = {}
+        self.pins = pinned_bytes(desired, observed)
         self.candidates: dict[Want, list[_Candidate]] = {
             Want.PINNED: [],
             Want.DOWNLOADED: [],  # loads on request, whatever the model's `want`
@@ -117,18 +142,16 @@ class Admission:
                 self.wakes.append(o.retry_at_s)
         return b is not None
 
-    def _too_big(self, o: ObservedModel) -> bool:
-        fp = o.footprint_bytes
-        if fp is not None and fp > self.budget:
-            msg = f"needs {fmt_bytes(fp)}, the whole budget is {fmt_bytes(self.budget)}"
-            self.block(o.model_id, BlockReason.EXCEEDS_BUDGET, msg)
-            return True
-        return False
+    def _too_big(self, spec: ModelSpec, o: ObservedModel) -> bool:
+        b = never_fits(spec, o, self.budget, self.pins)
+        if b is not None:
+            self.blocked.append(b)
+        return b is not None
 
     def consider_download(self, spec: ModelSpec, o: ObservedModel) -> None:
         if spec.is_local:
             self.block(o.model_id, BlockReason.SOURCE_MISSING, f"no model at {spec.source}")
-        elif not (self._gated(o) or self._too_big(o)):
+        elif not (self._gated(o) or self._too_big(spec, o)):
             self.downloads.append(Download(o.model_id))
 
     def consider_load(self, spec: ModelSpec, o: ObservedModel) -> None:
@@ -148,7 +171,7 @@ class Admission:
             cls = Want.RESIDENT
         else:
             return
-        if self._gated(o) or self._too_big(o):
+        if self._gated(o) or self._too_big(spec, o):
             return
         if o.footprint_bytes is None:
             msg = "no size estimate yet (no weights found)"
@@ -172,6 +195,8 @@ class Admission:
                     self.used += fp
                     continue
                 room = f"needs {fmt_bytes(fp)}, {fmt_bytes(max(free, 0))} free"
+                if free < 0:  # models ahead of it in this plan wait for room already
+                    room += f" ({fmt_bytes(-free)} more promised to loads waiting ahead of it)"
                 if self.releasing and fp <= free + self.unreleased:
                     msg = f"{room}; {fmt_bytes(self.unreleased)} not yet returned by an unload"
                     self.block(mid, BlockReason.MEMORY_NOT_RELEASED, msg)

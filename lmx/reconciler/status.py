@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lmx.reconciler.actions import Plan, plan_json
+from lmx.reconciler.admission import never_fits, pinned_bytes
 from lmx.reconciler.conditions import ConditionBook, ConditionType, derive
 from lmx.reconciler.events import EventBus
 from lmx.reconciler.executor import Executor
@@ -108,8 +109,12 @@ class StatusView:
             self._events.publish("condition_changed", model=None, condition=cond.to_json())
 
     def servable(self, desired: DesiredState) -> list[str]:
+        """The names a request may use now: models loaded and ready, and those on disk that a
+        request would load, unless they never can (quarantined, or too big for the budget or
+        beside the pins): clients that list models offer these to people."""
         engines = self._registry.snapshot()
         disk = self._observer.disk
+        observed = self.observed
         names = []
         for mid, spec in desired.models.items():
             eng = engines.get(mid)
@@ -117,6 +122,13 @@ class StatusView:
             on_demand = spec.want is not Want.ABSENT and mid in disk and disk[mid].downloaded
             if spec.want is Want.DOWNLOADED and not desired.jit:
                 on_demand = False
+            fail = self._failures.current(mid, spec)
+            if on_demand and fail is not None and fail.quarantined:
+                on_demand = False
+            if on_demand and observed is not None:
+                budget = desired.memory.budget_bytes(observed.total_memory_bytes)
+                pins = pinned_bytes(desired, observed)
+                on_demand = never_fits(spec, observed.model(mid), budget, pins) is None
             if ready or on_demand:
                 names += [mid, *spec.aliases]
         return names

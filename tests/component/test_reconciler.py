@@ -256,6 +256,23 @@ async def test_status_reports_generations_memory_and_per_model_state(world: Worl
     assert world.r.status()["models"]["a"]["in_flight"] == 0
 
 
+async def test_a_model_too_big_beside_the_pins_is_refused_for_good_and_not_offered(
+    world: World,
+) -> None:
+    # 3 GiB budget, a 2 GiB pin: a 1.5 GiB model can never be loaded while the pin stays.
+    world.write(
+        "3GiB",
+        p=model(world.model_dir("p", 2), "pinned"),
+        big=model(world.model_dir("big", 1.5), "downloaded"),
+    )
+    await world.build().start()
+    await until(lambda: world.ready("p"))
+    await until(settle(world))
+    with pytest.raises(PermanentError, match=r"ExceedsBudget: needs .*the pinned models take"):
+        await world.r.ensure_ready("big")
+    assert world.r.servable() == ["p"]
+
+
 async def test_stop_unloads_every_engine(world: World) -> None:
     world.write(a=model(world.model_dir("a")), b=model(world.model_dir("b")))
     await world.build().start()

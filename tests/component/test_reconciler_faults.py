@@ -55,11 +55,13 @@ async def test_a_load_that_always_fails_is_quarantined_until_its_spec_changes(
     assert world.engines.count("load", "a") == 3
     with pytest.raises(PermanentError, match="Quarantined"):
         await world.r.ensure_ready("a")
+    assert world.r.servable() == []  # /v1/models offers no model that cannot be served
 
     world.engines.faults["a"] = Faults()
     world.write(a=model(path, engine={"max_batch": 8}))
     await until(lambda: world.condition("a", "Ready")["status"])
     assert world.condition("a", "Quarantined")["status"] is False
+    assert world.r.servable() == ["a"]
 
 
 async def test_a_load_that_hangs_times_out_and_is_not_started_twice(world: World) -> None:

@@ -258,12 +258,21 @@ CASES: list[
         [],
     ),
     (
+        # The pin stays; what cannot fit beside it is refused for good, not "retry later".
         "never_evicts_a_pinned_model",
         desired("4GiB", a=P, c=D),
         [loaded("a", 3, used=900), on_disk("c", 2, requested=True)],
         {},
         [],
-        [("c", "InsufficientMemory")],
+        [("c", "ExceedsBudget")],
+    ),
+    (
+        "downloads_nothing_that_cannot_fit_beside_the_pins",
+        desired("4GiB", a=P, c=D),
+        [loaded("a", 3), ObservedModel("c", footprint_bytes=2 * GiB)],
+        {},
+        [],
+        [("c", "ExceedsBudget")],
     ),
     (
         "a_pin_evicts_a_resident_model",
