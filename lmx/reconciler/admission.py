@@ -186,6 +186,9 @@ class Admission:
 
     def admit(self) -> None:
         victims_left: list[ObservedModel] | None = None
+        # Requests first come, first served: a later one must not take the room an earlier one
+        # is waiting for (say, a request for the very model evicted to make that room).
+        self.candidates[Want.DOWNLOADED].sort(key=lambda c: c[1].request_order)
         for why, items in self.candidates.items():
             for _spec, o in items:
                 mid, fp = o.model_id, o.footprint_bytes or 0

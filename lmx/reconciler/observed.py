@@ -38,6 +38,7 @@ class ObservedModel:
     footprint_bytes: int | None = None  # measured if known, else estimated; None if unknown
     # the loop's memory of this model (each reset when the model's spec changes)
     requested: bool = False  # a request waits for it (ensure_ready)
+    request_order: int = 0  # where the first request waiting for it came among requests
     idled: bool = False  # unloaded after idle_ttl: reload on request only
     quarantine_reason: str | None = None
     retry_at_s: float | None = None  # backing off after a failure until then

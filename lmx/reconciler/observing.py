@@ -60,7 +60,7 @@ class Observer:
         self,
         desired: DesiredState,
         *,
-        requested: set[str],
+        requested: Mapping[str, int],
         idled: Mapping[str, ModelSpec],
         record: bool = True,
     ) -> ObservedState:
@@ -100,6 +100,7 @@ class Observer:
                 drain_deadline_s=ex.drain_deadlines.get(mid),
                 footprint_bytes=facts.footprint.total_bytes if facts and facts.footprint else None,
                 requested=mid in requested,
+                request_order=requested.get(mid, 0),
                 idled=spec is not None and idled.get(mid) == spec,
                 quarantine_reason=f"{fail.reason}: {fail.message}"
                 if fail and fail.quarantined

@@ -2,8 +2,9 @@
 
 No I/O, no clock, no logging: the reconcile loop observes, calls this, and hands the plan to the
 executor. Actions come out in execution order (drains, unloads and evictions, cancels, deletes,
-downloads, loads; loads by priority: pins, then requests, then resident models), each load
-admitted against the memory budget after the memory that the plan frees (`admission.py`).
+downloads, loads; loads by priority: pins, then requests first come first served, then resident
+models), each load admitted against the memory budget after the memory that the plan frees
+(`admission.py`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ waiting. The loop is the only writer; a cancelled waiter (client gone) is simply
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 from lmx.errors import LmxError, ModelNotFound, PermanentError, TemporaryError
@@ -21,35 +22,37 @@ _RETRY_S = 5.0
 
 class Requests:
     def __init__(self) -> None:
-        self._inbox: list[tuple[str, asyncio.Future[str]]] = []
-        self._waiting: dict[str, list[asyncio.Future[str]]] = {}
+        self._order = itertools.count(1)  # requests in the order they came
+        self._inbox: list[tuple[str, int, asyncio.Future[str]]] = []
+        self._waiting: dict[str, list[tuple[int, asyncio.Future[str]]]] = {}
 
     def submit(self, name: str) -> asyncio.Future[str]:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._inbox.append((name, fut))
+        self._inbox.append((name, next(self._order), fut))
         return fut
 
     def admit(self, desired: DesiredState, servable: Callable[[], list[str]]) -> None:
         """Move queued requests to their model's waiters; fail unknown or absent names now."""
         inbox, self._inbox = self._inbox, []
-        for name, fut in inbox:
+        for name, order, fut in inbox:
             if fut.done():
                 continue
             mid = desired.resolve(name)
             if mid is None or desired.models[mid].want is Want.ABSENT:
                 fut.set_exception(ModelNotFound(name, servable()))
             else:
-                self._waiting.setdefault(mid, []).append(fut)
+                self._waiting.setdefault(mid, []).append((order, fut))
 
-    def wanted(self) -> set[str]:
-        """Models that a live request waits for."""
+    def wanted(self) -> dict[str, int]:
+        """Models that a live request waits for, each with the place of the first such request
+        in the order requests came (the planner loads them first come, first served)."""
         for mid in list(self._waiting):
-            live = [f for f in self._waiting[mid] if not f.done()]
+            live = [(n, f) for n, f in self._waiting[mid] if not f.done()]
             if live:
                 self._waiting[mid] = live
             else:
                 del self._waiting[mid]
-        return set(self._waiting)
+        return {mid: min(n for n, _ in waiters) for mid, waiters in self._waiting.items()}
 
     def resolve(
         self, desired: DesiredState, observed: ObservedState, plan: Plan, failures: FailureBook
@@ -58,18 +61,18 @@ class Requests:
             decision = self._decide(mid, desired, observed, plan, failures)
             if decision is None:
                 continue
-            for fut in self._waiting.pop(mid):
+            for _, fut in self._waiting.pop(mid):
                 if isinstance(decision, LmxError):
                     fut.set_exception(decision)
                 else:
                     fut.set_result(decision)
 
     def fail_all(self, exc: LmxError) -> None:
-        for _, fut in self._inbox:
+        for _, _, fut in self._inbox:
             if not fut.done():
                 fut.set_exception(exc)
-        for futs in self._waiting.values():
-            for fut in futs:
+        for waiters in self._waiting.values():
+            for _, fut in waiters:
                 if not fut.done():
                     fut.set_exception(exc)
         self._inbox, self._waiting = [], {}

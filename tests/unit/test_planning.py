@@ -307,6 +307,32 @@ CASES: list[
         [("a", "InsufficientMemory")],
     ),
     (
+        # A request for the model evicted for an earlier one waits its turn: the room goes to the
+        # request that came first, and the evicted model is not loaded straight back.
+        "gives_the_room_a_drain_freed_to_the_request_that_came_first",
+        desired("4GiB", a=D, c=D),
+        [
+            loaded(
+                "a", 3, draining=True, drain_deadline_s=NOW + 30, requested=True, request_order=2
+            ),
+            on_disk("c", 2, requested=True, request_order=1),
+        ],
+        {},
+        [("Unload", "a", "Drained"), ("Load", "c")],
+        [("a", "InsufficientMemory")],
+    ),
+    (
+        "loads_requested_models_first_come_first_served",
+        desired("4GiB", a=D, b=D),
+        [
+            on_disk("a", 3, requested=True, request_order=7),
+            on_disk("b", 3, requested=True, request_order=4),
+        ],
+        {},
+        [("Load", "b")],
+        [("a", "InsufficientMemory")],
+    ),
+    (
         "waits_for_a_draining_model_before_its_deadline",
         desired("4GiB", a=R, c=D),
         [
