@@ -19,7 +19,7 @@ from lmx.reconciler.conditions import ConditionBook, ConditionType, derive
 from lmx.reconciler.events import EventBus
 from lmx.reconciler.executor import Executor
 from lmx.reconciler.failures import FailureBook
-from lmx.reconciler.fetching import sizing_of
+from lmx.reconciler.fetching import Job, sizing_of
 from lmx.reconciler.observed import ObservedModel, ObservedState
 from lmx.reconciler.observing import Observer
 from lmx.reconciler.spec import DesiredState, Want
@@ -165,6 +165,15 @@ class StatusView:
             "last_pass": head.last_pass,
         }
 
+    def _conditions_now(self, mid: str, job: Job | None) -> list[dict[str, Any]]:
+        """The model's conditions as of the last pass, a download's progress as of now (a long
+        download may run with no pass for a while: a resumed one read 0% throughout)."""
+        out = [c.to_json() for c in self.conditions.get(mid).values()]
+        for c in out:
+            if job is not None and c["type"] == ConditionType.DOWNLOADED and not c["status"]:
+                c["message"] = job.describe()
+        return out
+
     def _model_status(
         self,
         mid: str,
@@ -199,7 +208,7 @@ class StatusView:
             "revision": spec.revision if spec else None,
             # A Hub model's resolved commit: of its files on disk, else of its download under way.
             "commit": (facts.commit if facts else None) or (job.commit if job else None),
-            "conditions": [c.to_json() for c in self.conditions.get(mid).values()],
+            "conditions": self._conditions_now(mid, job),
             "footprint": {
                 "estimated_bytes": est.total_bytes if est else None,
                 "measured_bytes": fp.total_bytes if fp is not None and fp.measured else None,

@@ -184,7 +184,21 @@ async def test_a_download_cut_by_a_restart_resumes_where_it_stopped(
     assert 0 < kept < len(files[WEIGHTS]) and not is_complete(world.model_path("org/m"))
     hub_server.clear_faults()
 
+    hub_server.bytes_per_s = 1 << 20  # ~1 s for the rest: status follows it as it goes
     await world.build().start()  # the next process, on the same LMX_HOME
+
+    def progress() -> str:
+        conditions = world.status_of("m").get("conditions", [])
+        return next((c["message"] for c in conditions if c["type"] == "Downloaded"), "")
+
+    # From where it stopped (not 0%), as of now, with no reconcile pass meanwhile.
+    start = int(100 * kept / len(files[WEIGHTS])) - 1
+
+    def resumed() -> str | None:
+        m = progress()
+        return m if m.endswith("/s") and int(m.split("%")[0]) > start else None
+
+    assert "of 1.0 MiB" in await until(resumed)
     await until(lambda: world.ready("m"), timeout_s=10)
 
     assert hub_server.served(WEIGHTS)[-1].range == f"bytes={kept}-"
