@@ -41,6 +41,7 @@ from lmx.runtime.engine import (
 )
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.store import named_json_error
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
 
 log = structlog.get_logger(__name__)
@@ -231,8 +232,11 @@ class MlxEngine:
         )
 
     def _load_tokenizer(self) -> Any:
-        cfg = json.loads((self.config.path / "config.json").read_text())
-        return load_tokenizer(self.config.path, eos_token_ids=cfg.get("eos_token_id"))  # type: ignore[no-untyped-call]
+        try:
+            cfg = json.loads((self.config.path / "config.json").read_text())
+            return load_tokenizer(self.config.path, eos_token_ids=cfg.get("eos_token_id"))  # type: ignore[no-untyped-call]
+        except json.JSONDecodeError as exc:
+            raise named_json_error(exc, self.config.path) from None
 
     def _await_ready(self) -> Ready:
         assert self._conn is not None and self._proc is not None

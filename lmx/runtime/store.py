@@ -111,6 +111,19 @@ def kv_bytes_per_token(config: dict[str, Any]) -> int | None:
     return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
 
 
+def named_json_error(exc: Exception, model_dir: Path) -> Exception:
+    """`exc`, or, where it is a JSON file of `model_dir` that does not parse (the parser's error
+    names no file), an error naming that file."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return exc
+    for f in sorted(model_dir.glob("*.json")):
+        try:
+            json.loads(f.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+            return ValueError(f"{f} is not valid JSON: {bad}")
+    return exc
+
+
 def context_tokens(config: dict[str, Any], declared: int | None) -> int:
     """Tokens per sequence a load reserves: the declared length, capped at the model's native one
     (from config.json, or its `text_config` for multimodal models; 4096 if it names none)."""

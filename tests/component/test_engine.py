@@ -826,3 +826,10 @@ async def test_a_load_the_worker_fails_raises_its_error_and_leaves_no_process(
         await asyncio.to_thread(e.load)
     assert e.state is EngineState.FAILED and e.pid is None
     await asyncio.to_thread(e.unload)  # idempotent after a failed load
+    # A JSON file that does not parse is named (the parser's error names no file).
+    shutil.rmtree(broken)
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "qwen3",\n')
+    e = MlxEngine(LoadConfig(model_id="b", path=broken))
+    with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON: Expecting"):
+        await asyncio.to_thread(e.load)
