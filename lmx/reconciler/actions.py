@@ -126,6 +126,8 @@ class Plan:
 def action_json(action: Action) -> dict[str, Any]:
     """`{"action": "Load", "model": ..., ...}` for logs, events and the admin API."""
     fields = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(action).items()}
+    if isinstance(action, Load) and action.why is Want.DOWNLOADED:
+        fields["why"] = "request"  # the class of loads on request, whatever the model's want
     model = fields.pop("model_id")
     return {"action": type(action).__name__, "model": model, **fields}
 

@@ -560,6 +560,11 @@ def test_plan_json_is_plain_data() -> None:
         "message": "needs 4.0 GiB, 3.0 GiB free; draining busy models",
     }
     assert doc["budget_bytes"] == 6 * GiB
+    # A load on request says so, whatever the model's own want.
+    p = plan(d, state(d, loaded("a", 1), on_disk("c", 2, requested=True)))
+    assert plan_json(p)["actions"] == [
+        {"action": "Load", "model": "c", "footprint_bytes": 2 * GiB, "why": "request"}
+    ]
 
 
 def test_total_memory_is_the_base_of_a_percentage_budget() -> None:
