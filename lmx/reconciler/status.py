@@ -214,6 +214,7 @@ class StatusView:
                 "measured_bytes": fp.total_bytes if fp is not None and fp.measured else None,
                 "weights_bytes": fp.weights_bytes if fp else None,
                 "kv_bytes": fp.kv_bytes if fp else None,
+                "prompt_cache_bytes": fp.prompt_cache_bytes if fp else None,
                 "process_bytes": fp.process_bytes if fp else None,
                 "context_tokens": fp.context_tokens if fp else None,
                 "load_rise_bytes": rec.usage.bytes if rec else None,

@@ -245,6 +245,7 @@ async def test_status_reports_generations_memory_and_per_model_state(world: Worl
     assert a["footprint"]["measured_bytes"] == 2**30 + 32 * 2**20 + int(0.05 * 0 * 2**30) + (
         int(2**30 * 0.05) - 32 * 2**20
     )
+    assert a["footprint"]["prompt_cache_bytes"] == 0  # the world's models have none
     assert a["in_flight"] == 0 and a["last_used"] is not None
     assert world.r.servable() == ["a"]
     assert world.r.plan_now().is_empty
