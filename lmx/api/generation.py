@@ -222,14 +222,19 @@ class ChoiceState:
         return pieces
 
 
-def output_parser(engine: Engine, prompt: Sequence[int], *, tools: bool) -> OutputParser:
+def output_parser(
+    engine: Engine, prompt: Sequence[int], *, tools: bool, constrained: bool = False
+) -> OutputParser:
+    """The parser of a chat answer to `prompt`. A prompt that ends by opening a <think> block
+    starts the answer in reasoning, unless a grammar constrains it: the grammar's output (a tool
+    call, JSON) is the answer from its first token, whatever the template opened."""
     tok = engine.tokenizer
     tail = tok.decode(list(prompt[-4:])).rstrip()
     return make_parser(
         tool_parser=tok.tool_parser,
         tools_enabled=tools,
         reasoning=tok.reasoning,
-        starts_in_reasoning=tok.reasoning and tail.endswith("<think>"),
+        starts_in_reasoning=tok.reasoning and tail.endswith("<think>") and not constrained,
     )
 
 

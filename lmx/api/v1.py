@@ -278,7 +278,15 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
 
     gen, engine, requests = await _Generation.start(deps, body.model, build)
     states = [
-        ChoiceState(i, output_parser(engine, requests[0].prompt_tokens, tools=tools_on))
+        ChoiceState(
+            i,
+            output_parser(
+                engine,
+                requests[0].prompt_tokens,
+                tools=tools_on,
+                constrained=requests[0].constraint is not None,
+            ),
+        )
         for i in range(body.n)
     ]
     rid, created = new_id("chatcmpl"), int(time.time())

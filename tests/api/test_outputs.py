@@ -127,3 +127,47 @@ async def test_without_tools_the_markup_is_content(client: httpx.AsyncClient) ->
     msg = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]
     assert "tool_calls" not in msg
     assert msg["content"].startswith("Checking.<tool_call>")
+
+
+class ThinkingTokenizer(ScriptedTokenizer):
+    """A template that opens the answer's <think> block itself (Qwen3-Thinking, R1 distills),
+    whatever `enable_thinking` says; `<think>` is one token, as in those tokenizers."""
+
+    THINK = 0x110000
+
+    def encode(self, text: str) -> list[int]:
+        parts = [super(ThinkingTokenizer, self).encode(p) for p in text.split("<think>")]
+        return [t for i, p in enumerate(parts) for t in ([self.THINK] if i else []) + p]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join("<think>" if i == self.THINK else chr(i) for i in ids)
+
+    def apply_chat_template(self, messages: Any, **_: Any) -> list[int]:
+        return self.encode(json.dumps(messages) + "<|im_start|>assistant\n<think>\n")
+
+
+class CallingEngine(ScriptedEngine):
+    """Answers with a bare tool call, as a grammar makes a model write it."""
+
+    def __init__(self, config: LoadConfig) -> None:
+        super().__init__(config)
+        self.tokenizer = ThinkingTokenizer()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+        yield Delta(text=call, token_ids=(1,), finish_reason="stop", completion_tokens=1)
+
+
+async def test_a_constrained_answer_after_an_opened_think_block_is_the_answer() -> None:
+    registry = EngineRegistry(CallingEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        # The grammar makes the call the answer from its first token: not reasoning.
+        forced = {**BODY, "tool_choice": "required"}
+        msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
+        assert [t["function"]["name"] for t in msg["tool_calls"]] == ["get_weather"]
+        assert "reasoning_content" not in msg
+        # Unconstrained, the same text is the model thinking inside the block it was given.
+        msg = (await c.post("/v1/chat/completions", json=BODY)).json()["choices"][0]["message"]
+        assert "tool_calls" not in msg and msg["reasoning_content"].startswith("<tool_call>")
