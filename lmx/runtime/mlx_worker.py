@@ -84,6 +84,7 @@ _STATS_EVERY_S = 0.1  # memory counters and KV bytes ride along with deltas at m
 # Steps whose output the output thread may have still to send before the main thread waits for it
 # (Worker._behind): a sequence whose text hit a stop string takes this many extra steps at most.
 _OUTPUT_LAG = 2
+_LOGPROB_FLOOR = -9999.0  # the logprob reported for a token that cannot be drawn
 _SCORE_CHUNK = 256  # prompt tokens a scoring pass takes at once: 256 x vocabulary float32 logits
 
 
@@ -695,12 +696,14 @@ class Worker:
             values = mx.take_along_axis(logprobs, idx, axis=-1).tolist()  # type: ignore[assignment]
         out = []
         for token, lp, top_ids, top_values in zip(tokens, chosen, ids, values, strict=True):
+            # A token a grammar forbids has probability 0: JSON has no -inf, OpenAI says -9999.
+            top_values = [max(v, _LOGPROB_FLOOR) for v in top_values]
             pairs = sorted(zip(top_ids, top_values, strict=True), key=lambda x: -x[1])
             top = tuple(
                 (s, v, tuple(s.encode())) for s, v in ((tok.decode([i]), v) for i, v in pairs)
             )
             text = tok.decode([token])
-            out.append(TokenLogprob(text, lp, tuple(text.encode()), top))
+            out.append(TokenLogprob(text, max(lp, _LOGPROB_FLOOR), tuple(text.encode()), top))
         return tuple(out)
 
     @staticmethod

@@ -22,8 +22,15 @@ import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from lmx.errors import QueueFull, RequestError
-from lmx.runtime import steptrace
-from lmx.runtime.engine import Delta, EngineState, GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime import grammars, steptrace
+from lmx.runtime.engine import (
+    Constraint,
+    Delta,
+    EngineState,
+    GenerationRequest,
+    LoadConfig,
+    SamplingParams,
+)
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
 from lmx.runtime.steptrace import TraceReader
@@ -269,6 +276,17 @@ async def test_a_scored_prompt_has_each_tokens_logprob_and_goes_on_as_it_would(
     (only,) = [d async for d in engine.stream(GenerationRequest(p, replace(scored, max_tokens=0)))]
     assert only.finish_reason == "length" and only.completion_tokens == 0
     assert only.prompt_logprobs == tuple(lps)
+
+
+async def test_logprobs_under_a_grammar_are_finite(engine: MlxEngine) -> None:
+    # Tokens the grammar forbids have probability 0: JSON cannot carry their -inf (a 500 before).
+    p = prompts(engine, 1)[0]
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    request = GenerationRequest(p, params, Constraint(grammars.json_object().text))
+    lps = [lp async for d in engine.stream(request) for lp in d.logprobs]
+    values = [lp.logprob for lp in lps] + [v for lp in lps for _, v, _ in lp.top]
+    assert lps and all(-9999.0 <= v <= 0.0 for v in values)
+    assert any(v == -9999.0 for v in values)  # the grammar did forbid some of the top 3
 
 
 async def test_a_top_k_past_the_vocabulary_filters_nothing(engine: MlxEngine) -> None:
