@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -139,13 +140,22 @@ def _text_of(message: ChatMessage, index: int) -> str | None:
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them (plain-text content, system for developer)."""
+    """Messages as chat templates expect them: plain-text content, system for developer, and a
+    tool call's arguments as an object (the wire's JSON string, given to a template that writes
+    `arguments | tojson`, as Llama 3's and Qwen2.5's do, came out encoded twice)."""
     out = []
     for i, m in enumerate(body.messages):
         d = m.model_dump(exclude_none=True)
         d["content"] = _text_of(m, i)
         if m.role == "developer":
             d["role"] = "system"
+        for call in d.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                with contextlib.suppress(ValueError):
+                    args = json.loads(function["arguments"])
+                    if isinstance(args, dict):
+                        function["arguments"] = args
         out.append(d)
     return out
 
