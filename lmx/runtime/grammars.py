@@ -91,6 +91,13 @@ def _rebase_refs(node: Any, prefix: str) -> Any:
     return node
 
 
+_NO_PARAMETERS: Mapping[str, Any] = {
+    "type": "object",
+    "properties": {},
+    "additionalProperties": False,
+}
+
+
 def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, tuple[Mapping[str, Any], bool]]:
     """Name → (parameters schema, strict), from OpenAI tools (`{"type": "function", ...}`)."""
     out: dict[str, tuple[Mapping[str, Any], bool]] = {}
@@ -101,7 +108,8 @@ def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, tuple[Mapping[st
             raise ValueError(f"tools[{i}]: a function needs a non-empty name")
         if name in out:
             raise ValueError(f"tools[{i}]: duplicate function name {name!r}")
-        params = fn.get("parameters") or {"type": "object"}
+        # No parameters (left out, or `{}`) is a function that takes none, as OpenAI reads it.
+        params = fn.get("parameters") or _NO_PARAMETERS
         if not isinstance(params, Mapping):
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
         out[name] = (params, bool(fn.get("strict")))

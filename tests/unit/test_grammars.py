@@ -184,6 +184,16 @@ def test_tool_call_markers_must_be_the_marker_tokens(tok: llguidance.LLTokenizer
     assert not matches(tok, g, "<", "tool_call>\n", '{"name": "add", "arguments": {"a": 1}}')
 
 
+@pytest.mark.parametrize("params", [None, {}])
+def test_a_function_without_parameters_takes_no_arguments(
+    tok: llguidance.LLTokenizer, params: dict[str, Any] | None
+) -> None:
+    function: dict[str, Any] = {"name": "ping"} | ({} if params is None else {"parameters": params})
+    g = grammars.tool_call([{"type": "function", "function": function}], token_ids=MARKERS)
+    assert matches(tok, g, *hermes({"name": "ping", "arguments": {}}))
+    assert not matches(tok, g, *hermes({"name": "ping", "arguments": {"!": True}}))
+
+
 def test_bare_json_tool_call_without_wrap(tok: llguidance.LLTokenizer) -> None:
     g = grammars.tool_call([WEATHER], named="get_weather", wrap=None)
     assert matches(tok, g, '{"name": "get_weather", "arguments": {"city": "Rome"}}')
