@@ -26,6 +26,7 @@ from lmx.runtime.engine import (
     context_exceeded,
 )
 from lmx.runtime.parsers import Content, OutputParser, Piece, Reasoning, ToolCall, make_parser
+from lmx.runtime.toolcalls import mistral_safe_id
 
 
 def new_id(prefix: str) -> str:
@@ -139,17 +140,22 @@ def _text_of(message: ChatMessage, index: int) -> str | None:
     return "".join(parts)
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+def chat_messages(body: ChatCompletionRequest, *, mistral: bool = False) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: plain-text content, system for developer, and a
     tool call's arguments as an object (the wire's JSON string, given to a template that writes
-    `arguments | tojson`, as Llama 3's and Qwen2.5's do, came out encoded twice)."""
+    `arguments | tojson`, as Llama 3's and Qwen2.5's do, came out encoded twice). For `mistral`
+    templates, call ids they take (9 letters and digits; another server's ids made them fail)."""
     out = []
     for i, m in enumerate(body.messages):
         d = m.model_dump(exclude_none=True)
         d["content"] = _text_of(m, i)
         if m.role == "developer":
             d["role"] = "system"
+        if mistral and isinstance(d.get("tool_call_id"), str):
+            d["tool_call_id"] = mistral_safe_id(d["tool_call_id"])
         for call in d.get("tool_calls") or ():
+            if mistral and isinstance(call, dict) and isinstance(call.get("id"), str):
+                call["id"] = mistral_safe_id(call["id"])
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                 with contextlib.suppress(ValueError):
@@ -170,7 +176,8 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
     if not thinking:
         extra.setdefault("enable_thinking", False)
     try:
-        return engine.tokenizer.apply_chat_template(chat_messages(body), tools=tools, extra=extra)
+        messages = chat_messages(body, mistral=engine.tokenizer.tool_parser == "mistral")
+        return engine.tokenizer.apply_chat_template(messages, tools=tools, extra=extra)
     except RequestError:
         raise
     except Exception as exc:  # the model's template rejected the conversation

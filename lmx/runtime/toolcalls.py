@@ -7,15 +7,18 @@ text as content.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+MISTRAL_ID_LENGTH = 9
 PYTHON_TAG = "<|python_tag|>"
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -40,6 +43,25 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
+def mistral_call_id() -> str:
+    """A call id as Mistral's chat templates require of the calls sent back to them: 9 letters
+    and digits (a `call_...` id made the next turn's template fail)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(MISTRAL_ID_LENGTH))
+
+
+def mistral_safe_id(call_id: str) -> str:
+    """`call_id` if Mistral's templates take it, else 9 letters and digits derived from it (the
+    same for the call and its tool message)."""
+    if len(call_id) == MISTRAL_ID_LENGTH and call_id.isascii() and call_id.isalnum():
+        return call_id
+    digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    out = []
+    for _ in range(MISTRAL_ID_LENGTH):
+        digest, i = divmod(digest, len(_ID_ALPHABET))
+        out.append(_ID_ALPHABET[i])
+    return "".join(out)
+
+
 def normalize_arguments(args: object) -> str | None:
     """`args` as the string of a JSON object; None if it is neither an object nor a string of one."""
     if args is None or args == "":
@@ -52,14 +74,16 @@ def normalize_arguments(args: object) -> str | None:
     return None
 
 
-def decode_calls(value: object, *, need_args: bool = False) -> list[ToolCall] | None:
+def decode_calls(
+    value: object, *, need_args: bool = False, new_id: Callable[[], str] = new_call_id
+) -> list[ToolCall] | None:
     """The calls in one decoded JSON value (a call object or a non-empty list of them), or None.
 
     A call is `{"name", "arguments" | "parameters"}`, optionally wrapped OpenAI-style in
     `{"function": ...}`; `need_args` rejects one with neither key (for bare-JSON formats).
     """
     items = value if isinstance(value, list) else [value]
-    calls = [c for item in items if (c := _decode_call(item, need_args)) is not None]
+    calls = [c for item in items if (c := _decode_call(item, need_args, new_id)) is not None]
     return calls if calls and len(calls) == len(items) else None
 
 
@@ -77,13 +101,14 @@ def scan_mistral(text: str, final: bool) -> Scanned | None:
     if text.startswith("[", start):
         got = _decode_at(text, start, "[")
         if got is not None:
-            return decode_calls(got[0]), got[1]
+            return decode_calls(got[0], new_id=mistral_call_id), got[1]
     elif (cut := text.find(MISTRAL_ARGS)) >= 0:
         got = _decode_at(text, cut + len(MISTRAL_ARGS), "{")
         if got is not None:
             name = text[:cut].split(MISTRAL_CALL_ID)[0].strip()
             ok = _NAME.fullmatch(name) is not None
-            return (decode_calls({"name": name, "arguments": got[0]}) if ok else None), got[1]
+            call = {"name": name, "arguments": got[0]}
+            return (decode_calls(call, new_id=mistral_call_id) if ok else None), got[1]
     return (None, len(text)) if final else None
 
 
@@ -121,7 +146,7 @@ def parse_llama3(text: str) -> list[ToolCall] | None:
         i = got[1]
 
 
-def _decode_call(item: object, need_args: bool) -> ToolCall | None:
+def _decode_call(item: object, need_args: bool, new_id: Callable[[], str]) -> ToolCall | None:
     if isinstance(item, dict) and isinstance(item.get("function"), dict):
         item = item["function"]
     if not isinstance(item, dict):
@@ -131,7 +156,7 @@ def _decode_call(item: object, need_args: bool) -> ToolCall | None:
     if not isinstance(name, str) or not name or (need_args and key not in item):
         return None
     arguments = normalize_arguments(item.get(key))
-    return None if arguments is None else ToolCall(new_call_id(), name, arguments)
+    return None if arguments is None else ToolCall(new_id(), name, arguments)
 
 
 def _loads(text: str) -> Any:

@@ -22,6 +22,7 @@ from lmx.runtime.parsers import (
     detect_tool_parser,
     make_parser,
 )
+from lmx.runtime.toolcalls import mistral_safe_id
 
 Config = dict[str, Any]  # make_parser keyword arguments
 HERMES: Config = {"tool_parser": "hermes", "tools_enabled": True, "reasoning": False}
@@ -321,6 +322,30 @@ def test_arguments_are_a_json_object_string() -> None:
     [piece] = run(HERMES, [text])
     assert isinstance(piece, ToolCall)
     assert json.loads(piece.arguments) == {"q": "naïve", "n": [1, 2]}
+
+
+def test_call_ids_are_openais_and_mistrals_are_what_its_templates_take() -> None:
+    def ids(config: Config, text: str) -> list[str]:
+        parser = make_parser(**config)
+        return [p.id for p in [*parser.feed(text), *parser.finish()] if isinstance(p, ToolCall)]
+
+    (hermes,) = ids(HERMES, f"<tool_call>{WEATHER}</tool_call>")
+    assert hermes.startswith("call_") and len(hermes) == 29
+    mistral = ids(MISTRAL, f"[TOOL_CALLS][{WEATHER}, {WEATHER}]")
+    mistral += ids(MISTRAL, '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')
+    assert len(mistral) == 3 and len(set(mistral)) == 3
+    assert all(len(i) == 9 and i.isalnum() for i in mistral)
+
+
+def test_ids_sent_back_to_a_mistral_template_are_ones_it_takes() -> None:
+    assert mistral_safe_id("a1B2c3D4e") == "a1B2c3D4e"
+    made = mistral_safe_id("call_0SPnmtqs8WTFokV4l4iPvJcj")
+    assert (
+        len(made) == 9
+        and made.isalnum()
+        and made == mistral_safe_id("call_0SPnmtqs8WTFokV4l4iPvJcj")
+    )
+    assert made != mistral_safe_id("call_other")
 
 
 def test_unknown_tool_parser_is_rejected() -> None:
