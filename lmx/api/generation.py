@@ -240,7 +240,12 @@ class ChoiceState:
 
 
 def output_parser(
-    engine: Engine, prompt: Sequence[int], *, tools: bool, constrained: bool = False
+    engine: Engine,
+    prompt: Sequence[int],
+    *,
+    tools: bool,
+    constrained: bool = False,
+    tool_names: frozenset[str] | None = None,
 ) -> OutputParser:
     """The parser of a chat answer to `prompt`. A prompt that ends by opening a <think> block
     starts the answer in reasoning, unless a grammar constrains it: the grammar's output (a tool
@@ -252,6 +257,7 @@ def output_parser(
         tools_enabled=tools,
         reasoning=tok.reasoning,
         starts_in_reasoning=tok.reasoning and tail.endswith("<think>") and not constrained,
+        tool_names=tool_names,
     )
 
 

@@ -285,6 +285,7 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
                 requests[0].prompt_tokens,
                 tools=tools_on,
                 constrained=requests[0].constraint is not None,
+                tool_names=frozenset(t.function.name for t in body.tools or ()),
             ),
         )
         for i in range(body.n)

@@ -183,9 +183,12 @@ class _TaggedTools:
 
 
 class _Llama3Tools:
-    """Bare-JSON calls (Llama 3.x): held only while the output may still be one, parsed at finish."""
+    """Bare-JSON calls (Llama 3.x): held only while the output may still be one, parsed at finish.
+    With `tool_names`, a call of any other function is an ordinary JSON answer (the format has no
+    marker that tells the two apart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tool_names: frozenset[str] | None = None) -> None:
+        self._names = tool_names
         self._held, self._passing = "", False
 
     def feed(self, text: str) -> list[Piece]:
@@ -201,14 +204,17 @@ class _Llama3Tools:
     def finish(self) -> list[Piece]:
         held, self._held = self._held, ""
         calls = parse_llama3(held) if held else None
+        if calls and self._names is not None and any(c.name not in self._names for c in calls):
+            calls = None
         return [*calls] if calls else [Content(held)] if held else []
 
 
-TOOL_PARSERS: Mapping[str, Callable[[], ToolStage]] = MappingProxyType(
+# Each takes the names of the request's functions (None: not known).
+TOOL_PARSERS: Mapping[str, Callable[[frozenset[str] | None], ToolStage]] = MappingProxyType(
     {
-        "hermes": lambda: _TaggedTools(HERMES_OPEN, scan_hermes),
+        "hermes": lambda _names: _TaggedTools(HERMES_OPEN, scan_hermes),
         "llama3": _Llama3Tools,
-        "mistral": lambda: _TaggedTools(MISTRAL_OPEN, scan_mistral),
+        "mistral": lambda _names: _TaggedTools(MISTRAL_OPEN, scan_mistral),
     }
 )
 # Most specific first: a Hermes fine-tune of Llama 3.1 keeps `<|python_tag|>` in its vocab.
@@ -237,15 +243,17 @@ def make_parser(
     tools_enabled: bool,
     reasoning: bool,
     starts_in_reasoning: bool = False,
+    tool_names: frozenset[str] | None = None,
 ) -> OutputParser:
-    """A parser for one sequence. `starts_in_reasoning`: the prompt already opened `<think>`.
+    """A parser for one sequence. `starts_in_reasoning`: the prompt already opened `<think>`;
+    `tool_names`: the functions the request declared.
 
     Raises ValueError for a `tool_parser` that is not a TOOL_PARSERS key.
     """
     if tool_parser is not None and tool_parser not in TOOL_PARSERS:
         known = ", ".join(sorted(TOOL_PARSERS))
         raise ValueError(f"unknown tool parser {tool_parser!r}; known: {known}")
-    tools = TOOL_PARSERS[tool_parser]() if tools_enabled and tool_parser else None
+    tools = TOOL_PARSERS[tool_parser](tool_names) if tools_enabled and tool_parser else None
     return OutputParser(
         reasoning=_ThinkSplitter(starts_in_reasoning) if reasoning else None, tools=tools
     )

@@ -348,6 +348,16 @@ def test_ids_sent_back_to_a_mistral_template_are_ones_it_takes() -> None:
     assert made != mistral_safe_id("call_other")
 
 
+def test_a_llama3_call_of_a_function_the_request_did_not_declare_is_a_json_answer() -> None:
+    # Bare JSON has no marker: {"name": "Bob", "parameters": ...} may be the answer itself.
+    answer = '{"name": "Bob", "parameters": {"age": 3}}'
+    declared = make_parser(**LLAMA3, tool_names=frozenset({"get_weather"}))
+    assert [*declared.feed(answer), *declared.finish()] == [Content(answer)]
+    assert run({**LLAMA3, "tool_names": frozenset({"get_weather"})}, [WEATHER]) == [
+        call("get_weather")
+    ]
+
+
 def test_unknown_tool_parser_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown tool parser 'xml'"):
         make_parser(tool_parser="xml", tools_enabled=True, reasoning=False)
