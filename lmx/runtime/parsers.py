@@ -22,7 +22,10 @@ from lmx.runtime.toolcalls import (
     Scanned,
     ToolCall,
     llama3_may_call,
+    mistral_call_id,
+    new_call_id,
     parse_llama3,
+    salvage,
     scan_hermes,
     scan_mistral,
 )
@@ -86,7 +89,8 @@ class OutputParser:
         return self._run(text, final=False)
 
     def finish(self) -> list[Piece]:
-        """Flush held text; an unterminated tool call that decodes is still a call, else content."""
+        """Flush held text; an unterminated tool call that decodes is still a call, one cut off
+        once its name was written a call with its arguments as far as they got, else content."""
         return self._run("", final=True)
 
     def _run(self, text: str, final: bool) -> list[Piece]:
@@ -138,8 +142,13 @@ class _TaggedTools:
     the next non-space arrives; a malformed call comes back as raw content, that whitespace included.
     """
 
-    def __init__(self, opener: str, scan: Callable[[str, bool], Scanned | None]) -> None:
-        self._opener, self._scan = opener, scan
+    def __init__(
+        self,
+        opener: str,
+        scan: Callable[[str, bool], Scanned | None],
+        new_id: Callable[[], str] = new_call_id,
+    ) -> None:
+        self._opener, self._scan, self._new_id = opener, scan, new_id
         self._buf, self._in_call, self._gap, self._after_call = "", False, "", False
 
     def feed(self, text: str) -> list[Piece]:
@@ -156,6 +165,10 @@ class _TaggedTools:
                 if (got := self._scan(self._buf, final)) is None:
                     break
                 calls, end = got
+                if not calls and final and self._scan(self._buf, False) is None:
+                    # Cut off by the end of the output (max_tokens): the call it was writing,
+                    # as far as it got, rather than its markup as content.
+                    calls = salvage(self._buf, self._new_id)
                 if calls:
                     out += calls
                     self._after_call = True
@@ -214,7 +227,7 @@ TOOL_PARSERS: Mapping[str, Callable[[frozenset[str] | None], ToolStage]] = Mappi
     {
         "hermes": lambda _names: _TaggedTools(HERMES_OPEN, scan_hermes),
         "llama3": _Llama3Tools,
-        "mistral": lambda _names: _TaggedTools(MISTRAL_OPEN, scan_mistral),
+        "mistral": lambda _names: _TaggedTools(MISTRAL_OPEN, scan_mistral, mistral_call_id),
     }
 )
 # Most specific first: a Hermes fine-tune of Llama 3.1 keeps `<|python_tag|>` in its vocab.

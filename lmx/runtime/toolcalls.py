@@ -112,6 +112,64 @@ def scan_mistral(text: str, final: bool) -> Scanned | None:
     return (None, len(text)) if final else None
 
 
+_NAME_FIELD = re.compile(r'"name"\s*:\s*"([\w.\-]+)"')
+_ARGS_FIELD = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
+
+
+def salvage(text: str, new_id: Callable[[], str] = new_call_id) -> list[ToolCall] | None:
+    """The calls in `text`, a call's text cut off by the end of the output (max_tokens), as
+    OpenAI reports them: those it finished, and the one cut off with its name and its arguments
+    as far as they got; None if it finished none and got no name, or is not JSON cut short."""
+    done, text = _complete_items(text, new_id)
+    names = list(_NAME_FIELD.finditer(text))
+    if names and _cut_short(text):
+        last = names[-1]
+        at = _ARGS_FIELD.search(text, last.end())
+        return [*done, ToolCall(new_id(), last.group(1), text[at.end() :].strip() if at else "")]
+    cut = text.find(MISTRAL_ARGS)  # name[ARGS]{...
+    name = text[:cut].split(MISTRAL_CALL_ID)[0].strip() if cut > 0 else ""
+    rest = text[cut + len(MISTRAL_ARGS) :].strip()
+    if _NAME.fullmatch(name) and _cut_short(rest):
+        return [*done, ToolCall(new_id(), name, rest)]
+    return done or None
+
+
+def _complete_items(text: str, new_id: Callable[[], str]) -> tuple[list[ToolCall], str]:
+    """The calls of a JSON list's items that are complete, and the text after them (all of
+    `text`, and none, when it is no list)."""
+    body, done, i = text.lstrip(), list[ToolCall](), 1
+    if not body.startswith("["):
+        return [], text
+    while True:
+        while i < len(body) and (body[i].isspace() or body[i] == ","):
+            i += 1
+        try:
+            value, end = _DECODER.raw_decode(body, i)
+        except ValueError:
+            return done, body[i:]
+        calls = decode_calls(value, new_id=new_id)
+        if calls is None:
+            return done, body[i:]
+        done, i = done + calls, end
+
+
+def _cut_short(text: str) -> bool:
+    """Whether `text` may be JSON cut short rather than malformed: outside its strings, every
+    bracket it closes is the one last opened. A rough check, enough to tell the two apart."""
+    opened: list[str] = []
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            in_string, escaped = (escaped or ch != '"'), (not escaped and ch == "\\")
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            opened.append(ch)
+        elif ch in "}]" and (not opened or opened.pop() != "{["["}]".index(ch)]):
+            return False
+    return True
+
+
 def llama3_may_call(head: str) -> bool:
     """Whether output starting with `head` (leading whitespace removed) may still be a tool call."""
     if head.startswith(PYTHON_TAG) or PYTHON_TAG.startswith(head):

@@ -132,6 +132,31 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
     ),
     ("hermes_unterminated_json_call", HERMES, f"<tool_call>\n{WEATHER}\n", [call("get_weather")]),
     (
+        # Cut off by max_tokens: the call it was writing, its arguments as far as they got.
+        "hermes_cut_off_call",
+        HERMES,
+        'Writing. <tool_call>\n{"name": "write", "arguments": {"s": "a</b> and [',
+        [Content("Writing."), call("write", '{"s": "a</b> and [')],
+    ),
+    (
+        "mistral_cut_off_call",
+        MISTRAL,
+        '[TOOL_CALLS][{"name": "f", "arguments": {}}, {"name": "write", "arguments": {"s": "ab',
+        [call("f", "{}"), call("write", '{"s": "ab')],
+    ),
+    (
+        "mistral_cut_off_after_a_whole_call",
+        MISTRAL,
+        '[TOOL_CALLS][{"name": "f", "arguments": {}}, ',
+        [call("f", "{}")],
+    ),
+    (
+        "mistral_cut_off_name_args",
+        MISTRAL,
+        '[TOOL_CALLS]write[ARGS]{"s": "ab',
+        [call("write", '{"s": "ab')],
+    ),
+    (
         "hermes_unterminated_garbage",
         HERMES,
         '<tool_call>\n{"name": "get_w',
