@@ -88,11 +88,16 @@ def decode_calls(
 
 
 def scan_hermes(text: str, final: bool) -> Scanned | None:
-    """`text` follows `<tool_call>`; None until `</tool_call>` arrives (unless `final`)."""
-    end = text.find(HERMES_CLOSE)
-    if end < 0:
-        return (_loads_calls(text), len(text)) if final else None
-    return _loads_calls(text[:end]), end + len(HERMES_CLOSE)
+    """`text` follows `<tool_call>`; None until `</tool_call>` arrives (unless `final`). A
+    `</tool_call>` inside the call's JSON (an argument holding that text: code, say) is not its
+    end: the JSON before it is still open."""
+    start = 0
+    while (end := text.find(HERMES_CLOSE, start)) >= 0:
+        calls = _loads_calls(text[:end])
+        if calls is not None or not _still_open(text[:end]):
+            return calls, end + len(HERMES_CLOSE)
+        start = end + 1
+    return (_loads_calls(text), len(text)) if final else None
 
 
 def scan_mistral(text: str, final: bool) -> Scanned | None:
@@ -153,9 +158,20 @@ def _complete_items(text: str, new_id: Callable[[], str]) -> tuple[list[ToolCall
         done, i = done + calls, end
 
 
+def _still_open(text: str) -> bool:
+    """JSON begun and cut short inside one of its strings (where a marker is text, not markup)."""
+    return text.lstrip().startswith(("{", "[")) and _json_prefix(text) == (True, True)
+
+
 def _cut_short(text: str) -> bool:
-    """Whether `text` may be JSON cut short rather than malformed: outside its strings, every
-    bracket it closes is the one last opened. A rough check, enough to tell the two apart."""
+    """Whether `text` may be JSON cut short rather than malformed (see _json_prefix)."""
+    return _json_prefix(text)[0]
+
+
+def _json_prefix(text: str) -> tuple[bool, bool]:
+    """Whether `text` may begin some JSON, roughly (outside its strings, every bracket it closes
+    is the one last opened: enough to tell JSON cut short from malformed), and whether it ends
+    inside a string."""
     opened: list[str] = []
     in_string = escaped = False
     for ch in text:
@@ -166,8 +182,8 @@ def _cut_short(text: str) -> bool:
         elif ch in "{[":
             opened.append(ch)
         elif ch in "}]" and (not opened or opened.pop() != "{["["}]".index(ch)]):
-            return False
-    return True
+            return False, False
+    return True, in_string
 
 
 def llama3_may_call(head: str) -> bool:

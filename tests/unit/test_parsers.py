@@ -132,6 +132,13 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
     ),
     ("hermes_unterminated_json_call", HERMES, f"<tool_call>\n{WEATHER}\n", [call("get_weather")]),
     (
+        # Code in an argument may hold the closing marker: inside the JSON it is not the end.
+        "hermes_closing_marker_inside_an_argument",
+        HERMES,
+        '<tool_call>\n{"name": "write", "arguments": {"s": "a</tool_call>b"}}\n</tool_call> Done.',
+        [call("write", '{"s": "a</tool_call>b"}'), Content("Done.")],
+    ),
+    (
         # Cut off by max_tokens: the call it was writing, its arguments as far as they got.
         "hermes_cut_off_call",
         HERMES,
