@@ -30,6 +30,8 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
                 "tool_choice requires tools, but none were given", param="tool_choice"
             )
         named = choice.function.get("name") if isinstance(choice, NamedToolChoice) else None
+        if isinstance(choice, NamedToolChoice) and not named:
+            raise RequestError("tool_choice names no function", param="tool_choice.function.name")
         tok = engine.tokenizer
         wrap, parallel = _WRAPS.get(tok.tool_parser, _WRAPS[None])
         try:
@@ -41,7 +43,7 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
                 token_ids=tok.marker_ids,
             )
         except ValueError as exc:
-            raise RequestError(str(exc), param="tool_choice") from None
+            raise RequestError(str(exc), param=_tools_param(str(exc), body)) from None
         return Constraint(grammar.text)
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
@@ -59,3 +61,14 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
     except ValueError as exc:
         raise RequestError(str(exc), param="response_format.json_schema.schema") from None
     return Constraint(grammar.text)
+
+
+def _tools_param(message: str, body: ChatCompletionRequest) -> str:
+    """The request field a tool-call grammar's error is about: the tool it names, else
+    tool_choice (an unknown function named there, say)."""
+    if message.startswith("tools["):
+        return message.split(":")[0]
+    for i, tool in enumerate(body.tools or ()):
+        if message.startswith(f"function {tool.function.name!r} parameters"):
+            return f"tools[{i}].function.parameters"
+    return "tool_choice"

@@ -222,6 +222,24 @@ async def test_best_of_other_than_n_is_refused(client: httpx.AsyncClient) -> Non
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
+async def test_tool_errors_name_the_tool_or_the_choice_at_fault(client: httpx.AsyncClient) -> None:
+    ok = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    bad = {"type": "function", "function": {"name": "g", "parameters": {"type": "objekt"}}}
+    body = {**CHAT, "tools": [ok, bad], "tool_choice": "required"}
+    err = assert_envelope(await client.post("/v1/chat/completions", json=body), 400)
+    assert err["param"] == "tools[1].function.parameters" and "objekt" in err["message"]
+    body = {**CHAT, "tools": [ok, ok], "tool_choice": "required"}
+    err = assert_envelope(await client.post("/v1/chat/completions", json=body), 400, "tools[1]")
+    assert "duplicate function name 'f'" in err["message"]
+    unnamed = {"type": "function", "function": {}}
+    body = {**CHAT, "tools": [ok], "tool_choice": unnamed}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert_envelope(r, 400, "tool_choice.function.name")
+    body = {**CHAT, "tools": [ok], "tool_choice": {"type": "function", "function": {"name": "h"}}}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert_envelope(r, 400, "tool_choice")
+
+
 async def test_context_overflow_is_400_naming_the_limit(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000})
     err = assert_envelope(r, 400, "max_tokens")
