@@ -166,11 +166,17 @@ class Daemon:
                 out["prefill_steps"][mid] = stats.prefill_steps
                 out["step_seconds"][mid] = stats.step_s
                 out["overhead_seconds"][mid] = stats.overhead_s
-        memory = self.reconciler.status()["memory"]
+        status = self.reconciler.status()
         out["memory"] = {
             k.removesuffix("_bytes"): float(v)
-            for k, v in memory.items()
+            for k, v in status["memory"].items()
             if isinstance(v, int | float)
+        }
+        out["config"] = {"valid": 1.0 if status["config"]["valid"] else 0.0}
+        out["conditions"] = {
+            f"{mid}\t{c['type']}": 1.0 if c["status"] else 0.0
+            for mid, m in status["models"].items()
+            for c in m["conditions"]
         }
         return out
 

@@ -15,7 +15,8 @@ from prometheus_client.registry import Collector
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
-# What the scrape-time collector reads: {model: value} maps and the memory numbers.
+# What the scrape-time collector reads: {model: value} maps, the memory numbers, the config's
+# validity ({"valid": 1 or 0}) and each declared model's conditions ({"model\tType": 1 or 0}).
 Snapshot = Callable[[], Mapping[str, Mapping[str, float]]]
 
 
@@ -57,6 +58,21 @@ class _Live(Collector):
         for kind, value in snap.get("memory", {}).items():
             mem.add_metric([kind], value)
         yield mem
+        if "config" in snap:
+            yield GaugeMetricFamily(
+                "lmx_config_valid",
+                "1 if the config file validates; 0 while the last good state serves instead",
+                value=snap["config"].get("valid", 1.0),
+            )
+        cond = GaugeMetricFamily(
+            "lmx_model_condition",
+            "a declared model's conditions (Ready, Quarantined, Degraded, ...): 1 if true",
+            labels=["model", "condition"],
+        )
+        for key, value in snap.get("conditions", {}).items():
+            model, _, condition = key.partition("\t")
+            cond.add_metric([model, condition], value)
+        yield cond
 
 
 class Metrics:

@@ -313,3 +313,8 @@ def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
     assert counter("lmx_engine_steps") >= 8
     assert 1 <= counter("lmx_engine_prefill_steps") < counter("lmx_engine_steps")
     assert 0 < counter("lmx_engine_overhead_seconds") < counter("lmx_engine_step_seconds")
+    # What an alert watches: the config file's validity and each model's conditions.
+    assert re.search(r"^lmx_config_valid 1\.0$", text, re.M)
+    for condition, value in (("Ready", "1.0"), ("Quarantined", "0.0")):
+        line = f'lmx_model_condition{{condition="{condition}",model="lmx-tiny"}} {value}'
+        assert line in text.splitlines(), line

@@ -112,6 +112,7 @@ def test_an_invalid_edit_keeps_serving_the_last_good_spec(
         lambda b: b["config_valid"] is False,
     )
     assert "models.a.want" in body["config_error"]
+    assert "\nlmx_config_valid 0.0\n" in httpx.get(d.url + "/metrics", timeout=5).text
     assert chat(d, "a") == "a"  # still served, by the engine loaded before the bad edit
     assert did(d, "Unload", "a") == 0 and did(d, "Load", "a") == 1
 
