@@ -105,9 +105,8 @@ class _Seq:
     prompt_left: int = 0  # prompt tokens still to go through the model
     generated: int = 0
     cached_tokens: int = 0  # the prompt's tokens the prompt cache held
-    prompt_lps: tuple[
-        TokenLogprob, ...
-    ] = ()  # where asked for: its prompt's tokens after the first
+    # Where asked for (prompt_logprobs): its prompt's tokens after the first, scored.
+    prompt_lps: tuple[TokenLogprob, ...] = ()
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     constraint: ConstrainedProcessor | None = None
     # perf_counter times: the add arrived; the prefill began; the first token came.

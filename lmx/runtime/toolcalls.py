@@ -110,11 +110,17 @@ def scan_mistral(text: str, final: bool) -> Scanned | None:
     elif (cut := text.find(MISTRAL_ARGS)) >= 0:
         got = _decode_at(text, cut + len(MISTRAL_ARGS), "{")
         if got is not None:
-            name = text[:cut].split(MISTRAL_CALL_ID)[0].strip()
-            ok = _NAME.fullmatch(name) is not None
+            name = _mistral_name(text, cut)
             call = {"name": name, "arguments": got[0]}
-            return (decode_calls(call, new_id=mistral_call_id) if ok else None), got[1]
+            return (decode_calls(call, new_id=mistral_call_id) if name else None), got[1]
     return (None, len(text)) if final else None
+
+
+def _mistral_name(text: str, cut: int) -> str | None:
+    """The function name of `name[CALL_ID]id[ARGS]`, `text[cut:]` being its `[ARGS]`; None if
+    what stands there is no name."""
+    name = text[:cut].split(MISTRAL_CALL_ID)[0].strip()
+    return name if _NAME.fullmatch(name) else None
 
 
 _NAME_FIELD = re.compile(r'"name"\s*:\s*"([\w.\-]+)"')
@@ -132,9 +138,9 @@ def salvage(text: str, new_id: Callable[[], str] = new_call_id) -> list[ToolCall
         at = _ARGS_FIELD.search(text, last.end())
         return [*done, ToolCall(new_id(), last.group(1), text[at.end() :].strip() if at else "")]
     cut = text.find(MISTRAL_ARGS)  # name[ARGS]{...
-    name = text[:cut].split(MISTRAL_CALL_ID)[0].strip() if cut > 0 else ""
+    name = _mistral_name(text, cut) if cut > 0 else None
     rest = text[cut + len(MISTRAL_ARGS) :].strip()
-    if _NAME.fullmatch(name) and _cut_short(rest):
+    if name and _cut_short(rest):
         return [*done, ToolCall(new_id(), name, rest)]
     return done or None
 
@@ -148,14 +154,11 @@ def _complete_items(text: str, new_id: Callable[[], str]) -> tuple[list[ToolCall
     while True:
         while i < len(body) and (body[i].isspace() or body[i] == ","):
             i += 1
-        try:
-            value, end = _DECODER.raw_decode(body, i)
-        except ValueError:
+        got = _decode_at(body, i, "{")
+        calls = decode_calls(got[0], new_id=new_id) if got is not None else None
+        if got is None or calls is None:
             return done, body[i:]
-        calls = decode_calls(value, new_id=new_id)
-        if calls is None:
-            return done, body[i:]
-        done, i = done + calls, end
+        done, i = done + calls, got[1]
 
 
 def _still_open(text: str) -> bool:
