@@ -115,6 +115,9 @@ class StatusView:
         engines = self._registry.snapshot()
         disk = self._observer.disk
         observed = self.observed
+        if observed is not None:
+            budget = desired.memory.budget_bytes(observed.total_memory_bytes)
+            pins = pinned_bytes(desired, observed)
         names = []
         for mid, spec in desired.models.items():
             eng = engines.get(mid)
@@ -126,8 +129,6 @@ class StatusView:
             if on_demand and fail is not None and fail.quarantined:
                 on_demand = False
             if on_demand and observed is not None:
-                budget = desired.memory.budget_bytes(observed.total_memory_bytes)
-                pins = pinned_bytes(desired, observed)
                 on_demand = never_fits(spec, observed.model(mid), budget, pins) is None
             if ready or on_demand:
                 names += [mid, *spec.aliases]
