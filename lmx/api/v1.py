@@ -387,6 +387,10 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             prompt_logprobs=scored,
         )
 
+    gen, engine, requests = await _Generation.start(deps, body.model, build)
+    prompts = [r.prompt_tokens for r in requests]
+    prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
+
     def logprobs(s: ChoiceState, lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
         """`lps` in the completions format, led by the echoed prompt's where it is scored."""
         if not scored:
@@ -394,9 +398,6 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         first = engine.tokenizer.decode(list(prompts[s.index][:1]))
         return lp_text(lps, offset0, (first, s.prompt_logprobs))
 
-    gen, engine, requests = await _Generation.start(deps, body.model, build)
-    prompts = [r.prompt_tokens for r in requests]
-    prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
     # A text completion is the raw continuation: no reasoning or tool-call splitting.
     states = [
         ChoiceState(i, make_parser(tool_parser=None, tools_enabled=False, reasoning=False))
