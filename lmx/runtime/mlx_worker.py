@@ -475,12 +475,12 @@ class Worker:
             seq.generated += 1
             self._generated += 1
             p = seq.request.params
-            lps = (
+            finish = self._finish(seq, r.token)
+            lps = (  # none for a stop token: it is not part of the answer, nor is its text
                 self._token_logprobs([r.token], r.logprobs[None], p.top_logprobs)
-                if p.logprobs
+                if p.logprobs and finish != "stop"
                 else ()
             )
-            finish = self._finish(seq, r.token)
             if finish is not None:
                 self._leave(seq, t1)
                 finished.append(seq.uid)

@@ -289,6 +289,21 @@ async def test_logprobs_under_a_grammar_are_finite(engine: MlxEngine) -> None:
     assert any(v == -9999.0 for v in values)  # the grammar did forbid some of the top 3
 
 
+async def test_the_stop_token_that_ends_an_answer_has_no_logprob(engine: MlxEngine) -> None:
+    # Its text is left out of the answer, and so is its logprob (OpenAI's logprobs end with the
+    # answer's last token); it still counts as a completion token.
+    p = prompts(engine, 1)[0]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True)
+    free = [d async for d in engine.stream(GenerationRequest(p, params))]
+    ids = [t for d in free for t in d.token_ids]
+    stopper = replace(params, ignore_eos=False, stop_token_ids=(ids[3],))
+    end = ids.index(ids[3])  # where it ends: the first time that token comes
+    deltas = [d async for d in engine.stream(GenerationRequest(p, stopper))]
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens == end + 1
+    lps = [lp for d in deltas for lp in d.logprobs]
+    assert lps == [lp for d in free for lp in d.logprobs][:end]
+
+
 async def test_a_top_k_past_the_vocabulary_filters_nothing(engine: MlxEngine) -> None:
     p = prompts(engine, 1)[0]
     hot = SamplingParams(max_tokens=8, temperature=1.5, seed=11)
