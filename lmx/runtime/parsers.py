@@ -107,20 +107,25 @@ class OutputParser:
 
 
 class _ThinkSplitter:
-    """`<think>…</think>` → Reasoning; tags dropped, and the whitespace that follows `</think>`."""
+    """`<think>…</think>` → Reasoning; tags dropped, and the whitespace that follows `</think>`.
+    Reasoning comes before the answer: once the answer has begun, the tags are its text (a JSON
+    string holding `<think>`, say)."""
 
     def __init__(self, inside: bool) -> None:
-        self._inside, self._held, self._strip = inside, "", False
+        self._inside, self._held, self._strip, self._answering = inside, "", False, False
 
     def split(self, text: str, final: bool) -> list[Piece]:
         buf, out = self._held + text, list[Piece]()
-        while (hit := _first(buf, _THINK_TAGS))[0] >= 0:
+        while not self._answering and (hit := _first(buf, _THINK_TAGS))[0] >= 0:
             self._emit(out, buf[: hit[0]])
-            buf = buf[hit[0] + len(hit[1]) :]
+            buf = buf[hit[0] :]
+            if self._answering:
+                break  # the tag is the answer's text
+            buf = buf[len(hit[1]) :]
             # A second `<think>` (the prompt already opened one) or a stray `</think>` is dropped too.
             self._inside = hit[1] == THINK_OPEN
             self._strip = self._strip or not self._inside
-        keep = 0 if final else _partial(buf, _THINK_TAGS)
+        keep = 0 if final or self._answering else _partial(buf, _THINK_TAGS)
         self._emit(out, buf[: len(buf) - keep])
         self._held = buf[len(buf) - keep :]
         return out
@@ -132,6 +137,7 @@ class _ThinkSplitter:
         text = text.lstrip() if self._strip else text
         if text:
             self._strip = False
+            self._answering = self._answering or not text.isspace()
             out.append(Content(text))
 
 

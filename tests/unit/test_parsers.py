@@ -86,6 +86,20 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         [Reasoning("plan"), Content("answer")],
     ),
     ("unterminated_reasoning", R1, "still thinking", [Reasoning("still thinking")]),
+    # Reasoning comes before the answer: its tags inside the answer (a JSON string) are text.
+    ("think_tag_inside_the_answer", THINK, '{"a": "<think>"}', [Content('{"a": "<think>"}')]),
+    (
+        "tags_after_reasoning_inside_the_answer",
+        THINK,
+        "<think>plan</think>Write </think> or <think>.",
+        [Reasoning("plan"), Content("Write </think> or <think>.")],
+    ),
+    (
+        "qwen3_call_holding_think_tags",
+        QWEN3,
+        '<think>p</think>\n\n<tool_call>\n{"name": "f", "arguments": {"s": "<think>"}}\n</tool_call>',
+        [Reasoning("p"), call("f", '{"s": "<think>"}')],
+    ),
     ("reasoning_off_tags_are_content", PLAIN, "<think>x</think>y", [Content("<think>x</think>y")]),
     (
         "qwen3_think_then_call",
