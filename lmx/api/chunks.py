@@ -106,6 +106,20 @@ def chat_delta(pieces: list[Piece], state: ChoiceState, n_calls: int) -> dict[st
     return delta
 
 
+def chat_opening(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """The choices of the chunks that open a streamed choice, `choice` being its first delta.
+    Text opens as OpenAI's does, the role and empty content first; a call, or reasoning, carries
+    the role and null content in its own delta, as OpenAI streams a call (its message has none)."""
+    delta = choice["delta"]
+    if "content" not in delta and delta.keys() & {"tool_calls", "reasoning_content"}:
+        return [{**choice, "delta": {"role": "assistant", "content": None, **delta}}]
+    role = {"role": "assistant", "content": ""}
+    return [
+        {"index": choice["index"], "delta": role, "logprobs": None, "finish_reason": None},
+        choice,
+    ]
+
+
 def lp_text(
     lps: list[TokenLogprob], offset0: int, echoed: tuple[str, list[TokenLogprob]] | None = None
 ) -> dict[str, Any]:

@@ -11,19 +11,22 @@ from lmx.errors import RequestError
 from lmx.runtime import grammars
 from lmx.runtime.engine import Constraint, Engine
 
-# How each tool-call format wraps one call; `parallel` is whether several calls may follow.
-_WRAPS: dict[str | None, tuple[tuple[str, str] | None, bool]] = {
-    "hermes": (grammars.HERMES_WRAP, True),
-    "mistral": (("[TOOL_CALLS][", "]"), False),
-    "llama3": (None, False),
-    None: (grammars.HERMES_WRAP, True),
+# How each tool-call format writes its calls (the tool parser's key; None: Hermes, the commonest).
+_SYNTAXES: dict[str | None, grammars.CallSyntax] = {
+    "hermes": grammars.HERMES,
+    "mistral": grammars.MISTRAL,
+    "llama3": grammars.BARE_JSON,
+    None: grammars.HERMES,
 }
 
 
 def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | None:
-    """The constraint for `body` on `engine`, or None. Raises RequestError naming the field."""
+    """The constraint for `body` on `engine`, or None. Raises RequestError naming the field, for
+    an invalid tool also when the call is left to the model."""
     choice = body.tool_choice
     forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    tok = engine.tokenizer
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
     if forced:
         if not body.tools:
             raise RequestError(
@@ -32,19 +35,21 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
         named = choice.function.get("name") if isinstance(choice, NamedToolChoice) else None
         if isinstance(choice, NamedToolChoice) and not named:
             raise RequestError("tool_choice names no function", param="tool_choice.function.name")
-        tok = engine.tokenizer
-        wrap, parallel = _WRAPS.get(tok.tool_parser, _WRAPS[None])
         try:
             grammar = grammars.tool_call(
-                [t.model_dump(exclude_none=True) for t in body.tools],
+                tools,
                 named,
-                wrap,
-                parallel=parallel and body.parallel_tool_calls is not False,
+                _SYNTAXES.get(tok.tool_parser, _SYNTAXES[None]),
+                parallel=body.parallel_tool_calls is not False,
                 token_ids=tok.marker_ids,
             )
         except ValueError as exc:
             raise RequestError(str(exc), param=_tools_param(str(exc), body)) from None
         return Constraint(grammar.text)
+    try:
+        grammars.check_tools(tools)
+    except ValueError as exc:
+        raise RequestError(str(exc), param=_tools_param(str(exc), body)) from None
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
@@ -57,7 +62,9 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
             param="response_format.json_schema.schema",
         )
     try:
-        grammar = grammars.json_schema(spec.schema_, strict=bool(spec.strict), name=spec.name)
+        grammar = grammars.json_schema(
+            spec.schema_, strict=bool(spec.strict), name=spec.name, markers=tok.marker_ids
+        )
     except ValueError as exc:
         raise RequestError(str(exc), param="response_format.json_schema.schema") from None
     return Constraint(grammar.text)

@@ -154,10 +154,10 @@ def chat_messages(body: ChatCompletionRequest, *, mistral: bool = False) -> list
         if mistral and isinstance(d.get("tool_call_id"), str):
             d["tool_call_id"] = mistral_safe_id(d["tool_call_id"])
         for call in d.get("tool_calls") or ():
-            if mistral and isinstance(call, dict) and isinstance(call.get("id"), str):
+            if mistral:
                 call["id"] = mistral_safe_id(call["id"])
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            function = call["function"]
+            if isinstance(function["arguments"], str):
                 with contextlib.suppress(ValueError):
                     args = json.loads(function["arguments"])
                     if isinstance(args, dict):

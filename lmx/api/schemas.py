@@ -75,11 +75,25 @@ class SamplingFields(_Request):
     min_tokens: Annotated[int, Field(ge=0)] = 0
 
 
+class CalledFunction(_Wire):
+    name: str
+    # A JSON object serialized, as the API gave it; an object as such is taken too (as peers do).
+    arguments: str | dict[str, Any]
+
+
+class MessageToolCall(_Wire):
+    """A call an assistant message made, as a client sends it back."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 

@@ -25,6 +25,7 @@ from lmx.api.chunks import (
     DONE,
     chat_body,
     chat_delta,
+    chat_opening,
     error_event,
     lp_chat,
     lp_text,
@@ -306,26 +307,27 @@ def _chat_events(
     chunk = {**base, "object": "chat.completion.chunk"}
     if include_usage:
         chunk["usage"] = None
-    role = {"role": "assistant", "content": ""}
-    head = [
-        {"index": s.index, "delta": role, "logprobs": None, "finish_reason": None} for s in states
-    ]
+    opened: set[int] = set()  # the choices whose role went out: with their first delta
 
-    def choice(i: int, d: Delta) -> dict[str, Any] | None:
+    def choice(i: int, d: Delta) -> list[dict[str, Any]]:
         state = states[i]
         n_calls, lp_before = len(state.tool_calls), len(state.logprobs)
         pieces = state.absorb(d)
         if state.error is not None:
-            return None  # the stream ends with it
+            return []  # the stream ends with it
         delta = chat_delta(pieces, state, n_calls)
         lps = state.logprobs[lp_before:]
         if not (delta or lps or state.finish_reason):
-            return None
+            return []
         lp = lp_chat(lps) if lps else None
-        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": state.finish_reason}
+        c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": state.finish_reason}
+        if i in opened:
+            return [c]
+        opened.add(i)
+        return chat_opening(c)
 
     return _events(
-        gen, states, chunk, head, choice, (lambda: usage(states)) if include_usage else None
+        gen, states, chunk, [], choice, (lambda: usage(states)) if include_usage else None
     )
 
 
@@ -334,27 +336,28 @@ async def _events(
     states: list[ChoiceState],
     chunk: dict[str, Any],
     head: list[dict[str, Any]],
-    choice: Callable[[int, Delta], dict[str, Any] | None],
+    choice: Callable[[int, Delta], list[dict[str, Any]]],
     usage_of: Callable[[], dict[str, Any]] | None,
 ) -> AsyncIterator[bytes]:
-    """A stream's events: `chunk` with each of `head`'s choices, then with the choice `choice`
-    makes of each delta (absorbing it into its state), and at the end the usage (`usage_of`) and
-    [DONE]. An error in a choice's output ends the stream with an error event."""
+    """A stream's events: `chunk` with each of `head`'s choices, then with each of the choices
+    `choice` makes of each delta (absorbing it into its state; none, one, or a choice's opening
+    two), and at the end the usage (`usage_of`) and [DONE]. An error in a choice's output ends
+    the stream with an error event."""
     for first in head:
         yield sse({**chunk, "choices": [first]})
-    tail = b""  # the last choice's last event: it goes with the stream's end
+    tail = b""  # the last choice's last events: they go with the stream's end
     async for i, d in gen.deltas():
-        c = choice(i, d)
+        made = choice(i, d)
         error = states[i].error
         if error is not None:
             yield error_event(error)
             break
-        if c is not None:
-            event = sse({**chunk, "choices": [c]})
+        if made:
+            events = b"".join(sse({**chunk, "choices": [c]}) for c in made)
             if all(s.finish_reason for s in states):
-                tail = event
+                tail = events
             else:
-                yield event
+                yield events
     else:
         if usage_of is not None:
             tail += sse({**chunk, "choices": [], "usage": usage_of()})
@@ -442,7 +445,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
     )
     echoed: set[int] = set()
 
-    def choice(i: int, d: Delta) -> dict[str, Any] | None:
+    def choice(i: int, d: Delta) -> list[dict[str, Any]]:
         s = states[i]
         lp_before = len(s.logprobs)
         text = "".join(p.text for p in s.absorb(d) if isinstance(p, Content))
@@ -451,12 +454,12 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             echoed.add(i)
             c = text_choice(i, prefixes[i] + text, s.finish_reason)
             c["logprobs"] = logprobs(s, lps, 0)
-            return c
+            return [c]
         if not (text or lps or s.finish_reason):
-            return None
+            return []
         c = text_choice(i, text, s.finish_reason)
         c["logprobs"] = lp_text(lps, 0) if want_lp and lps else None
-        return c
+        return [c]
 
     usage_of = (lambda: usage(states, n_prompts)) if include_usage else None
     return EventStream(_events(gen, states, base, head, choice, usage_of))

@@ -7,9 +7,10 @@ naming the problem (a 400 for the client); the engine compiles `Grammar.text` pe
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +22,30 @@ if TYPE_CHECKING:
 # One space, or one line break and an indent, wherever JSON allows whitespace: pretty printing
 # still works, while runs of blanks (a known failure of constrained models) are cut short.
 WHITESPACE_PATTERN = r"\x20|\n[\x20\x09]{0,32}"
+# llguidance writes the text a grammar leaves no choice in (an enum's one value) as the tokenizer
+# splits it, and the tokenizer makes a marker's text ("</tool_call>") the marker's token, which
+# llguidance takes as special and a JSON string then refuses: generation failed there. Where a
+# schema holds a marker's text, the model picks the tokens instead, among those of plain text.
+_NO_FORCING = '%llguidance {"no_forcing": true}\n'
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    """How a model family writes tool calls: each inside `wrap`, all of them inside `around`,
+    several joined by `separator` (None: one call only)."""
+
+    wrap: tuple[str, str] = ("", "")
+    around: tuple[str, str] = ("", "")
+    separator: str | None = None
+
+
 # Hermes / Qwen: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, several joined
 # by a newline.
-HERMES_WRAP = ("<tool_call>\n", "\n</tool_call>")
-_CALL_SEPARATOR = "\n"
+HERMES = CallSyntax(wrap=("<tool_call>\n", "\n</tool_call>"), separator="\n")
+# Mistral: one list of calls after the marker, as its chat templates write them.
+MISTRAL = CallSyntax(around=("[TOOL_CALLS][", "]"), separator=", ")
+# Llama 3: one call, bare JSON.
+BARE_JSON = CallSyntax()
 
 
 @dataclass(frozen=True)
@@ -59,8 +80,21 @@ def json_object() -> Grammar:
     return _checked(_schema_text({"type": "object"}, strict=True), "json_object", "JSON schema")
 
 
-def json_schema(schema: Mapping[str, Any], strict: bool = False, *, name: str = "") -> Grammar:
-    """Output matching `schema` (`response_format: {"type": "json_schema", ...}`).
+def _holds_marker(value: Any, markers: Collection[str]) -> bool:
+    """Whether a marker's text is in `value` (a schema), where a string of the output may need it."""
+    text = json.dumps(value, ensure_ascii=False)
+    return any(m in text for m in markers)
+
+
+def json_schema(
+    schema: Mapping[str, Any],
+    strict: bool = False,
+    *,
+    name: str = "",
+    markers: Collection[str] = (),
+) -> Grammar:
+    """Output matching `schema` (`response_format: {"type": "json_schema", ...}`). `markers`:
+    the model's marker texts (`ConstraintFactory.marker_ids`), which its strings may then hold.
 
     Raises ValueError naming the problem when the schema is invalid, or, if `strict`, when it uses
     a keyword or format llguidance cannot enforce; otherwise those are ignored (see `warnings`).
@@ -72,6 +106,9 @@ def json_schema(schema: Mapping[str, Any], strict: bool = False, *, name: str = 
         text = _schema_text(schema, strict)
     except ValueError as exc:
         raise ValueError(f"invalid JSON schema: {exc}") from None
+    if _holds_marker(schema, markers):
+        body = json.dumps({**schema, "x-guidance": _options(strict)})
+        text = llguidance.LLMatcher.grammar_from_lark(f"{_NO_FORCING}start: %json {body}\n")
     return _checked(text, f"json_schema {name or '(unnamed)'}", "JSON schema")
 
 
@@ -112,8 +149,37 @@ def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, tuple[Mapping[st
         params = fn.get("parameters") or _NO_PARAMETERS
         if not isinstance(params, Mapping):
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
-        out[name] = (params, bool(fn.get("strict")))
+        strict = bool(fn.get("strict"))
+        if (problem := _parameters_problem(json.dumps(params), strict)) is not None:
+            raise ValueError(f"function {name!r} parameters: {problem}")
+        out[name] = (params, strict)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters_problem(schema_json: str, strict: bool) -> str | None:
+    """Why a function's parameters schema (JSON text) is refused, or None. Cached: clients send
+    the same tools with every request, and compiling each takes a fraction of a millisecond or
+    more of the event loop's time."""
+    schema = json.loads(schema_json)
+    if schema.get("type") != "object":  # arguments are an object, as OpenAI requires
+        got = repr(schema["type"]) if "type" in schema else "none"
+        return f"the schema's type must be 'object', not {got}"
+    try:
+        _checked(_schema_text(schema, strict), "", "schema")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def check_tools(tools: Sequence[Mapping[str, Any]]) -> None:
+    """What `tool_call` checks of `tools`, for a request that leaves the call to the model.
+    Raises ValueError naming the tool at fault."""
+    _functions(tools)
+
+
+def _lark_seq(*items: str) -> str:
+    return " ".join(i for i in items if i)
 
 
 def _lark_text(text: str, token_ids: Mapping[str, int]) -> str:
@@ -132,16 +198,16 @@ def _lark_text(text: str, token_ids: Mapping[str, int]) -> str:
 def tool_call(
     tools: Sequence[Mapping[str, Any]],
     named: str | None = None,
-    wrap: tuple[str, str] | None = HERMES_WRAP,
+    syntax: CallSyntax = HERMES,
     *,
     parallel: bool = True,
     token_ids: Mapping[str, int] | None = None,
 ) -> Grammar:
-    """Output that is only tool calls: `{"name": ..., "arguments": {...}}` inside `wrap`.
+    """Output that is only tool calls, `{"name": ..., "arguments": {...}}` each, in `syntax`.
 
     `named` forces exactly one call of that function (`tool_choice: {"function": ...}`); otherwise
-    any of `tools`, one or more calls (`tool_choice: "required"`), one if not `parallel`.
-    `wrap=None` means bare JSON. `token_ids` (the model's `ConstraintFactory.marker_ids`) maps
+    any of `tools`, one or more calls (`tool_choice: "required"`), one if not `parallel` or if
+    `syntax` takes one only. `token_ids` (the model's `ConstraintFactory.marker_ids`) maps
     marker texts to their single token, which the output must then use. Pass it for any model
     whose tokenizer has the markers as added tokens: llguidance takes every added `<...>` token
     as special, and fails at generation time on such a marker written as text.
@@ -155,38 +221,28 @@ def tool_call(
         functions = {named: functions[named]}
     if not functions:
         raise ValueError("tool_choice requires a tool call, but no tools were given")
-    calls = []
-    for i, (name, (params, strict)) in enumerate(functions.items()):
-        try:  # each alone, so that the message names the function
-            _checked(_schema_text(params, strict), name, "schema")
-        except ValueError as exc:
-            raise ValueError(f"function {name!r} parameters: {exc}") from None
-        calls.append(
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": name},
-                    "arguments": _rebase_refs(params, f"#/anyOf/{i}/properties/arguments"),
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-        )
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": name},
+                "arguments": _rebase_refs(params, f"#/anyOf/{i}/properties/arguments"),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for i, (name, (params, _)) in enumerate(functions.items())
+    ]
     # Unenforceable keywords of a strict function failed above; the rest are ignored.
     all_strict = all(strict for _, strict in functions.values())
     body = {"x-guidance": _options(all_strict), "anyOf": calls}
-    open_, close = wrap or ("", "")
-    call = " ".join(
-        p
-        for p in (
-            _lark_text(open_, token_ids or {}),
-            "%json " + json.dumps(body),
-            _lark_text(close, token_ids or {}),
-        )
-        if p
-    )
-    many = parallel and named is None
-    start = f"call ({json.dumps(_CALL_SEPARATOR)} call)*" if many else "call"
-    lark = f"start: {start}\ncall: {call}\n"
+    ids = token_ids or {}
+    (open_, close), (first, last) = syntax.wrap, syntax.around
+    call = _lark_seq(_lark_text(open_, ids), "%json " + json.dumps(body), _lark_text(close, ids))
+    many = parallel and named is None and syntax.separator is not None
+    repeated = f"call ({json.dumps(syntax.separator)} call)*" if many else "call"
+    start = _lark_seq(_lark_text(first, ids), repeated, _lark_text(last, ids))
+    forcing = _NO_FORCING if _holds_marker(body, ids) else ""
+    lark = f"{forcing}start: {start}\ncall: {call}\n"
     label = f"tool_call {'+' if many else ''}{'|'.join(functions)}"
     return _checked(llguidance.LLMatcher.grammar_from_lark(lark), label, "tool call grammar")

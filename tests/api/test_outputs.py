@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
+import llguidance
 import pytest
 
 from lmx.api.app import create_app
@@ -115,7 +116,7 @@ async def test_stream_carries_reasoning_content_and_indexed_tool_call_deltas(
     chunks = [e for e in sse_events(r.text) if e != "[DONE]"]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants weather."
-    assert "".join(d.get("content", "") for d in deltas) == "Checking."
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking."
     calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
     assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
@@ -171,3 +172,96 @@ async def test_a_constrained_answer_after_an_opened_think_block_is_the_answer() 
         # Unconstrained, the same text is the model thinking inside the block it was given.
         msg = (await c.post("/v1/chat/completions", json=BODY)).json()["choices"][0]["message"]
         assert "tool_calls" not in msg and msg["reasoning_content"].startswith("<tool_call>")
+
+
+MISTRAL_CALLS = (
+    '[TOOL_CALLS][{"name": "get_weather", "arguments": {}}, '
+    '{"name": "get_weather", "arguments": {}}]'
+)
+
+
+class MistralTokenizer(ScriptedTokenizer):
+    tool_parser = "mistral"
+    reasoning = False
+
+
+class MistralEngine(ScriptedEngine):
+    """Answers with two calls in one list, as Mistral writes them; keeps each request's grammar."""
+
+    grammars: ClassVar[list[str]] = []
+
+    def __init__(self, config: LoadConfig) -> None:
+        super().__init__(config)
+        self.tokenizer = MistralTokenizer()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        assert request.constraint is not None
+        self.grammars.append(request.constraint.grammar)
+        yield Delta(text=MISTRAL_CALLS, token_ids=(1,), finish_reason="stop", completion_tokens=1)
+
+
+async def test_a_required_call_of_mistral_may_be_several_unless_parallel_calls_are_off() -> None:
+    registry = EngineRegistry(MistralEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    by_byte = llguidance.LLTokenizer("byte")
+
+    def allows(grammar: str, text: str) -> bool:
+        m = llguidance.LLMatcher(by_byte, grammar, log_level=0)
+        return m.consume_tokens(by_byte.tokenize_str(text)) and m.is_accepting()
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        forced = {**BODY, "tool_choice": "required"}
+        msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
+        assert [len(t["id"]) for t in msg["tool_calls"]] == [9, 9]
+        assert allows(MistralEngine.grammars[-1], MISTRAL_CALLS)
+        await c.post("/v1/chat/completions", json={**forced, "parallel_tool_calls": False})
+        assert not allows(MistralEngine.grammars[-1], MISTRAL_CALLS)
+        one = '[TOOL_CALLS][{"name": "get_weather", "arguments": {}}]'
+        assert allows(MistralEngine.grammars[-1], one)
+
+
+def scripted(text: str) -> type[ScriptedEngine]:
+    class Answering(ScriptedEngine):
+        async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+            for i in range(0, len(text), 4):
+                yield Delta(text=text[i : i + 4], token_ids=(1,))
+            yield Delta(text="", finish_reason="stop", completion_tokens=len(text))
+
+    return Answering
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    ("output", "first"),
+    [
+        # As OpenAI streams a call: its first delta carries the role, null content and the call.
+        (CALL, {"role": "assistant", "content": None, "tool_calls": "..."}),
+        (
+            "<think>Hm.</think>" + CALL,
+            {"role": "assistant", "content": None, "reasoning_content": "..."},
+        ),
+        # Text opens as it always did: the role with empty content, then the text.
+        ("Sunny.", {"role": "assistant", "content": ""}),
+    ],
+)
+async def test_a_streamed_answer_opens_with_the_role_and_null_content_unless_it_is_text(
+    output: str, first: dict[str, Any]
+) -> None:
+    registry = EngineRegistry(scripted(output))  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", json={**BODY, "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in sse_events(r.text) if e != "[DONE]"]
+    opening = {
+        k: "..." if k.endswith(("calls", "reasoning_content")) else v for k, v in deltas[0].items()
+    }
+    assert opening == first
+    assert [d for d in deltas if "role" in d] == deltas[:1]
+    if CALL in output:
+        assert all("content" not in d for d in deltas[1:])
+    else:
+        assert "".join(d.get("content") or "" for d in deltas) == output

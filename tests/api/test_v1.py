@@ -171,6 +171,39 @@ async def test_a_message_other_than_the_assistants_needs_content(
     assert r.status_code == 200, r.text
 
 
+def _answer(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        ({"type": "function", "function": {"name": "f", "arguments": "{}"}}, "id"),
+        ({"id": "c1", "type": "code", "function": {"name": "f", "arguments": "{}"}}, "type"),
+        ({"id": "c1", "type": "function", "function": {"arguments": "{}"}}, "function.name"),
+        ({"id": "c1", "type": "function", "function": {"name": "f"}}, "function.arguments"),
+    ],
+)
+async def test_an_assistant_messages_tool_call_needs_an_id_its_type_a_name_and_arguments(
+    client: httpx.AsyncClient, call: dict[str, Any], param: str
+) -> None:
+    said = {"role": "assistant", "content": None, "tool_calls": [call]}
+    turns = [*CHAT["messages"], said, _answer("c1")]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "messages": turns, "max_tokens": 2})
+    assert_envelope(r, 400, f"messages[1].tool_calls[0].{param}")
+
+
+async def test_tool_turns_are_taken_as_local_servers_take_them(client: httpx.AsyncClient) -> None:
+    # OpenAI refuses a tool message that answers no call of the message before it; LM Studio and
+    # vLLM take it (agents trim old turns), and so do we. Arguments may come as an object.
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    said = {"role": "assistant", "content": None, "tool_calls": [call]}
+    for turns in ([*CHAT["messages"], said, _answer("c1")], [*CHAT["messages"], _answer("c9")]):
+        body = {**CHAT, "messages": turns, "max_tokens": 2}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+
+
 async def test_an_unsupported_content_part_is_named_with_its_message(
     client: httpx.AsyncClient,
 ) -> None:
@@ -238,6 +271,25 @@ async def test_tool_errors_name_the_tool_or_the_choice_at_fault(client: httpx.As
     body = {**CHAT, "tools": [ok], "tool_choice": {"type": "function", "function": {"name": "h"}}}
     r = await client.post("/v1/chat/completions", json=body)
     assert_envelope(r, 400, "tool_choice")
+
+
+@pytest.mark.parametrize("choice", [{"tool_choice": "auto"}, {}, {"tool_choice": "none"}])
+@pytest.mark.parametrize(
+    ("parameters", "words"),
+    [
+        ({"type": "objekt"}, "objekt"),
+        ({"type": "string"}, "'object'"),
+        ({"properties": {}}, "'object'"),
+    ],
+)
+async def test_invalid_parameters_are_a_400_naming_the_tool_whatever_the_tool_choice(
+    client: httpx.AsyncClient, choice: dict[str, Any], parameters: dict[str, Any], words: str
+) -> None:
+    ok = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    bad = {"type": "function", "function": {"name": "g", "parameters": parameters}}
+    body = {**CHAT, "tools": [ok, bad], "max_tokens": 2, **choice}
+    err = assert_envelope(await client.post("/v1/chat/completions", json=body), 400)
+    assert err["param"] == "tools[1].function.parameters" and words in err["message"], err
 
 
 async def test_context_overflow_is_400_naming_the_limit(client: httpx.AsyncClient) -> None:

@@ -266,3 +266,34 @@ def test_logits_wider_than_the_tokenizer_get_the_extra_rows_masked(tiny: Loaded)
     assert finite
     assert max(finite) < tiny.factory.vocab_size
     assert all(tiny.tokenizer.decode([i]).lstrip().startswith("{") for i in finite)
+
+
+# One value each, so that the grammar leaves the model no choice in them.
+MARKED = {"a": "</tool_call>", "b": "<think>", "c": "x</think>y", "d": "<|im_end|>"}
+MARKUP = {
+    "type": "object",
+    "properties": {
+        **{k: {"enum": [v]} for k, v in MARKED.items()},
+        "note": {"type": "string", "maxLength": 8},
+    },
+    "required": [*MARKED, "note"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("params", SAMPLINGS)
+def test_a_string_may_hold_a_markers_text(tiny: Loaded, params: SamplingParams) -> None:
+    # The model's added tokens (<tool_call>, <|im_end|>...) written as text inside JSON strings:
+    # llguidance forced such a value as the marker's token, which the grammar then refused.
+    markers = tiny.factory.marker_ids
+    tool = {"type": "function", "function": {"name": "tag", "parameters": MARKUP}}
+    schema, call = (
+        grammars.json_schema(MARKUP, markers=markers).text,
+        grammars.tool_call([tool], named="tag", token_ids=markers).text,
+    )
+    answer, called = generate(tiny, (schema, params), (call, params))
+    assert (answer.finish_reason, called.finish_reason) == ("stop", "stop")
+    assert answer.processor.error is None and called.processor.error is None
+    assert json.loads(answer.text) == {**MARKED, "note": json.loads(answer.text)["note"]}
+    (made,) = tool_calls(called.text)
+    assert made["arguments"] == {**MARKED, "note": made["arguments"]["note"]}

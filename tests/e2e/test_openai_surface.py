@@ -296,7 +296,10 @@ def test_full_queue_answers_429_with_retry_after(
     r = asyncio.run(scenario())
     assert r.status_code == 429
     assert int(r.headers["retry-after"]) >= 1
-    assert r.json()["error"]["code"] == "queue_full"
+    # As OpenAI answers a request-rate limit (the SDK raises RateLimitError on the status).
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert "too many requests queued" in error["message"]
 
 
 def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
@@ -318,3 +321,64 @@ def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
     for condition, value in (("Ready", "1.0"), ("Quarantined", "0.0")):
         line = f'lmx_model_condition{{condition="{condition}",model="lmx-tiny"}} {value}'
         assert line in text.splitlines(), line
+
+
+# A value each, which the grammar then leaves the model no choice in: the model's markers as text.
+MARKED = {"a": "</tool_call>", "b": "<think>", "c": "x</think>y", "d": "<|im_end|>"}
+MARKUP: dict[str, Any] = {
+    "type": "object",
+    "properties": {k: {"enum": [v]} for k, v in MARKED.items()},
+    "required": list(MARKED),
+    "additionalProperties": False,
+}
+
+
+def test_markers_text_in_a_constrained_answer_is_its_text(client: openai.OpenAI) -> None:
+    # It failed mid-generation (llguidance wrote the text as the marker's token); and on this
+    # reasoning model, the answer's "<think>" opened reasoning.
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "m", "schema": MARKUP}}
+    r = client.chat.completions.create(
+        model="lmx-tiny",
+        messages=ASK,
+        response_format=fmt,
+        max_tokens=300,
+        seed=3,  # type: ignore[arg-type]
+    )
+    message = r.choices[0].message
+    assert json.loads(message.content or "") == MARKED
+    assert not (message.model_extra or {}).get("reasoning_content")
+    tool: Any = {"type": "function", "function": {"name": "tag", "parameters": MARKUP}}
+    r = client.chat.completions.create(
+        model="lmx-tiny",
+        messages=ASK,  # type: ignore[arg-type]
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "tag"}},
+        max_tokens=300,
+        seed=3,
+    )
+    (call,) = r.choices[0].message.tool_calls or []
+    assert json.loads(call.function.arguments) == MARKED  # type: ignore[union-attr]
+
+
+def test_a_tools_schema_is_checked_whatever_the_tool_choice(client: openai.OpenAI) -> None:
+    bad: Any = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="lmx-tiny", messages=ASK, tools=[bad])  # type: ignore[arg-type]
+    assert info.value.param == "tools[0].function.parameters"  # type: ignore[attr-defined]
+
+
+def test_a_streamed_call_opens_with_the_role_null_content_and_the_call(daemon: Daemon) -> None:
+    body = {
+        "model": "lmx-tiny",
+        "messages": ASK,
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "max_tokens": 300,
+        "stream": True,
+    }
+    with httpx.Client(base_url=daemon.url, timeout=60) as http:
+        text = http.post("/v1/chat/completions", json=body).text
+    chunks = [json.loads(x[6:]) for x in text.splitlines() if x.startswith("data: {")]
+    first = chunks[0]["choices"][0]["delta"]
+    assert (first["role"], first["content"]) == ("assistant", None) and first["tool_calls"]
+    assert all("content" not in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])

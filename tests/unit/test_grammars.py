@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import llguidance
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -195,8 +196,62 @@ def test_a_function_without_parameters_takes_no_arguments(
 
 
 def test_bare_json_tool_call_without_wrap(tok: llguidance.LLTokenizer) -> None:
-    g = grammars.tool_call([WEATHER], named="get_weather", wrap=None)
+    g = grammars.tool_call([WEATHER], named="get_weather", syntax=grammars.BARE_JSON)
     assert matches(tok, g, '{"name": "get_weather", "arguments": {"city": "Rome"}}')
+
+
+def test_mistral_tool_calls_are_one_list_of_any_length_unless_not_parallel(
+    tok: llguidance.LLTokenizer,
+) -> None:
+    # As Mistral's templates write them: `[TOOL_CALLS][{...}, {...}]`.
+    weather = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    add = {"name": "add", "arguments": {"a": 1, "b": 2}}
+    g = grammars.tool_call([WEATHER, ADD], syntax=grammars.MISTRAL)
+    assert matches(tok, g, "[TOOL_CALLS]" + json.dumps([weather]))
+    assert matches(tok, g, "[TOOL_CALLS]" + json.dumps([weather, add, weather]))
+    assert not matches(tok, g, "[TOOL_CALLS]" + json.dumps([weather]) + json.dumps([add]))
+    single = grammars.tool_call([WEATHER, ADD], syntax=grammars.MISTRAL, parallel=False)
+    assert matches(tok, single, "[TOOL_CALLS]" + json.dumps([add]))
+    assert not matches(tok, single, "[TOOL_CALLS]" + json.dumps([weather, add]))
+    named = grammars.tool_call([WEATHER, ADD], named="add", syntax=grammars.MISTRAL)
+    assert not matches(tok, named, "[TOOL_CALLS]" + json.dumps([add, add]))
+
+
+def pick_lowest(tok: llguidance.LLTokenizer, grammar: Grammar) -> list[int]:
+    """The output of a model that takes the lowest token the grammar allows, until the grammar
+    allows only its end."""
+    m = llguidance.LLMatcher(tok, grammar.text, log_level=0)
+    out: list[int] = []
+    while not m.is_stopped() and len(out) < 200:
+        bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), np.uint8), bitorder="little")
+        token = int(np.flatnonzero(bits)[0])
+        assert m.consume_token(token), m.get_error()
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tool_call", "json_schema"])
+def test_a_markers_text_that_a_string_must_hold_is_written_as_text(
+    tok: llguidance.LLTokenizer, kind: str
+) -> None:
+    # llguidance forced an enum's one value as the tokenizer splits it, and the tokenizer made
+    # "</tool_call>" the marker's token, which the JSON string then refused: generation failed.
+    params = {
+        "type": "object",
+        "properties": {"s": {"enum": ["a</tool_call>"]}},
+        "required": ["s"],
+        "additionalProperties": False,
+    }
+    if kind == "tool_call":
+        tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+        out = pick_lowest(tok, grammars.tool_call([tool], named="f", token_ids=MARKERS))
+        # The call's own markers are their tokens; the argument's is text.
+        assert out[0] == TOOL_OPEN and out.count(TOOL_CLOSE) == 1 and out[-1] == TOOL_CLOSE
+        assert json.loads(tok.decode_str(out[1:-1]))["arguments"] == {"s": "a</tool_call>"}
+    else:
+        out = pick_lowest(tok, grammars.json_schema(params, markers=MARKERS))
+        assert TOOL_CLOSE not in out
+        assert json.loads(tok.decode_str(out)) == {"s": "a</tool_call>"}
 
 
 def test_tool_parameters_with_local_refs_still_resolve(tok: llguidance.LLTokenizer) -> None:
