@@ -28,7 +28,9 @@ def make_sampler(p: SamplingParams) -> Sampler | None:
     seed = p.seed if p.seed is not None else random.getrandbits(62)
     inv_temp = 1.0 / p.temperature
     filters: list[Callable[[mx.array], mx.array]] = []
-    if 0 < p.top_p < 1:
+    if p.top_p == 0:  # OpenAI takes 0: the smallest set, the likeliest token alone
+        filters.append(lambda x: apply_top_k(x, 1))
+    elif p.top_p < 1:
         filters.append(lambda x: apply_top_p(x, p.top_p))
     if p.min_p > 0:
         filters.append(lambda x: apply_min_p(x, p.min_p))

@@ -449,3 +449,9 @@ async def test_a_generations_end_is_logged_under_its_request_id(client: httpx.As
     assert end["finish_reasons"] == ["length", "length"] and end["completion_tokens"] == 6
     assert end["prompt_tokens"] == 2 * r.json()["usage"]["prompt_tokens"]  # each sequence's
     assert 0 < end["ttft_ms"] <= end["duration_ms"]
+
+
+async def test_top_p_zero_is_taken_as_openai_takes_it(client: httpx.AsyncClient) -> None:
+    # Clients send it for a deterministic answer: the likeliest token alone (not a 400).
+    r = await client.post("/v1/chat/completions", json={**CHAT, "top_p": 0, "max_tokens": 2})
+    assert r.status_code == 200, r.text

@@ -692,8 +692,8 @@ async def test_a_cancel_is_not_held_with_a_burst(tiny_model_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "narrowing",
-    [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}],
-    ids=["top_k=1", "top_p~0", "min_p=1"],
+    [{"top_k": 1}, {"top_p": 1e-6}, {"top_p": 0.0}, {"min_p": 1.0}],
+    ids=["top_k=1", "top_p~0", "top_p=0", "min_p=1"],
 )
 async def test_filters_that_leave_one_token_make_hot_sampling_greedy(
     engine: MlxEngine, narrowing: dict[str, float]
