@@ -66,7 +66,8 @@ def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
         case GenerationFailed():
             return 500, "server_error", None, "generation_failed"
         case QueueFull():
-            return 429, "rate_limit_exceeded", None, "queue_full"
+            # OpenAI's answer to a request-rate limit, which clients already know to retry.
+            return 429, "requests", None, "rate_limit_exceeded"
         case TemporaryError():
             return 503, "server_error", None, "unavailable"
         case PermanentError():
