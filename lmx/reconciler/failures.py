@@ -2,6 +2,7 @@
 
 Written only by the reconcile loop as it applies outcomes; read when it builds the observed state.
 A record belongs to the spec it failed under: once the model's spec changes, it no longer applies.
+Quarantines outlast a restart (the loop keeps them in the journal); backoffs start over.
 """
 
 from __future__ import annotations

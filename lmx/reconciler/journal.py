@@ -3,11 +3,14 @@
 A small JSON file under LMX_HOME, replaced atomically on every write. The executor records;
 at start the reconciler reads what a previous process left unfinished: downloads to resume, and
 loads that never finished (the process died during them). Two such deaths of the same model and
-load config quarantine it. Blocking file I/O: calls take milliseconds and run on the loop thread.
+load config quarantine it. It also keeps the models quarantined (the reconciler's record), so that
+a restart does not load them again. Blocking file I/O: calls take milliseconds and run on the loop
+thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,11 +36,25 @@ class Intent(StrEnum):
 
 
 @dataclass(frozen=True)
+class Quarantine:
+    """A model taken out of service, as kept across restarts."""
+
+    spec_digest: str  # ModelSpec.digest() of the spec it failed under
+    reason: str
+    message: str
+
+
+_QUARANTINE_FIELDS = tuple(f.name for f in dataclasses.fields(Quarantine))
+
+
+@dataclass(frozen=True)
 class Recovery:
-    """What the previous process left: downloads to resume, and load crash counts per model."""
+    """What the previous process left: downloads to resume, load crash counts per model, and the
+    models it had quarantined."""
 
     downloads: frozenset[str]
     crashed_loads: dict[str, tuple[str, int]]  # model id -> (load digest, deaths in a row)
+    quarantined: dict[str, Quarantine]
 
     def crash_quarantined(self, model_id: str, digest: str) -> int:
         """How many times this model's load killed the process, if enough to quarantine it."""
@@ -52,9 +69,11 @@ class Journal:
         self.path = Path(path)
         self._pending: dict[str, dict[str, Any]] = {}  # "<intent>:<model>" -> entry
         self._crashes: dict[str, dict[str, Any]] = {}  # model -> {"digest", "count"}
+        self._quarantined: dict[str, dict[str, str]] = {}  # model -> Quarantine's fields
 
     def recover(self) -> Recovery:
-        """Read what a previous process left unfinished, count load deaths, and start clean."""
+        """Read what a previous process left unfinished, count load deaths, and start clean.
+        Quarantines are kept as they were until the reconciler sets them (`set_quarantined`)."""
         data = self._read()
         pending = data.get("pending", {})
         self._crashes = {
@@ -62,6 +81,12 @@ class Journal:
             for k, v in data.get("crashes", {}).items()
             if isinstance(v, dict) and isinstance(v.get("count"), int)
         }
+        quarantined = {
+            k: Quarantine(*(v[f] for f in _QUARANTINE_FIELDS))
+            for k, v in data.get("quarantined", {}).items()
+            if isinstance(v, dict) and all(isinstance(v.get(f), str) for f in _QUARANTINE_FIELDS)
+        }
+        self._quarantined = {k: dataclasses.asdict(q) for k, q in quarantined.items()}
         downloads = set()
         for entry in pending.values():
             kind, model, digest = entry.get("intent"), entry.get("model"), entry.get("digest")
@@ -77,7 +102,7 @@ class Journal:
                 log.warning("load_interrupted_by_exit", model=model, deaths=count)
         self._write()
         crashed = {m: (str(v.get("digest")), int(v["count"])) for m, v in self._crashes.items()}
-        return Recovery(frozenset(downloads), crashed)
+        return Recovery(frozenset(downloads), crashed, quarantined)
 
     def begin(self, intent: Intent, model_id: str, digest: str) -> None:
         self._pending[f"{intent}:{model_id}"] = {
@@ -95,6 +120,14 @@ class Journal:
             self._crashes.pop(model_id, None)
         self._write()
 
+    def set_quarantined(self, models: dict[str, Quarantine]) -> None:
+        """Record the models quarantined now, all of them: one left out is lifted. Writes only
+        what changed."""
+        entries = {mid: dataclasses.asdict(q) for mid, q in models.items()}
+        if entries != self._quarantined:
+            self._quarantined = entries
+            self._write()
+
     def _read(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -106,5 +139,10 @@ class Journal:
         return data if isinstance(data, dict) and data.get("format") == _FORMAT else {}
 
     def _write(self) -> None:
-        data = {"format": _FORMAT, "pending": self._pending, "crashes": self._crashes}
+        data = {
+            "format": _FORMAT,
+            "pending": self._pending,
+            "crashes": self._crashes,
+            "quarantined": self._quarantined,
+        }
         write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))

@@ -25,7 +25,7 @@ from lmx.reconciler.admission import pins_over_budget
 from lmx.reconciler.events import EventBus, Subscription
 from lmx.reconciler.executor import Executor
 from lmx.reconciler.failures import FailureBook
-from lmx.reconciler.journal import Journal
+from lmx.reconciler.journal import Journal, Quarantine, Recovery
 from lmx.reconciler.observed import ObservedState
 from lmx.reconciler.observing import Observer
 from lmx.reconciler.outcomes import Outcome, Result
@@ -106,6 +106,7 @@ class Reconciler:
         self._reasons: set[str] = set()
         self._idled: dict[str, ModelSpec] = {}
         self._crashes: dict[str, tuple[ModelSpec, int, float]] = {}  # spec, in a row, last at
+        self._recovery: Recovery | None = None  # until the first desired state is accepted
         self._requeue_after_s: float | None = None
         self._last_pass: dict[str, Any] = {}
         self._pass_ids = itertools.count(1)
@@ -144,15 +145,11 @@ class Reconciler:
     async def start(self) -> None:
         """Read the config file (writing nothing), recover the journal, start the loop and its
         triggers. Returns once the first pass is under way; an invalid file is reported, not
-        raised (`config_error`), and the daemon serves an empty desired state until it is fixed."""
-        recovery = self._journal.recover()
+        raised (`config_error`), and the daemon serves an empty desired state until it is fixed.
+        The journal's quarantines apply to the first desired state accepted (see `_restore`)."""
+        self._recovery = recovery = self._journal.recover()
         if self.config_path is not None:
             await self._reload_config()
-        for mid, spec in self._desired.models.items():
-            if n := recovery.crash_quarantined(mid, spec.load_digest()):
-                msg = f"loading it ended the process {n} times; change its spec to retry"
-                self._failures.quarantine(mid, spec, "LoadCrashedProcess", msg)
-                log.error("model_quarantined", model=mid, reason="LoadCrashedProcess", deaths=n)
         for mid in recovery.downloads:
             log.info("download_resuming", model=mid)
         self._registry.on_change = lambda: self.wake("engine_changed")
@@ -287,6 +284,8 @@ class Reconciler:
                 return
             self._desired = new
             self._generation += 1
+            if self._recovery is not None:
+                self._restore(self._recovery, new)
             log.info("desired_accepted", origin=origin, generation=self._generation)
             self.events.publish("desired_changed", origin=origin, generation=self._generation)
             if wake:
@@ -334,6 +333,7 @@ class Reconciler:
             self._requeue_after_s = min((t for t in soon if t is not None), default=None)
             self._view.update_conditions(desired, observed, current)
             self._requests.resolve(desired, observed, current, self._failures)
+            self._keep_quarantines()
             self._observed_generation = generation
             took = time.monotonic() - started
             self._last_pass = {"id": rid, "reasons": sorted(reasons), "duration_s": took}
@@ -377,6 +377,37 @@ class Reconciler:
             self._wake.clear()
         return await self._observe(desired)
 
+    def _restore(self, recovery: Recovery, desired: DesiredState) -> None:
+        """Take over what the previous process left, at the first desired state accepted (the
+        file at start, or once it is fixed): a model it quarantined stays quarantined while its
+        entry is the one it failed under, and a model whose load killed the process twice is
+        quarantined. A quarantine is lifted the same ways whether lmx was down or running: by
+        any change of the model's entry (e.g. `lmx set MODEL ...`), or by removing the model."""
+        self._recovery = None
+        for mid, spec in desired.models.items():
+            held = recovery.quarantined.get(mid)
+            if held is not None and held.spec_digest == spec.digest():
+                self._failures.quarantine(mid, spec, held.reason, held.message)
+                log.error("model_quarantined", model=mid, reason=held.reason, restored=True)
+            elif n := recovery.crash_quarantined(mid, spec.load_digest()):
+                msg = f"loading it ended the process {n} times; change its spec to retry"
+                self._failures.quarantine(mid, spec, "LoadCrashedProcess", msg)
+                log.error("model_quarantined", model=mid, reason="LoadCrashedProcess", deaths=n)
+        self._keep_quarantines()
+
+    def _keep_quarantines(self) -> None:
+        """Record the models quarantined now in the journal, so that a restart keeps them out of
+        service; one no longer quarantined (its spec changed, or it is gone) leaves the journal.
+        Not before the previous process's are taken over (`_restore`)."""
+        if self._recovery is not None:
+            return
+        now = {}
+        for mid, spec in self._desired.models.items():
+            rec = self._failures.current(mid, spec)
+            if rec is not None and rec.quarantined:
+                now[mid] = Quarantine(spec.digest(), rec.reason, rec.message)
+        self._journal.set_quarantined(now)
+
     def _engine_failed(self, model_id: str, reason: str, served: bool) -> None:
         """A loaded model's engine died on its own (its worker crashed). It is loaded again after
         a backoff that doubles with each crash in a row, and quarantined after `max_failures` in
@@ -407,6 +438,7 @@ class Reconciler:
         self.events.publish("engine_failed", model=model_id, reason=reason, in_a_row=in_a_row)
         if rec.quarantined:
             log.error("model_quarantined", model=model_id, reason="EngineCrashed", crashes=in_a_row)
+            self._keep_quarantines()  # now: a restart before the next pass must not reload it
 
     async def _observe(self, desired: DesiredState, *, record: bool = True) -> ObservedState:
         return await self._observer.observe(

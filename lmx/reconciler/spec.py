@@ -127,6 +127,11 @@ class ModelSpec(_Strict):
         text = json.dumps([self.source, self.revision, self.engine.model_dump()], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def digest(self) -> str:
+        """A short stable hash of the whole spec: names a persisted quarantine, which any edit of
+        the model's entry lifts."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
     @property
     def is_builtin(self) -> bool:
         return self.source.startswith("builtin:")

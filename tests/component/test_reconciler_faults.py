@@ -212,3 +212,68 @@ async def test_crashes_with_requests_served_between_them_never_quarantine(world:
     assert not world.condition("a", "Quarantined")["status"]
     crashes = [e["in_a_row"] for e in events.pending() if e["type"] == "engine_failed"]
     assert crashes == [1, 1, 1, 1]
+
+
+async def test_a_quarantine_outlasts_a_restart_until_the_models_entry_is_edited(
+    world: World,
+) -> None:
+    path = world.model_dir("a")
+    world.write(a=model(path))
+    await world.build().start()  # max_failures 3: quarantined at the third crash in a row
+    for n in (1, 2, 3):
+        await until(lambda n=n: world.engines.count("load", "a") == n and world.ready("a"))
+        engine = world.reg.get("a")
+        assert isinstance(engine, FakeEngine)
+        engine.crash()
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    await world.r.stop()
+
+    await world.build().start()  # the next process, on the same home
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    assert world.condition("a", "Quarantined")["reason"] == "EngineCrashed"
+    await asyncio.sleep(0.3)  # longer than the backoff: not loaded again
+    assert world.engines.count("load", "a") == 3
+    world.write(a=model(path, engine={"max_batch": 8}))  # an edit of its entry lifts it...
+    await until(lambda: world.ready("a"))
+    await world.r.stop()
+    await world.build().start()  # ... for good
+    await until(lambda: world.ready("a"))
+    assert not world.condition("a", "Quarantined")["status"]
+
+
+async def test_a_quarantined_model_removed_while_lmx_was_down_comes_back_unquarantined(
+    world: World,
+) -> None:
+    world.engines.faults["a"] = Faults(always_fail=True)
+    path = world.model_dir("a")
+    world.write(a=model(path))
+    await world.build().start()
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    await world.r.stop()
+    world.write(b=model(world.model_dir("b")))  # removed: as when removed while lmx runs
+    await world.build().start()
+    await until(lambda: world.ready("b"))
+    await world.r.stop()
+
+    world.engines.faults["a"] = Faults()
+    world.write(a=model(path))  # the same entry as when it was quarantined
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+
+
+async def test_a_config_file_invalid_at_start_loses_no_quarantine(world: World) -> None:
+    world.engines.faults["a"] = Faults(always_fail=True)
+    path = world.model_dir("a")
+    world.write(a=model(path))
+    await world.build().start()
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    await world.r.stop()
+    world.write_text(f"models:\n  a:\n    source: {path}\n    wnat: pinned\n")
+    await world.build().start()
+    assert world.r.config_error is not None
+
+    world.engines.faults["a"] = Faults()
+    world.write(a=model(path))  # fixed, back to the entry it was quarantined under
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    await asyncio.sleep(0.3)
+    assert world.engines.count("load", "a") == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmx.reconciler.journal import Intent, Journal
+from lmx.reconciler.journal import Intent, Journal, Quarantine
 
 
 def test_a_finished_side_effect_leaves_nothing_pending(tmp_path: Path) -> None:
@@ -62,3 +62,19 @@ def test_an_unreadable_journal_starts_empty(tmp_path: Path) -> None:
     recovery = Journal(path).recover()
     assert recovery.downloads == frozenset() and recovery.crashed_loads == {}
     assert json.loads(path.read_text())["format"] == 1
+
+
+def test_the_models_quarantined_are_kept_until_lifted(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    held = Quarantine("spec1", "EngineCrashed", "the worker died (crash 5 in a row)")
+    j = Journal(path)
+    j.recover()
+    j.set_quarantined({"a": held})
+    j.begin(Intent.LOAD, "b", "d1")
+    j.end(Intent.LOAD, "b", ok=True)
+    assert Journal(path).recover().quarantined == {"a": held}
+    j = Journal(path)
+    j.recover()  # recovering keeps them: lifting is the reconciler's decision
+    assert Journal(path).recover().quarantined == {"a": held}
+    j.set_quarantined({})
+    assert Journal(path).recover().quarantined == {}
