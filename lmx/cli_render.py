@@ -179,6 +179,7 @@ def status_footer(doc: Doc) -> list[Text]:
     else:
         lines.append(Text(f"Config: INVALID{where}; the last good state is kept:", "bold red"))
         lines += [Text(f"  {p}", "red") for p in problems_of(str(config.get("error", "")))]
+    lines += [Text(f"Warning: {w}", "bold yellow") for w in doc.get("warnings") or []]
     return lines
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 import uvicorn
 
+from lmx.api.admin import open_to_network
 from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps, Control
@@ -190,6 +191,13 @@ class Daemon:
         )
         await asyncio.to_thread(self.spares.refill)
         await self.reconciler.start()
+        if open_to_network(self.deps.keys):
+            log.warning(
+                "api_open_to_network",
+                host=self.settings.host,
+                port=self.settings.port,
+                fix="declare server.api_keys in the config file, or listen on 127.0.0.1",
+            )
 
     def stopping(self) -> None:
         """The server has begun to stop: end the event streams (their clients reconnect to the

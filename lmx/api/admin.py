@@ -5,7 +5,8 @@ DesiredEditor (validated whole, written atomically, comments kept), never around
 (`server.admin_key`, `server.api_keys`) are shown only to a GET that carries the admin key; every
 other answer that echoes the desired state shows spec.REDACTED in their place, and the spec refuses
 that marker as a key (422 naming the field), so a document read back and sent again never installs
-it. The ETag is the file's, whichever way it is shown.
+it. The ETag is the file's, whichever way it is shown (so a redacted read may guard a PATCH), and
+keyed by a secret of the daemon's, so that it tells nothing about the secrets it does not show.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lmx.api.auth import has_admin_key, require_admin
+from lmx.api.auth import Keys, has_admin_key, require_admin
 from lmx.api.deps import AppDeps, Control
 from lmx.api.schemas import ErrorEnvelope
 from lmx.errors import ConfigError, RequestError
@@ -28,6 +29,16 @@ from lmx.reconciler.spec import redact
 
 MERGE_PATCH = "application/merge-patch+json"
 _KEEPALIVE_S = 15.0
+OPEN_TO_NETWORK = (
+    "lmx listens beyond loopback and no server.api_keys are declared: anyone who can reach its"
+    " port can use /v1; declare server.api_keys in the config file"
+)
+
+
+def open_to_network(keys: Keys) -> bool:
+    """/v1 answers anyone who can reach the port: lmx listens beyond loopback (so /admin reads
+    need the key too) and declares no inference key."""
+    return keys.protect_admin_reads and not keys.inference()
 
 
 def _deps(request: Request) -> AppDeps:
@@ -82,9 +93,12 @@ def _edit_response(control: Control, result: EditResult) -> JSONResponse:
 
 
 @router.get("/status")
-async def status(control: Reader) -> dict[str, Any]:
-    """Per-model conditions, footprints, in-flight and last use; memory; generations; config."""
-    return control.reconciler.status()
+async def status(control: Reader, deps: Annotated[AppDeps, Depends(_deps)]) -> dict[str, Any]:
+    """Per-model conditions, footprints, in-flight and last use; memory; generations; config;
+    warnings about how the daemon is exposed."""
+    doc = control.reconciler.status()
+    doc["warnings"] = [OPEN_TO_NETWORK] if open_to_network(deps.keys) else []
+    return doc
 
 
 @router.get("/desired", response_model=None)

@@ -9,6 +9,7 @@ A symlinked config file is written through: its target is replaced, the link kep
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from lmx.reconciler.spec import DesiredState
 from lmx.reconciler.writeback import (
     dump_tree,
     etag_of,
+    load_checked_tree,
     load_tree,
     merge_patch,
     to_plain,
@@ -29,6 +31,7 @@ from lmx.runtime.files import write_atomic
 
 _CAS_ATTEMPTS = 3
 _CHANGED = "the changed desired state"
+_BODY = "request body"
 
 
 class PreconditionFailed(LmxError):
@@ -41,7 +44,6 @@ class PreconditionFailed(LmxError):
 
 @dataclass(frozen=True)
 class Current:
-    text: str
     etag: str
     data: dict[str, Any]
 
@@ -60,15 +62,18 @@ class DesiredEditor:
         self.path = config_path
         self._reconciler = reconciler
         self._lock = asyncio.Lock()
+        # ETags are keyed by a secret of this process's (see etag_of): an If-Match taken from
+        # the daemon before a restart is answered 412, and the client reads again.
+        self._etag_key = secrets.token_bytes(32)
 
     def read(self) -> Current:
         """The file as it is now (its plain data even if it is invalid; {} if it is missing)."""
-        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        text = self._text()
         try:
             data = to_plain(load_tree(text, str(self.path)))
         except ConfigError:
             data = {}
-        return Current(text, etag_of(text), data)
+        return Current(self._etag(text), data)
 
     async def patch(
         self, patch: dict[str, Any], *, if_match: str | None, dry_run: bool
@@ -84,39 +89,48 @@ class DesiredEditor:
             merge_patch(tree, patch)
             return dump_tree(tree)
 
-        return await self._change(edit, if_match=if_match, dry_run=dry_run)
+        return await self._change(edit, _CHANGED, if_match=if_match, dry_run=dry_run)
 
     async def replace(self, text: str, *, if_match: str | None, dry_run: bool) -> EditResult:
-        """Replace the whole file with `text` (YAML, comments and all)."""
-        load_tree(text, "request body")
-        if manifest.is_empty(manifest.check_text(text, source="request body")):
-            raise ConfigError("request body", [manifest.EMPTY])
-        return await self._change(lambda _old: text, if_match=if_match, dry_run=dry_run)
+        """Replace the whole file with `text` (YAML, comments and all). Raises
+        PreconditionFailed, ConfigError (422)."""
+        return await self._change(lambda _old: text, _BODY, if_match=if_match, dry_run=dry_run)
 
-    async def _change(self, edit: Any, *, if_match: str | None, dry_run: bool) -> EditResult:
+    def _text(self) -> str:
+        return self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+
+    def _etag(self, text: str) -> str:
+        return etag_of(text, self._etag_key)
+
+    async def _change(
+        self, edit: Any, source: str, *, if_match: str | None, dry_run: bool
+    ) -> EditResult:
+        """Apply `edit` (old text -> new text) under the lock. Each text is checked for
+        duplicate keys once: the file's by a patch's `load_tree`, the new one by `parse`."""
         async with self._lock:
             for _ in range(_CAS_ATTEMPTS):
-                before = self.read()
-                if if_match is not None and if_match not in (before.etag, "*"):
-                    raise PreconditionFailed(if_match, before.etag)
-                new_text = edit(before.text)
+                text = self._text()
+                etag = self._etag(text)
+                if if_match is not None and if_match not in (etag, "*"):
+                    raise PreconditionFailed(if_match, etag)
+                new_text = edit(text)
                 # Validated as the daemon will read the file back: PyYAML, empty and duplicate
                 # keys refused, the lines of the text as it would be written.
-                desired = manifest.parse(new_text, source=_CHANGED)
-                data = to_plain(load_tree(new_text, _CHANGED))
+                desired = manifest.parse(new_text, source=source)
+                data = to_plain(load_checked_tree(new_text, source))
                 try:
                     await self._reconciler.check(desired)
                 except ConfigError as exc:
                     raise ConfigError(exc.source, manifest.locate(exc.errors, new_text)) from None
                 if dry_run:
                     plan = await self._reconciler.dry_run(desired)
-                    return EditResult(desired, data, before.etag, plan, written=False)
+                    return EditResult(desired, data, etag, plan, written=False)
                 # Compare and swap: an editor's save since we read is merged over, not lost.
-                if self.read().etag != before.etag:
+                if self._text() != text:
                     continue
                 # Through a symlink (a dotfiles setup), the link's target is replaced, in its
                 # own directory; the link stays a link.
                 await asyncio.to_thread(write_atomic, self.path.resolve(), new_text)
                 await self._reconciler.apply_desired(desired)
-                return EditResult(desired, data, etag_of(new_text), None, written=True)
+                return EditResult(desired, data, self._etag(new_text), None, written=True)
         raise ConfigError(str(self.path), ["(root): the file kept changing while it was written"])

@@ -8,6 +8,7 @@ tree so untouched keys keep their comments and order. The file itself is replace
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 from collections.abc import Mapping
 from typing import Any
@@ -20,9 +21,10 @@ from lmx.errors import ConfigError
 from lmx.reconciler import manifest
 
 
-def etag_of(text: str) -> str:
-    """The strong ETag of a config file's content."""
-    return '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
+def etag_of(text: str, key: bytes) -> str:
+    """The strong ETag of a config file's content, keyed: a plain hash of a file holding secrets
+    would let anyone who can read the ETag test a guess of them (the rest of the file is shown)."""
+    return '"' + hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:32] + '"'
 
 
 def _yaml() -> YAML:
@@ -37,6 +39,12 @@ def load_tree(text: str, source: str = "config.yaml") -> CommentedMap:
     """The round-trip tree of `text` (an empty mapping for an empty file). Raises ConfigError
     for bad YAML or a duplicate key, worded as when the daemon reads the file (line, key path)."""
     manifest.check_text(text, source=source)
+    return load_checked_tree(text, source)
+
+
+def load_checked_tree(text: str, source: str = "config.yaml") -> CommentedMap:
+    """`load_tree` for text that `manifest.check_text` (or `manifest.parse`) has accepted: its
+    duplicate keys are not looked for again. Raises ConfigError for what only ruamel refuses."""
     try:
         tree = _yaml().load(text)
     except YAMLError as exc:

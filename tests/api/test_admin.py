@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ import yaml
 from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps, Control
-from lmx.reconciler import writeback
+from lmx.reconciler import manifest
 from lmx.reconciler.editing import DesiredEditor
 from tests.component.reconciler_world import World, settle, until
 
@@ -85,7 +86,7 @@ async def test_patch_keeps_comments_and_bumps_generation(
     data = yaml.safe_load(text)
     assert data["models"]["small"]["want"] == "pinned"
     assert data["models"]["big"]["source"] == str(big)
-    assert r.headers["etag"] == writeback.etag_of(text)
+    assert r.headers["etag"] == (await client.get("/admin/desired")).headers["etag"]
     await until(lambda: world.ready("big"))
 
 
@@ -284,8 +285,13 @@ async def test_get_desired_hides_secrets_from_a_reader_without_the_admin_key(
         assert server == {"admin_key": "<redacted>", "api_keys": ["<redacted>", "<redacted>"]}
     full = await client.get("/admin/desired", headers=AUTH)
     assert full.json()["desired"]["server"]["api_keys"] == ["inf-a1b2", "inf-c3d4"]
-    # One ETag for the file, whoever reads it: a redacted read may guard a PATCH.
+    # One ETag for the file, whoever reads it: a redacted read may guard a PATCH. It tells a
+    # reader who guessed every secret right nothing: the file's plain hash is not it.
     assert anonymous.headers["etag"] == full.headers["etag"] == wrong.headers["etag"]
+    digest = hashlib.sha256(world.config_path.read_bytes()).hexdigest()
+    assert digest[:32] not in anonymous.headers["etag"]
+    # A key of this daemon's own makes it: another key, another ETag for the same file.
+    assert DesiredEditor(world.config_path, world.r).read().etag != anonymous.headers["etag"]
     patch = {"models": {"small": {"idle_ttl": "1h"}}}
     r = await client.patch(
         "/admin/desired", json=patch, headers={**PATCH, "If-Match": anonymous.headers["etag"]}
@@ -377,3 +383,56 @@ async def test_a_patch_writes_through_a_symlinked_config_file(tmp_path: Path, wo
     assert link.is_symlink() and link.resolve() == target
     assert "jit: false" in target.read_text() and "# my models" in target.read_text()
     assert sorted(p.name for p in dotfiles.iterdir()) == ["lmx.yaml"]  # no temp file left
+
+
+async def test_an_edit_checks_each_yaml_text_for_duplicate_keys_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = World(tmp_path)
+    w.write()
+    w.build(watch_config=False)  # only the editor reads the file
+    await w.r.start()
+    checked: list[str] = []
+    check_text = manifest.check_text
+
+    def counted(text: str, *, source: str = "config.yaml") -> Any:
+        checked.append(text)
+        return check_text(text, source=source)
+
+    monkeypatch.setattr(manifest, "check_text", counted)
+    control = Control(w.r, DesiredEditor(w.config_path, w.r))
+    deps = AppDeps(registry=w.reg, models=w.r, control=control, keys=Keys(admin=lambda: KEY))
+    transport = httpx.ASGITransport(app=create_app(deps))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+            before = w.config_path.read_text()
+            r = await c.patch("/admin/desired", json={"jit": False}, headers=PATCH)
+            assert r.status_code == 200, r.text
+            assert checked == [before, w.config_path.read_text()]  # the file, then the change
+
+            checked.clear()
+            text = "models: {}\njit: true\n"
+            r = await c.put("/admin/desired", content=text, headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert checked == [text]
+            r = await c.put("/admin/desired", content=text + "jit: false\n", headers=AUTH)
+            assert r.status_code == 422
+            assert r.json()["error"]["errors"][0].startswith("jit (line 3): duplicate key")
+    finally:
+        await w.r.stop()
+
+
+@pytest.mark.parametrize(
+    ("beyond_loopback", "api_keys", "warned"),
+    [(True, (), True), (True, ("inf-a1b2",), False), (False, (), False)],
+)
+async def test_status_warns_while_v1_is_open_to_the_network(
+    world: World, beyond_loopback: bool, api_keys: tuple[str, ...], warned: bool
+) -> None:
+    control = Control(world.r, DesiredEditor(world.config_path, world.r))
+    keys = Keys(admin=lambda: KEY, inference=lambda: api_keys, protect_admin_reads=beyond_loopback)
+    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=keys)
+    transport = httpx.ASGITransport(app=create_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+        doc = (await c.get("/admin/status", headers=AUTH)).json()
+    assert any("server.api_keys" in w for w in doc["warnings"]) is warned, doc["warnings"]
