@@ -4,7 +4,7 @@ through its admin API (lmx.client) and show the answers (lmx.cli_render).
 Parses flags into explicit values (Settings, paths) and hands them on; no command reads another's
 flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage (a bad --url too),
 3 when `lmx status` finds the daemon unhealthy (its config file invalid, or a model quarantined),
-130 on Ctrl-C.
+4 when `lmx service` finds no systemd user session to ask (lmx.service), 130 on Ctrl-C.
 """
 
 from __future__ import annotations

@@ -34,10 +34,22 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "launchd"
 POLL_S = 0.5
 BOOTOUT_WAIT_S = 40.0  # past the plist's ExitTimeOut (30 s), by which launchd has SIGKILLed it
 BOOTSTRAP_TRIES = 5  # launchd answers EIO (5) while a booted-out label is still being torn down
+EXIT_NO_USER_MANAGER = 4  # as LSB's "status unknown": there is no service manager to ask
+# systemctl's words when it cannot reach the user's manager ("to bus", or "to user scope bus").
+_NO_USER_BUS = re.compile(r"Failed to connect to (\w+ scope )?bus")
 
 
 class ServiceError(LmxError):
     """A service step failed; the message is the one line the person sees."""
+
+    exit_code = 1
+
+
+class NoUserManager(ServiceError):
+    """`systemctl --user` cannot reach this user's systemd: no login session started one (a
+    container, `su`, a cron job), or XDG_RUNTIME_DIR does not point to it."""
+
+    exit_code = EXIT_NO_USER_MANAGER
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,19 @@ def _failure(argv: Sequence[str], r: Result) -> str:
     return f"`{shlex.join(argv)}` failed (exit {r.code})" + (f": {said[-1]}" if said else "")
 
 
+def _error(argv: Sequence[str], r: Result, uid: int) -> ServiceError:
+    """The error for a failed command: what to do about a missing systemd user session, else
+    the command and the last line it said."""
+    said = r.err.strip().splitlines()
+    if argv[0] == "systemctl" and said and _NO_USER_BUS.search(said[-1]):
+        return NoUserManager(
+            f"no systemd user session to run the service in (systemctl said: {said[-1]});"
+            f" log in to one (ssh or a desktop, not `su`), or run `loginctl enable-linger` and"
+            f" set XDG_RUNTIME_DIR=/run/user/{uid}; or run `lmx serve` directly"
+        )
+    return ServiceError(_failure(argv, r))
+
+
 @dataclass
 class Host:
     """This user's service manager: the platform, the service file, and the one runner."""
@@ -192,7 +217,7 @@ class Host:
             return Result(0)
         r = self.runner(argv)
         if check and r.code != 0:
-            raise ServiceError(_failure(argv, r))
+            raise _error(argv, r, self.uid)
         return r
 
     def loaded(self) -> bool:
@@ -293,7 +318,8 @@ def uninstall(host: Host) -> int:
 
 
 def status(host: Host) -> int:
-    """Print what is installed and running; exit 0 when it runs, 3 when it does not (as LSB)."""
+    """Print what is installed and running; exit 0 when it runs, 3 when it does not (as LSB).
+    Raises NoUserManager (exit 4, LSB's "unknown") where systemd has no user manager to ask."""
     installed = _installed(host)
     if host.system == "darwin":
         r = host.ask("launchctl", "print", host.target)
@@ -307,7 +333,7 @@ def status(host: Host) -> int:
         show = ("systemctl", "--user", "show", UNIT, "-p", "ActiveState,SubState,MainPID,NRestarts")
         r = host.ask(*show)
         if r.code != 0:
-            raise ServiceError(_failure(show, r))
+            raise _error(show, r, host.uid)
         info = dict(line.split("=", 1) for line in r.out.splitlines() if "=" in line)
         running = info.get("ActiveState") == "active" and info.get("MainPID", "0") != "0"
         state = f"{info.get('ActiveState')} ({info.get('SubState')})"
@@ -343,14 +369,15 @@ def logs(host: Host, *, follow: bool, lines: int) -> int:
 def _handler(
     action: Callable[[Host, argparse.Namespace], int],
 ) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command: build the Host, and turn a ServiceError into one line on stderr and 1."""
+    """Wrap a command: build the Host, and turn a ServiceError into one line on stderr and its
+    exit code (1, or 4 where there is no systemd user manager)."""
 
     def handle(args: argparse.Namespace) -> int:
         try:
             return action(Host.current(dry_run=getattr(args, "dry_run", False)), args)
         except ServiceError as exc:
             print(f"lmx service: {exc}", file=sys.stderr)
-            return 1
+            return exc.exit_code
 
     return handle
 
@@ -374,7 +401,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         p.add_argument("--dry-run", action="store_true", help="print what would be written and run")
     inst.set_defaults(func=_handler(_install))
     uninst.set_defaults(func=_handler(lambda host, _: uninstall(host)))
-    stat = sub.add_parser("status", help="installed? running? pid, URL; exit 3 when not running")
+    stat = sub.add_parser(
+        "status",
+        help="installed? running? pid, URL; exit 3 when not running, 4 when systemd has no user"
+        " session to ask",
+    )
     stat.set_defaults(func=_handler(lambda host, _: status(host)))
     lg = sub.add_parser("logs", help="show the service's logs")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")

@@ -25,7 +25,7 @@ import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import yaml
 
-from lmx.cli_render import plan_lines
+from lmx.cli_render import plan_lines, status_footer
 from lmx.client import AdminClient, ChangedMeanwhile, parse_assignments, resolve_admin_key
 from tests.conftest import Daemon, free_port, start_daemon, wait_for
 from tests.hubserver import HubServer
@@ -113,6 +113,13 @@ def test_a_plan_reads_like_a_diff() -> None:
         "Plan: 1 to add, 1 to reload, 1 to remove, 1 blocked; "
         "memory after: 6.0 GiB of 8.0 GiB budget.",
     ]
+
+
+def test_status_ends_with_the_daemons_warnings() -> None:
+    doc = {"config": {"valid": True}, "warnings": ["lmx listens beyond loopback and ..."]}
+    lines = [str(t) for t in status_footer(doc)]
+    assert lines[-1] == "Warning: lmx listens beyond loopback and ..."
+    assert not [line for line in status_footer({}) if "Warning" in str(line)]
 
 
 # -- reads, on the shared daemon --
@@ -455,3 +462,41 @@ def test_the_admin_key_is_the_one_the_daemon_uses(
     monkeypatch.setenv("LMX_ADMIN_KEY", "from-env")
     assert resolve_admin_key(None).value == "from-env"
     assert resolve_admin_key("from-flag").value == "from-flag"
+
+
+# systemctl as it answers `--user` where no user manager can be reached (systemd 252).
+NO_USER_SYSTEMCTL = """#!/bin/sh
+if [ -z "$XDG_RUNTIME_DIR" ]; then
+  echo "Failed to connect to bus: No medium found" >&2
+else
+  echo "Failed to connect to bus: No such file or directory" >&2
+fi
+exit 1
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="systemd user services are Linux's")
+def test_service_status_without_a_systemd_user_session_says_what_to_do_and_exits_4(
+    tmp_path: Path,
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(NO_USER_SYSTEMCTL)
+    (bin_dir / "systemctl").chmod(0o755)
+    env = cli_env(tmp_path / "home")
+    for name in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS", "SUDO_USER"):
+        env.pop(name, None)  # a container's shell, or `su`'s
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    r = subprocess.run(
+        [sys.executable, "-m", "lmx.cli", "service", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+    assert r.returncode == 4, r.stderr
+    assert r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("lmx service: no systemd user session")
+    assert "No medium found" in r.stderr
+    assert "loginctl enable-linger" in r.stderr and "lmx serve" in r.stderr

@@ -334,9 +334,9 @@ def test_linux_install_reloads_enables_and_restarts_in_that_order(tmp_path: Path
 
 
 def test_linux_install_ignores_a_failed_reset_but_not_a_failed_enable(tmp_path: Path) -> None:
-    bus = "Failed to connect to bus: No medium found"
-    host, _ = linux(tmp_path, Recorder({"reset-failed": Result(1), "enable": Result(1, err=bus)}))
-    with pytest.raises(ServiceError, match=f"systemctl --user enable lmx.service` failed .*{bus}$"):
+    err = "Failed to enable unit: Access denied"
+    host, _ = linux(tmp_path, Recorder({"reset-failed": Result(1), "enable": Result(1, err=err)}))
+    with pytest.raises(ServiceError, match=f"systemctl --user enable lmx.service` failed .*{err}$"):
         service.install(host, odd_spec(tmp_path))
 
 
@@ -393,13 +393,47 @@ def test_commands_register_and_a_failure_is_one_line_and_exit_1(
     assert (args.dry_run, args.port, args.host, args.config) == (True, 8080, None, None)
     assert parser.parse_args(["service", "logs", "-f"]).lines == 100
 
-    host, _ = linux(tmp_path, Recorder({"show": Result(1, err="Failed to connect to bus")}))
+    host, _ = linux(tmp_path, Recorder({"show": Result(1, err="Failed to get properties")}))
     monkeypatch.setattr(Host, "current", classmethod(lambda cls, dry_run=False: host))
     status_args = parser.parse_args(["service", "status"])
     assert status_args.func(status_args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("lmx service: `systemctl --user show lmx.service")
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "Failed to connect to bus: No medium found",  # systemd 252, no XDG_RUNTIME_DIR
+        "Failed to connect to bus: No such file or directory",  # no user manager runs
+        "Failed to connect to user scope bus via local transport: $DBUS_SESSION_BUS_ADDRESS and"
+        " $XDG_RUNTIME_DIR not defined (consider using --machine=<user>@.host --user to connect"
+        " to bus of other user)",  # systemd 256
+    ],
+)
+@pytest.mark.parametrize("command", ["status", "install"])
+def test_linux_without_a_user_session_says_so_and_what_to_do_and_exits_4(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    said: str,
+    command: str,
+) -> None:
+    parser = argparse.ArgumentParser(prog="lmx")
+    service.add_commands(parser.add_subparsers(dest="command", required=True))
+    no_bus = Result(1, err=said + "\n")
+    host, out = linux(tmp_path, Recorder({"show": no_bus, "daemon-reload": no_bus}))
+    monkeypatch.setattr(Host, "current", classmethod(lambda cls, dry_run=False: host))
+    monkeypatch.setenv("LMX_HOME", str(tmp_path / "home"))  # where install puts its logs
+    args = parser.parse_args(["service", command])
+    assert args.func(args) == service.EXIT_NO_USER_MANAGER == 4  # LSB: status unknown
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and out == []
+    assert err.startswith("lmx service: no systemd user session")
+    assert said in err  # what systemctl said, for a search
+    for remedy in ("loginctl enable-linger", "XDG_RUNTIME_DIR=/run/user/1000", "lmx serve"):
+        assert remedy in err
 
 
 def test_the_real_runner_reports_a_missing_program_as_exit_127() -> None:
