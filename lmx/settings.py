@@ -6,6 +6,7 @@ level singleton. Imports nothing else from lmx.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,11 @@ class Settings:
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        """Whether only this machine can reach the port (127.0.0.0/8, ::1 in any spelling)."""
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a name: only localhost is known to stay on this machine
+            return self.host == "localhost"
 
     @property
     def models_dir(self) -> Path:

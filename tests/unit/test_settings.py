@@ -1,0 +1,28 @@
+"""Settings: which listening addresses keep lmx to this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmx.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0:0:0:0:0:0:0:1", True),  # ::1 written out
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("127.example.com", False),  # a name, not an address
+        ("studio.local", False),
+    ],
+)
+def test_loopback_is_the_address_not_its_spelling(host: str, loopback: bool) -> None:
+    assert Settings.from_env(home=Path("/nonexistent"), host=host).is_loopback is loopback
