@@ -119,12 +119,17 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "invalid_api_key" if exc.status_code == 401 else None
+        message = str(exc.detail)
+        if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+            # No route (or not this method): named as OpenAI names it, so a client that sent a
+            # request lmx does not serve (say /v1/embeddings) sees which one.
+            message = f"Invalid URL ({request.method} {request.url.path})"
         return envelope(
             exc.status_code,
-            str(exc.detail),
+            message,
             type_=type_,
             code=code,
             headers=dict(exc.headers or {}),

@@ -146,6 +146,16 @@ async def test_unknown_model_is_404_envelope(client: httpx.AsyncClient) -> None:
     assert "nope" in err["message"] and "tiny" in err["message"]
 
 
+async def test_a_route_lmx_does_not_serve_is_named_as_openai_names_it(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/v1/embeddings", json={"model": "tiny", "input": "hi"})
+    assert assert_envelope(r, 404)["message"] == "Invalid URL (POST /v1/embeddings)"
+    r = await client.get("/v1/chat/completions")
+    assert assert_envelope(r, 405)["message"] == "Invalid URL (GET /v1/chat/completions)"
+    assert r.headers["allow"] == "POST"
+
+
 async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, "temperature": 7})
     assert_envelope(r, 400, "temperature")
