@@ -121,10 +121,12 @@ class Journal:
         self._write()
 
     def set_quarantined(self, models: dict[str, Quarantine]) -> None:
-        """Record the models quarantined now, all of them: one left out is lifted. Writes only
-        what changed."""
+        """Record the models quarantined now, all of them: one left out is lifted, and the count
+        of its loads that ended the process starts over. Writes only what changed."""
         entries = {mid: dataclasses.asdict(q) for mid, q in models.items()}
         if entries != self._quarantined:
+            for lifted in self._quarantined.keys() - entries.keys():
+                self._crashes.pop(lifted, None)
             self._quarantined = entries
             self._write()
 

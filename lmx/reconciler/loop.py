@@ -386,9 +386,10 @@ class Reconciler:
         self._recovery = None
         for mid, spec in desired.models.items():
             held = recovery.quarantined.get(mid)
-            if held is not None and held.spec_digest == spec.digest():
-                self._failures.quarantine(mid, spec, held.reason, held.message)
-                log.error("model_quarantined", model=mid, reason=held.reason, restored=True)
+            if held is not None:  # its entry edited since: lifted, its load deaths forgotten
+                if held.spec_digest == spec.digest():
+                    self._failures.quarantine(mid, spec, held.reason, held.message)
+                    log.error("model_quarantined", model=mid, reason=held.reason, restored=True)
             elif n := recovery.crash_quarantined(mid, spec.load_digest()):
                 msg = f"loading it ended the process {n} times; change its spec to retry"
                 self._failures.quarantine(mid, spec, "LoadCrashedProcess", msg)

@@ -141,6 +141,25 @@ async def test_a_model_whose_load_killed_the_process_twice_is_quarantined(world:
     assert world.engines.count("load", "a") == 0
 
 
+async def test_a_load_crash_quarantine_is_lifted_by_any_edit_of_the_entry_made_while_down(
+    world: World,
+) -> None:
+    world.write(a=model(world.model_dir("a")))
+    spec = manifest.load(world.config_path).models["a"]
+    _journal(world.home, "a", spec, deaths=1)
+    await world.build().start()
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    await world.r.stop()
+    await world.build().start()  # kept while the entry is the one that killed the process...
+    await until(lambda: world.condition("a", "Quarantined")["status"])
+    await world.r.stop()
+
+    world.write(a=model(world.model_dir("a"), "pinned"))  # ...not once it is edited (not its load)
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    assert json.loads((world.home / "journal.json").read_text())["crashes"] == {}
+
+
 async def test_a_model_whose_load_killed_the_process_once_is_loaded_again(world: World) -> None:
     world.write(a=model(world.model_dir("a")))
     spec = manifest.load(world.config_path).models["a"]

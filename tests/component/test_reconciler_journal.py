@@ -78,3 +78,17 @@ def test_the_models_quarantined_are_kept_until_lifted(tmp_path: Path) -> None:
     assert Journal(path).recover().quarantined == {"a": held}
     j.set_quarantined({})
     assert Journal(path).recover().quarantined == {}
+
+
+def test_a_lifted_quarantine_forgets_the_loads_that_ended_the_process(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    for _ in range(2):  # two processes died loading "a"
+        j = Journal(path)
+        j.recover()
+        j.begin(Intent.LOAD, "a", "d1")
+    j = Journal(path)
+    assert j.recover().crash_quarantined("a", "d1") == 2
+    j.set_quarantined({"a": Quarantine("spec1", "LoadCrashedProcess", "...")})
+    assert Journal(path).recover().crash_quarantined("a", "d1") == 2
+    j.set_quarantined({})
+    assert Journal(path).recover().crashed_loads == {}
