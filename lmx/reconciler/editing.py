@@ -25,7 +25,6 @@ from lmx.reconciler.writeback import (
     load_checked_tree,
     load_tree,
     merge_patch,
-    to_plain,
 )
 from lmx.runtime.files import write_atomic
 
@@ -67,10 +66,12 @@ class DesiredEditor:
         self._etag_key = secrets.token_bytes(32)
 
     def read(self) -> Current:
-        """The file as it is now (its plain data even if it is invalid; {} if it is missing)."""
+        """The file as it is now: its data as the daemon reads it, even if it is invalid ({} if
+        it is missing, or not YAML)."""
         text = self._text()
         try:
-            data = to_plain(load_tree(text, str(self.path)))
+            manifest.check_text(text, source=str(self.path))
+            data = manifest.shown(text)
         except ConfigError:
             data = {}
         return Current(self._etag(text), data)
@@ -117,7 +118,8 @@ class DesiredEditor:
                 # Validated as the daemon will read the file back: PyYAML, empty and duplicate
                 # keys refused, the lines of the text as it would be written.
                 desired = manifest.parse(new_text, source=source)
-                data = to_plain(load_checked_tree(new_text, source))
+                load_checked_tree(new_text, source)  # refused now if the next edit could not
+                data = manifest.shown(new_text)
                 try:
                     await self._reconciler.check(desired)
                 except ConfigError as exc:

@@ -6,6 +6,8 @@ back (keeping comments) belongs to the admin PATCH path.
 
 from __future__ import annotations
 
+import math
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,30 @@ def check_text(text: str, *, source: str = "config.yaml") -> yaml.Node | None:
 def is_empty(node: yaml.Node | None) -> bool:
     """Nothing declared at all: no document, or a null one (`---`, `~`). `{}` is not empty."""
     return node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"))
+
+
+def shown(text: str) -> dict[str, Any]:
+    """The data of text that check_text accepted, as the daemon reads it (YAML 1.1: `yes` is
+    true) and in JSON's terms, for showing: keys as strings, dates and times in ISO 8601, and
+    .inf and .nan as YAML writes them. A document that is not a mapping shows as {}."""
+    data = yaml.safe_load(text)
+    return _json_value(data) if isinstance(data, dict) else {}
+
+
+def _json_value(value: Any) -> Any:
+    match value:
+        case dict():
+            return {str(k): _json_value(v) for k, v in value.items()}
+        case list():
+            return [_json_value(v) for v in value]
+        case float() if not math.isfinite(value):
+            return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+        case date():  # datetime too
+            return value.isoformat()
+        case None | bool() | int() | float() | str():
+            return value
+        case _:  # !!binary, !!set: the text of the value
+            return str(value)
 
 
 def parse(text: str, *, source: str = "config.yaml") -> DesiredState:

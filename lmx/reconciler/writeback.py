@@ -70,15 +70,6 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return target
 
 
-def to_plain(tree: Any) -> Any:
-    """The tree as plain dicts and lists (what validation and JSON see)."""
-    if isinstance(tree, Mapping):
-        return {str(k): to_plain(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [to_plain(v) for v in tree]
-    return tree
-
-
 def dump_tree(tree: CommentedMap) -> str:
     buf = io.StringIO()
     _yaml().dump(tree, buf)

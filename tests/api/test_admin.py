@@ -271,6 +271,22 @@ async def test_beyond_loopback_admin_reads_need_the_key_too(world: World) -> Non
 SECRETS = "server:\n  admin_key: adm-7f3c9\n  api_keys: [inf-a1b2, inf-c3d4]\n"
 
 
+async def test_get_desired_shows_the_data_as_the_daemon_reads_it_whatever_its_yaml_types(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    # YAML 1.1 as the daemon reads it (`yes` is true), and types JSON lacks: a date, infinity.
+    world.write_text(
+        "models:\n  small:\n    source: builtin:tiny\n    revision: 2024-01-01\n"
+        "    idle_ttl: .inf\n    engine: {temperature_floor: .nan, 1: -.inf}\njit: yes\n"
+    )
+    r = await client.get("/admin/desired")
+    assert r.status_code == 200, r.text
+    small = r.json()["desired"]["models"]["small"]
+    assert (small["revision"], small["idle_ttl"]) == ("2024-01-01", ".inf")
+    assert small["engine"] == {"temperature_floor": ".nan", "1": "-.inf"}
+    assert r.json()["desired"]["jit"] is True
+
+
 async def test_get_desired_hides_secrets_from_a_reader_without_the_admin_key(
     client: httpx.AsyncClient, world: World
 ) -> None:
