@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -30,7 +31,14 @@ from bench.workload import Workload, make_prompts
 from lmx.api.app import create_app
 from lmx.api.deps import AppDeps
 from lmx.logs import configure
-from lmx.runtime.engine import Delta, EngineState, EngineStats, GenerationRequest, LoadConfig
+from lmx.runtime.engine import (
+    Delta,
+    Embeddings,
+    EngineState,
+    EngineStats,
+    GenerationRequest,
+    LoadConfig,
+)
 from lmx.runtime.registry import EngineRegistry
 
 MODEL_ID = "zero"
@@ -124,6 +132,11 @@ class ZeroEngine:
         finally:
             with self._lock:
                 self._live.pop(key, None)
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+        """Every input the same vector of length 1, at once: no model, as for text."""
+        one = struct.pack("<f", 1.0)
+        return Embeddings(one * len(inputs), len(inputs), 1, sum(len(r) for r in inputs))
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:

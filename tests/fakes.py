@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 from lmx.runtime.engine import (
     Delta,
+    Embeddings,
     EngineState,
     EngineStats,
     GenerationRequest,
@@ -183,6 +185,14 @@ class FakeEngine:
             yield Delta(text=chr(tok), token_ids=(tok,))
         self.served += 1
         yield Delta(text="", finish_reason="stop")
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+        """Each input's vector of length 1 from its length, sum and ends: equal inputs, equal
+        vectors; most others differ."""
+        rows = [[len(r), sum(r) % 97 + 1, r[0] + 1, r[-1] + 1] for r in inputs]
+        vectors = [[x / math.hypot(*row) for x in row] for row in rows]
+        data = struct.pack(f"<{4 * len(rows)}f", *(x for v in vectors for x in v))
+        return Embeddings(data, len(rows), 4, sum(len(r) for r in inputs))
 
 
 @dataclass

@@ -125,7 +125,7 @@ def install(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
             # No route (or not this method): named as OpenAI names it, so a client that sent a
-            # request lmx does not serve (say /v1/embeddings) sees which one.
+            # request lmx does not serve (say /v1/audio/speech) sees which one.
             message = f"Invalid URL ({request.method} {request.url.path})"
         return envelope(
             exc.status_code,

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 
 class _Request(BaseModel):
@@ -124,6 +132,25 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: Annotated[int | None, Field(ge=1)] = None
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int | None, Field(ge=1)] = None
+    user: str | None = None
+
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _one_of_the_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One error naming the forms, not one per member of the union."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(
+                "give a text, a list of texts, a list of token ids, or a list of lists of them"
+            ) from None
 
 
 class ModelCard(BaseModel):

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
 
 Streaming responses are SSE ending with `data: [DONE]`. Errors that happen before the first byte
 become OpenAI error envelopes; errors after it become a final `error` event.
@@ -35,6 +35,7 @@ from lmx.api.chunks import (
 )
 from lmx.api.constraints import constraint_for
 from lmx.api.deps import AppDeps
+from lmx.api.embedding import embeddings_body, token_rows
 from lmx.api.generation import (
     ChoiceState,
     chat_prompt,
@@ -48,6 +49,7 @@ from lmx.api.metrics import Metrics
 from lmx.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     ErrorEnvelope,
     ModelCard,
     ModelList,
@@ -463,6 +465,16 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
 
     usage_of = (lambda: usage(states, n_prompts)) if include_usage else None
     return EventStream(_events(gen, states, base, head, choice, usage_of))
+
+
+@router.post("/embeddings", response_model=None)
+async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
+    model_id = await deps.models.ensure_ready(body.model)
+    async with deps.registry.acquire(model_id) as engine:
+        result = await engine.embed(token_rows(body, engine.tokenizer))
+    answer = embeddings_body(body, result)
+    deps.metrics.prompt_tokens.labels(model_id).inc(result.prompt_tokens)
+    return JSONResponse(answer)
 
 
 # The routes lmx.api.shortcut takes straight to their endpoints: path, body's model, endpoint.

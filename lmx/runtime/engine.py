@@ -111,6 +111,16 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    """One vector of length 1 per input: `count` rows of `dimensions` float32, little-endian."""
+
+    vectors: bytes
+    count: int
+    dimensions: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     in_flight: int
     queued: int
@@ -186,6 +196,14 @@ class Engine(Protocol):
         """Generate; cancelling the iterator (client gone) removes the sequence at the next step.
 
         Raises QueueFull when the model's queue is full, RequestError for a bad request.
+        """
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+        """One vector per input (token ids) from the model's last hidden states, pooled as the
+        model says (lmx.runtime.mlx_embedding). Queued with the model's generation requests.
+
+        Raises QueueFull, RequestError for a bad input or a model that cannot embed,
+        GenerationFailed when the computation fails.
         """
 
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,9 +30,10 @@ import mlx.core as mx
 import structlog
 from mlx_lm.utils import load_tokenizer
 
-from lmx.errors import QueueFull, RequestError
+from lmx.errors import GenerationFailed, QueueFull, RequestError
 from lmx.runtime.engine import (
     Delta,
+    Embeddings,
     EngineState,
     EngineStats,
     GenerationRequest,
@@ -177,6 +178,7 @@ class MlxEngine:
         self._context_length = config.context_length or 4096
         self._vocab_size = 0  # the loaded model's, from its worker
         self._streams: dict[int, _Stream] = {}
+        self._embeddings: dict[int, asyncio.Future[Embeddings]] = {}
         self._ids = itertools.count()
         self._in_flight = 0
         self._served = 0
@@ -341,26 +343,58 @@ class MlxEngine:
             if not finished:  # at once, with whatever is posted before it (its add, maybe)
                 self._post(("cancel", sid), now=True)
 
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+        if self._state is not EngineState.READY:
+            raise RequestError(f"model {self.config.model_id!r} is not ready")
+        rows = tuple(tuple(int(t) for t in row) for row in inputs)
+        for i, row in enumerate(rows):
+            if not row:
+                raise RequestError(f"input {i} is empty", param="input")
+            if len(row) > self._context_length:
+                raise RequestError(
+                    f"input {i} has {len(row)} tokens; this model's maximum context length is "
+                    f"{self._context_length} tokens",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+            self._check_ids("input", row)
+        if self._in_flight >= self.config.max_batch + self.config.max_queue:
+            raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
+        sid = next(self._ids)
+        answer: asyncio.Future[Embeddings] = asyncio.get_running_loop().create_future()
+        self._embeddings[sid] = answer
+        self._in_flight += 1
+        try:
+            if self._state is not EngineState.READY:  # the worker died since the check above
+                raise RequestError(f"model {self.config.model_id!r} is not ready")
+            self._post(("embed", sid, rows))
+            return await answer
+        finally:
+            self._in_flight -= 1
+            self._embeddings.pop(sid, None)
+            if answer.cancelled() or not answer.done():  # the caller gave up: rows left go
+                self._post(("cancel", sid), now=True)
+
     def _within_vocabulary(self, request: GenerationRequest) -> GenerationRequest:
         """`request` as the worker may take it, or RequestError naming the field: a token id
         outside the vocabulary would index past the model's embedding or logits (the worker
         crashes); a top_k at or past the vocabulary's size filters nothing, so it is dropped."""
-        vocab = self._vocab_size
         p = request.params
-        for param, ids in (
-            ("prompt", request.prompt_tokens),
-            ("logit_bias", p.logit_bias.keys()),
-            ("stop_token_ids", p.stop_token_ids),
-        ):
-            if ids and (min(ids) < 0 or max(ids) >= vocab):
-                bad = next(t for t in ids if not 0 <= t < vocab)
-                raise RequestError(
-                    f"token id {bad} is outside the model's vocabulary (0 to {vocab - 1})",
-                    param=param,
-                )
-        if p.top_k >= vocab:
+        self._check_ids("prompt", request.prompt_tokens)
+        self._check_ids("logit_bias", p.logit_bias.keys())
+        self._check_ids("stop_token_ids", p.stop_token_ids)
+        if p.top_k >= self._vocab_size:
             return replace(request, params=replace(p, top_k=0))
         return request
+
+    def _check_ids(self, param: str, ids: Iterable[int]) -> None:
+        vocab = self._vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(
+                f"token id {bad} is outside the model's vocabulary (0 to {vocab - 1})",
+                param=param,
+            )
 
     def _send(self, msg: LoadConfig) -> None:
         if self._conn is None:
@@ -420,13 +454,18 @@ class MlxEngine:
         try:
             while True:
                 report: Report = receive(self._conn)
-                if report[0] == "out":
-                    _, pieces, items, stats = report
-                    self.worker_stats = stats
-                    if pieces:
-                        items += [(sid, Delta(text, (token,))) for sid, text, token in pieces]
-                    if items:
-                        self._deliver(items)
+                match report:
+                    case ("out", pieces, items, stats):
+                        self.worker_stats = stats
+                        if pieces:
+                            items += [(sid, Delta(text, (token,))) for sid, text, token in pieces]
+                        if items:
+                            self._deliver(items)
+                    case ("embedded", sid, Embeddings() as result):
+                        self._answer(sid, result)
+                    case ("embed_failed", sid, str(message), bool(requests_fault)):
+                        fault = RequestError if requests_fault else GenerationFailed
+                        self._answer(sid, fault(message))
         except (EOFError, OSError):
             pass
         reason = "the model was unloaded"
@@ -439,6 +478,25 @@ class MlxEngine:
         self.worker_stats = None
         ended = Delta("", finish_reason="error", error=reason)
         self._deliver([(sid, ended) for sid in list(self._streams)])
+        for sid in list(self._embeddings):
+            self._answer(sid, GenerationFailed(reason))
+
+    def _answer(self, sid: int, result: Embeddings | Exception) -> None:
+        """Settle embedding request `sid` (if its caller still waits) on its event loop."""
+        answer = self._embeddings.get(sid)
+        if answer is None:
+            return
+
+        def settle() -> None:
+            if answer.done():
+                return
+            if isinstance(result, Exception):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            answer.get_loop().call_soon_threadsafe(settle)
 
     def _deliver(self, items: list[tuple[int, Delta]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Delta]]] = {}

@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import structlog
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
@@ -36,9 +37,10 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
 from lmx.logs import configure
-from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, TokenLogprob
+from lmx.runtime.engine import Delta, Embeddings, GenerationRequest, LoadConfig, TokenLogprob
 from lmx.runtime.intake import COMING_FOR_S, MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
+from lmx.runtime.mlx_embedding import Pooling, embed_rows, hidden_states_model, pooling_of
 from lmx.runtime.mlx_prompt_cache import PromptCache, take_out
 from lmx.runtime.mlx_sampling import make_processors, make_sampler
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
@@ -117,6 +119,18 @@ class _Seq:
     done: bool = False  # its last delta went out (the output thread's)
 
 
+@dataclass(eq=False)
+class _Embedding:
+    """One embedding request: its rows go through the model shortest first, a batch at a time
+    between the batch's steps."""
+
+    sid: int
+    rows: tuple[tuple[int, ...], ...]
+    order: list[int]  # row indices, shortest first
+    done: int = 0  # rows of `order` embedded
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # by row index
+
+
 # One sequence's token of one step, as the main thread hands it to the output thread: the
 # sequence, the token, BatchGenerator's finish reason, the sequence's tokens so far, logprobs.
 _Token = tuple[_Seq, int, str | None, int, tuple[TokenLogprob, ...]]
@@ -164,6 +178,9 @@ class Worker:
         # From the output thread: sequences whose text ended (a stop string, or an error making
         # it), for the main thread to take out of the batch.
         self._text_ended: deque[_Seq] = deque()
+        self._embeds: deque[_Embedding] = deque()  # oldest first
+        self._pooling = Pooling.MEAN
+        self._unembeddable: str | None = None  # why this model gives no embeddings
 
     def run(self) -> None:
         output = threading.Thread(target=self._emit_all, name="output")
@@ -193,6 +210,8 @@ class Worker:
             self._serve(gen)
         finally:  # the process exits next, which returns every byte
             self._fail_all(gen, "the model was unloaded")
+            for job in self._embeds:
+                self._post(("embed_failed", job.sid, "the model was unloaded", False))
             gen.close()
             self._flush_logs()
 
@@ -204,6 +223,13 @@ class Worker:
         self._constraints = ConstraintFactory(wrapper, vocab_size, wrapper.eos_token_ids)
         self._model = model
         self._weights_bytes = sum(int(v.nbytes) for _, v in _params(model))
+        try:
+            self._pooling = pooling_of(self.config.path)
+        except (ValueError, OSError) as exc:  # the model serves text all the same
+            self._unembeddable = str(exc)
+        if hidden_states_model(model) is None:
+            kind = model_config.get("model_type", "?")
+            self._unembeddable = f"its architecture ({kind}) gives no hidden states to pool"
         gen: Any = BatchGenerator(  # the worker ends its sequences itself: see _step
             model,
             completion_batch_size=self.config.max_batch,
@@ -245,17 +271,20 @@ class Worker:
         while True:
             # Step at once while anything runs or waits unheld; with only held prompts, wait for
             # the rest of their round; idle, for anything. The commands change all three.
-            hold = 0.0 if self._running() else self._hold_s()
-            wait = hold if hold else 0.0 if self._live else _IDLE_POLL_S
+            hold = 0.0 if self._running() or self._embeds else self._hold_s()
+            wait = hold if hold else 0.0 if self._live or self._embeds else _IDLE_POLL_S
             if not self._serve_once(gen, wait):
                 return
 
     def _serve_once(self, gen: Any, wait: float) -> bool:
         """One pass of the serving loop: the commands (waiting up to `wait` s for the first),
-        then a step unless the batch is empty or held; False once told to stop."""
+        a batch of embedding rows if any wait, then a step unless the batch is empty or held;
+        False once told to stop."""
         if not self._take_commands(gen, wait):
             return False
         self._retire(gen)
+        if self._embeds:
+            self._embed_some(gen)
         hold = self._hold_s()
         if self._live and (not hold or self._running()):
             try:
@@ -297,7 +326,10 @@ class Worker:
                         if self._arrivals is not None:
                             self._arrivals.write(Arrival(at, "worker"))
                         self._add(gen, sid, request, at)
+                    case ("embed", int(sid), tuple(rows)):
+                        self._embed_take(sid, rows)
                     case ("cancel", int(sid)):
+                        self._embeds = deque(j for j in self._embeds if j.sid != sid)
                         seq = self._by_sid.pop(sid, None)
                         if seq is not None:
                             self._left(seq)  # not an ending: nobody will follow it
@@ -725,6 +757,44 @@ class Worker:
             cached_tokens=seq.cached_tokens,
             error=error,
         )
+
+    def _embed_take(self, sid: int, rows: tuple[tuple[int, ...], ...]) -> None:
+        if self._unembeddable is not None:
+            why = f"model {self.config.model_id!r} cannot embed: {self._unembeddable}"
+            self._post(("embed_failed", sid, why, True))
+            return
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        self._embeds.append(_Embedding(sid, rows, order))
+
+    def _embed_some(self, gen: Any) -> None:
+        """The oldest embedding request's next rows through the model, as many as fit one prefill
+        chunk padded (one row at least, in chunks if longer); answered once all are done."""
+        job = self._embeds[0]
+        chunk = self.config.prefill_step
+        take = job.order[job.done : job.done + 1]
+        for i in job.order[job.done + 1 :]:
+            if (len(take) + 1) * len(job.rows[i]) > chunk:  # shortest first: i is the widest
+                break
+            take.append(i)
+        try:
+            with mx.stream(gen.stream):
+                vectors = embed_rows(
+                    self._model, [list(job.rows[i]) for i in take], self._pooling, chunk
+                )
+        except Exception as exc:
+            log.exception("embedding_failed", model=self.config.model_id)
+            self._embeds.popleft()
+            self._post(("embed_failed", job.sid, f"{type(exc).__name__}: {exc}", False))
+            return
+        job.vectors.update(zip(take, vectors, strict=True))
+        job.done += len(take)
+        if job.done == len(job.rows):
+            self._embeds.popleft()
+            matrix = np.stack([job.vectors[i] for i in range(len(job.rows))]).astype("<f4")
+            tokens = sum(len(r) for r in job.rows)
+            count, dimensions = matrix.shape
+            answer = Embeddings(matrix.tobytes(), count, dimensions, tokens)
+            self._post(("embedded", job.sid, answer))
 
     def _fail_all(self, gen: Any, error: str) -> None:
         if self._live:

@@ -6,13 +6,14 @@ module touches MLX.
 Engine to worker: the LoadConfig once, then lists of commands, each list applied in one go:
 `("add", sid, GenerationRequest)`, `("cancel", sid)`, `("stop",)`, and after adds
 `("coming", n)`: n more requests were still being prepared in the daemon when it sent them
-(`("coming", 0)` once none is).
+(`("coming", 0)` once none is), and `("embed", sid, rows)`: one vector per row of token ids.
 Worker to engine: `("ready", Ready)` or `("failed", Exception)` once after the load, then
 `("out", [(sid, text, token), ...], [(sid, Delta), ...], WorkerStats)` after every step that
 produced output or changed the number of active sequences. A step's plain pieces (a token and its
 text, nothing else) travel as tuples, which pickle an order of magnitude faster than Deltas; the
-rest (endings, logprobs, a sequence's first timings) as Deltas. The pair's end (EOF) means the
-other side is gone.
+rest (endings, logprobs, a sequence's first timings) as Deltas. An embedding request is answered
+`("embedded", sid, Embeddings)` or `("embed_failed", sid, message, the_request_s_fault)`. The
+pair's end (EOF) means the other side is gone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
-from lmx.runtime.engine import Delta, GenerationRequest
+from lmx.runtime.engine import Delta, Embeddings, GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ Command = (
     tuple[Literal["add"], int, GenerationRequest]
     | tuple[Literal["cancel"], int]
     | tuple[Literal["coming"], int]
+    | tuple[Literal["embed"], int, tuple[tuple[int, ...], ...]]
     | tuple[Literal["stop"]]
 )
 Piece = tuple[int, str, int]  # (sid, text, token): Delta(text, (token,)) for stream sid
@@ -61,6 +63,8 @@ Report = (
     tuple[Literal["ready"], Ready]
     | tuple[Literal["failed"], Exception]
     | tuple[Literal["out"], list[Piece], list[tuple[int, Delta]], WorkerStats]
+    | tuple[Literal["embedded"], int, Embeddings]
+    | tuple[Literal["embed_failed"], int, str, bool]
 )
 
 

@@ -149,11 +149,28 @@ async def test_unknown_model_is_404_envelope(client: httpx.AsyncClient) -> None:
 async def test_a_route_lmx_does_not_serve_is_named_as_openai_names_it(
     client: httpx.AsyncClient,
 ) -> None:
-    r = await client.post("/v1/embeddings", json={"model": "tiny", "input": "hi"})
-    assert assert_envelope(r, 404)["message"] == "Invalid URL (POST /v1/embeddings)"
+    r = await client.post("/v1/audio/speech", json={"model": "tiny", "input": "hi"})
+    assert assert_envelope(r, 404)["message"] == "Invalid URL (POST /v1/audio/speech)"
     r = await client.get("/v1/chat/completions")
     assert assert_envelope(r, 405)["message"] == "Invalid URL (GET /v1/chat/completions)"
     assert r.headers["allow"] == "POST"
+
+
+async def test_an_embedding_input_may_be_its_text_or_its_token_ids(
+    client: httpx.AsyncClient, registry: EngineRegistry
+) -> None:
+    async with registry.acquire("tiny") as engine:
+        ids = engine.tokenizer.encode("hello there")
+    got = []
+    for given in ("hello there", ["hello there"], ids, [ids]):
+        r = await client.post("/v1/embeddings", json={"model": "tiny", "input": given})
+        assert r.status_code == 200, r.text
+        assert [d["index"] for d in r.json()["data"]] == [0]
+        assert r.json()["usage"] == {"prompt_tokens": len(ids), "total_tokens": len(ids)}
+        got.append(r.json()["data"][0]["embedding"])
+    assert got[1:] == got[:1] * 3
+    r = await client.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+    assert_envelope(r, 404, "model")
 
 
 async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> None:

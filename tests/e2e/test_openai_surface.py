@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -382,3 +383,46 @@ def test_a_streamed_call_opens_with_the_role_null_content_and_the_call(daemon: D
     first = chunks[0]["choices"][0]["delta"]
     assert (first["role"], first["content"]) == ("assistant", None) and first["tool_calls"]
     assert all("content" not in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])
+
+
+def test_embeddings_through_the_sdk_as_floats_base64_and_fewer_dimensions(
+    client: openai.OpenAI,
+) -> None:
+    texts = ["The quick brown fox", "hi", "The quick brown fox"]
+    default = client.embeddings.create(model="lmx-tiny", input=texts)  # the SDK asks for base64
+    floats = client.embeddings.create(model="lmx-tiny", input=texts, encoding_format="float")
+    assert [d.index for d in default.data] == [0, 1, 2]
+    vectors = np.array([d.embedding for d in floats.data])
+    np.testing.assert_allclose([d.embedding for d in default.data], vectors, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert (vectors[0] == vectors[2]).all() and not (vectors[0] == vectors[1]).all()
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens > 3
+    assert floats.model == "lmx-tiny"
+    alone = client.embeddings.create(model="lmx-tiny", input=texts[1], encoding_format="float")
+    np.testing.assert_allclose(alone.data[0].embedding, vectors[1], atol=1e-6)
+    short = client.embeddings.create(model="lmx-tiny", input=texts[0], dimensions=8)
+    head = vectors[0][:8]
+    np.testing.assert_allclose(short.data[0].embedding, head / np.linalg.norm(head), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"input": ""}, "input", "input 0 is empty"),
+        ({"input": []}, "input", "input is empty"),
+        ({"input": ["ok", ""]}, "input", "input 1 is empty"),
+        ({"input": ["x"] * 2049}, "input", "at most 2048"),
+        ({"input": [[10**9]]}, "input", "outside the model's vocabulary"),
+        ({"input": "word " * 5000}, "input", "maximum context length"),
+        ({"input": "x", "dimensions": 100000}, "dimensions", "more than this model's"),
+        ({"input": "x", "encoding_format": "fp16"}, "encoding_format", "float"),
+        ({"input": [1, "a"]}, "input", "a text, a list of texts"),
+    ],
+)
+def test_a_bad_embedding_request_is_a_400_naming_the_field(
+    daemon: Daemon, body: dict[str, Any], param: str, says: str
+) -> None:
+    r = httpx.post(daemon.url + "/v1/embeddings", json={"model": "lmx-tiny", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
