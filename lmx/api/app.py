@@ -140,7 +140,7 @@ def create_app(
     app.include_router(v1.router)
     app.include_router(admin.router)
 
-    app.add_middleware(Shortcut, api=app, deps=deps, ways=v1.GENERATION)
+    app.add_middleware(Shortcut, api=app, deps=deps, ways=v1.SHORTCUTS)
     app.add_middleware(CountIntake, intake=deps.intake)
     app.add_middleware(RequestContext, metrics=deps.metrics)
     app.add_middleware(DynamicCORS, origins=deps.cors_origins)

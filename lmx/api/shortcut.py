@@ -1,14 +1,15 @@
-"""The generation routes' straight way in: a valid JSON request skips FastAPI's routing.
+"""The inference routes' straight way in: a valid JSON request skips FastAPI's routing.
 
 FastAPI's route matching, dependency solving and body parsing were about a quarter of the daemon's
 CPU per streamed request (bench.http_overhead, 32 streams of 2-token completions: 0.59 ms per token
 before, 0.44 after). When 32 clients send their next requests together, the daemon prepares them one
 after another and the engine waits for the last: that time is the round's turn-around. `Shortcut`
-serves POST /v1/chat/completions and /v1/completions itself when the request is what clients send
-(JSON that validates, a valid key): it calls the route's endpoint with the parsed body, as the route
-would, and answers the endpoint's errors with the app's exception handlers. Anything else (a bad
-body, a missing key, another content type) goes on to FastAPI's route with its body, so every error
-is the one FastAPI's route gives, and the routes stay in the OpenAPI schema.
+serves POST /v1/chat/completions, /v1/completions and /v1/embeddings itself when the request is
+what clients send (JSON that validates, a valid key): it calls the route's endpoint with the parsed
+body, as the route would, and answers the endpoint's errors with the app's exception handlers; a
+client that leaves cancels the endpoint. Anything else (a bad body, a missing key, another content
+type) goes on to FastAPI's route with its body, so every error is the one FastAPI's route gives,
+and the routes stay in the OpenAPI schema.
 """
 
 from __future__ import annotations

@@ -477,8 +477,14 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
     return JSONResponse(answer)
 
 
-# The routes lmx.api.shortcut takes straight to their endpoints: path, body's model, endpoint.
+# The generation routes, whose requests the intake counts while they are prepared (lmx.api.app),
+# by path: body's model, endpoint.
 GENERATION: dict[str, tuple[type[BaseModel], Endpoint]] = {
     "/v1/chat/completions": (ChatCompletionRequest, chat_completions),
     "/v1/completions": (CompletionRequest, completions),
+}
+# The routes lmx.api.shortcut takes straight to their endpoints.
+SHORTCUTS: dict[str, tuple[type[BaseModel], Endpoint]] = {
+    **GENERATION,
+    "/v1/embeddings": (EmbeddingRequest, embeddings),
 }

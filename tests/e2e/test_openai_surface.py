@@ -211,6 +211,19 @@ def test_a_client_that_leaves_a_request_answered_at_its_end_frees_the_slot(
     assert done[0]["finish_reasons"] == ["cancelled"], done
 
 
+def test_a_client_that_gives_up_on_an_embedding_frees_the_slot(daemon: Daemon) -> None:
+    # 256 texts of ~800 tokens: tens of seconds of rows on the 2-core CPU.
+    body = {"model": "lmx-tiny", "input": ["word " * 400] * 256}
+    with (
+        httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(30, read=0.5)) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post("/v1/embeddings", json=body)
+    wait_for(lambda: _in_flight(daemon), lambda v: v == 0, timeout_s=10)
+    r = httpx.post(daemon.url + "/v1/embeddings", json={"model": "lmx-tiny", "input": "hi"})
+    assert r.status_code == 200 and len(r.json()["data"]) == 1
+
+
 def test_a_worker_that_dies_under_a_request_answered_at_its_end_is_a_500_saying_so(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
