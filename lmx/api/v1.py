@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/responses,
+/v1/embeddings.
 
 Streaming responses are SSE ending with `data: [DONE]`. Errors that happen before the first byte
 become OpenAI error envelopes; errors after it become a final `error` event.
@@ -46,6 +47,7 @@ from lmx.api.generation import (
     output_parser,
 )
 from lmx.api.metrics import Metrics
+from lmx.api.responses import Rendering, chat_request, stream_events
 from lmx.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,6 +55,7 @@ from lmx.api.schemas import (
     ErrorEnvelope,
     ModelCard,
     ModelList,
+    ResponsesRequest,
 )
 from lmx.api.shortcut import Endpoint
 from lmx.errors import GenerationFailed, ModelNotFound, RequestError
@@ -259,8 +262,10 @@ class EventStream(StreamingResponse):
             watcher.cancel()
 
 
-@router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
+async def _start_chat(
+    body: ChatCompletionRequest, deps: AppDeps
+) -> tuple[_Generation, Engine, list[ChoiceState]]:
+    """A chat request's generation under way, and a state per choice to absorb its deltas."""
     tools_on = bool(body.tools) and body.tool_choice != "none"
     max_tokens = body.max_completion_tokens or body.max_tokens
     if body.top_logprobs and not body.logprobs:
@@ -293,6 +298,12 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
         )
         for i in range(body.n)
     ]
+    return gen, engine, states
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
+    gen, _, states = await _start_chat(body, deps)
     rid, created = new_id("chatcmpl"), int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": FINGERPRINT}
     if not body.stream:
@@ -477,11 +488,23 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
     return JSONResponse(answer)
 
 
+@router.post("/responses", response_model=None)
+async def responses(body: ResponsesRequest, deps: Deps) -> Any:
+    gen, engine, states = await _start_chat(chat_request(body), deps)
+    rendering = Rendering(body, engine.tokenizer)
+    if not body.stream:
+        async for _, delta in gen.deltas():
+            states[0].absorb(delta)
+        return JSONResponse(rendering.answer(states[0]))
+    return EventStream(stream_events(rendering, gen.deltas(), states[0]))
+
+
 # The generation routes, whose requests the intake counts while they are prepared (lmx.api.app),
 # by path: body's model, endpoint.
 GENERATION: dict[str, tuple[type[BaseModel], Endpoint]] = {
     "/v1/chat/completions": (ChatCompletionRequest, chat_completions),
     "/v1/completions": (CompletionRequest, completions),
+    "/v1/responses": (ResponsesRequest, responses),
 }
 # The routes lmx.api.shortcut takes straight to their endpoints.
 SHORTCUTS: dict[str, tuple[type[BaseModel], Endpoint]] = {

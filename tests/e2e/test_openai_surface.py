@@ -439,3 +439,161 @@ def test_a_bad_embedding_request_is_a_400_naming_the_field(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and says in error["message"], error
+
+
+FUNCTION_TOOLS: list[Any] = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def test_a_response_through_the_sdk_runs_as_a_chat_and_says_where_it_stopped(
+    client: openai.OpenAI,
+) -> None:
+    r = client.responses.create(
+        model="lmx-tiny", input="Say hello", max_output_tokens=6, temperature=0
+    )
+    assert (r.status, r.incomplete_details and r.incomplete_details.reason) == (
+        "incomplete",
+        "max_output_tokens",
+    )
+    assert [o.type for o in r.output] == ["message"] and r.output_text
+    assert r.usage is not None and r.usage.output_tokens == 6
+    assert r.usage.total_tokens == r.usage.input_tokens + 6
+    chat = client.chat.completions.create(
+        model="lmx-tiny",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert r.output_text == chat.choices[0].message.content
+    # Instructions are the system message.
+    told = client.responses.create(
+        model="lmx-tiny", input="Say hello", instructions="Be brief.", max_output_tokens=2
+    )
+    assert told.usage is not None and told.usage.input_tokens > r.usage.input_tokens
+
+
+def test_a_response_calls_function_tools_and_takes_their_output_back(
+    client: openai.OpenAI,
+) -> None:
+    r = client.responses.create(
+        model="lmx-tiny", input=ASK[0]["content"], tools=FUNCTION_TOOLS, tool_choice="required"
+    )
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert r.status == "completed" and calls
+    for call in calls:
+        check_call(call.name, call.arguments)
+        assert call.call_id and call.status == "completed"
+    follow = client.responses.create(
+        model="lmx-tiny",
+        input=[
+            {"role": "user", "content": ASK[0]["content"]},
+            *[
+                {
+                    "type": "function_call",
+                    "call_id": c.call_id,
+                    "name": c.name,
+                    "arguments": c.arguments,
+                }
+                for c in calls
+            ],
+            *[
+                {"type": "function_call_output", "call_id": c.call_id, "output": "sunny"}
+                for c in calls
+            ],
+        ],
+        tools=FUNCTION_TOOLS,
+        tool_choice="none",
+        max_output_tokens=4,
+    )
+    assert [o.type for o in follow.output] == ["message"]
+
+
+def test_a_streamed_response_sends_its_events_in_order_and_they_add_up(
+    client: openai.OpenAI,
+) -> None:
+    events = list(
+        client.responses.create(
+            model="lmx-tiny", input="Say hello", max_output_tokens=8, temperature=0, stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert text == done.text == events[-1].response.output_text
+    whole = client.responses.create(
+        model="lmx-tiny", input="Say hello", max_output_tokens=8, temperature=0
+    )
+    assert whole.output_text == text
+
+    called = [
+        e.type
+        for e in client.responses.create(
+            model="lmx-tiny",
+            input=ASK[0]["content"],
+            tools=FUNCTION_TOOLS,
+            tool_choice={"type": "function", "name": "get_weather"},
+            stream=True,
+        )
+    ]
+    assert called[2:6] == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+    ]
+    assert called[-1] == "response.completed"
+
+
+def test_a_response_in_a_json_schema_validates(client: openai.OpenAI) -> None:
+    r = client.responses.create(
+        model="lmx-tiny",
+        input="A person, please.",
+        text={
+            "format": {"type": "json_schema", "name": "person", "schema": SCHEMA, "strict": True}
+        },
+    )
+    check_person(r.output_text)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": []}, "input"),
+        ({"input": [{"type": "web_search_call"}]}, "input[0].type"),
+        ({"input": [{"role": "critic", "content": "x"}]}, "input[0].role"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            "input[0].content[0].type",
+        ),
+        (
+            {"input": [{"type": "function_call", "name": "add", "arguments": "{}"}]},
+            "input[0].call_id",
+        ),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": "x", "tool_choice": {"type": "allowed_tools"}}, "tool_choice"),
+        ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+        ({"input": "x", "text": {"format": "json"}}, "text.format"),
+        ({"input": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ],
+)
+def test_a_bad_response_request_is_a_400_naming_the_field(
+    daemon: Daemon, body: dict[str, Any], param: str
+) -> None:
+    r = httpx.post(daemon.url + "/v1/responses", json={"model": "lmx-tiny", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()

@@ -1,0 +1,399 @@
+"""/v1/responses: OpenAI's Responses API, stateless, over the chat completions path.
+
+A request becomes a chat completion request (`instructions` and the input items the conversation,
+function tools the tools, `text.format` the response format) and runs as one. Its answer, and each
+event of its stream, comes in the Responses shape: a reasoning item, a message item and a
+function_call item per call. lmx keeps no responses: `previous_response_id` is refused (send the
+conversation in `input`, as clients that set `store: false` do), and `store` is answered false.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from lmx.api.generation import ChoiceState
+from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
+from lmx.errors import GenerationFailed, RequestError
+from lmx.runtime.engine import Delta, Tokenizer
+from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+
+_ROLES = ("user", "system", "developer", "assistant")
+_TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+# Where a chat request's field came from, for a 400 that names the Responses field.
+_PARAMS = {
+    "messages": "input",
+    "response_format": "text.format",
+    "max_completion_tokens": "max_output_tokens",
+}
+
+
+def item_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completion request that answers `body`. Raises RequestError naming the field."""
+    if body.previous_response_id is not None:
+        raise RequestError(
+            "lmx keeps no responses: send the whole conversation in input",
+            param="previous_response_id",
+        )
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    messages += _messages(body.input)
+    chat: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
+    if body.tools:
+        chat["tools"] = [_tool(t, j) for j, t in enumerate(body.tools)]
+    if body.tool_choice is not None:
+        chat["tool_choice"] = _tool_choice(body.tool_choice)
+    fmt = (body.text or {}).get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise RequestError("text.format must be an object with a type", param="text.format")
+        chat["response_format"] = _format(fmt)
+    if (body.reasoning or {}).get("effort") == "none":
+        chat["chat_template_kwargs"] = {"enable_thinking": False}
+    chat |= {
+        "max_completion_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "user": body.user,
+    }
+    try:
+        return ChatCompletionRequest.model_validate(chat)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(p) for p in error["loc"]]
+        if loc:
+            loc[0] = _PARAMS.get(loc[0], loc[0])
+        raise RequestError(
+            f"{'.'.join(loc)}: {error['msg']}", param=loc[0] if loc else None
+        ) from None
+
+
+def _messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as chat messages: a turn's function calls join its assistant message, and
+    each call's output is a tool message. Reasoning items are left out (templates drop the
+    reasoning of earlier turns)."""
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(given):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES:
+                raise RequestError(
+                    f"input[{i}].role is {role!r}, not one of {', '.join(_ROLES)}",
+                    param=f"input[{i}].role",
+                )
+            out.append({"role": role, "content": _text(item.get("content"), f"input[{i}].content")})
+        elif kind == "function_call":
+            call = {
+                "id": _field(item, "call_id", i),
+                "type": "function",
+                "function": {
+                    "name": _field(item, "name", i),
+                    "arguments": _field(item, "arguments", i),
+                },
+            }
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = _text(item.get("output"), f"input[{i}].output")
+            out.append(
+                {"role": "tool", "tool_call_id": _field(item, "call_id", i), "content": output}
+            )
+        elif kind != "reasoning":
+            raise RequestError(
+                f"input[{i}] is of type {kind!r}: lmx takes messages, function_call,"
+                " function_call_output and reasoning items",
+                param=f"input[{i}].type",
+            )
+    return out
+
+
+def _field(item: dict[str, Any], key: str, i: int) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise RequestError(f"input[{i}] needs {key} as a string", param=f"input[{i}].{key}")
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's or an output's text: a string, or text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RequestError(f"{where} must be a string or a list of text parts", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS:
+            raise RequestError(
+                f"{where}[{j}] is of type {kind!r}: this model takes text only",
+                param=f"{where}[{j}].type",
+            )
+        texts.append(str(part.get("refusal" if kind == "refusal" else "text", "")))
+    return "".join(texts)
+
+
+def _tool(tool: dict[str, Any], j: int) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise RequestError(
+            f"tools[{j}] is of type {tool.get('type')!r}: lmx runs function tools only",
+            param=f"tools[{j}].type",
+        )
+    keys = ("name", "description", "parameters", "strict")
+    return {"type": "function", "function": {k: tool[k] for k in keys if k in tool}}
+
+
+def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise RequestError(
+        "tool_choice must be none, auto, required, or {type: function, name}", param="tool_choice"
+    )
+
+
+def _format(fmt: dict[str, Any]) -> dict[str, Any]:
+    match fmt.get("type"):
+        case "text":
+            return {"type": "text"}
+        case "json_object":
+            return {"type": "json_object"}
+        case "json_schema":
+            schema = {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}
+            return {"type": "json_schema", "json_schema": schema}
+    raise RequestError(
+        f"text.format.type {fmt.get('type')!r} is not text, json_object or json_schema",
+        param="text.format.type",
+    )
+
+
+class Rendering:
+    """One response's output as it is generated: its items, the stream's events, the answer."""
+
+    def __init__(self, body: ResponsesRequest, tokenizer: Tokenizer) -> None:
+        self.body = body
+        self.tokenizer = tokenizer
+        self.id = item_id("resp")
+        self.created = int(time.time())
+        self.output: list[dict[str, Any]] = []  # the items, the open one last
+        self._open: dict[str, Any] | None = None  # the reasoning or message item being streamed
+        self._seq = 0
+
+    def response(
+        self, status: str, state: ChoiceState | None = None, **more: Any
+    ) -> dict[str, Any]:
+        body = self.body
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": body.model,
+            "output": self.output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None},
+            "store": False,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": body.text or {"format": {"type": "text"}},
+            "tool_choice": body.tool_choice or "auto",
+            "tools": body.tools or [],
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "truncation": "disabled",
+            "usage": self._usage(state) if state is not None else None,
+            "user": body.user,
+            "metadata": body.metadata or {},
+            **more,
+        }
+
+    def answer(self, state: ChoiceState) -> dict[str, Any]:
+        """The whole response, once `state` has absorbed its last delta."""
+        if state.error is not None:
+            raise GenerationFailed(state.error)
+        pieces: list[Piece] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
+        if state.content or not state.tool_calls:
+            pieces.append(Content("".join(state.content)))
+        pieces += state.tool_calls
+        self.feed(pieces)
+        return self._final(state)
+
+    def feed(self, pieces: list[Piece]) -> bytes:
+        """Add `pieces` to the output; the stream's events for them."""
+        out = b""
+        for piece in pieces:
+            match piece:
+                case Reasoning(text) | Content(text):
+                    kind = "reasoning" if isinstance(piece, Reasoning) else "message"
+                    out += self._opened(kind)
+                    assert self._open is not None
+                    index = len(self.output) - 1
+                    part = self._open["content"][0]
+                    part["text"] += text
+                    event = (
+                        "response.reasoning_text.delta"
+                        if kind == "reasoning"
+                        else "response.output_text.delta"
+                    )
+                    more: dict[str, Any] = {} if kind == "reasoning" else {"logprobs": []}
+                    out += self.event(
+                        event,
+                        item_id=self._open["id"],
+                        output_index=index,
+                        content_index=0,
+                        delta=text,
+                        **more,
+                    )
+                case ToolCall():
+                    out += self._closed()
+                    call = {
+                        "type": "function_call",
+                        "id": item_id("fc"),
+                        "call_id": piece.id,
+                        "name": piece.name,
+                        "arguments": "",
+                        "status": "in_progress",
+                    }
+                    self.output.append(call)
+                    index = len(self.output) - 1
+                    out += self.event(
+                        "response.output_item.added", output_index=index, item=dict(call)
+                    )
+                    ids = {"item_id": call["id"], "output_index": index}
+                    out += self.event(
+                        "response.function_call_arguments.delta", **ids, delta=piece.arguments
+                    )
+                    call |= {"arguments": piece.arguments, "status": "completed"}
+                    out += self.event(
+                        "response.function_call_arguments.done", **ids, arguments=piece.arguments
+                    )
+                    out += self.event("response.output_item.done", output_index=index, item=call)
+        return out
+
+    def started(self) -> bytes:
+        response = self.response("in_progress")
+        return self.event("response.created", response=response) + self.event(
+            "response.in_progress", response=response
+        )
+
+    def ended(self, state: ChoiceState) -> bytes:
+        """The stream's last events: the open item's end, and the response's."""
+        if state.error is not None:
+            out = self._closed("incomplete")
+            error = {"code": "server_error", "message": state.error}
+            return out + self.event(
+                "response.failed", response=self.response("failed", state, error=error)
+            )
+        out = self._closed("incomplete" if state.finish_reason == "length" else "completed")
+        final = self._final(state)
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return out + self.event(kind, response=final)
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        data = orjson.dumps({"type": kind, "sequence_number": self._seq, **fields})
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+    def _final(self, state: ChoiceState) -> dict[str, Any]:
+        self._closed("incomplete" if state.finish_reason == "length" else "completed")
+        if state.finish_reason == "length":
+            return self.response(
+                "incomplete", state, incomplete_details={"reason": "max_output_tokens"}
+            )
+        return self.response("completed", state)
+
+    def _opened(self, kind: str) -> bytes:
+        """Open a `kind` item (closing another first); its events."""
+        if self._open is not None and self._open["type"] == kind:
+            return b""
+        out = self._closed()
+        part: dict[str, Any]
+        if kind == "reasoning":
+            part = {"type": "reasoning_text", "text": ""}
+            item = {"type": "reasoning", "id": item_id("rs"), "summary": [], "content": [part]}
+        else:
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item = {
+                "type": "message",
+                "id": item_id("msg"),
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [part],
+            }
+        self._open = item
+        self.output.append(item)
+        index = len(self.output) - 1
+        empty = {**item, "content": []}
+        out += self.event("response.output_item.added", output_index=index, item=empty)
+        if kind == "message":
+            out += self.event(
+                "response.content_part.added",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part={**part, "text": ""},
+            )
+        return out
+
+    def _closed(self, status: str = "completed") -> bytes:
+        """Close the open item, if any; its events."""
+        item, self._open = self._open, None
+        if item is None:
+            return b""
+        index = self.output.index(item)
+        part = item["content"][0]
+        ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        if item["type"] == "reasoning":
+            out = self.event("response.reasoning_text.done", **ids, text=part["text"])
+        else:
+            item["status"] = status
+            out = self.event("response.output_text.done", **ids, text=part["text"], logprobs=[])
+            out += self.event("response.content_part.done", **ids, part=part)
+        return out + self.event("response.output_item.done", output_index=index, item=item)
+
+    def _usage(self, state: ChoiceState) -> dict[str, Any]:
+        reasoning = "".join(state.reasoning)
+        # Counted by encoding the text again, less what the tokenizer adds to any text (a BOS).
+        extra = len(self.tokenizer.encode(""))
+        thought = max(0, len(self.tokenizer.encode(reasoning)) - extra) if reasoning else 0
+        return {
+            "input_tokens": state.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": state.cached_tokens},
+            "output_tokens": state.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": min(thought, state.completion_tokens)},
+            "total_tokens": state.prompt_tokens + state.completion_tokens,
+        }
+
+
+async def stream_events(
+    rendering: Rendering, deltas: AsyncIterator[tuple[int, Delta]], state: ChoiceState
+) -> AsyncIterator[bytes]:
+    """A streamed response's events, from its deltas."""
+    yield rendering.started()
+    async for _, delta in deltas:
+        pieces = state.absorb(delta)
+        events = rendering.feed(pieces) if state.error is None else b""
+        if state.finish_reason is not None:
+            events += rendering.ended(state)
+        if events:
+            yield events
+        if state.finish_reason is not None:
+            return
