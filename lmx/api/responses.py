@@ -302,7 +302,9 @@ class Rendering:
             return out + self.event(
                 "response.failed", response=self.response("failed", state, error=error)
             )
-        out = self._closed("incomplete" if state.finish_reason == "length" else "completed")
+        # An answer of nothing is an empty message, as when it is not streamed.
+        out = b"" if self.output else self._opened("message")
+        out += self._closed("incomplete" if state.finish_reason == "length" else "completed")
         final = self._final(state)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return out + self.event(kind, response=final)

@@ -128,3 +128,15 @@ def test_a_failed_generation_ends_the_stream_failed_and_the_answer_a_500() -> No
     assert failed["error"] == {"code": "server_error", "message": "the worker died"}
     with pytest.raises(GenerationFailed, match="the worker died"):
         Rendering(_request(input="x"), FakeTokenizer()).answer(_state("error", "the worker died"))
+
+
+def test_an_answer_of_nothing_is_an_empty_message_streamed_or_not() -> None:
+    state = _state("stop")
+    state.reasoning, state.content, state.tool_calls = [], [], []
+    r = Rendering(_request(input="x", stream=True), FakeTokenizer())
+    final = _events(r.ended(state))[-1]["response"]
+    answer = Rendering(_request(input="x"), FakeTokenizer()).answer(state)
+    for response in (final, answer):
+        assert [(o["type"], o["content"][0]["text"]) for o in response["output"]] == [
+            ("message", "")
+        ]
