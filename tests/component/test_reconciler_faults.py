@@ -41,14 +41,20 @@ async def test_a_request_during_backoff_fails_fast_with_the_cause(world: World) 
     assert info.value.delay_s > 20
 
 
-async def test_a_load_that_always_fails_is_quarantined_until_its_spec_changes(
-    world: World,
-) -> None:
+async def _quarantined_by_failing_loads(world: World) -> Path:
+    """Model "a" declared, its every load failing, until it is quarantined; its directory."""
     world.engines.faults["a"] = Faults(always_fail=True)
     path = world.model_dir("a")
     world.write(a=model(path))
     await world.build().start()
     await until(lambda: world.condition("a", "Quarantined")["status"], timeout_s=5)
+    return path
+
+
+async def test_a_load_that_always_fails_is_quarantined_until_its_spec_changes(
+    world: World,
+) -> None:
+    path = await _quarantined_by_failing_loads(world)
     assert world.condition("a", "Quarantined")["reason"] == "LoadFailed"
     assert world.engines.count("load", "a") == 3  # max_failures
     await asyncio.sleep(0.3)  # longer than the backoff: no further attempts
@@ -263,11 +269,7 @@ async def test_a_quarantine_outlasts_a_restart_until_the_models_entry_is_edited(
 async def test_a_quarantined_model_removed_while_lmx_was_down_comes_back_unquarantined(
     world: World,
 ) -> None:
-    world.engines.faults["a"] = Faults(always_fail=True)
-    path = world.model_dir("a")
-    world.write(a=model(path))
-    await world.build().start()
-    await until(lambda: world.condition("a", "Quarantined")["status"])
+    path = await _quarantined_by_failing_loads(world)
     await world.r.stop()
     world.write(b=model(world.model_dir("b")))  # removed: as when removed while lmx runs
     await world.build().start()
@@ -281,11 +283,7 @@ async def test_a_quarantined_model_removed_while_lmx_was_down_comes_back_unquara
 
 
 async def test_a_config_file_invalid_at_start_loses_no_quarantine(world: World) -> None:
-    world.engines.faults["a"] = Faults(always_fail=True)
-    path = world.model_dir("a")
-    world.write(a=model(path))
-    await world.build().start()
-    await until(lambda: world.condition("a", "Quarantined")["status"])
+    path = await _quarantined_by_failing_loads(world)
     await world.r.stop()
     world.write_text(f"models:\n  a:\n    source: {path}\n    wnat: pinned\n")
     await world.build().start()
