@@ -25,7 +25,15 @@ from lmx.runtime.engine import (
     TokenLogprob,
     context_exceeded,
 )
-from lmx.runtime.parsers import Content, OutputParser, Piece, Reasoning, ToolCall, make_parser
+from lmx.runtime.parsers import (
+    CALL_OPENERS,
+    Content,
+    OutputParser,
+    Piece,
+    Reasoning,
+    ToolCall,
+    make_parser,
+)
 from lmx.runtime.toolcalls import mistral_safe_id
 
 
@@ -166,11 +174,26 @@ def chat_messages(body: ChatCompletionRequest, *, mistral: bool = False) -> list
     return out
 
 
+def call_opener(engine: Engine) -> int | None:
+    """The token id that opens every tool call in the model's format, where it is one token."""
+    opener = CALL_OPENERS.get(engine.tokenizer.tool_parser or "")
+    return engine.tokenizer.marker_ids.get(opener) if opener is not None else None
+
+
+def forbid_calls(body: ChatCompletionRequest, engine: Engine) -> int | None:
+    """For `tool_choice: none`, as OpenAI means it (the model sees its tools and calls none):
+    the call opener to forbid, where it is one token; else None, and the tools are left out of
+    the prompt (the only way left to keep a model from calling them)."""
+    return call_opener(engine) if body.tools and body.tool_choice == "none" else None
+
+
 def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) -> list[int]:
     """The prompt's token ids. `thinking=False` asks the template not to open a <think> block
-    (a grammar-constrained answer must start with the answer itself)."""
+    (a grammar-constrained answer must start with the answer itself). The tools are in it
+    unless `tool_choice` is none and the model's calls cannot be forbidden (forbid_calls): a
+    conversation whose turns switch between auto and none keeps one prefix for the prompt cache."""
     tools = None
-    if body.tools and body.tool_choice != "none":
+    if body.tools and (body.tool_choice != "none" or forbid_calls(body, engine) is not None):
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
     extra = dict(body.chat_template_kwargs or {})
     if not thinking:

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from math import inf
 from typing import Annotated, Any
 
 import structlog
@@ -41,6 +42,7 @@ from lmx.api.generation import (
     ChoiceState,
     chat_prompt,
     completion_prompts,
+    forbid_calls,
     generation_requests,
     merged,
     new_id,
@@ -274,7 +276,7 @@ async def _start_chat(
     def build(engine: Engine) -> list[GenerationRequest]:
         constraint = constraint_for(body, engine)
         prompt = chat_prompt(body, engine, thinking=constraint is None)
-        return generation_requests(
+        requests = generation_requests(
             body,
             engine,
             [prompt],
@@ -283,6 +285,15 @@ async def _start_chat(
             top_logprobs=body.top_logprobs or 0,
             constraint=constraint,
         )
+        forbidden = forbid_calls(body, engine)
+        if forbidden is None:
+            return requests
+        return [
+            replace(
+                r, params=replace(r.params, logit_bias={**r.params.logit_bias, forbidden: -inf})
+            )
+            for r in requests
+        ]
 
     gen, engine, requests = await _Generation.start(deps, body.model, build)
     states = [

@@ -31,6 +31,7 @@ from lmx.runtime.toolcalls import (
 )
 
 __all__ = [
+    "CALL_OPENERS",
     "TOOL_PARSERS",
     "Content",
     "OutputParser",
@@ -236,6 +237,9 @@ TOOL_PARSERS: Mapping[str, Callable[[frozenset[str] | None], ToolStage]] = Mappi
         "mistral": lambda _names: _TaggedTools(MISTRAL_OPEN, scan_mistral, mistral_call_id),
     }
 )
+# The marker that opens every call of a format (Llama 3's bare JSON calls have none): a model that
+# cannot write it cannot call a tool.
+CALL_OPENERS: Mapping[str, str] = MappingProxyType({"hermes": HERMES_OPEN, "mistral": MISTRAL_OPEN})
 # Most specific first: a Hermes fine-tune of Llama 3.1 keeps `<|python_tag|>` in its vocab.
 _TOOL_MARKERS = (("hermes", HERMES_OPEN), ("mistral", MISTRAL_OPEN), ("llama3", PYTHON_TAG))
 

@@ -319,6 +319,28 @@ async def test_invalid_parameters_are_a_400_naming_the_tool_whatever_the_tool_ch
     assert err["param"] == "tools[1].function.parameters" and words in err["message"], err
 
 
+async def test_tool_choice_none_shows_the_tools_and_no_call_can_begin(
+    client: httpx.AsyncClient, registry: EngineRegistry
+) -> None:
+    async with registry.acquire("tiny") as engine:
+        opener = engine.tokenizer.marker_ids["<tool_call>"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    # The call's opening token pushed to the top: only a forbidden one is not drawn first.
+    body = {**CHAT, "tools": [tool], "max_tokens": 6, "temperature": 0}
+    body["logit_bias"] = {str(opener): 100}
+    auto = (await client.post("/v1/chat/completions", json=body)).json()
+    none = (await client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})).json()
+    bare = {k: v for k, v in body.items() if k != "tools"}
+    alone = (await client.post("/v1/chat/completions", json=bare)).json()
+    # The tools are in the prompt: the same prefix as the turns that may call them.
+    assert none["usage"]["prompt_tokens"] == auto["usage"]["prompt_tokens"]
+    assert none["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"]
+    assert auto["choices"][0]["message"].get("tool_calls") or "<tool_call>" in str(auto)
+    message = none["choices"][0]["message"]
+    assert not message.get("tool_calls") and "<tool_call>" not in message["content"]
+    assert none["choices"][0]["finish_reason"] == "length"
+
+
 async def test_context_overflow_is_400_naming_the_limit(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000})
     err = assert_envelope(r, 400, "max_tokens")
