@@ -18,15 +18,14 @@ runs back to back, whatever the machine's level at the time. Per concurrency thi
 - the verdict: met where the interval lies at or above the target, not met where it lies below,
   else undecided; and about how many pairs would narrow the interval to ±3% at this spread.
 
-    python -m bench.pool bench/results/pooled-NAME RUN.json [RUN.json ...]
+    python -m bench.pool bench/results/pooled-NAME RUN.json.gz [RUN.json.gz ...]
 
-writes pooled-NAME.json, pooled-NAME.md and (with matplotlib) pooled-NAME.png.
+writes pooled-NAME.json.gz, pooled-NAME.md and (with matplotlib) pooled-NAME.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -34,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.report import TARGET_RATIO, Point, Report, pyplot, write_result
+from bench.report import (
+    TARGET_RATIO,
+    Point,
+    Report,
+    pyplot,
+    read_json,
+    stem_of,
+    write_result,
+)
 
 CONFIDENCE = 0.95
 _R = TypeVar("_R")
@@ -224,7 +231,7 @@ class Pool:
             "The pairs of these runs (`python -m bench.pool`, see its docstring):",
             "",
             *[
-                f"- [{name}]({name.removesuffix('.json')}.md): {r.device}, {r.started_at}, "
+                f"- [{name}]({stem_of(Path(name))}.md): {r.device}, {r.started_at}, "
                 f"{r.settings.get('repeats', '?')} repeats"
                 for name, r in self.runs
             ],
@@ -267,7 +274,7 @@ class Pool:
         return "\n".join(lines) + "\n"
 
     def write(self, stem: Path) -> list[Path]:
-        """`stem`.json, .md and (with matplotlib) .png."""
+        """`stem`.json.gz, .md and (with matplotlib) .png."""
         return write_result(stem, self.to_json(), self.to_markdown(), {"": self._plot})
 
     def _plot(self, path: Path) -> bool:
@@ -339,7 +346,7 @@ def read_results(
     results = []
     for f in files:
         try:
-            results.append(parse(f.name, json.loads(f.read_text())))
+            results.append(parse(f.name, read_json(f)))
         except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             parser.error(f"{f}: not {kind} ({type(e).__name__}: {e})")
     return results
@@ -348,7 +355,7 @@ def read_results(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pool the pairs of several throughput runs.")
     parser.add_argument("out", type=Path, help="output stem, e.g. bench/results/pooled-NAME")
-    parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json of one workload")
+    parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json.gz of one workload")
     args = parser.parse_args(argv)
     runs = read_results(
         parser, args.files, "a throughput result", lambda name, data: (name, Report.from_json(data))

@@ -7,9 +7,9 @@ A run's round is a ratio of two blocks run back to back on one machine, whatever
 time, so rounds of runs on different leases pool; runs with different workloads, or one in one
 process and one with `--processes`, measure different things and are refused.
 
-    python -m bench.pool_ab bench/results/pooled-worker-ab-NAME RUN.json [RUN.json ...]
+    python -m bench.pool_ab bench/results/pooled-worker-ab-NAME RUN.json.gz [RUN.json.gz ...]
 
-writes pooled-worker-ab-NAME.json and .md.
+writes pooled-worker-ab-NAME.json.gz and .md.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def to_json(runs: Sequence[Run], pooled: dict[int, dict[tuple[str, str], PooledP
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pool the rounds of several bench.worker_ab runs.")
     parser.add_argument("out", type=Path, help="output stem, e.g. bench/results/pooled-worker-ab-X")
-    parser.add_argument("files", nargs="+", type=Path, help="worker-ab-*.json")
+    parser.add_argument("files", nargs="+", type=Path, help="worker-ab-*.json.gz")
     args = parser.parse_args(argv)
     runs = read_results(parser, args.files, "a bench.worker_ab result", Run.from_json)
     try:

@@ -1,13 +1,15 @@
-"""Writes a throughput run's results: JSON (everything), Markdown (the table), PNG (the plot).
+"""Writes a throughput run's results: JSON (everything, gzipped), Markdown (the table), PNG (the
+plot).
 
 Called by run_throughput once all points are measured. The PNG needs matplotlib; without it the
-plot is skipped and the other two files are still written. `python -m bench.report FILE.json ...`
-renders saved results again with this version's tables and plots.
+plot is skipped and the other two files are still written. `python -m bench.report
+FILE.json.gz ...` renders saved results again with this version's tables and plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import statistics
@@ -153,17 +155,30 @@ def pyplot() -> Any:
 def write_result(
     stem: Path, data: dict[str, Any], markdown: str, plots: Mapping[str, Callable[[Path], bool]]
 ) -> list[Path]:
-    """`stem`.json and `stem`.md, and `stem<suffix>`.png for each plot that draws (it returns
-    False without matplotlib): the paths written."""
+    """`stem`.json.gz and `stem`.md, and `stem<suffix>`.png for each plot that draws (it returns
+    False without matplotlib): the paths written. The JSON is gzipped: results are kept in the
+    repository, and every call to the lent GPU machine carries the repository (bench/README)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")]
-    paths[0].write_text(json.dumps(data, indent=2) + "\n")
+    paths = [stem.with_name(stem.name + ".json.gz"), stem.with_name(stem.name + ".md")]
+    text = json.dumps(data, indent=2) + "\n"
+    paths[0].write_bytes(gzip.compress(text.encode(), mtime=0))
     paths[1].write_text(markdown)
     for suffix, plot in plots.items():
         png = stem.with_name(f"{stem.name}{suffix}.png")
         if plot(png):
             paths.append(png)
     return paths
+
+
+def stem_of(path: Path) -> str:
+    """A result file's name without `.json` or `.json.gz`: its other files' stem."""
+    return path.name.removesuffix(".gz").removesuffix(".json")
+
+
+def read_json(path: Path) -> Any:
+    """A result's JSON, gzipped (`.gz`, as write_result writes it) or not."""
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -651,12 +666,12 @@ def main(argv: list[str] | None = None) -> None:
     """Render result files again from their JSON, e.g. after a change to the tables or plots;
     with --join, write one result of several runs' points."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json")
+    parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json.gz (or .json)")
     parser.add_argument(
-        "--join", type=Path, metavar="OUT.json", help="one result of all FILES' points, as OUT.*"
+        "--join", type=Path, metavar="OUT", help="one result of all FILES' points, as OUT.*"
     )
     args = parser.parse_args(argv)
-    reports = [Report.from_json(json.loads(path.read_text())) for path in args.files]
+    reports = [Report.from_json(read_json(path)) for path in args.files]
     if args.join is not None:
         try:
             joined = join(reports)
@@ -666,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         outputs = list(zip(reports, args.files, strict=True))
     for report, path in outputs:
-        for written in report.write(path.parent, path.stem):
+        for written in report.write(path.parent, stem_of(path)):
             print(f"wrote {written}")
 
 

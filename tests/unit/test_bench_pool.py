@@ -11,7 +11,7 @@ import pytest
 
 from bench.pool import Pool, Pooled, median_interval
 from bench.pool import main as pool_main
-from bench.report import Point, Report
+from bench.report import Point, Report, read_json
 from tests.unit.bench_runs import run_at
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
@@ -113,12 +113,12 @@ def test_runs_of_other_workloads_do_not_pool() -> None:
 
 def test_the_saved_gpu_runs_pool_as_bench_readme_says(tmp_path: Path) -> None:
     names = [
-        "throughput-qwen3-0.6b-h200-aa.json",
-        "throughput-qwen3-0.6b-h100-pinned.json",
-        "throughput-qwen3-0.6b-h100-pinned-c1.json",
+        "throughput-qwen3-0.6b-h200-aa.json.gz",
+        "throughput-qwen3-0.6b-h100-pinned.json.gz",
+        "throughput-qwen3-0.6b-h100-pinned-c1.json.gz",
     ]
     pool_main([str(tmp_path / "pooled"), *(str(RESULTS / n) for n in names)])
-    data = json.loads((tmp_path / "pooled.json").read_text())
+    data = read_json(tmp_path / "pooled.json.gz")
     by = {p["concurrency"]: p for p in data["points"]}
     assert [by[c]["lmx_raw"]["n"] for c in (1, 2, 4, 8, 16, 32)] == [14, 8, 8, 8, 8, 8]
     medians = [round(by[c]["lmx_raw"]["median"], 2) for c in (1, 2, 4, 8, 16, 32)]
@@ -131,9 +131,9 @@ def test_the_saved_gpu_runs_pool_as_bench_readme_says(tmp_path: Path) -> None:
 def test_the_runs_with_each_side_stepping_on_a_core_of_its_own_pool_as_bench_readme_says(
     tmp_path: Path,
 ) -> None:
-    names = [f"throughput-qwen3-0.6b-h200-stepcpu{s}.json" for s in ("", "-long", "-c1", "-c16")]
+    names = [f"throughput-qwen3-0.6b-h200-stepcpu{s}.json.gz" for s in ("", "-long", "-c1", "-c16")]
     pool_main([str(tmp_path / "pooled"), *(str(RESULTS / n) for n in names)])
-    data = json.loads((tmp_path / "pooled.json").read_text())
+    data = read_json(tmp_path / "pooled.json.gz")
     by = {p["concurrency"]: p for p in data["points"]}
     assert [by[c]["lmx_raw"]["n"] for c in (1, 16, 32)] == [42, 38, 40]
     assert [round(by[c]["lmx_raw"]["median"], 2) for c in (1, 16, 32)] == [0.94, 0.95, 0.91]
@@ -143,9 +143,9 @@ def test_the_runs_with_each_side_stepping_on_a_core_of_its_own_pool_as_bench_rea
 
 
 def test_the_runs_of_e1a1f74_pool_as_bench_readme_says(tmp_path: Path) -> None:
-    names = [f"throughput-qwen3-0.6b-h200-e1a1f74-{i}.json" for i in range(1, 7)]
+    names = [f"throughput-qwen3-0.6b-h200-e1a1f74-{i}.json.gz" for i in range(1, 7)]
     pool_main([str(tmp_path / "pooled"), *(str(RESULTS / n) for n in names)])
-    data = json.loads((tmp_path / "pooled.json").read_text())
+    data = read_json(tmp_path / "pooled.json.gz")
     by = {p["concurrency"]: p for p in data["points"]}
     assert [by[c]["lmx_raw"]["n"] for c in (1, 16, 32)] == [105, 105, 105]
     assert [round(by[c]["lmx_raw"]["median"], 2) for c in (1, 16, 32)] == [0.93, 0.93, 0.93]
@@ -165,7 +165,7 @@ def test_the_command_names_what_does_not_pool(
     with pytest.raises(SystemExit):
         pool_main([str(tmp_path / "out"), str(a), str(b)])
     assert "b.json ran prompt_tokens=128, a.json prompt_tokens=64" in capsys.readouterr().err
-    assert not (tmp_path / "out.json").exists()
+    assert not (tmp_path / "out.json.gz").exists()
 
 
 def test_the_command_names_a_file_that_is_not_a_result(
@@ -177,4 +177,4 @@ def test_the_command_names_a_file_that_is_not_a_result(
         with pytest.raises(SystemExit):
             pool_main([str(tmp_path / "out"), str(path)])
         assert f"{path}: not a throughput result" in capsys.readouterr().err
-    assert not (tmp_path / "out.json").exists()
+    assert not (tmp_path / "out.json.gz").exists()

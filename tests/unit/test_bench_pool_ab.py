@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from bench.pool_ab import Run, main, pool
+from bench.report import read_json
 
 SETTINGS = {"requests": 2, "prompt_tokens": 64, "output_tokens": 64, "processes": True}
 
@@ -83,7 +84,7 @@ def test_writes_the_pooled_tables(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "3 rounds at 1, 1 rounds at 16" in markdown
     assert "| raw/thread | 2 | 1.000 [too few], 0.871, 2 of 5 below 1, p = 1 |" in markdown
     assert "## 16 streams" in markdown
-    data = json.loads((tmp_path / "pooled.json").read_text())
+    data = read_json(tmp_path / "pooled.json.gz")
     assert [r["file"] for r in data["runs"]] == ["worker-ab-first.json", "worker-ab-second.json"]
     pair = data["points"][0]["pairs"]["raw/thread"]
     assert pair["runs"] == 2

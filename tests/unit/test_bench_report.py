@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.metrics import RequestTrace, with_first_round, with_steps
-from bench.report import Point, Report, join
+from bench.report import Point, Report, join, read_json
 from bench.report import main as report_main
 from lmx.runtime.steptrace import Arrival, Step
 from tests.unit.bench_runs import run_at
@@ -79,12 +79,14 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     first, second = (s.cpu_ms for s in again.points[0].steps["lmx"])
     assert math.isnan(first) and second == 7.5  # a step not timed on its thread: none
     written = again.write(tmp_path, "throughput-renamed")
-    assert {p.name for p in written} >= {"throughput-renamed.json", "throughput-renamed.md"}
-    assert math.isnan(
-        json.loads((tmp_path / "throughput-renamed.json").read_text())["points"][0]["lmx"][
-            "queue_ms"
-        ]
-    )
+    assert {p.name for p in written} >= {"throughput-renamed.json.gz", "throughput-renamed.md"}
+    saved_again = read_json(tmp_path / "throughput-renamed.json.gz")
+    assert math.isnan(saved_again["points"][0]["lmx"]["queue_ms"])
+    # Rendered again from the gzipped JSON: the same files, not a `.json.json.gz`.
+    report_main([str(tmp_path / "throughput-renamed.json.gz")])
+    assert sorted(p.name for p in tmp_path.iterdir() if "json" in p.name) == [
+        "throughput-renamed.json.gz"
+    ]
 
 
 def test_results_saved_before_the_steps_had_cache_or_cpu_times_read_as_none(
@@ -216,7 +218,7 @@ def test_runs_split_over_calls_join_into_one_result(tmp_path: Path) -> None:
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(report.to_json()))
     report_main([*map(str, paths), "--join", str(tmp_path / "joined.json")])
-    joined = Report.from_json(json.loads((tmp_path / "joined.json").read_text()))
+    joined = Report.from_json(read_json(tmp_path / "joined.json.gz"))
     assert [p.concurrency for p in joined.points] == [2, 8]
     assert joined.duration_s == 24.0 and joined.notes == ["the second call"]
     assert "| 8 |" in (tmp_path / "joined.md").read_text()
