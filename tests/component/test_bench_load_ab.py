@@ -3,7 +3,6 @@ serve load streams from lmx's app, and no load process outlives the run."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from mlx_lm import load as mlx_load
 
 from bench.cpus import core_of
 from bench.load_ab import LoadedSide, main, start_load
+from bench.report import read_json
 from tests.conftest import wait_for
 
 ROUNDS = 6  # the fewest rounds whose median has a 95% interval
@@ -58,7 +58,7 @@ def test_alternates_raw_with_loads_and_reports_what_they_kept_busy(
         ]
     )
     assert sorted(os.sched_getaffinity(0)) == cpus  # this process's threads unpinned again
-    data = json.loads((tmp_path / f"load-ab-{tiny_model_dir.name}-here.json").read_text())
+    data = read_json(tmp_path / f"load-ab-{tiny_model_dir.name}-here.json.gz")
     assert data["settings"]["load_cpus"] == (others if others else cpus)
     (point,) = data["points"]
     assert list(point["blocks"]) == list(modes)

@@ -15,6 +15,7 @@ import pytest
 from mlx_lm import load as mlx_load
 
 from bench import worker_ab
+from bench.report import read_json
 from bench.worker_ab import MODES, _PiledSide, main, measure
 
 ROUNDS = 6  # the fewest rounds whose median has a 95% interval
@@ -29,7 +30,7 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
         ]
     )
     stem = f"worker-ab-{tiny_model_dir.name}-here"
-    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    data = read_json(tmp_path / f"{stem}.json.gz")
     assert [p["concurrency"] for p in data["points"]] == [1, 2]
     for point in data["points"]:
         blocks = point["blocks"]
@@ -65,7 +66,7 @@ def test_with_processes_each_mode_steps_in_a_process_of_its_own(
         ]
     )
     stem = f"worker-ab-{tiny_model_dir.name}-here"
-    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    data = read_json(tmp_path / f"{stem}.json.gz")
     assert data["settings"]["processes"] is True
     assert data["settings"]["draws"] == 2
     first, second = data["pids"]  # each draw's processes are new ones
