@@ -4,7 +4,7 @@ A model's sentence-transformers files say how its token states become one vector
 gte-Qwen2 and e5-mistral pool the last token); a model without them is pooled by the mean of its
 tokens' states. Every vector is scaled to length 1, as OpenAI's are. Rows of a batch are padded
 on the right: in a causal model no token sees the padding after it, so each row's states are the
-ones it has alone.
+ones it has alone. Such a model answers embedding requests only (the engine refuses it text).
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ _MODES = {
     "pooling_mode_lasttoken": Pooling.LAST,
     "pooling_mode_cls_token": Pooling.CLS,
 }
+
+
+def is_embedding_model(path: Path) -> bool:
+    """The model is published as a sentence-transformers pipeline (`modules.json`): an embedding
+    model, whose language-model head, where it has one, was never trained to write text."""
+    return (path / "modules.json").is_file()
 
 
 def pooling_of(path: Path) -> Pooling:

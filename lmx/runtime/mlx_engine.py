@@ -41,6 +41,7 @@ from lmx.runtime.engine import (
     context_exceeded,
 )
 from lmx.runtime.intake import Intake
+from lmx.runtime.mlx_embedding import is_embedding_model
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.store import named_json_error
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
@@ -177,6 +178,7 @@ class MlxEngine:
         self._tokenizer: MlxTokenizer | None = None
         self._context_length = config.context_length or 4096
         self._vocab_size = 0  # the loaded model's, from its worker
+        self._embedding_only = False  # a sentence-transformers model: no text from it
         self._streams: dict[int, _Stream] = {}
         self._embeddings: dict[int, asyncio.Future[Embeddings]] = {}
         self._ids = itertools.count()
@@ -221,6 +223,7 @@ class MlxEngine:
             if self._spares is not None:
                 self._spares.refill()
         self._tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
+        self._embedding_only = is_embedding_model(self.config.path)
         self._context_length = ready.context_length
         self._vocab_size = ready.vocab_size
         self.worker_stats = ready.stats
@@ -306,6 +309,12 @@ class MlxEngine:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._state is not EngineState.READY:
             raise RequestError(f"model {self.config.model_id!r} is not ready")
+        if self._embedding_only:
+            raise RequestError(
+                f"model {self.config.model_id!r} is an embedding model (its modules.json says"
+                " so): it answers /v1/embeddings, not text",
+                param="model",
+            )
         n_prompt = len(request.prompt_tokens)
         if n_prompt == 0:
             raise RequestError("the prompt is empty", param="prompt")

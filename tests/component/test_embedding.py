@@ -103,12 +103,9 @@ async def _loaded(path: Path) -> MlxEngine:
     return e
 
 
-async def test_the_engine_embeds_with_the_models_pooling_beside_its_batch(
-    tmp_path: Path, tiny_model_dir: Path
-) -> None:
-    path = _modules(Path(shutil.copytree(tiny_model_dir, tmp_path / "m")), lasttoken=True)
-    model = mlx_lm.load(str(path))[0]
-    e = await _loaded(path)
+async def test_the_engine_embeds_beside_its_generation_batch(tiny_model_dir: Path) -> None:
+    model = mlx_lm.load(str(tiny_model_dir))[0]
+    e = await _loaded(tiny_model_dir)  # no sentence-transformers files: pooled by the mean
     try:
         greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
         prompt = e.tokenizer.encode("a story about a cat")
@@ -123,8 +120,25 @@ async def test_the_engine_embeds_with_the_models_pooling_beside_its_batch(
         assert beside == alone
         assert (got.count, got.dimensions) == (40, 64)
         assert got.prompt_tokens == sum(map(len, rows))
-        want = np.stack([_reference(model, r, Pooling.LAST) for r in rows])
+        want = np.stack([_reference(model, r, Pooling.MEAN) for r in rows])
         np.testing.assert_allclose(_matrix(got), want, atol=2e-5)
+        assert e.stats().in_flight == 0
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
+async def test_an_embedding_model_pools_as_it_says_and_writes_no_text(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    path = _modules(Path(shutil.copytree(tiny_model_dir, tmp_path / "m")), lasttoken=True)
+    model = mlx_lm.load(str(path))[0]
+    e = await _loaded(path)
+    try:
+        rows = [e.tokenizer.encode(t) for t in TEXTS]
+        want = np.stack([_reference(model, r, Pooling.LAST) for r in rows])
+        np.testing.assert_allclose(_matrix(await e.embed(rows)), want, atol=2e-5)
+        with pytest.raises(RequestError, match=r"'m' is an embedding model .* /v1/embeddings"):
+            await anext(e.stream(GenerationRequest(rows[0], SamplingParams(max_tokens=4))))
         assert e.stats().in_flight == 0
     finally:
         await asyncio.to_thread(e.unload)
@@ -147,7 +161,7 @@ async def test_an_embedding_given_up_leaves_the_worker_serving(tiny_model_dir: P
         await asyncio.to_thread(e.unload)
 
 
-async def test_a_model_that_cannot_embed_says_why_and_still_generates(
+async def test_a_model_pooled_in_a_way_lmx_lacks_says_why(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     path = _modules(Path(shutil.copytree(tiny_model_dir, tmp_path / "m")), max_tokens=True)
@@ -155,8 +169,6 @@ async def test_a_model_that_cannot_embed_says_why_and_still_generates(
     try:
         with pytest.raises(RequestError, match=r"model 'm' cannot embed: .*pooling_mode_max"):
             await e.embed([[1, 2, 3]])
-        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        deltas = [d async for d in e.stream(GenerationRequest([1, 2, 3], params))]
-        assert deltas[-1].completion_tokens == 4
+        assert e.stats().in_flight == 0
     finally:
         await asyncio.to_thread(e.unload)
