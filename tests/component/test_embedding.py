@@ -4,8 +4,10 @@ embedding requests beside its generation batch (the real tiny model, its worker 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +99,25 @@ def _matrix(e: Embeddings) -> np.ndarray:
     return np.frombuffer(e.vectors, dtype="<f4").reshape(e.count, e.dimensions)
 
 
-async def _loaded(path: Path) -> MlxEngine:
+@contextlib.asynccontextmanager
+async def _loaded(path: Path) -> AsyncIterator[MlxEngine]:
+    """The model at `path` loaded, as "m", 8-token prefill chunks; unloaded after."""
     e = MlxEngine(LoadConfig(model_id="m", path=path, prompt_cache_bytes=0, prefill_step=8))
     await asyncio.to_thread(e.load)
-    return e
+    try:
+        yield e
+    finally:
+        await asyncio.to_thread(e.unload)
+
+
+def _embedding_model(tmp_path: Path, tiny_model_dir: Path, **modes: bool) -> Path:
+    """A copy of the tiny model published as a sentence-transformers pipeline pooling by `modes`."""
+    return _modules(Path(shutil.copytree(tiny_model_dir, tmp_path / "m")), **modes)
 
 
 async def test_the_engine_embeds_beside_its_generation_batch(tiny_model_dir: Path) -> None:
     model = mlx_lm.load(str(tiny_model_dir))[0]
-    e = await _loaded(tiny_model_dir)  # no sentence-transformers files: pooled by the mean
-    try:
+    async with _loaded(tiny_model_dir) as e:  # no sentence-transformers files: the mean
         greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
         prompt = e.tokenizer.encode("a story about a cat")
 
@@ -123,30 +134,24 @@ async def test_the_engine_embeds_beside_its_generation_batch(tiny_model_dir: Pat
         want = np.stack([_reference(model, r, Pooling.MEAN) for r in rows])
         np.testing.assert_allclose(_matrix(got), want, atol=2e-5)
         assert e.stats().in_flight == 0
-    finally:
-        await asyncio.to_thread(e.unload)
 
 
 async def test_an_embedding_model_pools_as_it_says_and_writes_no_text(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    path = _modules(Path(shutil.copytree(tiny_model_dir, tmp_path / "m")), lasttoken=True)
+    path = _embedding_model(tmp_path, tiny_model_dir, lasttoken=True)
     model = mlx_lm.load(str(path))[0]
-    e = await _loaded(path)
-    try:
+    async with _loaded(path) as e:
         rows = [e.tokenizer.encode(t) for t in TEXTS]
         want = np.stack([_reference(model, r, Pooling.LAST) for r in rows])
         np.testing.assert_allclose(_matrix(await e.embed(rows)), want, atol=2e-5)
         with pytest.raises(RequestError, match=r"'m' is an embedding model .* /v1/embeddings"):
             await anext(e.stream(GenerationRequest(rows[0], SamplingParams(max_tokens=4))))
         assert e.stats().in_flight == 0
-    finally:
-        await asyncio.to_thread(e.unload)
 
 
 async def test_an_embedding_given_up_leaves_the_worker_serving(tiny_model_dir: Path) -> None:
-    e = await _loaded(tiny_model_dir)
-    try:
+    async with _loaded(tiny_model_dir) as e:
         rows = [[7] * 500 for _ in range(200)]  # several seconds of rows on the CPU
         task = asyncio.create_task(e.embed(rows))
         await asyncio.sleep(0.3)
@@ -157,18 +162,13 @@ async def test_an_embedding_given_up_leaves_the_worker_serving(tiny_model_dir: P
         # The rows left are dropped: the next request is answered at once, not after them.
         got = await asyncio.wait_for(e.embed([e.tokenizer.encode("hi")]), timeout=3)
         assert got.count == 1
-    finally:
-        await asyncio.to_thread(e.unload)
 
 
 async def test_a_model_pooled_in_a_way_lmx_lacks_says_why(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    path = _modules(Path(shutil.copytree(tiny_model_dir, tmp_path / "m")), max_tokens=True)
-    e = await _loaded(path)
-    try:
+    path = _embedding_model(tmp_path, tiny_model_dir, max_tokens=True)
+    async with _loaded(path) as e:
         with pytest.raises(RequestError, match=r"model 'm' cannot embed: .*pooling_mode_max"):
             await e.embed([[1, 2, 3]])
         assert e.stats().in_flight == 0
-    finally:
-        await asyncio.to_thread(e.unload)
