@@ -56,11 +56,14 @@ class FailureBook:
         now_s: float,
         delay_s: float | None = None,
         permanent: bool = False,
+        in_a_row: int | None = None,
     ) -> Failure:
         """Record a failure: back off `base * 2**(n-1)` (at least `delay_s`), or quarantine after
-        `max_failures` in a row (never for WAITING_REASONS) or at once when `permanent`."""
+        `max_failures` in a row (never for WAITING_REASONS) or at once when `permanent`.
+        `in_a_row`: the count, where the caller keeps it (engine crashes: one after a request
+        was served starts over, even before the load that preceded it was recorded)."""
         prev = self.current(model_id, spec)
-        count = (prev.count if prev else 0) + 1
+        count = in_a_row if in_a_row is not None else (prev.count if prev else 0) + 1
         quarantined = permanent or (count >= self.max_failures and reason not in WAITING_REASONS)
         backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (count - 1))
         wait = max(backoff, delay_s or 0.0)

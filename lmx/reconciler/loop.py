@@ -435,6 +435,7 @@ class Reconciler:
             now_s=now,
             delay_s=min(s.backoff_max_s, s.backoff_base_s * 2 ** (in_a_row - 1)),
             permanent=in_a_row >= s.max_failures,
+            in_a_row=in_a_row,
         )
         self.events.publish("engine_failed", model=model_id, reason=reason, in_a_row=in_a_row)
         if rec.quarantined:

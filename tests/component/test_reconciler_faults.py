@@ -239,6 +239,25 @@ async def test_crashes_with_requests_served_between_them_never_quarantine(world:
     assert crashes == [1, 1, 1, 1]
 
 
+async def test_crashes_of_engines_that_served_count_from_one_before_their_load_is_recorded(
+    world: World,
+) -> None:
+    # Each engine served, then crashed before the reconcile pass that loaded it recorded the load
+    # (a worker that dies on its first requests, under load): the failure record of the crash
+    # before is still there, and must not be counted on.
+    world.write(a=model(world.model_dir("a")))
+    r = world.build(backoff_base_s=0.05, backoff_max_s=0.2)  # quarantined at the third in a row
+    await r.start()
+    await until(lambda: world.ready("a"))
+    for _ in range(4):
+        r._engine_failed("a", "injected crash", served=True)
+    assert r.status()["models"]["a"]["failures"] == 1
+    passes = r.status()["last_pass"]["id"]
+    r.wake("test")
+    await until(lambda: r.status()["last_pass"]["id"] > passes)
+    assert not world.condition("a", "Quarantined")["status"]
+
+
 async def test_a_quarantine_outlasts_a_restart_until_the_models_entry_is_edited(
     world: World,
 ) -> None:
