@@ -44,12 +44,12 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
                 token_ids=tok.marker_ids,
             )
         except ValueError as exc:
-            raise RequestError(str(exc), param=_tools_param(str(exc), body)) from None
+            raise _tools_error(str(exc), body) from None
         return Constraint(grammar.text)
     try:
         grammars.check_tools(tools)
     except ValueError as exc:
-        raise RequestError(str(exc), param=_tools_param(str(exc), body)) from None
+        raise _tools_error(str(exc), body) from None
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
@@ -68,6 +68,14 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
     except ValueError as exc:
         raise RequestError(str(exc), param="response_format.json_schema.schema") from None
     return Constraint(grammar.text)
+
+
+def _tools_error(message: str, body: ChatCompletionRequest) -> RequestError:
+    """The 400 for a tool-call grammar's error, naming the field; a function's bad parameters
+    schema has OpenAI's code for it."""
+    param = _tools_param(message, body)
+    code = "invalid_function_parameters" if param.endswith(".function.parameters") else None
+    return RequestError(message, param=param, code=code)
 
 
 def _tools_param(message: str, body: ChatCompletionRequest) -> str:

@@ -317,6 +317,7 @@ async def test_invalid_parameters_are_a_400_naming_the_tool_whatever_the_tool_ch
     body = {**CHAT, "tools": [ok, bad], "max_tokens": 2, **choice}
     err = assert_envelope(await client.post("/v1/chat/completions", json=body), 400)
     assert err["param"] == "tools[1].function.parameters" and words in err["message"], err
+    assert err["code"] == "invalid_function_parameters"  # OpenAI's
 
 
 async def test_tool_choice_none_shows_the_tools_and_no_call_can_begin(
