@@ -307,8 +307,7 @@ class MlxEngine:
     # -- the asyncio side --
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        if self._state is not EngineState.READY:
-            raise RequestError(f"model {self.config.model_id!r} is not ready")
+        self._require_ready()
         if self._embedding_only:
             raise RequestError(
                 f"model {self.config.model_id!r} is an embedding model (its modules.json says"
@@ -321,8 +320,7 @@ class MlxEngine:
         if n_prompt + request.params.max_tokens > self._context_length:
             limit, wanted = self._context_length, request.params.max_tokens
             raise context_exceeded(limit, n_prompt, wanted, "max_tokens")
-        if self._in_flight >= self.config.max_batch + self.config.max_queue:
-            raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
+        self._require_room()
         request = self._within_vocabulary(request)
         sid = next(self._ids)
         st = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -330,8 +328,7 @@ class MlxEngine:
         self._in_flight += 1
         finished = False
         try:
-            if self._state is not EngineState.READY:  # the worker died since the check above
-                raise RequestError(f"model {self.config.model_id!r} is not ready")
+            self._require_ready()  # again: the worker may have died since
             if self._intake is not None:
                 self._intake.reached_engine()
             self._post(("add", sid, request))
@@ -353,8 +350,7 @@ class MlxEngine:
                 self._post(("cancel", sid), now=True)
 
     async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
-        if self._state is not EngineState.READY:
-            raise RequestError(f"model {self.config.model_id!r} is not ready")
+        self._require_ready()
         rows = tuple(tuple(int(t) for t in row) for row in inputs)
         for i, row in enumerate(rows):
             if not row:
@@ -367,15 +363,13 @@ class MlxEngine:
                     code="context_length_exceeded",
                 )
             self._check_ids("input", row)
-        if self._in_flight >= self.config.max_batch + self.config.max_queue:
-            raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
+        self._require_room()
         sid = next(self._ids)
         answer: asyncio.Future[Embeddings] = asyncio.get_running_loop().create_future()
         self._embeddings[sid] = answer
         self._in_flight += 1
         try:
-            if self._state is not EngineState.READY:  # the worker died since the check above
-                raise RequestError(f"model {self.config.model_id!r} is not ready")
+            self._require_ready()  # again: the worker may have died since
             self._post(("embed", sid, rows))
             return await answer
         finally:
@@ -383,6 +377,15 @@ class MlxEngine:
             self._embeddings.pop(sid, None)
             if answer.cancelled() or not answer.done():  # the caller gave up: rows left go
                 self._post(("cancel", sid), now=True)
+
+    def _require_ready(self) -> None:
+        if self._state is not EngineState.READY:
+            raise RequestError(f"model {self.config.model_id!r} is not ready")
+
+    def _require_room(self) -> None:
+        """QueueFull once the model holds as many requests as its batch and queue take."""
+        if self._in_flight >= self.config.max_batch + self.config.max_queue:
+            raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
 
     def _within_vocabulary(self, request: GenerationRequest) -> GenerationRequest:
         """`request` as the worker may take it, or RequestError naming the field: a token id
