@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
+from lmx.api.generation import texts_or_ids
 from lmx.api.schemas import EmbeddingRequest
 from lmx.errors import RequestError
 from lmx.runtime.engine import Embeddings, Tokenizer
@@ -17,13 +18,7 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 def token_rows(body: EmbeddingRequest, tokenizer: Tokenizer) -> list[list[int]]:
     """One row of token ids per input, the texts encoded as the model's tokenizer encodes a
     document (with its special tokens: the end-of-text token a last-token pooling model reads)."""
-    given = body.input
-    if isinstance(given, str):
-        items: list[str | list[int]] = [given]
-    elif given and all(isinstance(x, int) for x in given):
-        items = [cast(list[int], given)]  # one input's token ids
-    else:
-        items = cast(list[str | list[int]], given)
+    items = texts_or_ids(body.input)
     if not items:
         raise RequestError("input is empty: give a text, or a list of texts", param="input")
     if len(items) > MAX_INPUTS:

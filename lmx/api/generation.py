@@ -12,7 +12,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from lmx.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from lmx.errors import RequestError
@@ -207,17 +207,23 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
         raise RequestError(f"the chat template failed: {exc}", param="messages") from None
 
 
+def texts_or_ids(given: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's four ways to give inputs (a text, texts, a text's token ids, several texts'), as
+    one list of inputs, each a text or its token ids."""
+    if isinstance(given, str):
+        return [given]
+    if given and all(isinstance(x, int) for x in given):
+        return [cast(list[int], given)]
+    return cast(list[str | list[int]], given)
+
+
 def completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int]]:
-    p = body.prompt
-    if isinstance(p, str):
-        return [engine.tokenizer.encode(p)]
-    if not p:
+    prompts = texts_or_ids(body.prompt)
+    if not prompts:
         raise RequestError("the prompt is empty", param="prompt")
-    if all(isinstance(x, int) for x in p):
-        return [[int(x) for x in p]]  # type: ignore[arg-type]
-    if all(isinstance(x, str) for x in p):
-        return [engine.tokenizer.encode(str(x)) for x in p]
-    return [[int(t) for t in x] for x in p]  # type: ignore[union-attr]
+    return [
+        engine.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts
+    ]
 
 
 @dataclass
