@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 
 def sizing_of(spec: ModelSpec) -> Sizing:
     e = spec.engine
-    return Sizing(e.context_length, e.max_batch, e.prompt_cache_bytes)
+    return Sizing(e.context_length, e.max_batch, e.prompt_cache_bytes, e.prefill_step)
 
 
 @dataclass

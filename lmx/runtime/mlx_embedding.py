@@ -18,6 +18,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from lmx.runtime.store import EMBEDDING_MARKER
+
 
 class Pooling(StrEnum):
     MEAN = "mean"
@@ -35,17 +37,11 @@ _MODES = {
 }
 
 
-def is_embedding_model(path: Path) -> bool:
-    """The model is published as a sentence-transformers pipeline (`modules.json`): an embedding
-    model, whose language-model head, where it has one, was never trained to write text."""
-    return (path / "modules.json").is_file()
-
-
 def pooling_of(path: Path) -> Pooling:
     """How the model at `path` pools, from its `modules.json` and the Pooling module's
     `config.json`; the mean where it has none. Raises ValueError for a mode lmx lacks (max,
     weighted mean, several at once), naming the file."""
-    modules_file = path / "modules.json"
+    modules_file = path / EMBEDDING_MARKER
     if not modules_file.is_file():
         return Pooling.MEAN
     modules = json.loads(modules_file.read_text(encoding="utf-8"))

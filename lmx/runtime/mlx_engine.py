@@ -41,9 +41,8 @@ from lmx.runtime.engine import (
     context_exceeded,
 )
 from lmx.runtime.intake import Intake
-from lmx.runtime.mlx_embedding import is_embedding_model
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
-from lmx.runtime.store import named_json_error
+from lmx.runtime.store import is_embedding_model, named_json_error
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
 
 log = structlog.get_logger(__name__)

@@ -45,6 +45,17 @@ class Sizing:
     context_length: int | None
     max_batch: int
     prompt_cache_bytes: int
+    prefill_step: int = 2048  # prompt tokens a forward pass takes at most
+
+
+# A sentence-transformers pipeline's file: its model embeds and writes no text.
+EMBEDDING_MARKER = "modules.json"
+
+
+def is_embedding_model(path: Path) -> bool:
+    """The model is published as a sentence-transformers pipeline (`modules.json`): an embedding
+    model, whose language-model head, where it has one, was never trained to write text."""
+    return (path / EMBEDDING_MARKER).is_file()
 
 
 @dataclass(frozen=True)
@@ -134,16 +145,24 @@ def context_tokens(config: dict[str, Any], declared: int | None) -> int:
 
 
 def estimate(
-    weights_bytes: int, config: dict[str, Any], sizing: Sizing, process_bytes: int = 0
+    weights_bytes: int,
+    config: dict[str, Any],
+    sizing: Sizing,
+    process_bytes: int = 0,
+    *,
+    embedding_only: bool = False,
 ) -> Footprint:
     """The footprint before any load. Context: the declared length, else the model's native one
-    (as the engine does); KV for `max_batch` sequences of that length."""
+    (as the engine does); KV for `max_batch` sequences of that length. An embedding-only model
+    generates nothing: its KV is that of one batch of rows (a prefill chunk padded, or one row of
+    the whole context), and it keeps no prompt cache."""
     tokens = context_tokens(config, sizing.context_length)
-    kv = (kv_bytes_per_token(config) or 0) * tokens * sizing.max_batch
+    positions = max(tokens, sizing.prefill_step) if embedding_only else tokens * sizing.max_batch
+    kv = (kv_bytes_per_token(config) or 0) * positions
     return Footprint(
         weights_bytes=weights_bytes,
         kv_bytes=kv,
-        prompt_cache_bytes=sizing.prompt_cache_bytes,
+        prompt_cache_bytes=0 if embedding_only else sizing.prompt_cache_bytes,
         margin_bytes=_margin(weights_bytes + kv),
         context_tokens=tokens,
         process_bytes=process_bytes,
@@ -326,7 +345,8 @@ class ModelStore:
             dest = self.locate(snapshot.repo_id, snapshot.revision)
             local = downloads.fetch_file(snapshot, "config.json", dest, token=self._token)
             config = _read_json(local)
-        fp = estimate(weights, config, sizing, self._process_bytes)
+        embedding_only = any(f.path == EMBEDDING_MARKER for f in snapshot.files)
+        fp = estimate(weights, config, sizing, self._process_bytes, embedding_only=embedding_only)
         with self._lock:
             self._estimates[(model_id, key)] = fp
         return fp
@@ -358,6 +378,8 @@ class ModelStore:
             stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in shards)
             cfg = path / "config.json"
             stamp += ((cfg.name, cfg.stat().st_size, cfg.stat().st_mtime_ns),)
+            embedding_only = is_embedding_model(path)
+            stamp += ((EMBEDDING_MARKER, int(embedding_only), 0),)
         except OSError:
             return None
         with self._lock:
@@ -367,7 +389,10 @@ class ModelStore:
         fp = None
         if shards:
             weights = sum(safetensors_weight_bytes(p) for p in shards)
-            fp = estimate(weights, _read_json(path / "config.json"), sizing, self._process_bytes)
+            config = _read_json(path / "config.json")
+            fp = estimate(
+                weights, config, sizing, self._process_bytes, embedding_only=embedding_only
+            )
         with self._lock:
             self._disk_cache[(path, sizing)] = (stamp, fp)
         return fp

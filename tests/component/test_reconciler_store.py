@@ -6,6 +6,7 @@ import json
 import struct
 from pathlib import Path
 
+from lmx.runtime.download_manifest import RemoteFile, RepoSnapshot
 from lmx.runtime.store import (
     MARGIN_MIN_BYTES,
     ModelStore,
@@ -69,6 +70,34 @@ def test_the_estimate_reserves_kv_for_the_declared_context_and_batch() -> None:
         MARGIN_MIN_BYTES,
         1007 + MARGIN_MIN_BYTES,
     )
+
+
+def test_an_embedding_model_reserves_one_batch_of_rows_and_no_prompt_cache(
+    tmp_path: Path,
+) -> None:
+    sizing = Sizing(context_length=8192, max_batch=8, prompt_cache_bytes=2**30, prefill_step=2048)
+    chat = estimate(0, QWEN3_8B, sizing)
+    assert (chat.kv_bytes, chat.prompt_cache_bytes) == (147456 * 8192 * 8, 2**30)
+    embed = estimate(0, QWEN3_8B, sizing, embedding_only=True)
+    assert (embed.kv_bytes, embed.prompt_cache_bytes) == (147456 * 8192, 0)  # one whole row
+    short = Sizing(context_length=512, max_batch=8, prompt_cache_bytes=0, prefill_step=2048)
+    assert estimate(0, QWEN3_8B, short, embedding_only=True).kv_bytes == 147456 * 2048  # a chunk
+
+    path = make_model_dir(tmp_path / "m", 100 * MiB)
+    (path / "config.json").write_text(json.dumps(QWEN3_8B))
+    store = ModelStore(tmp_path / "home")
+    as_chat = store.footprint("m", "k", str(path), "main", sizing)
+    (path / "modules.json").write_text("[]")  # a sentence-transformers pipeline now
+    as_embedding = store.footprint("m", "k", str(path), "main", sizing)
+    assert as_chat is not None and as_chat.kv_bytes == chat.kv_bytes
+    assert as_embedding is not None and as_embedding.kv_bytes == embed.kv_bytes
+    assert as_embedding.prompt_cache_bytes == 0
+
+    files = (RemoteFile("model.safetensors", 100 * MiB), RemoteFile("config.json", 10))
+    for extra, cache_bytes in (((), 2**30), ((RemoteFile("modules.json", 2),), 0)):
+        snapshot = RepoSnapshot("org/m", "main", "0" * 40, files + extra)
+        remote = store.estimate_remote("r", "k", snapshot, sizing, fetch_config=False)
+        assert remote.prompt_cache_bytes == cache_bytes  # the Hub's file list tells, unfetched
 
 
 def test_a_measured_load_replaces_the_estimated_weights_and_is_kept_across_restarts(
