@@ -54,6 +54,7 @@ def usage(states: list[ChoiceState], prompts: int = 1) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": sum(s.reasoning_tokens for s in states)},
     }
 
 

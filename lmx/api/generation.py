@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -242,6 +242,9 @@ class ChoiceState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    # Counts the tokens of a text, for the reasoning's share of the answer (None: not counted)
+    count_tokens: Callable[[str], int] | None = None
+    reasoning_tokens: int = 0
 
     def absorb(self, delta: Delta) -> list[Piece]:
         pieces = self.parser.feed(delta.text)
@@ -265,7 +268,17 @@ class ChoiceState:
             self.finish_reason = delta.finish_reason
             if self.tool_calls and delta.finish_reason == "stop":
                 self.finish_reason = "tool_calls"
+            if self.reasoning and self.count_tokens is not None:
+                thought = self.count_tokens("".join(self.reasoning))
+                self.reasoning_tokens = min(thought, self.completion_tokens)
         return pieces
+
+
+def token_counter(encode: Callable[[str], list[int]]) -> Callable[[str], int]:
+    """The tokens of a text as the model's tokenizer encodes it again, less what it adds to any
+    text (a BOS): the worker's tokens carry no mark of the part of the answer they went to."""
+    extra = len(encode(""))
+    return lambda text: max(0, len(encode(text)) - extra) if text else 0
 
 
 def output_parser(

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from lmx.api.generation import ChoiceState
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError
-from lmx.runtime.engine import Delta, Tokenizer
+from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
 
 _ROLES = ("user", "system", "developer", "assistant")
@@ -185,9 +185,8 @@ def _format(fmt: dict[str, Any]) -> dict[str, Any]:
 class Rendering:
     """One response's output as it is generated: its items, the stream's events, the answer."""
 
-    def __init__(self, body: ResponsesRequest, tokenizer: Tokenizer) -> None:
+    def __init__(self, body: ResponsesRequest) -> None:
         self.body = body
-        self.tokenizer = tokenizer
         self.id = item_id("resp")
         self.created = int(time.time())
         self.output: list[dict[str, Any]] = []  # the items, the open one last
@@ -372,15 +371,11 @@ class Rendering:
         return out + self.event("response.output_item.done", output_index=index, item=item)
 
     def _usage(self, state: ChoiceState) -> dict[str, Any]:
-        reasoning = "".join(state.reasoning)
-        # Counted by encoding the text again, less what the tokenizer adds to any text (a BOS).
-        extra = len(self.tokenizer.encode(""))
-        thought = max(0, len(self.tokenizer.encode(reasoning)) - extra) if reasoning else 0
         return {
             "input_tokens": state.prompt_tokens,
             "input_tokens_details": {"cached_tokens": state.cached_tokens},
             "output_tokens": state.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": min(thought, state.completion_tokens)},
+            "output_tokens_details": {"reasoning_tokens": state.reasoning_tokens},
             "total_tokens": state.prompt_tokens + state.completion_tokens,
         }
 

@@ -47,6 +47,7 @@ from lmx.api.generation import (
     merged,
     new_id,
     output_parser,
+    token_counter,
 )
 from lmx.api.metrics import Metrics
 from lmx.api.responses import Rendering, chat_request, stream_events
@@ -296,6 +297,7 @@ async def _start_chat(
         ]
 
     gen, engine, requests = await _Generation.start(deps, body.model, build)
+    count = token_counter(engine.tokenizer.encode) if engine.tokenizer.reasoning else None
     states = [
         ChoiceState(
             i,
@@ -306,6 +308,7 @@ async def _start_chat(
                 constrained=requests[0].constraint is not None,
                 tool_names=frozenset(t.function.name for t in body.tools or ()),
             ),
+            count_tokens=count,
         )
         for i in range(body.n)
     ]
@@ -501,8 +504,8 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
 
 @router.post("/responses", response_model=None)
 async def responses(body: ResponsesRequest, deps: Deps) -> Any:
-    gen, engine, states = await _start_chat(chat_request(body), deps)
-    rendering = Rendering(body, engine.tokenizer)
+    gen, _, states = await _start_chat(chat_request(body), deps)
+    rendering = Rendering(body)
     if not body.stream:
         async for _, delta in gen.deltas():
             states[0].absorb(delta)

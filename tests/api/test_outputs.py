@@ -109,6 +109,18 @@ async def test_message_has_reasoning_content_and_tool_calls(client: httpx.AsyncC
     assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
 
 
+async def test_usage_counts_the_reasoning_tokens_streamed_or_not(client: httpx.AsyncClient) -> None:
+    thought = len("The user wants weather.")  # the scripted tokenizer: a token per character
+    body = (await client.post("/v1/chat/completions", json=BODY)).json()
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": thought}
+    streamed = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    r = await client.post("/v1/chat/completions", json=streamed)
+    usage = [e for e in sse_events(r.text) if e != "[DONE]"][-1]["usage"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": thought}
+    answer = (await client.post("/v1/responses", json={"model": "m", "input": "hi"})).json()
+    assert answer["usage"]["output_tokens_details"] == {"reasoning_tokens": thought}
+
+
 async def test_stream_carries_reasoning_content_and_indexed_tool_call_deltas(
     client: httpx.AsyncClient,
 ) -> None:

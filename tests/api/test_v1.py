@@ -364,6 +364,7 @@ async def test_completions_with_token_ids_and_echo(client: httpx.AsyncClient) ->
         "completion_tokens": 4,
         "total_tokens": 8,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
     r2 = await client.post(
         "/v1/completions",

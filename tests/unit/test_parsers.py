@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmx.api.generation import ChoiceState, token_counter
+from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import (
     TOOL_PARSERS,
     Content,
@@ -506,3 +508,21 @@ def test_detects_the_builtin_models_template_as_hermes() -> None:
 
     template = files("lmx.runtime").joinpath("data/chat_template.jinja").read_text()
     assert detect_tool_parser(template, set()) == "hermes"
+
+
+def _encode_with_bos(text: str) -> list[int]:
+    """Two characters a token, and a BOS before any text."""
+    return [1] + [ord(c) for c in text[::2]]
+
+
+def test_a_choice_counts_its_reasoning_tokens_once_it_ends() -> None:
+    count = token_counter(_encode_with_bos)
+    assert (count(""), count("abcd"), count("abcde")) == (0, 2, 3)  # the BOS left out
+    state = ChoiceState(0, make_parser(**QWEN3), count_tokens=count)
+    state.absorb(Delta("<think>abcdef"))
+    assert state.reasoning_tokens == 0  # not before the end
+    state.absorb(Delta("gh</think>Hi", finish_reason="stop", completion_tokens=9))
+    assert (state.reasoning_tokens, "".join(state.content)) == (4, "Hi")
+    short = ChoiceState(0, make_parser(**QWEN3), count_tokens=count)
+    short.absorb(Delta("<think>abcdefgh", finish_reason="length", completion_tokens=3))
+    assert short.reasoning_tokens == 3  # never more than the answer's tokens

@@ -12,7 +12,6 @@ from lmx.api.responses import Rendering, chat_request
 from lmx.api.schemas import ResponsesRequest
 from lmx.errors import GenerationFailed
 from lmx.runtime.parsers import Content, Reasoning, ToolCall, make_parser
-from tests.fakes import FakeTokenizer
 
 CALL = ToolCall("call_1", "add", '{"a": 1, "b": 2}')
 
@@ -70,12 +69,12 @@ def _state(finish: str, error: str | None = None) -> ChoiceState:
     state = ChoiceState(0, make_parser(tool_parser=None, tools_enabled=False, reasoning=False))
     state.reasoning, state.content, state.tool_calls = ["think ", "more"], ["Hi"], [CALL]
     state.finish_reason, state.error = finish, error
-    state.prompt_tokens, state.completion_tokens = 5, 30
+    state.prompt_tokens, state.completion_tokens, state.reasoning_tokens = 5, 30, 2
     return state
 
 
 def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
-    r = Rendering(_request(input="x", stream=True), FakeTokenizer())
+    r = Rendering(_request(input="x", stream=True))
     stream = r.started()
     stream += r.feed([Reasoning("think "), Reasoning("more"), Content("Hi"), CALL])
     stream += r.ended(_state("tool_calls"))
@@ -113,29 +112,29 @@ def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
         "arguments": '{"a": 1, "b": 2}',
         "status": "completed",
     }
-    answer = Rendering(_request(input="x"), FakeTokenizer()).answer(_state("tool_calls"))
+    answer = Rendering(_request(input="x")).answer(_state("tool_calls"))
     assert [o["type"] for o in answer["output"]] == ["reasoning", "message", "function_call"]
-    assert answer["usage"]["output_tokens_details"] == {"reasoning_tokens": len("think more")}
+    assert answer["usage"]["output_tokens_details"] == {"reasoning_tokens": 2}
     assert answer["status"] == "completed" and answer["store"] is False
 
 
 def test_a_failed_generation_ends_the_stream_failed_and_the_answer_a_500() -> None:
-    r = Rendering(_request(input="x", stream=True), FakeTokenizer())
+    r = Rendering(_request(input="x", stream=True))
     events = _events(r.feed([Content("Hi")]) + r.ended(_state("error", "the worker died")))
     assert [e["type"] for e in events][-2:] == ["response.output_item.done", "response.failed"]
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["output"][0]["status"] == "incomplete"
     assert failed["error"] == {"code": "server_error", "message": "the worker died"}
     with pytest.raises(GenerationFailed, match="the worker died"):
-        Rendering(_request(input="x"), FakeTokenizer()).answer(_state("error", "the worker died"))
+        Rendering(_request(input="x")).answer(_state("error", "the worker died"))
 
 
 def test_an_answer_of_nothing_is_an_empty_message_streamed_or_not() -> None:
     state = _state("stop")
     state.reasoning, state.content, state.tool_calls = [], [], []
-    r = Rendering(_request(input="x", stream=True), FakeTokenizer())
+    r = Rendering(_request(input="x", stream=True))
     final = _events(r.ended(state))[-1]["response"]
-    answer = Rendering(_request(input="x"), FakeTokenizer()).answer(state)
+    answer = Rendering(_request(input="x")).answer(state)
     for response in (final, answer):
         assert [(o["type"], o["content"][0]["text"]) for o in response["output"]] == [
             ("message", "")
