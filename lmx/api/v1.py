@@ -267,7 +267,7 @@ class EventStream(StreamingResponse):
 
 async def _start_chat(
     body: ChatCompletionRequest, deps: AppDeps
-) -> tuple[_Generation, Engine, list[ChoiceState]]:
+) -> tuple[_Generation, list[ChoiceState]]:
     """A chat request's generation under way, and a state per choice to absorb its deltas."""
     tools_on = bool(body.tools) and body.tool_choice != "none"
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -312,12 +312,12 @@ async def _start_chat(
         )
         for i in range(body.n)
     ]
-    return gen, engine, states
+    return gen, states
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
-    gen, _, states = await _start_chat(body, deps)
+    gen, states = await _start_chat(body, deps)
     rid, created = new_id("chatcmpl"), int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": FINGERPRINT}
     if not body.stream:
@@ -504,7 +504,7 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
 
 @router.post("/responses", response_model=None)
 async def responses(body: ResponsesRequest, deps: Deps) -> Any:
-    gen, _, states = await _start_chat(chat_request(body), deps)
+    gen, states = await _start_chat(chat_request(body), deps)
     rendering = Rendering(body)
     if not body.stream:
         async for _, delta in gen.deltas():
