@@ -329,6 +329,8 @@ class Worker:
                     case ("embed", int(sid), tuple(rows)):
                         self._embed_take(sid, rows)
                     case ("cancel", int(sid)):
+                        if self._arrivals is not None:
+                            self._arrivals.write(Arrival(at, "cancel"))
                         self._embeds = deque(j for j in self._embeds if j.sid != sid)
                         seq = self._by_sid.pop(sid, None)
                         if seq is not None:

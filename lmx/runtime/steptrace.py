@@ -11,7 +11,8 @@ can be set side by side step by step.
 
 The daemon and its workers also append an Arrival to `arrivals-<pid>.jsonl` each time a
 generation request reaches a stage (the API, its engine, the worker): how a burst of requests
-spreads out on its way to one prefill.
+spreads out on its way to one prefill; and one each time a request's cancel reaches the worker:
+how many steps a cancelled sequence took after it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class Step:
 @dataclass(frozen=True)
 class Arrival:
     t: float  # perf_counter, s
-    at: str  # "api": the daemon began handling it; "engine": handed to its engine; "worker"
+    # "api": the daemon began handling it; "engine": handed to its engine; "worker"; "cancel": its
+    # cancel reached the worker
+    at: str
 
 
 def step_of(
