@@ -58,6 +58,14 @@ class ModelNotFound(PermanentError):
         super().__init__(f"model {model!r} not found; available: {known}")
 
 
+class ResponseNotFound(PermanentError):
+    """No stored response has this id (never stored, deleted, or forgotten)."""
+
+    def __init__(self, response_id: str) -> None:
+        self.response_id = response_id
+        super().__init__(f"Response with id {response_id!r} not found.")
+
+
 class RequestError(PermanentError):
     """A request is invalid: `param` names the offending request field."""
 

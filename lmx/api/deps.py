@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from lmx.api.auth import Keys
 from lmx.api.metrics import Metrics
+from lmx.api.responses import ResponseStore
 from lmx.reconciler.editing import DesiredEditor
 from lmx.reconciler.loop import Reconciler
 from lmx.runtime.intake import Intake
@@ -48,4 +49,5 @@ class AppDeps:
     keys: Keys = field(default_factory=Keys)
     metrics: Metrics = field(default_factory=Metrics)
     intake: Intake = field(default_factory=Intake)  # shared with the engines (lmx.runtime.intake)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses kept
     served_since_s: float = 0.0

@@ -24,6 +24,7 @@ from lmx.errors import (
     PermanentError,
     QueueFull,
     RequestError,
+    ResponseNotFound,
     TemporaryError,
 )
 from lmx.reconciler.editing import PreconditionFailed
@@ -56,6 +57,8 @@ def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
             return 412, "invalid_request_error", "If-Match", "precondition_failed"
         case ModelNotFound():
             return 404, "invalid_request_error", "model", "model_not_found"
+        case ResponseNotFound():
+            return 404, "invalid_request_error", "response_id", "not_found"
         case RequestError():
             return 400, "invalid_request_error", exc.param, exc.code
         case ConfigError():

@@ -1,27 +1,42 @@
-"""/v1/responses: OpenAI's Responses API, stateless, over the chat completions path.
+"""/v1/responses: OpenAI's Responses API, over the chat completions path.
 
-A request becomes a chat completion request (`instructions` and the input items the conversation,
-function tools the tools, `text.format` the response format) and runs as one. Its answer, and each
-event of its stream, comes in the Responses shape: a reasoning item, a message item and a
-function_call item per call. lmx keeps no responses: `previous_response_id` is refused (send the
-conversation in `input`, as clients that set `store: false` do), and `store` is answered false.
+A request becomes a chat completion request (`instructions`, the conversation of the response it
+continues and its input items the conversation, function tools the tools, `text.format` the
+response format) and runs as one. Its answer, and each event of its stream, comes in the Responses
+shape: a reasoning item, a message item and a function_call item per call.
+
+Responses are kept (`store`, true unless false) for `previous_response_id` and for GET and DELETE
+/v1/responses/{id}, in memory (ResponseStore): a restart forgets them, and a request continuing
+one then gets OpenAI's 400 `previous_response_not_found` (a client that handles it sends the whole
+conversation again).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import structlog
 from pydantic import ValidationError
 
 from lmx.api.generation import ChoiceState
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
-from lmx.errors import GenerationFailed, RequestError
+from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+
+log = structlog.get_logger(__name__)
+
+# What the kept responses may take, counted as JSON: each its input and its answer (with its
+# request's fields, tools among them), not the conversation before it, which it shares with the
+# response it continues. An agent's 100 turns to a 100k-token conversation with 10 KiB of tools
+# count about 1.4 MiB.
+KEEP_BYTES = 64 * 2**20
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -37,15 +52,111 @@ def item_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat completion request that answers `body`. Raises RequestError naming the field."""
-    if body.previous_response_id is not None:
-        raise RequestError(
-            "lmx keeps no responses: send the whole conversation in input",
-            param="previous_response_id",
-        )
+@dataclass(frozen=True)
+class _Kept:
+    response: dict[str, Any]  # as answered
+    conversation: tuple[dict[str, Any], ...]  # as chat messages, instructions left out, it last
+    nbytes: int
+
+
+class ResponseStore:
+    """The responses kept, least recently used first; beyond `max_bytes` the least recently
+    used go. A response continued or fetched is used again, and those before it in its
+    conversation with it: its conversation holds their messages, so dropping them alone would
+    free little."""
+
+    def __init__(self, max_bytes: int = KEEP_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
+        self._previous: dict[str, str] = {}  # a kept response's id: the one it continued
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, response_id: str) -> dict[str, Any]:
+        """The response as answered. Raises ResponseNotFound."""
+        return self._used(response_id).response
+
+    def delete(self, response_id: str) -> None:
+        """Forget a response; those continuing it keep their conversations. Raises
+        ResponseNotFound."""
+        kept = self._kept.pop(response_id, None)
+        if kept is None:
+            raise ResponseNotFound(response_id)
+        self._previous.pop(response_id, None)
+        self.nbytes -= kept.nbytes
+
+    def conversation(self, body: ResponsesRequest) -> tuple[dict[str, Any], ...]:
+        """The chat messages `body` answers, its instructions left out: the conversation of the
+        response it continues, then its input. Raises RequestError naming the field."""
+        before: tuple[dict[str, Any], ...] = ()
+        if body.previous_response_id is not None:
+            try:
+                before = self._used(body.previous_response_id).conversation
+            except ResponseNotFound:
+                raise RequestError(
+                    f"Previous response with id {body.previous_response_id!r} not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                ) from None
+        return (*before, *_messages(body.input))
+
+    def keeper(
+        self, body: ResponsesRequest, conversation: tuple[dict[str, Any], ...]
+    ) -> Callable[[dict[str, Any]], None] | None:
+        """What keeps `body`'s response, answered to `conversation` (None: `store` is false)."""
+        if body.store is False:
+            return None
+        own = len(orjson.dumps(body.input))
+
+        def keep(response: dict[str, Any]) -> None:
+            answer = _messages(response["output"], "output")
+            nbytes = own + len(orjson.dumps(response))
+            self._keep(response, (*conversation, *answer), nbytes, body.previous_response_id)
+
+        return keep
+
+    def _keep(
+        self,
+        response: dict[str, Any],
+        conversation: tuple[dict[str, Any], ...],
+        nbytes: int,
+        previous: str | None,
+    ) -> None:
+        if nbytes > self.max_bytes:
+            log.warning("response_not_kept", id=response["id"], bytes=nbytes, most=self.max_bytes)
+            return
+        while self._kept and self.nbytes + nbytes > self.max_bytes:
+            dropped, kept = self._kept.popitem(last=False)
+            self._previous.pop(dropped, None)
+            self.nbytes -= kept.nbytes
+        self._kept[response["id"]] = _Kept(response, conversation, nbytes)
+        if previous is not None:
+            self._previous[response["id"]] = previous
+        self.nbytes += nbytes
+
+    def _used(self, response_id: str) -> _Kept:
+        """The kept response, now the most recently used, with its conversation's earlier ones
+        just before it. Raises ResponseNotFound."""
+        kept = self._kept.get(response_id)
+        if kept is None:
+            raise ResponseNotFound(response_id)
+        chain = [response_id]
+        while (earlier := self._previous.get(chain[-1])) is not None and earlier in self._kept:
+            chain.append(earlier)
+        for rid in reversed(chain):
+            self._kept.move_to_end(rid)
+        return kept
+
+
+def chat_request(
+    body: ResponsesRequest, conversation: Sequence[dict[str, Any]]
+) -> ChatCompletionRequest:
+    """The chat completion request that answers `body`, whose `conversation` (see
+    ResponseStore.conversation) the instructions lead. Raises RequestError naming the field."""
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    messages += _messages(body.input)
+    messages += conversation
     chat: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
     if body.tools:
         chat["tools"] = [_tool(t, j) for j, t in enumerate(body.tools)]
@@ -77,30 +188,30 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         ) from None
 
 
-def _messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Input items as chat messages: a turn's function calls join its assistant message, and
-    each call's output is a tool message. Reasoning items are left out (templates drop the
-    reasoning of earlier turns)."""
+def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[dict[str, Any]]:
+    """Input (or output) items as chat messages: a turn's function calls join its assistant
+    message, and each call's output is a tool message. Reasoning items are left out (templates
+    drop the reasoning of earlier turns)."""
     if isinstance(given, str):
         return [{"role": "user", "content": given}]
     out: list[dict[str, Any]] = []
     for i, item in enumerate(given):
+        at = f"{where}[{i}]"
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             if role not in _ROLES:
                 raise RequestError(
-                    f"input[{i}].role is {role!r}, not one of {', '.join(_ROLES)}",
-                    param=f"input[{i}].role",
+                    f"{at}.role is {role!r}, not one of {', '.join(_ROLES)}", param=f"{at}.role"
                 )
-            out.append({"role": role, "content": _text(item.get("content"), f"input[{i}].content")})
+            out.append({"role": role, "content": _text(item.get("content"), f"{at}.content")})
         elif kind == "function_call":
             call = {
-                "id": _field(item, "call_id", i),
+                "id": _field(item, "call_id", at),
                 "type": "function",
                 "function": {
-                    "name": _field(item, "name", i),
-                    "arguments": _field(item, "arguments", i),
+                    "name": _field(item, "name", at),
+                    "arguments": _field(item, "arguments", at),
                 },
             }
             last = out[-1] if out else None
@@ -109,23 +220,23 @@ def _messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            output = _text(item.get("output"), f"input[{i}].output")
+            output = _text(item.get("output"), f"{at}.output")
             out.append(
-                {"role": "tool", "tool_call_id": _field(item, "call_id", i), "content": output}
+                {"role": "tool", "tool_call_id": _field(item, "call_id", at), "content": output}
             )
         elif kind != "reasoning":
             raise RequestError(
-                f"input[{i}] is of type {kind!r}: lmx takes messages, function_call,"
+                f"{at} is of type {kind!r}: lmx takes messages, function_call,"
                 " function_call_output and reasoning items",
-                param=f"input[{i}].type",
+                param=f"{at}.type",
             )
     return out
 
 
-def _field(item: dict[str, Any], key: str, i: int) -> str:
+def _field(item: dict[str, Any], key: str, at: str) -> str:
     value = item.get(key)
     if not isinstance(value, str):
-        raise RequestError(f"input[{i}] needs {key} as a string", param=f"input[{i}].{key}")
+        raise RequestError(f"{at} needs {key} as a string", param=f"{at}.{key}")
     return value
 
 
@@ -185,8 +296,11 @@ def _format(fmt: dict[str, Any]) -> dict[str, Any]:
 class Rendering:
     """One response's output as it is generated: its items, the stream's events, the answer."""
 
-    def __init__(self, body: ResponsesRequest) -> None:
+    def __init__(
+        self, body: ResponsesRequest, keep: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.body = body
+        self._keep = keep  # given the response once it completes (see ResponseStore.keeper)
         self.id = item_id("resp")
         self.created = int(time.time())
         self.output: list[dict[str, Any]] = []  # the items, the open one last
@@ -209,9 +323,9 @@ class Rendering:
             "model": body.model,
             "output": self.output,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": None,
+            "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None},
-            "store": False,
+            "store": self._keep is not None,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": body.text or {"format": {"type": "text"}},
             "tool_choice": body.tool_choice or "auto",
@@ -316,10 +430,14 @@ class Rendering:
     def _final(self, state: ChoiceState) -> dict[str, Any]:
         self._closed("incomplete" if state.finish_reason == "length" else "completed")
         if state.finish_reason == "length":
-            return self.response(
+            final = self.response(
                 "incomplete", state, incomplete_details={"reason": "max_output_tokens"}
             )
-        return self.response("completed", state)
+        else:
+            final = self.response("completed", state)
+        if self._keep is not None:
+            self._keep(final)
+        return final
 
     def _opened(self, kind: str) -> bytes:
         """Open a `kind` item (closing another first); its events."""

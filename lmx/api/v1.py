@@ -504,13 +504,25 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
 
 @router.post("/responses", response_model=None)
 async def responses(body: ResponsesRequest, deps: Deps) -> Any:
-    gen, states = await _start_chat(chat_request(body), deps)
-    rendering = Rendering(body)
+    conversation = deps.responses.conversation(body)
+    gen, states = await _start_chat(chat_request(body, conversation), deps)
+    rendering = Rendering(body, deps.responses.keeper(body, conversation))
     if not body.stream:
         async for _, delta in gen.deltas():
             states[0].absorb(delta)
         return JSONResponse(rendering.answer(states[0]))
     return EventStream(stream_events(rendering, gen.deltas(), states[0]))
+
+
+@router.get("/responses/{response_id}", response_model=None)
+async def get_response(response_id: str, deps: Deps) -> JSONResponse:
+    return JSONResponse(deps.responses.get(response_id))
+
+
+@router.delete("/responses/{response_id}", response_model=None)
+async def delete_response(response_id: str, deps: Deps) -> JSONResponse:
+    deps.responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
 # The generation routes, whose requests the intake counts while they are prepared (lmx.api.app),

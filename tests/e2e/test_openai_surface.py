@@ -557,6 +557,85 @@ def test_a_streamed_response_sends_its_events_in_order_and_they_add_up(
     assert called[-1] == "response.completed"
 
 
+def test_a_response_continues_from_its_id_as_from_its_whole_conversation(
+    client: openai.OpenAI,
+) -> None:
+    ask = {"model": "lmx-tiny", "max_output_tokens": 6, "temperature": 0}
+    first = client.responses.create(**ask, input="Say hello")
+    assert first.store is True
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    then = client.responses.create(**ask, input="Again", previous_response_id=first.id)
+    assert then.previous_response_id == first.id
+    whole = client.responses.create(
+        **ask,
+        store=False,
+        input=[
+            {"role": "user", "content": "Say hello"},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Again"},
+        ],
+    )
+    assert then.usage is not None and whole.usage is not None
+    assert (then.output_text, then.usage.input_tokens) == (
+        whole.output_text,
+        whole.usage.input_tokens,
+    )
+    # A streamed response is kept as well, once it completes.
+    streamed = list(
+        client.responses.create(**ask, input="Once more", previous_response_id=then.id, stream=True)
+    )[-1].response
+    assert streamed.usage is not None
+    last = client.responses.create(**ask, input="Last", previous_response_id=streamed.id)
+    assert last.usage is not None
+    assert last.usage.input_tokens > streamed.usage.input_tokens + streamed.usage.output_tokens
+
+
+def test_an_agent_loop_sends_only_the_tool_outputs_after_the_first_turn(
+    client: openai.OpenAI,
+) -> None:
+    ask: dict[str, Any] = {"model": "lmx-tiny", "tools": FUNCTION_TOOLS, "temperature": 0}
+    r = client.responses.create(**ask, input=ASK[0]["content"], tool_choice="required")
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls
+    outputs: list[Any] = [
+        {"type": "function_call_output", "call_id": c.call_id, "output": "sunny"} for c in calls
+    ]
+    chained = client.responses.create(
+        **ask, tool_choice="none", max_output_tokens=4, previous_response_id=r.id, input=outputs
+    )
+    # The same turn, the conversation sent whole: the first turn's output items echoed back.
+    echoed = [o.model_dump(exclude_none=True) for o in r.output if o.type != "reasoning"]
+    whole = client.responses.create(
+        **ask,
+        tool_choice="none",
+        max_output_tokens=4,
+        input=[{"role": "user", "content": ASK[0]["content"]}, *echoed, *outputs],
+    )
+    assert chained.usage is not None and whole.usage is not None
+    assert chained.usage.input_tokens == whole.usage.input_tokens
+    assert chained.output_text == whole.output_text
+
+
+def test_a_response_not_stored_or_deleted_is_neither_continued_nor_fetched(
+    client: openai.OpenAI,
+) -> None:
+    ask = {"model": "lmx-tiny", "max_output_tokens": 2}
+    unstored = client.responses.create(**ask, input="Say hello", store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(**ask, input="Again", previous_response_id=unstored.id)
+    assert caught.value.code == "previous_response_not_found"
+    assert caught.value.param == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    kept = client.responses.create(**ask, input="Say hello")
+    client.responses.delete(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(kept.id)
+
+
 def test_a_response_in_a_json_schema_validates(client: openai.OpenAI) -> None:
     r = client.responses.create(
         model="lmx-tiny",

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from lmx.api.generation import ChoiceState
-from lmx.api.responses import Rendering, chat_request
+from lmx.api.responses import Rendering, ResponseStore, chat_request
 from lmx.api.schemas import ResponsesRequest
-from lmx.errors import GenerationFailed
+from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.parsers import Content, Reasoning, ToolCall, make_parser
 
 CALL = ToolCall("call_1", "add", '{"a": 1, "b": 2}')
@@ -21,21 +21,20 @@ def _request(**fields: Any) -> ResponsesRequest:
 
 
 def test_input_items_become_the_chat_they_stand_for() -> None:
-    chat = chat_request(
-        _request(
-            instructions="Be brief.",
-            input=[
-                {"role": "user", "content": [{"type": "input_text", "text": "Add 1 and 2."}]},
-                {"type": "reasoning", "id": "rs_1", "summary": []},
-                {"type": "message", "role": "assistant", "content": "Let me add."},
-                {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": "{}"},
-                {"type": "function_call_output", "call_id": "call_1", "output": "3"},
-            ],
-            reasoning={"effort": "none"},
-            max_output_tokens=9,
-            text={"format": {"type": "json_object"}},
-        )
+    body = _request(
+        instructions="Be brief.",
+        input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "Add 1 and 2."}]},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "message", "role": "assistant", "content": "Let me add."},
+            {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "3"},
+        ],
+        reasoning={"effort": "none"},
+        max_output_tokens=9,
+        text={"format": {"type": "json_object"}},
     )
+    chat = chat_request(body, ResponseStore().conversation(body))
     messages = [m.model_dump(exclude_none=True) for m in chat.messages]
     assert messages == [
         {"role": "system", "content": "Be brief."},
@@ -139,3 +138,117 @@ def test_an_answer_of_nothing_is_an_empty_message_streamed_or_not() -> None:
         assert [(o["type"], o["content"][0]["text"]) for o in response["output"]] == [
             ("message", "")
         ]
+
+
+def _answered(store: ResponseStore, **fields: Any) -> dict[str, Any]:
+    """The response to a request of `fields`, kept in `store` as the endpoint keeps it."""
+    body = _request(**fields)
+    return Rendering(body, store.keeper(body, store.conversation(body))).answer(_state("stop"))
+
+
+def _chat(store: ResponseStore, **fields: Any) -> list[dict[str, Any]]:
+    body = _request(**fields)
+    chat = chat_request(body, store.conversation(body))
+    return [m.model_dump(exclude_none=True) for m in chat.messages]
+
+
+def test_a_kept_response_is_continued_as_its_conversation_and_answer() -> None:
+    store = ResponseStore()
+    body = _request(instructions="Be brief.", input="Add 1 and 2.")
+    first = Rendering(body, store.keeper(body, store.conversation(body))).answer(
+        _state("tool_calls")
+    )
+    assert first["store"] is True and store.get(first["id"]) == first
+    follow = [{"type": "function_call_output", "call_id": "call_1", "output": "3"}]
+    # Its instructions are not carried over, nor its reasoning; its text and calls are.
+    assert _chat(
+        store, input=follow, previous_response_id=first["id"], instructions="Be kind."
+    ) == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Add 1 and 2."},
+        {
+            "role": "assistant",
+            "content": "Hi",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]
+    second = _answered(store, input=follow, previous_response_id=first["id"])
+    assert second["previous_response_id"] == first["id"]
+    assert [
+        m["role"] for m in _chat(store, input="Thanks.", previous_response_id=second["id"])
+    ] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
+
+
+def test_responses_not_stored_or_failed_are_not_kept() -> None:
+    store = ResponseStore()
+    body = _request(input="x", store=False)
+    assert store.keeper(body, store.conversation(body)) is None
+    assert Rendering(body).answer(_state("stop"))["store"] is False
+    failing = _request(input="x")
+    r = Rendering(failing, store.keeper(failing, store.conversation(failing)))
+    with pytest.raises(GenerationFailed):
+        r.answer(_state("error", "the worker died"))
+    streamed = Rendering(failing, store.keeper(failing, store.conversation(failing)))
+    streamed.ended(_state("error", "the worker died"))
+    assert len(store) == 0 and store.nbytes == 0
+
+
+def test_an_unknown_previous_response_is_a_400_clients_recognise() -> None:
+    with pytest.raises(RequestError) as caught:
+        ResponseStore().conversation(_request(input="x", previous_response_id="resp_gone"))
+    assert (caught.value.param, caught.value.code) == (
+        "previous_response_id",
+        "previous_response_not_found",
+    )
+    assert "resp_gone" in str(caught.value)
+
+
+def test_beyond_its_bytes_the_store_drops_the_least_recently_used_conversation() -> None:
+    store = ResponseStore()
+    a = _answered(store, input="a")
+    b = _answered(store, input="b", previous_response_id=a["id"])
+    c = _answered(store, input="c" * 500)
+    store.max_bytes = store.nbytes  # full
+    # Continuing b uses b, and a before it: c is now the least recently used.
+    d = _answered(store, input="d", previous_response_id=b["id"])
+    assert len(store) == 3 and store.nbytes <= store.max_bytes
+    with pytest.raises(ResponseNotFound):
+        store.get(c["id"])
+    assert [store.get(r["id"])["id"] for r in (a, b, d)] == [a["id"], b["id"], d["id"]]
+    # One larger than the whole store is answered, not kept.
+    big = _answered(store, input="e" * store.max_bytes)
+    with pytest.raises(ResponseNotFound):
+        store.get(big["id"])
+    assert len(store) == 3
+
+
+def test_a_deleted_response_is_gone_and_those_continuing_it_are_not() -> None:
+    store = ResponseStore()
+    a = _answered(store, input="a")
+    b = _answered(store, input="b", previous_response_id=a["id"])
+    store.delete(a["id"])
+    for gone in (store.get, store.delete):
+        with pytest.raises(ResponseNotFound, match=a["id"]):
+            gone(a["id"])
+    assert [m["content"] for m in _chat(store, input="c", previous_response_id=b["id"])] == [
+        "a",
+        "Hi",
+        "b",
+        "Hi",
+        "c",
+    ]
+    store.delete(b["id"])
+    assert len(store) == 0 and store.nbytes == 0
