@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmx.api.schemas import param_of
 from lmx.api.shortcut import is_json
 from lmx.errors import (
     ConfigError,
@@ -79,14 +80,6 @@ def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
             return 500, "server_error", None, None
 
 
-def _param_of(loc: tuple[int | str, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out or None
-
-
 def _problem(error: dict[str, Any]) -> tuple[str | None, str]:
     """A validation error's param and its line of the message."""
     loc = tuple(error.get("loc", ()))
@@ -94,7 +87,7 @@ def _problem(error: dict[str, Any]) -> tuple[str | None, str]:
         why = error.get("ctx", {}).get("error")
         at = f" at character {loc[-1]}" if len(loc) > 1 else ""
         return None, f"body: not valid JSON{at}" + (f" ({why})" if why else "")
-    param = _param_of(loc)
+    param = param_of(loc)
     return param, f"{param or 'body'}: {error.get('msg', '')}"
 
 

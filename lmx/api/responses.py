@@ -13,6 +13,7 @@ conversation again).
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -25,7 +26,7 @@ import structlog
 from pydantic import ValidationError
 
 from lmx.api.generation import ChoiceState
-from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
+from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest, param_of
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
@@ -40,12 +41,16 @@ KEEP_BYTES = 64 * 2**20
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
-# Where a chat request's field came from, for a 400 that names the Responses field.
-_PARAMS = {
-    "messages": "input",
-    "response_format": "text.format",
-    "max_completion_tokens": "max_output_tokens",
-}
+# A chat request's field as the Responses field it came from, for a 400 that names the latter.
+# Messages come from the instructions, the conversation continued and the input: no index of
+# theirs is the input's.
+_PARAMS = (
+    (re.compile(r"^messages\b.*"), "input"),
+    (re.compile(r"^max_(completion_)?tokens$"), "max_output_tokens"),
+    (re.compile(r"^response_format(\.json_schema)?"), "text.format"),
+    (re.compile(r"^tool_choice\.function"), "tool_choice"),
+    (re.compile(r"^(tools\[\d+\])\.function"), r"\1"),
+)
 
 
 def item_id(prefix: str) -> str:
@@ -179,13 +184,24 @@ def chat_request(
     try:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = [str(p) for p in error["loc"]]
-        if loc:
-            loc[0] = _PARAMS.get(loc[0], loc[0])
-        raise RequestError(
-            f"{'.'.join(loc)}: {error['msg']}", param=loc[0] if loc else None
-        ) from None
+        first = exc.errors()[0]
+        param = param_of(tuple(first["loc"]))
+        error = RequestError(f"{param or 'body'}: {first['msg']}", param=param)
+        raise responses_error(error) from None
+
+
+def responses_error(exc: RequestError) -> RequestError:
+    """`exc`, raised for the chat request a Responses request runs as, naming the Responses
+    field (in its message too, where it starts with the field)."""
+    if exc.param is None:
+        return exc
+    param = exc.param
+    for chat, responses in _PARAMS:
+        param = chat.sub(responses, param)
+    message = str(exc)
+    if message.startswith(exc.param + ":"):
+        message = param + message[len(exc.param) :]
+    return RequestError(message, param=param, code=exc.code)
 
 
 def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[dict[str, Any]]:

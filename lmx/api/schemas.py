@@ -196,3 +196,12 @@ class ErrorBody(BaseModel):
 
 class ErrorEnvelope(BaseModel):
     error: ErrorBody
+
+
+def param_of(loc: tuple[int | str, ...]) -> str | None:
+    """A validation error's location as a field path: `tools[0].function.parameters`."""
+    parts = [str(p) for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or None

@@ -50,7 +50,7 @@ from lmx.api.generation import (
     token_counter,
 )
 from lmx.api.metrics import Metrics
-from lmx.api.responses import Rendering, chat_request, stream_events
+from lmx.api.responses import Rendering, chat_request, responses_error, stream_events
 from lmx.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -505,7 +505,10 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
 @router.post("/responses", response_model=None)
 async def responses(body: ResponsesRequest, deps: Deps) -> Any:
     conversation = deps.responses.conversation(body)
-    gen, states = await _start_chat(chat_request(body, conversation), deps)
+    try:
+        gen, states = await _start_chat(chat_request(body, conversation), deps)
+    except RequestError as exc:
+        raise responses_error(exc) from None
     rendering = Rendering(body, deps.responses.keeper(body, conversation))
     if not body.stream:
         async for _, delta in gen.deltas():

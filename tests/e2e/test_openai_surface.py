@@ -668,6 +668,25 @@ def test_a_response_in_a_json_schema_validates(client: openai.OpenAI) -> None:
         ({"input": "x", "text": {"format": "json"}}, "text.format"),
         ({"input": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        # Refused by the chat path it runs as, naming the Responses field all the same.
+        ({"input": "x", "max_output_tokens": 100_000}, "max_output_tokens"),
+        ({"input": "count " * 5000}, "input"),
+        (
+            {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": []}]},
+            "tools[0].parameters",
+        ),
+        (
+            {
+                "input": "x",
+                "tools": FUNCTION_TOOLS,
+                "tool_choice": {"type": "function", "name": ""},
+            },
+            "tool_choice.name",
+        ),
+        (
+            {"input": "x", "text": {"format": {"type": "json_schema", "name": "p"}}},
+            "text.format.schema",
+        ),
     ],
 )
 def test_a_bad_response_request_is_a_400_naming_the_field(

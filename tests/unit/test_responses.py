@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from lmx.api.generation import ChoiceState
-from lmx.api.responses import Rendering, ResponseStore, chat_request
+from lmx.api.responses import Rendering, ResponseStore, chat_request, responses_error
 from lmx.api.schemas import ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.parsers import Content, Reasoning, ToolCall, make_parser
@@ -252,3 +252,21 @@ def test_a_deleted_response_is_gone_and_those_continuing_it_are_not() -> None:
     ]
     store.delete(b["id"])
     assert len(store) == 0 and store.nbytes == 0
+
+
+@pytest.mark.parametrize(
+    ("chat", "responses"),
+    [
+        ("messages", "input"),
+        ("messages[3].content", "input"),
+        ("max_tokens", "max_output_tokens"),
+        ("max_completion_tokens", "max_output_tokens"),
+        ("response_format.json_schema.schema", "text.format.schema"),
+        ("tool_choice.function.name", "tool_choice.name"),
+        ("tools[2].function.parameters", "tools[2].parameters"),
+        ("temperature", "temperature"),
+    ],
+)
+def test_an_error_of_the_chat_request_names_the_responses_field(chat: str, responses: str) -> None:
+    error = responses_error(RequestError(f"{chat}: bad", param=chat, code="c"))
+    assert (error.param, str(error), error.code) == (responses, f"{responses}: bad", "c")
