@@ -36,6 +36,8 @@ from lmx.runtime.parsers import (
 )
 from lmx.runtime.toolcalls import mistral_safe_id
 
+_INSTRUCTING = ("system", "developer")  # messages that no truncation leaves out
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
@@ -205,6 +207,33 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
         raise
     except Exception as exc:  # the model's template rejected the conversation
         raise RequestError(f"the chat template failed: {exc}", param="messages") from None
+
+
+def truncated_prompt(
+    body: ChatCompletionRequest, prompt_of: Callable[[ChatCompletionRequest], list[int]], most: int
+) -> list[int]:
+    """The prompt of `body` with its conversation's first turns left out, as few as leave at most
+    `most` tokens (Responses' `truncation: auto`); its last turn's alone if none do. A turn starts
+    at a user message; system and developer messages stay."""
+    messages = body.messages
+    firsts = [i for i, m in enumerate(messages) if m.role == "user"][1:]
+
+    def prompt_from(start: int) -> list[int]:
+        kept = [m for i, m in enumerate(messages) if i >= start or m.role in _INSTRUCTING]
+        return prompt_of(body.model_copy(update={"messages": kept}))
+
+    # The prompt shrinks as its start moves on: find the earliest start that fits.
+    lo, hi, best = 0, len(firsts) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        prompt = prompt_from(firsts[mid])
+        if len(prompt) <= most:
+            best, hi = prompt, mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        return prompt_from(firsts[-1]) if firsts else prompt_of(body)
+    return best
 
 
 def texts_or_ids(given: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

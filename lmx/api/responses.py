@@ -347,7 +347,7 @@ class Rendering:
             "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [],
             "top_p": 1.0 if body.top_p is None else body.top_p,
-            "truncation": "disabled",
+            "truncation": body.truncation or "disabled",
             "usage": self._usage(state) if state is not None else None,
             "user": body.user,
             "metadata": body.metadata or {},

@@ -171,6 +171,7 @@ class ResponsesRequest(_Request):
     stream: bool = False
     store: bool | None = None
     previous_response_id: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
 

@@ -48,6 +48,7 @@ from lmx.api.generation import (
     new_id,
     output_parser,
     token_counter,
+    truncated_prompt,
 )
 from lmx.api.metrics import Metrics
 from lmx.api.responses import Rendering, chat_request, responses_error, stream_events
@@ -266,9 +267,11 @@ class EventStream(StreamingResponse):
 
 
 async def _start_chat(
-    body: ChatCompletionRequest, deps: AppDeps
+    body: ChatCompletionRequest, deps: AppDeps, *, truncate: bool = False
 ) -> tuple[_Generation, list[ChoiceState]]:
-    """A chat request's generation under way, and a state per choice to absorb its deltas."""
+    """A chat request's generation under way, and a state per choice to absorb its deltas;
+    `truncate`: its conversation's first turns left out as far as it takes to fit the context
+    (see truncated_prompt)."""
     tools_on = bool(body.tools) and body.tool_choice != "none"
     max_tokens = body.max_completion_tokens or body.max_tokens
     if body.top_logprobs and not body.logprobs:
@@ -277,6 +280,11 @@ async def _start_chat(
     def build(engine: Engine) -> list[GenerationRequest]:
         constraint = constraint_for(body, engine)
         prompt = chat_prompt(body, engine, thinking=constraint is None)
+        most = engine.context_length - (max_tokens or 1)
+        if truncate and len(prompt) > most:
+            prompt = truncated_prompt(
+                body, lambda b: chat_prompt(b, engine, thinking=constraint is None), most
+            )
         requests = generation_requests(
             body,
             engine,
@@ -505,8 +513,9 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
 @router.post("/responses", response_model=None)
 async def responses(body: ResponsesRequest, deps: Deps) -> Any:
     conversation = deps.responses.conversation(body)
+    chat = chat_request(body, conversation)
     try:
-        gen, states = await _start_chat(chat_request(body, conversation), deps)
+        gen, states = await _start_chat(chat, deps, truncate=body.truncation == "auto")
     except RequestError as exc:
         raise responses_error(exc) from None
     rendering = Rendering(body, deps.responses.keeper(body, conversation))

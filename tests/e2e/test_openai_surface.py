@@ -636,6 +636,34 @@ def test_a_response_not_stored_or_deleted_is_neither_continued_nor_fetched(
         client.responses.delete(kept.id)
 
 
+def test_a_conversation_longer_than_the_context_loses_its_first_turns_if_asked(
+    client: openai.OpenAI,
+) -> None:
+    turn = [
+        {"role": "user", "content": "count " * 150},
+        {"role": "assistant", "content": "and more " * 150},
+    ]
+    last = {"role": "user", "content": "Say hello"}
+    ask: dict[str, Any] = {"model": "lmx-tiny", "max_output_tokens": 8, "temperature": 0}
+    long = [*turn * 16, last]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(**ask, input=long)
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "input")
+    r = client.responses.create(**ask, input=long, truncation="auto")
+    assert r.truncation == "auto" and r.status == "incomplete" and r.usage is not None
+
+    def prompt_tokens(turns: int) -> int:
+        alone = client.responses.create(**ask, input=[*turn * turns, last], store=False)
+        assert alone.usage is not None
+        return alone.usage.input_tokens
+
+    per_turn = prompt_tokens(2) - prompt_tokens(1)
+    # As many of the last turns as fit, with room for the answer: one more would not.
+    room = 4096 - 8
+    assert room - per_turn < r.usage.input_tokens <= room
+    assert (r.usage.input_tokens - prompt_tokens(1)) % per_turn == 0
+
+
 def test_a_response_in_a_json_schema_validates(client: openai.OpenAI) -> None:
     r = client.responses.create(
         model="lmx-tiny",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lmx.api.generation import chat_messages
+from typing import Any
+
+from lmx.api.generation import chat_messages, truncated_prompt
 from lmx.api.schemas import ChatCompletionRequest
 
 
@@ -47,3 +49,41 @@ def test_a_mistral_template_gets_call_ids_it_takes_and_the_same_for_call_and_rep
     assert len(made) == 9 and made.isalnum() and reply["tool_call_id"] == made
     _, said, reply = chat_messages(body)  # any other template: as sent
     assert said["tool_calls"][0]["id"] == reply["tool_call_id"] == call["id"]
+
+
+def _conversation(turns: int) -> ChatCompletionRequest:
+    """A system message, then `turns` turns of four messages (a user's, a tool call, its output,
+    the answer); a developer message inside the second turn."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "S"}]
+    for t in range(turns):
+        call = {"id": f"c{t}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages += [
+            {"role": "user", "content": f"u{t}"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"c{t}", "content": f"t{t}"},
+            {"role": "assistant", "content": f"a{t}"},
+        ]
+        if t == 1:
+            messages.insert(-3, {"role": "developer", "content": "D"})
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": messages})
+
+
+def test_truncation_leaves_out_as_few_first_turns_as_fit() -> None:
+    rendered: list[list[str]] = []
+
+    def prompt_of(body: ChatCompletionRequest) -> list[int]:  # a token per message
+        rendered.append([str(m.content) for m in body.messages])
+        return list(range(len(body.messages)))
+
+    body = _conversation(6)
+    # Room for 18 messages: the system and developer ones, and the last four turns whole.
+    assert len(truncated_prompt(body, prompt_of, 18)) == 18
+    kept = next(r for r in reversed(rendered) if len(r) == 18)
+    assert kept[:3] == ["S", "D", "u2"] and kept[-1] == "a5"
+    rendered.clear()
+    assert len(truncated_prompt(body, prompt_of, 6)) == 6  # the last turn alone
+    assert len(rendered) == 3  # found by halving, not turn by turn (5)
+    # Too little room even for the last turn: that turn, for the engine to refuse.
+    assert truncated_prompt(body, prompt_of, 3) == list(range(6))
+    # No turn to leave out: the conversation as it is.
+    assert truncated_prompt(_conversation(1), prompt_of, 1) == list(range(5))
