@@ -57,10 +57,20 @@ def item_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+# The id prefix of an input item given without an id, by its type.
+_ITEM_PREFIXES = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+}
+
+
 @dataclass(frozen=True)
 class _Kept:
     response: dict[str, Any]  # as answered
     conversation: tuple[dict[str, Any], ...]  # as chat messages, instructions left out, it last
+    items: tuple[dict[str, Any], ...]  # its input items, each with an id
     nbytes: int
 
 
@@ -92,6 +102,30 @@ class ResponseStore:
         self._previous.pop(response_id, None)
         self.nbytes -= kept.nbytes
 
+    def input_items(
+        self, response_id: str, *, limit: int, order: str, after: str | None
+    ) -> dict[str, Any]:
+        """A page of a response's input items, as OpenAI lists them: `limit` of them in `order`
+        (asc or desc), from the one after `after`. Raises ResponseNotFound, RequestError."""
+        items = self._used(response_id).items
+        if order == "desc":
+            items = items[::-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise RequestError(
+                    f"response {response_id!r} has no input item {after!r}", param="after"
+                )
+            items = items[ids.index(after) + 1 :]
+        page = list(items[:limit])
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+
     def conversation(self, body: ResponsesRequest) -> tuple[dict[str, Any], ...]:
         """The chat messages `body` answers, its instructions left out: the conversation of the
         response it continues, then its input. Raises RequestError naming the field."""
@@ -113,33 +147,33 @@ class ResponseStore:
         """What keeps `body`'s response, answered to `conversation` (None: `store` is false)."""
         if body.store is False:
             return None
-        own = len(orjson.dumps(body.input))
+        items = _input_items(body.input)
+        own = len(orjson.dumps(items))
 
         def keep(response: dict[str, Any]) -> None:
-            answer = _messages(response["output"], "output")
-            nbytes = own + len(orjson.dumps(response))
-            self._keep(response, (*conversation, *answer), nbytes, body.previous_response_id)
+            kept = _Kept(
+                response,
+                (*conversation, *_messages(response["output"], "output")),
+                items,
+                own + len(orjson.dumps(response)),
+            )
+            self._keep(kept, body.previous_response_id)
 
         return keep
 
-    def _keep(
-        self,
-        response: dict[str, Any],
-        conversation: tuple[dict[str, Any], ...],
-        nbytes: int,
-        previous: str | None,
-    ) -> None:
-        if nbytes > self.max_bytes:
-            log.warning("response_not_kept", id=response["id"], bytes=nbytes, most=self.max_bytes)
+    def _keep(self, kept: _Kept, previous: str | None) -> None:
+        rid = kept.response["id"]
+        if kept.nbytes > self.max_bytes:
+            log.warning("response_not_kept", id=rid, bytes=kept.nbytes, most=self.max_bytes)
             return
-        while self._kept and self.nbytes + nbytes > self.max_bytes:
-            dropped, kept = self._kept.popitem(last=False)
+        while self._kept and self.nbytes + kept.nbytes > self.max_bytes:
+            dropped, old = self._kept.popitem(last=False)
             self._previous.pop(dropped, None)
-            self.nbytes -= kept.nbytes
-        self._kept[response["id"]] = _Kept(response, conversation, nbytes)
+            self.nbytes -= old.nbytes
+        self._kept[rid] = kept
         if previous is not None:
-            self._previous[response["id"]] = previous
-        self.nbytes += nbytes
+            self._previous[rid] = previous
+        self.nbytes += kept.nbytes
 
     def _used(self, response_id: str) -> _Kept:
         """The kept response, now the most recently used, with its conversation's earlier ones
@@ -247,6 +281,21 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
                 param=f"{at}.type",
             )
     return out
+
+
+def _input_items(given: str | list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """Input items as OpenAI lists them: each with an id and a type, a message's text as a
+    part (input_text, output_text for the assistant's)."""
+    items = [{"role": "user", "content": given}] if isinstance(given, str) else given
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        listed = {"id": item_id(_ITEM_PREFIXES.get(kind, "item")), "type": kind, **item}
+        if kind == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            listed["content"] = [{"type": part, "text": item["content"]}]
+        out.append(listed)
+    return tuple(out)
 
 
 def _field(item: dict[str, Any], key: str, at: str) -> str:

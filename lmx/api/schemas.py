@@ -200,8 +200,11 @@ class ErrorEnvelope(BaseModel):
 
 
 def param_of(loc: tuple[int | str, ...]) -> str | None:
-    """A validation error's location as a field path: `tools[0].function.parameters`."""
-    parts = [str(p) for p in loc if p != "body"]
+    """A validation error's location as a field path: `tools[0].function.parameters`; a query's
+    or a path's parameter by its name."""
+    if loc and loc[0] in ("body", "query", "path"):
+        loc = loc[1:]
+    parts = [str(p) for p in loc]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)

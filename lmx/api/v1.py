@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from math import inf
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
@@ -529,6 +529,19 @@ async def responses(body: ResponsesRequest, deps: Deps) -> Any:
 @router.get("/responses/{response_id}", response_model=None)
 async def get_response(response_id: str, deps: Deps) -> JSONResponse:
     return JSONResponse(deps.responses.get(response_id))
+
+
+@router.get("/responses/{response_id}/input_items", response_model=None)
+async def list_input_items(
+    response_id: str,
+    deps: Deps,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        deps.responses.input_items(response_id, limit=limit, order=order, after=after)
+    )
 
 
 @router.delete("/responses/{response_id}", response_model=None)

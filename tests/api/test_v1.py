@@ -506,3 +506,15 @@ async def test_top_p_zero_is_taken_as_openai_takes_it(client: httpx.AsyncClient)
     # Clients send it for a deterministic answer: the likeliest token alone (not a 400).
     r = await client.post("/v1/chat/completions", json={**CHAT, "top_p": 0, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+async def test_a_bad_input_items_query_is_a_400_naming_it(client: httpx.AsyncClient) -> None:
+    made = await client.post("/v1/responses", json={"model": "tiny", "input": "hi"})
+    rid = made.json()["id"]
+    for query, param in (("limit=0", "limit"), ("limit=101", "limit"), ("order=up", "order")):
+        r = await client.get(f"/v1/responses/{rid}/input_items?{query}")
+        assert_envelope(r, 400, param)
+    listed = (await client.get(f"/v1/responses/{rid}/input_items?order=asc&limit=100")).json()
+    assert [i["content"] for i in listed["data"]] == [[{"type": "input_text", "text": "hi"}]]
+    gone = await client.get("/v1/responses/resp_unknown/input_items")
+    assert assert_envelope(gone, 404, "response_id")["code"] == "not_found"

@@ -616,6 +616,21 @@ def test_an_agent_loop_sends_only_the_tool_outputs_after_the_first_turn(
     assert chained.output_text == whole.output_text
 
 
+def test_a_kept_responses_input_items_list_through_the_sdk(client: openai.OpenAI) -> None:
+    ask = {"model": "lmx-tiny", "max_output_tokens": 2}
+    first = client.responses.create(**ask, input="Say hello")
+    (said,) = client.responses.input_items.list(first.id)
+    assert said.type == "message" and said.id.startswith("msg_")
+    given: list[Any] = [{"role": "user", "content": f"turn {i}"} for i in range(5)]
+    then = client.responses.create(**ask, input=given, previous_response_id=first.id)
+    # Pages of two, newest first (OpenAI's default), fetched one after another by the SDK.
+    listed = list(client.responses.input_items.list(then.id, limit=2))
+    texts = [i.content[0].text for i in listed if i.type == "message"]
+    assert texts == [f"turn {i}" for i in reversed(range(5))]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+
+
 def test_a_response_not_stored_or_deleted_is_neither_continued_nor_fetched(
     client: openai.OpenAI,
 ) -> None:

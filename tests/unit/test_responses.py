@@ -270,3 +270,47 @@ def test_a_deleted_response_is_gone_and_those_continuing_it_are_not() -> None:
 def test_an_error_of_the_chat_request_names_the_responses_field(chat: str, responses: str) -> None:
     error = responses_error(RequestError(f"{chat}: bad", param=chat, code="c"))
     assert (error.param, str(error), error.code) == (responses, f"{responses}: bad", "c")
+
+
+def test_a_kept_response_lists_its_input_items_a_page_at_a_time() -> None:
+    store = ResponseStore()
+    said = _answered(store, input="Add 1 and 2.")
+    (item,) = store.input_items(said["id"], limit=20, order="desc", after=None)["data"]
+    assert item | {"id": ""} == {
+        "id": "",
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "Add 1 and 2."}],
+    }
+    assert item["id"].startswith("msg_")
+    given = [
+        {"role": "user", "content": "u"},
+        {"type": "message", "role": "assistant", "content": "a", "id": "msg_given"},
+        {"type": "function_call", "call_id": "c", "name": "add", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "3"},
+        {"role": "user", "content": [{"type": "input_text", "text": "more"}]},
+    ]
+    answered = _answered(store, input=given, previous_response_id=said["id"])
+
+    def page(**how: Any) -> dict[str, Any]:
+        return store.input_items(
+            answered["id"], **{"limit": 2, "order": "asc", "after": None} | how
+        )
+
+    first = page()
+    assert [i["type"] for i in first["data"]] == ["message", "message"]
+    assert first["data"][1]["id"] == "msg_given" and first["last_id"] == "msg_given"
+    assert first["data"][1]["content"] == [{"type": "output_text", "text": "a"}]
+    assert first["has_more"] is True
+    rest = page(after=first["last_id"], limit=20)
+    assert [i["type"] for i in rest["data"]] == [
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert rest["has_more"] is False and rest["data"][-1]["content"] == given[-1]["content"]
+    newest = page(order="desc", limit=1)
+    assert newest["data"] == rest["data"][-1:] and newest["has_more"] is True
+    with pytest.raises(RequestError) as caught:
+        page(after="msg_unknown")
+    assert caught.value.param == "after"
