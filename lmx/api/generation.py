@@ -198,7 +198,9 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
     if body.tools and (body.tool_choice != "none" or forbid_calls(body, engine) is not None):
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
     extra = dict(body.chat_template_kwargs or {})
-    if not thinking:
+    if body.reasoning_effort is not None:
+        extra.setdefault("reasoning_effort", body.reasoning_effort)
+    if not thinking or body.reasoning_effort == "none":
         extra.setdefault("enable_thinking", False)
     try:
         messages = chat_messages(body, mistral=engine.tokenizer.tool_parser == "mistral")

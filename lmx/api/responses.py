@@ -50,6 +50,7 @@ _PARAMS = (
     (re.compile(r"^response_format(\.json_schema)?"), "text.format"),
     (re.compile(r"^tool_choice\.function"), "tool_choice"),
     (re.compile(r"^(tools\[\d+\])\.function"), r"\1"),
+    (re.compile(r"^reasoning_effort$"), "reasoning.effort"),
 )
 
 
@@ -206,8 +207,8 @@ def chat_request(
         if not isinstance(fmt, dict):
             raise RequestError("text.format must be an object with a type", param="text.format")
         chat["response_format"] = _format(fmt)
-    if (body.reasoning or {}).get("effort") == "none":
-        chat["chat_template_kwargs"] = {"enable_thinking": False}
+    if (effort := (body.reasoning or {}).get("effort")) is not None:
+        chat["reasoning_effort"] = effort
     chat |= {
         "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature,

@@ -711,6 +711,7 @@ def test_a_response_in_a_json_schema_validates(client: openai.OpenAI) -> None:
         ({"input": "x", "text": {"format": "json"}}, "text.format"),
         ({"input": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "x", "reasoning": {"effort": "max"}}, "reasoning.effort"),
         # Refused by the chat path it runs as, naming the Responses field all the same.
         ({"input": "x", "max_output_tokens": 100_000}, "max_output_tokens"),
         ({"input": "count " * 5000}, "input"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmx.api.generation import chat_messages, truncated_prompt
+from lmx.api.generation import chat_messages, chat_prompt, truncated_prompt
 from lmx.api.schemas import ChatCompletionRequest
 
 
@@ -87,3 +87,35 @@ def test_truncation_leaves_out_as_few_first_turns_as_fit() -> None:
     assert truncated_prompt(body, prompt_of, 3) == list(range(6))
     # No turn to leave out: the conversation as it is.
     assert truncated_prompt(_conversation(1), prompt_of, 1) == list(range(5))
+
+
+class _Template:
+    """A model's tokenizer as chat_prompt sees it, keeping what its template was given."""
+
+    tool_parser = None
+
+    def __init__(self) -> None:
+        self.given: dict[str, Any] = {}
+
+    def apply_chat_template(self, messages: Any, *, tools: Any, extra: dict[str, Any]) -> list[int]:
+        self.given = extra
+        return [1]
+
+
+def test_reasoning_effort_reaches_the_template_and_none_turns_thinking_off() -> None:
+    template = _Template()
+    engine: Any = type("Engine", (), {"tokenizer": template})()
+
+    def given(**fields: Any) -> dict[str, Any]:
+        body = ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **fields}
+        )
+        chat_prompt(body, engine, thinking=True)
+        return template.given
+
+    assert given() == {}
+    assert given(reasoning_effort="high") == {"reasoning_effort": "high"}
+    assert given(reasoning_effort="none") == {"reasoning_effort": "none", "enable_thinking": False}
+    # The client's own template arguments win.
+    kwargs = {"enable_thinking": True, "reasoning_effort": "low"}
+    assert given(reasoning_effort="none", chat_template_kwargs=kwargs) == kwargs

@@ -50,7 +50,7 @@ def test_input_items_become_the_chat_they_stand_for() -> None:
     ]
     assert chat.max_completion_tokens == 9
     assert chat.response_format is not None and chat.response_format.type == "json_object"
-    assert chat.chat_template_kwargs == {"enable_thinking": False}
+    assert chat.reasoning_effort == "none"
 
 
 def _events(stream: bytes) -> list[dict[str, Any]]:
