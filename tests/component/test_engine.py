@@ -151,6 +151,15 @@ async def test_a_sequence_whose_text_hit_a_stop_string_leaves_the_batch_within_a
     assert engine.stats().steps - steps_before <= tokens_to_stop + 5
 
 
+async def generating(engine: MlxEngine, prompt: list[int]) -> AsyncIterator[Delta]:
+    """A stream of a long generation, three deltas in: its sequence is in the batch."""
+    long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+    stream = engine.stream(GenerationRequest(prompt, long))
+    for _ in range(3):
+        await anext(stream)
+    return stream
+
+
 async def cancel(engine: MlxEngine, stream: AsyncIterator[Delta]) -> float:
     """Close `stream` (the client is gone) and wait until its sequence has left the batch (or a
     second); when it was closed (time.perf_counter, the steps' clock)."""
@@ -171,46 +180,32 @@ async def cancel(engine: MlxEngine, stream: AsyncIterator[Delta]) -> float:
 CANCEL_STEPS = 4
 
 
-def steps_decoding_since(steps_dir: Path, t: float) -> int:
-    return sum(1 for s in TraceReader(steps_dir).steps(t, math.inf) if s.decoded)
-
-
-def assert_left_within_a_step(steps_dir: Path, sent: float) -> None:
+def assert_left_within_a_step(steps_dir: Path, sent: float, until: float = math.inf) -> None:
     """The batch's only sequence, cancelled at `sent`, took at most the step that began as the
-    worker had the cancel (it is applied before the next), and a few while it was on its way."""
-    (reached,) = (a.t for a in TraceReader(steps_dir).arrivals(sent, math.inf) if a.at == "cancel")
-    assert steps_decoding_since(steps_dir, reached) <= 1
-    assert steps_decoding_since(steps_dir, sent) <= CANCEL_STEPS
+    worker had the cancel (it is applied before the next), and a few while it was on its way;
+    `until`: when the next sequence came."""
+    trace = TraceReader(steps_dir)
+    (reached,) = (a.t for a in trace.arrivals(sent, until) if a.at == "cancel")
+    assert sum(1 for s in trace.steps(reached, until) if s.decoded) <= 1
+    assert sum(1 for s in trace.steps(sent, until) if s.decoded) <= CANCEL_STEPS
 
 
-async def test_cancelled_stream_leaves_the_batch_within_a_step(
+async def test_a_cancelled_stream_leaves_the_batch_within_a_step_and_no_step_follows(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    starts, sents = [], []
     async with traced_engine(
         LoadConfig(model_id="x", path=tiny_model_dir), tmp_path, monkeypatch
     ) as e:
-        long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
-        stream = e.stream(GenerationRequest(prompts(e, 1)[0], long))
-        for _ in range(3):
-            await anext(stream)
-        assert e.stats().active == 1
-        sent = await cancel(e, stream)
-        assert e.stats().in_flight == 0
-    assert_left_within_a_step(tmp_path, sent)
-
-
-async def test_a_batch_emptied_by_a_cancel_takes_no_further_step(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with traced_engine(
-        LoadConfig(model_id="x", path=tiny_model_dir), tmp_path, monkeypatch
-    ) as e:
-        long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
         for p in prompts(e, 3):  # three cancels, each of the batch's only sequence
-            stream = e.stream(GenerationRequest(p, long))
-            for _ in range(3):
-                await anext(stream)
-            await cancel(e, stream)
+            starts.append(time.perf_counter())
+            stream = await generating(e, p)
+            assert e.stats().active == 1
+            sents.append(await cancel(e, stream))
+            assert e.stats().in_flight == 0
+    for sent, next_start in zip(sents, [*starts[1:], math.inf], strict=True):
+        assert_left_within_a_step(tmp_path, sent, next_start)
+    # An emptied batch took no step of its own.
     steps = TraceReader(tmp_path).steps(0.0, math.inf)
     assert steps and all(s.decoded or s.prompted or s.started for s in steps)
 
@@ -705,10 +700,7 @@ async def test_a_cancel_is_not_held_with_a_burst(
         LoadConfig(model_id="c", path=tiny_model_dir), tmp_path, monkeypatch, intake
     ) as e:
         try:
-            long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
-            stream = e.stream(GenerationRequest(prompts(e, 1)[0], long))
-            for _ in range(3):
-                await anext(stream)
+            stream = await generating(e, prompts(e, 1)[0])
             other = asyncio.create_task(preparing())
             await asyncio.sleep(0.05)
             sent = await cancel(e, stream)
