@@ -204,11 +204,18 @@ class ErrorEnvelope(BaseModel):
 
 def param_of(loc: tuple[int | str, ...]) -> str | None:
     """A validation error's location as a field path: `tools[0].function.parameters`; a query's
-    or a path's parameter by its name."""
+    or a path's parameter by its name. The members of a union that pydantic names in it (`str`,
+    `list[dict[str,any]]`, `NamedToolChoice`) are no fields and are left out."""
     if loc and loc[0] in ("body", "query", "path"):
         loc = loc[1:]
-    parts = [str(p) for p in loc]
+    parts = [str(p) for p in loc if not _union_member(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out or None
+
+
+def _union_member(part: int | str) -> bool:
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper()
+    )

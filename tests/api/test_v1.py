@@ -518,3 +518,27 @@ async def test_a_bad_input_items_query_is_a_400_naming_it(client: httpx.AsyncCli
     assert [i["content"] for i in listed["data"]] == [[{"type": "input_text", "text": "hi"}]]
     gone = await client.get("/v1/responses/resp_unknown/input_items")
     assert assert_envelope(gone, 404, "response_id")["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param", "says"),
+    [
+        ("/v1/chat/completions", {"stop": 5}, "stop", "stop: Input should be a valid list"),
+        (
+            "/v1/chat/completions",
+            {"tool_choice": {"type": "x"}},
+            "tool_choice",
+            "tool_choice.type: Input should be 'function'",
+        ),
+        ("/v1/completions", {"prompt": {"a": 1}}, "prompt", "prompt: Input should be a valid list"),
+        ("/v1/responses", {"input": [5]}, "input", "input[0]: Input should be a valid dictionary"),
+    ],
+)
+async def test_a_value_of_none_of_a_fields_types_is_named_by_the_field_alone(
+    client: httpx.AsyncClient, path: str, fields: dict[str, Any], param: str, says: str
+) -> None:
+    # pydantic puts the union's members in the error's location (`str`, `list[str]`,
+    # `NamedToolChoice`): no field the client can find in its request.
+    base = {"model": "tiny", "messages": CHAT["messages"], "prompt": "x", "input": "x"}
+    r = await client.post(path, json={**base, **fields})
+    assert says in assert_envelope(r, 400, param)["message"]
