@@ -16,6 +16,9 @@ _SYNTAXES: dict[str | None, grammars.CallSyntax] = {
     "hermes": grammars.HERMES,
     "mistral": grammars.MISTRAL,
     "llama3": grammars.BARE_JSON,
+    # Its own calls are XML, their values untyped text; a grammar makes it write Hermes' JSON,
+    # which its parser reads as well, the arguments checked against their schema.
+    "qwen3_coder": grammars.HERMES,
     None: grammars.HERMES,
 }
 

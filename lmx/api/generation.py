@@ -28,6 +28,7 @@ from lmx.runtime.engine import (
 from lmx.runtime.parsers import (
     CALL_OPENERS,
     Content,
+    Functions,
     OutputParser,
     Piece,
     Reasoning,
@@ -318,7 +319,7 @@ def output_parser(
     *,
     tools: bool,
     constrained: bool = False,
-    tool_names: frozenset[str] | None = None,
+    functions: Functions = None,
 ) -> OutputParser:
     """The parser of a chat answer to `prompt`. A prompt that ends by opening a <think> block
     starts the answer in reasoning, unless a grammar constrains it: the grammar's output (a tool
@@ -330,7 +331,7 @@ def output_parser(
         tools_enabled=tools,
         reasoning=tok.reasoning,
         starts_in_reasoning=tok.reasoning and tail.endswith("<think>") and not constrained,
-        tool_names=tool_names,
+        functions=functions,
     )
 
 

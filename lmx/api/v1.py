@@ -314,7 +314,7 @@ async def _start_chat(
                 requests[0].prompt_tokens,
                 tools=tools_on,
                 constrained=requests[0].constraint is not None,
-                tool_names=frozenset(t.function.name for t in body.tools or ()),
+                functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
             ),
             count_tokens=count,
         )

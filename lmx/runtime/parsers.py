@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from lmx.runtime.toolcalls import (
     HERMES_CLOSE,
@@ -19,6 +20,7 @@ from lmx.runtime.toolcalls import (
     MISTRAL_CALL_ID,
     MISTRAL_OPEN,
     PYTHON_TAG,
+    XML_FUNCTION,
     Scanned,
     ToolCall,
     llama3_may_call,
@@ -28,12 +30,14 @@ from lmx.runtime.toolcalls import (
     salvage,
     scan_hermes,
     scan_mistral,
+    scan_qwen3_coder,
 )
 
 __all__ = [
     "CALL_OPENERS",
     "TOOL_PARSERS",
     "Content",
+    "Functions",
     "OutputParser",
     "Piece",
     "Reasoning",
@@ -202,13 +206,17 @@ class _TaggedTools:
             out.append(Content(text))
 
 
+# The request's functions, by name: each its parameters' JSON schema (None: not known).
+Functions: TypeAlias = Mapping[str, Mapping[str, Any]] | None
+
+
 class _Llama3Tools:
     """Bare-JSON calls (Llama 3.x): held only while the output may still be one, parsed at finish.
-    With `tool_names`, a call of any other function is an ordinary JSON answer (the format has no
+    With `functions`, a call of any other function is an ordinary JSON answer (the format has no
     marker that tells the two apart)."""
 
-    def __init__(self, tool_names: frozenset[str] | None = None) -> None:
-        self._names = tool_names
+    def __init__(self, functions: Functions = None) -> None:
+        self._names = functions
         self._held, self._passing = "", False
 
     def feed(self, text: str) -> list[Piece]:
@@ -229,17 +237,22 @@ class _Llama3Tools:
         return [*calls] if calls else [Content(held)] if held else []
 
 
-# Each takes the names of the request's functions (None: not known).
-TOOL_PARSERS: Mapping[str, Callable[[frozenset[str] | None], ToolStage]] = MappingProxyType(
+# Each takes the request's functions.
+TOOL_PARSERS: Mapping[str, Callable[[Functions], ToolStage]] = MappingProxyType(
     {
-        "hermes": lambda _names: _TaggedTools(HERMES_OPEN, scan_hermes),
+        "hermes": lambda _fns: _TaggedTools(HERMES_OPEN, scan_hermes),
         "llama3": _Llama3Tools,
-        "mistral": lambda _names: _TaggedTools(MISTRAL_OPEN, scan_mistral, mistral_call_id),
+        "mistral": lambda _fns: _TaggedTools(MISTRAL_OPEN, scan_mistral, mistral_call_id),
+        "qwen3_coder": lambda fns: _TaggedTools(
+            HERMES_OPEN, partial(scan_qwen3_coder, functions=fns)
+        ),
     }
 )
 # The marker that opens every call of a format (Llama 3's bare JSON calls have none): a model that
 # cannot write it cannot call a tool.
-CALL_OPENERS: Mapping[str, str] = MappingProxyType({"hermes": HERMES_OPEN, "mistral": MISTRAL_OPEN})
+CALL_OPENERS: Mapping[str, str] = MappingProxyType(
+    {"hermes": HERMES_OPEN, "mistral": MISTRAL_OPEN, "qwen3_coder": HERMES_OPEN}
+)
 # Most specific first: a Hermes fine-tune of Llama 3.1 keeps `<|python_tag|>` in its vocab.
 _TOOL_MARKERS = (("hermes", HERMES_OPEN), ("mistral", MISTRAL_OPEN), ("llama3", PYTHON_TAG))
 
@@ -247,6 +260,8 @@ _TOOL_MARKERS = (("hermes", HERMES_OPEN), ("mistral", MISTRAL_OPEN), ("llama3", 
 def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str | None:
     """The TOOL_PARSERS key for a model, from its chat template first, then its vocabulary."""
     template = chat_template or ""
+    if HERMES_OPEN in template and XML_FUNCTION in template:  # Qwen3-Coder's XML in <tool_call>
+        return "qwen3_coder"
     for name, marker in _TOOL_MARKERS:
         if marker in template:
             return name
@@ -266,17 +281,17 @@ def make_parser(
     tools_enabled: bool,
     reasoning: bool,
     starts_in_reasoning: bool = False,
-    tool_names: frozenset[str] | None = None,
+    functions: Functions = None,
 ) -> OutputParser:
     """A parser for one sequence. `starts_in_reasoning`: the prompt already opened `<think>`;
-    `tool_names`: the functions the request declared.
+    `functions`: those the request declared.
 
     Raises ValueError for a `tool_parser` that is not a TOOL_PARSERS key.
     """
     if tool_parser is not None and tool_parser not in TOOL_PARSERS:
         known = ", ".join(sorted(TOOL_PARSERS))
         raise ValueError(f"unknown tool parser {tool_parser!r}; known: {known}")
-    tools = TOOL_PARSERS[tool_parser](tool_names) if tools_enabled and tool_parser else None
+    tools = TOOL_PARSERS[tool_parser](functions) if tools_enabled and tool_parser else None
     return OutputParser(
         reasoning=_ThinkSplitter(starts_in_reasoning) if reasoning else None, tools=tools
     )

@@ -12,11 +12,14 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+# Qwen3-Coder's calls: inside <tool_call>, `<function=name>`, then `<parameter=key>` per argument,
+# its value as plain text on the lines between (typed by the function's parameters schema).
+XML_FUNCTION = "<function="
 MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 MISTRAL_ID_LENGTH = 9
 PYTHON_TAG = "<|python_tag|>"
@@ -24,6 +27,8 @@ PYTHON_TAG = "<|python_tag|>"
 _ID_ALPHABET = string.ascii_letters + string.digits
 _DECODER = json.JSONDecoder()
 _NAME = re.compile(r"[\w.\-]+")
+_XML_FUNCTION = re.compile(r"<function=([\w.\-]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 # Keys a Llama 3 tool call may open with; anything else after `{` is an ordinary JSON answer.
 _LLAMA3_KEYS = ("name", "parameters", "arguments", "type", "function")
 
@@ -98,6 +103,67 @@ def scan_hermes(text: str, final: bool) -> Scanned | None:
             return calls, end + len(HERMES_CLOSE)
         start = end + 1
     return (_loads_calls(text), len(text)) if final else None
+
+
+def scan_qwen3_coder(
+    text: str, final: bool, functions: Mapping[str, Mapping[str, Any]] | None = None
+) -> Scanned | None:
+    """`text` follows `<tool_call>`: Qwen3-Coder's XML (see XML_FUNCTION), or Hermes' JSON (what
+    a grammar makes it write). None until `</tool_call>` arrives (unless `final`); one inside a
+    parameter's value (code, say) is not its end. Cut off by the end of the output, a call is
+    what it wrote whole: its name and the parameters it closed. `functions`: the request's, by
+    name, each its parameters' JSON schema."""
+    if text.lstrip().startswith(("{", "[")):
+        return scan_hermes(text, final)
+    start = 0
+    while (end := text.find(HERMES_CLOSE, start)) >= 0:
+        body = text[:end]
+        if body.count("<parameter=") <= body.count("</parameter>"):
+            return _xml_calls(body, functions), end + len(HERMES_CLOSE)
+        start = end + 1
+    return (_xml_calls(text, functions), len(text)) if final else None
+
+
+def _xml_calls(
+    body: str, functions: Mapping[str, Mapping[str, Any]] | None
+) -> list[ToolCall] | None:
+    calls = []
+    for name, params in _XML_FUNCTION.findall(body):
+        schema = (functions or {}).get(name) or {}
+        properties = schema.get("properties") if isinstance(schema, Mapping) else None
+        arguments = {
+            key.strip(): _typed(value, (properties or {}).get(key.strip()))
+            for key, value in _XML_PARAMETER.findall(params)
+        }
+        calls.append(ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False)))
+    return calls if calls and body.strip().startswith(XML_FUNCTION) else None
+
+
+def _typed(value: str, schema: object) -> Any:
+    """A parameter's text as the JSON value its schema's type says; the text itself where the
+    schema names no type, or the text is none of that type's values."""
+    kinds = schema.get("type") if isinstance(schema, Mapping) else None
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    word = value.strip().lower()
+    if "null" in kinds and word == "null":
+        return None
+    for kind in kinds:
+        if kind == "string":
+            return value
+        if kind == "boolean" and word in ("true", "false"):
+            return word == "true"
+        parsed = _loads(value)
+        if kind in _JSON_KINDS and _JSON_KINDS[kind](parsed):
+            return parsed
+    return value
+
+
+_JSON_KINDS: Mapping[str, Callable[[Any], bool]] = {
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
 
 
 def scan_mistral(text: str, final: bool) -> Scanned | None:

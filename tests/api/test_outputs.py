@@ -277,3 +277,62 @@ async def test_a_streamed_answer_opens_with_the_role_and_null_content_unless_it_
         assert all("content" not in d for d in deltas[1:])
     else:
         assert "".join(d.get("content") or "" for d in deltas) == output
+
+
+CODER_CALL = (
+    "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+    "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+)
+
+
+class CoderTokenizer(ScriptedTokenizer):
+    tool_parser = "qwen3_coder"
+    reasoning = False
+
+
+class CoderEngine(ScriptedEngine):
+    """Answers as Qwen3-Coder calls a function, unless a grammar constrains it; keeps each
+    request's grammar."""
+
+    grammars: ClassVar[list[str]] = []
+
+    def __init__(self, config: LoadConfig) -> None:
+        super().__init__(config)
+        self.tokenizer = CoderTokenizer()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.constraint is not None:
+            self.grammars.append(request.constraint.grammar)
+        for i in range(0, len(CODER_CALL), 4):
+            yield Delta(text=CODER_CALL[i : i + 4], token_ids=(1,))
+        yield Delta(text="", finish_reason="stop", completion_tokens=len(CODER_CALL))
+
+
+async def test_qwen3_coder_calls_come_typed_by_the_functions_schema() -> None:
+    registry = EngineRegistry(CoderEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    parameters = {"type": "object", "properties": {"days": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
+    body = {**BODY, "tools": tools}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        choice = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"] == {
+            "name": "get_weather",
+            "arguments": '{"city": "Oslo", "days": 3}',
+        }
+        assert (
+            choice["message"]["content"] == "Checking." and choice["finish_reason"] == "tool_calls"
+        )
+        r = await c.post("/v1/chat/completions", json={**body, "stream": True})
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line[6:7] == "{"]
+        deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
+        streamed = [tc["function"] for d in deltas for tc in d.get("tool_calls", [])]
+        assert streamed == [call["function"]]
+        # A required call is written as Hermes' JSON, which the parser reads as well.
+        await c.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
+        by_byte = llguidance.LLTokenizer("byte")
+        matcher = llguidance.LLMatcher(by_byte, CoderEngine.grammars[-1], log_level=0)
+        json_call = '<tool_call>\n{"name": "get_weather", "arguments": {"days": 3}}\n</tool_call>'
+        assert matcher.consume_tokens(by_byte.tokenize_str(json_call)) and matcher.is_accepting()

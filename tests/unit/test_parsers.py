@@ -40,6 +40,21 @@ R1: Config = {
     "starts_in_reasoning": True,
 }
 NO_TOOLS: Config = {"tool_parser": "hermes", "tools_enabled": False, "reasoning": True}
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer"},
+        "metric": {"type": ["boolean", "null"]},
+        "where": {"type": "object"},
+    },
+}
+CODER: Config = {
+    "tool_parser": "qwen3_coder",
+    "tools_enabled": True,
+    "reasoning": False,
+    "functions": {"get_weather": WEATHER_PARAMETERS},
+}
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 
@@ -307,6 +322,70 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         [Content("[TOOL_CALLS]two words[ARGS]{}")],
     ),
     ("mistral_brackets_in_content", MISTRAL, "See [1] and [TOOL", [Content("See [1] and [TOOL")]),
+    (
+        "coder_call",
+        CODER,
+        "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "</function>\n</tool_call>",
+        [Content("Checking."), call("get_weather")],
+    ),
+    (
+        # Typed by the function's schema: a string stays one whatever it looks like, a value not
+        # of its type and a parameter the schema does not name are their text.
+        "coder_typed",
+        CODER,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\n007\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n<parameter=metric>\nTrue\n</parameter>\n"
+        '<parameter=where>\n{"lat": 1}\n</parameter>\n<parameter=note>\n42\n</parameter>\n'
+        "<parameter=city2>\nline 1\nline 2\n</parameter>\n</function>\n</tool_call>",
+        [
+            call(
+                "get_weather",
+                '{"city": "007", "days": 3, "metric": true, "where": {"lat": 1}, "note": "42", '
+                '"city2": "line 1\\nline 2"}',
+            )
+        ],
+    ),
+    (
+        "coder_null_and_mistyped",
+        CODER,
+        "<tool_call>\n<function=get_weather>\n<parameter=metric>\nnull\n</parameter>\n"
+        "<parameter=days>\nthree\n</parameter>\n</function>\n</tool_call>",
+        [call("get_weather", '{"metric": null, "days": "three"}')],
+    ),
+    (
+        "coder_two_calls",
+        CODER,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "</function>\n</tool_call>\n<tool_call>\n<function=other>\n</function>\n</tool_call>",
+        [call("get_weather"), call("other", "{}")],
+    ),
+    (
+        "coder_json_as_a_grammar_writes_it",
+        CODER,
+        f"<tool_call>\n{WEATHER}\n</tool_call>",
+        [call("get_weather")],
+    ),
+    (
+        "coder_close_tag_inside_a_value",
+        CODER,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\na </tool_call> b\n</parameter>\n"
+        "</function>\n</tool_call>",
+        [call("get_weather", '{"city": "a </tool_call> b"}')],
+    ),
+    (
+        "coder_cut_off",
+        CODER,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "<parameter=days>\n3",
+        [call("get_weather")],
+    ),
+    (
+        "coder_not_a_call",
+        CODER,
+        "<tool_call>\nnot a call\n</tool_call>",
+        [Content("<tool_call>\nnot a call\n</tool_call>")],
+    ),
 ]
 
 
@@ -399,11 +478,9 @@ def test_ids_sent_back_to_a_mistral_template_are_ones_it_takes() -> None:
 def test_a_llama3_call_of_a_function_the_request_did_not_declare_is_a_json_answer() -> None:
     # Bare JSON has no marker: {"name": "Bob", "parameters": ...} may be the answer itself.
     answer = '{"name": "Bob", "parameters": {"age": 3}}'
-    declared = make_parser(**LLAMA3, tool_names=frozenset({"get_weather"}))
+    declared = make_parser(**LLAMA3, functions={"get_weather": {}})
     assert [*declared.feed(answer), *declared.finish()] == [Content(answer)]
-    assert run({**LLAMA3, "tool_names": frozenset({"get_weather"})}, [WEATHER]) == [
-        call("get_weather")
-    ]
+    assert run({**LLAMA3, "functions": {"get_weather": {}}}, [WEATHER]) == [call("get_weather")]
 
 
 def test_unknown_tool_parser_is_rejected() -> None:
@@ -412,7 +489,7 @@ def test_unknown_tool_parser_is_rejected() -> None:
 
 
 def test_registry_builds_fresh_parsers() -> None:
-    assert set(TOOL_PARSERS) == {"hermes", "llama3", "mistral"}
+    assert set(TOOL_PARSERS) == {"hermes", "llama3", "mistral", "qwen3_coder"}
     for name in TOOL_PARSERS:
         assert isinstance(
             make_parser(tool_parser=name, tools_enabled=True, reasoning=True), OutputParser
@@ -422,7 +499,8 @@ def test_registry_builds_fresh_parsers() -> None:
 FRAGMENTS = [
     "<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
     WEATHER, '{"name": "f"}', "{", "}", "[", "]", ";", '"', "<", "</", "\n", "\n\n", " ",
-    "Hello", " world", "é", "<tool", "[TOOL", "call_",
+    "Hello", " world", "é", "<tool", "[TOOL", "call_", "<function=get_weather>",
+    "<parameter=city>", "</parameter>", "</function>",
 ]  # fmt: skip
 CONFIGS: list[Config] = [
     PLAIN,
@@ -433,6 +511,7 @@ CONFIGS: list[Config] = [
     LLAMA3,
     MISTRAL,
     {**MISTRAL, "reasoning": True},
+    CODER,
 ]
 
 
@@ -468,6 +547,10 @@ LLAMA32_TEMPLATE = (
 MISTRAL_TEMPLATE = (
     "{%- if message.tool_calls %}{{- '[TOOL_CALLS]' }}{{- tool_call.name + '[ARGS]' }}"
 )
+QWEN3_CODER_TEMPLATE = (
+    "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}"
+    "{{- '<parameter=' + args_name + '>\\n' }}"
+)
 PLAIN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\\n{{ m.content }}<|im_end|>{% endfor %}"
 )
@@ -484,6 +567,7 @@ PLAIN_TEMPLATE = (
         (None, {"[TOOL_CALLS]"}, "mistral", False),
         (None, {"</think>"}, None, True),
         (QWEN3_TEMPLATE, {"<|python_tag|>"}, "hermes", True),  # a Hermes fine-tune of Llama 3.1
+        (QWEN3_CODER_TEMPLATE, {"<tool_call>", "</tool_call>"}, "qwen3_coder", False),
     ],
     ids=[
         "qwen3",
@@ -494,6 +578,7 @@ PLAIN_TEMPLATE = (
         "vocab_only",
         "r1_vocab",
         "hermes_on_llama",
+        "qwen3_coder",
     ],
 )
 def test_detects_formats_from_template_and_vocab(
