@@ -16,9 +16,10 @@ _SYNTAXES: dict[str | None, grammars.CallSyntax] = {
     "hermes": grammars.HERMES,
     "mistral": grammars.MISTRAL,
     "llama3": grammars.BARE_JSON,
-    # Its own calls are XML, their values untyped text; a grammar makes it write Hermes' JSON,
-    # which its parser reads as well, the arguments checked against their schema.
+    # Their own calls are XML, their values untyped text; a grammar makes them write Hermes'
+    # JSON, which their parsers read as well, the arguments checked against their schema.
     "qwen3_coder": grammars.HERMES,
+    "glm": grammars.HERMES,
     None: grammars.HERMES,
 }
 

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, TypeAlias
 
 from lmx.runtime.toolcalls import (
+    GLM_ARG_KEY,
     HERMES_CLOSE,
     HERMES_OPEN,
     MISTRAL_ARGS,
@@ -28,6 +29,7 @@ from lmx.runtime.toolcalls import (
     new_call_id,
     parse_llama3,
     salvage,
+    scan_glm,
     scan_hermes,
     scan_mistral,
     scan_qwen3_coder,
@@ -246,12 +248,13 @@ TOOL_PARSERS: Mapping[str, Callable[[Functions], ToolStage]] = MappingProxyType(
         "qwen3_coder": lambda fns: _TaggedTools(
             HERMES_OPEN, partial(scan_qwen3_coder, functions=fns)
         ),
+        "glm": lambda fns: _TaggedTools(HERMES_OPEN, partial(scan_glm, functions=fns)),
     }
 )
 # The marker that opens every call of a format (Llama 3's bare JSON calls have none): a model that
 # cannot write it cannot call a tool.
 CALL_OPENERS: Mapping[str, str] = MappingProxyType(
-    {"hermes": HERMES_OPEN, "mistral": MISTRAL_OPEN, "qwen3_coder": HERMES_OPEN}
+    {"hermes": HERMES_OPEN, "mistral": MISTRAL_OPEN, "qwen3_coder": HERMES_OPEN, "glm": HERMES_OPEN}
 )
 # Most specific first: a Hermes fine-tune of Llama 3.1 keeps `<|python_tag|>` in its vocab.
 _TOOL_MARKERS = (("hermes", HERMES_OPEN), ("mistral", MISTRAL_OPEN), ("llama3", PYTHON_TAG))
@@ -260,8 +263,10 @@ _TOOL_MARKERS = (("hermes", HERMES_OPEN), ("mistral", MISTRAL_OPEN), ("llama3", 
 def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str | None:
     """The TOOL_PARSERS key for a model, from its chat template first, then its vocabulary."""
     template = chat_template or ""
-    if HERMES_OPEN in template and XML_FUNCTION in template:  # Qwen3-Coder's XML in <tool_call>
-        return "qwen3_coder"
+    if HERMES_OPEN in template:  # XML inside <tool_call>: Qwen3-Coder's, GLM's
+        for name, marker in (("qwen3_coder", XML_FUNCTION), ("glm", GLM_ARG_KEY)):
+            if marker in template:
+                return name
     for name, marker in _TOOL_MARKERS:
         if marker in template:
             return name

@@ -14,12 +14,15 @@ import secrets
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeAlias
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-# Qwen3-Coder's calls: inside <tool_call>, `<function=name>`, then `<parameter=key>` per argument,
-# its value as plain text on the lines between (typed by the function's parameters schema).
-XML_FUNCTION = "<function="
+# Calls of XML inside <tool_call>, each value plain text (typed by the function's parameters
+# schema). Qwen3-Coder's: `<function=name>`, then `<parameter=key>` per argument, its value on
+# the lines between. GLM-4.5's and later: the name, then `<arg_key>key</arg_key>` and
+# `<arg_value>value</arg_value>` per argument.
+XML_FUNCTION, GLM_ARG_KEY = "<function=", "<arg_key>"
 MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 MISTRAL_ID_LENGTH = 9
 PYTHON_TAG = "<|python_tag|>"
@@ -29,6 +32,7 @@ _DECODER = json.JSONDecoder()
 _NAME = re.compile(r"[\w.\-]+")
 _XML_FUNCTION = re.compile(r"<function=([\w.\-]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+_GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 # Keys a Llama 3 tool call may open with; anything else after `{` is an ordinary JSON answer.
 _LLAMA3_KEYS = ("name", "parameters", "arguments", "type", "function")
 
@@ -109,34 +113,70 @@ def scan_qwen3_coder(
     text: str, final: bool, functions: Mapping[str, Mapping[str, Any]] | None = None
 ) -> Scanned | None:
     """`text` follows `<tool_call>`: Qwen3-Coder's XML (see XML_FUNCTION), or Hermes' JSON (what
-    a grammar makes it write). None until `</tool_call>` arrives (unless `final`); one inside a
-    parameter's value (code, say) is not its end. Cut off by the end of the output, a call is
-    what it wrote whole: its name and the parameters it closed. `functions`: the request's, by
-    name, each its parameters' JSON schema."""
+    a grammar makes it write). Cut off by the end of the output, a call is what it wrote whole:
+    its name and the parameters it closed. `functions`: the request's, by name, each its
+    parameters' JSON schema."""
+    return _scan_xml(text, final, ("<parameter=", "</parameter>"), partial(_coder, functions))
+
+
+def scan_glm(
+    text: str, final: bool, functions: Mapping[str, Mapping[str, Any]] | None = None
+) -> Scanned | None:
+    """`text` follows `<tool_call>`: GLM's XML (see XML_FUNCTION), or Hermes' JSON; as
+    scan_qwen3_coder."""
+    return _scan_xml(text, final, ("<arg_value>", "</arg_value>"), partial(_glm, functions))
+
+
+def _scan_xml(
+    text: str,
+    final: bool,
+    value_tags: tuple[str, str],
+    calls: Callable[[str, bool], list[ToolCall] | None],
+) -> Scanned | None:
+    """None until `</tool_call>` arrives (unless `final`); one inside a value (code, say) is
+    not the call's end. `calls(body, closed)`: the calls in the text before it."""
     if text.lstrip().startswith(("{", "[")):
         return scan_hermes(text, final)
     start = 0
     while (end := text.find(HERMES_CLOSE, start)) >= 0:
         body = text[:end]
-        if body.count("<parameter=") <= body.count("</parameter>"):
-            return _xml_calls(body, functions), end + len(HERMES_CLOSE)
+        if body.count(value_tags[0]) <= body.count(value_tags[1]):
+            return calls(body, True), end + len(HERMES_CLOSE)
         start = end + 1
-    return (_xml_calls(text, functions), len(text)) if final else None
+    return (calls(text, False), len(text)) if final else None
 
 
-def _xml_calls(
-    body: str, functions: Mapping[str, Mapping[str, Any]] | None
+def _coder(
+    functions: Mapping[str, Mapping[str, Any]] | None, body: str, _closed: bool
 ) -> list[ToolCall] | None:
+    if not body.strip().startswith(XML_FUNCTION):
+        return None
     calls = []
     for name, params in _XML_FUNCTION.findall(body):
-        schema = (functions or {}).get(name) or {}
-        properties = schema.get("properties") if isinstance(schema, Mapping) else None
-        arguments = {
-            key.strip(): _typed(value, (properties or {}).get(key.strip()))
-            for key, value in _XML_PARAMETER.findall(params)
-        }
-        calls.append(ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False)))
-    return calls if calls and body.strip().startswith(XML_FUNCTION) else None
+        calls.append(_typed_call(name, _XML_PARAMETER.findall(params), functions))
+    return calls or None
+
+
+def _glm(
+    functions: Mapping[str, Mapping[str, Any]] | None, body: str, closed: bool
+) -> list[ToolCall] | None:
+    name, key, args = body.partition(GLM_ARG_KEY)
+    name = name.strip()
+    if not _NAME.fullmatch(name) or not (key or closed):  # cut off, a name may be too
+        return None
+    return [_typed_call(name, _GLM_ARG.findall(key + args), functions)]
+
+
+def _typed_call(
+    name: str, pairs: list[tuple[str, str]], functions: Mapping[str, Mapping[str, Any]] | None
+) -> ToolCall:
+    """A call of `name` with these (key, text) arguments, each typed by its schema."""
+    schema = (functions or {}).get(name)
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    if not isinstance(properties, Mapping):
+        properties = {}
+    arguments = {key.strip(): _typed(value, properties.get(key.strip())) for key, value in pairs}
+    return ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
 
 
 def _typed(value: str, schema: object) -> Any:

@@ -49,6 +49,12 @@ WEATHER_PARAMETERS = {
         "where": {"type": "object"},
     },
 }
+GLM: Config = {
+    "tool_parser": "glm",
+    "tools_enabled": True,
+    "reasoning": True,
+    "functions": {"get_weather": WEATHER_PARAMETERS},
+}
 CODER: Config = {
     "tool_parser": "qwen3_coder",
     "tools_enabled": True,
@@ -381,6 +387,43 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         [call("get_weather")],
     ),
     (
+        "glm_call",
+        GLM,
+        "<think>Weather.</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n"
+        "</tool_call>",
+        [Reasoning("Weather."), call("get_weather", '{"city": "Paris", "days": 3}')],
+    ),
+    (
+        # GLM-4.7's: no line breaks, and a call may have no arguments.
+        "glm47_calls",
+        GLM,
+        '<tool_call>get_weather<arg_key>where</arg_key><arg_value>{"lat": 1}</arg_value>'
+        "</tool_call><tool_call>now</tool_call>",
+        [call("get_weather", '{"where": {"lat": 1}}'), call("now", "{}")],
+    ),
+    (
+        "glm_close_tag_inside_a_value",
+        GLM,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>a </tool_call> b"
+        "</arg_value>\n</tool_call>",
+        [call("get_weather", '{"city": "a </tool_call> b"}')],
+    ),
+    (
+        "glm_cut_off",
+        GLM,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+        "<arg_key>days</arg_key>\n<arg_value>3",
+        [call("get_weather")],
+    ),
+    ("glm_cut_off_in_its_name", GLM, "<tool_call>get_wea", [Content("<tool_call>get_wea")]),
+    (
+        "glm_json_as_a_grammar_writes_it",
+        GLM,
+        f"<tool_call>\n{WEATHER}\n</tool_call>",
+        [call("get_weather")],
+    ),
+    (
         "coder_not_a_call",
         CODER,
         "<tool_call>\nnot a call\n</tool_call>",
@@ -489,7 +532,7 @@ def test_unknown_tool_parser_is_rejected() -> None:
 
 
 def test_registry_builds_fresh_parsers() -> None:
-    assert set(TOOL_PARSERS) == {"hermes", "llama3", "mistral", "qwen3_coder"}
+    assert set(TOOL_PARSERS) == {"hermes", "llama3", "mistral", "qwen3_coder", "glm"}
     for name in TOOL_PARSERS:
         assert isinstance(
             make_parser(tool_parser=name, tools_enabled=True, reasoning=True), OutputParser
@@ -500,7 +543,8 @@ FRAGMENTS = [
     "<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
     WEATHER, '{"name": "f"}', "{", "}", "[", "]", ";", '"', "<", "</", "\n", "\n\n", " ",
     "Hello", " world", "é", "<tool", "[TOOL", "call_", "<function=get_weather>",
-    "<parameter=city>", "</parameter>", "</function>",
+    "<parameter=city>", "</parameter>", "</function>", "get_weather", "<arg_key>", "</arg_key>",
+    "<arg_value>", "</arg_value>",
 ]  # fmt: skip
 CONFIGS: list[Config] = [
     PLAIN,
@@ -512,6 +556,7 @@ CONFIGS: list[Config] = [
     MISTRAL,
     {**MISTRAL, "reasoning": True},
     CODER,
+    GLM,
 ]
 
 
@@ -551,6 +596,11 @@ QWEN3_CODER_TEMPLATE = (
     "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}"
     "{{- '<parameter=' + args_name + '>\\n' }}"
 )
+GLM_TEMPLATE = (
+    "{{- '<tool_call>' + tc.name }}{% for k, v in tc.arguments.items() %}"
+    "{{- '<arg_key>' + k + '</arg_key><arg_value>' + v + '</arg_value>' }}{% endfor %}"
+    "{%- if reasoning_content %}<think>{{ reasoning_content }}</think>{% endif %}"
+)
 PLAIN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\\n{{ m.content }}<|im_end|>{% endfor %}"
 )
@@ -568,6 +618,7 @@ PLAIN_TEMPLATE = (
         (None, {"</think>"}, None, True),
         (QWEN3_TEMPLATE, {"<|python_tag|>"}, "hermes", True),  # a Hermes fine-tune of Llama 3.1
         (QWEN3_CODER_TEMPLATE, {"<tool_call>", "</tool_call>"}, "qwen3_coder", False),
+        (GLM_TEMPLATE, {"<tool_call>", "</tool_call>"}, "glm", True),
     ],
     ids=[
         "qwen3",
@@ -579,6 +630,7 @@ PLAIN_TEMPLATE = (
         "r1_vocab",
         "hermes_on_llama",
         "qwen3_coder",
+        "glm",
     ],
 )
 def test_detects_formats_from_template_and_vocab(
