@@ -27,6 +27,8 @@ from lmx.runtime.engine import (
 )
 from lmx.runtime.parsers import (
     CALL_OPENERS,
+    HARMONY,
+    HARMONY_FINAL,
     Content,
     Functions,
     OutputParser,
@@ -205,11 +207,15 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
         extra.setdefault("enable_thinking", False)
     try:
         messages = chat_messages(body, mistral=engine.tokenizer.tool_parser == "mistral")
-        return engine.tokenizer.apply_chat_template(messages, tools=tools, extra=extra)
+        prompt = engine.tokenizer.apply_chat_template(messages, tools=tools, extra=extra)
     except RequestError:
         raise
     except Exception as exc:  # the model's template rejected the conversation
         raise RequestError(f"the chat template failed: {exc}", param="messages") from None
+    tok = engine.tokenizer
+    if not thinking and tok.tool_parser == HARMONY:  # the answer at once, no reasoning
+        prompt += tok.encode(HARMONY_FINAL)[len(tok.encode("")) :]  # less any BOS
+    return prompt
 
 
 def truncated_prompt(
@@ -326,8 +332,11 @@ def output_parser(
     call, JSON) is the answer from its first token, whatever the template opened."""
     tok = engine.tokenizer
     tail = tok.decode(list(prompt[-4:])).rstrip()
+    # A grammar makes a harmony model write its answer in the final channel the prompt opened
+    # (chat_prompt), a call as Hermes' JSON.
+    harmony_constrained = constrained and tok.tool_parser == HARMONY
     return make_parser(
-        tool_parser=tok.tool_parser,
+        tool_parser="hermes" if harmony_constrained else tok.tool_parser,
         tools_enabled=tools,
         reasoning=tok.reasoning,
         starts_in_reasoning=tok.reasoning and tail.endswith("<think>") and not constrained,

@@ -13,7 +13,14 @@ from typing import Any
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from lmx.runtime.engine import LoadConfig
-from lmx.runtime.parsers import MARKUP, detect_reasoning, detect_tool_parser
+from lmx.runtime.parsers import (
+    H_CALL,
+    H_RETURN,
+    HARMONY,
+    MARKUP,
+    detect_reasoning,
+    detect_tool_parser,
+)
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, byte_level_table
 
 
@@ -40,6 +47,8 @@ class MlxTokenizer:
             if config.reasoning_parser
             else detect_reasoning(template, vocab)
         )
+        if self.tool_parser == HARMONY:  # a call ends the output as the answer does
+            self.eos_token_ids |= {int(vocab[t]) for t in (H_CALL, H_RETURN) if t in vocab}
 
     def encode(self, text: str) -> list[int]:
         return list(self._w.encode(text))

@@ -7,6 +7,7 @@ I/O; the API layer builds one with `make_parser` and the engine picks formats wi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,7 @@ from lmx.runtime.toolcalls import (
     llama3_may_call,
     mistral_call_id,
     new_call_id,
+    normalize_arguments,
     parse_llama3,
     salvage,
     scan_glm,
@@ -37,6 +39,10 @@ from lmx.runtime.toolcalls import (
 
 __all__ = [
     "CALL_OPENERS",
+    "HARMONY",
+    "HARMONY_FINAL",
+    "H_CALL",
+    "H_RETURN",
     "TOOL_PARSERS",
     "Content",
     "Functions",
@@ -51,6 +57,16 @@ __all__ = [
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
+# gpt-oss's harmony format: messages `<|start|>{header}<|message|>{body}`, each ended by `<|end|>`,
+# or by `<|call|>` or `<|return|>`, which end the output. The header names the message's channel
+# (`<|channel|>analysis`: reasoning; `final`: the answer; `commentary`: a function call when it is
+# addressed `to=functions.NAME`, else words for the user).
+H_START, H_CHANNEL, H_MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
+H_END, H_CALL, H_RETURN, H_CONSTRAIN = "<|end|>", "<|call|>", "<|return|>", "<|constrain|>"
+_H_ENDS = (H_END, H_CALL, H_RETURN)
+HARMONY_FINAL = H_CHANNEL + "final" + H_MESSAGE  # a prompt's end that opens the answer
+_H_RECIPIENT = re.compile(r"to=functions\.([\w.\-]+)")
+_H_CHANNEL = re.compile(re.escape(H_CHANNEL) + r"\s*(\w+)")
 # The markup these parsers read: it stays in a sequence's text even where the tokenizer counts
 # its token as special (lmx.runtime.mlx_tokenizer leaves the other special tokens out).
 MARKUP = frozenset(
@@ -62,6 +78,11 @@ MARKUP = frozenset(
         MISTRAL_CALL_ID,
         PYTHON_TAG,
         *_THINK_TAGS,
+        H_START,
+        H_CHANNEL,
+        H_MESSAGE,
+        H_CONSTRAIN,
+        *_H_ENDS,
     }
 )
 
@@ -89,8 +110,14 @@ class ToolStage(Protocol):
 class OutputParser:
     """Pieces of one sequence's output, in order. Feed chunks, then call `finish` once."""
 
-    def __init__(self, *, reasoning: _ThinkSplitter | None, tools: ToolStage | None) -> None:
-        self._think, self._tools = reasoning, tools
+    def __init__(
+        self,
+        *,
+        reasoning: _ThinkSplitter | None,
+        tools: ToolStage | None,
+        channels: _Harmony | None = None,
+    ) -> None:
+        self._think, self._tools, self._channels = reasoning, tools, channels
 
     def feed(self, text: str) -> list[Piece]:
         return self._run(text, final=False)
@@ -101,6 +128,8 @@ class OutputParser:
         return self._run("", final=True)
 
     def _run(self, text: str, final: bool) -> list[Piece]:
+        if self._channels is not None:
+            return _merged(self._channels.run(text, final))
         first = self._think.split(text, final) if self._think else [Content(text)]
         out: list[Piece] = []
         for piece in first:
@@ -146,6 +175,62 @@ class _ThinkSplitter:
             self._strip = False
             self._answering = self._answering or not text.isspace()
             out.append(Content(text))
+
+
+class _Harmony:
+    """Harmony's messages (see H_START) → reasoning, content and calls; the markup dropped. A
+    message addressed to a function is a call if tools are on, else its body is content."""
+
+    def __init__(self, tools_enabled: bool) -> None:
+        self._tools = tools_enabled
+        self._buf, self._in_body = "", False
+        self._kind, self._name, self._args = "content", "", ""
+
+    def run(self, text: str, final: bool) -> list[Piece]:
+        self._buf += text
+        out: list[Piece] = []
+        while True:
+            if not self._in_body:
+                at = self._buf.find(H_MESSAGE)
+                if at < 0:
+                    if final and "<|" not in self._buf:  # no harmony at all: plain text
+                        out.append(Content(self._buf))
+                    break
+                self._opened(self._buf[:at])
+                self._buf, self._in_body = self._buf[at + len(H_MESSAGE) :], True
+                continue
+            at, tag = _first(self._buf, _H_ENDS)
+            if at < 0:
+                keep = 0 if final else _partial(self._buf, _H_ENDS)
+                out += self._body(self._buf[: len(self._buf) - keep])
+                self._buf = self._buf[len(self._buf) - keep :]
+                if final:
+                    out += self._closed()
+                break
+            out += self._body(self._buf[:at]) + self._closed()
+            self._buf, self._in_body = self._buf[at + len(tag) :], False
+        return out
+
+    def _opened(self, header: str) -> None:
+        recipient = _H_RECIPIENT.search(header)
+        channel = _H_CHANNEL.search(header)
+        if recipient is not None and self._tools:
+            self._kind, self._name, self._args = "call", recipient.group(1), ""
+        else:
+            analysis = channel is not None and channel.group(1) == "analysis"
+            self._kind = "reasoning" if analysis else "content"
+
+    def _body(self, text: str) -> list[Piece]:
+        if self._kind == "call":
+            self._args += text
+            return []
+        return [Reasoning(text) if self._kind == "reasoning" else Content(text)]
+
+    def _closed(self) -> list[Piece]:
+        if self._kind != "call":
+            return []
+        self._kind, args = "content", self._args.strip()
+        return [ToolCall(new_call_id(), self._name, normalize_arguments(args) or args)]
 
 
 class _TaggedTools:
@@ -260,8 +345,16 @@ CALL_OPENERS: Mapping[str, str] = MappingProxyType(
 _TOOL_MARKERS = (("hermes", HERMES_OPEN), ("mistral", MISTRAL_OPEN), ("llama3", PYTHON_TAG))
 
 
+# The format of gpt-oss, whose messages carry its reasoning, answer and calls (see H_START): a
+# parser of its own, not a tool stage.
+HARMONY = "harmony"
+
+
 def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str | None:
-    """The TOOL_PARSERS key for a model, from its chat template first, then its vocabulary."""
+    """The TOOL_PARSERS key (or HARMONY) for a model, from its chat template first, then its
+    vocabulary."""
+    if H_CHANNEL in vocab and H_MESSAGE in vocab:
+        return HARMONY
     template = chat_template or ""
     if HERMES_OPEN in template:  # XML inside <tool_call>: Qwen3-Coder's, GLM's
         for name, marker in (("qwen3_coder", XML_FUNCTION), ("glm", GLM_ARG_KEY)):
@@ -276,7 +369,9 @@ def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str
 
 
 def detect_reasoning(chat_template: str | None, vocab: Collection[str]) -> bool:
-    """Whether the model writes `<think>…</think>`."""
+    """Whether the model writes `<think>…</think>`, or harmony's analysis channel."""
+    if H_CHANNEL in vocab and H_MESSAGE in vocab:
+        return True
     return any(tag in (chat_template or "") or tag in vocab for tag in _THINK_TAGS)
 
 
@@ -293,9 +388,11 @@ def make_parser(
 
     Raises ValueError for a `tool_parser` that is not a TOOL_PARSERS key.
     """
-    if tool_parser is not None and tool_parser not in TOOL_PARSERS:
-        known = ", ".join(sorted(TOOL_PARSERS))
+    if tool_parser is not None and tool_parser not in (*TOOL_PARSERS, HARMONY):
+        known = ", ".join(sorted((*TOOL_PARSERS, HARMONY)))
         raise ValueError(f"unknown tool parser {tool_parser!r}; known: {known}")
+    if tool_parser == HARMONY:
+        return OutputParser(reasoning=None, tools=None, channels=_Harmony(tools_enabled))
     tools = TOOL_PARSERS[tool_parser](functions) if tools_enabled and tool_parser else None
     return OutputParser(
         reasoning=_ThinkSplitter(starts_in_reasoning) if reasoning else None, tools=tools

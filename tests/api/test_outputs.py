@@ -336,3 +336,62 @@ async def test_qwen3_coder_calls_come_typed_by_the_functions_schema() -> None:
         matcher = llguidance.LLMatcher(by_byte, CoderEngine.grammars[-1], log_level=0)
         json_call = '<tool_call>\n{"name": "get_weather", "arguments": {"days": 3}}\n</tool_call>'
         assert matcher.consume_tokens(by_byte.tokenize_str(json_call)) and matcher.is_accepting()
+
+
+HARMONY_CALL = (
+    "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary"
+    ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}'
+)
+
+
+class HarmonyTokenizer(ScriptedTokenizer):
+    tool_parser = "harmony"
+
+
+class HarmonyEngine(ScriptedEngine):
+    """Answers as gpt-oss calls a function, in harmony's messages (the <|call|> that ends them
+    is an end of the output, left out of its text), unless a grammar constrains it: then with a
+    Hermes call, after the prompt that opened the final channel. Keeps each request's prompt."""
+
+    prompts: ClassVar[list[str]] = []
+
+    def __init__(self, config: LoadConfig) -> None:
+        super().__init__(config)
+        self.tokenizer = HarmonyTokenizer()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        self.prompts.append(self.tokenizer.decode(request.prompt_tokens))
+        text = CALL if request.constraint is not None else HARMONY_CALL
+        for i in range(0, len(text), 5):
+            yield Delta(text=text[i : i + 5], token_ids=(1,))
+        yield Delta(text="", finish_reason="stop", completion_tokens=len(text))
+
+
+async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
+    registry = EngineRegistry(HarmonyEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json={**BODY, "stream": stream})
+            if stream:
+                chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line[6:7] == "{"]
+                deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
+                reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+                calls = [tc["function"] for d in deltas for tc in d.get("tool_calls", [])]
+                finish = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1]
+                content = "".join(d.get("content") or "" for d in deltas)
+            else:
+                choice = r.json()["choices"][0]
+                reasoning = choice["message"]["reasoning_content"]
+                calls = [tc["function"] for tc in choice["message"]["tool_calls"]]
+                finish, content = choice["finish_reason"], choice["message"]["content"] or ""
+            assert reasoning == "Need the weather." and not content and finish == "tool_calls"
+            assert calls == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
+            assert "<|" not in r.text
+        # Constrained, the answer starts in the final channel at once, written as the grammar says.
+        forced = {**BODY, "tool_choice": "required"}
+        msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
+        assert HarmonyEngine.prompts[-1].endswith("<|channel|>final<|message|>")
+        assert [t["function"]["name"] for t in msg["tool_calls"]] == ["get_weather"]
+        assert "reasoning_content" not in msg

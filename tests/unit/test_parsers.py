@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmx.api.generation import ChoiceState, token_counter
-from lmx.runtime.engine import Delta
+from lmx.runtime.engine import Delta, LoadConfig
+from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.parsers import (
     TOOL_PARSERS,
     Content,
@@ -55,6 +58,7 @@ GLM: Config = {
     "reasoning": True,
     "functions": {"get_weather": WEATHER_PARAMETERS},
 }
+HARMONY: Config = {"tool_parser": "harmony", "tools_enabled": True, "reasoning": True}
 CODER: Config = {
     "tool_parser": "qwen3_coder",
     "tools_enabled": True,
@@ -424,6 +428,48 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         [call("get_weather")],
     ),
     (
+        "harmony_answer",
+        HARMONY,
+        "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final"
+        "<|message|>Hello <b>!",
+        [Reasoning("Think."), Content("Hello <b>!")],
+    ),
+    (
+        "harmony_past_its_return",  # ignore_eos: the markup that ended it stays out
+        HARMONY,
+        "<|channel|>final<|message|>Hi<|return|><|start|>assistant<|channel|>final<|message|> again",
+        [Content("Hi again")],
+    ),
+    (
+        "harmony_call",
+        HARMONY,
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary"
+        ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}',
+        [Reasoning("Need weather."), call("get_weather")],
+    ),
+    (
+        "harmony_call_addressed_first",
+        HARMONY,
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": '
+        '"Paris"}<|call|>',
+        [call("get_weather")],
+    ),
+    (
+        "harmony_preamble_then_answer",
+        HARMONY,
+        "<|channel|>commentary<|message|>Looking.<|end|><|start|>assistant<|channel|>final"
+        "<|message|> Done.",
+        [Content("Looking. Done.")],
+    ),
+    ("harmony_none_at_all", HARMONY, "Hello there", [Content("Hello there")]),
+    ("harmony_cut_in_a_header", HARMONY, "<|channel|>analy", []),
+    (
+        "harmony_call_with_tools_off",
+        {**HARMONY, "tools_enabled": False},
+        '<|channel|>commentary to=functions.get_weather<|message|>{"city": "Paris"}<|call|>',
+        [Content('{"city": "Paris"}')],
+    ),
+    (
         "coder_not_a_call",
         CODER,
         "<tool_call>\nnot a call\n</tool_call>",
@@ -544,7 +590,8 @@ FRAGMENTS = [
     WEATHER, '{"name": "f"}', "{", "}", "[", "]", ";", '"', "<", "</", "\n", "\n\n", " ",
     "Hello", " world", "é", "<tool", "[TOOL", "call_", "<function=get_weather>",
     "<parameter=city>", "</parameter>", "</function>", "get_weather", "<arg_key>", "</arg_key>",
-    "<arg_value>", "</arg_value>",
+    "<arg_value>", "</arg_value>", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>",
+    "<|return|>", "analysis", "final", " to=functions.get_weather",
 ]  # fmt: skip
 CONFIGS: list[Config] = [
     PLAIN,
@@ -557,6 +604,7 @@ CONFIGS: list[Config] = [
     {**MISTRAL, "reasoning": True},
     CODER,
     GLM,
+    HARMONY,
 ]
 
 
@@ -619,6 +667,7 @@ PLAIN_TEMPLATE = (
         (QWEN3_TEMPLATE, {"<|python_tag|>"}, "hermes", True),  # a Hermes fine-tune of Llama 3.1
         (QWEN3_CODER_TEMPLATE, {"<tool_call>", "</tool_call>"}, "qwen3_coder", False),
         (GLM_TEMPLATE, {"<tool_call>", "</tool_call>"}, "glm", True),
+        (PLAIN_TEMPLATE, {"<|start|>", "<|channel|>", "<|message|>", "<|call|>"}, "harmony", True),
     ],
     ids=[
         "qwen3",
@@ -631,6 +680,7 @@ PLAIN_TEMPLATE = (
         "hermes_on_llama",
         "qwen3_coder",
         "glm",
+        "harmony",
     ],
 )
 def test_detects_formats_from_template_and_vocab(
@@ -663,3 +713,17 @@ def test_a_choice_counts_its_reasoning_tokens_once_it_ends() -> None:
     short = ChoiceState(0, make_parser(**QWEN3), count_tokens=count)
     short.absorb(Delta("<think>abcdefgh", finish_reason="length", completion_tokens=3))
     assert short.reasoning_tokens == 3  # never more than the answer's tokens
+
+
+def test_a_harmony_model_ends_its_output_at_a_call_as_at_its_answer() -> None:
+    vocab = {"<|start|>": 1, "<|channel|>": 2, "<|message|>": 3, "<|call|>": 12, "<|return|>": 9}
+    wrapper = SimpleNamespace(
+        _detokenizer=object(),
+        _tokenizer=object(),
+        eos_token_ids=[9],
+        chat_template="",
+        get_vocab=lambda: vocab,
+    )
+    tok = MlxTokenizer(wrapper, LoadConfig(model_id="m", path=Path()), {})
+    assert (tok.tool_parser, tok.reasoning) == ("harmony", True)
+    assert tok.eos_token_ids == {9, 12}
