@@ -15,6 +15,8 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmx.runtime.parsers import HARMONY, TOOL_PARSERS
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -87,6 +89,15 @@ class EngineSpec(_Strict):
     @classmethod
     def _size(cls, v: int | str) -> int:
         return 0 if v == 0 else parse_bytes(v)
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _tool_parser(cls, v: str | None) -> str | None:
+        """A format lmx parses, or none (no tool calls): a misspelt one failed every request."""
+        known = sorted((*TOOL_PARSERS, HARMONY, "none"))
+        if v is not None and v not in known:
+            raise ValueError(f"unknown tool parser {v!r}; known: {', '.join(known)}")
+        return v
 
 
 LoadKey = tuple[str, str, EngineSpec]

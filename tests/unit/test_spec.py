@@ -130,6 +130,11 @@ def test_redact_hides_every_secret_and_keeps_the_count() -> None:
             "models.m.idle_ttl (line 2): 'soon' is not a duration",
         ),
         ("models:\n  m: {want: pinned}\n", "models.m.source (line 2): Field required"),
+        (
+            "models:\n  m:\n    source: x/y\n    engine:\n      tool_parser: qwen3coder\n",
+            "models.m.engine.tool_parser (line 5): unknown tool parser 'qwen3coder';"
+            " known: glm, harmony, hermes, llama3, mistral, none, qwen3_coder",
+        ),
     ],
 )
 def test_bad_fields_are_named_with_their_line(text: str, expected: str) -> None:
