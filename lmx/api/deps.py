@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from lmx.api.auth import Keys
 from lmx.api.metrics import Metrics
-from lmx.api.responses import ResponseStore
+from lmx.api.response_store import ResponseStore
 from lmx.reconciler.editing import DesiredEditor
 from lmx.reconciler.loop import Reconciler
 from lmx.runtime.intake import Intake

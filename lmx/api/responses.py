@@ -5,39 +5,26 @@ continues and its input items the conversation, function tools the tools, `text.
 response format) and runs as one. Its answer, and each event of its stream, comes in the Responses
 shape: a reasoning item, a message item and a function_call item per call.
 
-Responses are kept (`store`, true unless false) for `previous_response_id` and for GET and DELETE
-/v1/responses/{id}, in memory (ResponseStore): a restart forgets them, and a request continuing
-one then gets OpenAI's 400 `previous_response_not_found` (a client that handles it sends the whole
-conversation again).
+A response is kept (lmx.api.response_store) with its conversation, so that one continuing it
+(`previous_response_id`) runs that conversation and its own input.
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import structlog
 from pydantic import ValidationError
 
 from lmx.api.generation import ChoiceState
+from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest, param_of
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
-
-log = structlog.get_logger(__name__)
-
-# What the kept responses may take, counted as JSON: each its input and its answer (with its
-# request's fields, tools among them), not the conversation before it, which it shares with the
-# response it continues. An agent's 100 turns to a 100k-token conversation with 10 KiB of tools
-# count about 1.4 MiB.
-KEEP_BYTES = 64 * 2**20
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -54,140 +41,40 @@ _PARAMS = (
 )
 
 
-def item_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
+def conversation(store: ResponseStore, body: ResponsesRequest) -> tuple[dict[str, Any], ...]:
+    """The chat messages `body` answers, its instructions left out: the conversation of the
+    response it continues, then its input. Raises RequestError naming the field."""
+    before: tuple[dict[str, Any], ...] = ()
+    if body.previous_response_id is not None:
+        try:
+            before = store.conversation(body.previous_response_id)
+        except ResponseNotFound:
+            raise RequestError(
+                f"Previous response with id {body.previous_response_id!r} not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            ) from None
+    return (*before, *_messages(body.input))
 
 
-# The id prefix of an input item given without an id, by its type.
-_ITEM_PREFIXES = {
-    "message": "msg",
-    "function_call": "fc",
-    "function_call_output": "fco",
-    "reasoning": "rs",
-}
+def keeper(
+    store: ResponseStore, body: ResponsesRequest, conversation: tuple[dict[str, Any], ...]
+) -> Callable[[dict[str, Any]], None] | None:
+    """What keeps `body`'s response, answered to `conversation`, in `store` (None: `store` is
+    false)."""
+    if body.store is False:
+        return None
+    items = listed_items(body.input)
+    own = len(orjson.dumps(items))
 
+    def keep(response: dict[str, Any]) -> None:
+        answer = _messages(response["output"], "output")
+        nbytes = own + len(orjson.dumps(response))
+        store.keep(
+            Kept(response, (*conversation, *answer), items, nbytes), body.previous_response_id
+        )
 
-@dataclass(frozen=True)
-class _Kept:
-    response: dict[str, Any]  # as answered
-    conversation: tuple[dict[str, Any], ...]  # as chat messages, instructions left out, it last
-    items: tuple[dict[str, Any], ...]  # its input items, each with an id
-    nbytes: int
-
-
-class ResponseStore:
-    """The responses kept, least recently used first; beyond `max_bytes` the least recently
-    used go. A response continued or fetched is used again, and those before it in its
-    conversation with it: its conversation holds their messages, so dropping them alone would
-    free little."""
-
-    def __init__(self, max_bytes: int = KEEP_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._kept: OrderedDict[str, _Kept] = OrderedDict()
-        self._previous: dict[str, str] = {}  # a kept response's id: the one it continued
-
-    def __len__(self) -> int:
-        return len(self._kept)
-
-    def get(self, response_id: str) -> dict[str, Any]:
-        """The response as answered. Raises ResponseNotFound."""
-        return self._used(response_id).response
-
-    def delete(self, response_id: str) -> None:
-        """Forget a response; those continuing it keep their conversations. Raises
-        ResponseNotFound."""
-        kept = self._kept.pop(response_id, None)
-        if kept is None:
-            raise ResponseNotFound(response_id)
-        self._previous.pop(response_id, None)
-        self.nbytes -= kept.nbytes
-
-    def input_items(
-        self, response_id: str, *, limit: int, order: str, after: str | None
-    ) -> dict[str, Any]:
-        """A page of a response's input items, as OpenAI lists them: `limit` of them in `order`
-        (asc or desc), from the one after `after`. Raises ResponseNotFound, RequestError."""
-        items = self._used(response_id).items
-        if order == "desc":
-            items = items[::-1]
-        if after is not None:
-            ids = [item["id"] for item in items]
-            if after not in ids:
-                raise RequestError(
-                    f"response {response_id!r} has no input item {after!r}", param="after"
-                )
-            items = items[ids.index(after) + 1 :]
-        page = list(items[:limit])
-        return {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(items) > limit,
-        }
-
-    def conversation(self, body: ResponsesRequest) -> tuple[dict[str, Any], ...]:
-        """The chat messages `body` answers, its instructions left out: the conversation of the
-        response it continues, then its input. Raises RequestError naming the field."""
-        before: tuple[dict[str, Any], ...] = ()
-        if body.previous_response_id is not None:
-            try:
-                before = self._used(body.previous_response_id).conversation
-            except ResponseNotFound:
-                raise RequestError(
-                    f"Previous response with id {body.previous_response_id!r} not found.",
-                    param="previous_response_id",
-                    code="previous_response_not_found",
-                ) from None
-        return (*before, *_messages(body.input))
-
-    def keeper(
-        self, body: ResponsesRequest, conversation: tuple[dict[str, Any], ...]
-    ) -> Callable[[dict[str, Any]], None] | None:
-        """What keeps `body`'s response, answered to `conversation` (None: `store` is false)."""
-        if body.store is False:
-            return None
-        items = _input_items(body.input)
-        own = len(orjson.dumps(items))
-
-        def keep(response: dict[str, Any]) -> None:
-            kept = _Kept(
-                response,
-                (*conversation, *_messages(response["output"], "output")),
-                items,
-                own + len(orjson.dumps(response)),
-            )
-            self._keep(kept, body.previous_response_id)
-
-        return keep
-
-    def _keep(self, kept: _Kept, previous: str | None) -> None:
-        rid = kept.response["id"]
-        if kept.nbytes > self.max_bytes:
-            log.warning("response_not_kept", id=rid, bytes=kept.nbytes, most=self.max_bytes)
-            return
-        while self._kept and self.nbytes + kept.nbytes > self.max_bytes:
-            dropped, old = self._kept.popitem(last=False)
-            self._previous.pop(dropped, None)
-            self.nbytes -= old.nbytes
-        self._kept[rid] = kept
-        if previous is not None:
-            self._previous[rid] = previous
-        self.nbytes += kept.nbytes
-
-    def _used(self, response_id: str) -> _Kept:
-        """The kept response, now the most recently used, with its conversation's earlier ones
-        just before it. Raises ResponseNotFound."""
-        kept = self._kept.get(response_id)
-        if kept is None:
-            raise ResponseNotFound(response_id)
-        chain = [response_id]
-        while (earlier := self._previous.get(chain[-1])) is not None and earlier in self._kept:
-            chain.append(earlier)
-        for rid in reversed(chain):
-            self._kept.move_to_end(rid)
-        return kept
+    return keep
 
 
 def chat_request(
@@ -282,21 +169,6 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
                 param=f"{at}.type",
             )
     return out
-
-
-def _input_items(given: str | list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
-    """Input items as OpenAI lists them: each with an id and a type, a message's text as a
-    part (input_text, output_text for the assistant's)."""
-    items = [{"role": "user", "content": given}] if isinstance(given, str) else given
-    out = []
-    for item in items:
-        kind = item.get("type", "message")
-        listed = {"id": item_id(_ITEM_PREFIXES.get(kind, "item")), "type": kind, **item}
-        if kind == "message" and isinstance(item.get("content"), str):
-            part = "output_text" if item.get("role") == "assistant" else "input_text"
-            listed["content"] = [{"type": part, "text": item["content"]}]
-        out.append(listed)
-    return tuple(out)
 
 
 def _field(item: dict[str, Any], key: str, at: str) -> str:

@@ -51,7 +51,14 @@ from lmx.api.generation import (
     truncated_prompt,
 )
 from lmx.api.metrics import Metrics
-from lmx.api.responses import Rendering, chat_request, responses_error, stream_events
+from lmx.api.responses import (
+    Rendering,
+    chat_request,
+    conversation,
+    keeper,
+    responses_error,
+    stream_events,
+)
 from lmx.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -512,13 +519,13 @@ async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
 
 @router.post("/responses", response_model=None)
 async def responses(body: ResponsesRequest, deps: Deps) -> Any:
-    conversation = deps.responses.conversation(body)
-    chat = chat_request(body, conversation)
+    messages = conversation(deps.responses, body)
+    chat = chat_request(body, messages)
     try:
         gen, states = await _start_chat(chat, deps, truncate=body.truncation == "auto")
     except RequestError as exc:
         raise responses_error(exc) from None
-    rendering = Rendering(body, deps.responses.keeper(body, conversation))
+    rendering = Rendering(body, keeper(deps.responses, body, messages))
     if not body.stream:
         async for _, delta in gen.deltas():
             states[0].absorb(delta)

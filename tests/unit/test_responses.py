@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from lmx.api.generation import ChoiceState
-from lmx.api.responses import Rendering, ResponseStore, chat_request, responses_error
+from lmx.api.response_store import ResponseStore
+from lmx.api.responses import Rendering, chat_request, conversation, keeper, responses_error
 from lmx.api.schemas import ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.parsers import Content, Reasoning, ToolCall, make_parser
@@ -34,7 +35,7 @@ def test_input_items_become_the_chat_they_stand_for() -> None:
         max_output_tokens=9,
         text={"format": {"type": "json_object"}},
     )
-    chat = chat_request(body, ResponseStore().conversation(body))
+    chat = chat_request(body, conversation(ResponseStore(), body))
     messages = [m.model_dump(exclude_none=True) for m in chat.messages]
     assert messages == [
         {"role": "system", "content": "Be brief."},
@@ -143,19 +144,19 @@ def test_an_answer_of_nothing_is_an_empty_message_streamed_or_not() -> None:
 def _answered(store: ResponseStore, **fields: Any) -> dict[str, Any]:
     """The response to a request of `fields`, kept in `store` as the endpoint keeps it."""
     body = _request(**fields)
-    return Rendering(body, store.keeper(body, store.conversation(body))).answer(_state("stop"))
+    return Rendering(body, keeper(store, body, conversation(store, body))).answer(_state("stop"))
 
 
 def _chat(store: ResponseStore, **fields: Any) -> list[dict[str, Any]]:
     body = _request(**fields)
-    chat = chat_request(body, store.conversation(body))
+    chat = chat_request(body, conversation(store, body))
     return [m.model_dump(exclude_none=True) for m in chat.messages]
 
 
 def test_a_kept_response_is_continued_as_its_conversation_and_answer() -> None:
     store = ResponseStore()
     body = _request(instructions="Be brief.", input="Add 1 and 2.")
-    first = Rendering(body, store.keeper(body, store.conversation(body))).answer(
+    first = Rendering(body, keeper(store, body, conversation(store, body))).answer(
         _state("tool_calls")
     )
     assert first["store"] is True and store.get(first["id"]) == first
@@ -195,20 +196,20 @@ def test_a_kept_response_is_continued_as_its_conversation_and_answer() -> None:
 def test_responses_not_stored_or_failed_are_not_kept() -> None:
     store = ResponseStore()
     body = _request(input="x", store=False)
-    assert store.keeper(body, store.conversation(body)) is None
+    assert keeper(store, body, conversation(store, body)) is None
     assert Rendering(body).answer(_state("stop"))["store"] is False
     failing = _request(input="x")
-    r = Rendering(failing, store.keeper(failing, store.conversation(failing)))
+    r = Rendering(failing, keeper(store, failing, conversation(store, failing)))
     with pytest.raises(GenerationFailed):
         r.answer(_state("error", "the worker died"))
-    streamed = Rendering(failing, store.keeper(failing, store.conversation(failing)))
+    streamed = Rendering(failing, keeper(store, failing, conversation(store, failing)))
     streamed.ended(_state("error", "the worker died"))
     assert len(store) == 0 and store.nbytes == 0
 
 
 def test_an_unknown_previous_response_is_a_400_clients_recognise() -> None:
     with pytest.raises(RequestError) as caught:
-        ResponseStore().conversation(_request(input="x", previous_response_id="resp_gone"))
+        conversation(ResponseStore(), _request(input="x", previous_response_id="resp_gone"))
     assert (caught.value.param, caught.value.code) == (
         "previous_response_id",
         "previous_response_not_found",
