@@ -351,8 +351,8 @@ HARMONY = "harmony"
 
 
 def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str | None:
-    """The TOOL_PARSERS key (or HARMONY) for a model, from its chat template first, then its
-    vocabulary."""
+    """The TOOL_PARSERS key for a model, from its chat template first, then its vocabulary;
+    HARMONY for a vocabulary with harmony's markup."""
     if H_CHANNEL in vocab and H_MESSAGE in vocab:
         return HARMONY
     template = chat_template or ""
