@@ -233,12 +233,17 @@ async def test_a_required_call_of_mistral_may_be_several_unless_parallel_calls_a
         assert allows(MistralEngine.grammars[-1], one)
 
 
+async def answer(text: str) -> AsyncIterator[Delta]:
+    """`text` as a model's deltas, four characters each, then its end."""
+    for i in range(0, len(text), 4):
+        yield Delta(text=text[i : i + 4], token_ids=(1,))
+    yield Delta(text="", finish_reason="stop", completion_tokens=len(text))
+
+
 def scripted(text: str) -> type[ScriptedEngine]:
     class Answering(ScriptedEngine):
-        async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-            for i in range(0, len(text), 4):
-                yield Delta(text=text[i : i + 4], token_ids=(1,))
-            yield Delta(text="", finish_reason="stop", completion_tokens=len(text))
+        def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+            return answer(text)
 
     return Answering
 
@@ -300,12 +305,10 @@ class CoderEngine(ScriptedEngine):
         super().__init__(config)
         self.tokenizer = CoderTokenizer()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.constraint is not None:
             self.grammars.append(request.constraint.grammar)
-        for i in range(0, len(CODER_CALL), 4):
-            yield Delta(text=CODER_CALL[i : i + 4], token_ids=(1,))
-        yield Delta(text="", finish_reason="stop", completion_tokens=len(CODER_CALL))
+        return answer(CODER_CALL)
 
 
 async def test_qwen3_coder_calls_come_typed_by_the_functions_schema() -> None:
@@ -359,12 +362,9 @@ class HarmonyEngine(ScriptedEngine):
         super().__init__(config)
         self.tokenizer = HarmonyTokenizer()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         self.prompts.append(self.tokenizer.decode(request.prompt_tokens))
-        text = CALL if request.constraint is not None else HARMONY_CALL
-        for i in range(0, len(text), 5):
-            yield Delta(text=text[i : i + 5], token_ids=(1,))
-        yield Delta(text="", finish_reason="stop", completion_tokens=len(text))
+        return answer(CALL if request.constraint is not None else HARMONY_CALL)
 
 
 async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
