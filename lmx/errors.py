@@ -7,6 +7,7 @@
     │   └── QueueFull            a model's request queue is full (HTTP 429 with Retry-After)
     └── PermanentError           retrying cannot help until the spec changes
         ├── ModelNotFound        no model with that id or alias is being served
+        ├── ResponseNotFound     no kept /v1/responses answer has that id (HTTP 404)
         └── RequestError         a request is invalid for the model (HTTP 400; names the param)
 
 The executor turns these into outcomes; the API turns them into OpenAI error envelopes.
