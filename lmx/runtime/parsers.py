@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Protocol, TypeAlias
+from typing import Protocol, TypeAlias
 
 from lmx.runtime.toolcalls import (
     GLM_ARG_KEY,
@@ -23,6 +23,7 @@ from lmx.runtime.toolcalls import (
     MISTRAL_OPEN,
     PYTHON_TAG,
     XML_FUNCTION,
+    Functions,
     Scanned,
     ToolCall,
     llama3_may_call,
@@ -291,10 +292,6 @@ class _TaggedTools:
         if text:
             self._after_call = False
             out.append(Content(text))
-
-
-# The request's functions, by name: each its parameters' JSON schema (None: not known).
-Functions: TypeAlias = Mapping[str, Mapping[str, Any]] | None
 
 
 class _Llama3Tools:

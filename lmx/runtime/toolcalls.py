@@ -46,6 +46,8 @@ class ToolCall:
 
 # A scanner's answer once a call's text is complete: (its calls, None if malformed; length used).
 Scanned: TypeAlias = tuple[list[ToolCall] | None, int]
+# The request's functions, by name: each its parameters' JSON schema (None: not known).
+Functions: TypeAlias = Mapping[str, Mapping[str, Any]] | None
 
 
 def new_call_id() -> str:
@@ -109,9 +111,7 @@ def scan_hermes(text: str, final: bool) -> Scanned | None:
     return (_loads_calls(text), len(text)) if final else None
 
 
-def scan_qwen3_coder(
-    text: str, final: bool, functions: Mapping[str, Mapping[str, Any]] | None = None
-) -> Scanned | None:
+def scan_qwen3_coder(text: str, final: bool, functions: Functions = None) -> Scanned | None:
     """`text` follows `<tool_call>`: Qwen3-Coder's XML (see XML_FUNCTION), or Hermes' JSON (what
     a grammar makes it write). Cut off by the end of the output, a call is what it wrote whole:
     its name and the parameters it closed. `functions`: the request's, by name, each its
@@ -119,9 +119,7 @@ def scan_qwen3_coder(
     return _scan_xml(text, final, ("<parameter=", "</parameter>"), partial(_coder, functions))
 
 
-def scan_glm(
-    text: str, final: bool, functions: Mapping[str, Mapping[str, Any]] | None = None
-) -> Scanned | None:
+def scan_glm(text: str, final: bool, functions: Functions = None) -> Scanned | None:
     """`text` follows `<tool_call>`: GLM's XML (see XML_FUNCTION), or Hermes' JSON; as
     scan_qwen3_coder."""
     return _scan_xml(text, final, ("<arg_value>", "</arg_value>"), partial(_glm, functions))
@@ -146,20 +144,17 @@ def _scan_xml(
     return (calls(text, False), len(text)) if final else None
 
 
-def _coder(
-    functions: Mapping[str, Mapping[str, Any]] | None, body: str, _closed: bool
-) -> list[ToolCall] | None:
+def _coder(functions: Functions, body: str, _closed: bool) -> list[ToolCall] | None:
     if not body.strip().startswith(XML_FUNCTION):
         return None
-    calls = []
-    for name, params in _XML_FUNCTION.findall(body):
-        calls.append(_typed_call(name, _XML_PARAMETER.findall(params), functions))
+    calls = [
+        _typed_call(name, _XML_PARAMETER.findall(params), functions)
+        for name, params in _XML_FUNCTION.findall(body)
+    ]
     return calls or None
 
 
-def _glm(
-    functions: Mapping[str, Mapping[str, Any]] | None, body: str, closed: bool
-) -> list[ToolCall] | None:
+def _glm(functions: Functions, body: str, closed: bool) -> list[ToolCall] | None:
     name, key, args = body.partition(GLM_ARG_KEY)
     name = name.strip()
     if not _NAME.fullmatch(name) or not (key or closed):  # cut off, a name may be too
@@ -167,9 +162,7 @@ def _glm(
     return [_typed_call(name, _GLM_ARG.findall(key + args), functions)]
 
 
-def _typed_call(
-    name: str, pairs: list[tuple[str, str]], functions: Mapping[str, Mapping[str, Any]] | None
-) -> ToolCall:
+def _typed_call(name: str, pairs: list[tuple[str, str]], functions: Functions) -> ToolCall:
     """A call of `name` with these (key, text) arguments, each typed by its schema."""
     schema = (functions or {}).get(name)
     properties = schema.get("properties") if isinstance(schema, Mapping) else None
