@@ -17,6 +17,7 @@ from lmx.runtime.parsers import (
     H_CALL,
     H_RETURN,
     HARMONY,
+    HARMONY_MARKUP,
     MARKUP,
     detect_reasoning,
     detect_tool_parser,
@@ -36,18 +37,19 @@ class MlxTokenizer:
             byte_level_table(detok.tokenmap) if isinstance(detok, BPEStreamingDetokenizer) else None
         )
         self.eos_token_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
-        self.hidden_ids = _hidden_specials(wrapper)
         template = getattr(wrapper, "chat_template", None)
         vocab = wrapper.get_vocab()
         self.tool_parser = config.tool_parser or detect_tool_parser(template, vocab)
         if self.tool_parser == "none":
             self.tool_parser = None
+        harmony = self.tool_parser == HARMONY
+        self.hidden_ids = _hidden_specials(wrapper, MARKUP | HARMONY_MARKUP if harmony else MARKUP)
         self.reasoning = (
             config.reasoning_parser != "none"
             if config.reasoning_parser
             else detect_reasoning(template, vocab)
         )
-        if self.tool_parser == HARMONY:  # a call ends the output as the answer does
+        if harmony:  # a call ends the output as the answer does
             self.eos_token_ids |= {int(vocab[t]) for t in (H_CALL, H_RETURN) if t in vocab}
 
     def encode(self, text: str) -> list[int]:
@@ -80,11 +82,11 @@ class MlxTokenizer:
         return IncrementalDecoder(self.decode, context[-6:])
 
 
-def _hidden_specials(wrapper: Any) -> frozenset[int]:
+def _hidden_specials(wrapper: Any, markup: frozenset[str]) -> frozenset[int]:
     """The special tokens a sequence's text leaves out, as OpenAI's and vLLM's do: chat markup
-    such as `<|im_end|>` that a model writes past an ignored EOS, or mid-answer. The markup the
+    such as `<|im_end|>` that a model writes past an ignored EOS, or mid-answer. The `markup` the
     output parsers read (`<tool_call>`, `[TOOL_CALLS]`, `<think>`, ...) stays."""
     added = getattr(wrapper._tokenizer, "added_tokens_decoder", None) or {}
     return frozenset(
-        int(i) for i, t in added.items() if getattr(t, "special", False) and str(t) not in MARKUP
+        int(i) for i, t in added.items() if getattr(t, "special", False) and str(t) not in markup
     )

@@ -42,6 +42,7 @@ __all__ = [
     "CALL_OPENERS",
     "HARMONY",
     "HARMONY_FINAL",
+    "HARMONY_MARKUP",
     "H_CALL",
     "H_RETURN",
     "TOOL_PARSERS",
@@ -79,13 +80,10 @@ MARKUP = frozenset(
         MISTRAL_CALL_ID,
         PYTHON_TAG,
         *_THINK_TAGS,
-        H_START,
-        H_CHANNEL,
-        H_MESSAGE,
-        H_CONSTRAIN,
-        *_H_ENDS,
     }
 )
+# Harmony's markup stays only in a harmony model's text: `<|end|>` is also Phi-3's end of a turn.
+HARMONY_MARKUP = frozenset({H_START, H_CHANNEL, H_MESSAGE, H_CONSTRAIN, *_H_ENDS})
 
 
 @dataclass(frozen=True)

@@ -715,15 +715,33 @@ def test_a_choice_counts_its_reasoning_tokens_once_it_ends() -> None:
     assert short.reasoning_tokens == 3  # never more than the answer's tokens
 
 
-def test_a_harmony_model_ends_its_output_at_a_call_as_at_its_answer() -> None:
-    vocab = {"<|start|>": 1, "<|channel|>": 2, "<|message|>": 3, "<|call|>": 12, "<|return|>": 9}
+class _Special(str):
+    special = True
+
+
+def _tokenizer(vocab: dict[str, int]) -> MlxTokenizer:
+    """An MlxTokenizer over a wrapper of `vocab`, whose tokens are all special ones."""
     wrapper = SimpleNamespace(
         _detokenizer=object(),
-        _tokenizer=object(),
+        _tokenizer=SimpleNamespace(added_tokens_decoder={i: _Special(t) for t, i in vocab.items()}),
         eos_token_ids=[9],
         chat_template="",
         get_vocab=lambda: vocab,
     )
-    tok = MlxTokenizer(wrapper, LoadConfig(model_id="m", path=Path()), {})
+    return MlxTokenizer(wrapper, LoadConfig(model_id="m", path=Path()), {})
+
+
+def test_a_harmony_model_ends_its_output_at_a_call_as_at_its_answer() -> None:
+    tok = _tokenizer(
+        {"<|start|>": 1, "<|channel|>": 2, "<|message|>": 3, "<|call|>": 12, "<|return|>": 9}
+    )
     assert (tok.tool_parser, tok.reasoning) == ("harmony", True)
     assert tok.eos_token_ids == {9, 12}
+    assert tok.hidden_ids == set()  # its markup stays in the text, for its parser
+
+
+def test_harmonys_markup_is_left_out_of_other_models_text() -> None:
+    # Phi-3 ends a turn with its own <|end|>: written past an ignored EOS, it is no answer.
+    tok = _tokenizer({"<|user|>": 1, "<|end|>": 7, "<|endoftext|>": 9, "<think>": 4})
+    assert tok.tool_parser is None
+    assert tok.hidden_ids == {1, 7, 9}
