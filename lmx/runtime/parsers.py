@@ -348,7 +348,7 @@ HARMONY = "harmony"
 def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str | None:
     """The TOOL_PARSERS key for a model, from its chat template first, then its vocabulary;
     HARMONY for a vocabulary with harmony's markup."""
-    if H_CHANNEL in vocab and H_MESSAGE in vocab:
+    if _harmony(vocab):
         return HARMONY
     template = chat_template or ""
     if HERMES_OPEN in template:  # XML inside <tool_call>: Qwen3-Coder's, GLM's
@@ -365,9 +365,13 @@ def detect_tool_parser(chat_template: str | None, vocab: Collection[str]) -> str
 
 def detect_reasoning(chat_template: str | None, vocab: Collection[str]) -> bool:
     """Whether the model writes `<think>…</think>`, or harmony's analysis channel."""
-    if H_CHANNEL in vocab and H_MESSAGE in vocab:
+    if _harmony(vocab):
         return True
     return any(tag in (chat_template or "") or tag in vocab for tag in _THINK_TAGS)
+
+
+def _harmony(vocab: Collection[str]) -> bool:
+    return H_CHANNEL in vocab and H_MESSAGE in vocab
 
 
 def make_parser(
