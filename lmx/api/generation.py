@@ -205,14 +205,14 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
         extra.setdefault("reasoning_effort", body.reasoning_effort)
     if not thinking or body.reasoning_effort == "none":
         extra.setdefault("enable_thinking", False)
+    tok = engine.tokenizer
     try:
-        messages = chat_messages(body, mistral=engine.tokenizer.tool_parser == "mistral")
-        prompt = engine.tokenizer.apply_chat_template(messages, tools=tools, extra=extra)
+        messages = chat_messages(body, mistral=tok.tool_parser == "mistral")
+        prompt = tok.apply_chat_template(messages, tools=tools, extra=extra)
     except RequestError:
         raise
     except Exception as exc:  # the model's template rejected the conversation
         raise RequestError(f"the chat template failed: {exc}", param="messages") from None
-    tok = engine.tokenizer
     if not thinking and tok.tool_parser == HARMONY:  # the answer at once, no reasoning
         prompt += tok.encode(HARMONY_FINAL)[len(tok.encode("")) :]  # less any BOS
     return prompt
