@@ -47,6 +47,7 @@ from lmx.api.generation import (
     merged,
     new_id,
     output_parser,
+    reasoning_key,
     token_counter,
     truncated_prompt,
 )
@@ -324,6 +325,7 @@ async def _start_chat(
                 functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
             ),
             count_tokens=count,
+            reasoning_key=reasoning_key(engine),
         )
         for i in range(body.n)
     ]

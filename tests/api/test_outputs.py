@@ -180,7 +180,7 @@ async def test_a_constrained_answer_after_an_opened_think_block_is_the_answer() 
         forced = {**BODY, "tool_choice": "required"}
         msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
         assert [t["function"]["name"] for t in msg["tool_calls"]] == ["get_weather"]
-        assert "reasoning_content" not in msg
+        assert "reasoning" not in msg
         # Unconstrained, the same text is the model thinking inside the block it was given.
         msg = (await c.post("/v1/chat/completions", json=BODY)).json()["choices"][0]["message"]
         assert "tool_calls" not in msg and msg["reasoning_content"].startswith("<tool_call>")
@@ -377,21 +377,21 @@ async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
             if stream:
                 chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line[6:7] == "{"]
                 deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
-                reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+                reasoning = "".join(d.get("reasoning") or "" for d in deltas)
                 calls = [tc["function"] for d in deltas for tc in d.get("tool_calls", [])]
                 finish = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1]
                 content = "".join(d.get("content") or "" for d in deltas)
             else:
                 choice = r.json()["choices"][0]
-                reasoning = choice["message"]["reasoning_content"]
+                reasoning = choice["message"]["reasoning"]  # LM Studio's field for gpt-oss
                 calls = [tc["function"] for tc in choice["message"]["tool_calls"]]
                 finish, content = choice["finish_reason"], choice["message"]["content"] or ""
             assert reasoning == "Need the weather." and not content and finish == "tool_calls"
             assert calls == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
-            assert "<|" not in r.text
+            assert "<|" not in r.text and "reasoning_content" not in r.text
         # Constrained, the answer starts in the final channel at once, written as the grammar says.
         forced = {**BODY, "tool_choice": "required"}
         msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
         assert HarmonyEngine.prompts[-1].endswith("<|channel|>final<|message|>")
         assert [t["function"]["name"] for t in msg["tool_calls"]] == ["get_weather"]
-        assert "reasoning_content" not in msg
+        assert "reasoning" not in msg
