@@ -153,17 +153,30 @@ def _text_of(message: ChatMessage, index: int) -> str | None:
     return "".join(parts)
 
 
-def chat_messages(body: ChatCompletionRequest, *, mistral: bool = False) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: plain-text content, system for developer, and a
-    tool call's arguments as an object (the wire's JSON string, given to a template that writes
-    `arguments | tojson`, as Llama 3's and Qwen2.5's do, came out encoded twice). For `mistral`
-    templates, call ids they take (9 letters and digits; another server's ids made them fail)."""
+def chat_messages(
+    body: ChatCompletionRequest, tool_parser: str | None = None
+) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: plain-text content, system for developer, the
+    reasoning as `reasoning_content` (as Qwen3's and GLM's templates read it) and a tool call's
+    arguments as an object (the wire's JSON string, given to a template that writes
+    `arguments | tojson`, as Llama 3's and Qwen2.5's do, came out encoded twice). By the model's
+    `tool_parser`: for Mistral's templates, call ids they take (9 letters and digits; another
+    server's ids made them fail); for gpt-oss's, the reasoning also as `thinking`, which its
+    template reads, except beside the content of a message with calls (the template refuses both:
+    it writes either as the analysis before the calls)."""
+    mistral = tool_parser == "mistral"
     out = []
     for i, m in enumerate(body.messages):
         d = m.model_dump(exclude_none=True)
         d["content"] = _text_of(m, i)
         if m.role == "developer":
             d["role"] = "system"
+        reasoning = d.pop("reasoning", None)
+        reasoning = m.reasoning_content or reasoning
+        if reasoning:
+            d["reasoning_content"] = reasoning
+            if tool_parser == HARMONY and not (m.tool_calls and d["content"]):
+                d["thinking"] = reasoning
         if mistral and isinstance(d.get("tool_call_id"), str):
             d["tool_call_id"] = mistral_safe_id(d["tool_call_id"])
         for call in d.get("tool_calls") or ():
@@ -214,7 +227,7 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
         extra.setdefault("enable_thinking", False)
     tok = engine.tokenizer
     try:
-        messages = chat_messages(body, mistral=tok.tool_parser == "mistral")
+        messages = chat_messages(body, tok.tool_parser)
         prompt = tok.apply_chat_template(messages, tools=tools, extra=extra)
     except RequestError:
         raise

@@ -104,6 +104,7 @@ class ChatMessage(_Wire):
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same, by the name LM Studio and vLLM answer it with
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:

@@ -44,7 +44,7 @@ def test_a_mistral_template_gets_call_ids_it_takes_and_the_same_for_call_and_rep
             ],
         }
     )
-    _, said, reply = chat_messages(body, mistral=True)
+    _, said, reply = chat_messages(body, "mistral")
     (made,) = [c["id"] for c in said["tool_calls"]]
     assert len(made) == 9 and made.isalnum() and reply["tool_call_id"] == made
     _, said, reply = chat_messages(body)  # any other template: as sent
@@ -119,3 +119,33 @@ def test_reasoning_effort_reaches_the_template_and_none_turns_thinking_off() -> 
     # The client's own template arguments win.
     kwargs = {"enable_thinking": True, "reasoning_effort": "low"}
     assert given(reasoning_effort="none", chat_template_kwargs=kwargs) == kwargs
+
+
+def test_reasoning_sent_back_reaches_the_template_by_the_names_it_reads() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                # As LM Studio answers gpt-oss and as Qwen3's clients send it back.
+                {"role": "assistant", "reasoning": "Call f.", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "2"},
+                {
+                    "role": "assistant",
+                    "content": "Also.",
+                    "reasoning_content": "R",
+                    "tool_calls": [call],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "3"},
+                {"role": "assistant", "content": "5", "reasoning_content": "Add."},
+            ],
+        }
+    )
+    _, called, _, also, _, answered = chat_messages(body)
+    assert called["reasoning_content"] == "Call f." and "reasoning" not in called
+    assert "thinking" not in called and also["reasoning_content"] == "R"
+    # gpt-oss's template reads `thinking`, and refuses it beside a call's content.
+    _, called, _, also, _, answered = chat_messages(body, "harmony")
+    assert called["thinking"] == "Call f." and "thinking" not in also
+    assert answered["thinking"] == "Add."
