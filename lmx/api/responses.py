@@ -128,14 +128,19 @@ def responses_error(exc: RequestError) -> RequestError:
 
 def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[dict[str, Any]]:
     """Input (or output) items as chat messages: a turn's function calls join its assistant
-    message, and each call's output is a tool message. Reasoning items are left out (templates
-    drop the reasoning of earlier turns)."""
+    message, each call's output is a tool message, and reasoning items are the reasoning of the
+    assistant message that follows them (the template keeps it or drops it: Qwen3's and gpt-oss's
+    keep it between the calls of the turn under way)."""
     if isinstance(given, str):
         return [{"role": "user", "content": given}]
     out: list[dict[str, Any]] = []
+    thought = ""  # the reasoning items' since the last item of another type
     for i, item in enumerate(given):
         at = f"{where}[{i}]"
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            thought += _thought(item, at)
+            continue
         if kind == "message":
             role = item.get("role")
             if role not in _ROLES:
@@ -152,23 +157,37 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
                     "arguments": _field(item, "arguments", at),
                 },
             }
-            last = out[-1] if out else None
-            if last is not None and last["role"] == "assistant":
-                last.setdefault("tool_calls", []).append(call)
-            else:
-                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if not out or out[-1]["role"] != "assistant":
+                out.append({"role": "assistant", "content": None})
+            out[-1].setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
             output = _text(item.get("output"), f"{at}.output")
             out.append(
                 {"role": "tool", "tool_call_id": _field(item, "call_id", at), "content": output}
             )
-        elif kind != "reasoning":
+        else:
             raise RequestError(
                 f"{at} is of type {kind!r}: lmx takes messages, function_call,"
                 " function_call_output and reasoning items",
                 param=f"{at}.type",
             )
+        if thought and out[-1]["role"] == "assistant":
+            out[-1]["reasoning_content"] = out[-1].get("reasoning_content", "") + thought
+        thought = ""
     return out
+
+
+def _thought(item: dict[str, Any], at: str) -> str:
+    """A reasoning item's text: its content's, else its summary's (an encrypted one is not
+    lmx's to read)."""
+    for key in ("content", "summary"):
+        parts = item.get(key) or []
+        if not isinstance(parts, list):
+            raise RequestError(f"{at}.{key} must be a list of text parts", param=f"{at}.{key}")
+        texts = [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if texts:
+            return "\n\n".join(texts)
+    return ""
 
 
 def _field(item: dict[str, Any], key: str, at: str) -> str:

@@ -21,15 +21,22 @@ def _request(**fields: Any) -> ResponsesRequest:
     return ResponsesRequest.model_validate({"model": "m", **fields})
 
 
+_THOUGHT = {"type": "reasoning_text", "text": "To add, call add."}
+
+
 def test_input_items_become_the_chat_they_stand_for() -> None:
     body = _request(
         instructions="Be brief.",
         input=[
+            {"type": "reasoning", "id": "rs_0", "summary": [{"type": "summary_text", "text": "?"}]},
             {"role": "user", "content": [{"type": "input_text", "text": "Add 1 and 2."}]},
-            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "content": [_THOUGHT]},
             {"type": "message", "role": "assistant", "content": "Let me add."},
+            {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "!"}]},
             {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "call_1", "output": "3"},
+            {"type": "reasoning", "id": "rs_3", "encrypted_content": "gAAAA"},
+            {"type": "function_call", "call_id": "call_2", "name": "add", "arguments": "{}"},
         ],
         reasoning={"effort": "none"},
         max_output_tokens=9,
@@ -46,8 +53,17 @@ def test_input_items_become_the_chat_they_stand_for() -> None:
             "tool_calls": [
                 {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
             ],
+            # Each reasoning item is the reasoning of the assistant message it comes before
+            # (a summary where it has no text of its own), none of a user's.
+            "reasoning_content": "To add, call add.!",
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "call_2", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+            ],
+        },
     ]
     assert chat.max_completion_tokens == 9
     assert chat.response_format is not None and chat.response_format.type == "json_object"
@@ -161,7 +177,7 @@ def test_a_kept_response_is_continued_as_its_conversation_and_answer() -> None:
     )
     assert first["store"] is True and store.get(first["id"]) == first
     follow = [{"type": "function_call_output", "call_id": "call_1", "output": "3"}]
-    # Its instructions are not carried over, nor its reasoning; its text and calls are.
+    # Its instructions are not carried over; its reasoning, text and calls are.
     assert _chat(
         store, input=follow, previous_response_id=first["id"], instructions="Be kind."
     ) == [
@@ -177,6 +193,7 @@ def test_a_kept_response_is_continued_as_its_conversation_and_answer() -> None:
                     "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'},
                 }
             ],
+            "reasoning_content": "think more",
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "3"},
     ]
