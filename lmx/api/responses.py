@@ -11,6 +11,8 @@ A response is kept (lmx.api.response_store) with its conversation, so that one c
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,6 +29,9 @@ from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
 
 _ROLES = ("user", "system", "developer", "assistant")
+# A reasoning item's `encrypted_content`, for clients that send back only that (Codex): its text,
+# not encrypted (it is the client's own answer, on its own machine), after this mark.
+_SEALED = "lmx-reasoning:"
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 # A chat request's field as the Responses field it came from, for a 400 that names the latter.
 # Messages come from the instructions, the conversation continued and the input: no index of
@@ -178,16 +183,25 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
 
 
 def _thought(item: dict[str, Any], at: str) -> str:
-    """A reasoning item's text: its content's, else its summary's (an encrypted one is not
-    lmx's to read)."""
-    for key in ("content", "summary"):
-        parts = item.get(key) or []
-        if not isinstance(parts, list):
-            raise RequestError(f"{at}.{key} must be a list of text parts", param=f"{at}.{key}")
-        texts = [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        if texts:
-            return "\n\n".join(texts)
-    return ""
+    """A reasoning item's text: its content's, else its `encrypted_content` if lmx wrote it (see
+    _SEALED; another server's is not lmx's to read), else its summary's."""
+    texts = _texts(item, "content", at)
+    sealed = item.get("encrypted_content")
+    if not texts and isinstance(sealed, str) and sealed.startswith(_SEALED):
+        try:
+            return base64.b64decode(sealed[len(_SEALED) :], validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise RequestError(
+                f"{at}.encrypted_content is not one lmx wrote", param=f"{at}.encrypted_content"
+            ) from None
+    return "\n\n".join(texts or _texts(item, "summary", at))
+
+
+def _texts(item: dict[str, Any], key: str, at: str) -> list[str]:
+    parts = item.get(key) or []
+    if not isinstance(parts, list):
+        raise RequestError(f"{at}.{key} must be a list of text parts", param=f"{at}.{key}")
+    return [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
 
 
 def _field(item: dict[str, Any], key: str, at: str) -> str:
@@ -439,6 +453,10 @@ class Rendering:
         ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
         if item["type"] == "reasoning":
             out = self.event("response.reasoning_text.done", **ids, text=part["text"])
+            if "reasoning.encrypted_content" in (self.body.include or ()):
+                item["encrypted_content"] = (
+                    _SEALED + base64.b64encode(part["text"].encode()).decode()
+                )
         else:
             item["status"] = status
             out = self.event("response.output_text.done", **ids, text=part["text"], logprobs=[])

@@ -176,6 +176,7 @@ class ResponsesRequest(_Request):
     store: bool | None = None
     previous_response_id: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
 

@@ -210,6 +210,30 @@ def test_a_kept_response_is_continued_as_its_conversation_and_answer() -> None:
     ]
 
 
+def test_reasoning_sent_back_as_its_encrypted_content_alone_is_read_again() -> None:
+    # Codex asks for it with store: false, and sends back a reasoning item without its text.
+    body = _request(input="Add 1 and 2.", store=False, include=["reasoning.encrypted_content"])
+    answer = Rendering(body).answer(_state("tool_calls"))
+    thought = {k: v for k, v in answer["output"][0].items() if k != "content"}
+    assert thought["encrypted_content"] and "think" not in thought["encrypted_content"]
+    call = {"type": "function_call", "call_id": "c", "name": "add", "arguments": "{}"}
+    messages = _chat(
+        ResponseStore(), input=[{"role": "user", "content": "Add 1 and 2."}, thought, call]
+    )
+    assert messages[1]["reasoning_content"] == "think more"
+    # Another server's is not lmx's to read, and one that lmx's mark begins is checked.
+    foreign = {**thought, "encrypted_content": "gAAAAABo", "summary": []}
+    assert "reasoning_content" not in _chat(ResponseStore(), input=[foreign, call])[0]
+    broken = {**thought, "encrypted_content": thought["encrypted_content"] + "%"}
+    with pytest.raises(RequestError) as caught:
+        _chat(ResponseStore(), input=[broken, call])
+    assert caught.value.param == "input[0].encrypted_content"
+    assert (
+        "encrypted_content"
+        not in Rendering(_request(input="x")).answer(_state("stop"))["output"][0]
+    )
+
+
 def test_responses_not_stored_or_failed_are_not_kept() -> None:
     store = ResponseStore()
     body = _request(input="x", store=False)
