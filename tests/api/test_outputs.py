@@ -7,6 +7,7 @@ awkward chunks, so the API's mapping of parsed pieces to messages and deltas is 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -90,6 +91,35 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         yield c
+
+
+class NotingTokenizer(ScriptedTokenizer):
+    """Notes the threads it encodes on."""
+
+    reasoning = False  # nothing counted once the answer is in
+    threads: ClassVar[set[int]] = set()
+
+    def encode(self, text: str) -> list[int]:
+        self.threads.add(threading.get_ident())
+        return super().encode(text)
+
+
+class NotingEngine(ScriptedEngine):
+    def __init__(self, config: LoadConfig) -> None:
+        super().__init__(config)
+        self.tokenizer = NotingTokenizer()
+
+
+async def test_prompts_are_rendered_and_encoded_off_the_event_loop() -> None:
+    # A long conversation's took 60 ms at 60k tokens: on the loop, every stream waited.
+    registry = EngineRegistry(NotingEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
+        assert (await c.post("/v1/completions", json={"model": "m", "prompt": "hi"})).is_success
+        assert (await c.post("/v1/responses", json={"model": "m", "input": "hi"})).is_success
+    assert NotingTokenizer.threads and threading.get_ident() not in NotingTokenizer.threads
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
