@@ -77,9 +77,9 @@ def run_raw(
         for _ in range(max_steps):
             if not live or time.perf_counter() > deadline:
                 break
-            c0, t0 = time.thread_time(), time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()  # read as lmx's worker reads them
             prompt_work, responses = gen.next()
-            now, c1 = time.perf_counter(), time.thread_time()
+            c1, now = time.thread_time(), time.perf_counter()
             for r in responses:
                 stream, trace = live[r.uid]
                 trace.chunk_s.append(now)

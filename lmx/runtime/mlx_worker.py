@@ -482,9 +482,11 @@ class Worker:
         waiting = [s.prompt_left for s in self._live.values() if s.started_s is None]
         if waiting:  # else the step takes no prompt in, whatever the group
             gen.prefill_batch_size = 0 if held else self._prefill_group(waiting)
-        c0, t0 = time.thread_time(), time.perf_counter()
+        # The CPU clock read inside the wall clock's span: work between the two reads (a garbage
+        # collection) counts in the step's wall time, never in its CPU time alone.
+        t0, c0 = time.perf_counter(), time.thread_time()
         prompts, responses = gen.next()
-        t1, c1 = time.perf_counter(), time.thread_time()
+        c1, t1 = time.thread_time(), time.perf_counter()
         self._step_s += t1 - t0
         self._steps += 1
         if prompts:

@@ -608,9 +608,9 @@ async def test_the_step_a_round_ends_in_logs_the_time_its_caches_took_each_its_c
     assert last.decoded == 4
     assert 0 < last.cache_ms <= last.after_ms
     assert all(s.cache_ms == 0 for s in steps if s is not last)  # nothing ended there
-    # The stepping thread's CPU time in each step, its wall time at most (the clocks are read
-    # around each other: a few us over).
-    assert all(0 < s.cpu_ms <= s.ms + 0.05 for s in steps)
+    # The stepping thread's CPU time in each step, its wall time at most (read inside it; the
+    # slack for the two clocks' rates, which differ by parts per million).
+    assert [s for s in steps if not 0 < s.cpu_ms <= s.ms + 0.05] == []
 
 
 async def test_followers_join_a_running_batch_in_one_prefill(
