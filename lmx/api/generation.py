@@ -304,8 +304,12 @@ class ChoiceState:
     count_tokens: Callable[[str], int] | None = None
     reasoning_tokens: int = 0
     reasoning_key: str = "reasoning_content"  # the chat wire's field for it (reasoning_key)
+    # `parallel_tool_calls: false`: a model's calls after its first are left out, as OpenAI
+    # answers with one call at most (a grammar, where one applies, lets the model write no more)
+    one_call: bool = False
 
     def absorb(self, delta: Delta) -> list[Piece]:
+        """Take in `delta`; the pieces of the answer it adds."""
         pieces = self.parser.feed(delta.text)
         if delta.finish_reason is not None:
             pieces += self.parser.finish()
@@ -313,14 +317,18 @@ class ChoiceState:
             self.completion_tokens = delta.completion_tokens
             self.cached_tokens = delta.cached_tokens
             self.error = delta.error
+        added: list[Piece] = []
         for piece in pieces:
             match piece:
                 case Content(text):
                     self.content.append(text)
                 case Reasoning(text):
                     self.reasoning.append(text)
+                case ToolCall() if self.one_call and self.tool_calls:
+                    continue
                 case ToolCall():
                     self.tool_calls.append(piece)
+            added.append(piece)
         self.logprobs.extend(delta.logprobs)
         self.prompt_logprobs.extend(delta.prompt_logprobs)
         if delta.finish_reason is not None:
@@ -330,7 +338,7 @@ class ChoiceState:
             if self.reasoning and self.count_tokens is not None:
                 thought = self.count_tokens("".join(self.reasoning))
                 self.reasoning_tokens = min(thought, self.completion_tokens)
-        return pieces
+        return added
 
 
 def token_counter(encode: Callable[[str], list[int]]) -> Callable[[str], int]:

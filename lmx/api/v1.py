@@ -328,6 +328,7 @@ async def _start_chat(
             ),
             count_tokens=count,
             reasoning_key=reasoning_key(engine),
+            one_call=body.parallel_tool_calls is False,
         )
         for i in range(body.n)
     ]

@@ -314,6 +314,34 @@ async def test_a_streamed_answer_opens_with_the_role_and_null_content_unless_it_
         assert "".join(d.get("content") or "" for d in deltas) == output
 
 
+async def test_without_parallel_tool_calls_a_models_second_call_is_left_out() -> None:
+    two = CALL + CALL.replace("Oslo", "Bergen")
+    registry = EngineRegistry(scripted(two))  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for parallel, cities in ((None, ["Oslo", "Bergen"]), (False, ["Oslo"])):
+            body = {**BODY, "parallel_tool_calls": parallel}
+            msg = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]
+            assert [
+                json.loads(t["function"]["arguments"])["city"] for t in msg["tool_calls"]
+            ] == cities
+            r = await c.post("/v1/chat/completions", json={**body, "stream": True})
+            deltas = [e["choices"][0]["delta"] for e in sse_events(r.text) if e != "[DONE]"]
+            streamed = [t["function"]["arguments"] for d in deltas for t in d.get("tool_calls", [])]
+            assert [json.loads(a)["city"] for a in streamed] == cities
+        answer = await c.post(
+            "/v1/responses",
+            json={
+                "model": "m",
+                "input": "hi",
+                "tools": [{"type": "function", "name": "get_weather", "parameters": {}}],
+                "parallel_tool_calls": False,
+            },
+        )
+        assert [o["type"] for o in answer.json()["output"]].count("function_call") == 1
+
+
 CODER_CALL = (
     "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
     "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
