@@ -139,7 +139,7 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
     if isinstance(given, str):
         return [{"role": "user", "content": given}]
     out: list[dict[str, Any]] = []
-    thought = ""  # the reasoning items' since the last item of another type
+    thought = ""  # the text of the reasoning items since the last item of another type
     for i, item in enumerate(given):
         at = f"{where}[{i}]"
         kind = item.get("type", "message")
