@@ -70,6 +70,11 @@ def error_event(message: str) -> bytes:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
+# A chat answer's reasoning goes out under both the names clients read: `reasoning_content`
+# (DeepSeek's, llama.cpp's, LM Studio's for most models) and `reasoning` (OpenAI's guide to
+# gpt-oss, LM Studio's for gpt-oss, vLLM's for all models since 0.17).
+
+
 def chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]:
     choices = []
     for s in states:
@@ -77,7 +82,7 @@ def chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]
             raise GenerationFailed(s.error)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(s.content) or None}
         if s.reasoning:
-            message[s.reasoning_key] = "".join(s.reasoning)
+            message["reasoning_content"] = message["reasoning"] = "".join(s.reasoning)
         if s.tool_calls:
             message["tool_calls"] = [tool_json(c) for c in s.tool_calls]
         elif message["content"] is None:
@@ -101,7 +106,7 @@ def chat_delta(pieces: list[Piece], state: ChoiceState, n_calls: int) -> dict[st
     if content:
         delta["content"] = content
     if reasoning:
-        delta[state.reasoning_key] = reasoning
+        delta["reasoning_content"] = delta["reasoning"] = reasoning
     if calls:
         delta["tool_calls"] = [tool_json(c, n_calls + k) for k, c in enumerate(calls)]
     return delta
@@ -112,7 +117,7 @@ def chat_opening(choice: dict[str, Any]) -> list[dict[str, Any]]:
     Text opens as OpenAI's does, the role and empty content first; a call, or reasoning, carries
     the role and null content in its own delta, as OpenAI streams a call (its message has none)."""
     delta = choice["delta"]
-    if "content" not in delta and delta.keys() & {"tool_calls", "reasoning_content", "reasoning"}:
+    if "content" not in delta and delta.keys() & {"tool_calls", "reasoning"}:
         return [{**choice, "delta": {"role": "assistant", "content": None, **delta}}]
     role = {"role": "assistant", "content": ""}
     return [

@@ -192,13 +192,6 @@ def chat_messages(
     return out
 
 
-def reasoning_key(engine: Engine) -> str:
-    """The chat wire's field for an answer's reasoning: `reasoning` for gpt-oss, where LM Studio
-    puts it (since 0.3.23, as OpenAI's guide to gpt-oss has it), else `reasoning_content`, as
-    LM Studio, DeepSeek and vLLM name it for the other models."""
-    return "reasoning" if engine.tokenizer.tool_parser == HARMONY else "reasoning_content"
-
-
 def call_opener(engine: Engine) -> int | None:
     """The token id that opens every tool call in the model's format, where it is one token."""
     opener = CALL_OPENERS.get(engine.tokenizer.tool_parser or "")
@@ -303,7 +296,6 @@ class ChoiceState:
     # Counts the tokens of a text, for the reasoning's share of the answer (None: not counted)
     count_tokens: Callable[[str], int] | None = None
     reasoning_tokens: int = 0
-    reasoning_key: str = "reasoning_content"  # the chat wire's field for it (reasoning_key)
     # `parallel_tool_calls: false`: a model's calls after its first are left out, as OpenAI
     # answers with one call at most (a grammar, where one applies, lets the model write no more)
     one_call: bool = False

@@ -47,7 +47,6 @@ from lmx.api.generation import (
     merged,
     new_id,
     output_parser,
-    reasoning_key,
     token_counter,
     truncated_prompt,
 )
@@ -327,7 +326,6 @@ async def _start_chat(
                 functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
             ),
             count_tokens=count,
-            reasoning_key=reasoning_key(engine),
             one_call=body.parallel_tool_calls is False,
         )
         for i in range(body.n)

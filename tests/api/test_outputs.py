@@ -131,7 +131,8 @@ async def test_message_has_reasoning_content_and_tool_calls(client: httpx.AsyncC
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     msg = choice["message"]
-    assert msg["reasoning_content"] == "The user wants weather."
+    # By both the names clients read it by: DeepSeek's and vLLM's (and LM Studio's for gpt-oss).
+    assert msg["reasoning_content"] == msg["reasoning"] == "The user wants weather."
     assert msg["content"] == "Checking."
     (call,) = msg["tool_calls"]
     assert call["type"] == "function" and call["id"].startswith("call_")
@@ -158,6 +159,7 @@ async def test_stream_carries_reasoning_content_and_indexed_tool_call_deltas(
     chunks = [e for e in sse_events(r.text) if e != "[DONE]"]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants weather."
+    assert all(d.get("reasoning_content") == d.get("reasoning") for d in deltas)
     assert "".join(d.get("content") or "" for d in deltas) == "Checking."
     calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
     assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
@@ -288,7 +290,7 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</t
         (CALL, {"role": "assistant", "content": None, "tool_calls": "..."}),
         (
             "<think>Hm.</think>" + CALL,
-            {"role": "assistant", "content": None, "reasoning_content": "..."},
+            {"role": "assistant", "content": None, "reasoning_content": "...", "reasoning": "..."},
         ),
         # Text opens as it always did: the role with empty content, then the text.
         ("Sunny.", {"role": "assistant", "content": ""}),
@@ -304,7 +306,8 @@ async def test_a_streamed_answer_opens_with_the_role_and_null_content_unless_it_
         r = await c.post("/v1/chat/completions", json={**BODY, "stream": True})
     deltas = [e["choices"][0]["delta"] for e in sse_events(r.text) if e != "[DONE]"]
     opening = {
-        k: "..." if k.endswith(("calls", "reasoning_content")) else v for k, v in deltas[0].items()
+        k: "..." if k.endswith(("calls", "reasoning_content", "reasoning")) else v
+        for k, v in deltas[0].items()
     }
     assert opening == first
     assert [d for d in deltas if "role" in d] == deltas[:1]
@@ -446,7 +449,7 @@ async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
                 finish, content = choice["finish_reason"], choice["message"]["content"] or ""
             assert reasoning == "Need the weather." and not content and finish == "tool_calls"
             assert calls == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
-            assert "<|" not in r.text and "reasoning_content" not in r.text
+            assert "<|" not in r.text
         # Constrained, the answer starts in the final channel at once, written as the grammar says.
         forced = {**BODY, "tool_choice": "required"}
         msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
