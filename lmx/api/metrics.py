@@ -27,7 +27,10 @@ class _Live(Collector):
     def collect(self) -> Iterable[Metric]:
         snap = self._snapshot()
         specs = {
-            "queue_depth": ("lmx_queue_depth", "requests waiting or running per model"),
+            "queue_depth": (
+                "lmx_queue_depth",
+                "sequences waiting for a place in the model's batch per model",
+            ),
             "in_flight": ("lmx_in_flight", "requests in flight per model"),
             "resident_bytes": ("lmx_model_resident_bytes", "bytes a loaded model holds"),
             "state": ("lmx_model_ready", "1 if the model is loaded and ready"),

@@ -122,9 +122,9 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class EngineStats:
-    in_flight: int
-    queued: int
-    active: int
+    in_flight: int  # sequences the engine holds: decoding, waiting, or on their way in
+    queued: int  # of those, the ones past the batch's places (max_batch), waiting for one
+    active: int  # sequences the worker has
     resident_bytes: int
     prompt_cache_bytes: int
     steps: int

@@ -291,7 +291,7 @@ class MlxEngine:
         active = s.active if s else 0
         return EngineStats(
             in_flight=self._in_flight,
-            queued=max(0, self._in_flight - active),
+            queued=max(0, self._in_flight - self.config.max_batch),
             active=active,
             resident_bytes=self.resident_bytes(),
             prompt_cache_bytes=s.prompt_cache_bytes if s else 0,
