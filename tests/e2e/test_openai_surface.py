@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,13 @@ def test_invalid_schema_is_a_400_naming_the_field(client: openai.OpenAI) -> None
 
 
 def _in_flight(daemon: Daemon, model: str = "lmx-tiny") -> float:
+    """The model's requests that the daemon holds, its engine's and those it still builds."""
+    return _metric(daemon, "lmx_in_flight", model)
+
+
+def _metric(daemon: Daemon, name: str, model: str = "lmx-tiny") -> float:
     text = httpx.get(daemon.url + "/metrics", timeout=5).text
-    m = re.search(rf'^lmx_in_flight\{{model="{model}"\}} (\S+)$', text, re.M)
+    m = re.search(rf'^{name}\{{model="{model}"\}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
@@ -233,8 +239,11 @@ def test_a_worker_that_dies_under_a_request_answered_at_its_end_is_a_500_saying_
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=d.url, timeout=60) as http:
+            steps = _metric(d, "lmx_engine_steps_total")
             answer = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-            await asyncio.to_thread(wait_for, lambda: _in_flight(d), lambda v: v == 1, 20)
+            # Its steps have begun: the worker has it.
+            more = partial(_metric, d, "lmx_engine_steps_total")
+            await asyncio.to_thread(wait_for, more, lambda v: v > steps + 1, 20)
             os.kill(pid, signal.SIGKILL)
             return await answer
 
@@ -299,8 +308,9 @@ def test_full_queue_answers_429_with_retry_after(
 
             holders = [asyncio.create_task(hold()) for _ in range(2)]
             try:
-                # One request runs, one waits in the queue: the queue (1) is now full.
-                await asyncio.to_thread(wait_for, lambda: _in_flight(d, "m"), lambda v: v == 2, 20)
+                # One request has the batch's one place, one waits for it: the queue (1) is full.
+                depth = partial(_metric, d, "lmx_queue_depth", "m")
+                await asyncio.to_thread(wait_for, depth, lambda v: v == 1, 20)
                 return await http.post("/v1/chat/completions", json={**body, "stream": False})
             finally:
                 for h in holders:
