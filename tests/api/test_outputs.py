@@ -111,7 +111,7 @@ class NotingEngine(ScriptedEngine):
 
 
 async def test_prompts_are_rendered_and_encoded_off_the_event_loop() -> None:
-    # A long conversation's took 60 ms at 60k tokens: on the loop, every stream waited.
+    # A 60k-token conversation took 60 ms to encode: on the loop, every stream waited.
     registry = EngineRegistry(NotingEngine)  # type: ignore[arg-type]
     await registry.load(LoadConfig(model_id="m", path=Path()))
     app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
