@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import struct
 import subprocess
@@ -117,6 +118,9 @@ class ZeroEngine:
             for loop, items in batches.items():
                 loop.call_soon_threadsafe(_put_all, items)
 
+    def hold(self, request_id: str, places: int) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # no queue to hold places in
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         with self._lock:
@@ -133,7 +137,7 @@ class ZeroEngine:
             with self._lock:
                 self._live.pop(key, None)
 
-    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+    async def embed(self, inputs: Sequence[Sequence[int]], request_id: str = "") -> Embeddings:
         """Every input the same vector of length 1, at once: no model, as for text."""
         one = struct.pack("<f", 1.0)
         return Embeddings(one * len(inputs), len(inputs), 1, sum(len(r) for r in inputs))

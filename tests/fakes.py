@@ -10,6 +10,7 @@ that keep (or return late) their memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import struct
@@ -179,6 +180,9 @@ class FakeEngine:
     def resident_bytes(self) -> int:
         return self._bytes if self._state is EngineState.READY else 0
 
+    def hold(self, request_id: str, places: int) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # no queue to hold places in
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         for tok in request.prompt_tokens[: request.params.max_tokens]:
             await asyncio.sleep(0)
@@ -186,7 +190,7 @@ class FakeEngine:
         self.served += 1
         yield Delta(text="", finish_reason="stop")
 
-    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+    async def embed(self, inputs: Sequence[Sequence[int]], request_id: str = "") -> Embeddings:
         """Each input's vector of length 1 from its length, sum and ends: equal inputs, equal
         vectors; most others differ."""
         rows = [[len(r), sum(r) % 97 + 1, r[0] + 1, r[-1] + 1] for r in inputs]

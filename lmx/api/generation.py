@@ -268,6 +268,14 @@ def texts_or_ids(given: str | list[str] | list[int] | list[list[int]]) -> list[s
     return cast(list[str | list[int]], given)
 
 
+def completion_sequences(body: CompletionRequest) -> int:
+    """How many sequences a completion request asks for: `n` per prompt. Counted without
+    walking its prompts (a token-id prompt may be 100k long)."""
+    given = body.prompt
+    several = isinstance(given, list) and bool(given) and not isinstance(given[0], int)
+    return body.n * (len(given) if several else 1)
+
+
 def completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int]]:
     prompts = texts_or_ids(body.prompt)
     if not prompts:

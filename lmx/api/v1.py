@@ -42,6 +42,7 @@ from lmx.api.generation import (
     ChoiceState,
     chat_prompt,
     completion_prompts,
+    completion_sequences,
     forbid_calls,
     generation_requests,
     merged,
@@ -149,22 +150,28 @@ class _Generation:
         cls,
         deps: AppDeps,
         model: str,
+        places: int,
         build: Callable[[Engine], list[GenerationRequest]],
     ) -> tuple[_Generation, Engine, list[GenerationRequest]]:
+        """`build`'s requests under way, the first delta in; `places`: how many sequences the
+        request will have, held in the model's queue in arrival order while it is built."""
         model_id = await deps.models.ensure_ready(model)
         deps.intake.concerns(model_id)  # not coming to other models' idle workers
         stack = AsyncExitStack()
         try:
             engine = await stack.enter_async_context(deps.registry.acquire(model_id))
             rid = new_id("req")  # its sequences are one request to the engine
-            # On a thread: a 60k-token conversation's template and encoding held the event
-            # loop, and every other stream, for 60 ms on the CPU.
-            requests = [replace(r, request_id=rid) for r in await asyncio.to_thread(build, engine)]
-            streams = [engine.stream(r) for r in requests]
-            gen = cls(stack, merged(streams), model_id, len(streams), deps.metrics)
-            stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]
-            # Wait for the first delta so that queue-full and bad-request errors get a status code.
-            gen.first = await anext(gen.stream)
+            with engine.hold(rid, places):
+                # On a thread: a 60k-token conversation's template and encoding held the event
+                # loop, and every other stream, for 60 ms on the CPU.
+                built = await asyncio.to_thread(build, engine)
+                requests = [replace(r, request_id=rid) for r in built]
+                streams = [engine.stream(r) for r in requests]
+                gen = cls(stack, merged(streams), model_id, len(streams), deps.metrics)
+                stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]
+                # The first delta: queue-full and bad-request errors get a status code, and
+                # every stream has taken its place.
+                gen.first = await anext(gen.stream)
         except BaseException:
             await stack.aclose()
             raise
@@ -313,7 +320,7 @@ async def _start_chat(
             for r in requests
         ]
 
-    gen, engine, requests = await _Generation.start(deps, body.model, build)
+    gen, engine, requests = await _Generation.start(deps, body.model, body.n, build)
     count = token_counter(engine.tokenizer.encode) if engine.tokenizer.reasoning else None
     states = [
         ChoiceState(
@@ -435,7 +442,8 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             prompt_logprobs=scored,
         )
 
-    gen, engine, requests = await _Generation.start(deps, body.model, build)
+    places = completion_sequences(body)
+    gen, engine, requests = await _Generation.start(deps, body.model, places, build)
     prompts = [r.prompt_tokens for r in requests]
     prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
 
@@ -514,7 +522,10 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
 async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
     model_id = await deps.models.ensure_ready(body.model)
     async with deps.registry.acquire(model_id) as engine:
-        result = await engine.embed(await asyncio.to_thread(token_rows, body, engine.tokenizer))
+        rid = new_id("req")
+        with engine.hold(rid, 1):
+            rows = await asyncio.to_thread(token_rows, body, engine.tokenizer)
+            result = await engine.embed(rows, rid)
     answer = embeddings_body(body, result)
     deps.metrics.prompt_tokens.labels(model_id).inc(result.prompt_tokens)
     return JSONResponse(answer)

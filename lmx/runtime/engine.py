@@ -8,6 +8,7 @@ Nothing in this module touches MLX.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -192,15 +193,26 @@ class Engine(Protocol):
     def resident_bytes(self) -> int:
         """Bytes this model holds now: weights + KV caches + prompt cache."""
 
+    def hold(self, request_id: str, places: int) -> AbstractContextManager[None]:
+        """Take `places` in the model's queue for the request `request_id` as it arrives, while
+        its prompt is still being built: its streams (or its embedding) fill them as they start,
+        so a request that arrived later, whose prompt was quicker to build, cannot take them
+        first. Raises QueueFull if fewer are free (none are taken for a request that asks more
+        than the queue has at all: a 429 would be retried); those left when the block exits are
+        freed.
+        """
+
     def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Generate; cancelling the iterator (client gone) removes the sequence at the next step.
 
-        Raises QueueFull when the model's queue is full, RequestError for a bad request.
+        Takes one of the places `request.request_id` holds, else a free one: raises QueueFull
+        when the model's queue is full, RequestError for a bad request.
         """
 
-    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+    async def embed(self, inputs: Sequence[Sequence[int]], request_id: str = "") -> Embeddings:
         """One vector per input (token ids) from the model's last hidden states, pooled as the
-        model says (lmx.runtime.mlx_embedding). Queued with the model's generation requests.
+        model says (lmx.runtime.mlx_embedding). Queued with the model's generation requests, in
+        a place `request_id` holds or a free one.
 
         Raises QueueFull, RequestError for a bad input or a model that cannot embed,
         GenerationFailed when the computation fails.

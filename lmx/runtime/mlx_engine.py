@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -182,6 +182,7 @@ class MlxEngine:
         self._embeddings: dict[int, asyncio.Future[Embeddings]] = {}
         self._ids = itertools.count()
         self._in_flight = 0
+        self._held: dict[str, int] = {}  # places held for requests being built, by request id
         self._served = 0
         _engines.add(self)
 
@@ -305,6 +306,18 @@ class MlxEngine:
 
     # -- the asyncio side --
 
+    @contextlib.contextmanager
+    def hold(self, request_id: str, places: int) -> Iterator[None]:
+        self._require_ready()
+        if places > self.config.max_batch + self.config.max_queue:
+            places = 0  # it never fits: its builder refuses it (400), not the queue (429)
+        self._require_room(places)
+        self._held[request_id] = places
+        try:
+            yield
+        finally:
+            del self._held[request_id]
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         self._require_ready()
         if self._embedding_only:
@@ -319,8 +332,8 @@ class MlxEngine:
         if n_prompt + request.params.max_tokens > self._context_length:
             limit, wanted = self._context_length, request.params.max_tokens
             raise context_exceeded(limit, n_prompt, wanted, "max_tokens")
-        self._require_room()
         request = self._within_vocabulary(request)
+        self._take_place(request.request_id)
         sid = next(self._ids)
         st = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[sid] = st
@@ -348,7 +361,7 @@ class MlxEngine:
             if not finished:  # at once, with whatever is posted before it (its add, maybe)
                 self._post(("cancel", sid), now=True)
 
-    async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
+    async def embed(self, inputs: Sequence[Sequence[int]], request_id: str = "") -> Embeddings:
         self._require_ready()
         rows = tuple(tuple(int(t) for t in row) for row in inputs)
         for i, row in enumerate(rows):
@@ -362,7 +375,7 @@ class MlxEngine:
                     code="context_length_exceeded",
                 )
             self._check_ids("input", row)
-        self._require_room()
+        self._take_place(request_id)
         sid = next(self._ids)
         answer: asyncio.Future[Embeddings] = asyncio.get_running_loop().create_future()
         self._embeddings[sid] = answer
@@ -381,9 +394,20 @@ class MlxEngine:
         if self._state is not EngineState.READY:
             raise RequestError(f"model {self.config.model_id!r} is not ready")
 
-    def _require_room(self) -> None:
-        """QueueFull once the model holds as many requests as its batch and queue take."""
-        if self._in_flight >= self.config.max_batch + self.config.max_queue:
+    def _take_place(self, request_id: str) -> None:
+        """A place in the queue for one of `request_id`'s sequences: one it holds, else a free
+        one (QueueFull if none is)."""
+        held = self._held.get(request_id, 0)
+        if held:
+            self._held[request_id] = held - 1
+        else:
+            self._require_room()
+
+    def _require_room(self, places: int = 1) -> None:
+        """QueueFull unless `places` more fit beside the requests the model has and those held
+        for requests on their way: as many as its batch and queue take."""
+        taken = self._in_flight + sum(self._held.values())
+        if taken + places > self.config.max_batch + self.config.max_queue:
             raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
 
     def _within_vocabulary(self, request: GenerationRequest) -> GenerationRequest:

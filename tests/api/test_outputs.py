@@ -6,6 +6,7 @@ awkward chunks, so the API's mapping of parsed pieces to messages and deltas is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -70,6 +71,9 @@ class ScriptedEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0, 0, 0, 0, 0)
+
+    def hold(self, request_id: str, places: int) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # no queue to hold places in
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         chunks = [OUTPUT[i : i + 3] for i in range(0, len(OUTPUT), 3)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -273,6 +274,34 @@ async def test_a_request_that_could_never_fit_the_queue_is_a_400_not_a_429(
     assert "asks for 14 sequences" in err["message"] and "at most 12" in err["message"]
     r = await client.post("/v1/chat/completions", json={**CHAT, "n": 13})
     assert_envelope(r, 400, "n")
+
+
+async def test_a_request_keeps_the_place_it_arrived_to_while_its_prompt_is_built(
+    client: httpx.AsyncClient, registry: EngineRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prompts are built on a thread: a request arriving later with a quicker one (token ids)
+    # must find the last place taken, not take it and leave the first one a 429.
+    building, built = threading.Event(), threading.Event()
+    async with registry.acquire("tiny") as engine:
+        tokenizer = engine.tokenizer
+        encode = tokenizer.encode
+
+        def slow_encode(text: str) -> list[int]:
+            building.set()
+            built.wait(10)
+            return encode(text)
+
+        monkeypatch.setattr(tokenizer, "encode", slow_encode)
+        body = {"model": "tiny", "max_tokens": 2}
+        with engine.hold("others", 11):  # of its 12 places
+            first = asyncio.create_task(
+                client.post("/v1/completions", json={**body, "prompt": "Hi"})
+            )
+            assert await asyncio.to_thread(building.wait, 10)
+            later = await client.post("/v1/completions", json={**body, "prompt": [5, 6]})
+            built.set()
+            assert_envelope(later, 429)
+            assert (await first).status_code == 200
 
 
 async def test_best_of_other_than_n_is_refused(client: httpx.AsyncClient) -> None:

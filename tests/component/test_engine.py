@@ -430,6 +430,45 @@ async def test_full_queue_is_refused_and_context_overflow_names_the_limit(
         await asyncio.to_thread(e.unload)
 
 
+async def test_places_held_for_a_request_on_its_way_are_its_own(tiny_model_dir: Path) -> None:
+    # The API holds a request's places as it arrives, while its prompt is built on a thread: a
+    # later request whose prompt was quicker to build must not take them.
+    e = MlxEngine(LoadConfig(model_id="h", path=tiny_model_dir, max_batch=1, max_queue=2))
+    await asyncio.to_thread(e.load)
+    streams: list[AsyncIterator[Delta]] = []
+    try:
+        p = prompts(e, 1)[0]
+        long = SamplingParams(max_tokens=500)
+        streams.append(e.stream(GenerationRequest(p, long)))
+        await anext(streams[0])
+        with e.hold("first", 2):
+            with pytest.raises(QueueFull), e.hold("later", 1):
+                pass
+            with pytest.raises(QueueFull):
+                await anext(e.stream(GenerationRequest(p, long, request_id="later")))
+            streams += [e.stream(GenerationRequest(p, long, request_id="first")) for _ in range(2)]
+            for s in streams[1:]:
+                await anext(s)
+        assert e.stats().in_flight == 3  # its places became its streams', none freed twice
+        with pytest.raises(QueueFull):
+            await anext(e.stream(GenerationRequest(p, long)))
+        while streams:
+            await streams.pop().aclose()  # type: ignore[attr-defined]
+        # Places it did not fill are free again after the block.
+        with e.hold("gone", 3), pytest.raises(QueueFull):
+            await anext(e.stream(GenerationRequest(p, long)))
+        streams.append(e.stream(GenerationRequest(p, long)))
+        await anext(streams[-1])
+        # More places than the queue has at all: none, for the API to refuse it with a 400.
+        with e.hold("huge", 4):
+            streams.append(e.stream(GenerationRequest(p, long)))
+            await anext(streams[-1])
+    finally:
+        for s in streams:
+            await s.aclose()  # type: ignore[attr-defined]
+        await asyncio.to_thread(e.unload)
+
+
 async def test_a_request_behind_a_full_batch_reports_its_wait_in_the_queue(
     tiny_model_dir: Path,
 ) -> None:
