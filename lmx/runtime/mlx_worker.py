@@ -629,20 +629,20 @@ class Worker:
             if seq.done:  # its text ended at an earlier step
                 continue
             try:
-                text, stopped = self._text(seq, token, finish)
+                text, stop = self._text(seq, token, finish)
             except Exception as exc:  # this sequence only: an error delta, the batch goes on
                 log.exception("sequence_text_failed", model=self.config.model_id)
                 seq.done = True
                 self._text_ended.append(seq)
                 out.append((seq.sid, self._final(seq, "error", str(exc), generated)))
                 continue
-            if stopped:
+            if stop is not None:
                 finish = "stop"
                 self._text_ended.append(seq)
             if finish is not None:
                 seq.done = True
                 error = seq.constraint.error if seq.constraint is not None else None
-                final = self._final(seq, finish, error, generated, text, token, lps)
+                final = self._final(seq, finish, error, generated, text, token, lps, stop)
                 out.append((seq.sid, self._timed(seq, final)))
             elif lps or (text and not seq.timed):
                 delta = Delta(text=text, token_ids=(token,), logprobs=lps)
@@ -652,17 +652,18 @@ class Worker:
         if pieces or out or changed:
             self._send(("out", pieces, out, stats))
 
-    def _text(self, seq: _Seq, token: int, finish: str | None) -> tuple[str, bool]:
+    def _text(self, seq: _Seq, token: int, finish: str | None) -> tuple[str, str | None]:
         """`token`'s text for `seq` (none for a stop token that ended it, or a special token the
-        text leaves out), and whether it completed a stop string (the text then ends before it)."""
+        text leaves out), and the stop string it completed if any (the text then ends before
+        it)."""
         ended = finish == "stop" and token in seq.stop_ids
         text = "" if ended or token in self.tokenizer.hidden_ids else seq.detok.add(token)
         if finish is not None:
             text += seq.detok.flush()
-        text, stopped = seq.stops.feed(text)
-        if finish is not None and not stopped:
+        text, stop = seq.stops.feed(text)
+        if finish is not None and stop is None:
             text += seq.stops.flush()
-        return text, stopped
+        return text, stop
 
     def _prefill_group(self, waiting: list[int]) -> int:
         """How many of the `waiting` prompts the next step may take into its prefill."""
@@ -750,6 +751,7 @@ class Worker:
         text: str = "",
         token: int | None = None,
         lps: tuple[TokenLogprob, ...] = (),
+        stop: str | None = None,
     ) -> Delta:
         return Delta(
             text=text,
@@ -760,6 +762,7 @@ class Worker:
             completion_tokens=generated,
             cached_tokens=seq.cached_tokens,
             error=error,
+            stop=stop,
         )
 
     def _embed_take(self, sid: int, rows: tuple[tuple[int, ...], ...]) -> None:

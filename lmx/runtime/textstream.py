@@ -21,19 +21,21 @@ class StopMatcher:
         self.stops = tuple(s for s in self.stops if s)
         self._hold = max((len(s) for s in self.stops), default=1) - 1
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add `text`; return (text safe to emit now, whether a stop string was reached)."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Add `text`; return (text safe to emit now, the stop string it reached if any: the one
+        that starts first)."""
         buf = self._held + text
         if not self.stops:
             self._held = ""
-            return buf, False
-        cut = min((i for s in self.stops if (i := buf.find(s)) >= 0), default=-1)
-        if cut >= 0:
+            return buf, None
+        found = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:
+            cut, stop = min(found)
             self._held = ""
-            return buf[:cut], True
+            return buf[:cut], stop
         keep = self._partial_suffix(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False
+        return buf[: len(buf) - keep], None
 
     def flush(self) -> str:
         """The held-back text, once the sequence ended for another reason."""

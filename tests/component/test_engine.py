@@ -120,7 +120,7 @@ async def test_stop_string_ends_only_its_request_and_is_not_emitted(engine: MlxE
         run(engine, ps[0], GREEDY), run(engine, ps[1], stopped), run(engine, ps[2], GREEDY)
     )
     text, last = results[1]
-    assert last.finish_reason == "stop"
+    assert (last.finish_reason, last.stop) == ("stop", stop)  # and which stop string it was
     assert text == reference[: reference.index(stop)]
     assert stop not in text
     assert all(d.finish_reason == "length" and d.completion_tokens == 16 for _, d in results[::2])

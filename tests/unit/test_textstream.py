@@ -32,7 +32,9 @@ def test_a_character_split_over_tokens_comes_out_once_whole() -> None:
 def test_a_stop_string_split_over_pieces_ends_the_text_before_it() -> None:
     stops = StopMatcher(("</end>", "STOP"))
     out = [stops.feed(piece) for piece in ("Hello </", "en", "d> more")]
-    assert out == [("Hello ", False), ("", False), ("", True)]
+    assert out == [("Hello ", None), ("", None), ("", "</end>")]
+    # Of two reached at once, the one that starts first.
+    assert StopMatcher(("b", "ab")).feed("xabc") == ("x", "ab")
     # Held-back text that never became a stop comes out at the end.
     stops = StopMatcher(("</end>",))
-    assert stops.feed("a </en") == ("a ", False) and stops.flush() == "</en"
+    assert stops.feed("a </en") == ("a ", None) and stops.flush() == "</en"
