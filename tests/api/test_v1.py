@@ -93,7 +93,8 @@ async def test_a_streams_last_events_end_its_body_in_one_message(
     # response (one write), not one message each and an empty one after. With n choices only
     # the last one to end waits for the stream's end.
     app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
-    body = {"model": "tiny", "max_tokens": 4, "stream": True, "n": n}
+    # Its sampled choices all run to max_tokens (one ended at an EOS now and then).
+    body = {"model": "tiny", "max_tokens": 4, "stream": True, "n": n, "ignore_eos": True}
     body |= {"stream_options": {"include_usage": True}}
     body |= {"messages": CHAT["messages"]} if "chat" in path else {"prompt": "Hello"}
     raw = json.dumps(body).encode()
