@@ -67,7 +67,7 @@ class RequestContext:
             except Exception as exc:
                 if started:  # too late for a status: the server ends the response
                     raise
-                await errors.unexpected(exc)(scope, receive, send_with_id)
+                await errors.unexpected(exc, scope["path"])(scope, receive, send_with_id)
 
 
 class CountIntake:

@@ -1,5 +1,6 @@
 """Bearer keys: an admin key for /admin (always for mutations), optional inference keys for /v1.
 
+A key comes as `Authorization: Bearer <key>` or, as Anthropic's clients send it, `x-api-key`.
 Keys are compared in constant time. Failures answer 401 with the OpenAI error envelope and a
 `WWW-Authenticate: Bearer` challenge. The key sources are callables: inference keys live in the
 desired state and change with it.
@@ -25,7 +26,9 @@ class Keys:
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 def _matches(token: str | None, keys: tuple[str, ...]) -> bool:
@@ -40,7 +43,7 @@ def _deny(token: str | None, what: str) -> HTTPException:
     why = "no API key was given" if token is None else "the API key is not valid"
     return HTTPException(
         status_code=401,
-        detail=f"{why} for {what}; send 'Authorization: Bearer <key>'",
+        detail=f"{why} for {what}; send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
         headers={"WWW-Authenticate": "Bearer"},
     )
 

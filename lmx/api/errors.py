@@ -1,4 +1,6 @@
-"""The OpenAI error envelope: every error response from lmx is `{"error": {message, type, param, code}}`.
+"""The OpenAI error envelope: every error response from lmx is `{"error": {message, type, param, code}}`,
+except on Anthropic's routes (/v1/messages...): `{"type": "error", "error": {type, message}}`, whose
+clients read that one.
 
 Routes raise `LmxError`s and never build error responses themselves; `unexpected` answers anything
 else (lmx.api.app.RequestContext calls it, inside the other middlewares, so that such a response
@@ -7,6 +9,8 @@ still carries its request id and CORS headers and is counted).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -33,6 +37,19 @@ from lmx.reconciler.editing import PreconditionFailed
 log = structlog.get_logger(__name__)
 
 
+# Anthropic's error types by status; any other is an api_error.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+ANTHROPIC_ROUTES = "/v1/messages"  # and those under it
+
+
 def envelope(
     status: int,
     message: str,
@@ -42,13 +59,35 @@ def envelope(
     code: str | None = None,
     headers: dict[str, str] | None = None,
     errors: list[str] | None = None,
+    path: str = "",
 ) -> JSONResponse:
-    """The OpenAI error envelope; `errors` (one line per problem, each naming its field) rides
-    along for an invalid desired state, whose `message` joins them."""
-    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
+    """The OpenAI error envelope, or Anthropic's for a request to `path` under its routes (which
+    has no param or code: the message names the field); `errors` (one line per problem, each
+    naming its field) rides along for an invalid desired state, whose `message` joins them."""
+    if path.startswith(ANTHROPIC_ROUTES):
+        if param is not None and param not in message:
+            message = f"{param}: {message}"
+        error = {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}
+        return JSONResponse({"type": "error", "error": error}, status_code=status, headers=headers)
+    body: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
     if errors is not None:
-        error["errors"] = errors
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
+        body["errors"] = errors
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def renamed(exc: RequestError, names: Sequence[tuple[re.Pattern[str], str]]) -> RequestError:
+    """`exc`, raised for the chat request another API's request runs as, naming that API's field
+    (in its message too, where it starts with the field): each of `names` is a pattern of chat
+    fields and what it becomes."""
+    if exc.param is None:
+        return exc
+    param = exc.param
+    for chat, other in names:
+        param = chat.sub(other, param)
+    message = str(exc)
+    if message.startswith(exc.param + ":"):
+        message = param + message[len(exc.param) :]
+    return RequestError(message, param=param, code=exc.code)
 
 
 def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
@@ -93,14 +132,21 @@ def _problem(error: dict[str, Any]) -> tuple[str | None, str]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(LmxError)
-    async def _lmx(_: Request, exc: LmxError) -> JSONResponse:
+    async def _lmx(request: Request, exc: LmxError) -> JSONResponse:
         status, type_, param, code = _status_of(exc)
         headers = None
         if isinstance(exc, TemporaryError):
             headers = {"Retry-After": str(max(1, round(exc.delay_s)))}
         errors = exc.errors if isinstance(exc, ConfigError) else None
         return envelope(
-            status, str(exc), type_=type_, param=param, code=code, headers=headers, errors=errors
+            status,
+            str(exc),
+            type_=type_,
+            param=param,
+            code=code,
+            headers=headers,
+            errors=errors,
+            path=request.url.path,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -111,7 +157,12 @@ def install(app: FastAPI) -> None:
         if whole_body and not is_json(request.headers.get("content-type")):
             msg += " (send it as JSON, with the header content-type: application/json)"
         return envelope(
-            400, msg, type_="invalid_request_error", param=problems[0][0], code="invalid_value"
+            400,
+            msg,
+            type_="invalid_request_error",
+            param=problems[0][0],
+            code="invalid_value",
+            path=request.url.path,
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -129,10 +180,12 @@ def install(app: FastAPI) -> None:
             type_=type_,
             code=code,
             headers=dict(exc.headers or {}),
+            path=request.url.path,
         )
 
 
-def unexpected(exc: Exception) -> JSONResponse:
-    """The 500 for an error no handler took: logged with its traceback, named by its type."""
+def unexpected(exc: Exception, path: str) -> JSONResponse:
+    """The 500 for an error no handler took in a request to `path`: logged with its traceback,
+    named by its type."""
     log.exception("unhandled_error", error=repr(exc))
-    return envelope(500, "internal error: " + type(exc).__name__, type_="server_error")
+    return envelope(500, "internal error: " + type(exc).__name__, type_="server_error", path=path)

@@ -297,6 +297,7 @@ class ChoiceState:
     logprobs: list[Any] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    stop: str | None = None  # the stop string that ended it, if one did
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -317,6 +318,7 @@ class ChoiceState:
             self.completion_tokens = delta.completion_tokens
             self.cached_tokens = delta.cached_tokens
             self.error = delta.error
+            self.stop = delta.stop
         added: list[Piece] = []
         for piece in pieces:
             match piece:

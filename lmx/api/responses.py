@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from lmx.api.errors import renamed
 from lmx.api.generation import ChoiceState
 from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest, param_of
@@ -119,16 +120,8 @@ def chat_request(
 
 def responses_error(exc: RequestError) -> RequestError:
     """`exc`, raised for the chat request a Responses request runs as, naming the Responses
-    field (in its message too, where it starts with the field)."""
-    if exc.param is None:
-        return exc
-    param = exc.param
-    for chat, responses in _PARAMS:
-        param = chat.sub(responses, param)
-    message = str(exc)
-    if message.startswith(exc.param + ":"):
-        message = param + message[len(exc.param) :]
-    return RequestError(message, param=param, code=exc.code)
+    field."""
+    return renamed(exc, _PARAMS)
 
 
 def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[dict[str, Any]]:

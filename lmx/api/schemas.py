@@ -181,6 +181,34 @@ class ResponsesRequest(_Request):
     user: str | None = None
 
 
+class CountTokensRequest(_Request):
+    """Anthropic's `/v1/messages/count_tokens`: what a Messages request's prompt is made of.
+    Content blocks, tools and the tool choice are checked where they are turned into a chat
+    request (lmx.api.messages), so a 400 names the block."""
+
+    model: str
+    messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    output_format: dict[str, Any] | None = None  # output_config.format, by its earlier name
+
+
+class MessagesRequest(CountTokensRequest):
+    """Anthropic's Messages API, as lmx serves it (lmx.api.messages), with Anthropic's ranges
+    (temperature up to 1)."""
+
+    max_tokens: Annotated[int, Field(ge=1)]
+    stop_sequences: list[str] | None = None
+    temperature: Annotated[float | None, Field(ge=0, le=1)] = None
+    top_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    top_k: Annotated[int | None, Field(ge=0)] = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from lmx import __version__
+from lmx.api import messages as anthropic
 from lmx.api.auth import require_inference
 from lmx.api.chunks import (
     DONE,
@@ -63,8 +64,10 @@ from lmx.api.responses import (
 from lmx.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    CountTokensRequest,
     EmbeddingRequest,
     ErrorEnvelope,
+    MessagesRequest,
     ModelCard,
     ModelList,
     ResponsesRequest,
@@ -332,6 +335,7 @@ async def _start_chat(
                 constrained=requests[0].constraint is not None,
                 functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
             ),
+            prompt_tokens=len(requests[0].prompt_tokens),  # its usage before the end's
             count_tokens=count,
             one_call=body.parallel_tool_calls is False,
         )
@@ -547,6 +551,35 @@ async def responses(body: ResponsesRequest, deps: Deps) -> Any:
     return EventStream(stream_events(rendering, gen.deltas(), states[0]))
 
 
+@router.post("/messages", response_model=None)
+async def messages(body: MessagesRequest, deps: Deps) -> Any:
+    """Anthropic's Messages API (lmx.api.messages)."""
+    try:
+        gen, states = await _start_chat(anthropic.chat_request(body), deps)
+    except RequestError as exc:
+        raise anthropic.messages_error(exc) from None
+    rendering = anthropic.Rendering(body)
+    if not body.stream:
+        async for _, delta in gen.deltas():
+            states[0].absorb(delta)
+        return JSONResponse(rendering.message(states[0]))
+    return EventStream(anthropic.stream_events(rendering, gen.deltas(), states[0]))
+
+
+@router.post("/messages/count_tokens", response_model=None)
+async def count_tokens(body: CountTokensRequest, deps: Deps) -> JSONResponse:
+    """The tokens of the prompt a Messages request would have: its system prompt, messages and
+    tools as the model's chat template writes them."""
+    chat = anthropic.chat_request(body)
+    model_id = await deps.models.ensure_ready(body.model)
+    async with deps.registry.acquire(model_id) as engine:
+        try:
+            prompt = await asyncio.to_thread(chat_prompt, chat, engine, thinking=True)
+        except RequestError as exc:
+            raise anthropic.messages_error(exc) from None
+    return JSONResponse({"input_tokens": len(prompt)})
+
+
 @router.get("/responses/{response_id}", response_model=None)
 async def get_response(response_id: str, deps: Deps) -> JSONResponse:
     return JSONResponse(deps.responses.get(response_id))
@@ -577,6 +610,7 @@ GENERATION: dict[str, tuple[type[BaseModel], Endpoint]] = {
     "/v1/chat/completions": (ChatCompletionRequest, chat_completions),
     "/v1/completions": (CompletionRequest, completions),
     "/v1/responses": (ResponsesRequest, responses),
+    "/v1/messages": (MessagesRequest, messages),
 }
 # The routes lmx.api.shortcut takes straight to their endpoints.
 SHORTCUTS: dict[str, tuple[type[BaseModel], Endpoint]] = {
