@@ -9,8 +9,6 @@ still carries its request id and CORS headers and is counted).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -73,21 +71,6 @@ def envelope(
     if errors is not None:
         body["errors"] = errors
     return JSONResponse({"error": body}, status_code=status, headers=headers)
-
-
-def renamed(exc: RequestError, names: Sequence[tuple[re.Pattern[str], str]]) -> RequestError:
-    """`exc`, raised for the chat request another API's request runs as, naming that API's field
-    (in its message too, where it starts with the field): each of `names` is a pattern of chat
-    fields and what it becomes."""
-    if exc.param is None:
-        return exc
-    param = exc.param
-    for chat, other in names:
-        param = chat.sub(other, param)
-    message = str(exc)
-    if message.startswith(exc.param + ":"):
-        message = param + message[len(exc.param) :]
-    return RequestError(message, param=param, code=exc.code)
 
 
 def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:

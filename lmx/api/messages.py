@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
-from lmx.api.errors import renamed
+from lmx.api import translated
 from lmx.api.generation import ChoiceState, new_id
-from lmx.api.schemas import ChatCompletionRequest, CountTokensRequest, MessagesRequest, param_of
+from lmx.api.schemas import ChatCompletionRequest, CountTokensRequest, MessagesRequest
 from lmx.errors import GenerationFailed, RequestError
-from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
 
 _STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
@@ -84,19 +81,13 @@ def chat_request(body: CountTokensRequest) -> ChatCompletionRequest:
             "stream": body.stream,
             "user": (body.metadata or {}).get("user_id"),
         }
-    try:
-        return ChatCompletionRequest.model_validate(chat)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = param_of(tuple(first["loc"]))
-        error = RequestError(f"{param or 'body'}: {first['msg']}", param=param)
-        raise messages_error(error) from None
+    return translated.chat_request(chat, _PARAMS)
 
 
 def messages_error(exc: RequestError) -> RequestError:
     """`exc`, raised for the chat request a Messages request runs as, naming the Messages
     field."""
-    return renamed(exc, _PARAMS)
+    return translated.renamed(exc, _PARAMS)
 
 
 def _system(system: str | list[dict[str, Any]]) -> str:
@@ -119,8 +110,8 @@ def _text(blocks: Any, where: str) -> str:
 
 
 def _messages(message: dict[str, Any], at: str) -> list[dict[str, Any]]:
-    """A message as chat messages: an assistant's one (its text, reasoning and calls); a user's
-    its tool results, each a tool message, then its text, if any."""
+    """A message as chat messages: an assistant's as one (its text, reasoning and calls); a user's
+    as a tool message per tool result, then one of its text, if it has any."""
     role = message.get("role")
     content = message.get("content")
     if role not in ("user", "assistant"):
@@ -148,9 +139,10 @@ def _messages(message: dict[str, Any], at: str) -> list[dict[str, Any]]:
                 arguments = block.get("input", {})
                 if not isinstance(arguments, dict):
                     raise RequestError(f"{where}.input must be an object", param=f"{where}.input")
-                call = {"name": _string(block, "name", where), "arguments": json.dumps(arguments)}
-                calls.append({"id": _string(block, "id", where), "type": "function"})
-                calls[-1]["function"] = call
+                function = {"name": _string(block, "name", where), "arguments": arguments}
+                calls.append(
+                    {"id": _string(block, "id", where), "type": "function", "function": function}
+                )
             case "user", "tool_result":
                 result = block.get("content", "")
                 text = result if isinstance(result, str) else _text(result, f"{where}.content")
@@ -243,7 +235,7 @@ class Rendering:
         self.content: list[dict[str, Any]] = []  # the blocks, the open one last
         self._open: dict[str, Any] | None = None  # the thinking or text block being streamed
 
-    def message(self, state: ChoiceState) -> dict[str, Any]:
+    def answer(self, state: ChoiceState) -> dict[str, Any]:
         """The whole message, once `state` has absorbed its last delta."""
         if state.error is not None:
             raise GenerationFailed(state.error)
@@ -333,8 +325,8 @@ class Rendering:
 
 
 def _input(arguments: str) -> dict[str, Any]:
-    """A call's arguments as its `input`; those cut off (by max_tokens) as far as they parse:
-    not at all, so none."""
+    """A call's arguments as its `input`, an object: none for arguments that do not parse (cut
+    off by max_tokens)."""
     try:
         value = json.loads(arguments)
     except ValueError:
@@ -355,19 +347,3 @@ def _usage(state: ChoiceState) -> dict[str, int]:
 def _event(kind: str, **fields: Any) -> bytes:
     data = orjson.dumps({"type": kind, **fields})
     return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
-
-
-async def stream_events(
-    rendering: Rendering, deltas: AsyncIterator[tuple[int, Delta]], state: ChoiceState
-) -> AsyncIterator[bytes]:
-    """A streamed message's events, from its deltas."""
-    yield rendering.started(state)
-    async for _, delta in deltas:
-        pieces = state.absorb(delta)
-        events = rendering.feed(pieces) if state.error is None else b""
-        if state.finish_reason is not None:
-            events += rendering.ended(state)
-        if events:
-            yield events
-        if state.finish_reason is not None:
-            return

@@ -15,18 +15,16 @@ import base64
 import binascii
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
-from lmx.api.errors import renamed
+from lmx.api import translated
 from lmx.api.generation import ChoiceState
 from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
-from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest, param_of
+from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
-from lmx.runtime.engine import Delta
 from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
 
 _ROLES = ("user", "system", "developer", "assistant")
@@ -109,19 +107,13 @@ def chat_request(
         "parallel_tool_calls": body.parallel_tool_calls,
         "user": body.user,
     }
-    try:
-        return ChatCompletionRequest.model_validate(chat)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = param_of(tuple(first["loc"]))
-        error = RequestError(f"{param or 'body'}: {first['msg']}", param=param)
-        raise responses_error(error) from None
+    return translated.chat_request(chat, _PARAMS)
 
 
 def responses_error(exc: RequestError) -> RequestError:
     """`exc`, raised for the chat request a Responses request runs as, naming the Responses
     field."""
-    return renamed(exc, _PARAMS)
+    return translated.renamed(exc, _PARAMS)
 
 
 def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[dict[str, Any]]:
@@ -365,7 +357,7 @@ class Rendering:
                     out += self.event("response.output_item.done", output_index=index, item=call)
         return out
 
-    def started(self) -> bytes:
+    def started(self, state: ChoiceState) -> bytes:
         response = self.response("in_progress")
         return self.event("response.created", response=response) + self.event(
             "response.in_progress", response=response
@@ -464,19 +456,3 @@ class Rendering:
             "output_tokens_details": {"reasoning_tokens": state.reasoning_tokens},
             "total_tokens": state.prompt_tokens + state.completion_tokens,
         }
-
-
-async def stream_events(
-    rendering: Rendering, deltas: AsyncIterator[tuple[int, Delta]], state: ChoiceState
-) -> AsyncIterator[bytes]:
-    """A streamed response's events, from its deltas."""
-    yield rendering.started()
-    async for _, delta in deltas:
-        pieces = state.absorb(delta)
-        events = rendering.feed(pieces) if state.error is None else b""
-        if state.finish_reason is not None:
-            events += rendering.ended(state)
-        if events:
-            yield events
-        if state.finish_reason is not None:
-            return

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from lmx import __version__
 from lmx.api import messages as anthropic
+from lmx.api import translated
 from lmx.api.auth import require_inference
 from lmx.api.chunks import (
     DONE,
@@ -59,7 +60,6 @@ from lmx.api.responses import (
     conversation,
     keeper,
     responses_error,
-    stream_events,
 )
 from lmx.api.schemas import (
     ChatCompletionRequest,
@@ -544,11 +544,18 @@ async def responses(body: ResponsesRequest, deps: Deps) -> Any:
     except RequestError as exc:
         raise responses_error(exc) from None
     rendering = Rendering(body, keeper(deps.responses, body, messages))
-    if not body.stream:
+    return await _rendered(gen, states[0], rendering, body.stream)
+
+
+async def _rendered(
+    gen: _Generation, state: ChoiceState, rendering: translated.Rendering, stream: bool
+) -> Any:
+    """The answer of another API served over the chat path, whole or as its stream."""
+    if not stream:
         async for _, delta in gen.deltas():
-            states[0].absorb(delta)
-        return JSONResponse(rendering.answer(states[0]))
-    return EventStream(stream_events(rendering, gen.deltas(), states[0]))
+            state.absorb(delta)
+        return JSONResponse(rendering.answer(state))
+    return EventStream(translated.stream_events(rendering, gen.deltas(), state))
 
 
 @router.post("/messages", response_model=None)
@@ -558,12 +565,7 @@ async def messages(body: MessagesRequest, deps: Deps) -> Any:
         gen, states = await _start_chat(anthropic.chat_request(body), deps)
     except RequestError as exc:
         raise anthropic.messages_error(exc) from None
-    rendering = anthropic.Rendering(body)
-    if not body.stream:
-        async for _, delta in gen.deltas():
-            states[0].absorb(delta)
-        return JSONResponse(rendering.message(states[0]))
-    return EventStream(anthropic.stream_events(rendering, gen.deltas(), states[0]))
+    return await _rendered(gen, states[0], anthropic.Rendering(body), body.stream)
 
 
 @router.post("/messages/count_tokens", response_model=None)

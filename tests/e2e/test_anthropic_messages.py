@@ -35,6 +35,14 @@ def text_of(message: anthropic.types.Message) -> str:
     return "".join(b.text for b in message.content if b.type == "text")
 
 
+def answer(client: anthropic.Anthropic, kwargs: Any, stream: bool) -> anthropic.types.Message:
+    """The message answering `kwargs`, streamed or not."""
+    if not stream:
+        return client.messages.create(**kwargs)
+    with client.messages.stream(**kwargs) as s:
+        return s.get_final_message()
+
+
 def test_a_message_streamed_or_not_is_the_same_answer(client: anthropic.Anthropic) -> None:
     whole = client.messages.create(**GREEDY, max_tokens=12)
     assert whole.stop_reason in ("max_tokens", "end_turn") and whole.role == "assistant"
@@ -56,11 +64,7 @@ def test_a_forced_tool_use_parses_and_validates(client: anthropic.Anthropic, str
         "tools": [WEATHER],
         "tool_choice": {"type": "tool", "name": "get_weather"},
     }
-    if stream:
-        with client.messages.stream(**kwargs) as s:
-            message = s.get_final_message()
-    else:
-        message = client.messages.create(**kwargs)
+    message = answer(client, kwargs, stream)
     assert message.stop_reason == "tool_use"
     calls = [b for b in message.content if b.type == "tool_use"]
     assert calls and all(c.name == "get_weather" for c in calls)
@@ -74,8 +78,8 @@ def test_a_forced_tool_use_parses_and_validates(client: anthropic.Anthropic, str
         {"role": "assistant", "content": message.content},
         {"role": "user", "content": results},
     ]
-    answer = client.messages.create(model="lmx-tiny", messages=turn, max_tokens=4, tools=[WEATHER])
-    assert answer.stop_reason in ("max_tokens", "end_turn", "tool_use")
+    after = client.messages.create(model="lmx-tiny", messages=turn, max_tokens=4, tools=[WEATHER])
+    assert after.stop_reason in ("max_tokens", "end_turn", "tool_use")
 
 
 def test_a_stop_sequence_ends_the_message_and_is_named(client: anthropic.Anthropic) -> None:
@@ -103,11 +107,7 @@ def test_a_json_output_format_validates(client: anthropic.Anthropic, stream: boo
         "max_tokens": 200,
         "output_config": {"format": {"type": "json_schema", "schema": schema}},
     }
-    if stream:
-        with client.messages.stream(**kwargs) as s:
-            message = s.get_final_message()
-    else:
-        message = client.messages.create(**kwargs)
+    message = answer(client, kwargs, stream)
     assert message.stop_reason == "end_turn"
     person = json.loads(text_of(message))
     assert set(person) == {"name", "mood"} and len(person["name"]) <= 12
