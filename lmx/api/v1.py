@@ -1,8 +1,9 @@
 """OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/responses,
-/v1/embeddings.
+/v1/embeddings; and Anthropic's /v1/messages (lmx.api.messages).
 
-Streaming responses are SSE ending with `data: [DONE]`. Errors that happen before the first byte
-become OpenAI error envelopes; errors after it become a final `error` event.
+Streaming responses are SSE ending with `data: [DONE]` (Responses and Messages: with their own
+last events). Errors that happen before the first byte become error envelopes (lmx.api.errors);
+errors after it become a final `error` event.
 """
 
 from __future__ import annotations
