@@ -334,13 +334,14 @@ def _input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _usage(state: ChoiceState) -> dict[str, int]:
+def _usage(state: ChoiceState) -> dict[str, Any]:
     # Anthropic's input_tokens leave out the prompt's tokens read from the cache.
     return {
         "input_tokens": state.prompt_tokens - state.cached_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": state.cached_tokens,
         "output_tokens": state.completion_tokens,
+        "output_tokens_details": {"thinking_tokens": state.reasoning_tokens},
     }
 
 

@@ -97,6 +97,9 @@ async def test_an_answer_is_its_thinking_text_and_tool_use_blocks(
     prompt = len(json.dumps(RecordingTokenizer.prompts[-1][0]))  # a token per character
     assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (prompt, 0)
     assert message.usage.output_tokens > 0
+    assert message.usage.output_tokens_details is not None
+    thought = len("The user wants weather.")  # the scripted tokenizer: a token per character
+    assert message.usage.output_tokens_details.thinking_tokens == thought
     # Without tools the call is text, and the message ends its turn.
     message = await sdk.messages.create(**ASK)
     assert [b.type for b in message.content] == ["thinking", "text"]
