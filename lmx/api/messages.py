@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 
 from lmx.api import translated
 from lmx.api.generation import ChoiceState, new_id
@@ -224,6 +226,23 @@ def _tool_choice(choice: dict[str, Any]) -> dict[str, Any]:
     if choice.get("disable_parallel_tool_use"):
         out["parallel_tool_calls"] = False
     return out
+
+
+def asks(request: Request) -> bool:
+    """Whether `request` comes from an Anthropic client: its SDKs send `anthropic-version`."""
+    return "anthropic-version" in request.headers
+
+
+def model_card(model: str, since_s: float) -> dict[str, Any]:
+    """A served model in Anthropic's shape (its Models API)."""
+    created = datetime.fromtimestamp(since_s, UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "type": "model",
+        "id": model,
+        "display_name": model,
+        "created_at": created,
+        "lifecycle": "active",
+    }
 
 
 class Rendering:

@@ -104,15 +104,23 @@ router = APIRouter(
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(deps: Deps) -> ModelList:
+async def list_models(request: Request, deps: Deps) -> ModelList | JSONResponse:
+    """The servable models; in Anthropic's shape for its clients (they send `anthropic-version`)."""
+    served = deps.models.servable()
+    if anthropic.asks(request):
+        cards = [anthropic.model_card(m, deps.served_since_s) for m in served]
+        first, last = (served[0], served[-1]) if served else (None, None)
+        return JSONResponse({"data": cards, "has_more": False, "first_id": first, "last_id": last})
     created = int(deps.served_since_s)
-    return ModelList(data=[ModelCard(id=m, created=created) for m in deps.models.servable()])
+    return ModelList(data=[ModelCard(id=m, created=created) for m in served])
 
 
 @router.get("/models/{model:path}", response_model=ModelCard)
-async def get_model(model: str, deps: Deps) -> ModelCard:
+async def get_model(model: str, request: Request, deps: Deps) -> ModelCard | JSONResponse:
     if model not in deps.models.servable():
         raise ModelNotFound(model, deps.models.servable())
+    if anthropic.asks(request):
+        return JSONResponse(anthropic.model_card(model, deps.served_since_s))
     return ModelCard(id=model, created=int(deps.served_since_s))
 
 

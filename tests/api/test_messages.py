@@ -289,3 +289,14 @@ async def test_a_key_may_come_as_x_api_key(app: Any) -> None:
         message = await sdk_on(app, "k1").messages.create(**ASK)
         assert message.stop_reason == "end_turn"
         assert (await c.get("/v1/models", headers={"x-api-key": "k1"})).status_code == 200
+
+
+async def test_the_models_come_in_anthropics_shape_to_its_clients(
+    sdk: anthropic.AsyncAnthropic, http: httpx.AsyncClient
+) -> None:
+    page = await sdk.models.list()
+    assert [(m.id, m.type, m.display_name) for m in page.data] == [("m", "model", "m")]
+    assert page.data[0].created_at.tzinfo is not None and not page.has_more
+    assert (await sdk.models.retrieve("m")).id == "m"
+    # Others (no anthropic-version) get OpenAI's.
+    assert (await http.get("/v1/models")).json()["data"][0]["object"] == "model"
