@@ -207,7 +207,8 @@ def forbid_calls(body: ChatCompletionRequest, engine: Engine) -> int | None:
 
 def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) -> list[int]:
     """The prompt's token ids. `thinking=False` asks the template not to open a <think> block
-    (a grammar-constrained answer must start with the answer itself). The tools are in it
+    (a grammar-constrained answer must start with the answer itself). With
+    `continue_final_message` the prompt ends inside the last message, an assistant's. The tools are in it
     unless `tool_choice` is none and the model's calls cannot be forbidden (forbid_calls): a
     conversation whose turns switch between auto and none keeps one prefix for the prompt cache."""
     tools = None
@@ -218,15 +219,20 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
         extra.setdefault("reasoning_effort", body.reasoning_effort)
     if not thinking or body.reasoning_effort == "none":
         extra.setdefault("enable_thinking", False)
+    if body.continue_final_message:
+        extra["continue_final_message"] = True
+    opened = body.add_generation_prompt and not body.continue_final_message
     tok = engine.tokenizer
     try:
         messages = chat_messages(body, tok.tool_parser)
-        prompt = tok.apply_chat_template(messages, tools=tools, extra=extra)
+        prompt = tok.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=opened, extra=extra
+        )
     except RequestError:
         raise
     except Exception as exc:  # the model's template rejected the conversation
         raise RequestError(f"the chat template failed: {exc}", param="messages") from None
-    if not thinking and tok.tool_parser == HARMONY:  # the answer at once, no reasoning
+    if opened and not thinking and tok.tool_parser == HARMONY:  # the answer at once, no reasoning
         prompt += tok.encode(HARMONY_FINAL)[len(tok.encode("")) :]  # less any BOS
     return prompt
 

@@ -48,6 +48,8 @@ def chat_request(body: CountTokensRequest) -> ChatCompletionRequest:
     for i, message in enumerate(body.messages):
         messages += _messages(message, f"messages[{i}]")
     chat: dict[str, Any] = {"model": body.model, "messages": messages}
+    # A last message of the assistant's is the answer's start (a prefill): it goes on from there.
+    chat["continue_final_message"] = bool(messages) and messages[-1]["role"] == "assistant"
     if body.tools:
         chat["tools"] = [_tool(t, f"tools[{j}]") for j, t in enumerate(body.tools)]
     if body.tool_choice is not None:

@@ -127,6 +127,19 @@ class ChatCompletionRequest(SamplingFields):
     # of Qwen3's and other hybrid models' templates.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: the answer continues the last message, an assistant's (a prefill), instead of
+    # starting a turn of its own; `add_generation_prompt: false` leaves the new turn unopened.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _continues_an_assistant(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError(
+                "continue_final_message needs the last message to be the assistant's, "
+                f"not the {self.messages[-1].role}'s"
+            )
+        return self
 
 
 class CompletionRequest(SamplingFields):

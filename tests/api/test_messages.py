@@ -252,6 +252,7 @@ async def test_count_tokens_counts_the_prompt_the_template_writes(
         ),
         ({"output_config": {"effort": "extreme"}}, 400, "invalid_request_error", "effort"),
         ({"thinking": {"type": "sometimes"}}, 400, "invalid_request_error", "thinking.type"),
+        ({"messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error", "messages"),
     ],
 )
 async def test_errors_come_in_anthropics_envelope_naming_the_field(

@@ -17,6 +17,8 @@ from structlog.testing import capture_logs
 from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps
+from lmx.api.generation import chat_prompt
+from lmx.api.schemas import ChatCompletionRequest
 from lmx.runtime.engine import Delta, GenerationRequest
 from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
@@ -572,3 +574,37 @@ async def test_a_value_of_none_of_a_fields_types_is_named_by_the_field_alone(
     base = {"model": "tiny", "messages": CHAT["messages"], "prompt": "x", "input": "x"}
     r = await client.post(path, json={**base, **fields})
     assert says in assert_envelope(r, 400, param)["message"]
+
+
+async def test_an_answer_may_continue_the_assistants_last_message(
+    client: httpx.AsyncClient, registry: EngineRegistry
+) -> None:
+    # vLLM's continue_final_message (and Anthropic's prefill): the prompt ends inside the
+    # assistant's message, not after it with a turn of its own opened.
+    said = [*CHAT["messages"], {"role": "assistant", "content": "The answer is"}]
+    async with registry.acquire("tiny") as engine:
+        tokenizer = engine.tokenizer
+
+        def prompt_of(**fields: Any) -> str:
+            body = ChatCompletionRequest.model_validate({**CHAT, "messages": said, **fields})
+            return tokenizer.decode(chat_prompt(body, engine, thinking=True))
+
+        continued = prompt_of(continue_final_message=True)
+        assert continued.endswith("<|im_start|>assistant\nThe answer is")
+        assert prompt_of().endswith("The answer is<|im_end|>\n<|im_start|>assistant\n")
+        assert prompt_of(add_generation_prompt=False).endswith("The answer is<|im_end|>\n")
+    body = {**CHAT, "messages": said, "continue_final_message": True, "max_tokens": 2}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
+        tokenizer.encode(continued)
+    )
+    r = await client.post("/v1/chat/completions", json={**CHAT, "continue_final_message": True})
+    assert (
+        "last message to be the assistant's, not the user's" in assert_envelope(r, 400)["message"]
+    )
+    # Anthropic's Messages API continues a last assistant message as its prefill.
+    anthropic_body = {"model": "tiny", "max_tokens": 2, "messages": said}
+    r = await client.post("/v1/messages", json=anthropic_body)
+    assert r.json()["usage"]["input_tokens"] + r.json()["usage"]["cache_read_input_tokens"] == len(
+        tokenizer.encode(continued)
+    )

@@ -97,7 +97,9 @@ class _Template:
     def __init__(self) -> None:
         self.given: dict[str, Any] = {}
 
-    def apply_chat_template(self, messages: Any, *, tools: Any, extra: dict[str, Any]) -> list[int]:
+    def apply_chat_template(
+        self, messages: Any, *, tools: Any, add_generation_prompt: bool, extra: dict[str, Any]
+    ) -> list[int]:
         self.given = extra
         return [1]
 
