@@ -295,11 +295,12 @@ class EventStream(StreamingResponse):
 
 
 async def _start_chat(
-    body: ChatCompletionRequest, deps: AppDeps, *, truncate: bool = False
+    body: ChatCompletionRequest, deps: AppDeps, *, truncate: bool = False, fit: bool = False
 ) -> tuple[_Generation, list[ChoiceState]]:
     """A chat request's generation under way, and a state per choice to absorb its deltas;
     `truncate`: its conversation's first turns left out as far as it takes to fit the context
-    (see truncated_prompt)."""
+    (see truncated_prompt); `fit`: its max_tokens cut to the room the prompt leaves in the
+    context, where it asks for more (else a 400 names the limit)."""
     tools_on = bool(body.tools) and body.tool_choice != "none"
     max_tokens = body.max_completion_tokens or body.max_tokens
     if body.top_logprobs and not body.logprobs:
@@ -313,11 +314,12 @@ async def _start_chat(
             prompt = truncated_prompt(
                 body, lambda b: chat_prompt(b, engine, thinking=constraint is None), most
             )
+        room = engine.context_length - len(prompt)
         requests = generation_requests(
             body,
             engine,
             [prompt],
-            max_tokens=max_tokens,
+            max_tokens=min(max_tokens, room) if fit and max_tokens and room > 0 else max_tokens,
             logprobs=body.logprobs,
             top_logprobs=body.top_logprobs or 0,
             constraint=constraint,
@@ -571,7 +573,9 @@ async def _rendered(
 async def messages(body: MessagesRequest, deps: Deps) -> Any:
     """Anthropic's Messages API (lmx.api.messages)."""
     try:
-        gen, states = await _start_chat(anthropic.chat_request(body), deps)
+        # Claude Code asks for 32,000 tokens or more whatever the model's context: cut to the
+        # room left, its message ends at max_tokens there instead of failing.
+        gen, states = await _start_chat(anthropic.chat_request(body), deps, fit=True)
     except RequestError as exc:
         raise anthropic.messages_error(exc) from None
     return await _rendered(gen, states[0], anthropic.Rendering(body), body.stream)

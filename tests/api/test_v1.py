@@ -608,3 +608,29 @@ async def test_an_answer_may_continue_the_assistants_last_message(
     assert r.json()["usage"]["input_tokens"] + r.json()["usage"]["cache_read_input_tokens"] == len(
         tokenizer.encode(continued)
     )
+
+
+async def test_a_messages_max_tokens_is_cut_to_the_room_the_context_leaves(
+    client: httpx.AsyncClient, registry: EngineRegistry
+) -> None:
+    # Claude Code asks for 32,000 tokens whatever the model: its requests must not fail on it.
+    async with registry.acquire("tiny") as engine:
+        context = engine.context_length
+
+    async def room_after(repeats: int) -> tuple[list[dict[str, str]], int]:
+        said = [{"role": "user", "content": "one two three " * repeats}]
+        body = {"model": "tiny", "messages": said}
+        counted = (await client.post("/v1/messages/count_tokens", json=body)).json()
+        return said, context - counted["input_tokens"]
+
+    _, room = await room_after(context // 8)
+    _, less = await room_after(context // 8 + 10)  # a repeat's tokens: (room - less) / 10
+    long, room = await room_after(context // 8 + 10 * (room - 40) // (room - less))
+    assert 0 < room < 100
+    body = {"model": "tiny", "max_tokens": 32_000, "messages": long}
+    message = (await client.post("/v1/messages", json=body)).json()
+    assert 0 < message["usage"]["output_tokens"] <= room
+    assert message["stop_reason"] in ("max_tokens", "end_turn")
+    # OpenAI's routes answer as OpenAI does: a 400 naming the limit.
+    r = await client.post("/v1/chat/completions", json={**body, "stream": False})
+    assert assert_envelope(r, 400, "max_tokens")["code"] == "context_length_exceeded"
