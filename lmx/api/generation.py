@@ -208,9 +208,10 @@ def forbid_calls(body: ChatCompletionRequest, engine: Engine) -> int | None:
 def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) -> list[int]:
     """The prompt's token ids. `thinking=False` asks the template not to open a <think> block
     (a grammar-constrained answer must start with the answer itself). With
-    `continue_final_message` the prompt ends inside the last message, an assistant's. The tools are in it
-    unless `tool_choice` is none and the model's calls cannot be forbidden (forbid_calls): a
-    conversation whose turns switch between auto and none keeps one prefix for the prompt cache."""
+    `continue_final_message` the prompt ends inside the last message, an assistant's. The tools
+    are in it unless `tool_choice` is none and the model's calls cannot be forbidden
+    (forbid_calls): a conversation whose turns switch between auto and none keeps one prefix for
+    the prompt cache."""
     tools = None
     if body.tools and (body.tool_choice != "none" or forbid_calls(body, engine) is not None):
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
