@@ -91,7 +91,9 @@ def _state(finish: str, error: str | None = None) -> ChoiceState:
 
 def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
     r = Rendering(_request(input="x", stream=True))
-    stream = r.started()
+    stream = r.started(
+        ChoiceState(0, make_parser(tool_parser=None, tools_enabled=False, reasoning=False))
+    )
     stream += r.feed([Reasoning("think "), Reasoning("more"), Content("Hi"), CALL])
     stream += r.ended(_state("tool_calls"))
     events = _events(stream)
