@@ -53,7 +53,8 @@ class Rendering(Protocol):
     def answer(self, state: ChoiceState) -> dict[str, Any]:
         """The whole answer, once `state` absorbed the last delta."""
 
-    def started(self, state: ChoiceState) -> bytes: ...
+    def started(self, state: ChoiceState) -> bytes:
+        """The stream's first events, before any delta (`state` has absorbed none)."""
 
     def feed(self, pieces: list[Piece]) -> bytes:
         """The events for `pieces`, which add to the answer."""
