@@ -463,6 +463,13 @@ async def test_places_held_for_a_request_on_its_way_are_its_own(tiny_model_dir: 
         with e.hold("huge", 4):
             streams.append(e.stream(GenerationRequest(p, long)))
             await anext(streams[-1])
+        while streams:
+            await streams.pop().aclose()  # type: ignore[attr-defined]
+        # An embedding fills a place held for it as a stream does.
+        with e.hold("others", 2), e.hold("rows", 1):
+            with pytest.raises(QueueFull):
+                await e.embed([p])
+            assert (await e.embed([p], "rows")).count == 1
     finally:
         for s in streams:
             await s.aclose()  # type: ignore[attr-defined]
