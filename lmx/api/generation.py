@@ -267,20 +267,13 @@ def truncated_prompt(
 
 def texts_or_ids(given: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
     """OpenAI's four ways to give inputs (a text, texts, a text's token ids, several texts'), as
-    one list of inputs, each a text or its token ids."""
+    one list of inputs, each a text or its token ids. By its first member: the request's schema
+    took only lists of one kind, and a token-id input may be 100k long."""
     if isinstance(given, str):
         return [given]
-    if given and all(isinstance(x, int) for x in given):
-        return [cast(list[int], given)]
+    if given and isinstance(given[0], int):
+        return [given]
     return cast(list[str | list[int]], given)
-
-
-def completion_sequences(body: CompletionRequest) -> int:
-    """How many sequences a completion request asks for: `n` per prompt. Counted without
-    walking its prompts (a token-id prompt may be 100k long)."""
-    given = body.prompt
-    several = isinstance(given, list) and bool(given) and not isinstance(given[0], int)
-    return body.n * (len(given) if several else 1)
 
 
 def completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int]]:

@@ -45,12 +45,12 @@ from lmx.api.generation import (
     ChoiceState,
     chat_prompt,
     completion_prompts,
-    completion_sequences,
     forbid_calls,
     generation_requests,
     merged,
     new_id,
     output_parser,
+    texts_or_ids,
     token_counter,
     truncated_prompt,
 )
@@ -457,7 +457,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
             prompt_logprobs=scored,
         )
 
-    places = completion_sequences(body)
+    places = len(texts_or_ids(body.prompt)) * body.n
     gen, engine, requests = await _Generation.start(deps, body.model, places, build)
     prompts = [r.prompt_tokens for r in requests]
     prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
