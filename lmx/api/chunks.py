@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
-from lmx.api.generation import ChoiceState
+from lmx.api.generation import Added, CallBegun, CallText, ChoiceState
 from lmx.errors import GenerationFailed
 from lmx.runtime.engine import TokenLogprob
-from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+from lmx.runtime.parsers import Content, Reasoning, ToolCall
 
 
 def lp_chat(lps: list[TokenLogprob]) -> dict[str, Any]:
@@ -32,15 +32,12 @@ def lp_chat(lps: list[TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def tool_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
+def tool_json(call: ToolCall) -> dict[str, Any]:
+    return {
         "id": call.id,
         "type": "function",
         "function": {"name": call.name, "arguments": call.arguments},
     }
-    if index is not None:
-        out["index"] = index
-    return out
 
 
 def usage(states: list[ChoiceState], prompts: int = 1) -> dict[str, Any]:
@@ -98,17 +95,30 @@ def chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]
     return {**base, "object": "chat.completion", "choices": choices, "usage": usage(states)}
 
 
-def chat_delta(pieces: list[Piece], state: ChoiceState, n_calls: int) -> dict[str, Any]:
+def chat_delta(added: list[Added]) -> dict[str, Any]:
+    """A chunk's delta of what `added` adds to a choice. A call streams as OpenAI streams one:
+    its id and name with its first arguments, then the rest of its arguments by its index."""
     delta: dict[str, Any] = {}
-    content = "".join(p.text for p in pieces if isinstance(p, Content))
-    reasoning = "".join(p.text for p in pieces if isinstance(p, Reasoning))
-    calls = [p for p in pieces if isinstance(p, ToolCall)]
+    content = "".join(p.text for p in added if isinstance(p, Content))
+    reasoning = "".join(p.text for p in added if isinstance(p, Reasoning))
+    calls: list[dict[str, Any]] = []
+    for p in added:
+        match p:
+            case CallBegun(index, call_id, name):
+                function = {"name": name, "arguments": ""}
+                calls.append(
+                    {"index": index, "id": call_id, "type": "function", "function": function}
+                )
+            case CallText(index, text) if calls and calls[-1]["index"] == index:
+                calls[-1]["function"]["arguments"] += text
+            case CallText(index, text):
+                calls.append({"index": index, "function": {"arguments": text}})
     if content:
         delta["content"] = content
     if reasoning:
         delta["reasoning_content"] = delta["reasoning"] = reasoning
     if calls:
-        delta["tool_calls"] = [tool_json(c, n_calls + k) for k, c in enumerate(calls)]
+        delta["tool_calls"] = calls
     return delta
 
 

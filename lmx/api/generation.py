@@ -12,7 +12,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 from lmx.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from lmx.errors import RequestError
@@ -29,10 +29,11 @@ from lmx.runtime.parsers import (
     CALL_OPENERS,
     HARMONY,
     HARMONY_FINAL,
+    CallArguments,
+    CallOpened,
     Content,
     Functions,
     OutputParser,
-    Piece,
     Reasoning,
     ToolCall,
     make_parser,
@@ -285,6 +286,37 @@ def completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int
     ]
 
 
+@dataclass(frozen=True)
+class CallBegun:
+    """The choice's call `index` begun: its arguments follow as CallText, and CallEnded ends it."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CallText:
+    index: int
+    text: str  # more of call `index`'s arguments
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    index: int
+    call: ToolCall  # whole: its arguments are the CallTexts' joined
+
+
+# What a delta adds to a choice's answer, in order: the parts its renderings stream.
+Added: TypeAlias = Content | Reasoning | CallBegun | CallText | CallEnded
+
+
+def whole_call(index: int, call: ToolCall) -> list[Added]:
+    """A call as the parts a streamed one comes in."""
+    begun = CallBegun(index, call.id, call.name)
+    return [begun, CallText(index, call.arguments), CallEnded(index, call)]
+
+
 @dataclass
 class ChoiceState:
     """Accumulates one choice: parsed pieces, logprobs, finish reason, token counts."""
@@ -308,9 +340,12 @@ class ChoiceState:
     # `parallel_tool_calls: false`: a model's calls after its first are left out, as OpenAI
     # answers with one call at most (a grammar, where one applies, lets the model write no more)
     one_call: bool = False
+    _open: CallOpened | None = field(default=None, init=False)  # the call streaming
+    _sent: int = field(default=0, init=False)  # the characters of its arguments streamed
+    _left_out: str = field(default="", init=False)  # a streaming call's id, left out (one_call)
 
-    def absorb(self, delta: Delta) -> list[Piece]:
-        """Take in `delta`; the pieces of the answer it adds."""
+    def absorb(self, delta: Delta) -> list[Added]:
+        """Take in `delta`; what it adds to the answer."""
         pieces = self.parser.feed(delta.text)
         if delta.finish_reason is not None:
             pieces += self.parser.finish()
@@ -319,18 +354,39 @@ class ChoiceState:
             self.cached_tokens = delta.cached_tokens
             self.error = delta.error
             self.stop = delta.stop
-        added: list[Piece] = []
+        added: list[Added] = []
+        index = len(self.tool_calls)  # the open call's, or the next one's
         for piece in pieces:
             match piece:
                 case Content(text):
                     self.content.append(text)
+                    added.append(piece)
                 case Reasoning(text):
                     self.reasoning.append(text)
-                case ToolCall() if self.one_call and self.tool_calls:
+                    added.append(piece)
+                case CallOpened(call_id) if self.one_call and self.tool_calls:
+                    self._left_out = call_id
+                case CallOpened(call_id, name):
+                    self._open, self._sent = piece, 0
+                    added.append(CallBegun(index, call_id, name))
+                case CallArguments(text) if self._open is not None:
+                    self._sent += len(text)
+                    added.append(CallText(index, text))
+                case ToolCall(call_id) if self._open is not None and call_id == self._open.id:
+                    # Its arguments are those streamed, or more: what it adds goes out too.
+                    rest = piece.arguments[self._sent :]
+                    added += [CallText(index, rest)] if rest else []
+                    added.append(CallEnded(index, piece))
+                    self.tool_calls.append(piece)
+                    self._open, index = None, index + 1
+                case ToolCall(call_id) if (self.one_call and self.tool_calls) or (
+                    call_id == self._left_out
+                ):
                     continue
                 case ToolCall():
+                    added += whole_call(index, piece)
                     self.tool_calls.append(piece)
-            added.append(piece)
+                    index += 1
         self.logprobs.extend(delta.logprobs)
         self.prompt_logprobs.extend(delta.prompt_logprobs)
         if delta.finish_reason is not None:

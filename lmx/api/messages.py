@@ -21,10 +21,18 @@ import orjson
 from starlette.requests import Request
 
 from lmx.api import translated
-from lmx.api.generation import ChoiceState, new_id
+from lmx.api.generation import (
+    Added,
+    CallBegun,
+    CallEnded,
+    CallText,
+    ChoiceState,
+    new_id,
+    whole_call,
+)
 from lmx.api.schemas import ChatCompletionRequest, CountTokensRequest, MessagesRequest
 from lmx.errors import GenerationFailed, RequestError
-from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+from lmx.runtime.parsers import Content, Reasoning
 
 _STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
 # A chat request's field as the Messages field it came from, for a 400 that names the latter. Its
@@ -260,20 +268,22 @@ class Rendering:
         """The whole message, once `state` has absorbed its last delta."""
         if state.error is not None:
             raise GenerationFailed(state.error)
-        pieces: list[Piece] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
+        parts: list[Added] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
         if state.content:
-            pieces.append(Content("".join(state.content)))
-        self.feed([*pieces, *state.tool_calls])
+            parts.append(Content("".join(state.content)))
+        for i, call in enumerate(state.tool_calls):
+            parts += whole_call(i, call)
+        self.feed(parts)
         self._open = None
         return self._message(state, self._stop(state))
 
     def started(self, state: ChoiceState) -> bytes:
         return _event("message_start", message=self._message(state)) + _event("ping")
 
-    def feed(self, pieces: list[Piece]) -> bytes:
-        """Add `pieces` to the content; the stream's events for them."""
+    def feed(self, added: list[Added]) -> bytes:
+        """Add what `added` adds to the content; the stream's events for it."""
         out = b""
-        for piece in pieces:
+        for piece in added:
             match piece:
                 case Reasoning(text) | Content(text) if text:
                     kind = "thinking" if isinstance(piece, Reasoning) else "text"
@@ -282,16 +292,19 @@ class Rendering:
                     self._open[kind] += text
                     delta = {"type": f"{kind}_delta", kind: text}
                     out += _event("content_block_delta", index=len(self.content) - 1, delta=delta)
-                case ToolCall():
+                case CallBegun(_, call_id, name):
                     out += self._closed()
-                    block = {"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}}
+                    block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
                     self.content.append(block)
-                    index = len(self.content) - 1
-                    out += _event("content_block_start", index=index, content_block=dict(block))
-                    delta = {"type": "input_json_delta", "partial_json": piece.arguments}
-                    out += _event("content_block_delta", index=index, delta=delta)
-                    block["input"] = _input(piece.arguments)
-                    out += _event("content_block_stop", index=index)
+                    out += _event(
+                        "content_block_start", index=len(self.content) - 1, content_block=block
+                    )
+                case CallText(_, text):
+                    delta = {"type": "input_json_delta", "partial_json": text}
+                    out += _event("content_block_delta", index=len(self.content) - 1, delta=delta)
+                case CallEnded(_, call):
+                    self.content[-1]["input"] = _input(call.arguments)
+                    out += _event("content_block_stop", index=len(self.content) - 1)
         return out
 
     def ended(self, state: ChoiceState) -> bytes:

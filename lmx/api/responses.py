@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 
 from lmx.api import translated
-from lmx.api.generation import ChoiceState
+from lmx.api.generation import Added, CallBegun, CallEnded, CallText, ChoiceState, whole_call
 from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
-from lmx.runtime.parsers import Content, Piece, Reasoning, ToolCall
+from lmx.runtime.parsers import Content, Reasoning
 
 _ROLES = ("user", "system", "developer", "assistant")
 # A reasoning item's `encrypted_content`, for clients that send back only that (Codex): its text,
@@ -298,17 +298,18 @@ class Rendering:
         """The whole response, once `state` has absorbed its last delta."""
         if state.error is not None:
             raise GenerationFailed(state.error)
-        pieces: list[Piece] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
+        parts: list[Added] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
         if state.content or not state.tool_calls:
-            pieces.append(Content("".join(state.content)))
-        pieces += state.tool_calls
-        self.feed(pieces)
+            parts.append(Content("".join(state.content)))
+        for i, call in enumerate(state.tool_calls):
+            parts += whole_call(i, call)
+        self.feed(parts)
         return self._final(state)
 
-    def feed(self, pieces: list[Piece]) -> bytes:
-        """Add `pieces` to the output; the stream's events for them."""
+    def feed(self, added: list[Added]) -> bytes:
+        """Add what `added` adds to the output; the stream's events for it."""
         out = b""
-        for piece in pieces:
+        for piece in added:
             match piece:
                 case Reasoning(text) | Content(text):
                     kind = "reasoning" if isinstance(piece, Reasoning) else "message"
@@ -331,30 +332,35 @@ class Rendering:
                         delta=text,
                         **more,
                     )
-                case ToolCall():
+                case CallBegun(_, call_id, name):
                     out += self._closed()
                     call = {
                         "type": "function_call",
                         "id": item_id("fc"),
-                        "call_id": piece.id,
-                        "name": piece.name,
+                        "call_id": call_id,
+                        "name": name,
                         "arguments": "",
                         "status": "in_progress",
                     }
                     self.output.append(call)
-                    index = len(self.output) - 1
                     out += self.event(
-                        "response.output_item.added", output_index=index, item=dict(call)
+                        "response.output_item.added", output_index=len(self.output) - 1, item=call
                     )
-                    ids = {"item_id": call["id"], "output_index": index}
+                case CallText(_, text):
+                    call = self.output[-1]
+                    call["arguments"] += text
+                    ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
+                    out += self.event("response.function_call_arguments.delta", **ids, delta=text)
+                case CallEnded(_, whole):
+                    call = self.output[-1]
+                    call |= {"arguments": whole.arguments, "status": "completed"}
+                    ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
                     out += self.event(
-                        "response.function_call_arguments.delta", **ids, delta=piece.arguments
+                        "response.function_call_arguments.done", **ids, arguments=whole.arguments
                     )
-                    call |= {"arguments": piece.arguments, "status": "completed"}
                     out += self.event(
-                        "response.function_call_arguments.done", **ids, arguments=piece.arguments
+                        "response.output_item.done", output_index=ids["output_index"], item=call
                     )
-                    out += self.event("response.output_item.done", output_index=index, item=call)
         return out
 
     def started(self, state: ChoiceState) -> bytes:

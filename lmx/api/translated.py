@@ -11,11 +11,10 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from lmx.api.generation import ChoiceState
+from lmx.api.generation import Added, ChoiceState
 from lmx.api.schemas import ChatCompletionRequest, param_of
 from lmx.errors import RequestError
 from lmx.runtime.engine import Delta
-from lmx.runtime.parsers import Piece
 
 # Chat fields (patterns) and the API's fields they came from.
 Names = Sequence[tuple[re.Pattern[str], str]]
@@ -56,8 +55,8 @@ class Rendering(Protocol):
     def started(self, state: ChoiceState) -> bytes:
         """The stream's first events, before any delta (`state` has absorbed none)."""
 
-    def feed(self, pieces: list[Piece]) -> bytes:
-        """The events for `pieces`, which add to the answer."""
+    def feed(self, added: list[Added]) -> bytes:
+        """The events for what `added` adds to the answer."""
 
     def ended(self, state: ChoiceState) -> bytes:
         """The stream's last events, once `state` absorbed the last delta (or an error)."""
@@ -69,8 +68,8 @@ async def stream_events(
     """A streamed answer's events, from its deltas."""
     yield rendering.started(state)
     async for _, delta in deltas:
-        pieces = state.absorb(delta)
-        events = rendering.feed(pieces) if state.error is None else b""
+        added = state.absorb(delta)
+        events = rendering.feed(added) if state.error is None else b""
         if state.finish_reason is not None:
             events += rendering.ended(state)
         if events:

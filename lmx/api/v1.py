@@ -378,11 +378,11 @@ def _chat_events(
 
     def choice(i: int, d: Delta) -> list[dict[str, Any]]:
         state = states[i]
-        n_calls, lp_before = len(state.tool_calls), len(state.logprobs)
-        pieces = state.absorb(d)
+        lp_before = len(state.logprobs)
+        added = state.absorb(d)
         if state.error is not None:
             return []  # the stream ends with it
-        delta = chat_delta(pieces, state, n_calls)
+        delta = chat_delta(added)
         lps = state.logprobs[lp_before:]
         if not (delta or lps or state.finish_reason):
             return []

@@ -1,12 +1,17 @@
 """Streaming output parsers: a model's generated text → content, reasoning and tool-call pieces.
 
 One `OutputParser` per sequence, fed decoded chunks split anywhere, even mid-tag. It holds back
-only what could still become a tag, so a plain answer streams chunk by chunk. Pure: no mlx, no
-I/O; the API layer builds one with `make_parser` and the engine picks formats with `detect_*`.
+only what could still become a tag, so a plain answer streams chunk by chunk. So does a tool call
+where its format names the function before its arguments (Hermes', Mistral's and harmony's JSON,
+Qwen3-Coder's and GLM's XML; not Llama 3's bare JSON, a call only once it is whole): `CallOpened`
+once the name is written, `CallArguments` as the arguments are, the `ToolCall` that ends it; a
+call of another form comes whole, as a `ToolCall` alone. Pure: no mlx, no I/O; the API layer
+builds one with `make_parser` and the engine picks formats with `detect_*`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -26,16 +31,19 @@ from lmx.runtime.toolcalls import (
     Functions,
     Scanned,
     ToolCall,
+    always_text,
     llama3_may_call,
     mistral_call_id,
     new_call_id,
     normalize_arguments,
+    parameter_schema,
     parse_llama3,
     salvage,
     scan_glm,
     scan_hermes,
     scan_mistral,
     scan_qwen3_coder,
+    typed,
 )
 
 __all__ = [
@@ -46,6 +54,8 @@ __all__ = [
     "H_CALL",
     "H_RETURN",
     "TOOL_PARSERS",
+    "CallArguments",
+    "CallOpened",
     "Content",
     "Functions",
     "OutputParser",
@@ -96,7 +106,23 @@ class Reasoning:
     text: str
 
 
-Piece: TypeAlias = Content | Reasoning | ToolCall
+@dataclass(frozen=True)
+class CallOpened:
+    """A tool call begun, its function named: its arguments follow as CallArguments, and the
+    ToolCall with its id ends it. Its arguments begin with those streamed (the XML formats'
+    closing brace comes with it alone); one cut off by the end of the output has them as far as
+    they got."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CallArguments:
+    text: str  # more of the open call's arguments, as the model writes them
+
+
+Piece: TypeAlias = Content | Reasoning | ToolCall | CallOpened | CallArguments
 
 
 class ToolStage(Protocol):
@@ -178,12 +204,13 @@ class _ThinkSplitter:
 
 class _Harmony:
     """Harmony's messages (see H_START) → reasoning, content and calls; the markup dropped. A
-    message addressed to a function is a call if tools are on, else its body is content."""
+    message addressed to a function is a call if tools are on, else its body is content. A call
+    streams: its body is its arguments' JSON, whitespace around it left out."""
 
     def __init__(self, tools_enabled: bool) -> None:
         self._tools = tools_enabled
         self._buf, self._in_body = "", False
-        self._kind, self._name, self._args = "content", "", ""
+        self._kind, self._call, self._args, self._sent = "content", CallOpened("", ""), "", 0
 
     def run(self, text: str, final: bool) -> list[Piece]:
         self._buf += text
@@ -195,7 +222,7 @@ class _Harmony:
                     if final and "<|" not in self._buf:  # no harmony at all: plain text
                         out.append(Content(self._buf))
                     break
-                self._opened(self._buf[:at])
+                out += self._opened(self._buf[:at])
                 self._buf, self._in_body = self._buf[at + len(H_MESSAGE) :], True
                 continue
             at, tag = _first(self._buf, _H_ENDS)
@@ -210,33 +237,252 @@ class _Harmony:
             self._buf, self._in_body = self._buf[at + len(tag) :], False
         return out
 
-    def _opened(self, header: str) -> None:
+    def _opened(self, header: str) -> list[Piece]:
         recipient = _H_RECIPIENT.search(header)
         channel = _H_CHANNEL.search(header)
         if recipient is not None and self._tools:
-            self._kind, self._name, self._args = "call", recipient.group(1), ""
-        else:
-            analysis = channel is not None and channel.group(1) == "analysis"
-            self._kind = "reasoning" if analysis else "content"
+            self._kind, self._args, self._sent = "call", "", 0
+            self._call = CallOpened(new_call_id(), recipient.group(1))
+            return [self._call]
+        analysis = channel is not None and channel.group(1) == "analysis"
+        self._kind = "reasoning" if analysis else "content"
+        return []
 
     def _body(self, text: str) -> list[Piece]:
-        if self._kind == "call":
-            self._args += text
-            return []
-        return [Reasoning(text) if self._kind == "reasoning" else Content(text)]
+        if self._kind != "call":
+            return [Reasoning(text) if self._kind == "reasoning" else Content(text)]
+        # Whitespace at the end is held until more arguments follow it: none may end them.
+        self._args += text
+        start = len(self._args) - len(self._args.lstrip()) + self._sent
+        shown = self._args[start : len(self._args.rstrip())]
+        self._sent += len(shown)
+        return [CallArguments(shown)] if shown else []
 
     def _closed(self) -> list[Piece]:
         if self._kind != "call":
             return []
         self._kind, args = "content", self._args.strip()
-        return [ToolCall(new_call_id(), self._name, normalize_arguments(args) or args)]
+        return [ToolCall(self._call.id, self._call.name, normalize_arguments(args) or args)]
+
+
+class _JsonCall:
+    """One call's text as it comes, for a format that names the function before its arguments'
+    JSON object (`head`, matched at the call's start, its group 1 the name, ending at the
+    object's `{`): the call opens once its head is written, and its arguments stream to the
+    object's closing brace. A call of another form (a list of calls; its arguments before its
+    name) opens nothing: it comes whole from the format's scanner."""
+
+    def __init__(self, head: re.Pattern[str], new_id: Callable[[], str]) -> None:
+        self._head, self._new_id = head, new_id
+        self._call: CallOpened | None = None
+        self._args: list[str] = []
+        self._at = 0  # where in the call's text its arguments go on
+        self._depth, self._in_string, self._escaped = 0, False, False
+        self._stopped = False  # the head was of another form, or the arguments ended
+
+    def feed(self, text: str) -> list[Piece]:
+        """The pieces that the call's text so far, `text`, adds."""
+        out: list[Piece] = []
+        if self._stopped:
+            return out
+        if self._call is None:
+            head = self._head.match(text)
+            if head is None:
+                self._stopped = len(text) > _HEAD_MAX
+                return out
+            self._call = CallOpened(self._new_id(), head.group(1))
+            self._at = head.end() - 1
+            out.append(self._call)
+        start = self._at
+        self._at = self._object_end(text, start)
+        if self._at > start:
+            self._args.append(text[start : self._at])
+            out.append(CallArguments(self._args[-1]))
+        return out
+
+    def close(self) -> list[Piece] | None:
+        """The ToolCall that ends the call it opened (its arguments those streamed, complete or
+        cut off); None if it opened none."""
+        if self._call is None:
+            return None
+        return [ToolCall(self._call.id, self._call.name, "".join(self._args))]
+
+    def _object_end(self, text: str, i: int) -> int:
+        """Where the arguments' text read from `i` ends: at the end of `text`, after the
+        object's closing brace, or before a `<` outside its strings, which no JSON holds (a
+        malformed call's closing tag: nothing after it is read)."""
+        while i < len(text) and not self._stopped:
+            ch = text[i]
+            if self._in_string:
+                self._in_string = self._escaped or ch != '"'
+                self._escaped = not self._escaped and ch == "\\"
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                self._stopped = self._depth == 0
+            elif ch == "<":
+                self._stopped = True
+                break
+            i += 1
+        return i
+
+
+@dataclass(frozen=True)
+class _Xml:
+    """How a format writes a call in XML (see XML_FUNCTION)."""
+
+    function: re.Pattern[str]  # a function's opening, matched where one may start; group 1 its name
+    parameter: re.Pattern[str]  # an argument's opening, its value next; group 1 its key
+    value_end: str
+    newline: bool  # a newline at each end of a value is the format's, not the value's
+    function_end: str | None  # None: a call is one function, ended by the call's end
+
+
+_CODER_XML = _Xml(
+    re.compile(r"\s*" + re.escape(XML_FUNCTION) + r"([\w.\-]+)>"),
+    # The newline after the opening is the format's: it is whole once the character after it came.
+    re.compile(r"<parameter=([^>\n]+)>(?:\n|(?=[^\n]))"),
+    "</parameter>",
+    True,
+    "</function>",
+)
+_GLM_XML = _Xml(
+    re.compile(r"\s*([\w.\-]+)\s*(?=" + re.escape(GLM_ARG_KEY) + ")"),
+    re.compile(re.escape(GLM_ARG_KEY) + r"(.*?)</arg_key>\s*<arg_value>", re.DOTALL),
+    "</arg_value>",
+    False,
+    None,
+)
+
+
+class _XmlCall:
+    """One call's text as it comes, in Qwen3-Coder's or GLM's XML: each function opens a call
+    once its name is written; an argument goes out once its value closes, typed by the request's
+    schema, or, where that types any text as a string, as it is written. Hermes' JSON, which
+    these models write under a grammar, streams as _JsonCall streams it."""
+
+    def __init__(self, xml: _Xml, functions: Functions) -> None:
+        self._xml, self._functions = xml, functions
+        self._json: _JsonCall | None = None
+        self._call: CallOpened | None = None
+        self._args: list[str] = []
+        self._at = 0  # where the text not yet read starts
+        self._key: str | None = None  # the argument whose value is being read
+        self._text = False  # that value goes out as it is written
+        self._begun = False
+
+    def feed(self, text: str) -> list[Piece]:
+        """The pieces that the call's text so far, `text`, adds."""
+        if self._json is None and not self._begun and text.lstrip().startswith(("{", "[")):
+            self._json = _JsonCall(_HERMES_HEAD, new_call_id)
+        if self._json is not None:
+            return self._json.feed(text)
+        out: list[Piece] = []
+        while (more := self._read(text)) is not None:
+            out += more
+        return out
+
+    def close(self) -> list[Piece] | None:
+        """The ToolCall that ends the call open, if any (an argument cut off: as far as it got,
+        if it went out as it was written); None if no call opened."""
+        if self._json is not None:
+            return self._json.close()
+        if not self._begun:
+            return None
+        if self._call is None:
+            return []
+        if self._key is not None and self._text:
+            self._args.append('"')
+        return self._ended()
+
+    def _read(self, text: str) -> list[Piece] | None:
+        """What the next part of `text` adds; None until more of it comes."""
+        xml = self._xml
+        if self._call is None:
+            if (head := xml.function.match(text, self._at)) is None:
+                return None
+            self._call, self._begun = CallOpened(new_call_id(), head.group(1)), True
+            self._args, self._at = [], head.end()
+            return [self._call]
+        if self._key is not None:
+            return self._value(text)
+        opening = xml.parameter.search(text, self._at)
+        end = text.find(xml.function_end, self._at) if xml.function_end else -1
+        if end >= 0 and (opening is None or end < opening.start()):
+            self._at = end + len(xml.function_end or "")
+            return self._ended()
+        if opening is None:
+            return None
+        self._key, self._at = opening.group(1).strip(), opening.end()
+        self._text = always_text(parameter_schema(self._functions, self._call.name, self._key))
+        return self._added(self._named(self._key) + '"') if self._text else []
+
+    def _value(self, text: str) -> list[Piece] | None:
+        """What more of the value being read adds; None until more of it comes."""
+        assert self._key is not None and self._call is not None
+        xml, start = self._xml, self._at
+        end = text.find(xml.value_end, start)
+        if end < 0:
+            if not self._text:
+                return None
+            # What may still be the format's: the value's closing tag begun, a newline before it.
+            stop = len(text) - _partial(text[start:], (xml.value_end,))
+            stop -= xml.newline and stop > start and text[stop - 1] == "\n"
+            self._at = stop
+            return self._added(_escaped(text[start:stop])) if stop > start else None
+        value, self._at = text[start:end], end + len(xml.value_end)
+        if xml.newline:
+            value = value.removesuffix("\n")
+        key, self._key = self._key, None
+        if self._text:
+            return self._added(_escaped(value) + '"')
+        schema = parameter_schema(self._functions, self._call.name, key)
+        return self._added(self._named(key) + json.dumps(typed(value, schema), ensure_ascii=False))
+
+    def _named(self, key: str) -> str:
+        """An argument's key, after the one before it if any."""
+        return ("{" if not self._args else ", ") + json.dumps(key, ensure_ascii=False) + ": "
+
+    def _added(self, text: str) -> list[Piece]:
+        self._args.append(text)
+        return [CallArguments(text)]
+
+    def _ended(self) -> list[Piece]:
+        """The open call's end: its arguments' object closed."""
+        assert self._call is not None
+        call, self._call, self._key = self._call, None, None
+        return [ToolCall(call.id, call.name, "".join(self._args) + ("}" if self._args else "{}"))]
+
+
+def _escaped(text: str) -> str:
+    """`text` as it stands inside a JSON string."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+# Heads of the calls that stream (see _JsonCall); one longer than _HEAD_MAX is of another form.
+_HERMES_HEAD = re.compile(
+    r'\s*\{\s*"name"\s*:\s*"([\w.\-]+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*\{'
+)
+_MISTRAL_HEAD = re.compile(  # `name[ARGS]{`, or `name[CALL_ID]id[ARGS]{`
+    r"\s*([\w.\-]+)\s*(?:"
+    + re.escape(MISTRAL_CALL_ID)
+    + r"\w*)?"
+    + re.escape(MISTRAL_ARGS)
+    + r"\s*\{"
+)
+_HEAD_MAX = 256
 
 
 class _TaggedTools:
     """Tool calls that open with a marker (`<tool_call>`, `[TOOL_CALLS]`); a scanner finds the end.
+    With a `stream` (a _JsonCall's head), a call of that form streams as it is written.
 
     Whitespace next to a call is formatting and dropped, so trailing whitespace is held back until
-    the next non-space arrives; a malformed call comes back as raw content, that whitespace included.
+    the next non-space arrives; a malformed call comes back as raw content, that whitespace
+    included, unless it went out already as it streamed (then it ends with what came).
     """
 
     def __init__(
@@ -244,9 +490,11 @@ class _TaggedTools:
         opener: str,
         scan: Callable[[str, bool], Scanned | None],
         new_id: Callable[[], str] = new_call_id,
+        stream: Callable[[], _JsonCall | _XmlCall] | None = None,
     ) -> None:
-        self._opener, self._scan, self._new_id = opener, scan, new_id
+        self._opener, self._scan, self._new_id, self._stream = opener, scan, new_id, stream
         self._buf, self._in_call, self._gap, self._after_call = "", False, "", False
+        self._call: _JsonCall | _XmlCall | None = None
 
     def feed(self, text: str) -> list[Piece]:
         self._buf += text
@@ -259,15 +507,19 @@ class _TaggedTools:
         out: list[Piece] = []
         while self._buf or (final and self._in_call):
             if self._in_call:
-                if (got := self._scan(self._buf, final)) is None:
+                got = self._scan(self._buf, final)
+                if self._call is not None:
+                    out += self._call.feed(self._buf if got is None else self._buf[: got[1]])
+                if got is None:
                     break
                 calls, end = got
-                if not calls and final and self._scan(self._buf, False) is None:
+                ended = self._call.close() if self._call is not None else None
+                if ended is None and not calls and final and self._scan(self._buf, False) is None:
                     # Cut off by the end of the output (max_tokens): the call it was writing,
                     # as far as it got, rather than its markup as content.
                     calls = salvage(self._buf, self._new_id)
-                if calls:
-                    out += calls
+                if ended is not None or calls:
+                    out += ended if ended is not None else calls or []
                     self._after_call = True
                 else:
                     self._emit(out, self._gap + self._opener + self._buf[:end])
@@ -283,6 +535,7 @@ class _TaggedTools:
             self._emit(out, before.rstrip())
             self._gap = before[len(before.rstrip()) :]
             self._buf, self._in_call = self._buf[at + len(self._opener) :], True
+            self._call = self._stream() if self._stream else None
         return out
 
     def _emit(self, out: list[Piece], text: str) -> None:
@@ -322,13 +575,24 @@ class _Llama3Tools:
 # Each takes the request's functions.
 TOOL_PARSERS: Mapping[str, Callable[[Functions], ToolStage]] = MappingProxyType(
     {
-        "hermes": lambda _fns: _TaggedTools(HERMES_OPEN, scan_hermes),
-        "llama3": _Llama3Tools,
-        "mistral": lambda _fns: _TaggedTools(MISTRAL_OPEN, scan_mistral, mistral_call_id),
-        "qwen3_coder": lambda fns: _TaggedTools(
-            HERMES_OPEN, partial(scan_qwen3_coder, functions=fns)
+        "hermes": lambda _fns: _TaggedTools(
+            HERMES_OPEN, scan_hermes, stream=lambda: _JsonCall(_HERMES_HEAD, new_call_id)
         ),
-        "glm": lambda fns: _TaggedTools(HERMES_OPEN, partial(scan_glm, functions=fns)),
+        "llama3": _Llama3Tools,
+        "mistral": lambda _fns: _TaggedTools(
+            MISTRAL_OPEN,
+            scan_mistral,
+            mistral_call_id,
+            lambda: _JsonCall(_MISTRAL_HEAD, mistral_call_id),
+        ),
+        "qwen3_coder": lambda fns: _TaggedTools(
+            HERMES_OPEN,
+            partial(scan_qwen3_coder, functions=fns),
+            stream=lambda: _XmlCall(_CODER_XML, fns),
+        ),
+        "glm": lambda fns: _TaggedTools(
+            HERMES_OPEN, partial(scan_glm, functions=fns), stream=lambda: _XmlCall(_GLM_XML, fns)
+        ),
     }
 )
 # The marker that opens every call of a format (Llama 3's bare JSON calls have none): a model that
@@ -418,16 +682,15 @@ def _partial(buf: str, tags: tuple[str, ...], *, hold_space: bool = False) -> in
 
 
 def _merged(pieces: list[Piece]) -> list[Piece]:
-    """Adjacent content (or reasoning) joined into one piece; empty ones dropped."""
+    """Adjacent content (or reasoning, or a call's arguments) joined into one piece; empty ones
+    dropped."""
     out: list[Piece] = []
     for p in pieces:
-        if isinstance(p, Content | Reasoning) and not p.text:
+        if isinstance(p, Content | Reasoning | CallArguments) and not p.text:
             continue
         last = out[-1] if out else None
-        if isinstance(p, Content) and isinstance(last, Content):
-            out[-1] = Content(last.text + p.text)
-        elif isinstance(p, Reasoning) and isinstance(last, Reasoning):
-            out[-1] = Reasoning(last.text + p.text)
+        if isinstance(p, Content | Reasoning | CallArguments) and type(last) is type(p):
+            out[-1] = type(p)(last.text + p.text)
         else:
             out.append(p)
     return out

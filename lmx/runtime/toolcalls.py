@@ -164,19 +164,35 @@ def _glm(functions: Functions, body: str, closed: bool) -> list[ToolCall] | None
 
 def _typed_call(name: str, pairs: list[tuple[str, str]], functions: Functions) -> ToolCall:
     """A call of `name` with these (key, text) arguments, each typed by its schema."""
-    schema = (functions or {}).get(name)
-    properties = schema.get("properties") if isinstance(schema, Mapping) else None
-    if not isinstance(properties, Mapping):
-        properties = {}
-    arguments = {key.strip(): _typed(value, properties.get(key.strip())) for key, value in pairs}
+    arguments = {
+        key.strip(): typed(value, parameter_schema(functions, name, key.strip()))
+        for key, value in pairs
+    }
     return ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
 
 
-def _typed(value: str, schema: object) -> Any:
+def parameter_schema(functions: Functions, name: str, key: str) -> object:
+    """The JSON schema of function `name`'s parameter `key`, if the request gave one."""
+    schema = (functions or {}).get(name)
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    return properties.get(key) if isinstance(properties, Mapping) else None
+
+
+def _kinds(schema: object) -> list[Any]:
+    kinds = schema.get("type") if isinstance(schema, Mapping) else None
+    return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+
+
+def always_text(schema: object) -> bool:
+    """Whether `typed` gives any text under `schema` back as itself, a string."""
+    kinds = _kinds(schema)
+    return "null" not in kinds and (not kinds or kinds[0] == "string")
+
+
+def typed(value: str, schema: object) -> Any:
     """A parameter's text as the JSON value its schema's type says; the text itself where the
     schema names no type, or the text is none of that type's values."""
-    kinds = schema.get("type") if isinstance(schema, Mapping) else None
-    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    kinds = _kinds(schema)
     word = value.strip().lower()
     if "null" in kinds and word == "null":
         return None

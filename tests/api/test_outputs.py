@@ -28,7 +28,7 @@ from lmx.runtime.engine import (
 )
 from lmx.runtime.registry import EngineRegistry
 from tests.api.conftest import StaticModels
-from tests.api.test_v1 import sse_events
+from tests.api.test_v1 import sse_events, streamed_calls
 
 OUTPUT = (
     "<think>The user wants weather.</think>\n\nChecking."
@@ -165,10 +165,31 @@ async def test_stream_carries_reasoning_content_and_indexed_tool_call_deltas(
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants weather."
     assert all(d.get("reasoning_content") == d.get("reasoning") for d in deltas)
     assert "".join(d.get("content") or "" for d in deltas) == "Checking."
-    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
-    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+    calls = streamed_calls(deltas)
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", '{"city": "Oslo"}')]
+    assert len([d for d in deltas if d.get("tool_calls")]) > 1, "the arguments stream"
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert "<think>" not in r.text and "<tool_call>" not in r.text
+
+
+async def test_a_responses_call_streams_its_arguments_as_they_are_written(
+    client: httpx.AsyncClient,
+) -> None:
+    tools = [{"type": "function", "name": "get_weather", "parameters": {}}]
+    ask = {"model": "m", "input": "hi", "tools": tools}
+    r = await client.post("/v1/responses", json={**ask, "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    assert len(deltas) > 1 and "".join(deltas) == done["arguments"] == '{"city": "Oslo"}'
+    added = next(
+        e
+        for e in events
+        if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call"
+    )
+    assert added["item"]["arguments"] == "" and added["item"]["name"] == "get_weather"
+    whole = (await client.post("/v1/responses", json=ask)).json()
+    assert whole["output"][-1]["arguments"] == done["arguments"]
 
 
 async def test_without_tools_the_markup_is_content(client: httpx.AsyncClient) -> None:
@@ -335,7 +356,7 @@ async def test_without_parallel_tool_calls_a_models_second_call_is_left_out() ->
             ] == cities
             r = await c.post("/v1/chat/completions", json={**body, "stream": True})
             deltas = [e["choices"][0]["delta"] for e in sse_events(r.text) if e != "[DONE]"]
-            streamed = [t["function"]["arguments"] for d in deltas for t in d.get("tool_calls", [])]
+            streamed = [t["arguments"] for t in streamed_calls(deltas)]
             assert [json.loads(a)["city"] for a in streamed] == cities
         answer = await c.post(
             "/v1/responses",
@@ -396,7 +417,7 @@ async def test_qwen3_coder_calls_come_typed_by_the_functions_schema() -> None:
         r = await c.post("/v1/chat/completions", json={**body, "stream": True})
         chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line[6:7] == "{"]
         deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
-        streamed = [tc["function"] for d in deltas for tc in d.get("tool_calls", [])]
+        streamed = [{k: c[k] for k in ("name", "arguments")} for c in streamed_calls(deltas)]
         assert streamed == [call["function"]]
         # A required call is written as Hermes' JSON, which the parser reads as well.
         await c.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
@@ -443,7 +464,7 @@ async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
                 chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line[6:7] == "{"]
                 deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
                 reasoning = "".join(d.get("reasoning") or "" for d in deltas)
-                calls = [tc["function"] for d in deltas for tc in d.get("tool_calls", [])]
+                calls = [{k: c[k] for k in ("name", "arguments")} for c in streamed_calls(deltas)]
                 finish = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1]
                 content = "".join(d.get("content") or "" for d in deltas)
             else:

@@ -37,6 +37,25 @@ def sse_events(text: str) -> list[Any]:
     return out
 
 
+def streamed_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A streamed choice's tool calls put together as OpenAI's SDK does: by index, the id, type
+    and name in a call's first delta only, its arguments appended."""
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        for part in d.get("tool_calls") or ():
+            i = part["index"]
+            if i not in calls:
+                assert part.keys() >= {"id", "type", "function"} and part["function"]["name"]
+                assert i == len(calls), "calls are indexed in turn from 0"
+                calls[i] = {"id": part["id"], "name": part["function"]["name"], "arguments": ""}
+            else:
+                assert part.keys() == {"index", "function"} and part["function"].keys() == {
+                    "arguments"
+                }
+            calls[i]["arguments"] += part["function"]["arguments"]
+    return list(calls.values())
+
+
 def assert_envelope(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
     assert r.status_code == status, r.text
     err = r.json()["error"]

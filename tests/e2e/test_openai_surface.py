@@ -111,7 +111,7 @@ def test_named_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> N
         stream=True,
     )
     calls: dict[int, dict[str, str]] = {}
-    finish = None
+    finish, parts = None, 0
     for chunk in stream:
         for c in chunk.choices:
             finish = c.finish_reason or finish
@@ -121,8 +121,10 @@ def test_named_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> N
                     entry["name"] = tc.function.name
                 if tc.function and tc.function.arguments:
                     entry["arguments"] += tc.function.arguments
+                    parts += 1
     assert finish == "tool_calls"
     assert [c["name"] for c in calls.values()] == ["add"]
+    assert parts > 1, "the arguments stream as the model writes them"
     check_call("add", calls[0]["arguments"])
 
 
@@ -548,23 +550,27 @@ def test_a_streamed_response_sends_its_events_in_order_and_they_add_up(
     )
     assert whole.output_text == text
 
-    called = [
-        e.type
-        for e in client.responses.create(
+    called = list(
+        client.responses.create(
             model="lmx-tiny",
             input=ASK[0]["content"],
             tools=FUNCTION_TOOLS,
             tool_choice={"type": "function", "name": "get_weather"},
             stream=True,
         )
-    ]
-    assert called[2:6] == [
+    )
+    kinds = [e.type for e in called]
+    deltas = [e.delta for e in called if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1, "the arguments stream as the model writes them"
+    assert kinds[2:-1] == [
         "response.output_item.added",
-        "response.function_call_arguments.delta",
+        *["response.function_call_arguments.delta"] * len(deltas),
         "response.function_call_arguments.done",
         "response.output_item.done",
     ]
-    assert called[-1] == "response.completed"
+    assert kinds[-1] == "response.completed"
+    done = next(e for e in called if e.type == "response.function_call_arguments.done")
+    assert "".join(deltas) == done.arguments and isinstance(json.loads(done.arguments), dict)
 
 
 def test_a_response_continues_from_its_id_as_from_its_whole_conversation(

@@ -13,11 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmx.api.generation import ChoiceState, token_counter
+from lmx.api.generation import CallBegun, CallEnded, CallText, ChoiceState, token_counter
 from lmx.runtime.engine import Delta, LoadConfig
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.parsers import (
     TOOL_PARSERS,
+    CallArguments,
+    CallOpened,
     Content,
     OutputParser,
     Piece,
@@ -81,14 +83,29 @@ def run(config: dict[str, Any], chunks: list[str]) -> list[Piece]:
 
 
 def normalized(pieces: list[Piece]) -> list[Piece]:
+    """A streamed call as the ToolCall that ends it, once it is checked against what streamed;
+    call ids blanked; adjacent text of one kind joined."""
     out: list[Piece] = []
+    opened: CallOpened | None = None
+    streamed = ""
     for p in pieces:
-        if isinstance(p, ToolCall):
+        if isinstance(p, CallOpened):
+            assert opened is None, "a call opened inside another"
+            opened, streamed = p, ""
+        elif isinstance(p, CallArguments):
+            assert opened is not None, "arguments with no call open"
+            streamed += p.text
+        elif isinstance(p, ToolCall):
+            if opened is not None:
+                assert (p.id, p.name) == (opened.id, opened.name)
+                assert p.arguments.startswith(streamed)
+                opened = None
             out.append(dataclasses.replace(p, id=""))
         elif out and type(out[-1]) is type(p):
             out[-1] = type(p)(out[-1].text + p.text)
         else:
             out.append(p)
+    assert opened is None, "a call left open"
     return out
 
 
@@ -162,8 +179,14 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
     (
         "hermes_malformed_json_is_content",
         HERMES,
-        'Hi\n<tool_call>{"name": "f", "arguments": {</tool_call>',
-        [Content('Hi\n<tool_call>{"name": "f", "arguments": {</tool_call>')],
+        'Hi\n<tool_call>{"name": "f": {</tool_call>',
+        [Content('Hi\n<tool_call>{"name": "f": {</tool_call>')],
+    ),
+    (  # the call went out as it streamed: it ends with what came
+        "hermes_malformed_json_after_the_calls_head_is_a_call",
+        HERMES,
+        'Hi\n<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>',
+        [Content("Hi"), call("f", '{"a": 1')],
     ),
     (
         "hermes_json_not_a_call_is_content",
@@ -713,6 +736,113 @@ def test_a_choice_counts_its_reasoning_tokens_once_it_ends() -> None:
     short = ChoiceState(0, make_parser(**QWEN3), count_tokens=count)
     short.absorb(Delta("<think>abcdefgh", finish_reason="length", completion_tokens=3))
     assert short.reasoning_tokens == 3  # never more than the answer's tokens
+
+
+LONG = "x" * 40 + '\n"quoted"'  # a long string argument, with what JSON escapes
+STREAMING: list[tuple[str, dict[str, Any], str, str]] = [
+    # (format, config, output, the call's arguments)
+    (
+        "hermes",
+        HERMES,
+        f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": {json.dumps(LONG)}}}}}'
+        "\n</tool_call>",
+        json.dumps({"city": LONG}),
+    ),
+    (
+        "mistral",
+        MISTRAL,
+        f'[TOOL_CALLS]get_weather[ARGS]{{"city": {json.dumps(LONG)}}}',
+        json.dumps({"city": LONG}),
+    ),
+    (
+        "harmony",
+        HARMONY,
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+        f' {{"city": {json.dumps(LONG)}}} <|call|>',
+        json.dumps({"city": LONG}),
+    ),
+    (
+        "qwen3_coder",
+        CODER,
+        f"<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n"
+        f"<parameter=city>\n{LONG}\n</parameter>\n</function>\n</tool_call>",
+        json.dumps({"days": 3, "city": LONG}),
+    ),
+    (
+        "glm",
+        GLM,
+        f"<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>{LONG}</arg_value>\n"
+        "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",
+        json.dumps({"city": LONG, "days": 3}),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("config", "output", "arguments"), [c[1:] for c in STREAMING], ids=[c[0] for c in STREAMING]
+)
+def test_a_call_opens_once_its_name_is_written_and_its_arguments_stream(
+    config: dict[str, Any], output: str, arguments: str
+) -> None:
+    parser = make_parser(**config)
+    fed: list[tuple[int, Piece]] = []  # each piece, with the characters fed when it came
+    for i, ch in enumerate(output):
+        fed += [(i + 1, p) for p in parser.feed(ch)]
+    fed += [(len(output), p) for p in parser.finish()]
+    opened = next(at for at, p in fed if isinstance(p, CallOpened))
+    assert opened < output.index("x" * 40), "it opened before its arguments came"
+    streamed = [p.text for _, p in fed if isinstance(p, CallArguments)]
+    assert len(streamed) > len(LONG) // 2, "the string argument streamed as it was written"
+    last = [p for _, p in fed if isinstance(p, ToolCall)]
+    assert [(c.name, c.arguments) for c in last] == [("get_weather", arguments)]
+    assert arguments.startswith("".join(streamed))
+    assert normalized([p for _, p in fed]) == [call("get_weather", arguments)]
+
+
+def test_a_call_of_another_form_comes_whole() -> None:
+    """A call whose arguments come before its name, a list of calls, a Llama 3 call: once
+    complete, as before."""
+    for config, output in (
+        (HERMES, '<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>'),
+        (HERMES, f"<tool_call>[{WEATHER}]</tool_call>"),
+        (MISTRAL, f"[TOOL_CALLS][{WEATHER}]"),
+        (LLAMA3, WEATHER),
+    ):
+        parser = make_parser(**config)
+        pieces = [p for ch in output for p in parser.feed(ch)] + parser.finish()
+        assert [type(p) for p in pieces] == [ToolCall], output
+        assert normalized(pieces) == [call("get_weather")]
+
+
+def _answer(state: ChoiceState, output: str) -> list[Any]:
+    """What `output`, fed to `state` a character at a time, adds to the answer."""
+    added = [a for ch in output for a in state.absorb(Delta(ch))]
+    return added + state.absorb(Delta("", finish_reason="stop"))
+
+
+def test_a_choice_streams_its_calls_by_index_and_ends_each_whole() -> None:
+    state = ChoiceState(0, make_parser(**CODER))
+    one = "<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n</function>\n"
+    added = _answer(state, f"{one}</tool_call><tool_call>{WEATHER}</tool_call>")
+    begun = [a for a in added if isinstance(a, CallBegun)]
+    assert [(b.index, b.name) for b in begun] == [(0, "get_weather"), (1, "get_weather")]
+    ended = [a.call for a in added if isinstance(a, CallEnded)]
+    assert ended == state.tool_calls and [c.id for c in ended] == [b.id for b in begun]
+    for i, whole in enumerate(ended):  # the closing brace the XML never wrote comes too
+        assert "".join(a.text for a in added if isinstance(a, CallText) and a.index == i) == (
+            whole.arguments
+        )
+    assert json.loads(ended[0].arguments) == {"days": 3}
+    assert state.finish_reason == "tool_calls"
+
+
+def test_one_call_leaves_a_second_streamed_call_out_whole() -> None:
+    state = ChoiceState(0, make_parser(**HERMES), one_call=True)
+    added = _answer(state, f"<tool_call>{WEATHER}</tool_call><tool_call>{WEATHER}</tool_call>")
+    assert [a.index for a in added if isinstance(a, CallBegun | CallText | CallEnded)] == (
+        [0] * len([a for a in added if not isinstance(a, Content)])
+    )
+    assert len(state.tool_calls) == 1 and state.tool_calls[0].arguments == '{"city": "Paris"}'
 
 
 class _Special(str):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from lmx.api.generation import ChoiceState
+from lmx.api.generation import CallBegun, CallEnded, CallText, ChoiceState
 from lmx.api.response_store import ResponseStore
 from lmx.api.responses import Rendering, chat_request, conversation, keeper, responses_error
 from lmx.api.schemas import ResponsesRequest
@@ -94,7 +94,9 @@ def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
     stream = r.started(
         ChoiceState(0, make_parser(tool_parser=None, tools_enabled=False, reasoning=False))
     )
-    stream += r.feed([Reasoning("think "), Reasoning("more"), Content("Hi"), CALL])
+    call = [CallBegun(0, "call_1", "add"), CallText(0, '{"a": 1, '), CallText(0, '"b": 2}')]
+    stream += r.feed([Reasoning("think "), Reasoning("more"), Content("Hi"), *call])
+    stream += r.feed([CallEnded(0, CALL)])
     stream += r.ended(_state("tool_calls"))
     events = _events(stream)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
@@ -113,6 +115,7 @@ def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
         ("response.content_part.done", 1),
         ("response.output_item.done", 1),
         ("response.output_item.added", 2),
+        ("response.function_call_arguments.delta", 2),
         ("response.function_call_arguments.delta", 2),
         ("response.function_call_arguments.done", 2),
         ("response.output_item.done", 2),
