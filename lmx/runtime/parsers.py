@@ -210,7 +210,7 @@ class _Harmony:
     def __init__(self, tools_enabled: bool) -> None:
         self._tools = tools_enabled
         self._buf, self._in_body = "", False
-        self._kind, self._call, self._args, self._sent = "content", CallOpened("", ""), "", 0
+        self._kind, self._call, self._args, self._held = "content", CallOpened("", ""), "", ""
 
     def run(self, text: str, final: bool) -> list[Piece]:
         self._buf += text
@@ -241,7 +241,7 @@ class _Harmony:
         recipient = _H_RECIPIENT.search(header)
         channel = _H_CHANNEL.search(header)
         if recipient is not None and self._tools:
-            self._kind, self._args, self._sent = "call", "", 0
+            self._kind, self._args, self._held = "call", "", ""
             self._call = CallOpened(new_call_id(), recipient.group(1))
             return [self._call]
         analysis = channel is not None and channel.group(1) == "analysis"
@@ -251,11 +251,12 @@ class _Harmony:
     def _body(self, text: str) -> list[Piece]:
         if self._kind != "call":
             return [Reasoning(text) if self._kind == "reasoning" else Content(text)]
-        # Whitespace at the end is held until more arguments follow it: none may end them.
+        # Whitespace is held until more arguments follow it: none may begin or end them.
+        text = text if self._args else text.lstrip()
         self._args += text
-        start = len(self._args) - len(self._args.lstrip()) + self._sent
-        shown = self._args[start : len(self._args.rstrip())]
-        self._sent += len(shown)
+        text = self._held + text
+        shown = text.rstrip()
+        self._held = text[len(shown) :]
         return [CallArguments(shown)] if shown else []
 
     def _closed(self) -> list[Piece]:
