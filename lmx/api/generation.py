@@ -34,6 +34,7 @@ from lmx.runtime.parsers import (
     Content,
     Functions,
     OutputParser,
+    Piece,
     Reasoning,
     ToolCall,
     make_parser,
@@ -334,15 +335,14 @@ class ChoiceState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
-    # Counts the tokens of a text, for the reasoning's share of the answer (None: not counted)
-    count_tokens: Callable[[str], int] | None = None
-    reasoning_tokens: int = 0
+    reasoning_tokens: int = 0  # see _count
     # `parallel_tool_calls: false`: a model's calls after its first are left out, as OpenAI
     # answers with one call at most (a grammar, where one applies, lets the model write no more)
     one_call: bool = False
     _open: CallOpened | None = field(default=None, init=False)  # the call streaming
     _sent: int = field(default=0, init=False)  # the characters of its arguments streamed
     _left_out: str = field(default="", init=False)  # a streaming call's id, left out (one_call)
+    _uncounted: int = field(default=0, init=False)  # tokens whose text the parser still holds
 
     def absorb(self, delta: Delta) -> list[Added]:
         """Take in `delta`; what it adds to the answer."""
@@ -354,6 +354,7 @@ class ChoiceState:
             self.cached_tokens = delta.cached_tokens
             self.error = delta.error
             self.stop = delta.stop
+        self._count(len(delta.token_ids), pieces)
         added: list[Added] = []
         index = len(self.tool_calls)  # the open call's, or the next one's
         for piece in pieces:
@@ -393,17 +394,30 @@ class ChoiceState:
             self.finish_reason = delta.finish_reason
             if self.tool_calls and delta.finish_reason == "stop":
                 self.finish_reason = "tool_calls"
-            if self.reasoning and self.count_tokens is not None:
-                thought = self.count_tokens("".join(self.reasoning))
-                self.reasoning_tokens = min(thought, self.completion_tokens)
+            self.reasoning_tokens = min(self.reasoning_tokens, self.completion_tokens)
         return added
 
-
-def token_counter(encode: Callable[[str], list[int]]) -> Callable[[str], int]:
-    """The tokens of a text as the model's tokenizer encodes it again, less what it adds to any
-    text (a BOS): the worker's tokens carry no mark of the part of the answer they went to."""
-    extra = len(encode(""))
-    return lambda text: max(0, len(encode(text)) - extra) if text else 0
+    def _count(self, tokens: int, pieces: list[Piece]) -> None:
+        """Count the reasoning's share of a delta's `tokens`, which made `pieces`: all of them
+        where its text went to the reasoning alone, none where it went elsewhere, in proportion
+        to the characters where it went to both. The tokens of text held back (a tag begun,
+        markup dropped) count with the next text to come out: a tag that opens the reasoning
+        with it, one that closes it with the answer after."""
+        tokens += self._uncounted
+        thought = said = 0
+        for p in pieces:
+            match p:
+                case Reasoning(text):
+                    thought += len(text)
+                case Content(text) | CallArguments(text):
+                    said += len(text)
+                case ToolCall(arguments=arguments):
+                    said += len(arguments)
+        if not thought + said:
+            self._uncounted = tokens
+            return
+        self._uncounted = 0
+        self.reasoning_tokens += round(tokens * thought / (thought + said))
 
 
 def output_parser(

@@ -51,7 +51,6 @@ from lmx.api.generation import (
     new_id,
     output_parser,
     texts_or_ids,
-    token_counter,
     truncated_prompt,
 )
 from lmx.api.metrics import Metrics
@@ -335,7 +334,6 @@ async def _start_chat(
         ]
 
     gen, engine, requests = await _Generation.start(deps, body.model, body.n, build)
-    count = token_counter(engine.tokenizer.encode) if engine.tokenizer.reasoning else None
     states = [
         ChoiceState(
             i,
@@ -347,7 +345,6 @@ async def _start_chat(
                 functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
             ),
             prompt_tokens=len(requests[0].prompt_tokens),  # its usage before the end's
-            count_tokens=count,
             one_call=body.parallel_tool_calls is False,
         )
         for i in range(body.n)

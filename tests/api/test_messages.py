@@ -98,7 +98,7 @@ async def test_an_answer_is_its_thinking_text_and_tool_use_blocks(
     assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (prompt, 0)
     assert message.usage.output_tokens > 0
     assert message.usage.output_tokens_details is not None
-    thought = len("The user wants weather.")  # the scripted tokenizer: a token per character
+    thought = len("<think>The user wants weather.")  # a token per character, the tag's too
     assert message.usage.output_tokens_details.thinking_tokens == thought
     # Without tools the call is text, and the message ends its turn.
     message = await sdk.messages.create(**ASK)

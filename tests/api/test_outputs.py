@@ -77,14 +77,14 @@ class ScriptedEngine:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         chunks = [OUTPUT[i : i + 3] for i in range(0, len(OUTPUT), 3)]
-        for c in chunks[:-1]:
-            yield Delta(text=c, token_ids=(1,))
+        for c in chunks[:-1]:  # a token per character, as the tokenizer has it
+            yield Delta(text=c, token_ids=tuple(map(ord, c)))
         yield Delta(
             text=chunks[-1],
-            token_ids=(1,),
+            token_ids=tuple(map(ord, chunks[-1])),
             finish_reason="stop",
             prompt_tokens=len(request.prompt_tokens),
-            completion_tokens=len(chunks),
+            completion_tokens=len(OUTPUT),
         )
 
 
@@ -100,7 +100,6 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 class NotingTokenizer(ScriptedTokenizer):
     """Notes the threads it encodes on."""
 
-    reasoning = False  # nothing counted once the answer is in
     threads: ClassVar[set[int]] = set()
 
     def encode(self, text: str) -> list[int]:
@@ -145,7 +144,8 @@ async def test_message_has_reasoning_content_and_tool_calls(client: httpx.AsyncC
 
 
 async def test_usage_counts_the_reasoning_tokens_streamed_or_not(client: httpx.AsyncClient) -> None:
-    thought = len("The user wants weather.")  # the scripted tokenizer: a token per character
+    # A token per character: the reasoning's, and those of the tag that opens it (see _count).
+    thought = len("<think>The user wants weather.")
     body = (await client.post("/v1/chat/completions", json=BODY)).json()
     assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": thought}
     streamed = {**BODY, "stream": True, "stream_options": {"include_usage": True}}

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmx.api.generation import CallBegun, CallEnded, CallText, ChoiceState, token_counter
+from lmx.api.generation import CallBegun, CallEnded, CallText, ChoiceState
 from lmx.runtime.engine import Delta, LoadConfig
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.parsers import (
@@ -720,22 +720,28 @@ def test_detects_the_builtin_models_template_as_hermes() -> None:
     assert detect_tool_parser(template, set()) == "hermes"
 
 
-def _encode_with_bos(text: str) -> list[int]:
-    """Two characters a token, and a BOS before any text."""
-    return [1] + [ord(c) for c in text[::2]]
-
-
-def test_a_choice_counts_its_reasoning_tokens_once_it_ends() -> None:
-    count = token_counter(_encode_with_bos)
-    assert (count(""), count("abcd"), count("abcde")) == (0, 2, 3)  # the BOS left out
-    state = ChoiceState(0, make_parser(**QWEN3), count_tokens=count)
-    state.absorb(Delta("<think>abcdef"))
-    assert state.reasoning_tokens == 0  # not before the end
-    state.absorb(Delta("gh</think>Hi", finish_reason="stop", completion_tokens=9))
-    assert (state.reasoning_tokens, "".join(state.content)) == (4, "Hi")
-    short = ChoiceState(0, make_parser(**QWEN3), count_tokens=count)
-    short.absorb(Delta("<think>abcdefgh", finish_reason="length", completion_tokens=3))
+def test_a_choice_counts_the_tokens_its_reasoning_took() -> None:
+    state = ChoiceState(0, make_parser(**QWEN3))
+    state.absorb(Delta("<think>", token_ids=(1,)))  # held: it counts with what it opens
+    state.absorb(Delta("abc", token_ids=(2, 3)))
+    assert state.reasoning_tokens == 3
+    state.absorb(Delta("de</think>Hi!", token_ids=(4, 5, 6)))  # 2 of its 5 characters thought
+    assert state.reasoning_tokens == 4
+    state.absorb(Delta("</think>", token_ids=(7,)))  # after the answer began: its text
+    state.absorb(Delta("", finish_reason="stop", completion_tokens=7))
+    assert (state.reasoning_tokens, "".join(state.content)) == (4, "Hi!</think>")
+    short = ChoiceState(0, make_parser(**QWEN3))
+    ended = Delta(
+        "<think>abcdefgh", token_ids=(1,) * 5, finish_reason="length", completion_tokens=3
+    )
+    short.absorb(ended)
     assert short.reasoning_tokens == 3  # never more than the answer's tokens
+    harmony = ChoiceState(0, make_parser(**HARMONY))
+    for text in ("<|channel|>", "analysis", "<|message|>", "hm", "<|end|>", "<|start|>"):
+        harmony.absorb(Delta(text, token_ids=(1,)))
+    harmony.absorb(Delta("assistant<|channel|>final<|message|>Hi", token_ids=(1,) * 5))
+    harmony.absorb(Delta("", finish_reason="stop", completion_tokens=11))
+    assert harmony.reasoning_tokens == 4  # its header's three and its text's one
 
 
 LONG = "x" * 40 + '\n"quoted"'  # a long string argument, with what JSON escapes
