@@ -97,6 +97,9 @@ def sampling_params(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs,
+        thinking_budget=(
+            body.thinking_token_budget if isinstance(body, ChatCompletionRequest) else None
+        ),
     )
 
 

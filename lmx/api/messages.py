@@ -45,6 +45,7 @@ _PARAMS = (
     (re.compile(r"^(tools\[\d+\])\.function"), r"\1"),
     (re.compile(r"^reasoning_effort$"), "output_config.effort"),
     (re.compile(r"^stop$"), "stop_sequences"),
+    (re.compile(r"^thinking_token_budget$"), "thinking.budget_tokens"),
 )
 _EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "xhigh"}
 
@@ -83,6 +84,8 @@ def chat_request(body: CountTokensRequest) -> ChatCompletionRequest:
             )
         if kind == "disabled":
             chat["reasoning_effort"] = "none"
+        elif "budget_tokens" in body.thinking:
+            chat["thinking_token_budget"] = body.thinking["budget_tokens"]
     if isinstance(body, MessagesRequest):
         chat |= {
             "max_tokens": body.max_tokens,

@@ -63,6 +63,9 @@ class SamplingParams:
     # Also each prompt token's logprob given those before it (the first has none), with the
     # `top_logprobs` likeliest: a legacy completion's `echo` with `logprobs` (scoring, evals).
     prompt_logprobs: bool = False
+    # The most tokens a `<think>` block may take before its `</think>` is written for the model
+    # (None: no limit), for models whose thinking tokens are `<think>` and `</think>`.
+    thinking_budget: int | None = None
 
 
 @dataclass(frozen=True)

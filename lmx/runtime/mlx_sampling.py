@@ -80,6 +80,45 @@ def _suppress_until(ids: Sequence[int], min_tokens: int) -> Processor:
     return process
 
 
+def thinking_budget(budget: int, think: tuple[int, int], *, inside: bool) -> Processor:
+    """Write the `think` block's end (`think`: its opening and closing token ids) for the model
+    once the block has taken `budget` tokens; `inside`: the prompt opened the block. Until the
+    answer could have spent that many tokens the processor does nothing; after, whether the
+    block opened and is still open is read off the tokens on the device, no step waiting."""
+    start, end = think
+    generated = 0
+    forced: mx.array | None = None
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        nonlocal generated, forced
+        n, generated = generated, generated + 1
+        if n < budget or not (inside or n):  # the block cannot have taken the budget yet
+            return logits
+        made = tokens[-n:] if n else tokens[:0]
+        if inside:
+            thought = mx.array(n)
+            opened = mx.array(True)
+        else:  # from the first `start` on; none: never opened
+            opened = mx.any(made == start)
+            thought = n - 1 - mx.argmax(made == start).astype(mx.int32)
+        over = opened & ~mx.any(made == end) & (thought >= budget)
+        if forced is None:
+            vocab = mx.arange(logits.shape[-1])
+            forced = mx.where(vocab == end, 0.0, -mx.inf).astype(logits.dtype)
+        return mx.where(over, forced, logits)
+
+    return process
+
+
+def opens_thinking(prompt: Sequence[int], think: tuple[int, int]) -> bool:
+    """Whether `prompt` ends inside a `think` block: its last opening after its last closing."""
+    start, end = think
+    for token in reversed(prompt):
+        if token in think:
+            return token == start and start != end
+    return False
+
+
 def make_processors(p: SamplingParams, eos_ids: Sequence[int]) -> list[Processor]:
     procs: list[Processor] = []
     if p.logit_bias:

@@ -42,8 +42,14 @@ from lmx.runtime.intake import COMING_FOR_S, MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_embedding import Pooling, embed_rows, hidden_states_model, pooling_of
 from lmx.runtime.mlx_prompt_cache import PromptCache, take_out
-from lmx.runtime.mlx_sampling import make_processors, make_sampler
+from lmx.runtime.mlx_sampling import (
+    make_processors,
+    make_sampler,
+    opens_thinking,
+    thinking_budget,
+)
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.parsers import THINK_CLOSE, THINK_OPEN
 from lmx.runtime.scheduling import run_as_worker, yield_to_workers
 from lmx.runtime.steptrace import Arrival, TraceLog, step_of
 from lmx.runtime.store import context_tokens
@@ -181,6 +187,7 @@ class Worker:
         self._embeds: deque[_Embedding] = deque()  # oldest first
         self._pooling = Pooling.MEAN
         self._unembeddable: str | None = None  # why this model gives no embeddings
+        self._think: tuple[int, int] | None = None  # its <think> and </think> tokens, if both
 
     def run(self) -> None:
         output = threading.Thread(target=self._emit_all, name="output")
@@ -199,6 +206,8 @@ class Worker:
             return
         self._warn_if_slow(model)
         self.tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
+        start, end = (ready.marker_ids.get(tag) for tag in (THINK_OPEN, THINK_CLOSE))
+        self._think = (start, end) if start is not None and end is not None else None
         # The model, tokenizer and imports live as long as the process: take them out of the
         # collector's view, or each full collection walks them all inside a decode step (~60 ms
         # for the built-in tiny model's worker on a loaded 2-core machine).
@@ -431,6 +440,9 @@ class Worker:
             kv, rest = self._prompts.fetch(tokens)
             seq.cached_tokens = len(tokens) - len(rest)
         procs = make_processors(p, sorted(eos))
+        if p.thinking_budget is not None and self._think is not None:
+            inside = opens_thinking(tokens, self._think)
+            procs.append(thinking_budget(p.thinking_budget, self._think, inside=inside))
         if req.constraint is not None:
             seq.constraint = self._constraints.make_processor(
                 req.constraint.grammar, on_error="end"

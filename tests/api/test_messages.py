@@ -17,7 +17,7 @@ import pytest
 from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps
-from lmx.runtime.engine import LoadConfig
+from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.registry import EngineRegistry
 from tests.api.conftest import StaticModels
 from tests.api.test_outputs import ScriptedEngine, ScriptedTokenizer
@@ -41,9 +41,15 @@ class RecordingTokenizer(ScriptedTokenizer):
 
 
 class RecordingEngine(ScriptedEngine):
+    params: ClassVar[list[SamplingParams]] = []  # each stream's
+
     def __init__(self, config: LoadConfig) -> None:
         super().__init__(config)
         self.tokenizer = RecordingTokenizer()
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        self.params.append(request.params)
+        return super().stream(request)
 
 
 @pytest.fixture
@@ -201,6 +207,18 @@ async def test_a_conversations_blocks_reach_the_template_as_chat_messages(
     assert RecordingTokenizer.prompts[-1][1]["extra"]["enable_thinking"] is False
 
 
+async def test_a_thinking_budget_is_the_engines_as_vllms_is_on_chat(
+    sdk: anthropic.AsyncAnthropic, http: httpx.AsyncClient
+) -> None:
+    await sdk.messages.create(**ASK, thinking={"type": "enabled", "budget_tokens": 2048})
+    await sdk.messages.create(**ASK, thinking={"type": "adaptive"})
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert (
+        await http.post("/v1/chat/completions", json={**chat, "thinking_token_budget": 9})
+    ).is_success
+    assert [p.thinking_budget for p in RecordingEngine.params[-3:]] == [2048, None, 9]
+
+
 async def test_count_tokens_counts_the_prompt_the_template_writes(
     sdk: anthropic.AsyncAnthropic,
 ) -> None:
@@ -253,6 +271,12 @@ async def test_count_tokens_counts_the_prompt_the_template_writes(
         ),
         ({"output_config": {"effort": "extreme"}}, 400, "invalid_request_error", "effort"),
         ({"thinking": {"type": "sometimes"}}, 400, "invalid_request_error", "thinking.type"),
+        (
+            {"thinking": {"type": "enabled", "budget_tokens": -1}},
+            400,
+            "invalid_request_error",
+            "thinking.budget_tokens",
+        ),
         ({"messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error", "messages"),
     ],
 )

@@ -243,6 +243,27 @@ async def test_special_tokens_stay_out_of_the_text_but_the_parsers_markup_stays(
     assert text == "<tool_call>" * 3
 
 
+async def tokens_of(engine: MlxEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+    made: list[int] = []
+    async for d in engine.stream(GenerationRequest(prompt, params)):
+        made += d.token_ids
+    return made
+
+
+async def test_a_thinking_budget_writes_the_blocks_end_for_the_model(engine: MlxEngine) -> None:
+    p = prompts(engine, 1)[0]
+    (think,), (done,) = engine.tokenizer.encode("<think>"), engine.tokenizer.encode("</think>")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    free = await tokens_of(engine, [*p, think], params)
+    assert done not in free  # left alone, the model does not end its block this soon
+    budgeted = await tokens_of(engine, [*p, think], replace(params, thinking_budget=3))
+    assert budgeted[:4] == [*free[:3], done] and budgeted.count(done) == 1
+    # A prompt that opens no block, an answer that opens none: nothing to end.
+    plain = await tokens_of(engine, p, params)
+    assert think not in plain
+    assert await tokens_of(engine, p, replace(params, thinking_budget=0)) == plain
+
+
 async def test_eos_is_never_emitted_before_min_tokens(engine: MlxEngine) -> None:
     p = prompts(engine, 1)[0]
     eos = min(engine.tokenizer.eos_token_ids)
