@@ -440,7 +440,8 @@ class Worker:
             kv, rest = self._prompts.fetch(tokens)
             seq.cached_tokens = len(tokens) - len(rest)
         procs = make_processors(p, sorted(eos))
-        if p.thinking_budget is not None and self._think is not None:
+        # A grammar's output is the answer from its first token: no thinking to end.
+        if p.thinking_budget is not None and self._think is not None and req.constraint is None:
             inside = opens_thinking(tokens, self._think)
             procs.append(thinking_budget(p.thinking_budget, self._think, inside=inside))
         if req.constraint is not None:

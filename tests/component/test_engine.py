@@ -262,6 +262,12 @@ async def test_a_thinking_budget_writes_the_blocks_end_for_the_model(engine: Mlx
     plain = await tokens_of(engine, p, params)
     assert think not in plain
     assert await tokens_of(engine, p, replace(params, thinking_budget=0)) == plain
+    # Under a grammar the answer is the grammar's from its first token, whatever the prompt opened.
+    constrained = replace(params, ignore_eos=False, max_tokens=12)
+    request = GenerationRequest([*p, think], constrained, Constraint(grammars.json_object().text))
+    free = [t async for d in engine.stream(request) for t in d.token_ids]
+    budgeted = replace(request, params=replace(constrained, thinking_budget=0))
+    assert [t async for d in engine.stream(budgeted) for t in d.token_ids] == free
 
 
 async def test_eos_is_never_emitted_before_min_tokens(engine: MlxEngine) -> None:
