@@ -479,7 +479,8 @@ _HEAD_MAX = 256
 
 class _TaggedTools:
     """Tool calls that open with a marker (`<tool_call>`, `[TOOL_CALLS]`); a scanner finds the end.
-    With a `stream` (a _JsonCall's head), a call of that form streams as it is written.
+    With `stream` (a fresh _JsonCall or _XmlCall for each call), a call of the form it reads
+    streams as it is written.
 
     Whitespace next to a call is formatting and dropped, so trailing whitespace is held back until
     the next non-space arrives; a malformed call comes back as raw content, that whitespace
