@@ -112,10 +112,9 @@ def thinking_budget(budget: int, think: tuple[int, int], *, inside: bool) -> Pro
 
 def opens_thinking(prompt: Sequence[int], think: tuple[int, int]) -> bool:
     """Whether `prompt` ends inside a `think` block: its last opening after its last closing."""
-    start, end = think
     for token in reversed(prompt):
         if token in think:
-            return token == start and start != end
+            return token == think[0]
     return False
 
 
