@@ -270,8 +270,8 @@ class _JsonCall:
     """One call's text as it comes, for a format that names the function before its arguments'
     JSON object (`head`, matched at the call's start, its group 1 the name, ending at the
     object's `{`): the call opens once its head is written, and its arguments stream to the
-    object's closing brace. A call of another form (a list of calls; its arguments before its
-    name) opens nothing: it comes whole from the format's scanner."""
+    object's closing brace (see _read). A call of another form (a list of calls; its arguments
+    before its name) opens nothing: it comes whole from the format's scanner."""
 
     def __init__(self, head: re.Pattern[str], new_id: Callable[[], str]) -> None:
         self._head, self._new_id = head, new_id
@@ -294,11 +294,10 @@ class _JsonCall:
             self._call = CallOpened(self._new_id(), head.group(1))
             self._at = head.end() - 1
             out.append(self._call)
-        start = self._at
-        self._at = self._object_end(text, start)
-        if self._at > start:
-            self._args.append(text[start : self._at])
-            out.append(CallArguments(self._args[-1]))
+        self._at, more = self._read(text, self._at)
+        if more:
+            self._args.append(more)
+            out.append(CallArguments(more))
         return out
 
     def close(self) -> list[Piece] | None:
@@ -308,13 +307,19 @@ class _JsonCall:
             return None
         return [ToolCall(self._call.id, self._call.name, "".join(self._args))]
 
-    def _object_end(self, text: str, i: int) -> int:
-        """Where the arguments' text read from `i` ends: at the end of `text`, after the
+    def _read(self, text: str, i: int) -> tuple[int, str]:
+        """The arguments' text from `i` on, and where it ends: at the end of `text`, after the
         object's closing brace, or before a `<` outside its strings, which no JSON holds (a
-        malformed call's closing tag: nothing after it is read)."""
+        malformed call's closing tag: nothing after it is read). A control character inside a
+        string, which JSON escapes and a model may write raw (a newline in code), is escaped."""
+        out: list[str] = []
+        begin = i
         while i < len(text) and not self._stopped:
             ch = text[i]
-            if self._in_string:
+            if self._in_string and ch < " ":
+                out += [text[begin:i], _escaped(ch)]
+                begin, self._escaped = i + 1, False
+            elif self._in_string:
                 self._in_string = self._escaped or ch != '"'
                 self._escaped = not self._escaped and ch == "\\"
             elif ch == '"':
@@ -328,7 +333,8 @@ class _JsonCall:
                 self._stopped = True
                 break
             i += 1
-        return i
+        out.append(text[begin:i])
+        return i, "".join(out)
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,12 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         'Hi\n<tool_call>{"name": "f": {</tool_call>',
         [Content('Hi\n<tool_call>{"name": "f": {</tool_call>')],
     ),
+    (  # JSON escapes a control character in a string; a model may write one raw (code)
+        "hermes_raw_newline_in_a_string_is_escaped",
+        HERMES,
+        '<tool_call>{"name": "f", "arguments": {"code": "a\n\tb"}}</tool_call>',
+        [call("f", '{"code": "a\\n\\tb"}')],
+    ),
     (  # the call went out as it streamed: it ends with what came
         "hermes_malformed_json_after_the_calls_head_is_a_call",
         HERMES,
