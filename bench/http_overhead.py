@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ class ZeroEngine:
     def hold(self, request_id: str, places: int) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()  # no queue to hold places in
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         with self._lock:
             key, self._next_id = self._next_id, self._next_id + 1

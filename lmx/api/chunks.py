@@ -61,6 +61,7 @@ def sse(obj: dict[str, Any] | str) -> bytes:
 
 
 DONE = sse("[DONE]")  # a stream's last event
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it
 
 
 def error_event(message: str) -> bytes:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
@@ -19,6 +19,7 @@ from lmx.errors import RequestError
 from lmx.runtime.engine import (
     Constraint,
     Delta,
+    DeltaStream,
     Engine,
     GenerationRequest,
     SamplingParams,
@@ -448,18 +449,18 @@ def output_parser(
     )
 
 
-async def merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+async def merged(streams: list[DeltaStream]) -> AsyncGenerator[tuple[int, Delta], None]:
     """Interleave the deltas of several choices; closing this closes (cancels) all of them."""
     if len(streams) == 1:
         try:
             async for d in streams[0]:
                 yield 0, d
         finally:
-            await streams[0].aclose()  # type: ignore[attr-defined]
+            await streams[0].aclose()
         return
     queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
 
-    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+    async def pump(i: int, s: DeltaStream) -> None:
         try:
             async for d in s:
                 await queue.put((i, d))
@@ -481,3 +482,5 @@ async def merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int
             t.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()

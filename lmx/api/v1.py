@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from math import inf
@@ -28,6 +28,7 @@ from lmx.api import translated
 from lmx.api.auth import require_inference
 from lmx.api.chunks import (
     DONE,
+    KEEPALIVE,
     chat_body,
     chat_delta,
     chat_opening,
@@ -74,7 +75,7 @@ from lmx.api.schemas import (
 )
 from lmx.api.shortcut import Endpoint
 from lmx.errors import GenerationFailed, ModelNotFound, RequestError
-from lmx.runtime.engine import Delta, Engine, GenerationRequest, TokenLogprob
+from lmx.runtime.engine import Delta, DeltaStream, Engine, GenerationRequest, TokenLogprob
 from lmx.runtime.parsers import Content, make_parser
 
 FINGERPRINT = f"fp_lmx_{__version__}"
@@ -133,7 +134,7 @@ class _Generation:
     def __init__(
         self,
         stack: AsyncExitStack,
-        stream: AsyncIterator[tuple[int, Delta]],
+        stream: AsyncGenerator[tuple[int, Delta], None],
         model_id: str,
         sequences: int,
         metrics: Metrics,
@@ -150,7 +151,6 @@ class _Generation:
         self.completion_tokens = metrics.completion_tokens.labels(model_id)
         self.started_s = time.perf_counter()
         self.last_token_s: dict[int, float] = {}
-        self.first: tuple[int, Delta] | None = None
         self.ttft_s: float | None = None  # the first choice's
         self.finish_reasons: dict[int, str] = {}
         # Over the sequences that finished:
@@ -164,8 +164,8 @@ class _Generation:
         places: int,
         build: Callable[[Engine], list[GenerationRequest]],
     ) -> tuple[_Generation, Engine, list[GenerationRequest]]:
-        """`build`'s requests under way, the first delta in; `places`: how many sequences the
-        request will have, held in the model's queue in arrival order while it is built."""
+        """`build`'s requests checked and queued; `places`: how many sequences the request will
+        have, held in the model's queue in arrival order while it is built."""
         model_id = await deps.models.ensure_ready(model)
         deps.intake.concerns(model_id)  # not coming to other models' idle workers
         stack = AsyncExitStack()
@@ -177,12 +177,12 @@ class _Generation:
                 # loop, and every other stream, for 60 ms on the CPU.
                 built = await asyncio.to_thread(build, engine)
                 requests = [replace(r, request_id=rid) for r in built]
-                streams = [engine.stream(r) for r in requests]
+                streams: list[DeltaStream] = []
+                for r in requests:
+                    streams.append(engine.stream(r))
+                    stack.push_async_callback(streams[-1].aclose)
                 gen = cls(stack, merged(streams), model_id, len(streams), deps.metrics)
-                stack.push_async_callback(gen.stream.aclose)  # type: ignore[attr-defined]
-                # The first delta: queue-full and bad-request errors get a status code, and
-                # every stream has taken its place.
-                gen.first = await anext(gen.stream)
+                stack.push_async_callback(gen.stream.aclose)
         except BaseException:
             await stack.aclose()
             raise
@@ -215,9 +215,6 @@ class _Generation:
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         try:
-            if self.first is not None:
-                self._observe(*self.first)
-                yield self.first
             async for i, d in self.stream:
                 self._observe(i, d)
                 yield i, d
@@ -244,9 +241,15 @@ class EventStream(StreamingResponse):
     out with the end of the body: one write where each was one, and the body's end another. When
     32 streams end together, that is up to 96 fewer writes for the event loop that takes in their
     next requests meanwhile, and the clients read their ends at once (their CPU per request of a
-    token: -12%, bench.http_overhead)."""
+    token: -12%, bench.http_overhead).
+
+    Its headers go out at once, before the first token: a request waiting for a place in the
+    batch, or for a long prompt's prefill, has an answer its client (or a proxy in front, whose
+    read timeout is often 60 s) sees begin. Whenever no event has gone out for `keepalive_s`, an
+    SSE comment does, which clients skip."""
 
     media_type = "text/event-stream"
+    keepalive_s = 15.0
 
     def __init__(self, content: AsyncIterator[bytes]) -> None:
         # Not cached, and not buffered by a proxy (nginx) in front: each event as it comes.
@@ -256,13 +259,40 @@ class EventStream(StreamingResponse):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
+        loop = asyncio.get_running_loop()
+        sending = asyncio.Lock()  # a comment never goes out within an event, nor after the end
+        last_s = loop.time()
         ended = False
-        async for item in self.body_iterator:
-            chunk = item.encode(self.charset) if isinstance(item, str) else bytes(item)
-            ended = chunk.endswith(DONE)
-            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
-        if not ended:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def keep_alive() -> None:
+            nonlocal last_s
+            while True:
+                await asyncio.sleep(last_s + self.keepalive_s - loop.time())
+                async with sending:
+                    if ended:
+                        return
+                    if loop.time() - last_s >= self.keepalive_s:
+                        await send(
+                            {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
+                        )
+                        last_s = loop.time()
+
+        pinger = asyncio.create_task(keep_alive())
+        try:
+            async for item in self.body_iterator:
+                chunk = item.encode(self.charset) if isinstance(item, str) else bytes(item)
+                async with sending:
+                    ended = chunk.endswith(DONE)
+                    await send(
+                        {"type": "http.response.body", "body": chunk, "more_body": not ended}
+                    )
+                    last_s = loop.time()
+            if not ended:
+                async with sending:
+                    ended = True
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            pinger.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Starlette's, without its anyio task group per response (its cancel scopes cost the

@@ -140,6 +140,17 @@ class EngineStats:
     served: int = 0  # sequences that ended well (stop, length) since the load
 
 
+class DeltaStream(Protocol):
+    """One sequence's deltas (`Engine.stream`), the last with its `finish_reason`. Closing it
+    before then cancels the sequence; closing it again does nothing."""
+
+    def __aiter__(self) -> AsyncIterator[Delta]: ...
+
+    async def __anext__(self) -> Delta: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Tokenizer(Protocol):
     """The part of a tokenizer the API needs."""
 
@@ -206,11 +217,13 @@ class Engine(Protocol):
         freed.
         """
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Generate; cancelling the iterator (client gone) removes the sequence at the next step.
+    def stream(self, request: GenerationRequest) -> DeltaStream:
+        """Generate: `request` checked and queued when called (raising QueueFull when the
+        model's queue is full, RequestError for a bad request), so that an answer can commit to
+        success before its first token; closing the stream (client gone) removes the sequence
+        at the next step.
 
-        Takes one of the places `request.request_id` holds, else a free one: raises QueueFull
-        when the model's queue is full, RequestError for a bad request.
+        Takes one of the places `request.request_id` holds, else a free one.
         """
 
     async def embed(self, inputs: Sequence[Sequence[int]], request_id: str = "") -> Embeddings:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -130,6 +130,36 @@ class Spares:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[Delta]
+
+
+class _Sequence:
+    """A sequence's deltas as the worker sends them (`MlxEngine.stream`)."""
+
+    def __init__(self, engine: MlxEngine, sid: int, out: asyncio.Queue[Delta]) -> None:
+        self._engine = engine
+        self._sid = sid
+        self._out = out
+        self._open = True
+
+    def __aiter__(self) -> _Sequence:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if not self._open:
+            raise StopAsyncIteration
+        delta = await self._out.get()
+        # A consumer that fell behind gets what piled up as one delta (per step, not token).
+        while delta.finish_reason is None and not self._out.empty():
+            delta = _joined(delta, self._out.get_nowait())
+        if delta.finish_reason is not None:
+            self._open = False
+            self._engine.ended(self._sid, delta.finish_reason)
+        return delta
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            self._engine.ended(self._sid, None)
 
 
 def _joined(a: Delta, b: Delta) -> Delta:
@@ -318,7 +348,7 @@ class MlxEngine:
         finally:
             del self._held[request_id]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: GenerationRequest) -> _Sequence:
         self._require_ready()
         if self._embedding_only:
             raise RequestError(
@@ -338,28 +368,27 @@ class MlxEngine:
         st = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[sid] = st
         self._in_flight += 1
-        finished = False
         try:
-            self._require_ready()  # again: the worker may have died since
-            if self._intake is not None:
-                self._intake.reached_engine()
-            self._post(("add", sid, request))
-            while True:
-                delta = await st.out.get()
-                # A consumer that fell behind gets what piled up as one delta (per step, not token).
-                while delta.finish_reason is None and not st.out.empty():
-                    delta = _joined(delta, st.out.get_nowait())
-                finished = delta.finish_reason is not None
-                if finished and delta.finish_reason != "error":
-                    self._served += 1
-                yield delta
-                if finished:
-                    return
-        finally:
-            self._in_flight -= 1
-            self._streams.pop(sid, None)
-            if not finished:  # at once, with whatever is posted before it (its add, maybe)
-                self._post(("cancel", sid), now=True)
+            # Again, now that the sweep of a worker that dies would end it: it may have died
+            # since, its sweep done.
+            self._require_ready()
+        except RequestError:
+            self.ended(sid, "error")
+            raise
+        if self._intake is not None:
+            self._intake.reached_engine()
+        self._post(("add", sid, request))
+        return _Sequence(self, sid, st.out)
+
+    def ended(self, sid: int, finish_reason: str | None) -> None:
+        """Sequence `sid`'s stream ended, its place free again: with its last delta's
+        `finish_reason`, or closed before (None), which removes it from the batch too."""
+        self._in_flight -= 1
+        self._streams.pop(sid, None)
+        if finish_reason is None:  # at once, with whatever is posted before it (its add, maybe)
+            self._post(("cancel", sid), now=True)
+        elif finish_reason != "error":
+            self._served += 1
 
     async def embed(self, inputs: Sequence[Sequence[int]], request_id: str = "") -> Embeddings:
         self._require_ready()

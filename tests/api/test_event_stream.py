@@ -1,4 +1,5 @@
-"""An SSE response (lmx.api.v1.EventStream) ends when its client leaves, and only then."""
+"""An SSE response (lmx.api.v1.EventStream) ends when its client leaves, and only then; its headers
+go out at once, and a comment whenever it has been quiet for a while."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from lmx.api.chunks import KEEPALIVE
 from lmx.api.v1 import EventStream
 
 SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}  # as uvicorn's
@@ -99,3 +101,61 @@ async def test_a_body_that_ends_leaves_nothing_waiting() -> None:
         "body": b"data: [DONE]\n\n",
         "more_body": False,
     }
+
+
+class Timed(Exchange):
+    """An exchange that notes when each message went out (the event loop's clock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.times.append(asyncio.get_running_loop().time())
+        await super().send(message)
+
+    def bodies(self) -> list[bytes | None]:
+        return [m.get("body") for m in self.sent]
+
+
+async def test_a_quiet_stream_begins_at_once_and_is_kept_alive_until_its_first_event() -> None:
+    x, prefilled = Timed(), asyncio.Event()
+
+    async def prefilling() -> AsyncIterator[bytes]:
+        await prefilled.wait()  # a long prompt, or a wait for a place in the batch
+        yield b"data: 1\n\n"
+        yield b"data: [DONE]\n\n"
+
+    stream = EventStream(prefilling())
+    stream.keepalive_s = 0.05
+    task = asyncio.create_task(stream(SCOPE, x.receive, x.send))
+    await asyncio.sleep(0.01)
+    assert [m["type"] for m in x.sent] == ["http.response.start"]  # no token yet: the headers
+    await asyncio.sleep(0.4)
+    prefilled.set()
+    await asyncio.wait_for(task, 5)
+    bodies = x.bodies()
+    kept = bodies[1:-2]
+    assert len(kept) >= 2 and set(kept) == {KEEPALIVE}
+    assert bodies[-2:] == [b"data: 1\n\n", b"data: [DONE]\n\n"]
+    assert x.sent[-1]["more_body"] is False
+    gaps = [b - a for a, b in zip(x.times[: len(kept)], x.times[1 : len(kept) + 1], strict=True)]
+    assert min(gaps) >= 0.05 * 0.9, gaps  # at most one per quiet interval
+    await asyncio.sleep(0.2)
+    assert len(x.sent) == len(bodies)  # nothing after its end
+
+
+async def test_a_stream_whose_events_flow_gets_no_comment() -> None:
+    x = Timed()
+
+    async def flowing() -> AsyncIterator[bytes]:
+        for i in range(20):
+            await asyncio.sleep(0.01)
+            yield f"data: {i}\n\n".encode()
+
+    stream = EventStream(flowing())
+    stream.keepalive_s = 0.15
+    await asyncio.wait_for(stream(SCOPE, x.receive, x.send), 5)
+    bodies = x.bodies()
+    assert KEEPALIVE not in bodies
+    assert bodies[1:] == [f"data: {i}\n\n".encode() for i in range(20)] + [b""]

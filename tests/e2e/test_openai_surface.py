@@ -288,7 +288,7 @@ def test_healthz_answers_fast_while_16_streams_generate(daemon: Daemon) -> None:
     assert sorted(latencies)[len(latencies) // 2] < 0.25, latencies
 
 
-def test_full_queue_answers_429_with_retry_after(
+def test_full_queue_answers_429_with_retry_after_and_a_queued_stream_has_begun(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
     home = tmp_path / "q"
@@ -300,20 +300,32 @@ def test_full_queue_answers_429_with_retry_after(
     d = daemon_factory(home)
     body = {"model": "m", "messages": ASK, "max_tokens": 3000, "stream": True, "ignore_eos": True}
 
+    seen: list[list[object]] = [[], []]  # per holder: its status, then its lines
+
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=d.url, timeout=60) as http:
 
-            async def hold() -> None:
+            async def hold(seen: list[object]) -> None:
                 async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                    async for _ in r.aiter_lines():
-                        pass
+                    seen.append(r.status_code)
+                    async for line in r.aiter_lines():
+                        seen.append(line)
 
-            holders = [asyncio.create_task(hold()) for _ in range(2)]
+            holders = [asyncio.create_task(hold(s)) for s in seen]
             try:
                 # One request has the batch's one place, one waits for it: the queue (1) is full.
                 depth = partial(_metric, d, "lmx_queue_depth", "m")
                 await asyncio.to_thread(wait_for, depth, lambda v: v == 1, 20)
-                return await http.post("/v1/chat/completions", json={**body, "stream": False})
+                answer = await http.post("/v1/chat/completions", json={**body, "stream": False})
+
+                # The waiting one's answer has begun, its headers out before any token of it.
+                def began() -> bool:  # both answered, one of them with tokens
+                    return all(seen) and any(len(s) > 1 for s in seen)
+
+                await asyncio.to_thread(wait_for, began, bool, 20)
+                assert sorted(len(s) > 1 for s in seen) == [False, True], seen
+                assert [s[0] for s in seen] == [200, 200]
+                return answer
             finally:
                 for h in holders:
                     h.cancel()
