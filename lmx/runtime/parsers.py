@@ -211,6 +211,8 @@ class _Harmony:
         self._tools = tools_enabled
         self._buf, self._in_body = "", False
         self._kind, self._call, self._args, self._held = "content", CallOpened("", ""), "", ""
+        self._body_text = ""  # a call's body so far
+        self._object: _JsonObject | None = None  # of a body that is a JSON object
 
     def run(self, text: str, final: bool) -> list[Piece]:
         self._buf += text
@@ -241,7 +243,8 @@ class _Harmony:
         recipient = _H_RECIPIENT.search(header)
         channel = _H_CHANNEL.search(header)
         if recipient is not None and self._tools:
-            self._kind, self._args, self._held = "call", "", ""
+            self._kind, self._args, self._held, self._body_text = "call", "", "", ""
+            self._object = None
             self._call = CallOpened(new_call_id(), recipient.group(1))
             return [self._call]
         analysis = channel is not None and channel.group(1) == "analysis"
@@ -251,6 +254,15 @@ class _Harmony:
     def _body(self, text: str) -> list[Piece]:
         if self._kind != "call":
             return [Reasoning(text) if self._kind == "reasoning" else Content(text)]
+        self._body_text += text
+        if self._object is None and not self._args:  # what the body is may be known now
+            body = self._body_text.lstrip()
+            if body.startswith("{"):
+                self._object = _JsonObject(len(self._body_text) - len(body))
+        if self._object is not None:  # as a Hermes call's: mended, to its closing brace
+            more = self._object.read(self._body_text)
+            self._args += more
+            return [CallArguments(more)] if more else []
         # Whitespace is held until more arguments follow it: none may begin or end them.
         text = text if self._args else text.lstrip()
         self._args += text
@@ -263,6 +275,8 @@ class _Harmony:
         if self._kind != "call":
             return []
         self._kind, args = "content", self._args.strip()
+        if self._object is not None:
+            return [ToolCall(self._call.id, self._call.name, self._args)]
         return [ToolCall(self._call.id, self._call.name, normalize_arguments(args) or args)]
 
 
@@ -270,31 +284,30 @@ class _JsonCall:
     """One call's text as it comes, for a format that names the function before its arguments'
     JSON object (`head`, matched at the call's start, its group 1 the name, ending at the
     object's `{`): the call opens once its head is written, and its arguments stream to the
-    object's closing brace (see _read). A call of another form (a list of calls; its arguments
+    object's closing brace (see _JsonObject). A call of another form (a list of calls; its arguments
     before its name) opens nothing: it comes whole from the format's scanner."""
 
     def __init__(self, head: re.Pattern[str], new_id: Callable[[], str]) -> None:
         self._head, self._new_id = head, new_id
         self._call: CallOpened | None = None
         self._args: list[str] = []
-        self._at = 0  # where in the call's text its arguments go on
-        self._depth, self._in_string, self._escaped = 0, False, False
-        self._stopped = False  # the head was of another form, or the arguments ended
+        self._object = _JsonObject()
+        self._other = False  # the head was of another form
 
     def feed(self, text: str) -> list[Piece]:
         """The pieces that the call's text so far, `text`, adds."""
         out: list[Piece] = []
-        if self._stopped:
+        if self._other:
             return out
         if self._call is None:
             head = self._head.match(text)
             if head is None:
-                self._stopped = len(text) > _HEAD_MAX
+                self._other = len(text) > _HEAD_MAX
                 return out
             self._call = CallOpened(self._new_id(), head.group(1))
-            self._at = head.end() - 1
+            self._object.at = head.end() - 1
             out.append(self._call)
-        self._at, more = self._read(text, self._at)
+        more = self._object.read(text)
         if more:
             self._args.append(more)
             out.append(CallArguments(more))
@@ -307,34 +320,74 @@ class _JsonCall:
             return None
         return [ToolCall(self._call.id, self._call.name, "".join(self._args))]
 
-    def _read(self, text: str, i: int) -> tuple[int, str]:
-        """The arguments' text from `i` on, and where it ends: at the end of `text`, after the
-        object's closing brace, or before a `<` outside its strings, which no JSON holds (a
-        malformed call's closing tag: nothing after it is read). A control character inside a
-        string, which JSON escapes and a model may write raw (a newline in code), is escaped."""
+
+# At a backslash in a JSON string: an escape (group 1), or a backslash that begins none (no
+# group); no match while the text ends before that is known.
+_ESCAPE = re.compile(
+    r'\\(?:([\\"/bfnrt]|u[0-9a-fA-F]{4})|(?=[^u])|u(?![0-9a-fA-F]{0,3}\Z))', re.DOTALL
+)
+
+
+class _JsonObject:
+    """A JSON object's text as it comes, from its `{` at `at` in a text that grows, mended."""
+
+    def __init__(self, at: int = 0) -> None:
+        self.at = at  # where in the text it goes on
+        self.ended = False  # at its closing brace, or at a `<`
+        self._depth, self._in_string = 0, False
+
+    def read(self, text: str) -> str:
+        """The object's text from `at` on, which moves to where it ends: at the end of `text`,
+        after the object's closing brace, or before a `<` outside its strings, which no JSON
+        holds (a malformed call's closing tag: nothing after it is read).
+
+        Slips a model makes in JSON are mended as they come, the text being on its way out: a
+        control character written raw in a string (a newline in code) is escaped, as is a
+        backslash that begins no escape (`\\d` in a regex, `C:\\Users`: the backslash the model
+        meant); a comma before a closing bracket is dropped. Where the next characters decide
+        (a backslash's, a comma's), reading stops before it until they come."""
         out: list[str] = []
-        begin = i
-        while i < len(text) and not self._stopped:
+        begin = i = self.at
+        while i < len(text) and not self.ended:
             ch = text[i]
-            if self._in_string and ch < " ":
-                out += [text[begin:i], _escaped(ch)]
-                begin, self._escaped = i + 1, False
-            elif self._in_string:
-                self._in_string = self._escaped or ch != '"'
-                self._escaped = not self._escaped and ch == "\\"
+            if self._in_string:
+                if ch < " ":
+                    out += [text[begin:i], _escaped(ch)]
+                    begin = i + 1
+                elif ch == "\\":
+                    escape = _ESCAPE.match(text, i)
+                    if escape is None:  # not yet known: its next characters to come
+                        break
+                    if escape.lastindex is None:  # begins no escape: the model meant it
+                        out += [text[begin:i], "\\\\"]
+                        begin = i + 1
+                    else:
+                        i = escape.end()
+                        continue
+                self._in_string = ch != '"'
             elif ch == '"':
                 self._in_string = True
             elif ch in "{[":
                 self._depth += 1
             elif ch in "}]":
                 self._depth -= 1
-                self._stopped = self._depth == 0
+                self.ended = self._depth == 0
+            elif ch == ",":
+                after = i + 1
+                while after < len(text) and text[after].isspace():
+                    after += 1
+                if after == len(text):
+                    break
+                if text[after] in "}]":
+                    out.append(text[begin:i])
+                    begin = i + 1
             elif ch == "<":
-                self._stopped = True
+                self.ended = True
                 break
             i += 1
         out.append(text[begin:i])
-        return i, "".join(out)
+        self.at = i
+        return "".join(out)
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,30 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         '<tool_call>{"name": "f", "arguments": {"code": "a\n\tb"}}</tool_call>',
         [call("f", '{"code": "a\\n\\tb"}')],
     ),
+    (  # a backslash that begins no JSON escape is one the model meant (a regex, a path)
+        "hermes_a_stray_backslash_in_a_string_is_escaped",
+        HERMES,
+        r'<tool_call>{"name": "grep", "arguments": {"p": "\d+\.py", "d": "C:\Users",'
+        r' "ok": "a\"b\n\u00e9\\", "u": "\uZZ \u12"}}</tool_call>',
+        [
+            call(
+                "grep",
+                r'{"p": "\\d+\\.py", "d": "C:\\Users", "ok": "a\"b\n\u00e9\\", "u": "\\uZZ \\u12"}',
+            )
+        ],
+    ),
+    (  # and a comma before a closing bracket is dropped
+        "hermes_a_trailing_comma_is_dropped",
+        HERMES,
+        '<tool_call>{"name": "f", "arguments": {"a": [1, 2,], "s": ",]", "b": 3,\n}}</tool_call>',
+        [call("f", '{"a": [1, 2], "s": ",]", "b": 3\n}')],
+    ),
+    (
+        "mistral_a_stray_backslash_in_a_string_is_escaped",
+        MISTRAL,
+        r'[TOOL_CALLS]grep[ARGS]{"p": "\w+",}',
+        [call("grep", r'{"p": "\\w+"}')],
+    ),
     (  # the call went out as it streamed: it ends with what came
         "hermes_malformed_json_after_the_calls_head_is_a_call",
         HERMES,
@@ -483,6 +507,15 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         '"Paris"}<|call|>',
         [call("get_weather")],
     ),
+    (  # as a Hermes call's JSON is (hermes_a_stray_backslash_in_a_string_is_escaped, ...)
+        "harmony_a_calls_json_is_mended",
+        HARMONY,
+        "<|channel|>commentary to=functions.grep <|constrain|>json<|message|> "
+        + r'{"p": "\d+", "code": "a'
+        + "\n"
+        + r'b", "l": [1, 2,],} <|call|>',
+        [call("grep", r'{"p": "\\d+", "code": "a\nb", "l": [1, 2]}')],
+    ),
     (
         "harmony_preamble_then_answer",
         HARMONY,
@@ -645,6 +678,36 @@ def test_chunking_never_changes_the_pieces(config: dict[str, Any], data: st.Data
     cuts = sorted(data.draw(st.lists(st.integers(0, len(output)), max_size=8)))
     chunks = [output[a:b] for a, b in zip([0, *cuts], [*cuts, len(output)], strict=True)]
     assert run(config, chunks) == run(config, [output])
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(st.sampled_from('ab\\",]}[{ /\nué<')),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    arguments=st.dictionaries(st.text(max_size=4), JSON, max_size=4),
+    ascii_only=st.booleans(),
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+)
+def test_a_json_call_that_needs_no_mending_streams_as_written(
+    arguments: dict[str, Any], ascii_only: bool, cuts: list[int]
+) -> None:
+    """What mends a model's slips (_JsonCall._read) leaves valid JSON as it is, in any chunks."""
+    text = json.dumps(arguments, ensure_ascii=ascii_only)
+    for config, output in (
+        (HERMES, f'<tool_call>{{"name": "f", "arguments": {text}}}</tool_call>'),
+        (MISTRAL, f"[TOOL_CALLS]f[ARGS]{text}"),
+        (HARMONY, f"<|channel|>commentary to=functions.f<|message|>{text}<|call|>"),
+    ):
+        cut = sorted(min(c, len(output)) for c in cuts)
+        chunks = [output[a:b] for a, b in zip([0, *cut], [*cut, len(output)], strict=True)]
+        assert run(config, chunks) == [call("f", text)], output
 
 
 @given(text=st.text(st.characters(exclude_characters="<[{"), max_size=40))
