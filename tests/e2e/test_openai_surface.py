@@ -288,7 +288,7 @@ def test_healthz_answers_fast_while_16_streams_generate(daemon: Daemon) -> None:
     assert sorted(latencies)[len(latencies) // 2] < 0.25, latencies
 
 
-def test_full_queue_answers_429_with_retry_after_and_a_queued_stream_has_begun(
+def test_full_queue_answers_429_and_a_queued_stream_has_begun_and_leaves_when_its_client_does(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
     home = tmp_path / "q"
@@ -325,6 +325,11 @@ def test_full_queue_answers_429_with_retry_after_and_a_queued_stream_has_begun(
                 await asyncio.to_thread(wait_for, began, bool, 20)
                 assert sorted(len(s) > 1 for s in seen) == [False, True], seen
                 assert [s[0] for s in seen] == [200, 200]
+                # Its client gives up waiting: its place is free at once, the other still going.
+                waiting, going = sorted(holders, key=lambda h: len(seen[holders.index(h)]))
+                waiting.cancel()
+                await asyncio.to_thread(wait_for, depth, lambda v: v == 0, 10)
+                assert not going.done()
                 return answer
             finally:
                 for h in holders:
