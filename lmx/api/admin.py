@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmx.api.auth import Keys, has_admin_key, require_admin
+from lmx.api.chunks import KEEPALIVE, KEEPALIVE_S
 from lmx.api.deps import AppDeps, Control
 from lmx.api.schemas import ErrorEnvelope
 from lmx.errors import ConfigError, RequestError
@@ -28,7 +29,6 @@ from lmx.reconciler.editing import EditResult
 from lmx.reconciler.spec import redact
 
 MERGE_PATCH = "application/merge-patch+json"
-_KEEPALIVE_S = 15.0
 OPEN_TO_NETWORK = (
     "lmx listens beyond loopback and no server.api_keys are declared: anyone who can reach its"
     " port can use /v1; declare server.api_keys in the config file"
@@ -175,10 +175,10 @@ async def events(
             yield b": connected\n\n"
             while True:
                 try:
-                    async with asyncio.timeout(_KEEPALIVE_S):
+                    async with asyncio.timeout(KEEPALIVE_S):
                         event = await anext(sub)
                 except TimeoutError:
-                    yield b": keep-alive\n\n"
+                    yield KEEPALIVE
                     continue
                 except StopAsyncIteration:
                     return  # the daemon is stopping: end the response, do not hold it up

@@ -61,7 +61,9 @@ def sse(obj: dict[str, Any] | str) -> bytes:
 
 
 DONE = sse("[DONE]")  # a stream's last event
-KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it
+# An SSE comment, which clients skip, for a stream that has sent nothing for KEEPALIVE_S: a
+# proxy's read timeout (nginx's: 60 s) would end it.
+KEEPALIVE, KEEPALIVE_S = b": keep-alive\n\n", 15.0
 
 
 def error_event(message: str) -> bytes:

@@ -29,6 +29,7 @@ from lmx.api.auth import require_inference
 from lmx.api.chunks import (
     DONE,
     KEEPALIVE,
+    KEEPALIVE_S,
     chat_body,
     chat_delta,
     chat_opening,
@@ -249,7 +250,7 @@ class EventStream(StreamingResponse):
     SSE comment does, which clients skip."""
 
     media_type = "text/event-stream"
-    keepalive_s = 15.0
+    keepalive_s = KEEPALIVE_S
 
     def __init__(self, content: AsyncIterator[bytes]) -> None:
         # Not cached, and not buffered by a proxy (nginx) in front: each event as it comes.
