@@ -10,6 +10,7 @@ from lmx.api.schemas import ChatCompletionRequest, NamedToolChoice
 from lmx.errors import RequestError
 from lmx.runtime import grammars
 from lmx.runtime.engine import Constraint, Engine
+from lmx.runtime.parsers import HARMONY
 
 # How each tool-call format writes its calls (the tool parser's key; None: Hermes, the commonest).
 _SYNTAXES: dict[str | None, grammars.CallSyntax] = {
@@ -28,10 +29,9 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
     """The constraint for `body` on `engine`, or None. Raises RequestError naming the field, for
     an invalid tool also when the call is left to the model."""
     choice = body.tool_choice
-    forced = choice == "required" or isinstance(choice, NamedToolChoice)
     tok = engine.tokenizer
     tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
-    if forced:
+    if body.forces_call:
         if not body.tools:
             raise RequestError(
                 "tool_choice requires tools, but none were given", param="tool_choice"
@@ -40,13 +40,16 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
         if isinstance(choice, NamedToolChoice) and not named:
             raise RequestError("tool_choice names no function", param="tool_choice.function.name")
         try:
-            grammar = grammars.tool_call(
-                tools,
-                named,
-                _SYNTAXES.get(tok.tool_parser, _SYNTAXES[None]),
-                parallel=body.parallel_tool_calls is not False,
-                token_ids=tok.marker_ids,
-            )
+            if tok.tool_parser == HARMONY:  # in its own format (see chat_prompt)
+                grammar = grammars.harmony_call(tools, named, token_ids=tok.marker_ids)
+            else:
+                grammar = grammars.tool_call(
+                    tools,
+                    named,
+                    _SYNTAXES.get(tok.tool_parser, _SYNTAXES[None]),
+                    parallel=body.parallel_tool_calls is not False,
+                    token_ids=tok.marker_ids,
+                )
         except ValueError as exc:
             raise _tools_error(str(exc), body) from None
         return Constraint(grammar.text)

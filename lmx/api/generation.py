@@ -239,7 +239,9 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
         raise
     except Exception as exc:  # the model's template rejected the conversation
         raise RequestError(f"the chat template failed: {exc}", param="messages") from None
-    if opened and not thinking and tok.tool_parser == HARMONY:  # the answer at once, no reasoning
+    # Constrained, gpt-oss answers at once, with no reasoning: a call in the message the grammar
+    # writes, anything else in the final channel.
+    if opened and not thinking and tok.tool_parser == HARMONY and not body.forces_call:
         prompt += tok.encode(HARMONY_FINAL)[len(tok.encode("")) :]  # less any BOS
     return prompt
 
@@ -430,18 +432,20 @@ def output_parser(
     *,
     tools: bool,
     constrained: bool = False,
+    call_forced: bool = False,
     functions: Functions = None,
 ) -> OutputParser:
     """The parser of a chat answer to `prompt`. A prompt that ends by opening a <think> block
     starts the answer in reasoning, unless a grammar constrains it: the grammar's output (a tool
-    call, JSON) is the answer from its first token, whatever the template opened."""
+    call, JSON) is the answer from its first token, whatever the template opened. `call_forced`:
+    that grammar's is a tool call."""
     tok = engine.tokenizer
     tail = tok.decode(list(prompt[-4:])).rstrip()
-    # A grammar makes a harmony model write its answer in the final channel the prompt opened
-    # (chat_prompt), a call as Hermes' JSON.
-    harmony_constrained = constrained and tok.tool_parser == HARMONY
+    # A grammar makes a harmony model write its answer (JSON) in the final channel the prompt
+    # opened (chat_prompt), plain; a call it writes in harmony.
+    harmony_answer = constrained and not call_forced and tok.tool_parser == HARMONY
     return make_parser(
-        tool_parser="hermes" if harmony_constrained else tok.tool_parser,
+        tool_parser=None if harmony_answer else tok.tool_parser,
         tools_enabled=tools,
         reasoning=tok.reasoning,
         starts_in_reasoning=tok.reasoning and tail.endswith("<think>") and not constrained,

@@ -134,6 +134,11 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_generation_prompt: bool = True
 
+    @property
+    def forces_call(self) -> bool:
+        """Whether its answer must be a tool call (`required`, or a named function)."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
     @model_validator(mode="after")
     def _continues_an_assistant(self) -> ChatCompletionRequest:
         if self.continue_final_message and self.messages[-1].role != "assistant":

@@ -373,6 +373,7 @@ async def _start_chat(
                 requests[0].prompt_tokens,
                 tools=tools_on,
                 constrained=requests[0].constraint is not None,
+                call_forced=body.forces_call,
                 functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
             ),
             prompt_tokens=len(requests[0].prompt_tokens),  # its usage before the end's

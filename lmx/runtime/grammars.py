@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 
+from lmx.runtime.parsers import H_CHANNEL, H_CONSTRAIN, H_MESSAGE
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
@@ -172,6 +174,22 @@ def _parameters_problem(schema_json: str, strict: bool) -> str | None:
     return None
 
 
+def _chosen(
+    tools: Sequence[Mapping[str, Any]], named: str | None
+) -> dict[str, tuple[Mapping[str, Any], bool]]:
+    """The functions a forced call may be of (see _functions): `named` alone, else all of them.
+    Raises ValueError for no tools, an unknown `named`, or an invalid parameters schema."""
+    functions = _functions(tools)
+    if named is not None:
+        if named not in functions:
+            known = ", ".join(sorted(functions)) or "none"
+            raise ValueError(f"tool_choice names function {named!r}, not in tools ({known})")
+        functions = {named: functions[named]}
+    if not functions:
+        raise ValueError("tool_choice requires a tool call, but no tools were given")
+    return functions
+
+
 def check_tools(tools: Sequence[Mapping[str, Any]]) -> None:
     """What `tool_call` checks of `tools`, for a request that leaves the call to the model.
     Raises ValueError naming the tool at fault."""
@@ -213,14 +231,7 @@ def tool_call(
     as special, and fails at generation time on such a marker written as text.
     Raises ValueError for no tools, an unknown `named`, or an invalid parameters schema.
     """
-    functions = _functions(tools)
-    if named is not None:
-        if named not in functions:
-            known = ", ".join(sorted(functions)) or "none"
-            raise ValueError(f"tool_choice names function {named!r}, not in tools ({known})")
-        functions = {named: functions[named]}
-    if not functions:
-        raise ValueError("tool_choice requires a tool call, but no tools were given")
+    functions = _chosen(tools, named)
     calls = [
         {
             "type": "object",
@@ -245,4 +256,28 @@ def tool_call(
     forcing = _NO_FORCING if _holds_marker(body, ids) else ""
     lark = f"{forcing}start: {start}\ncall: {call}\n"
     label = f"tool_call {'+' if many else ''}{'|'.join(functions)}"
+    return _checked(llguidance.LLMatcher.grammar_from_lark(lark), label, "tool call grammar")
+
+
+def harmony_call(
+    tools: Sequence[Mapping[str, Any]],
+    named: str | None = None,
+    *,
+    token_ids: Mapping[str, int] | None = None,
+) -> Grammar:
+    """One tool call as gpt-oss writes it in harmony, after a prompt that ends at `<|start|>
+    assistant`: a commentary message to `functions.NAME`, its body the arguments' JSON (the
+    `<|call|>` that ends it is the model's end of output). `named` and `token_ids` as for
+    `tool_call`, whose errors it raises; one call only, as a harmony call ends the output."""
+    functions = _chosen(tools, named)
+    ids = token_ids or {}
+    rules, forcing = [], ""
+    for i, (name, (params, strict)) in enumerate(functions.items()):
+        head = f"{H_CHANNEL}commentary to=functions.{name} {H_CONSTRAIN}json{H_MESSAGE}"
+        body = {**params, "x-guidance": _options(strict)}
+        rules.append(f"call{i}: {_lark_seq(_lark_text(head, ids), '%json ' + json.dumps(body))}")
+        forcing = _NO_FORCING if _holds_marker(params, ids) else forcing
+    start = " | ".join(f"call{i}" for i in range(len(functions)))
+    lark = forcing + f"start: {start}\n" + "".join(r + "\n" for r in rules)
+    label = f"harmony_call {'|'.join(functions)}"
     return _checked(llguidance.LLMatcher.grammar_from_lark(lark), label, "tool call grammar")

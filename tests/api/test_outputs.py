@@ -273,12 +273,6 @@ async def test_a_required_call_of_mistral_may_be_several_unless_parallel_calls_a
     registry = EngineRegistry(MistralEngine)  # type: ignore[arg-type]
     await registry.load(LoadConfig(model_id="m", path=Path()))
     app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
-    by_byte = llguidance.LLTokenizer("byte")
-
-    def allows(grammar: str, text: str) -> bool:
-        m = llguidance.LLMatcher(by_byte, grammar, log_level=0)
-        return m.consume_tokens(by_byte.tokenize_str(text)) and m.is_accepting()
-
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         forced = {**BODY, "tool_choice": "required"}
         msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
@@ -303,6 +297,16 @@ def scripted(text: str) -> type[ScriptedEngine]:
             return answer(text)
 
     return Answering
+
+
+BY_BYTE = llguidance.LLTokenizer("byte")
+
+
+def allows(grammar: str, text: str) -> bool:
+    """Whether `grammar` lets a model write `text` (its markers as text, as for a tokenizer
+    without them)."""
+    m = llguidance.LLMatcher(BY_BYTE, grammar, log_level=0)
+    return m.consume_tokens(BY_BYTE.tokenize_str(text)) and m.is_accepting()
 
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
@@ -421,10 +425,8 @@ async def test_qwen3_coder_calls_come_typed_by_the_functions_schema() -> None:
         assert streamed == [call["function"]]
         # A required call is written as Hermes' JSON, which the parser reads as well.
         await c.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
-        by_byte = llguidance.LLTokenizer("byte")
-        matcher = llguidance.LLMatcher(by_byte, CoderEngine.grammars[-1], log_level=0)
         json_call = '<tool_call>\n{"name": "get_weather", "arguments": {"days": 3}}\n</tool_call>'
-        assert matcher.consume_tokens(by_byte.tokenize_str(json_call)) and matcher.is_accepting()
+        assert allows(CoderEngine.grammars[-1], json_call)
 
 
 HARMONY_CALL = (
@@ -437,12 +439,18 @@ class HarmonyTokenizer(ScriptedTokenizer):
     tool_parser = "harmony"
 
 
+HARMONY_FORCED = (
+    '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}'
+)
+
+
 class HarmonyEngine(ScriptedEngine):
     """Answers as gpt-oss calls a function, in harmony's messages (the <|call|> that ends them
-    is an end of the output, left out of its text), unless a grammar constrains it: then with a
-    Hermes call, after the prompt that opened the final channel. Keeps each request's prompt."""
+    is an end of the output, left out of its text); under a grammar, with the call alone, or
+    with JSON if the grammar does not allow that. Keeps each request's prompt and grammar."""
 
     prompts: ClassVar[list[str]] = []
+    grammars: ClassVar[list[str]] = []
 
     def __init__(self, config: LoadConfig) -> None:
         super().__init__(config)
@@ -450,7 +458,11 @@ class HarmonyEngine(ScriptedEngine):
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         self.prompts.append(self.tokenizer.decode(request.prompt_tokens))
-        return answer(CALL if request.constraint is not None else HARMONY_CALL)
+        if request.constraint is None:
+            return answer(HARMONY_CALL)
+        self.grammars.append(request.constraint.grammar)
+        forced = allows(request.constraint.grammar, HARMONY_FORCED)
+        return answer(HARMONY_FORCED if forced else '{"city": "Oslo"}')
 
 
 async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
@@ -475,9 +487,29 @@ async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
             assert reasoning == "Need the weather." and not content and finish == "tool_calls"
             assert calls == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
             assert "<|" not in r.text
-        # Constrained, the answer starts in the final channel at once, written as the grammar says.
-        forced = {**BODY, "tool_choice": "required"}
+        # A required call: the grammar writes its message as gpt-oss does, after the prompt's
+        # `<|start|>assistant`, with no reasoning first, and a Hermes call does not pass.
+        city = {"type": "object", "properties": {"city": {"type": "string"}}}
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}}]
+        forced = {**BODY, "tools": tools, "tool_choice": "required"}
         msg = (await c.post("/v1/chat/completions", json=forced)).json()["choices"][0]["message"]
+        assert not HarmonyEngine.prompts[-1].endswith("<|message|>")
+        assert not allows(HarmonyEngine.grammars[-1], CALL)
+        assert [t["function"] for t in msg["tool_calls"]] == [
+            {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+        ]
+        assert "reasoning" not in msg and msg["content"] is None
+        # Other functions than the one named do not pass.
+        named = {**BODY, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
+        named["tools"] = [*tools, {"type": "function", "function": {"name": "get_time"}}]
+        await c.post("/v1/chat/completions", json=named)
+        assert not allows(HarmonyEngine.grammars[-1], HARMONY_FORCED)
+        assert allows(
+            HarmonyEngine.grammars[-1],
+            "<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{}",
+        )
+        # A JSON answer starts in the final channel at once: content, as the grammar says.
+        fmt = {**BODY, "response_format": {"type": "json_object"}}
+        msg = (await c.post("/v1/chat/completions", json=fmt)).json()["choices"][0]["message"]
         assert HarmonyEngine.prompts[-1].endswith("<|channel|>final<|message|>")
-        assert [t["function"]["name"] for t in msg["tool_calls"]] == ["get_weather"]
-        assert "reasoning" not in msg
+        assert msg["content"] == '{"city": "Oslo"}' and not msg.get("tool_calls")

@@ -54,15 +54,20 @@ PERSON = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok() -> llguidance.LLTokenizer:
+def byte_level(markers: dict[str, int]) -> llguidance.LLTokenizer:
+    """A token per byte, then EOS, then `markers` as added tokens (their ids in that order)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     t.decoder = decoders.ByteLevel()
     t.add_special_tokens(["<|eos|>"])
-    t.add_tokens(list(MARKERS))
+    t.add_tokens(list(markers))
     return llguidance.LLTokenizer(t.to_str(), eos_token=EOS)
+
+
+@pytest.fixture(scope="module")
+def tok() -> llguidance.LLTokenizer:
+    return byte_level(MARKERS)
 
 
 def matches(tok: llguidance.LLTokenizer, grammar: Grammar, *texts: str | int) -> bool:
@@ -193,6 +198,40 @@ def test_a_function_without_parameters_takes_no_arguments(
     g = grammars.tool_call([{"type": "function", "function": function}], token_ids=MARKERS)
     assert matches(tok, g, *hermes({"name": "ping", "arguments": {}}))
     assert not matches(tok, g, *hermes({"name": "ping", "arguments": {"!": True}}))
+
+
+H_CHANNEL, H_CONSTRAIN, H_MESSAGE = 257, 258, 259
+HARMONY_MARKERS = {"<|channel|>": H_CHANNEL, "<|constrain|>": H_CONSTRAIN, "<|message|>": H_MESSAGE}
+
+
+@pytest.fixture(scope="module")
+def harmony_tok() -> llguidance.LLTokenizer:
+    return byte_level(HARMONY_MARKERS)
+
+
+def harmony(name: str, arguments: dict[str, Any]) -> list[str | int]:
+    """A call as gpt-oss writes it, after `<|start|>assistant`."""
+    head = f"commentary to=functions.{name} "
+    return [H_CHANNEL, head, H_CONSTRAIN, "json", H_MESSAGE, json.dumps(arguments)]
+
+
+def test_a_harmony_call_is_one_message_to_a_function_with_its_arguments(
+    harmony_tok: llguidance.LLTokenizer,
+) -> None:
+    g = grammars.harmony_call([WEATHER, ADD], token_ids=HARMONY_MARKERS)
+    add = harmony("add", {"a": 1, "b": 2})
+    assert matches(harmony_tok, g, *add)
+    assert matches(harmony_tok, g, *harmony("get_weather", {"city": "Oslo", "unit": "f"}))
+    assert not matches(harmony_tok, g, *harmony("add", {"a": 1}))  # b is required
+    assert not matches(harmony_tok, g, *harmony("mul", {"a": 1, "b": 2}))
+    assert not matches(harmony_tok, g, *add, *add)  # a call ends the output
+    # Its markers are the marker tokens, not their text.
+    text = "<|channel|>commentary to=functions.add <|constrain|>json<|message|>{}"
+    assert not matches(harmony_tok, g, text)
+    named = grammars.harmony_call([WEATHER, ADD], named="get_weather", token_ids=HARMONY_MARKERS)
+    assert not matches(harmony_tok, named, *add)
+    with pytest.raises(ValueError, match="names function 'mul', not in tools"):
+        grammars.harmony_call([ADD], named="mul")
 
 
 def test_bare_json_tool_call_without_wrap(tok: llguidance.LLTokenizer) -> None:
