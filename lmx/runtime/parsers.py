@@ -321,6 +321,16 @@ class _JsonCall:
         return [ToolCall(self._call.id, self._call.name, "".join(self._args))]
 
 
+def _after_space(text: str, i: int) -> int:
+    """Where the whitespace at `text[i:]` ends."""
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+# What may follow a string's closing quote: in JSON, a colon, a comma or a closing bracket; a `<`
+# where a call's JSON breaks off at its closing tag.
+_ENDS_STRING = frozenset(",:}]<")
 # At a backslash in a JSON string: an escape (group 1), or a backslash that begins none (no
 # group); no match while the text ends before that is known.
 _ESCAPE = re.compile(
@@ -342,10 +352,12 @@ class _JsonObject:
         holds (a malformed call's closing tag: nothing after it is read).
 
         Slips a model makes in JSON are mended as they come, the text being on its way out: a
-        control character written raw in a string (a newline in code) is escaped, as is a
+        control character written raw in a string (a newline in code) is escaped, as are a
         backslash that begins no escape (`\\d` in a regex, `C:\\Users`: the backslash the model
-        meant); a comma before a closing bracket is dropped. Where the next characters decide
-        (a backslash's, a comma's), reading stops before it until they come."""
+        meant) and a quote that no colon, comma or closing bracket follows (`"echo "hi" > f"`:
+        one inside the string); a comma before a closing bracket is dropped. Where the next
+        characters decide (a backslash's, a quote's, a comma's), reading stops before it until
+        they come. Valid JSON comes out as it came in."""
         out: list[str] = []
         begin = i = self.at
         while i < len(text) and not self.ended:
@@ -364,7 +376,15 @@ class _JsonObject:
                     else:
                         i = escape.end()
                         continue
-                self._in_string = ch != '"'
+                elif ch == '"':
+                    after = _after_space(text, i + 1)
+                    if after == len(text):  # whether it ends the string is not known yet
+                        break
+                    if text[after] not in _ENDS_STRING:  # a quote inside it, unescaped
+                        out += [text[begin:i], '\\"']
+                        begin = i + 1
+                    else:
+                        self._in_string = False
             elif ch == '"':
                 self._in_string = True
             elif ch in "{[":
@@ -373,9 +393,7 @@ class _JsonObject:
                 self._depth -= 1
                 self.ended = self._depth == 0
             elif ch == ",":
-                after = i + 1
-                while after < len(text) and text[after].isspace():
-                    after += 1
+                after = _after_space(text, i + 1)
                 if after == len(text):
                     break
                 if text[after] in "}]":

@@ -200,6 +200,12 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
             )
         ],
     ),
+    (  # a quote that cannot end its string (no colon, comma or bracket after it) is inside it
+        "hermes_an_unescaped_quote_inside_a_string_is_escaped",
+        HERMES,
+        '<tool_call>{"name": "sh", "arguments": {"cmd": "echo "hi" > f.txt", "n": 1}}</tool_call>',
+        [call("sh", r'{"cmd": "echo \"hi\" > f.txt", "n": 1}')],
+    ),
     (  # and a comma before a closing bracket is dropped
         "hermes_a_trailing_comma_is_dropped",
         HERMES,
