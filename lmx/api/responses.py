@@ -1,9 +1,10 @@
 """/v1/responses: OpenAI's Responses API, over the chat completions path.
 
 A request becomes a chat completion request (`instructions`, the conversation of the response it
-continues and its input items the conversation, function tools the tools, `text.format` the
-response format) and runs as one. Its answer, and each event of its stream, comes in the Responses
-shape: a reasoning item, a message item and a function_call item per call.
+continues and its input items the conversation, function tools the tools, and custom tools
+functions of one string, `text.format` the response format) and runs as one. Its answer, and each
+event of its stream, comes in the Responses shape: a reasoning item, a message item and a
+function_call (or custom_tool_call) item per call.
 
 A response is kept (lmx.api.response_store) with its conversation, so that one continuing it
 (`previous_response_id`) runs that conversation and its own input.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +34,14 @@ _ROLES = ("user", "system", "developer", "assistant")
 # not encrypted (it is the client's own answer, on its own machine), after this mark.
 _SEALED = "lmx-reasoning:"
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+# A custom tool's input is text, not JSON arguments: the model sees a function of one string,
+# `input`, and its calls come back as custom_tool_call items holding that string.
+_FREEFORM: dict[str, Any] = {
+    "type": "object",
+    "properties": {"input": {"type": "string"}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
 # A chat request's field as the Responses field it came from, for a 400 that names the latter.
 # Messages come from the instructions, the conversation continued and the input: no index of
 # theirs is the input's.
@@ -138,19 +148,20 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
                     f"{at}.role is {role!r}, not one of {', '.join(_ROLES)}", param=f"{at}.role"
                 )
             out.append({"role": role, "content": _text(item.get("content"), f"{at}.content")})
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
+            if kind == "function_call":
+                arguments = _field(item, "arguments", at)
+            else:
+                arguments = json.dumps({"input": _field(item, "input", at)}, ensure_ascii=False)
             call = {
                 "id": _field(item, "call_id", at),
                 "type": "function",
-                "function": {
-                    "name": _field(item, "name", at),
-                    "arguments": _field(item, "arguments", at),
-                },
+                "function": {"name": _field(item, "name", at), "arguments": arguments},
             }
             if not out or out[-1]["role"] != "assistant":
                 out.append({"role": "assistant", "content": None})
             out[-1].setdefault("tool_calls", []).append(call)
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = _text(item.get("output"), f"{at}.output")
             out.append(
                 {"role": "tool", "tool_call_id": _field(item, "call_id", at), "content": output}
@@ -158,7 +169,8 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
         else:
             raise RequestError(
                 f"{at} is of type {kind!r}: lmx takes messages, function_call,"
-                " function_call_output and reasoning items",
+                " function_call_output, custom_tool_call, custom_tool_call_output and reasoning"
+                " items",
                 param=f"{at}.type",
             )
         if thought and out[-1]["role"] == "assistant":
@@ -215,23 +227,80 @@ def _text(content: Any, where: str) -> str:
 
 
 def _tool(tool: dict[str, Any], j: int) -> dict[str, Any]:
-    if tool.get("type") != "function":
+    """A function or custom tool as the chat request's function tool."""
+    match tool.get("type"):
+        case "function":
+            keys = ("name", "description", "parameters", "strict")
+            return {"type": "function", "function": {k: tool[k] for k in keys if k in tool}}
+        case "custom":
+            function = {
+                "name": tool.get("name"),
+                "description": _freeform(tool, f"tools[{j}]"),
+                "parameters": _FREEFORM,
+            }
+            return {"type": "function", "function": function}
+    raise RequestError(
+        f"tools[{j}] is of type {tool.get('type')!r}: lmx runs function and custom tools (those"
+        " the client runs), not hosted ones",
+        param=f"tools[{j}].type",
+    )
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _freeform(tool: dict[str, Any], at: str) -> str:
+    """A custom tool's description for the model, with where its input goes and, for a grammar
+    format, the grammar (told to the model, not enforced)."""
+    fmt = tool.get("format") or {"type": "text"}
+    fmt = fmt if isinstance(fmt, dict) else {}
+    described = str(tool.get("description") or "")
+    if fmt.get("type") == "text":
+        return f"{described}\n\nIts input is plain text, given as `input`.".lstrip()
+    syntax, definition = fmt.get("syntax"), fmt.get("definition")
+    if fmt.get("type") != "grammar" or syntax not in ("lark", "regex"):
         raise RequestError(
-            f"tools[{j}] is of type {tool.get('type')!r}: lmx runs function tools only",
-            param=f"tools[{j}].type",
+            f"{at}.format must be {{type: text}} or {{type: grammar, syntax: lark or regex,"
+            " definition}",
+            param=f"{at}.format",
         )
-    keys = ("name", "description", "parameters", "strict")
-    return {"type": "function", "function": {k: tool[k] for k in keys if k in tool}}
+    if not isinstance(definition, str):
+        raise RequestError(f"{at}.format needs definition as a string", param=f"{at}.format")
+    told = f"Its input, given as `input`, is text in this {syntax} grammar:\n{definition}"
+    return f"{described}\n\n{told}".lstrip()
 
 
 def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     if isinstance(choice, str):
         return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if choice.get("type") in ("function", "custom") and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise RequestError(
-        "tool_choice must be none, auto, required, or {type: function, name}", param="tool_choice"
+        "tool_choice must be none, auto, required, or {type: function or custom, name}",
+        param="tool_choice",
     )
+
+
+def _freeform_input(arguments: str) -> str:
+    """A custom tool's input, from the arguments the model wrote for it: their `input`, their
+    one string if the model named it otherwise, else the arguments' text as it is. Arguments cut
+    off inside that string (max_output_tokens) give what came of it."""
+    args = _loads(arguments)
+    for cut in range(6):  # cut off inside a string, perhaps within an escape (`\u00e`)
+        if args is not None:
+            break
+        args = _loads(arguments[: len(arguments) - cut] + '"}')
+    if isinstance(args, dict):
+        if isinstance(args.get("input"), str):
+            return str(args["input"])
+        texts = [v for v in args.values() if isinstance(v, str)]
+        if len(args) == 1 and texts:
+            return texts[0]
+    return arguments
 
 
 def _format(fmt: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +331,7 @@ class Rendering:
         self.output: list[dict[str, Any]] = []  # the items, the open one last
         self._open: dict[str, Any] | None = None  # the reasoning or message item being streamed
         self._seq = 0
+        self._custom = {t.get("name") for t in body.tools or () if t.get("type") == "custom"}
 
     def response(
         self, status: str, state: ChoiceState | None = None, **more: Any
@@ -332,6 +402,19 @@ class Rendering:
                         delta=text,
                         **more,
                     )
+                case CallBegun(_, call_id, name) if name in self._custom:
+                    out += self._closed()
+                    call = {
+                        "type": "custom_tool_call",
+                        "id": item_id("ctc"),
+                        "call_id": call_id,
+                        "name": name,
+                        "input": "",
+                    }
+                    self.output.append(call)
+                    out += self.event(
+                        "response.output_item.added", output_index=len(self.output) - 1, item=call
+                    )
                 case CallBegun(_, call_id, name):
                     out += self._closed()
                     call = {
@@ -346,22 +429,30 @@ class Rendering:
                     out += self.event(
                         "response.output_item.added", output_index=len(self.output) - 1, item=call
                     )
-                case CallText(_, text):
+                case CallText(_, text) if self.output[-1]["type"] == "function_call":
                     call = self.output[-1]
                     call["arguments"] += text
                     ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
                     out += self.event("response.function_call_arguments.delta", **ids, delta=text)
                 case CallEnded(_, whole):
-                    call = self.output[-1]
-                    call |= {"arguments": whole.arguments, "status": "completed"}
-                    ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
-                    out += self.event(
-                        "response.function_call_arguments.done", **ids, arguments=whole.arguments
-                    )
-                    out += self.event(
-                        "response.output_item.done", output_index=ids["output_index"], item=call
-                    )
+                    out += self._call_ended(whole.arguments)
         return out
+
+    def _call_ended(self, arguments: str) -> bytes:
+        """The events of the call item under way, ended with `arguments`. A custom tool's input,
+        a string inside the arguments the model writes, goes out once they are whole."""
+        call = self.output[-1]
+        ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
+        if call["type"] == "custom_tool_call":
+            call["input"] = text = _freeform_input(arguments)
+            out = self.event("response.custom_tool_call_input.delta", **ids, delta=text)
+            out += self.event("response.custom_tool_call_input.done", **ids, input=text)
+        else:
+            call |= {"arguments": arguments, "status": "completed"}
+            out = self.event("response.function_call_arguments.done", **ids, arguments=arguments)
+        return out + self.event(
+            "response.output_item.done", output_index=ids["output_index"], item=call
+        )
 
     def started(self, state: ChoiceState) -> bytes:
         response = self.response("in_progress")

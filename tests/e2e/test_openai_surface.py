@@ -590,6 +590,42 @@ def test_a_streamed_response_sends_its_events_in_order_and_they_add_up(
     assert "".join(deltas) == done.arguments and isinstance(json.loads(done.arguments), dict)
 
 
+def test_a_response_calls_a_custom_tool_with_text_and_takes_its_output_back(
+    client: openai.OpenAI,
+) -> None:
+    """Codex's freeform tools (apply_patch): a custom tool's call holds text, not JSON."""
+    tool: Any = {"type": "custom", "name": "apply_patch", "description": "Edit files."}
+    ask: Any = {
+        "model": "lmx-tiny",
+        "input": "Add a file.",
+        "tools": [tool],
+        "tool_choice": {"type": "custom", "name": "apply_patch"},
+        "max_output_tokens": 24,
+        "temperature": 0,
+    }
+    events = list(client.responses.create(**ask, stream=True))
+    done = next(e for e in events if e.type == "response.custom_tool_call_input.done")
+    item = events[-1].response.output[-1]
+    assert item.type == "custom_tool_call" and item.name == "apply_patch"
+    assert isinstance(item.input, str) and item.input == done.input and item.call_id
+    r = client.responses.create(**ask)
+    assert [(o.type, o.input) for o in r.output if o.type == "custom_tool_call"] == [
+        ("custom_tool_call", item.input)
+    ]
+    follow = client.responses.create(
+        model="lmx-tiny",
+        input=[
+            {"role": "user", "content": "Add a file."},
+            {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": "x"},
+            {"type": "custom_tool_call_output", "call_id": "c1", "output": "Done!"},
+        ],
+        tools=[tool],
+        tool_choice="none",
+        max_output_tokens=4,
+    )
+    assert [o.type for o in follow.output] == ["message"]
+
+
 def test_a_response_continues_from_its_id_as_from_its_whole_conversation(
     client: openai.OpenAI,
 ) -> None:

@@ -361,3 +361,118 @@ def test_a_kept_response_lists_its_input_items_a_page_at_a_time() -> None:
     with pytest.raises(RequestError) as caught:
         page(after="msg_unknown")
     assert caught.value.param == "after"
+
+
+PATCH = '*** Begin Patch\n*** Add File: a.txt\n+hi "there"\n*** End Patch'
+APPLY_PATCH = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Edit files.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" /.+/s'},
+}
+
+
+def test_a_custom_tool_is_a_function_of_one_string_and_its_calls_come_back_as_chat() -> None:
+    body = _request(
+        input=[
+            {"role": "user", "content": "Add a.txt."},
+            {
+                "type": "custom_tool_call",
+                "call_id": "call_1",
+                "name": "apply_patch",
+                "input": PATCH,
+            },
+            {"type": "custom_tool_call_output", "call_id": "call_1", "output": "Done!"},
+        ],
+        tools=[APPLY_PATCH, {"type": "custom", "name": "note"}],
+        tool_choice={"type": "custom", "name": "apply_patch"},
+    )
+    chat = chat_request(body, conversation(ResponseStore(), body))
+    functions = [t.function for t in chat.tools or ()]
+    assert [f.name for f in functions] == ["apply_patch", "note"]
+    string = {"type": "object", "properties": {"input": {"type": "string"}}}
+    assert all(f.parameters and f.parameters.items() >= string.items() for f in functions)
+    # Where its input goes, and its grammar, are told to the model.
+    assert functions[0].description == (
+        "Edit files.\n\nIts input, given as `input`, is text in this lark grammar:\n"
+        'start: "*** Begin Patch" /.+/s'
+    )
+    assert functions[1].description == "Its input is plain text, given as `input`."
+    assert chat.tool_choice is not None and chat.tool_choice.model_dump()["function"] == {
+        "name": "apply_patch"
+    }
+    messages = [m.model_dump(exclude_none=True) for m in chat.messages]
+    (call,) = messages[1]["tool_calls"]
+    assert call["function"] == {"name": "apply_patch", "arguments": json.dumps({"input": PATCH})}
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "Done!"}
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "grammar", "syntax": "ebnf", "definition": "x"},
+        {"type": "grammar", "syntax": "lark"},
+        {"type": "json"},
+        "text",
+    ],
+)
+def test_a_custom_tool_of_an_unknown_format_is_a_400_naming_it(fmt: Any) -> None:
+    body = _request(input="x", tools=[{"type": "custom", "name": "f", "format": fmt}])
+    with pytest.raises(RequestError, match=r"tools\[0\]\.format") as info:
+        chat_request(body, ())
+    assert info.value.param == "tools[0].format"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "given"),
+    [
+        (json.dumps({"input": PATCH}), PATCH),
+        (json.dumps({"patch": PATCH}), PATCH),  # its one string, named otherwise by the model
+        ('{"input": "*** Begin\\u00', "*** Begin"),  # cut off by max_output_tokens
+        ('{"input": 3}', '{"input": 3}'),
+        ("not json", "not json"),
+    ],
+)
+def test_a_custom_tools_call_streams_as_its_item_with_its_input_text(
+    arguments: str, given: str
+) -> None:
+    r = Rendering(_request(input="x", stream=True, tools=[APPLY_PATCH]))
+    call = ToolCall("call_1", "apply_patch", arguments)
+    stream = r.feed([CallBegun(0, "call_1", "apply_patch"), CallText(0, arguments[:5])])
+    stream += r.feed([CallText(0, arguments[5:]), CallEnded(0, call)])
+    state = _state("tool_calls")
+    state.reasoning, state.content, state.tool_calls = [], [], [call]
+    stream += r.ended(state)
+    events = _events(stream)
+    assert [(e["type"], e.get("output_index")) for e in events] == [
+        ("response.output_item.added", 0),
+        ("response.custom_tool_call_input.delta", 0),
+        ("response.custom_tool_call_input.done", 0),
+        ("response.output_item.done", 0),
+        ("response.completed", None),
+    ]
+    assert events[0]["item"] | {"id": ""} == {
+        "type": "custom_tool_call",
+        "id": "",
+        "call_id": "call_1",
+        "name": "apply_patch",
+        "input": "",
+    }
+    assert events[1]["delta"] == events[2]["input"] == given
+    (item,) = events[-1]["response"]["output"]
+    assert item == events[3]["item"] and item["input"] == given
+    answer = Rendering(_request(input="x", tools=[APPLY_PATCH])).answer(state)
+    assert [(o["type"], o["input"]) for o in answer["output"]] == [("custom_tool_call", given)]
+
+
+def test_a_kept_custom_call_is_continued_with_its_output() -> None:
+    store = ResponseStore()
+    body = _request(input="Add a.txt.", tools=[APPLY_PATCH])
+    state = _state("tool_calls")
+    state.reasoning, state.content = [], []
+    state.tool_calls = [ToolCall("call_1", "apply_patch", json.dumps({"input": PATCH}))]
+    said = Rendering(body, keeper(store, body, conversation(store, body))).answer(state)
+    output = {"type": "custom_tool_call_output", "call_id": "call_1", "output": "Done!"}
+    messages = _chat(store, input=[output], previous_response_id=said["id"], tools=[APPLY_PATCH])
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert json.loads(messages[1]["tool_calls"][0]["function"]["arguments"]) == {"input": PATCH}
