@@ -1,10 +1,10 @@
 """/v1/responses: OpenAI's Responses API, over the chat completions path.
 
 A request becomes a chat completion request (`instructions`, the conversation of the response it
-continues and its input items the conversation, function tools the tools, and custom tools
-functions of one string, `text.format` the response format) and runs as one. Its answer, and each
-event of its stream, comes in the Responses shape: a reasoning item, a message item and a
-function_call (or custom_tool_call) item per call.
+continues and its input items the conversation; function tools the tools, and custom and
+local_shell tools functions of their input; `text.format` the response format) and runs as one.
+Its answer, and each event of its stream, comes in the Responses shape: a reasoning item, a
+message item and a call item per call (function_call, custom_tool_call, local_shell_call).
 
 A response is kept (lmx.api.response_store) with its conversation, so that one continuing it
 (`previous_response_id`) runs that conversation and its own input.
@@ -42,6 +42,29 @@ _FREEFORM: dict[str, Any] = {
     "required": ["input"],
     "additionalProperties": False,
 }
+# The local_shell tool (Codex's for gpt-oss): the client runs a command the model gives as its
+# argv. The model sees a function of that; its calls come back as local_shell_call items.
+_LOCAL_SHELL = "local_shell"
+_SHELL: dict[str, Any] = {
+    "name": _LOCAL_SHELL,
+    "description": "Run a command on the user's machine and get its output.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "command": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "The program and its arguments.",
+            },
+            "working_directory": {"type": "string"},
+            "timeout_ms": {"type": "integer"},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+        "required": ["command"],
+        "additionalProperties": False,
+    },
+}
+_ACTION_KEYS = ("command", "working_directory", "timeout_ms", "env")
 # A chat request's field as the Responses field it came from, for a 400 that names the latter.
 # Messages come from the instructions, the conversation continued and the input: no index of
 # theirs is the input's.
@@ -148,35 +171,47 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
                     f"{at}.role is {role!r}, not one of {', '.join(_ROLES)}", param=f"{at}.role"
                 )
             out.append({"role": role, "content": _text(item.get("content"), f"{at}.content")})
-        elif kind in ("function_call", "custom_tool_call"):
-            if kind == "function_call":
-                arguments = _field(item, "arguments", at)
-            else:
-                arguments = json.dumps({"input": _field(item, "input", at)}, ensure_ascii=False)
-            call = {
-                "id": _field(item, "call_id", at),
-                "type": "function",
-                "function": {"name": _field(item, "name", at), "arguments": arguments},
-            }
+        elif kind in ("function_call", "custom_tool_call", "local_shell_call"):
             if not out or out[-1]["role"] != "assistant":
                 out.append({"role": "assistant", "content": None})
-            out[-1].setdefault("tool_calls", []).append(call)
-        elif kind in ("function_call_output", "custom_tool_call_output"):
+            out[-1].setdefault("tool_calls", []).append(_call(item, kind, at))
+        elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
+            # A local shell call's output names the call by `id`.
+            key = "id" if kind == "local_shell_call_output" and "call_id" not in item else "call_id"
             output = _text(item.get("output"), f"{at}.output")
-            out.append(
-                {"role": "tool", "tool_call_id": _field(item, "call_id", at), "content": output}
-            )
+            out.append({"role": "tool", "tool_call_id": _field(item, key, at), "content": output})
         else:
             raise RequestError(
-                f"{at} is of type {kind!r}: lmx takes messages, function_call,"
-                " function_call_output, custom_tool_call, custom_tool_call_output and reasoning"
-                " items",
+                f"{at} is of type {kind!r}: lmx takes messages, reasoning items, and the calls"
+                " of function, custom and local_shell tools and their outputs",
                 param=f"{at}.type",
             )
         if thought and out[-1]["role"] == "assistant":
             out[-1]["reasoning_content"] = out[-1].get("reasoning_content", "") + thought
         thought = ""
     return out
+
+
+def _call(item: dict[str, Any], kind: str, at: str) -> dict[str, Any]:
+    """A call item as a chat tool call, with the arguments the model writes for it."""
+    if kind == "function_call":
+        name, arguments = _field(item, "name", at), _field(item, "arguments", at)
+    elif kind == "custom_tool_call":
+        name = _field(item, "name", at)
+        arguments = json.dumps({"input": _field(item, "input", at)}, ensure_ascii=False)
+    else:
+        action = item.get("action")
+        if not isinstance(action, dict) or not isinstance(action.get("command"), list):
+            raise RequestError(f"{at}.action needs a command (a list)", param=f"{at}.action")
+        name = _LOCAL_SHELL
+        args = {k: action[k] for k in _ACTION_KEYS if action.get(k) is not None}
+        arguments = json.dumps(args, ensure_ascii=False)
+    key = "id" if kind == "local_shell_call" and "call_id" not in item else "call_id"
+    return {
+        "id": _field(item, key, at),
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
 
 
 def _thought(item: dict[str, Any], at: str) -> str:
@@ -239,9 +274,11 @@ def _tool(tool: dict[str, Any], j: int) -> dict[str, Any]:
                 "parameters": _FREEFORM,
             }
             return {"type": "function", "function": function}
+        case "local_shell":
+            return {"type": "function", "function": _SHELL}
     raise RequestError(
-        f"tools[{j}] is of type {tool.get('type')!r}: lmx runs function and custom tools (those"
-        " the client runs), not hosted ones",
+        f"tools[{j}] is of type {tool.get('type')!r}: lmx runs the tools a client runs"
+        " (function, custom, local_shell), not hosted ones",
         param=f"tools[{j}].type",
     )
 
@@ -331,7 +368,12 @@ class Rendering:
         self.output: list[dict[str, Any]] = []  # the items, the open one last
         self._open: dict[str, Any] | None = None  # the reasoning or message item being streamed
         self._seq = 0
-        self._custom = {t.get("name") for t in body.tools or () if t.get("type") == "custom"}
+        # The names of the calls that are not function calls, and their kind.
+        self._kinds = {
+            _LOCAL_SHELL if t.get("type") == _LOCAL_SHELL else t.get("name"): t.get("type")
+            for t in body.tools or ()
+            if t.get("type") in ("custom", _LOCAL_SHELL)
+        }
 
     def response(
         self, status: str, state: ChoiceState | None = None, **more: Any
@@ -402,29 +444,9 @@ class Rendering:
                         delta=text,
                         **more,
                     )
-                case CallBegun(_, call_id, name) if name in self._custom:
-                    out += self._closed()
-                    call = {
-                        "type": "custom_tool_call",
-                        "id": item_id("ctc"),
-                        "call_id": call_id,
-                        "name": name,
-                        "input": "",
-                    }
-                    self.output.append(call)
-                    out += self.event(
-                        "response.output_item.added", output_index=len(self.output) - 1, item=call
-                    )
                 case CallBegun(_, call_id, name):
                     out += self._closed()
-                    call = {
-                        "type": "function_call",
-                        "id": item_id("fc"),
-                        "call_id": call_id,
-                        "name": name,
-                        "arguments": "",
-                        "status": "in_progress",
-                    }
+                    call = self._call_item(call_id, name)
                     self.output.append(call)
                     out += self.event(
                         "response.output_item.added", output_index=len(self.output) - 1, item=call
@@ -438,15 +460,57 @@ class Rendering:
                     out += self._call_ended(whole.arguments)
         return out
 
+    def _call_item(self, call_id: str, name: str) -> dict[str, Any]:
+        """The item of a call begun, by the kind of its tool."""
+        match self._kinds.get(name):
+            case "custom":
+                return {
+                    "type": "custom_tool_call",
+                    "id": item_id("ctc"),
+                    "call_id": call_id,
+                    "name": name,
+                    "input": "",
+                }
+            case "local_shell":
+                action = {"type": "exec", "command": [], "env": {}}
+                return {
+                    "type": "local_shell_call",
+                    "id": item_id("lsh"),
+                    "call_id": call_id,
+                    "action": action,
+                    "status": "in_progress",
+                }
+        return {
+            "type": "function_call",
+            "id": item_id("fc"),
+            "call_id": call_id,
+            "name": name,
+            "arguments": "",
+            "status": "in_progress",
+        }
+
     def _call_ended(self, arguments: str) -> bytes:
         """The events of the call item under way, ended with `arguments`. A custom tool's input,
-        a string inside the arguments the model writes, goes out once they are whole."""
+        a string inside the arguments the model writes, goes out once they are whole, as does a
+        local shell call's action."""
         call = self.output[-1]
         ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
+        out = b""
         if call["type"] == "custom_tool_call":
             call["input"] = text = _freeform_input(arguments)
             out = self.event("response.custom_tool_call_input.delta", **ids, delta=text)
             out += self.event("response.custom_tool_call_input.done", **ids, input=text)
+        elif call["type"] == "local_shell_call":
+            args = _loads(arguments)
+            args = args if isinstance(args, dict) else {}
+            command = args.get("command")
+            if isinstance(command, str):  # a command line, not its argv
+                command = ["bash", "-lc", command]
+            whole = isinstance(command, list) and all(isinstance(c, str) for c in command)
+            if whole:
+                call["action"] |= {k: args[k] for k in _ACTION_KEYS if k in args}
+                call["action"]["command"] = command
+            call["status"] = "completed" if whole else "incomplete"
         else:
             call |= {"arguments": arguments, "status": "completed"}
             out = self.event("response.function_call_arguments.done", **ids, arguments=arguments)

@@ -626,6 +626,22 @@ def test_a_response_calls_a_custom_tool_with_text_and_takes_its_output_back(
     assert [o.type for o in follow.output] == ["message"]
 
 
+def test_a_response_calls_the_local_shell_with_an_action_the_sdk_reads(
+    client: openai.OpenAI,
+) -> None:
+    r = client.responses.create(
+        model="lmx-tiny",
+        input="List the files.",
+        tools=[{"type": "local_shell"}],
+        tool_choice="required",
+        max_output_tokens=64,
+        temperature=0,
+    )
+    (call,) = [o for o in r.output if o.type == "local_shell_call"]
+    assert call.action.type == "exec" and all(isinstance(c, str) for c in call.action.command)
+    assert call.call_id and call.status in ("completed", "incomplete")
+
+
 def test_a_response_continues_from_its_id_as_from_its_whole_conversation(
     client: openai.OpenAI,
 ) -> None:

@@ -476,3 +476,58 @@ def test_a_kept_custom_call_is_continued_with_its_output() -> None:
     messages = _chat(store, input=[output], previous_response_id=said["id"], tools=[APPLY_PATCH])
     assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
     assert json.loads(messages[1]["tool_calls"][0]["function"]["arguments"]) == {"input": PATCH}
+
+
+def test_a_local_shell_tool_is_a_function_of_argv_and_its_calls_and_outputs_come_back() -> None:
+    action = {"type": "exec", "command": ["ls", "-a"], "env": {}, "working_directory": "/tmp"}
+    body = _request(
+        input=[
+            {"role": "user", "content": "List the files."},
+            {"type": "local_shell_call", "id": "lsh_1", "call_id": "call_1", "action": action},
+            {"type": "local_shell_call_output", "id": "call_1", "output": "a.txt"},
+        ],
+        tools=[{"type": "local_shell"}],
+    )
+    chat = chat_request(body, conversation(ResponseStore(), body))
+    (function,) = [t.function for t in chat.tools or ()]
+    assert function.name == "local_shell" and function.parameters is not None
+    assert function.parameters["required"] == ["command"]
+    messages = [m.model_dump(exclude_none=True) for m in chat.messages]
+    (call,) = messages[1]["tool_calls"]
+    assert call["id"] == "call_1" and call["function"]["name"] == "local_shell"
+    assert json.loads(call["function"]["arguments"]) == {
+        "command": ["ls", "-a"],
+        "env": {},
+        "working_directory": "/tmp",
+    }
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"}
+    bad = _request(input=[{"type": "local_shell_call", "call_id": "c", "action": {"type": "exec"}}])
+    with pytest.raises(RequestError, match=r"input\[0\]\.action needs a command"):
+        chat_request(bad, conversation(ResponseStore(), bad))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "command", "status"),
+    [
+        ('{"command": ["ls", "-a"], "timeout_ms": 500}', ["ls", "-a"], "completed"),
+        ('{"command": "ls -a | wc"}', ["bash", "-lc", "ls -a | wc"], "completed"),
+        ('{"command": ["ls", "-', [], "incomplete"),  # cut off by max_output_tokens
+    ],
+)
+def test_a_local_shell_call_is_its_item_with_the_action_to_run(
+    arguments: str, command: list[str], status: str
+) -> None:
+    r = Rendering(_request(input="x", stream=True, tools=[{"type": "local_shell"}]))
+    call = ToolCall("call_1", "local_shell", arguments)
+    stream = r.feed([CallBegun(0, "call_1", "local_shell"), CallText(0, arguments)])
+    stream += r.feed([CallEnded(0, call)])
+    events = _events(stream)
+    assert [e["type"] for e in events] == [
+        "response.output_item.added",
+        "response.output_item.done",
+    ]
+    item = events[-1]["item"]
+    assert (item["type"], item["call_id"], item["status"]) == ("local_shell_call", "call_1", status)
+    assert item["action"]["type"] == "exec" and item["action"]["command"] == command
+    if status == "completed" and "timeout" in arguments:
+        assert item["action"]["timeout_ms"] == 500
