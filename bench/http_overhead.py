@@ -32,6 +32,7 @@ from bench.workload import Workload, make_prompts
 from lmx.api.app import create_app
 from lmx.api.deps import AppDeps
 from lmx.logs import configure
+from lmx.reconciler.status import Listed
 from lmx.runtime.engine import (
     Delta,
     Embeddings,
@@ -154,6 +155,9 @@ class _Models:
 
     def servable(self) -> list[str]:
         return self.registry.ids()
+
+    def listed(self) -> list[Listed]:
+        return [Listed(m, m, "zero", Path(), "loaded", 4096) for m in self.registry.ids()]
 
     def status(self) -> dict[str, Any]:
         return {"config": {"valid": True}, "models": {}}

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmx import __version__
-from lmx.api import admin, errors, v1
+from lmx.api import admin, errors, lmstudio, v1
 from lmx.api.cors import DynamicCORS
 from lmx.api.deps import AppDeps
 from lmx.api.generation import new_id
@@ -70,6 +70,10 @@ class RequestContext:
                 await errors.unexpected(exc, scope["path"])(scope, receive, send_with_id)
 
 
+# The generation routes, whose requests the intake counts while they are prepared.
+_GENERATION = v1.GENERATION.keys() | lmstudio.GENERATION.keys()
+
+
 class CountIntake:
     """Counts the generation requests being prepared (lmx.runtime.intake), from their arrival
     until they reach an engine or end. Plain ASGI, and in the request's own task, so the engine
@@ -80,11 +84,7 @@ class CountIntake:
         self.intake = intake
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] not in v1.GENERATION
-        ):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _GENERATION:
             await self.app(scope, receive, send)
             return
         with self.intake.preparing():
@@ -138,9 +138,10 @@ def create_app(
     app.state.deps = deps
     errors.install(app)
     app.include_router(v1.router)
+    app.include_router(lmstudio.router)
     app.include_router(admin.router)
 
-    app.add_middleware(Shortcut, api=app, deps=deps, ways=v1.SHORTCUTS)
+    app.add_middleware(Shortcut, api=app, deps=deps, ways=v1.SHORTCUTS | lmstudio.SHORTCUTS)
     app.add_middleware(CountIntake, intake=deps.intake)
     app.add_middleware(RequestContext, metrics=deps.metrics)
     app.add_middleware(DynamicCORS, origins=deps.cors_origins)

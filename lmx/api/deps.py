@@ -15,6 +15,7 @@ from lmx.api.metrics import Metrics
 from lmx.api.response_store import ResponseStore
 from lmx.reconciler.editing import DesiredEditor
 from lmx.reconciler.loop import Reconciler
+from lmx.reconciler.status import Listed
 from lmx.runtime.intake import Intake
 from lmx.runtime.registry import EngineRegistry
 
@@ -24,6 +25,9 @@ class ModelDirectory(Protocol):
 
     def servable(self) -> list[str]:
         """Model ids and aliases a request may name now, ready or loadable on demand."""
+
+    def listed(self) -> list[Listed]:
+        """The servable names, with what a model list shows of each."""
 
     async def ensure_ready(self, name: str) -> str:
         """The model id for `name`, once it is loaded. Raises ModelNotFound or TemporaryError."""

@@ -33,7 +33,7 @@ from lmx.reconciler.planning import plan
 from lmx.reconciler.requests import Requests
 from lmx.reconciler.settings import ReconcilerSettings
 from lmx.reconciler.spec import DesiredState, ModelSpec, Want
-from lmx.reconciler.status import Head, StatusView
+from lmx.reconciler.status import Head, Listed, StatusView
 from lmx.reconciler.triggers import Triggers
 from lmx.runtime.engine import EngineState
 from lmx.runtime.memory import MemoryProbe
@@ -202,6 +202,10 @@ class Reconciler:
     def servable(self) -> list[str]:
         """Ids and aliases a request may name now: ready, or loadable on demand."""
         return self._view.servable(self._desired)
+
+    def listed(self) -> list[Listed]:
+        """The servable names, with what a model list shows of each."""
+        return self._view.listed(self._desired)
 
     async def check(self, new: DesiredState, *, origin: str = "the desired state") -> None:
         """Raise ConfigError if the pinned models of `new` alone exceed its memory budget (by

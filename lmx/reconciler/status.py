@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from lmx.reconciler.actions import Plan, plan_json
@@ -32,6 +33,18 @@ _CONFIG = ""  # the condition book's key for top-level conditions (model ids are
 
 def _iso(wall_s: float) -> str:
     return datetime.fromtimestamp(wall_s, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A name a request may use, as a model list shows it (LM Studio's /api/v0/models)."""
+
+    name: str  # the model's id, or an alias of it
+    model_id: str
+    source: str
+    path: Path  # where its files are
+    state: str  # loaded, loading or not-loaded
+    context_length: int | None  # the loaded model's, else its spec's (None: the model's own)
 
 
 @dataclass(frozen=True)
@@ -112,13 +125,17 @@ class StatusView:
         """The names a request may use now: models loaded and ready, and those on disk that a
         request would load, unless they never can (quarantined, or too big for the budget or
         beside the pins): clients that list models offer these to people."""
+        return [entry.name for entry in self.listed(desired)]
+
+    def listed(self, desired: DesiredState) -> list[Listed]:
+        """The servable names (see servable), with what a model list shows of each."""
         engines = self._registry.snapshot()
         disk = self._observer.disk
         observed = self.observed
         if observed is not None:
             budget = desired.memory.budget_bytes(observed.total_memory_bytes)
             pins = pinned_bytes(desired, observed)
-        names = []
+        names: list[Listed] = []
         for mid, spec in desired.models.items():
             eng = engines.get(mid)
             ready = eng is not None and eng.state is EngineState.READY and not eng.draining
@@ -130,8 +147,17 @@ class StatusView:
                 on_demand = False
             if on_demand and observed is not None:
                 on_demand = never_fits(spec, observed.model(mid), budget, pins) is None
-            if ready or on_demand:
-                names += [mid, *spec.aliases]
+            if not (ready or on_demand):
+                continue
+            state = "loaded" if ready else "not-loaded"
+            if eng is not None and eng.state is EngineState.LOADING:
+                state = "loading"
+            context = eng.context_length if ready and eng else spec.engine.context_length
+            path = self._store.locate(spec.source, spec.revision)
+            names += [
+                Listed(name, mid, spec.source, path, state, context)
+                for name in (mid, *spec.aliases)
+            ]
         return names
 
     def status(self, head: Head) -> dict[str, Any]:

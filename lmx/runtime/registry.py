@@ -33,6 +33,7 @@ class ResidentModel:
     last_used_s: float
     draining: bool
     pid: int | None = None  # the engine's own process, if it has one
+    context_length: int = 0  # the longest sequence it takes, prompt and answer
 
 
 @dataclass
@@ -73,6 +74,7 @@ class EngineRegistry:
                 last_used_s=s.last_used_s,
                 draining=s.draining,
                 pid=s.engine.pid,
+                context_length=s.engine.context_length,
             )
             for mid, s in self._slots.items()
         }

@@ -344,7 +344,7 @@ class ModelStore:
         if fetch_config and any(f.path == "config.json" for f in snapshot.files):
             dest = self.locate(snapshot.repo_id, snapshot.revision)
             local = downloads.fetch_file(snapshot, "config.json", dest, token=self._token)
-            config = _read_json(local)
+            config = read_json(local)
         embedding_only = any(f.path == EMBEDDING_MARKER for f in snapshot.files)
         fp = estimate(weights, config, sizing, self._process_bytes, embedding_only=embedding_only)
         with self._lock:
@@ -368,7 +368,7 @@ class ModelStore:
 
     def _measurements(self) -> dict[str, dict[str, Any]]:
         if self._measured is None:
-            data = _read_json(self.home / "footprints.json")
+            data = read_json(self.home / "footprints.json")
             self._measured = {k: v for k, v in data.items() if isinstance(v, dict)}
         return self._measured
 
@@ -389,7 +389,7 @@ class ModelStore:
         fp = None
         if shards:
             weights = sum(safetensors_weight_bytes(p) for p in shards)
-            config = _read_json(path / "config.json")
+            config = read_json(path / "config.json")
             fp = estimate(
                 weights, config, sizing, self._process_bytes, embedding_only=embedding_only
             )
@@ -402,7 +402,8 @@ class ModelStore:
         return source.startswith(("/", "~", "./", "../", "file:"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object; {} if the file is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -12,6 +12,7 @@ import pytest
 from lmx.api.app import create_app
 from lmx.api.deps import AppDeps
 from lmx.errors import ModelNotFound
+from lmx.reconciler.status import Listed
 from lmx.runtime.engine import LoadConfig
 from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
@@ -25,6 +26,20 @@ class StaticModels:
 
     def servable(self) -> list[str]:
         return self.registry.ids()
+
+    def listed(self) -> list[Listed]:
+        snapshot = self.registry.snapshot().values()
+        return [
+            Listed(
+                m.model_id,
+                m.model_id,
+                str(m.config.path),
+                m.config.path,
+                "loaded",
+                m.context_length,
+            )
+            for m in snapshot
+        ]
 
     def status(self) -> dict[str, Any]:
         return {"config": {"valid": True}, "models": {}}

@@ -257,6 +257,24 @@ async def test_status_reports_generations_memory_and_per_model_state(world: Worl
     assert world.r.status()["models"]["a"]["in_flight"] == 0
 
 
+async def test_a_model_list_tells_each_name_its_models_state_files_and_context(
+    world: World,
+) -> None:
+    world.write(
+        a=model(world.model_dir("a"), aliases=["first"], engine={"context_length": 2048}),
+        b=model(world.model_dir("b"), "downloaded", engine={"context_length": 1024}),
+    )
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    await until(settle(world))
+    listed = world.r.listed()
+    assert [e.name for e in listed] == world.r.servable() == ["a", "first", "b"]
+    a, first, b = listed
+    assert (a.model_id, a.state, a.context_length) == ("a", "loaded", 2048)  # the engine's
+    assert first.model_id == "a" and first.path == a.path == world.model_dir("a")
+    assert (b.state, b.context_length, b.source) == ("not-loaded", 1024, str(world.model_dir("b")))
+
+
 async def test_a_model_too_big_beside_the_pins_is_refused_for_good_and_not_offered(
     world: World,
 ) -> None:

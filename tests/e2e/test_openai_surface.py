@@ -345,6 +345,41 @@ def test_full_queue_answers_429_and_a_queued_stream_has_begun_and_leaves_when_it
     assert "too many requests queued" in error["message"]
 
 
+def test_lm_studio_clients_list_the_models_and_talk_to_them_at_api_v0(daemon: Daemon) -> None:
+    """Zed's LM Studio provider and scripts written for LM Studio use its own REST API."""
+    api = daemon.url + "/api/v0"
+    listed = httpx.get(api + "/models", timeout=10).json()
+    tiny = next(m for m in listed["data"] if m["id"] == "lmx-tiny")
+    assert tiny | {"max_context_length": 0, "loaded_context_length": 0} == {
+        "id": "lmx-tiny",
+        "object": "model",
+        "type": "llm",
+        "publisher": "lmx",
+        "arch": "qwen3",
+        "compatibility_type": "mlx",
+        "quantization": "f32",
+        "state": "loaded",
+        "max_context_length": 0,
+        "loaded_context_length": 0,
+        "capabilities": ["tool_use"],
+    }
+    assert tiny["loaded_context_length"] <= tiny["max_context_length"]
+    assert httpx.get(api + "/models/lmx-tiny", timeout=10).json() == tiny
+    missing = httpx.get(api + "/models/nope", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    client = openai.OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=60)
+    ask: Any = {"model": "lmx-tiny", "messages": ASK, "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(**ask)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**ask, stream=True)
+        if c.choices
+    )
+    assert whole.choices[0].message.content == streamed and whole.usage is not None
+    text = client.completions.create(model="lmx-tiny", prompt="one two", max_tokens=3)
+    assert text.usage is not None and text.usage.completion_tokens == 3
+
+
 def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
     daemon: Daemon, client: openai.OpenAI
 ) -> None:

@@ -1,0 +1,139 @@
+"""LM Studio's own REST API, `/api/v0`, for the clients written against it (Zed's LM Studio
+provider, scripts): its model list, which tells each model's kind, architecture, quantization,
+state and context lengths, and its chat, text completion and embedding routes, which answer as
+/v1's do.
+
+A model's facts come from its files (config.json, the chat template), read again only when they
+change.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from lmx.api import v1
+from lmx.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ErrorEnvelope,
+)
+from lmx.api.shortcut import Endpoint
+from lmx.errors import ModelNotFound
+from lmx.reconciler.status import Listed
+from lmx.runtime.store import EMBEDDING_MARKER, is_embedding_model, read_json
+
+router = APIRouter(
+    prefix="/api/v0",
+    tags=["lmstudio"],
+    dependencies=[Depends(v1.inference_access)],
+    responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 429, 503)},
+)
+
+# A model's weights as LM Studio names their type where they are not quantized.
+_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+@router.get("/models", response_model=None)
+async def list_models(deps: v1.Deps) -> JSONResponse:
+    """The servable models, each as LM Studio lists it."""
+    return JSONResponse({"object": "list", "data": [model_entry(m) for m in deps.models.listed()]})
+
+
+@router.get("/models/{model:path}", response_model=None)
+async def get_model(model: str, deps: v1.Deps) -> JSONResponse:
+    listed = deps.models.listed()
+    for entry in listed:
+        if entry.name == model:
+            return JSONResponse(model_entry(entry))
+    raise ModelNotFound(model, [m.name for m in listed])
+
+
+def model_entry(listed: Listed) -> dict[str, Any]:
+    """A model as LM Studio's list shows it: `type` llm or embeddings (lmx serves no vision
+    models), `compatibility_type` mlx, `quantization` its bits (`4bit`) or its weights' type
+    (`bf16`), its `max_context_length` the model's own, `loaded_context_length` the one it is
+    loaded with, `capabilities` ["tool_use"] where its chat template takes tools."""
+    facts = _facts(listed.path, _stamp(listed.path))
+    entry = {
+        "id": listed.name,
+        "object": "model",
+        "type": "embeddings" if facts["embedding"] else "llm",
+        "publisher": _publisher(listed.source),
+        "arch": facts["arch"],
+        "compatibility_type": "mlx",
+        "quantization": facts["quantization"],
+        "state": listed.state,
+        "max_context_length": facts["context"] or listed.context_length,
+        "capabilities": ["tool_use"] if facts["tools"] else [],
+    }
+    if listed.state == "loaded":
+        entry["loaded_context_length"] = listed.context_length
+    return entry
+
+
+def _publisher(source: str) -> str:
+    """Who published the model: a Hub repo's owner; lmx for its built-in models; local for a
+    directory of the user's."""
+    if source.startswith("builtin:"):
+        return "lmx"
+    if source.startswith(("/", "~", "./", "../", "file:")):
+        return "local"
+    return source.split("/", 1)[0]
+
+
+def _stamp(path: Path) -> tuple[float, ...]:
+    """When each file `_facts` reads last changed (0: there is none)."""
+    out = []
+    for name in ("config.json", "tokenizer_config.json", "chat_template.jinja", EMBEDDING_MARKER):
+        try:
+            out.append((path / name).stat().st_mtime)
+        except OSError:
+            out.append(0.0)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _facts(path: Path, stamp: tuple[float, ...]) -> dict[str, Any]:
+    """What a model's files say of it, as they were when `stamp` was taken."""
+    config = read_json(path / "config.json")
+    text = config.get("text_config")  # a multimodal model's language model
+    if isinstance(text, dict):
+        config = {**text, **config}
+    quant = config.get("quantization") or config.get("quantization_config")
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    template = read_json(path / "tokenizer_config.json").get("chat_template")
+    jinja = path / "chat_template.jinja"
+    if not isinstance(template, str | list) and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8", errors="replace")
+    context = config.get("max_position_embeddings")
+    return {
+        "arch": config.get("model_type") if isinstance(config.get("model_type"), str) else None,
+        "quantization": f"{bits}bit" if isinstance(bits, int) else _DTYPES.get(str(dtype)),
+        "context": context if isinstance(context, int) and context > 0 else None,
+        "tools": "tools" in json.dumps(template) if template else False,
+        "embedding": is_embedding_model(path),
+    }
+
+
+# Its generation routes answer as /v1's (lmx.api.app counts and shortcuts them as it does those).
+GENERATION: dict[str, tuple[type[BaseModel], Endpoint]] = {
+    "/api/v0/chat/completions": (ChatCompletionRequest, v1.chat_completions),
+    "/api/v0/completions": (CompletionRequest, v1.completions),
+}
+SHORTCUTS: dict[str, tuple[type[BaseModel], Endpoint]] = {
+    **GENERATION,
+    "/api/v0/embeddings": (EmbeddingRequest, v1.embeddings),
+}
+for _path, (_, _endpoint) in SHORTCUTS.items():
+    router.add_api_route(
+        _path.removeprefix(router.prefix), _endpoint, methods=["POST"], response_model=None
+    )
