@@ -214,13 +214,18 @@ class _Generation:
             self.prompt_total += d.prompt_tokens
             self.completion_total += d.completion_tokens
 
+    async def close(self) -> None:
+        """End its streams (cancelling those still going) and let go of the model; again,
+        nothing."""
+        await self.stack.aclose()
+
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         try:
             async for i, d in self.stream:
                 self._observe(i, d)
                 yield i, d
         finally:
-            await self.stack.aclose()
+            await self.close()
             # At debug level (`lmx serve --log-level debug`): a line per request costs the event
             # loop about as much as the rest of a short request's own work in the daemon.
             log.debug(
@@ -252,11 +257,21 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
     keepalive_s = KEEPALIVE_S
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], gen: _Generation | None = None) -> None:
+        """`gen`: the generation `content` renders, closed when the response ends even if its
+        body never began (its first send failed: the client was gone)."""
         # Not cached, and not buffered by a proxy (nginx) in front: each event as it comes.
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.gen = gen
 
     async def stream_response(self, send: Send) -> None:
+        try:
+            await self._stream(send)
+        finally:
+            if self.gen is not None:
+                await self.gen.close()
+
+    async def _stream(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
@@ -365,13 +380,24 @@ async def _start_chat(
         ]
 
     gen, engine, requests = await _Generation.start(deps, body.model, body.n, build)
-    states = [
+    try:
+        return gen, _choice_states(body, engine, requests, tools_on)
+    except BaseException:  # its streams end, their places free, the model let go
+        await gen.close()
+        raise
+
+
+def _choice_states(
+    body: ChatCompletionRequest, engine: Engine, requests: list[GenerationRequest], tools: bool
+) -> list[ChoiceState]:
+    """A state per choice of `body`, to absorb its deltas into."""
+    return [
         ChoiceState(
             i,
             output_parser(
                 engine,
                 requests[0].prompt_tokens,
-                tools=tools_on,
+                tools=tools,
                 constrained=requests[0].constraint is not None,
                 call_forced=body.forces_call,
                 functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
@@ -381,7 +407,6 @@ async def _start_chat(
         )
         for i in range(body.n)
     ]
-    return gen, states
 
 
 @router.post("/chat/completions", response_model=None)
@@ -394,7 +419,7 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
             states[i].absorb(delta)
         return JSONResponse(chat_body(base, states))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return EventStream(_chat_events(base, gen, states, include_usage))
+    return EventStream(_chat_events(base, gen, states, include_usage), gen)
 
 
 def _chat_events(
@@ -559,7 +584,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         return [c]
 
     usage_of = (lambda: usage(states, n_prompts)) if include_usage else None
-    return EventStream(_events(gen, states, base, head, choice, usage_of))
+    return EventStream(_events(gen, states, base, head, choice, usage_of), gen)
 
 
 @router.post("/embeddings", response_model=None)
@@ -595,7 +620,7 @@ async def _rendered(
         async for _, delta in gen.deltas():
             state.absorb(delta)
         return JSONResponse(rendering.answer(state))
-    return EventStream(translated.stream_events(rendering, gen.deltas(), state))
+    return EventStream(translated.stream_events(rendering, gen.deltas(), state), gen)
 
 
 @router.post("/messages", response_model=None)

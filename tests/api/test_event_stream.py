@@ -159,3 +159,21 @@ async def test_a_stream_whose_events_flow_gets_no_comment() -> None:
     bodies = x.bodies()
     assert KEEPALIVE not in bodies
     assert bodies[1:] == [f"data: {i}\n\n".encode() for i in range(20)] + [b""]
+
+
+async def test_a_response_whose_first_send_fails_still_ends_its_generation() -> None:
+    """Its body never began (the client was gone): the generation it would have rendered is
+    closed all the same, its sequences cancelled and their places freed."""
+    x, closed = Exchange(), []
+
+    class Generation:
+        async def close(self) -> None:
+            closed.append(True)
+
+    async def gone(message: dict[str, Any]) -> None:
+        raise OSError("the client is gone")
+
+    stream = EventStream(x.body(), Generation())  # type: ignore[arg-type]
+    with pytest.raises(OSError):
+        await asyncio.wait_for(stream(SCOPE, x.receive, gone), 5)
+    assert closed == [True]

@@ -513,3 +513,42 @@ async def test_gpt_oss_harmony_reasons_and_calls_in_its_channels() -> None:
         msg = (await c.post("/v1/chat/completions", json=fmt)).json()["choices"][0]["message"]
         assert HarmonyEngine.prompts[-1].endswith("<|channel|>final<|message|>")
         assert msg["content"] == '{"city": "Oslo"}' and not msg.get("tool_calls")
+
+
+class MisconfiguredTokenizer(ScriptedTokenizer):
+    tool_parser = "no-such-format"  # a parser for the answer cannot be made
+
+
+class Queued:
+    """A sequence queued in the engine, never run: notes whether it was closed."""
+
+    closed: ClassVar[list[bool]] = []
+
+    def __aiter__(self) -> Queued:
+        return self
+
+    async def __anext__(self) -> Delta:
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.closed.append(True)
+
+
+class MisconfiguredEngine(ScriptedEngine):
+    def __init__(self, config: LoadConfig) -> None:
+        super().__init__(config)
+        self.tokenizer = MisconfiguredTokenizer()
+
+    def stream(self, request: GenerationRequest) -> Queued:  # type: ignore[override]
+        return Queued()
+
+
+async def test_a_request_that_fails_after_its_sequences_are_queued_cancels_them() -> None:
+    registry = EngineRegistry(MisconfiguredEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", json={**BODY, "n": 2, "stream": True})
+    assert r.status_code == 500
+    assert Queued.closed == [True, True]
+    assert registry.snapshot()["m"].in_flight == 0  # the model is let go
