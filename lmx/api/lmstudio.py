@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from lmx import __version__
 from lmx.api import v1
+from lmx.api.deps import AppDeps
+from lmx.api.generation import ChoiceState
 from lmx.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -124,10 +128,54 @@ def _facts(path: Path, stamp: tuple[float, ...]) -> dict[str, Any]:
     }
 
 
+# LM Studio's reasons an answer stopped, by its finish reason (a stop string: stopStringFound).
+_STOP_REASONS = {
+    "stop": "eosFound",
+    "length": "maxPredictedTokensReached",
+    "tool_calls": "toolCalls",
+}
+
+
+async def chat_completions(body: ChatCompletionRequest, deps: v1.Deps) -> Any:
+    """/v1's, with LM Studio's stats, model_info and runtime in an answer not streamed."""
+    return await v1.answer_chat(body, deps, functools.partial(_stats, deps))
+
+
+async def completions(body: CompletionRequest, deps: v1.Deps) -> Any:
+    """/v1's, with LM Studio's stats, model_info and runtime in an answer not streamed."""
+    return await v1.answer_completion(body, deps, functools.partial(_stats, deps))
+
+
+def _stats(deps: AppDeps, gen: v1.Generation, states: list[ChoiceState]) -> dict[str, Any]:
+    """What LM Studio adds to an answer: how fast it came (its tokens over the time from the
+    first to the last), why its first choice stopped, the model's facts and lmx's."""
+    ttft_s = gen.ttft_s or 0.0
+    seconds = time.perf_counter() - gen.started_s - ttft_s
+    tokens = sum(s.completion_tokens for s in states)
+    first = states[0]
+    stop = "stopStringFound" if first.stop else _STOP_REASONS.get(first.finish_reason or "")
+    entry = next((model_entry(m) for m in deps.models.listed() if m.name == gen.model_id), {})
+    return {
+        "stats": {
+            "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else 0.0,
+            "time_to_first_token": round(ttft_s, 3),
+            "generation_time": round(seconds, 3),
+            "stop_reason": stop or "failed",
+        },
+        "model_info": {
+            "arch": entry.get("arch"),
+            "quant": entry.get("quantization"),
+            "format": "mlx",
+            "context_length": entry.get("loaded_context_length"),
+        },
+        "runtime": {"name": "lmx", "version": __version__, "supported_formats": ["mlx"]},
+    }
+
+
 # Its generation routes answer as /v1's (lmx.api.app counts and shortcuts them as it does those).
 GENERATION: dict[str, tuple[type[BaseModel], Endpoint]] = {
-    "/api/v0/chat/completions": (ChatCompletionRequest, v1.chat_completions),
-    "/api/v0/completions": (CompletionRequest, v1.completions),
+    "/api/v0/chat/completions": (ChatCompletionRequest, chat_completions),
+    "/api/v0/completions": (CompletionRequest, completions),
 }
 SHORTCUTS: dict[str, tuple[type[BaseModel], Endpoint]] = {
     **GENERATION,

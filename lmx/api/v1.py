@@ -125,7 +125,7 @@ async def get_model(model: str, request: Request, deps: Deps) -> ModelCard | JSO
     return ModelCard(id=model, created=int(deps.served_since_s))
 
 
-class _Generation:
+class Generation:
     """One request's engine streams, held open (model acquired) until the response ends.
 
     Also where latency is measured: time to first token and the gaps between tokens, per choice;
@@ -164,7 +164,7 @@ class _Generation:
         model: str,
         places: int,
         build: Callable[[Engine], list[GenerationRequest]],
-    ) -> tuple[_Generation, Engine, list[GenerationRequest]]:
+    ) -> tuple[Generation, Engine, list[GenerationRequest]]:
         """`build`'s requests checked and queued; `places`: how many sequences the request will
         have, held in the model's queue in arrival order while it is built."""
         model_id = await deps.models.ensure_ready(model)
@@ -257,7 +257,7 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
     keepalive_s = KEEPALIVE_S
 
-    def __init__(self, content: AsyncIterator[bytes], gen: _Generation | None = None) -> None:
+    def __init__(self, content: AsyncIterator[bytes], gen: Generation | None = None) -> None:
         """`gen`: the generation `content` renders, closed when the response ends even if its
         body never began (its first send failed: the client was gone)."""
         # Not cached, and not buffered by a proxy (nginx) in front: each event as it comes.
@@ -341,7 +341,7 @@ class EventStream(StreamingResponse):
 
 async def _start_chat(
     body: ChatCompletionRequest, deps: AppDeps, *, truncate: bool = False, fit: bool = False
-) -> tuple[_Generation, list[ChoiceState]]:
+) -> tuple[Generation, list[ChoiceState]]:
     """A chat request's generation under way, and a state per choice to absorb its deltas;
     `truncate`: its conversation's first turns left out as far as it takes to fit the context
     (see truncated_prompt); `fit`: its max_tokens cut to the room the prompt leaves in the
@@ -379,7 +379,7 @@ async def _start_chat(
             for r in requests
         ]
 
-    gen, engine, requests = await _Generation.start(deps, body.model, body.n, build)
+    gen, engine, requests = await Generation.start(deps, body.model, body.n, build)
     try:
         return gen, _choice_states(body, engine, requests, tools_on)
     except BaseException:  # its streams end, their places free, the model let go
@@ -409,21 +409,32 @@ def _choice_states(
     ]
 
 
+# What another API's route adds to an answer that is not streamed, from its generation and the
+# states of its choices (lmx.api.lmstudio: LM Studio's stats).
+More = Callable[["Generation", list[ChoiceState]], dict[str, Any]]
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
+    return await answer_chat(body, deps)
+
+
+async def answer_chat(body: ChatCompletionRequest, deps: AppDeps, more: More | None = None) -> Any:
+    """A chat completion, whole or as its stream; `more` adds to the whole answer."""
     gen, states = await _start_chat(body, deps)
     rid, created = new_id("chatcmpl"), int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": FINGERPRINT}
     if not body.stream:
         async for i, delta in gen.deltas():
             states[i].absorb(delta)
-        return JSONResponse(chat_body(base, states))
+        answer = chat_body(base, states)
+        return JSONResponse(answer | more(gen, states) if more else answer)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return EventStream(_chat_events(base, gen, states, include_usage), gen)
 
 
 def _chat_events(
-    base: dict[str, Any], gen: _Generation, states: list[ChoiceState], include_usage: bool
+    base: dict[str, Any], gen: Generation, states: list[ChoiceState], include_usage: bool
 ) -> AsyncIterator[bytes]:
     chunk = {**base, "object": "chat.completion.chunk"}
     if include_usage:
@@ -453,7 +464,7 @@ def _chat_events(
 
 
 async def _events(
-    gen: _Generation,
+    gen: Generation,
     states: list[ChoiceState],
     chunk: dict[str, Any],
     head: list[dict[str, Any]],
@@ -487,6 +498,13 @@ async def _events(
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, deps: Deps) -> Any:
+    return await answer_completion(body, deps)
+
+
+async def answer_completion(
+    body: CompletionRequest, deps: AppDeps, more: More | None = None
+) -> Any:
+    """A text completion, whole or as its stream; `more` adds to the whole answer."""
     if body.suffix:
         raise RequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -512,7 +530,7 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
         )
 
     places = len(texts_or_ids(body.prompt)) * body.n
-    gen, engine, requests = await _Generation.start(deps, body.model, places, build)
+    gen, engine, requests = await Generation.start(deps, body.model, places, build)
     prompts = [r.prompt_tokens for r in requests]
     prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
 
@@ -553,7 +571,8 @@ async def completions(body: CompletionRequest, deps: Deps) -> Any:
                     "finish_reason": s.finish_reason,
                 }
             )
-        return JSONResponse({**base, "choices": choices, "usage": usage(states, n_prompts)})
+        answer = {**base, "choices": choices, "usage": usage(states, n_prompts)}
+        return JSONResponse(answer | more(gen, states) if more else answer)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     if include_usage:
@@ -613,7 +632,7 @@ async def responses(body: ResponsesRequest, deps: Deps) -> Any:
 
 
 async def _rendered(
-    gen: _Generation, state: ChoiceState, rendering: translated.Rendering, stream: bool
+    gen: Generation, state: ChoiceState, rendering: translated.Rendering, stream: bool
 ) -> Any:
     """The answer of another API served over the chat path, whole or as its stream."""
     if not stream:

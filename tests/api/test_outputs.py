@@ -552,3 +552,15 @@ async def test_a_request_that_fails_after_its_sequences_are_queued_cancels_them(
     assert r.status_code == 500
     assert Queued.closed == [True, True]
     assert registry.snapshot()["m"].in_flight == 0  # the model is let go
+
+
+async def test_lm_studios_route_says_why_an_answer_stopped(client: httpx.AsyncClient) -> None:
+    called = (await client.post("/api/v0/chat/completions", json=BODY)).json()
+    assert called["choices"][0]["finish_reason"] == "tool_calls"
+    assert called["stats"]["stop_reason"] == "toolCalls"
+    plain = {k: v for k, v in BODY.items() if k != "tools"}
+    said = (await client.post("/api/v0/chat/completions", json=plain)).json()
+    assert said["stats"]["stop_reason"] == "eosFound"
+    # Streamed, the chunks are /v1's.
+    streamed = await client.post("/api/v0/chat/completions", json={**plain, "stream": True})
+    assert "stats" not in streamed.text and streamed.text.endswith("data: [DONE]\n\n")

@@ -378,6 +378,22 @@ def test_lm_studio_clients_list_the_models_and_talk_to_them_at_api_v0(daemon: Da
     assert whole.choices[0].message.content == streamed and whole.usage is not None
     text = client.completions.create(model="lmx-tiny", prompt="one two", max_tokens=3)
     assert text.usage is not None and text.usage.completion_tokens == 3
+    # As LM Studio answers there: how fast, why it stopped, the model's facts, the runtime's.
+    for extra in (whole.model_extra, text.model_extra):
+        assert extra is not None
+        stats = extra["stats"]
+        assert stats["stop_reason"] == "maxPredictedTokensReached"
+        assert stats["tokens_per_second"] > 0 and stats["time_to_first_token"] > 0
+        assert stats["generation_time"] > 0
+        assert extra["model_info"] == {
+            "arch": "qwen3",
+            "quant": "f32",
+            "format": "mlx",
+            "context_length": tiny["loaded_context_length"],
+        }
+        assert extra["runtime"]["name"] == "lmx" and extra["runtime"]["supported_formats"] == [
+            "mlx"
+        ]
 
 
 def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
