@@ -518,8 +518,10 @@ async def answer_completion(
     want_lp = body.logprobs is not None
     scored = want_lp and body.echo  # the echoed prompt's tokens come with logprobs too
 
+    prefixes: list[str] = []  # each sequence's echoed prompt, decoded as its prompt is built
+
     def build(engine: Engine) -> list[GenerationRequest]:
-        return generation_requests(
+        requests = generation_requests(
             body,
             engine,
             completion_prompts(body, engine),
@@ -528,11 +530,14 @@ async def answer_completion(
             top_logprobs=body.logprobs or 0,
             prompt_logprobs=scored,
         )
+        decode = engine.tokenizer.decode
+        prefixes.extend(decode(r.prompt_tokens) if body.echo else "" for r in requests)
+        return requests
 
     places = len(texts_or_ids(body.prompt)) * body.n
+    # Nothing that can fail comes between its sequences queued and its answer, which ends them.
     gen, engine, requests = await Generation.start(deps, body.model, places, build)
     prompts = [r.prompt_tokens for r in requests]
-    prefixes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
 
     def logprobs(s: ChoiceState, lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
         """`lps` in the completions format, led by the echoed prompt's where it is scored."""
