@@ -272,43 +272,53 @@ class EventStream(StreamingResponse):
                 await self.gen.close()
 
     async def _stream(self, send: Send) -> None:
+        """The body, and a comment where a whole `keepalive_s` passed without an event. The
+        comment goes out from a task of its own, started by a timer that fires each interval
+        (no task or lock per response or event while events flow); an event waits for a comment
+        going out, and none starts while an event goes out or after the last."""
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         loop = asyncio.get_running_loop()
-        sending = asyncio.Lock()  # a comment never goes out within an event, nor after the end
-        last_s = loop.time()
-        ended = False
+        sent = seen = 0  # events sent; as of the timer's last firing
+        sending = ended = False
+        comment: asyncio.Task[None] | None = None
+        timer: asyncio.TimerHandle
 
         async def keep_alive() -> None:
-            nonlocal last_s
-            while True:
-                await asyncio.sleep(last_s + self.keepalive_s - loop.time())
-                async with sending:
-                    if ended:
-                        return
-                    if loop.time() - last_s >= self.keepalive_s:
-                        await send(
-                            {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
-                        )
-                        last_s = loop.time()
+            nonlocal comment
+            try:
+                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            finally:
+                comment = None
 
-        pinger = asyncio.create_task(keep_alive())
+        def tick() -> None:
+            nonlocal seen, comment, timer
+            if ended:
+                return
+            if sent == seen and not sending and comment is None:
+                comment = loop.create_task(keep_alive())
+            seen = sent
+            timer = loop.call_later(self.keepalive_s, tick)
+
+        timer = loop.call_later(self.keepalive_s, tick)
         try:
             async for item in self.body_iterator:
                 chunk = item.encode(self.charset) if isinstance(item, str) else bytes(item)
-                async with sending:
-                    ended = chunk.endswith(DONE)
-                    await send(
-                        {"type": "http.response.body", "body": chunk, "more_body": not ended}
-                    )
-                    last_s = loop.time()
+                if comment is not None:
+                    await comment
+                ended, sending = chunk.endswith(DONE), True
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                sending, sent = False, sent + 1
             if not ended:
-                async with sending:
-                    ended = True
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if comment is not None:
+                    await comment
+                ended = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            pinger.cancel()
+            timer.cancel()
+            if comment is not None:
+                comment.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Starlette's, without its anyio task group per response (its cancel scopes cost the
