@@ -150,7 +150,7 @@ class StatusView:
             if not (ready or on_demand):
                 continue
             state = "loaded" if ready else "not-loaded"
-            if eng is not None and eng.state is EngineState.LOADING:
+            if mid in self._executor.loading:
                 state = "loading"
             context = eng.context_length if ready and eng else spec.engine.context_length
             path = self._store.locate(spec.source, spec.revision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -273,6 +274,16 @@ async def test_a_model_list_tells_each_name_its_models_state_files_and_context(
     assert (a.model_id, a.state, a.context_length) == ("a", "loaded", 2048)  # the engine's
     assert first.model_id == "a" and first.path == a.path == world.model_dir("a")
     assert (b.state, b.context_length, b.source) == ("not-loaded", 1024, str(world.model_dir("b")))
+    # A load under way: listed as loading, then loaded.
+    loaded = threading.Event()
+    world.engines.faults_for("b").hang = loaded
+    task = asyncio.create_task(world.r.ensure_ready("b"))
+    try:
+        await until(lambda: world.r.listed()[-1].state == "loading")
+    finally:
+        loaded.set()
+    assert await task == "b"
+    assert world.r.listed()[-1].state == "loaded"
 
 
 async def test_a_model_too_big_beside_the_pins_is_refused_for_good_and_not_offered(
