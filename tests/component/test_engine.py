@@ -443,15 +443,22 @@ async def test_full_queue_is_refused_and_context_overflow_names_the_limit(
     await asyncio.to_thread(e.load)
     try:
         p = prompts(e, 1)[0]
+        # Queued as they are asked for, before their first delta: the queue is full at once.
         busy = [e.stream(GenerationRequest(p, SamplingParams(max_tokens=500))) for _ in range(2)]
+        assert e.stats().in_flight == 2
+        with pytest.raises(QueueFull):
+            e.stream(GenerationRequest(p, GREEDY))
+        # One closed before it was ever read frees its place (and leaves the batch).
+        await busy.pop().aclose()
+        assert e.stats().in_flight == 1
+        busy.append(e.stream(GenerationRequest(p, SamplingParams(max_tokens=500))))
         for s in busy:
             await anext(s)
-        with pytest.raises(QueueFull):
-            await anext(e.stream(GenerationRequest(p, GREEDY)))
-        for s in busy:
-            await s.aclose()  # type: ignore[attr-defined]
+            await s.aclose()
+        await until(lambda: e.stats().active == 0)
+        assert e.stats().in_flight == 0
         with pytest.raises(RequestError, match="maximum context length is 4096") as info:
-            await anext(e.stream(GenerationRequest(p, SamplingParams(max_tokens=5000))))
+            e.stream(GenerationRequest(p, SamplingParams(max_tokens=5000)))
         assert info.value.param == "max_tokens"
     finally:
         await asyncio.to_thread(e.unload)
