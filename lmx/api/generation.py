@@ -14,7 +14,13 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
-from lmx.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from lmx.api.schemas import (
+    UNLIMITED,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+)
 from lmx.errors import RequestError
 from lmx.runtime.engine import (
     Constraint,
@@ -47,6 +53,11 @@ _INSTRUCTING = ("system", "developer")  # messages that no truncation leaves out
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def upto(max_tokens: int | None) -> int | None:
+    """A request's `max_tokens` as the most it takes; None: as many as the context leaves."""
+    return None if max_tokens == UNLIMITED else max_tokens
 
 
 def sampling_params(

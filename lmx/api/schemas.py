@@ -59,11 +59,15 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
+UNLIMITED = -1  # max_tokens: as many as the context leaves, as LM Studio reads it
+
+
 class SamplingFields(_Request):
     """Fields shared by chat and text completions, with OpenAI's ranges plus vLLM's extensions."""
 
     model: str
-    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    # -1, as LM Studio's documentation sends it: as many as the context leaves (see UNLIMITED).
+    max_tokens: Annotated[int | None, Field(ge=UNLIMITED)] = None
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
     top_p: Annotated[float | None, Field(ge=0, le=1)] = None  # 0: the likeliest token
     top_k: Annotated[int | None, Field(ge=-1)] = None
@@ -139,6 +143,13 @@ class ChatCompletionRequest(SamplingFields):
         """Whether its answer must be a tool call (`required`, or a named function)."""
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
+    @field_validator("max_tokens")
+    @classmethod
+    def _some_tokens(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("max_tokens must be at least 1 (or -1: as many as the context leaves)")
+        return v
+
     @model_validator(mode="after")
     def _continues_an_assistant(self) -> ChatCompletionRequest:
         if self.continue_final_message and self.messages[-1].role != "assistant":
@@ -151,7 +162,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int | None, Field(ge=0)] = None  # 0: the echoed prompt alone, scored
+    # 0: the echoed prompt alone, scored; -1: as many as the context leaves
+    max_tokens: Annotated[int | None, Field(ge=UNLIMITED)] = None
     logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     echo: bool = False
     suffix: str | None = None

@@ -54,6 +54,7 @@ from lmx.api.generation import (
     output_parser,
     texts_or_ids,
     truncated_prompt,
+    upto,
 )
 from lmx.api.metrics import Metrics
 from lmx.api.responses import (
@@ -357,7 +358,7 @@ async def _start_chat(
     (see truncated_prompt); `fit`: its max_tokens cut to the room the prompt leaves in the
     context, where it asks for more (else a 400 names the limit)."""
     tools_on = bool(body.tools) and body.tool_choice != "none"
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    max_tokens = body.max_completion_tokens or upto(body.max_tokens)
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
 
@@ -535,7 +536,7 @@ async def answer_completion(
             body,
             engine,
             completion_prompts(body, engine),
-            max_tokens=16 if body.max_tokens is None else body.max_tokens,
+            max_tokens=16 if body.max_tokens is None else upto(body.max_tokens),
             logprobs=want_lp,
             top_logprobs=body.logprobs or 0,
             prompt_logprobs=scored,

@@ -457,6 +457,25 @@ async def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(
     assert_envelope(r, 400, "max_tokens")
 
 
+async def test_max_tokens_minus_one_is_as_many_as_the_context_leaves(
+    client: httpx.AsyncClient,
+) -> None:
+    # LM Studio's documentation sends -1 for no limit: its clients' requests must not be 400s.
+    room = 5
+    body = {"model": "tiny", "prompt": [7] * (4096 - room), "max_tokens": -1, "ignore_eos": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == room
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    chat = {**CHAT, "max_tokens": -1, "stop": [" "], "temperature": 0}
+    said = await client.post("/v1/chat/completions", json=chat)
+    assert said.status_code == 200, said.text
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 0})
+    assert "or -1" in assert_envelope(r, 400, "max_tokens")["message"]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": -2})
+    assert_envelope(r, 400, "max_tokens")
+
+
 async def test_n_choices_are_independent_and_seeded(client: httpx.AsyncClient) -> None:
     payload = {**CHAT, "max_tokens": 12, "temperature": 1.5, "seed": 11, "n": 3}
     a = (await client.post("/v1/chat/completions", json=payload)).json()
