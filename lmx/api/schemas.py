@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -77,7 +78,11 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
-    repetition_penalty: Annotated[float | None, Field(gt=0, le=10)] = None
+    # vLLM's name, and LM Studio's (its documented `repeat_penalty`).
+    repetition_penalty: Annotated[
+        float | None,
+        Field(gt=0, le=10, validation_alias=AliasChoices("repetition_penalty", "repeat_penalty")),
+    ] = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -564,3 +564,26 @@ async def test_lm_studios_route_says_why_an_answer_stopped(client: httpx.AsyncCl
     # Streamed, the chunks are /v1's.
     streamed = await client.post("/api/v0/chat/completions", json={**plain, "stream": True})
     assert "stats" not in streamed.text and streamed.text.endswith("data: [DONE]\n\n")
+
+
+class RecordingEngine(ScriptedEngine):
+    """Answers "Hi", keeping each request as the engine gets it."""
+
+    requests: ClassVar[list[GenerationRequest]] = []
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        self.requests.append(request)
+        return answer("Hi")
+
+
+async def test_lm_studios_parameters_reach_the_sampler_by_its_names() -> None:
+    registry = EngineRegistry(RecordingEngine)  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    said = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        lm_studio = {**said, "repeat_penalty": 1.3, "max_tokens": -1}
+        assert (await c.post("/v1/chat/completions", json=lm_studio)).status_code == 200
+    (request,) = RecordingEngine.requests
+    assert request.params.repetition_penalty == 1.3
+    assert request.params.max_tokens == 100_000 - len(request.prompt_tokens)  # the context's room
