@@ -32,7 +32,7 @@ from lmx.api.schemas import (
 from lmx.api.shortcut import Endpoint
 from lmx.errors import ModelNotFound
 from lmx.reconciler.status import Listed
-from lmx.runtime.store import EMBEDDING_MARKER, is_embedding_model, read_json
+from lmx.runtime.store import EMBEDDING_MARKER, is_embedding_model, is_local_source, read_json
 
 router = APIRouter(
     prefix="/api/v0",
@@ -88,7 +88,7 @@ def _publisher(source: str) -> str:
     directory of the user's."""
     if source.startswith("builtin:"):
         return "lmx"
-    if source.startswith(("/", "~", "./", "../", "file:")):
+    if is_local_source(source):
         return "local"
     return source.split("/", 1)[0]
 

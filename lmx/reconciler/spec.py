@@ -16,6 +16,7 @@ from typing import Annotated, Any, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmx.runtime.parsers import HARMONY, TOOL_PARSERS
+from lmx.runtime.store import is_local_source
 
 _UNITS = {
     "": 1,
@@ -149,7 +150,7 @@ class ModelSpec(_Strict):
 
     @property
     def is_local(self) -> bool:
-        return self.source.startswith(("/", "~", "./", "../", "file:"))
+        return is_local_source(self.source)
 
     @property
     def is_hub(self) -> bool:

@@ -52,6 +52,12 @@ class Sizing:
 EMBEDDING_MARKER = "modules.json"
 
 
+def is_local_source(source: str) -> bool:
+    """A model source that is a directory of the user's (a path, or `file:` one), not a Hub
+    repo or a built-in model."""
+    return source.startswith(("/", "~", "./", "../", "file:"))
+
+
 def is_embedding_model(path: Path) -> bool:
     """The model is published as a sentence-transformers pipeline (`modules.json`): an embedding
     model, whose language-model head, where it has one, was never trained to write text."""
@@ -206,7 +212,7 @@ class ModelStore:
                     self._digests[name] = builtin.builtin_digest(name)
                 digest = self._digests[name]
             return self.home / "builtin" / f"{name}-{digest}"
-        if source.startswith(("/", "~", "./", "../", "file:")):
+        if is_local_source(source):
             path = Path(source.removeprefix("file:")).expanduser()
             return path if path.is_absolute() or self._base_dir is None else self._base_dir / path
         # `main` follows the branch in place; any other revision gets a directory of its own, so
@@ -222,14 +228,14 @@ class ModelStore:
             path = self.locate(source, revision)
         except ValueError:  # an unknown built-in name
             return False
-        if source.startswith("builtin:") or self._is_local(source):
+        if source.startswith("builtin:") or is_local_source(source):
             return (path / "config.json").is_file()
         return self.downloaded_commit(source, revision) is not None
 
     def downloaded_commit(self, source: str, revision: str = "main") -> str | None:
         """The commit a Hub source's complete download at `revision` is pinned to, else None.
         Never raises."""
-        if source.startswith("builtin:") or self._is_local(source):
+        if source.startswith("builtin:") or is_local_source(source):
             return None
         path = self.locate(source, revision)
         manifest = downloads.read_manifest(path)
@@ -242,7 +248,7 @@ class ModelStore:
     def on_disk(self, source: str, revision: str = "main") -> bool:
         """Whether lmx holds files of its own for this source (complete or partial); files a
         person put beside them do not count, since `delete` leaves those."""
-        if self._is_local(source):
+        if is_local_source(source):
             return False
         try:
             path = self.locate(source, revision)
@@ -280,7 +286,7 @@ class ModelStore:
             except ValueError as exc:
                 raise PermanentError(str(exc)) from None
         path = self.locate(source, revision)
-        if self._is_local(source):
+        if is_local_source(source):
             if not (path / "config.json").is_file():
                 raise PermanentError(f"no model at {path} (config.json missing)")
             return path
@@ -293,7 +299,7 @@ class ModelStore:
 
     def delete(self, source: str, revision: str = "main") -> int:
         """Remove what lmx downloaded or built for `source`; never a local directory. Bytes freed."""
-        if self._is_local(source):
+        if is_local_source(source):
             return 0
         path = self.locate(source, revision)
         if source.startswith("builtin:"):
@@ -396,10 +402,6 @@ class ModelStore:
         with self._lock:
             self._disk_cache[(path, sizing)] = (stamp, fp)
         return fp
-
-    @staticmethod
-    def _is_local(source: str) -> bool:
-        return source.startswith(("/", "~", "./", "../", "file:"))
 
 
 def read_json(path: Path) -> dict[str, Any]:
