@@ -262,7 +262,7 @@ def _text(content: Any, where: str) -> str:
 
 
 def _tool(tool: dict[str, Any], j: int) -> dict[str, Any]:
-    """A function or custom tool as the chat request's function tool."""
+    """A function, custom or local_shell tool as the chat request's function tool."""
     match tool.get("type"):
         case "function":
             keys = ("name", "description", "parameters", "strict")
