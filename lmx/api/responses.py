@@ -28,6 +28,7 @@ from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.parsers import Content, Reasoning
+from lmx.runtime.toolcalls import loads_or_none
 
 _ROLES = ("user", "system", "developer", "assistant")
 # A reasoning item's `encrypted_content`, for clients that send back only that (Codex): its text,
@@ -283,13 +284,6 @@ def _tool(tool: dict[str, Any], j: int) -> dict[str, Any]:
     )
 
 
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
 def _freeform(tool: dict[str, Any], at: str) -> str:
     """A custom tool's description for the model, with where its input goes and, for a grammar
     format, the grammar (told to the model, not enforced)."""
@@ -326,11 +320,11 @@ def _freeform_input(arguments: str) -> str:
     """A custom tool's input, from the arguments the model wrote for it: their `input`, their
     one string if the model named it otherwise, else the arguments' text as it is. Arguments cut
     off inside that string (max_output_tokens) give what came of it."""
-    args = _loads(arguments)
+    args = loads_or_none(arguments)
     for cut in range(6):  # cut off inside a string, perhaps within an escape (`\u00e`)
         if args is not None:
             break
-        args = _loads(arguments[: len(arguments) - cut] + '"}')
+        args = loads_or_none(arguments[: len(arguments) - cut] + '"}')
     if isinstance(args, dict):
         if isinstance(args.get("input"), str):
             return str(args["input"])
@@ -501,7 +495,7 @@ class Rendering:
             out = self.event("response.custom_tool_call_input.delta", **ids, delta=text)
             out += self.event("response.custom_tool_call_input.done", **ids, input=text)
         elif call["type"] == "local_shell_call":
-            args = _loads(arguments)
+            args = loads_or_none(arguments)
             args = args if isinstance(args, dict) else {}
             command = args.get("command")
             if isinstance(command, str):  # a command line, not its argv

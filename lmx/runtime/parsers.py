@@ -343,7 +343,7 @@ class _JsonObject:
 
     def __init__(self, at: int = 0) -> None:
         self.at = at  # where in the text it goes on
-        self.ended = False  # at its closing brace, or at a `<`
+        self._ended = False  # at its closing brace, or at a `<`
         self._depth, self._in_string = 0, False
 
     def read(self, text: str) -> str:
@@ -360,7 +360,7 @@ class _JsonObject:
         they come. Valid JSON comes out as it came in."""
         out: list[str] = []
         begin = i = self.at
-        while i < len(text) and not self.ended:
+        while i < len(text) and not self._ended:
             ch = text[i]
             if self._in_string:
                 if ch < " ":
@@ -391,7 +391,7 @@ class _JsonObject:
                 self._depth += 1
             elif ch in "}]":
                 self._depth -= 1
-                self.ended = self._depth == 0
+                self._ended = self._depth == 0
             elif ch == ",":
                 after = _after_space(text, i + 1)
                 if after == len(text):
@@ -400,7 +400,7 @@ class _JsonObject:
                     out.append(text[begin:i])
                     begin = i + 1
             elif ch == "<":
-                self.ended = True
+                self._ended = True
                 break
             i += 1
         out.append(text[begin:i])

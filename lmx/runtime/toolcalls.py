@@ -80,7 +80,7 @@ def normalize_arguments(args: object) -> str | None:
     if isinstance(args, dict):
         return json.dumps(args, ensure_ascii=False)
     if isinstance(args, str):
-        parsed = _loads(args)
+        parsed = loads_or_none(args)
         return args if isinstance(parsed, dict) else None
     return None
 
@@ -201,7 +201,7 @@ def typed(value: str, schema: object) -> Any:
             return value
         if kind == "boolean" and word in ("true", "false"):
             return word == "true"
-        parsed = _loads(value)
+        parsed = loads_or_none(value)
         if kind in _JSON_KINDS and _JSON_KINDS[kind](parsed):
             return parsed
     return value
@@ -351,7 +351,8 @@ def _decode_call(item: object, need_args: bool, new_id: Callable[[], str]) -> To
     return None if arguments is None else ToolCall(new_id(), name, arguments)
 
 
-def _loads(text: str) -> Any:
+def loads_or_none(text: str) -> Any:
+    """The JSON value `text` holds; None if it holds none."""
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
@@ -359,7 +360,7 @@ def _loads(text: str) -> Any:
 
 
 def _loads_calls(text: str) -> list[ToolCall] | None:
-    return decode_calls(_loads(text)) if text.strip() else None
+    return decode_calls(loads_or_none(text)) if text.strip() else None
 
 
 def _decode_at(text: str, i: int, openers: str) -> tuple[Any, int] | None:
