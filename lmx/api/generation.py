@@ -180,7 +180,7 @@ def chat_messages(
     `tool_parser`: for Mistral's templates, call ids they take (9 letters and digits; another
     server's ids made them fail); for gpt-oss's, the reasoning also as `thinking`, which its
     template reads, except beside the content of a message with calls (the template refuses both:
-    it writes either as the analysis before the calls)."""
+    it writes either as the analysis before the calls; see also _one_call_each)."""
     mistral = tool_parser == "mistral"
     out = []
     for i, m in enumerate(body.messages):
@@ -206,6 +206,44 @@ def chat_messages(
                     if isinstance(args, dict):
                         function["arguments"] = args
         out.append(d)
+    return _one_call_each(out) if tool_parser == HARMONY else out
+
+
+def _one_call_each(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """gpt-oss's template writes an assistant message's first call only, and names each tool
+    result after the latest call before it: an assistant message with several calls becomes one
+    per call (its reasoning and content with the first), each followed by its result, found by
+    `tool_call_id` (by place where the ids do not match the calls), as gpt-oss calls one function
+    at a time. Results that answer no call stay after the last, in their order."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        calls = m.get("tool_calls") or []
+        i += 1
+        if m["role"] != "assistant" or len(calls) < 2:
+            out.append(m)
+            continue
+        results = []
+        while i < len(messages) and messages[i]["role"] == "tool":
+            results.append(messages[i])
+            i += 1
+        by_id = {r.get("tool_call_id"): r for r in results}
+        ids = [c.get("id") for c in calls]
+        unique = len(by_id) == len(results) and len(set(ids)) == len(ids)
+        if unique and set(ids) >= by_id.keys():
+            answers = [by_id.get(id_) for id_ in ids]
+        else:
+            answers = [*results[: len(calls)], *[None] * (len(calls) - len(results))]
+        for k, (call, answer) in enumerate(zip(calls, answers, strict=True)):
+            out.append(
+                {**m, "tool_calls": [call]}
+                if k == 0
+                else {"role": "assistant", "content": "", "tool_calls": [call]}
+            )
+            if answer is not None:
+                out.append(answer)
+        out += [r for r in results if not any(r is a for a in answers)]
     return out
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jinja2
+
 from lmx.api.generation import chat_messages, chat_prompt, truncated_prompt
 from lmx.api.schemas import ChatCompletionRequest
 
@@ -151,3 +153,50 @@ def test_reasoning_sent_back_reaches_the_template_by_the_names_it_reads() -> Non
     _, called, _, also, _, answered = chat_messages(body, "harmony")
     assert called["thinking"] == "Call f." and "thinking" not in also
     assert answered["thinking"] == "Add."
+
+
+# As gpt-oss's template renders calls: the first of a message only, and a tool result under the
+# name of the latest call before it.
+FIRST_CALL_ONLY = (
+    "{%- set last = namespace(name=none) %}{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}{%- set c = m.tool_calls[0].function %}"
+    "[{{ m.thinking ~ ' ' if m.thinking }}call {{ c.name }} {{ c.arguments | tojson }}]"
+    "{%- set last.name = c.name %}"
+    "{%- elif m.role == 'tool' %}[{{ last.name }}: {{ m.content }}]"
+    "{%- else %}[{{ m.role }}: {{ m.content }}]{%- endif %}{%- endfor %}"
+)
+
+
+def test_gpt_oss_gets_each_call_of_a_message_followed_by_its_own_result() -> None:
+    def call(id_: str, name: str) -> dict[str, Any]:
+        return {"id": id_, "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+    def rendered(results: list[tuple[str, str]], parser: str | None = "harmony") -> str:
+        said = {
+            "role": "assistant",
+            "reasoning": "Both.",
+            "tool_calls": [call("a", "f"), call("b", "g")],
+        }
+        answers = [{"role": "tool", "tool_call_id": i, "content": c} for i, c in results]
+        messages = [
+            {"role": "user", "content": "Hi"},
+            said,
+            *answers,
+            {"role": "user", "content": "Go"},
+        ]
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": messages})
+        return jinja2.Template(FIRST_CALL_ONLY).render(messages=chat_messages(body, parser))
+
+    # In either order, by id; the reasoning once, before the first call.
+    for results in ([("a", "1"), ("b", "2")], [("b", "2"), ("a", "1")]):
+        assert rendered(results) == "[user: Hi][Both. call f {}][f: 1][call g {}][g: 2][user: Go]"
+    # Ids that match no call: by place; a result more than the calls stays after them.
+    assert rendered([("x", "1"), ("y", "2"), ("z", "3")]) == (
+        "[user: Hi][Both. call f {}][f: 1][call g {}][g: 2][g: 3][user: Go]"
+    )
+    # A call not answered (yet) is in the prompt all the same.
+    assert rendered([("b", "2")]) == "[user: Hi][Both. call f {}][call g {}][g: 2][user: Go]"
+    # Other templates write every call of a message: theirs stay as they were sent.
+    assert rendered([("a", "1"), ("b", "2")], None) == (
+        "[user: Hi][call f {}][f: 1][f: 2][user: Go]"
+    )
