@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One bench.run_throughput run on a lent NVIDIA machine, from the kit bench/gpu_kit.sh packs (its
+# folders g0, g1, g2 copied into KIT, default /root/mlxparts). Unpacks the kit the first time, then
+# runs from this checkout with the given arguments, for at most LIMIT_S seconds (default 540), its
+# files straight into $OUT (the device's folder that comes back), so a run cut short keeps the
+# points it finished:
+#
+#   bash bench/gpu_run.sh --preset qwen3-0.6b --concurrency 2 --repeats 16 --device-label h100-X
+set -euo pipefail
+kit=${KIT:-/root/mlxparts}
+site=/tmp/mlxsite
+if [ ! -e "$site/.unpacked" ]; then
+  bash "$kit/g0/unpack.sh" "$kit" "$site" && touch "$site/.unpacked"
+fi
+export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader || true
+timeout "${LIMIT_S:-540}" python3 -m bench.run_throughput --no-again --step-cpu 3 \
+  --min-requests 4 --rounds 2 --out "${OUT:?}" "$@"
