@@ -109,13 +109,18 @@ def _system(system: str | list[dict[str, Any]]) -> str:
     return system if isinstance(system, str) else _text(system, "system")
 
 
-def _text(blocks: Any, where: str) -> str:
-    """The text of `blocks`, text blocks all, a blank line between them."""
+def _text(blocks: Any, where: str, *, unseen: bool = False) -> str:
+    """The text of `blocks`, text blocks all, a blank line between them; with `unseen` (a tool's
+    result), an image or a document is a note saying it is not shown."""
     if not isinstance(blocks, list):
         raise RequestError(f"{where} must be a string or a list of text blocks", param=where)
     texts = []
     for j, block in enumerate(blocks):
-        if (kind := _kind(block, f"{where}[{j}]")) != "text":
+        kind = _kind(block, f"{where}[{j}]")
+        if unseen and kind in ("image", "document"):
+            texts.append(translated.unseen(kind))
+            continue
+        if kind != "text":
             raise RequestError(
                 f"{where}[{j}] is of type {kind!r}: lmx takes text blocks here",
                 param=f"{where}[{j}].type",
@@ -160,7 +165,11 @@ def _messages(message: dict[str, Any], at: str) -> list[dict[str, Any]]:
                 )
             case "user", "tool_result":
                 result = block.get("content", "")
-                text = result if isinstance(result, str) else _text(result, f"{where}.content")
+                text = (
+                    result
+                    if isinstance(result, str)
+                    else _text(result, f"{where}.content", unseen=True)
+                )
                 tool_id = _string(block, "tool_use_id", where)
                 out.append({"role": "tool", "tool_call_id": tool_id, "content": text})
             case _, kind:

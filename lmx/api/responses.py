@@ -179,7 +179,7 @@ def _messages(given: str | list[dict[str, Any]], where: str = "input") -> list[d
         elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
             # A local shell call's output names the call by `id`.
             key = "id" if kind == "local_shell_call_output" and "call_id" not in item else "call_id"
-            output = _text(item.get("output"), f"{at}.output")
+            output = _text(item.get("output"), f"{at}.output", unseen=True)
             out.append({"role": "tool", "tool_call_id": _field(item, key, at), "content": output})
         else:
             raise RequestError(
@@ -244,8 +244,9 @@ def _field(item: dict[str, Any], key: str, at: str) -> str:
     return value
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's or an output's text: a string, or text parts joined."""
+def _text(content: Any, where: str, *, unseen: bool = False) -> str:
+    """A message's or an output's text: a string, or text parts joined; with `unseen` (a tool's
+    output), an image or a file is a note saying it is not shown."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -253,6 +254,9 @@ def _text(content: Any, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if unseen and kind in ("input_image", "input_file"):
+            texts.append(translated.unseen(kind.removeprefix("input_")))
+            continue
         if kind not in _TEXT_PARTS:
             raise RequestError(
                 f"{where}[{j}] is of type {kind!r}: this model takes text only",

@@ -20,6 +20,13 @@ from lmx.runtime.engine import Delta
 Names = Sequence[tuple[re.Pattern[str], str]]
 
 
+def unseen(kind: str) -> str:
+    """What an image or a file (`kind`) a tool gave back reads as: lmx serves text models, and a
+    400 would end an agent's session, whose history keeps it."""
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"[{article} {kind} the tool gave back, not shown: this model reads text only]"
+
+
 def chat_request(chat: dict[str, Any], names: Names) -> ChatCompletionRequest:
     """`chat` validated as a chat completion request; a RequestError naming the API's field."""
     try:

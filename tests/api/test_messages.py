@@ -207,6 +207,35 @@ async def test_a_conversations_blocks_reach_the_template_as_chat_messages(
     assert RecordingTokenizer.prompts[-1][1]["extra"]["enable_thinking"] is False
 
 
+async def test_an_image_a_tool_gave_back_is_a_note_an_image_from_the_user_a_400(
+    sdk: anthropic.AsyncAnthropic,
+) -> None:
+    # As Claude Code's Read tool answers for a PNG: the session goes on, the model told.
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}
+    read: Any = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}
+    result = {"type": "text", "text": "plot.png:"}
+    conversation: Any = [
+        {"role": "user", "content": "Look at plot.png"},
+        {"role": "assistant", "content": [read]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [result, image]}
+            ],
+        },
+    ]
+    await sdk.messages.create(model="m", max_tokens=10, messages=conversation, tools=[TOOL])
+    tool = RecordingTokenizer.prompts[-1][0][-1]
+    assert tool == {
+        "role": "tool",
+        "tool_call_id": "toolu_1",
+        "content": "plot.png:\n\n[an image the tool gave back, not shown: this model reads text only]",
+    }
+    conversation[0]["content"] = [image]
+    with pytest.raises(anthropic.BadRequestError, match=r"content\[0\] is of type 'image'"):
+        await sdk.messages.create(model="m", max_tokens=10, messages=conversation, tools=[TOOL])
+
+
 async def test_a_thinking_budget_is_the_engines_as_vllms_is_on_chat(
     sdk: anthropic.AsyncAnthropic, http: httpx.AsyncClient
 ) -> None:

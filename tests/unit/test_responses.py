@@ -70,6 +70,21 @@ def test_input_items_become_the_chat_they_stand_for() -> None:
     assert chat.reasoning_effort == "none"
 
 
+def test_an_image_a_tool_gave_back_is_a_note_an_image_from_the_user_a_400() -> None:
+    image = {"type": "input_image", "image_url": "data:image/png;base64,"}
+    look = {"type": "input_text", "text": "plot.png:"}
+    call = {"type": "function_call", "call_id": "call_1", "name": "view_image", "arguments": "{}"}
+    body = _request(
+        input=[call, {"type": "function_call_output", "call_id": "call_1", "output": [look, image]}]
+    )
+    tool = chat_request(body, conversation(ResponseStore(), body)).messages[-1]
+    note = "[an image the tool gave back, not shown: this model reads text only]"
+    assert tool.content == f"plot.png:{note}"
+    body = _request(input=[{"role": "user", "content": [image]}])
+    with pytest.raises(RequestError, match=r"input\[0\]\.content\[0\] is of type 'input_image'"):
+        conversation(ResponseStore(), body)
+
+
 def _events(stream: bytes) -> list[dict[str, Any]]:
     out = []
     for block in stream.decode().split("\n\n"):
