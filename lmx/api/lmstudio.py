@@ -159,7 +159,7 @@ def _stats(deps: AppDeps, gen: v1.Generation, states: list[ChoiceState]) -> dict
         "stats": {
             "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else 0.0,
             "time_to_first_token": round(ttft_s, 3),
-            "generation_time": round(seconds, 3),
+            "generation_time": seconds,  # unrounded: a short answer's last tokens come at once
             "stop_reason": stop or "failed",
         },
         "model_info": {
