@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmx import __version__
-from lmx.api import admin, errors, lmstudio, v1
+from lmx.api import admin, errors, lmstudio, lmstudio_v1, v1
 from lmx.api.cors import DynamicCORS
 from lmx.api.deps import AppDeps
 from lmx.api.generation import new_id
@@ -71,7 +71,7 @@ class RequestContext:
 
 
 # The generation routes, whose requests the intake counts while they are prepared.
-_GENERATION = v1.GENERATION.keys() | lmstudio.GENERATION.keys()
+_GENERATION = v1.GENERATION.keys() | lmstudio.GENERATION.keys() | lmstudio_v1.GENERATION.keys()
 
 
 class CountIntake:
@@ -139,9 +139,15 @@ def create_app(
     errors.install(app)
     app.include_router(v1.router)
     app.include_router(lmstudio.router)
+    app.include_router(lmstudio_v1.router)
     app.include_router(admin.router)
 
-    app.add_middleware(Shortcut, api=app, deps=deps, ways=v1.SHORTCUTS | lmstudio.SHORTCUTS)
+    app.add_middleware(
+        Shortcut,
+        api=app,
+        deps=deps,
+        ways=v1.SHORTCUTS | lmstudio.SHORTCUTS | lmstudio_v1.GENERATION,
+    )
     app.add_middleware(CountIntake, intake=deps.intake)
     app.add_middleware(RequestContext, metrics=deps.metrics)
     app.add_middleware(DynamicCORS, origins=deps.cors_origins)

@@ -54,4 +54,5 @@ class AppDeps:
     metrics: Metrics = field(default_factory=Metrics)
     intake: Intake = field(default_factory=Intake)  # shared with the engines (lmx.runtime.intake)
     responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses kept
+    chats: ResponseStore = field(default_factory=ResponseStore)  # LM Studio's /api/v1/chat kept
     served_since_s: float = 0.0

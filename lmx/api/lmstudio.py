@@ -43,6 +43,7 @@ router = APIRouter(
 
 # A model's weights as LM Studio names their type where they are not quantized.
 _DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+_BITS = {"bfloat16": 16, "float16": 16, "float32": 32}
 
 
 @router.get("/models", response_model=None)
@@ -65,25 +66,25 @@ def model_entry(listed: Listed) -> dict[str, Any]:
     models), `compatibility_type` mlx, `quantization` its bits (`4bit`) or its weights' type
     (`bf16`), its `max_context_length` the model's own, `loaded_context_length` the one it is
     loaded with, `capabilities` ["tool_use"] where its chat template takes tools."""
-    facts = _facts(listed.path, _stamp(listed.path))
+    f = facts(listed.path)
     entry = {
         "id": listed.name,
         "object": "model",
-        "type": "embeddings" if facts["embedding"] else "llm",
-        "publisher": _publisher(listed.source),
-        "arch": facts["arch"],
+        "type": "embeddings" if f["embedding"] else "llm",
+        "publisher": publisher(listed.source),
+        "arch": f["arch"],
         "compatibility_type": "mlx",
-        "quantization": facts["quantization"],
+        "quantization": f["quantization"],
         "state": listed.state,
-        "max_context_length": facts["context"] or listed.context_length,
-        "capabilities": ["tool_use"] if facts["tools"] else [],
+        "max_context_length": f["context"] or listed.context_length,
+        "capabilities": ["tool_use"] if f["tools"] else [],
     }
     if listed.state == "loaded":
         entry["loaded_context_length"] = listed.context_length
     return entry
 
 
-def _publisher(source: str) -> str:
+def publisher(source: str) -> str:
     """Who published the model: a Hub repo's owner; lmx for its built-in models; local for a
     directory of the user's."""
     if source.startswith("builtin:"):
@@ -91,6 +92,13 @@ def _publisher(source: str) -> str:
     if is_local_source(source):
         return "local"
     return source.split("/", 1)[0]
+
+
+def facts(path: Path) -> dict[str, Any]:
+    """What a model's files say of it: `arch`, `quantization` (LM Studio's name: `4bit`, `bf16`),
+    `bits` (per weight), `context` (its own), `tools` (its chat template takes them) and
+    `embedding`; read again only when one of them changed."""
+    return _facts(path, _stamp(path))
 
 
 def _stamp(path: Path) -> tuple[float, ...]:
@@ -122,6 +130,7 @@ def _facts(path: Path, stamp: tuple[float, ...]) -> dict[str, Any]:
     return {
         "arch": config.get("model_type") if isinstance(config.get("model_type"), str) else None,
         "quantization": f"{bits}bit" if isinstance(bits, int) else _DTYPES.get(str(dtype)),
+        "bits": bits if isinstance(bits, int) else _BITS.get(str(dtype)),
         "context": context if isinstance(context, int) and context > 0 else None,
         "tools": "tools" in json.dumps(template) if template else False,
         "embedding": is_embedding_model(path),

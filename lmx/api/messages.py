@@ -17,7 +17,6 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 
 from lmx.api import translated
@@ -391,6 +390,4 @@ def _usage(state: ChoiceState) -> dict[str, Any]:
     }
 
 
-def _event(kind: str, **fields: Any) -> bytes:
-    data = orjson.dumps({"type": kind, **fields})
-    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+_event = translated.sse_event

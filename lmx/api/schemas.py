@@ -218,6 +218,33 @@ class ResponsesRequest(_Request):
     user: str | None = None
 
 
+class NativeChatRequest(_Request):
+    """LM Studio's `POST /api/v1/chat`. `context_length` is accepted and left to the model's
+    spec: lmx loads a model once, with the context its spec names, for every client."""
+
+    model: str
+    input: str
+    system_prompt: str | None = None
+    integrations: list[Any] | None = None
+    stream: bool = False
+    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
+    top_p: Annotated[float | None, Field(gt=0, le=1)] = None
+    top_k: Annotated[int | None, Field(ge=0)] = None
+    min_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    repeat_penalty: Annotated[float | None, Field(gt=0)] = None
+    max_output_tokens: Annotated[int | None, Field(ge=1)] = None
+    reasoning: Literal["off", "low", "medium", "high", "on"] | None = None
+    context_length: Annotated[int | None, Field(ge=1)] = None
+    store: bool = True
+    previous_response_id: str | None = None
+
+
+class NativeLoadRequest(_Request):
+    """LM Studio's `POST /api/v1/models/load`: the model, and settings lmx takes from its spec."""
+
+    model: str
+
+
 class CountTokensRequest(_Request):
     """Anthropic's `/v1/messages/count_tokens`: what a Messages request's prompt is made of.
     Content blocks, tools and the tool choice are checked where they are turned into a chat

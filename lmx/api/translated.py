@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+import orjson
 from pydantic import ValidationError
 
 from lmx.api.generation import Added, ChoiceState
@@ -18,6 +19,13 @@ from lmx.runtime.engine import Delta
 
 # Chat fields (patterns) and the API's fields they came from.
 Names = Sequence[tuple[re.Pattern[str], str]]
+
+
+def sse_event(kind: str, **fields: Any) -> bytes:
+    """A server-sent event named `kind`, its data the fields and the kind as `type` (as the
+    Messages API's and LM Studio's streams send them)."""
+    data = orjson.dumps({"type": kind, **fields})
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 
 def unseen(kind: str) -> str:

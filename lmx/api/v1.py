@@ -350,7 +350,7 @@ class EventStream(StreamingResponse):
             watcher.cancel()
 
 
-async def _start_chat(
+async def start_chat(
     body: ChatCompletionRequest, deps: AppDeps, *, truncate: bool = False, fit: bool = False
 ) -> tuple[Generation, list[ChoiceState]]:
     """A chat request's generation under way, and a state per choice to absorb its deltas;
@@ -432,7 +432,7 @@ async def chat_completions(body: ChatCompletionRequest, deps: Deps) -> Any:
 
 async def answer_chat(body: ChatCompletionRequest, deps: AppDeps, more: More | None = None) -> Any:
     """A chat completion, whole or as its stream; `more` adds to the whole answer."""
-    gen, states = await _start_chat(body, deps)
+    gen, states = await start_chat(body, deps)
     rid, created = new_id("chatcmpl"), int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": FINGERPRINT}
     if not body.stream:
@@ -640,14 +640,14 @@ async def responses(body: ResponsesRequest, deps: Deps) -> Any:
     messages = conversation(deps.responses, body)
     chat = chat_request(body, messages)
     try:
-        gen, states = await _start_chat(chat, deps, truncate=body.truncation == "auto")
+        gen, states = await start_chat(chat, deps, truncate=body.truncation == "auto")
     except RequestError as exc:
         raise responses_error(exc) from None
     rendering = Rendering(body, keeper(deps.responses, body, messages))
-    return await _rendered(gen, states[0], rendering, body.stream)
+    return await rendered(gen, states[0], rendering, body.stream)
 
 
-async def _rendered(
+async def rendered(
     gen: Generation, state: ChoiceState, rendering: translated.Rendering, stream: bool
 ) -> Any:
     """The answer of another API served over the chat path, whole or as its stream."""
@@ -664,10 +664,10 @@ async def messages(body: MessagesRequest, deps: Deps) -> Any:
     try:
         # Claude Code asks for 32,000 tokens or more whatever the model's context: cut to the
         # room left, its message ends at max_tokens there instead of failing.
-        gen, states = await _start_chat(anthropic.chat_request(body), deps, fit=True)
+        gen, states = await start_chat(anthropic.chat_request(body), deps, fit=True)
     except RequestError as exc:
         raise anthropic.messages_error(exc) from None
-    return await _rendered(gen, states[0], anthropic.Rendering(body), body.stream)
+    return await rendered(gen, states[0], anthropic.Rendering(body), body.stream)
 
 
 @router.post("/messages/count_tokens", response_model=None)

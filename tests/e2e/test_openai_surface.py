@@ -396,6 +396,85 @@ def test_lm_studio_clients_list_the_models_and_talk_to_them_at_api_v0(daemon: Da
         ]
 
 
+def _native_events(body: bytes) -> list[dict[str, Any]]:
+    """LM Studio's /api/v1/chat stream: each event's data, checked against its name."""
+    events = []
+    for block in body.decode().split("\n\n"):
+        if block:
+            name, data = block.split("\n")
+            event = json.loads(data.removeprefix("data: "))
+            assert name == f"event: {event['type']}"
+            events.append(event)
+    return events
+
+
+def test_lm_studio_scripts_list_load_and_chat_at_api_v1(daemon: Daemon) -> None:
+    """LM Studio 0.4's native REST API: its model list, load, and its chat, which keeps the
+    conversation for the next request to continue."""
+    api = daemon.url + "/api/v1"
+    tiny = next(
+        m for m in httpx.get(api + "/models", timeout=10).json()["models"] if m["key"] == "lmx-tiny"
+    )
+    assert (tiny["type"], tiny["publisher"], tiny["format"], tiny["architecture"]) == (
+        "llm",
+        "lmx",
+        "mlx",
+        "qwen3",
+    )
+    assert tiny["quantization"] == {"name": "f32", "bits_per_weight": 32}
+    assert tiny["capabilities"] == {"vision": False, "trained_for_tool_use": True}
+    (instance,) = tiny["loaded_instances"]
+    assert instance["id"] == "lmx-tiny" and instance["config"]["context_length"] > 0
+    assert tiny["size_bytes"] > 0
+    loaded = httpx.post(api + "/models/load", json={"model": "lmx-tiny"}, timeout=30).json()
+    assert (loaded["instance_id"], loaded["status"], loaded["type"]) == (
+        "lmx-tiny",
+        "loaded",
+        "llm",
+    )
+
+    ask = {"model": "lmx-tiny", "input": "one two", "max_output_tokens": 6, "temperature": 0}
+    first = httpx.post(api + "/chat", json=ask, timeout=60).json()
+    assert first["model_instance_id"] == "lmx-tiny"
+    said = "".join(item["content"] for item in first["output"] if item["type"] == "message")
+    stats = first["stats"]
+    assert stats["total_output_tokens"] == 6 and stats["input_tokens"] > 0
+    assert stats["tokens_per_second"] > 0 and stats["time_to_first_token_seconds"] > 0
+    # Streamed: LM Studio's events in order, adding up to the answer, which ends the stream.
+    r = httpx.post(api + "/chat", json={**ask, "stream": True, "store": False}, timeout=60)
+    events = _native_events(r.content)
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["chat.start", "prompt_processing.start", "prompt_processing.end"]
+    assert kinds[-1] == "chat.end" and "error" not in kinds
+    streamed = "".join(e["content"] for e in events if e["type"] == "message.delta")
+    result = events[-1]["result"]
+    assert (
+        streamed
+        == said
+        == "".join(i["content"] for i in result["output"] if i["type"] == "message")
+    )
+    assert "response_id" not in result  # store: false
+    for kind in ("reasoning", "message"):  # each item opened and closed around its deltas
+        if f"{kind}.delta" in kinds:
+            assert kinds.index(f"{kind}.start") < kinds.index(f"{kind}.delta")
+            assert kinds.index(f"{kind}.end") > len(kinds) - 1 - kinds[::-1].index(f"{kind}.delta")
+    # Continued: the prompt holds the first exchange and the new input.
+    more = {**ask, "input": "three", "previous_response_id": first["response_id"]}
+    second = httpx.post(api + "/chat", json=more, timeout=60).json()
+    assert second["stats"]["input_tokens"] > stats["input_tokens"] + stats["total_output_tokens"]
+    assert second["response_id"] != first["response_id"]
+    # What lmx cannot do is a 4xx naming the field or saying why.
+    for change, status, says in (
+        ({"previous_response_id": "resp_nope"}, 400, "previous_response_id"),
+        ({"integrations": ["mcp/playwright"]}, 400, "integrations"),
+        ({"reasoning": "sometimes"}, 400, "reasoning"),
+    ):
+        r = httpx.post(api + "/chat", json={**ask, **change}, timeout=60)
+        assert r.status_code == status and says in r.text, r.text
+    unload = httpx.post(api + "/models/unload", json={"instance_id": "lmx-tiny"}, timeout=10)
+    assert unload.status_code == 409 and "desired" in unload.json()["error"]["message"]
+
+
 def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
     daemon: Daemon, client: openai.OpenAI
 ) -> None:
