@@ -18,6 +18,7 @@ from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig
 from lmx.runtime.registry import EngineRegistry
 from tests.api.conftest import StaticModels
 from tests.api.test_outputs import ScriptedEngine, answer
+from tests.sse import named_events
 
 
 class Reasoner(ScriptedEngine):
@@ -37,18 +38,7 @@ async def _client() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
 
-def _events(body: bytes) -> list[dict[str, Any]]:
-    out = []
-    for block in body.decode().split("\n\n"):
-        if block:
-            name, data = block.split("\n")
-            event = json.loads(data.removeprefix("data: "))
-            assert name == f"event: {event['type']}"
-            out.append(event)
-    return out
-
-
-async def test_an_answer_is_its_reasoning_and_message_streamed_as_named_events() -> None:
+async def test_an_answer_is_its_reasoning_and_message_streamed_as_namednamed_events() -> None:
     async with await _client() as c:
         ask = {"model": "m", "input": "Favourite colour?", "system_prompt": "Be brief."}
         whole = (await c.post("/api/v1/chat", json=ask)).json()
@@ -64,7 +54,7 @@ async def test_an_answer_is_its_reasoning_and_message_streamed_as_named_events()
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Favourite colour?"},
         ]
-        events = _events((await c.post("/api/v1/chat", json={**ask, "stream": True})).content)
+        events = named_events((await c.post("/api/v1/chat", json={**ask, "stream": True})).content)
         kinds = [e["type"] for e in events]
         deltas = {k: kinds.count(k) for k in ("reasoning.delta", "message.delta")}
         assert [k for k in kinds if not k.endswith(".delta")] == [

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import Daemon, wait_for
+from tests.sse import named_events
 
 TOOLS: list[Any] = [
     {
@@ -396,18 +397,6 @@ def test_lm_studio_clients_list_the_models_and_talk_to_them_at_api_v0(daemon: Da
         ]
 
 
-def _native_events(body: bytes) -> list[dict[str, Any]]:
-    """LM Studio's /api/v1/chat stream: each event's data, checked against its name."""
-    events = []
-    for block in body.decode().split("\n\n"):
-        if block:
-            name, data = block.split("\n")
-            event = json.loads(data.removeprefix("data: "))
-            assert name == f"event: {event['type']}"
-            events.append(event)
-    return events
-
-
 def test_lm_studio_scripts_list_load_and_chat_at_api_v1(daemon: Daemon) -> None:
     """LM Studio 0.4's native REST API: its model list, load, and its chat, which keeps the
     conversation for the next request to continue."""
@@ -442,7 +431,7 @@ def test_lm_studio_scripts_list_load_and_chat_at_api_v1(daemon: Daemon) -> None:
     assert stats["tokens_per_second"] > 0 and stats["time_to_first_token_seconds"] > 0
     # Streamed: LM Studio's events in order, adding up to the answer, which ends the stream.
     r = httpx.post(api + "/chat", json={**ask, "stream": True, "store": False}, timeout=60)
-    events = _native_events(r.content)
+    events = named_events(r.content)
     kinds = [e["type"] for e in events]
     assert kinds[:3] == ["chat.start", "prompt_processing.start", "prompt_processing.end"]
     assert kinds[-1] == "chat.end" and "error" not in kinds

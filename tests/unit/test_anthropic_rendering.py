@@ -3,9 +3,6 @@ off) and how a stream ends on an error."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import pytest
 
 from lmx.api.generation import ChoiceState
@@ -13,6 +10,7 @@ from lmx.api.messages import Rendering
 from lmx.api.schemas import MessagesRequest
 from lmx.errors import GenerationFailed
 from lmx.runtime.parsers import Content, ToolCall, make_parser
+from tests.sse import named_events
 
 ASK = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -54,16 +52,12 @@ def test_an_answer_says_why_it_ended(
     assert all(b["input"] == {} for b in answer["content"] if b["type"] == "tool_use")
 
 
-def _events(stream: bytes) -> list[dict[str, Any]]:
-    return [json.loads(b.split(b"\ndata: ")[1]) for b in stream.strip().split(b"\n\n")]
-
-
 def test_a_stream_that_fails_ends_its_open_block_and_says_so() -> None:
     r = Rendering(MessagesRequest.model_validate({**ASK, "stream": True}))
     state = _state("error")
     state.error = "the worker died"
     stream = r.started(state) + r.feed([Content("Hi")]) + r.ended(state)
-    assert [e["type"] for e in _events(stream)] == [
+    assert [e["type"] for e in named_events(stream)] == [
         "message_start",
         "ping",
         "content_block_start",
@@ -71,6 +65,6 @@ def test_a_stream_that_fails_ends_its_open_block_and_says_so() -> None:
         "content_block_stop",
         "error",
     ]
-    assert _events(stream)[-1]["error"] == {"type": "api_error", "message": "the worker died"}
+    assert named_events(stream)[-1]["error"] == {"type": "api_error", "message": "the worker died"}
     with pytest.raises(GenerationFailed, match="the worker died"):
         Rendering(MessagesRequest.model_validate(ASK)).answer(state)

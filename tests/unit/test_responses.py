@@ -13,6 +13,7 @@ from lmx.api.responses import Rendering, chat_request, conversation, keeper, res
 from lmx.api.schemas import ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
 from lmx.runtime.parsers import Content, Reasoning, ToolCall, make_parser
+from tests.sse import named_events
 
 CALL = ToolCall("call_1", "add", '{"a": 1, "b": 2}')
 
@@ -85,17 +86,6 @@ def test_an_image_a_tool_gave_back_is_a_note_an_image_from_the_user_a_400() -> N
         conversation(ResponseStore(), body)
 
 
-def _events(stream: bytes) -> list[dict[str, Any]]:
-    out = []
-    for block in stream.decode().split("\n\n"):
-        if block:
-            kind, data = block.split("\n")
-            event = json.loads(data.removeprefix("data: "))
-            assert kind == f"event: {event['type']}"
-            out.append(event)
-    return out
-
-
 def _state(finish: str, error: str | None = None) -> ChoiceState:
     state = ChoiceState(0, make_parser(tool_parser=None, tools_enabled=False, reasoning=False))
     state.reasoning, state.content, state.tool_calls = ["think ", "more"], ["Hi"], [CALL]
@@ -113,7 +103,7 @@ def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
     stream += r.feed([Reasoning("think "), Reasoning("more"), Content("Hi"), *call])
     stream += r.feed([CallEnded(0, CALL)])
     stream += r.ended(_state("tool_calls"))
-    events = _events(stream)
+    events = named_events(stream)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert [(e["type"], e.get("output_index")) for e in events] == [
         ("response.created", None),
@@ -156,7 +146,7 @@ def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
 
 def test_a_failed_generation_ends_the_stream_failed_and_the_answer_a_500() -> None:
     r = Rendering(_request(input="x", stream=True))
-    events = _events(r.feed([Content("Hi")]) + r.ended(_state("error", "the worker died")))
+    events = named_events(r.feed([Content("Hi")]) + r.ended(_state("error", "the worker died")))
     assert [e["type"] for e in events][-2:] == ["response.output_item.done", "response.failed"]
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["output"][0]["status"] == "incomplete"
@@ -169,7 +159,7 @@ def test_an_answer_of_nothing_is_an_empty_message_streamed_or_not() -> None:
     state = _state("stop")
     state.reasoning, state.content, state.tool_calls = [], [], []
     r = Rendering(_request(input="x", stream=True))
-    final = _events(r.ended(state))[-1]["response"]
+    final = named_events(r.ended(state))[-1]["response"]
     answer = Rendering(_request(input="x")).answer(state)
     for response in (final, answer):
         assert [(o["type"], o["content"][0]["text"]) for o in response["output"]] == [
@@ -458,7 +448,7 @@ def test_a_custom_tools_call_streams_as_its_item_with_its_input_text(
     state = _state("tool_calls")
     state.reasoning, state.content, state.tool_calls = [], [], [call]
     stream += r.ended(state)
-    events = _events(stream)
+    events = named_events(stream)
     assert [(e["type"], e.get("output_index")) for e in events] == [
         ("response.output_item.added", 0),
         ("response.custom_tool_call_input.delta", 0),
@@ -536,7 +526,7 @@ def test_a_local_shell_call_is_its_item_with_the_action_to_run(
     call = ToolCall("call_1", "local_shell", arguments)
     stream = r.feed([CallBegun(0, "call_1", "local_shell"), CallText(0, arguments)])
     stream += r.feed([CallEnded(0, call)])
-    events = _events(stream)
+    events = named_events(stream)
     assert [e["type"] for e in events] == [
         "response.output_item.added",
         "response.output_item.done",
