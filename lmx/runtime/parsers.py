@@ -331,6 +331,9 @@ def _after_space(text: str, i: int) -> int:
 # What may follow a string's closing quote: in JSON, a colon, a comma or a closing bracket; a `<`
 # where a call's JSON breaks off at its closing tag.
 _ENDS_STRING = frozenset(",:}]<")
+# Python's constants, which a model writing a dict for a call's arguments writes for JSON's.
+_PYTHON_JSON = {"True": "true", "False": "false", "None": "null"}
+_PYTHON_CONSTANT = re.compile(r"(True|False|None)(?=\W)")
 # At a backslash in a JSON string: an escape (group 1), or a backslash that begins none (no
 # group); no match while the text ends before that is known.
 _ESCAPE = re.compile(
@@ -355,7 +358,8 @@ class _JsonObject:
         control character written raw in a string (a newline in code) is escaped, as are a
         backslash that begins no escape (`\\d` in a regex, `C:\\Users`: the backslash the model
         meant) and a quote that no colon, comma or closing bracket follows (`"echo "hi" > f"`:
-        one inside the string); a comma before a closing bracket is dropped. Where the next
+        one inside the string); a comma before a closing bracket is dropped, and Python's
+        `True`, `False` and `None` are JSON's `true`, `false` and `null`. Where the next
         characters decide (a backslash's, a quote's, a comma's), reading stops before it until
         they come. Valid JSON comes out as it came in."""
         out: list[str] = []
@@ -399,6 +403,15 @@ class _JsonObject:
                 if text[after] in "}]":
                     out.append(text[begin:i])
                     begin = i + 1
+            elif ch in "TFN":
+                word = _PYTHON_CONSTANT.match(text, i)
+                if word is None:
+                    if any(w.startswith(text[i:]) for w in _PYTHON_JSON):
+                        break  # the word is not whole yet
+                else:
+                    out += [text[begin:i], _PYTHON_JSON[word[1]]]
+                    begin = i = word.end()
+                    continue
             elif ch == "<":
                 self._ended = True
                 break

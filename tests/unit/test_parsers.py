@@ -213,6 +213,13 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         [call("f", '{"a": [1, 2], "s": ",]", "b": 3\n}')],
     ),
     (
+        "hermes_pythons_constants_are_jsons",
+        HERMES,
+        '<tool_call>{"name": "f", "arguments": {"a": True, "b": [False,None], "s": "True"}}'
+        "</tool_call>",
+        [call("f", '{"a": true, "b": [false,null], "s": "True"}')],
+    ),
+    (
         "mistral_a_stray_backslash_in_a_string_is_escaped",
         MISTRAL,
         r'[TOOL_CALLS]grep[ARGS]{"p": "\w+",}',
