@@ -206,15 +206,21 @@ def chat_messages(
                     if isinstance(args, dict):
                         function["arguments"] = args
         out.append(d)
-    return _one_call_each(out) if tool_parser == HARMONY else out
+    return _one_call_each(out) if tool_parser in _ONE_CALL_A_MESSAGE else out
+
+
+# The formats whose templates write one call a message: gpt-oss's writes a message's first call
+# only and names each tool result after the latest call before it; Llama 3's refuses a message
+# of several ("This model only supports single tool-calls at once!").
+_ONE_CALL_A_MESSAGE = frozenset({HARMONY, "llama3"})
 
 
 def _one_call_each(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """gpt-oss's template writes an assistant message's first call only, and names each tool
-    result after the latest call before it: an assistant message with several calls becomes one
-    per call (its reasoning and content with the first), each followed by its result, found by
-    `tool_call_id` (by place where the ids do not match the calls), as gpt-oss calls one function
-    at a time. Results that answer no call stay after the last, in their order."""
+    """For a template that writes one call a message: an assistant message with several calls
+    becomes one per call (its reasoning and content with the first), each followed by its
+    result, found by `tool_call_id` (by place where the ids do not match the calls), as such
+    models call one function at a time. Results that answer no call stay after the last, in
+    their order."""
     out: list[dict[str, Any]] = []
     i = 0
     while i < len(messages):

@@ -156,7 +156,7 @@ def test_reasoning_sent_back_reaches_the_template_by_the_names_it_reads() -> Non
 
 
 # As gpt-oss's template renders calls: the first of a message only, and a tool result under the
-# name of the latest call before it.
+# name of the latest call before it (Llama 3's refuses a message of several).
 FIRST_CALL_ONLY = (
     "{%- set last = namespace(name=none) %}{%- for m in messages %}"
     "{%- if m.role == 'assistant' and m.tool_calls %}{%- set c = m.tool_calls[0].function %}"
@@ -167,7 +167,7 @@ FIRST_CALL_ONLY = (
 )
 
 
-def test_gpt_oss_gets_each_call_of_a_message_followed_by_its_own_result() -> None:
+def test_gpt_oss_and_llama_3_get_each_call_of_a_message_followed_by_its_own_result() -> None:
     def call(id_: str, name: str) -> dict[str, Any]:
         return {"id": id_, "type": "function", "function": {"name": name, "arguments": "{}"}}
 
@@ -196,6 +196,10 @@ def test_gpt_oss_gets_each_call_of_a_message_followed_by_its_own_result() -> Non
     )
     # A call not answered (yet) is in the prompt all the same.
     assert rendered([("b", "2")]) == "[user: Hi][Both. call f {}][call g {}][g: 2][user: Go]"
+    # Llama 3's template refuses a message of several calls: it gets one call a message too.
+    assert rendered([("a", "1"), ("b", "2")], "llama3") == (
+        "[user: Hi][call f {}][f: 1][call g {}][g: 2][user: Go]"
+    )
     # Other templates write every call of a message: theirs stay as they were sent.
     assert rendered([("a", "1"), ("b", "2")], None) == (
         "[user: Hi][call f {}][f: 1][f: 2][user: Go]"
