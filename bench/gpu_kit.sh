@@ -22,11 +22,11 @@ mv "${parts[0]}" "$out/g1/"
 mv "${parts[@]:1}" "$out/g2/"
 cp "$tmp"/k/a/*.whl "$tmp"/k/a/unpack.sh "$out/g0/"
 # huggingface_hub 2.x is left out: the lent machines' transformers refuses it, and the bench
-# downloads nothing.
+# downloads nothing (httpx2 and httpcore2 go: lmx's download errors import them).
 names='fastapi starlette uvicorn httptools uvloop orjson pydantic pydantic_core typing-inspection
   annotated-types annotated-doc opentelemetry-api typing_extensions anyio llguidance structlog
   prometheus_client ruamel.yaml watchfiles APScheduler tzlocal rich markdown-it-py mdurl psutil
-  truststore'
+  truststore httpx2 httpcore2'
 pins=$("$python" -m pip freeze | grep -i -E "^($(echo $names | tr ' ' '|'))==")
 # shellcheck disable=SC2086
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
