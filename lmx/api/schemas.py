@@ -228,7 +228,7 @@ class NativeChatRequest(_Request):
     integrations: list[Any] | None = None
     stream: bool = False
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
-    top_p: Annotated[float | None, Field(gt=0, le=1)] = None
+    top_p: Annotated[float | None, Field(ge=0, le=1)] = None  # 0: the likeliest token
     top_k: Annotated[int | None, Field(ge=0)] = None
     min_p: Annotated[float | None, Field(ge=0, le=1)] = None
     repeat_penalty: Annotated[float | None, Field(gt=0)] = None
