@@ -34,12 +34,18 @@ from lmx.errors import ModelNotFound
 from lmx.reconciler.status import Listed
 from lmx.runtime.store import EMBEDDING_MARKER, is_embedding_model, is_local_source, read_json
 
-router = APIRouter(
-    prefix="/api/v0",
-    tags=["lmstudio"],
-    dependencies=[Depends(v1.inference_access)],
-    responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 429, 503)},
-)
+
+def lmstudio_router(prefix: str) -> APIRouter:
+    """A router for LM Studio's routes under `prefix`: inference keys, OpenAI's error envelope."""
+    return APIRouter(
+        prefix=prefix,
+        tags=["lmstudio"],
+        dependencies=[Depends(v1.inference_access)],
+        responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 429, 503)},
+    )
+
+
+router = lmstudio_router("/api/v0")
 
 # A model's weights as LM Studio names their type where they are not quantized.
 _DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}

@@ -20,17 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from lmx.api import translated, v1
 from lmx.api.generation import Added, ChoiceState
-from lmx.api.lmstudio import facts, publisher
+from lmx.api.lmstudio import facts, lmstudio_router, publisher
 from lmx.api.response_store import Kept, ResponseStore, item_id
 from lmx.api.schemas import (
     ChatCompletionRequest,
-    ErrorEnvelope,
     NativeChatRequest,
     NativeLoadRequest,
 )
@@ -39,12 +37,7 @@ from lmx.errors import GenerationFailed, PermanentError, RequestError, ResponseN
 from lmx.reconciler.status import Listed
 from lmx.runtime.parsers import Content, Reasoning
 
-router = APIRouter(
-    prefix="/api/v1",
-    tags=["lmstudio"],
-    dependencies=[Depends(v1.inference_access)],
-    responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 429, 503)},
-)
+router = lmstudio_router("/api/v1")
 
 # The chat request's fields as the fields of its chat they came from, for a 400 that names the
 # latter.
@@ -203,6 +196,7 @@ class Rendering:
 _event = translated.sse_event
 
 
+@router.post("/chat", response_model=None)
 async def chat(body: NativeChatRequest, deps: v1.Deps) -> Any:
     conversation = continued(deps.chats, body)
     try:
@@ -286,7 +280,3 @@ def _size(path: Path) -> int:
 GENERATION: dict[str, tuple[type[BaseModel], Endpoint]] = {
     "/api/v1/chat": (NativeChatRequest, chat)
 }
-for _path, (_, _endpoint) in GENERATION.items():
-    router.add_api_route(
-        _path.removeprefix(router.prefix), _endpoint, methods=["POST"], response_model=None
-    )
