@@ -7,6 +7,7 @@ text as content.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
@@ -78,7 +79,10 @@ def normalize_arguments(args: object) -> str | None:
     if args is None or args == "":
         return "{}"
     if isinstance(args, dict):
-        return json.dumps(args, ensure_ascii=False)
+        try:
+            return json.dumps(args, ensure_ascii=False)
+        except (TypeError, ValueError):  # a Python literal's set or bytes: no JSON for it
+            return None
     if isinstance(args, str):
         parsed = loads_or_none(args)
         return args if isinstance(parsed, dict) else None
@@ -360,7 +364,28 @@ def loads_or_none(text: str) -> Any:
 
 
 def _loads_calls(text: str) -> list[ToolCall] | None:
-    return decode_calls(loads_or_none(text)) if text.strip() else None
+    """The calls in `text`, JSON or, as some models write a call, a Python literal (single
+    quotes, True, None)."""
+    if not text.strip():
+        return None
+    value = loads_or_none(text)
+    return decode_calls(_python_literal(text) if value is None else value)
+
+
+def _python_literal(text: str) -> Any:
+    """The value of `text`, a Python dict or list literal; None if it is none (or too long to
+    read safely)."""
+    body = text.strip()
+    if not body.startswith(("{", "[")) or len(body) > _LITERAL_MAX:
+        return None
+    try:
+        return ast.literal_eval(body)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+# The longest call read as a Python literal (ast parses it whole, nesting and all).
+_LITERAL_MAX = 1 << 20
 
 
 def _decode_at(text: str, i: int, openers: str) -> tuple[Any, int] | None:

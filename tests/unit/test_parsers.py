@@ -220,6 +220,18 @@ CASES: list[tuple[str, dict[str, Any], str, list[Piece]]] = [
         [call("f", '{"a": true, "b": [false,null], "s": "True"}')],
     ),
     (
+        "hermes_a_python_dict_is_a_call",  # whole, at its end: its head is not JSON's
+        HERMES,
+        "<tool_call>{'name': 'f', 'arguments': {'a': True, 'b': \"it's\", 'c': None}}</tool_call>",
+        [call("f", '{"a": true, "b": "it\'s", "c": null}')],
+    ),
+    (
+        "hermes_a_python_set_is_no_call",
+        HERMES,
+        "<tool_call>{'name': 'f', 'arguments': {'a': {1}}}</tool_call>",
+        [Content("<tool_call>{'name': 'f', 'arguments': {'a': {1}}}</tool_call>")],
+    ),
+    (
         "mistral_a_stray_backslash_in_a_string_is_escaped",
         MISTRAL,
         r'[TOOL_CALLS]grep[ARGS]{"p": "\w+",}',
