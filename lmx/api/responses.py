@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from lmx.api import translated
+from lmx.api.chunks import lp_chat
 from lmx.api.generation import Added, CallBegun, CallEnded, CallText, ChoiceState, whole_call
 from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
@@ -31,6 +32,8 @@ from lmx.runtime.parsers import Content, Reasoning
 from lmx.runtime.toolcalls import loads_or_none
 
 _ROLES = ("user", "system", "developer", "assistant")
+# What `include` names to have the output text's logprobs (`top_logprobs` asks for them too).
+_LOGPROBS = "message.output_text.logprobs"
 # A reasoning item's `encrypted_content`, for clients that send back only that (Codex): its text,
 # not encrypted (it is the client's own answer, on its own machine), after this mark.
 _SEALED = "lmx-reasoning:"
@@ -134,6 +137,8 @@ def chat_request(
         chat["response_format"] = _format(fmt)
     if (effort := (body.reasoning or {}).get("effort")) is not None:
         chat["reasoning_effort"] = effort
+    if _LOGPROBS in (body.include or ()) or body.top_logprobs:
+        chat |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
     chat |= {
         "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature,
@@ -366,6 +371,8 @@ class Rendering:
         self.output: list[dict[str, Any]] = []  # the items, the open one last
         self._open: dict[str, Any] | None = None  # the reasoning or message item being streamed
         self._seq = 0
+        self._state: ChoiceState | None = None  # the choice it renders, once it has begun
+        self._logprobs_seen = 0  # of the state's logprobs, those already in the output
         # The names of the calls that are not function calls, and their kind.
         self._kinds = {
             _LOCAL_SHELL if t.get("type") == _LOCAL_SHELL else t.get("name"): t.get("type")
@@ -396,6 +403,7 @@ class Rendering:
             "text": body.text or {"format": {"type": "text"}},
             "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [],
+            "top_logprobs": body.top_logprobs,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": body.truncation or "disabled",
             "usage": self._usage(state) if state is not None else None,
@@ -408,6 +416,7 @@ class Rendering:
         """The whole response, once `state` has absorbed its last delta."""
         if state.error is not None:
             raise GenerationFailed(state.error)
+        self._state = state
         parts: list[Added] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
         if state.content or not state.tool_calls:
             parts.append(Content("".join(state.content)))
@@ -417,8 +426,11 @@ class Rendering:
         return self._final(state)
 
     def feed(self, added: list[Added]) -> bytes:
-        """Add what `added` adds to the output; the stream's events for it."""
+        """Add what `added` adds to the output; the stream's events for it. The logprobs of the
+        tokens that added it go with its text, none with reasoning (as chat's go with each
+        delta)."""
         out = b""
+        lps = self._new_logprobs()
         for piece in added:
             match piece:
                 case Reasoning(text) | Content(text):
@@ -433,7 +445,10 @@ class Rendering:
                         if kind == "reasoning"
                         else "response.output_text.delta"
                     )
-                    more: dict[str, Any] = {} if kind == "reasoning" else {"logprobs": []}
+                    more: dict[str, Any] = {}
+                    if kind == "message":
+                        more["logprobs"], lps = lps, []
+                        part["logprobs"] += more["logprobs"]
                     out += self.event(
                         event,
                         item_id=self._open["id"],
@@ -517,6 +532,7 @@ class Rendering:
         )
 
     def started(self, state: ChoiceState) -> bytes:
+        self._state = state
         response = self.response("in_progress")
         return self.event("response.created", response=response) + self.event(
             "response.in_progress", response=response
@@ -603,9 +619,20 @@ class Rendering:
                 )
         else:
             item["status"] = status
-            out = self.event("response.output_text.done", **ids, text=part["text"], logprobs=[])
+            out = self.event(
+                "response.output_text.done", **ids, text=part["text"], logprobs=part["logprobs"]
+            )
             out += self.event("response.content_part.done", **ids, part=part)
         return out + self.event("response.output_item.done", output_index=index, item=item)
+
+    def _new_logprobs(self) -> list[dict[str, Any]]:
+        """The logprobs of the tokens since the last call, as OpenAI lists them."""
+        state = self._state
+        if state is None or len(state.logprobs) == self._logprobs_seen:
+            return []
+        new = state.logprobs[self._logprobs_seen :]
+        self._logprobs_seen = len(state.logprobs)
+        return list(lp_chat(new)["content"])
 
     def _usage(self, state: ChoiceState) -> dict[str, Any]:
         return {

@@ -209,6 +209,7 @@ class ResponsesRequest(_Request):
     max_output_tokens: Annotated[int | None, Field(ge=1)] = None
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
     top_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     stream: bool = False
     store: bool | None = None
     previous_response_id: str | None = None

@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,11 @@ ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def client(daemon: Daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def client(daemon: Daemon) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60
+    ) as sdk:
+        yield sdk
 
 
 def check_call(name: str, arguments: str) -> None:
@@ -612,6 +615,18 @@ def test_a_response_through_the_sdk_runs_as_a_chat_and_says_where_it_stopped(
         temperature=0,
     )
     assert r.output_text == chat.choices[0].message.content
+    # The output text's logprobs, as include asks, with top_logprobs alternatives each.
+    ask: Any = {"model": "lmx-tiny", "input": "Say hello", "max_output_tokens": 6, "temperature": 0}
+    lp = client.responses.create(**ask, include=["message.output_text.logprobs"], top_logprobs=2)
+    part: Any = lp.output[0].content[0]  # type: ignore[union-attr]
+    assert part.text == r.output_text and len(part.logprobs) == 6 and lp.top_logprobs == 2
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in part.logprobs)
+    with client.responses.stream(**ask, include=["message.output_text.logprobs"]) as stream:
+        events = list(stream)
+    streamed = [t for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [t.token for t in streamed] == [t.token for t in done.logprobs]
+    assert [t.token for t in streamed] == [t.token for t in part.logprobs]
     # Instructions are the system message.
     told = client.responses.create(
         model="lmx-tiny", input="Say hello", instructions="Be brief.", max_output_tokens=2
