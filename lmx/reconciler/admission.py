@@ -8,7 +8,7 @@ each other in turn. Busy models are drained, never cut.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from lmx.reconciler.actions import (
     Blocked,
@@ -32,10 +32,18 @@ _Candidate = tuple[ModelSpec, ObservedModel]
 _RELOAD = frozenset({UnloadReason.SPEC_CHANGED, UnloadReason.DRAINED})
 
 
-def pinned_bytes(desired: DesiredState, observed: ObservedState) -> int:
+def pin_bytes(o: ObservedModel, leaving: Collection[str] = ()) -> int:
+    """What a pinned model takes of the budget: its engine's charge, or, where that engine
+    leaves in this plan (`leaving`: to load again), its footprint, what the next one takes."""
+    return (o.footprint_bytes or 0) if o.model_id in leaving else o.charge_bytes
+
+
+def pinned_bytes(
+    desired: DesiredState, observed: ObservedState, leaving: Collection[str] = ()
+) -> int:
     """What the declared pins take of the budget, loaded or not: room no other model can have."""
     pins = [mid for mid, s in desired.models.items() if s.want is Want.PINNED]
-    return sum(observed.model(mid).charge_bytes for mid in pins)
+    return sum(pin_bytes(observed.model(mid), leaving) for mid in pins)
 
 
 def never_fits(spec: ModelSpec, o: ObservedModel, budget: int, pins: int) -> Blocked | None:
@@ -69,6 +77,7 @@ def gate(o: ObservedModel, now_s: float) -> Blocked | None:
 class Admission:
     def __init__(self, desired: DesiredState, observed: ObservedState, budget_bytes: int) -> None:
         self.desired = desired
+        self.observed = observed
         self.now = observed.now_s
         self.budget = budget_bytes
         self.unreleased = observed.unreleased_bytes
@@ -87,7 +96,6 @@ class Admission:
         self.draining_bytes = 0  # held by busy models on their way out
         self.pin_total = 0
         self.pin_prefix: dict[str, int] = {}
-        self.pins = pinned_bytes(desired, observed)
         self.candidates: dict[Want, list[_Candidate]] = {
             Want.PINNED: [],
             Want.DOWNLOADED: [],  # loads on request, whatever the model's `want`
@@ -128,7 +136,7 @@ class Admission:
     # -- declared models --
 
     def note_pin(self, o: ObservedModel) -> None:
-        self.pin_total += o.charge_bytes
+        self.pin_total += pin_bytes(o, self.leaving)
         self.pin_prefix[o.model_id] = self.pin_total
 
     def block(self, mid: str, reason: BlockReason, message: str) -> None:
@@ -143,7 +151,9 @@ class Admission:
         return b is not None
 
     def _too_big(self, spec: ModelSpec, o: ObservedModel) -> bool:
-        b = never_fits(spec, o, self.budget, self.pins)
+        # The engines leaving are known: the declared models come after the loaded ones.
+        pins = pinned_bytes(self.desired, self.observed, self.leaving)
+        b = never_fits(spec, o, self.budget, pins)
         if b is not None:
             self.blocked.append(b)
         return b is not None

@@ -275,6 +275,19 @@ CASES: list[
         [("c", "ExceedsBudget")],
     ),
     (
+        # Its engine leaves (drained; its files were deleted under it), so that engine's bytes
+        # do not stay: what fits beside the pin is what fits beside its next engine.
+        "downloads_what_fits_beside_a_pin_whose_engine_leaves",
+        desired("4GiB", a=P, c=D),
+        [
+            ObservedModel("a", resident=True, resident_bytes=3 * GiB, draining=True),
+            ObservedModel("c", footprint_bytes=2 * GiB),
+        ],
+        {},
+        [("Unload", "a", "Drained"), ("Download", "a"), ("Download", "c")],
+        [],
+    ),
+    (
         "a_pin_evicts_a_resident_model",
         desired("4GiB", a=R, p=P),
         [loaded("a", 3), on_disk("p", 2)],
