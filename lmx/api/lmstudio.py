@@ -161,11 +161,17 @@ async def completions(body: CompletionRequest, deps: v1.Deps) -> Any:
     return await v1.answer_completion(body, deps, functools.partial(_stats, deps))
 
 
+def timings(gen: v1.Generation) -> tuple[float, float]:
+    """A generation's time to its first token, and from then to now (seconds), as LM Studio's
+    stats count them."""
+    ttft_s = gen.ttft_s or 0.0
+    return ttft_s, time.perf_counter() - gen.started_s - ttft_s
+
+
 def _stats(deps: AppDeps, gen: v1.Generation, states: list[ChoiceState]) -> dict[str, Any]:
     """What LM Studio adds to an answer: how fast it came (its tokens over the time from the
     first to the last), why its first choice stopped, the model's facts and lmx's."""
-    ttft_s = gen.ttft_s or 0.0
-    seconds = time.perf_counter() - gen.started_s - ttft_s
+    ttft_s, seconds = timings(gen)
     tokens = sum(s.completion_tokens for s in states)
     first = states[0]
     stop = "stopStringFound" if first.stop else _STOP_REASONS.get(first.finish_reason or "")

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from lmx.api import translated, v1
 from lmx.api.generation import Added, ChoiceState
-from lmx.api.lmstudio import facts, lmstudio_router, publisher
+from lmx.api.lmstudio import facts, lmstudio_router, publisher, timings
 from lmx.api.response_store import Kept, ResponseStore, item_id
 from lmx.api.schemas import (
     ChatCompletionRequest,
@@ -33,7 +33,7 @@ from lmx.api.schemas import (
     NativeLoadRequest,
 )
 from lmx.api.shortcut import Endpoint
-from lmx.errors import GenerationFailed, PermanentError, RequestError, ResponseNotFound
+from lmx.errors import GenerationFailed, PermanentError, RequestError
 from lmx.reconciler.status import Listed
 from lmx.runtime.parsers import Content, Reasoning
 
@@ -77,22 +77,6 @@ def chat_request(
         "reasoning_effort": _EFFORTS[body.reasoning] if body.reasoning else None,
     }
     return translated.chat_request({k: v for k, v in chat.items() if v is not None}, _PARAMS)
-
-
-def continued(store: ResponseStore, body: NativeChatRequest) -> tuple[dict[str, Any], ...]:
-    """The conversation `body` continues (none without `previous_response_id`). Raises
-    RequestError naming the field."""
-    if body.previous_response_id is None:
-        return ()
-    try:
-        return store.conversation(body.previous_response_id)
-    except ResponseNotFound:
-        raise RequestError(
-            f"no response {body.previous_response_id!r} is kept: lmx keeps them in memory, the"
-            " least recently used going first, and forgets them on a restart",
-            param="previous_response_id",
-            code="previous_response_not_found",
-        ) from None
 
 
 class Rendering:
@@ -170,8 +154,7 @@ class Rendering:
         return result
 
     def _stats(self, state: ChoiceState) -> dict[str, Any]:
-        ttft_s = self._gen.ttft_s or 0.0
-        seconds = time.perf_counter() - self._gen.started_s - ttft_s
+        ttft_s, seconds = timings(self._gen)
         return {
             "input_tokens": state.prompt_tokens,
             "total_output_tokens": state.completion_tokens,
@@ -198,7 +181,7 @@ _event = translated.sse_event
 
 @router.post("/chat", response_model=None)
 async def chat(body: NativeChatRequest, deps: v1.Deps) -> Any:
-    conversation = continued(deps.chats, body)
+    conversation = deps.chats.continued(body.previous_response_id)
     try:
         gen, states = await v1.start_chat(chat_request(body, conversation), deps)
     except RequestError as exc:

@@ -72,6 +72,20 @@ class ResponseStore:
         """The conversation a response ended, its answer last. Raises ResponseNotFound."""
         return self._used(response_id).conversation
 
+    def continued(self, previous_response_id: str | None) -> tuple[dict[str, Any], ...]:
+        """The conversation a request continues (none without `previous_response_id`). Raises
+        OpenAI's 400 `previous_response_not_found` for one not kept."""
+        if previous_response_id is None:
+            return ()
+        try:
+            return self.conversation(previous_response_id)
+        except ResponseNotFound:
+            raise RequestError(
+                f"Previous response with id {previous_response_id!r} not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            ) from None
+
     def delete(self, response_id: str) -> None:
         """Forget a response; those continuing it keep their conversations. Raises
         ResponseNotFound."""

@@ -27,7 +27,7 @@ from lmx.api.chunks import lp_chat
 from lmx.api.generation import Added, CallBegun, CallEnded, CallText, ChoiceState, whole_call
 from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
-from lmx.errors import GenerationFailed, RequestError, ResponseNotFound
+from lmx.errors import GenerationFailed, RequestError
 from lmx.runtime.parsers import Content, Reasoning
 from lmx.runtime.toolcalls import loads_or_none
 
@@ -85,17 +85,7 @@ _PARAMS = (
 def conversation(store: ResponseStore, body: ResponsesRequest) -> tuple[dict[str, Any], ...]:
     """The chat messages `body` answers, its instructions left out: the conversation of the
     response it continues, then its input. Raises RequestError naming the field."""
-    before: tuple[dict[str, Any], ...] = ()
-    if body.previous_response_id is not None:
-        try:
-            before = store.conversation(body.previous_response_id)
-        except ResponseNotFound:
-            raise RequestError(
-                f"Previous response with id {body.previous_response_id!r} not found.",
-                param="previous_response_id",
-                code="previous_response_not_found",
-            ) from None
-    return (*before, *_messages(body.input))
+    return (*store.continued(body.previous_response_id), *_messages(body.input))
 
 
 def keeper(
