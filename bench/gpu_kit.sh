@@ -8,7 +8,8 @@
 # g0 holds unpack.sh, the mlx and mlx-lm wheels and lmx's dependencies at this checkout's versions
 # (g0/extra); g1 and g2 MLX's CUDA backend in parts. On the machine, with all three copied into one
 # folder DIR: bash DIR/g0/unpack.sh DIR /tmp/mlxsite (it joins the parts in path order and installs
-# every extra/*.whl).
+# every extra/*.whl). g0/stamp names the kit's recipe (this script and pyproject.toml), which
+# bench/gpu_run.sh checks against the tree it runs from: a kit older than them stops the run at once.
 set -euo pipefail
 out=${1:-.gpu}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,4 +34,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_35_x86_64 --platform manylinux_2_31_x86_64 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$out/g0/extra" $pins
+cat "$here/bench/gpu_kit.sh" "$here/pyproject.toml" | sha256sum | cut -c1-16 >"$out/g0/stamp"
 du -sh "$out"/g*

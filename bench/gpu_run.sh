@@ -9,8 +9,14 @@
 set -euo pipefail
 kit=${KIT:-/root/mlxparts}
 site=/tmp/mlxsite
+recipe=$(cat bench/gpu_kit.sh pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$kit/g0/stamp" 2>/dev/null)" != "$recipe" ]; then
+  echo "the kit in $kit is not this tree's: rebuild it with bench/gpu_kit.sh and copy it again" >&2
+  exit 2
+fi
 if [ ! -e "$site/.unpacked" ]; then
-  bash "$kit/g0/unpack.sh" "$kit" "$site" && touch "$site/.unpacked"
+  bash "$kit/g0/unpack.sh" "$kit" "$site"
+  touch "$site/.unpacked"
 fi
 export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader || true
