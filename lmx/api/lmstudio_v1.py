@@ -1,7 +1,8 @@
 """LM Studio's native REST API, `/api/v1` (LM Studio 0.4), for the scripts written against it: its
 model list, loading a model, and its chat.
 
-`POST /api/v1/chat` takes one message (`input`) and a system prompt, and keeps the conversation
+`POST /api/v1/chat` takes one message (`input`: text, or LM Studio's message items, joined
+into one user message) and a system prompt, and keeps the conversation
 unless `store` is false: `previous_response_id` continues it. It runs as the chat completion it
 maps to; its answer is LM Studio's output items (reasoning, message) with its stats, and its stream
 LM Studio's named events (`chat.start`, `reasoning.delta`, `message.delta`, ..., `chat.end` with
@@ -63,7 +64,7 @@ def chat_request(
             param="integrations",
         )
     messages = [{"role": "system", "content": body.system_prompt}] if body.system_prompt else []
-    messages += [*conversation, {"role": "user", "content": body.input}]
+    messages += [*conversation, asked(body)]
     chat: dict[str, Any] = {
         "model": body.model,
         "messages": messages,
@@ -77,6 +78,31 @@ def chat_request(
         "reasoning_effort": _EFFORTS[body.reasoning] if body.reasoning else None,
     }
     return translated.chat_request({k: v for k, v in chat.items() if v is not None}, _PARAMS)
+
+
+def asked(body: NativeChatRequest) -> dict[str, Any]:
+    """The user's message `body.input` makes: its text, or its message items' texts one
+    paragraph each. Raises RequestError naming an item that is not a message of text."""
+    if isinstance(body.input, str):
+        return {"role": "user", "content": body.input}
+    texts = []
+    for j, item in enumerate(body.input):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image":
+            raise RequestError(
+                f"input[{j}] is an image: this model takes text only", param=f"input[{j}]"
+            )
+        if kind != "message":
+            raise RequestError(
+                f"input[{j}] must be an item of type 'message' (or 'image'), not {kind!r}",
+                param=f"input[{j}].type",
+            )
+        if not isinstance(item.get("content"), str):
+            raise RequestError(
+                f"input[{j}] needs its content as a string", param=f"input[{j}].content"
+            )
+        texts.append(item["content"])
+    return {"role": "user", "content": "\n\n".join(texts)}
 
 
 class Rendering:
@@ -140,13 +166,13 @@ class Rendering:
         }
         if self.body.store and state.error is None:
             rid = item_id("resp")
-            asked = {"role": "user", "content": self.body.input}
+            question = asked(self.body)
             answer = {"role": "assistant", "content": "".join(state.content)}
             if state.reasoning:
                 answer["reasoning_content"] = "".join(state.reasoning)
             # The conversation before shares its messages with the response it continues.
-            nbytes = len(orjson.dumps((asked, answer)))
-            conversation = (*self._conversation, asked, answer)
+            nbytes = len(orjson.dumps((question, answer)))
+            conversation = (*self._conversation, question, answer)
             self._store.keep(
                 Kept({"id": rid}, conversation, (), nbytes), self.body.previous_response_id
             )

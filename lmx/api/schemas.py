@@ -224,7 +224,9 @@ class NativeChatRequest(_Request):
     spec: lmx loads a model once, with the context its spec names, for every client."""
 
     model: str
-    input: str
+    # Text, or LM Studio's input items: {"type": "message", "content"} or {"type": "image",
+    # "data_url"} (checked where they become the user's message, so a 400 names the item).
+    input: str | Annotated[list[Any], Field(min_length=1)]
     system_prompt: str | None = None
     integrations: list[Any] | None = None
     stream: bool = False

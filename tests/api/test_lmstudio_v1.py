@@ -116,3 +116,25 @@ def test_its_settings_become_the_chat_requests() -> None:
     for effort, expected in (("low", "low"), ("high", "high"), ("on", None)):
         on = chat_request(body.model_copy(update={"reasoning": effort}), ())
         assert on.reasoning_effort == expected
+
+
+async def test_input_items_are_one_user_message_and_an_image_is_named() -> None:
+    async with await _client() as c:
+        items = [{"type": "message", "content": "Favourite"}, {"type": "message", "content": "?"}]
+        first = (await c.post("/api/v1/chat", json={"model": "m", "input": items})).json()
+        assert Reasoner.prompts[-1] == [{"role": "user", "content": "Favourite\n\n?"}]
+        again = {"model": "m", "input": "And?", "previous_response_id": first["response_id"]}
+        await c.post("/api/v1/chat", json=again)
+        assert [m["content"] for m in Reasoner.prompts[-1]] == ["Favourite\n\n?", "Blue.", "And?"]
+        asked = len(Reasoner.prompts)
+        picture = {"type": "image", "data_url": "data:image/png;base64,iVBORw0KGgo="}
+        for bad, param in (
+            ([items[0], picture], "input[1]"),
+            ([{"type": "text", "text": "Hi"}], "input[0].type"),
+            ([{"type": "message", "content": ["Hi"]}], "input[0].content"),
+            ([], "input"),
+        ):
+            r = await c.post("/api/v1/chat", json={"model": "m", "input": bad})
+            assert r.status_code == 400, bad
+            assert r.json()["error"]["param"] == param, r.json()
+        assert len(Reasoner.prompts) == asked  # none reached the model
