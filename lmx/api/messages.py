@@ -130,7 +130,8 @@ def _text(blocks: Any, where: str, *, unseen: bool = False) -> str:
 
 def _messages(message: dict[str, Any], at: str) -> list[dict[str, Any]]:
     """A message as chat messages: an assistant's as one (its text, reasoning and calls); a user's
-    as a tool message per tool result, then one of its text, if it has any."""
+    as a tool message per tool result (one that failed, `is_error`, saying so first), then one of
+    its text, if it has any."""
     role = message.get("role")
     content = message.get("content")
     if role not in ("user", "assistant"):
@@ -169,6 +170,13 @@ def _messages(message: dict[str, Any], at: str) -> list[dict[str, Any]]:
                     if isinstance(result, str)
                     else _text(result, f"{where}.content", unseen=True)
                 )
+                failed = block.get("is_error", False)
+                if not isinstance(failed, bool):
+                    raise RequestError(
+                        f"{where}.is_error must be a boolean", param=f"{where}.is_error"
+                    )
+                if failed:  # the templates have no place for it: the model reads it
+                    text = f"Error: {text}" if text else "Error: the tool failed"
                 tool_id = _string(block, "tool_use_id", where)
                 out.append({"role": "tool", "tool_call_id": tool_id, "content": text})
             case _, kind:

@@ -236,6 +236,22 @@ async def test_an_image_a_tool_gave_back_is_a_note_an_image_from_the_user_a_400(
         await sdk.messages.create(model="m", max_tokens=10, messages=conversation, tools=[TOOL])
 
 
+async def test_a_tool_result_that_failed_says_so(sdk: anthropic.AsyncAnthropic) -> None:
+    read: Any = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}
+    for content, said in (("No such file", "Error: No such file"), ("", "Error: the tool failed")):
+        failed = {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True}
+        conversation: Any = [
+            {"role": "user", "content": "Read a.txt"},
+            {"role": "assistant", "content": [read]},
+            {"role": "user", "content": [{**failed, "content": content}]},
+        ]
+        await sdk.messages.create(model="m", max_tokens=10, messages=conversation, tools=[TOOL])
+        assert RecordingTokenizer.prompts[-1][0][-1]["content"] == said
+    conversation[-1]["content"][0]["is_error"] = "yes"
+    with pytest.raises(anthropic.BadRequestError, match=r"content\[0\]\.is_error must be"):
+        await sdk.messages.create(model="m", max_tokens=10, messages=conversation, tools=[TOOL])
+
+
 async def test_a_thinking_budget_is_the_engines_as_vllms_is_on_chat(
     sdk: anthropic.AsyncAnthropic, http: httpx.AsyncClient
 ) -> None:
