@@ -135,7 +135,7 @@ class ChatCompletionRequest(SamplingFields):
     # Given to the chat template by that name; none also as `enable_thinking: false`, the switch
     # of Qwen3's and other hybrid models' templates.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
-    # vLLM's: the most tokens the model's <think> block may take before its end is written for it.
+    # vLLM's: the most tokens the model's reasoning may take before its end is written for it.
     thinking_token_budget: Annotated[int | None, Field(ge=0)] = None
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: the answer continues the last message, an assistant's (a prefill), instead of

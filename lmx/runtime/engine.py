@@ -63,8 +63,8 @@ class SamplingParams:
     # Also each prompt token's logprob given those before it (the first has none), with the
     # `top_logprobs` likeliest: a legacy completion's `echo` with `logprobs` (scoring, evals).
     prompt_logprobs: bool = False
-    # The most tokens a `<think>` block may take before its `</think>` is written for the model
-    # (None: no limit), for models whose thinking tokens are `<think>` and `</think>`.
+    # The most tokens the model's reasoning may take before its end is written for it (None: no
+    # limit): a `<think>` block's `</think>`, gpt-oss's analysis message's `<|end|>`.
     thinking_budget: int | None = None
 
 

@@ -80,28 +80,39 @@ def _suppress_until(ids: Sequence[int], min_tokens: int) -> Processor:
     return process
 
 
-def thinking_budget(budget: int, think: tuple[int, int], *, inside: bool) -> Processor:
-    """Write the `think` block's end (`think`: its opening and closing token ids) for the model
-    once the block has taken `budget` tokens; `inside`: the prompt opened the block. Until the
-    answer could have spent that many tokens the processor does nothing; after, whether the
-    block opened and is still open is read off the tokens on the device, no step waiting."""
-    start, end = think
+# A model's reasoning block: the tokens that open it (`<think>`; gpt-oss's `<|channel|>analysis
+# <|message|>`) and the one that ends it (`</think>`; `<|end|>`).
+Thinking = tuple[tuple[int, ...], int]
+
+
+def thinking_budget(budget: int, think: Thinking, *, inside: bool) -> Processor:
+    """Write the `think` block's end for the model once the block has taken `budget` tokens,
+    counted from the first block the answer opens; `inside`: the prompt opened it. Until the
+    answer could have spent that many tokens the processor does nothing; after, where the blocks
+    opened and whether the last is still open is read off the tokens on the device, no step
+    waiting."""
+    opens, end = think
+    k = len(opens)
+    pattern = mx.array(list(opens))
     generated = 0
     forced: mx.array | None = None
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         nonlocal generated, forced
         n, generated = generated, generated + 1
-        if n < budget or not (inside or n):  # the block cannot have taken the budget yet
+        if n < budget or not (inside or n >= k):  # the block cannot have taken the budget yet
             return logits
         made = tokens[-n:] if n else tokens[:0]
-        if inside:
-            thought = mx.array(n)
-            opened = mx.array(True)
-        else:  # from the first `start` on; none: never opened
-            opened = mx.any(made == start)
-            thought = n - 1 - mx.argmax(made == start).astype(mx.int32)
-        over = opened & ~mx.any(made == end) & (thought >= budget)
+        last_end = mx.max(mx.where(made == end, mx.arange(n), -1)) if n else mx.array(-1)
+        # Where each block's text begins: after each opener the answer wrote (and at its start
+        # where the prompt opened one).
+        first, last = (mx.array(0), mx.array(0)) if inside else (mx.array(n + 1), mx.array(-1))
+        if n >= k:
+            at = mx.stack([made[j : n - k + 1 + j] == pattern[j] for j in range(k)]).all(axis=0)
+            begins = mx.arange(k, n + 1)
+            first = mx.minimum(first, mx.min(mx.where(at, begins, n + 1)))
+            last = mx.maximum(last, mx.max(mx.where(at, begins, -1)))
+        over = (last > last_end) & (n - first >= budget)
         if forced is None:
             vocab = mx.arange(logits.shape[-1])
             forced = mx.where(vocab == end, 0.0, -mx.inf).astype(logits.dtype)
@@ -110,11 +121,15 @@ def thinking_budget(budget: int, think: tuple[int, int], *, inside: bool) -> Pro
     return process
 
 
-def opens_thinking(prompt: Sequence[int], think: tuple[int, int]) -> bool:
-    """Whether `prompt` ends inside a `think` block: its last opening after its last closing."""
-    for token in reversed(prompt):
-        if token in think:
-            return token == think[0]
+def opens_thinking(prompt: Sequence[int], think: Thinking) -> bool:
+    """Whether `prompt` ends inside a `think` block: its last opener after its last end."""
+    opens, end = think
+    k = len(opens)
+    for i in range(len(prompt) - 1, -1, -1):
+        if prompt[i] == end:
+            return False
+        if prompt[i] == opens[-1] and i >= k - 1 and tuple(prompt[i - k + 1 : i + 1]) == opens:
+            return True
     return False
 
 

@@ -13,12 +13,18 @@ from typing import Any
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from lmx.runtime.engine import LoadConfig
+from lmx.runtime.mlx_sampling import Thinking
 from lmx.runtime.parsers import (
     H_CALL,
+    H_CHANNEL,
+    H_END,
+    H_MESSAGE,
     H_RETURN,
     HARMONY,
     HARMONY_MARKUP,
     MARKUP,
+    THINK_CLOSE,
+    THINK_OPEN,
     detect_reasoning,
     detect_tool_parser,
 )
@@ -51,6 +57,17 @@ class MlxTokenizer:
         )
         if harmony:  # a call ends the output as the answer does
             self.eos_token_ids |= {int(vocab[t]) for t in (H_CALL, H_RETURN) if t in vocab}
+        self.thinking = self._thinking(vocab, harmony)
+
+    def _thinking(self, vocab: Mapping[str, int], harmony: bool) -> Thinking | None:
+        """How the model's reasoning opens and ends, for a thinking budget: gpt-oss's analysis
+        message, else a `<think>` block where the vocabulary has both tags."""
+        if harmony and all(t in vocab for t in (H_CHANNEL, H_MESSAGE, H_END)):
+            opens = (int(vocab[H_CHANNEL]), *self.encode("analysis"), int(vocab[H_MESSAGE]))
+            return opens, int(vocab[H_END])
+        if THINK_OPEN in vocab and THINK_CLOSE in vocab:
+            return (int(vocab[THINK_OPEN]),), int(vocab[THINK_CLOSE])
+        return None
 
     def encode(self, text: str) -> list[int]:
         return list(self._w.encode(text))

@@ -43,13 +43,13 @@ from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_embedding import Pooling, embed_rows, hidden_states_model, pooling_of
 from lmx.runtime.mlx_prompt_cache import PromptCache, take_out
 from lmx.runtime.mlx_sampling import (
+    Thinking,
     make_processors,
     make_sampler,
     opens_thinking,
     thinking_budget,
 )
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
-from lmx.runtime.parsers import THINK_CLOSE, THINK_OPEN
 from lmx.runtime.scheduling import run_as_worker, yield_to_workers
 from lmx.runtime.steptrace import Arrival, TraceLog, step_of
 from lmx.runtime.store import context_tokens
@@ -187,7 +187,7 @@ class Worker:
         self._embeds: deque[_Embedding] = deque()  # oldest first
         self._pooling = Pooling.MEAN
         self._unembeddable: str | None = None  # why this model gives no embeddings
-        self._think: tuple[int, int] | None = None  # its <think> and </think> tokens, if both
+        self._think: Thinking | None = None  # how its reasoning opens and ends, if it has any
 
     def run(self) -> None:
         output = threading.Thread(target=self._emit_all, name="output")
@@ -206,8 +206,7 @@ class Worker:
             return
         self._warn_if_slow(model)
         self.tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
-        start, end = (ready.marker_ids.get(tag) for tag in (THINK_OPEN, THINK_CLOSE))
-        self._think = (start, end) if start is not None and end is not None else None
+        self._think = self.tokenizer.thinking
         # The model, tokenizer and imports live as long as the process: take them out of the
         # collector's view, or each full collection walks them all inside a decode step (~60 ms
         # for the built-in tiny model's worker on a loaded 2-core machine).

@@ -957,6 +957,7 @@ def _tokenizer(vocab: dict[str, int]) -> MlxTokenizer:
         eos_token_ids=[9],
         chat_template="",
         get_vocab=lambda: vocab,
+        encode=lambda text, **_: [vocab.get(text, 40)],
     )
     return MlxTokenizer(wrapper, LoadConfig(model_id="m", path=Path()), {})
 
@@ -968,6 +969,15 @@ def test_a_harmony_model_ends_its_output_at_a_call_as_at_its_answer() -> None:
     assert (tok.tool_parser, tok.reasoning) == ("harmony", True)
     assert tok.eos_token_ids == {9, 12}
     assert tok.hidden_ids == set()  # its markup stays in the text, for its parser
+
+
+def test_a_models_reasoning_opens_and_ends_with_its_own_markup() -> None:
+    """What a thinking budget counts from and writes: gpt-oss's analysis message, else a
+    `<think>` block."""
+    harmony = {"<|start|>": 1, "<|channel|>": 2, "<|message|>": 3, "<|end|>": 7, "<|return|>": 9}
+    assert _tokenizer(harmony).thinking == ((2, 40, 3), 7)  # 40: "analysis", as encoded
+    assert _tokenizer({"<think>": 4, "</think>": 5, "<|im_end|>": 9}).thinking == ((4,), 5)
+    assert _tokenizer({"<think>": 4, "<|im_end|>": 9}).thinking is None
 
 
 def test_harmonys_markup_is_left_out_of_other_models_text() -> None:
