@@ -185,8 +185,8 @@ def status_footer(doc: Doc) -> list[Text]:
 
 def ps_table(doc: Doc) -> Table:
     t = _table(
-        *("MODEL", "PID", "RESIDENT", "FOOTPRINT", "IN-FLIGHT", "LAST USED", "CONTEXT"),
-        right=("PID", "IN-FLIGHT", "CONTEXT"),
+        *("MODEL", "PID", "RESIDENT", "FOOTPRINT", "IN-FLIGHT", "WAITING", "LAST USED", "CONTEXT"),
+        right=("PID", "IN-FLIGHT", "WAITING", "CONTEXT"),
     )
     for mid, m in loaded_models(doc).items():
         ctx = (m.get("footprint") or {}).get("context_tokens")
@@ -197,6 +197,7 @@ def ps_table(doc: Doc) -> Table:
             fmt_bytes(m.get("resident_bytes")),
             fmt_bytes(_footprint(m)),
             str(m.get("in_flight", 0)),
+            str(m.get("waiting", 0)),
             ago(m.get("last_used")),
             str(ctx) if ctx else "-",
         )

@@ -123,6 +123,7 @@ class FakeEngine:
         self._state = EngineState.UNLOADED
         self._bytes = 0
         self.served = 0  # streams that ran to their end
+        self.queued = 0  # sequences it says wait for a place in its batch
         self.on_failure: Callable[[str], None] = lambda _reason: None
 
     @property
@@ -175,7 +176,7 @@ class FakeEngine:
             self._factory.memory.free(id(self))
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0, self._bytes, 0, 0, 0, served=self.served)
+        return EngineStats(0, self.queued, 0, self._bytes, 0, 0, 0, served=self.served)
 
     def resident_bytes(self) -> int:
         return self._bytes if self._state is EngineState.READY else 0

@@ -209,7 +209,8 @@ class StatusView:
         live: ResidentModel | None,
     ) -> dict[str, Any]:
         """The model's conditions as of the last pass; what its engine is doing (requests in
-        flight, bytes, process, last use) as of now, from `live`, where it is loaded."""
+        flight, sequences waiting for a place in its batch, bytes, process, last use) as of now,
+        from `live`, where it is loaded."""
         spec = desired.models.get(mid)
         o = observed.models.get(mid) if observed else None
         o = o or ObservedModel(mid)
@@ -248,6 +249,7 @@ class StatusView:
             },
             "resident_bytes": o.resident_bytes,
             "in_flight": o.in_flight,
+            "waiting": live.waiting if live is not None else 0,
             "pid": o.pid,
             "last_used": None if age is None else _iso(time.time() - age),
             "failures": fail.count if fail else 0,

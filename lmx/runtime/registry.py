@@ -34,6 +34,7 @@ class ResidentModel:
     draining: bool
     pid: int | None = None  # the engine's own process, if it has one
     context_length: int = 0  # the longest sequence it takes, prompt and answer
+    waiting: int = 0  # its sequences past the batch's places, waiting for one
 
 
 @dataclass
@@ -75,6 +76,7 @@ class EngineRegistry:
                 draining=s.draining,
                 pid=s.engine.pid,
                 context_length=s.engine.context_length,
+                waiting=s.engine.stats().queued,
             )
             for mid, s in self._slots.items()
         }

@@ -10,6 +10,7 @@ import pytest
 from lmx.errors import ConfigError, ModelNotFound, PermanentError
 from lmx.reconciler import manifest
 from tests.component.reconciler_world import World, model, settle, until
+from tests.fakes import FakeEngine
 
 
 async def test_start_loads_pinned_and_resident_models_but_not_downloaded_ones(world: World) -> None:
@@ -256,6 +257,11 @@ async def test_status_reports_generations_memory_and_per_model_state(world: Worl
         doc = world.r.status()
         assert doc["models"]["a"]["in_flight"] == 2 and doc["last_pass"] == passes
     assert world.r.status()["models"]["a"]["in_flight"] == 0
+    # And the sequences waiting for a place in its batch, as its engine counts them.
+    engine = world.reg.get("a")
+    assert isinstance(engine, FakeEngine) and a["waiting"] == 0
+    engine.queued = 3
+    assert world.r.status()["models"]["a"]["waiting"] == 3
 
 
 async def test_a_model_list_tells_each_name_its_models_state_files_and_context(

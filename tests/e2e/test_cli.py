@@ -132,7 +132,7 @@ def test_status_ps_and_plan_show_the_builtin_model(daemon: Daemon) -> None:
     assert "pinned" in row and "Ready" in row
     assert "Config: valid" in st.stdout and "Generation:" in st.stdout
     ps = lmx(daemon, "ps")
-    assert ps.returncode == 0 and "lmx-tiny" in ps.stdout and "CONTEXT" in ps.stdout
+    assert ps.returncode == 0 and "lmx-tiny" in ps.stdout and "WAITING" in ps.stdout
     plan = lmx(daemon, "plan")
     assert plan.returncode == 0
     assert "No changes. The running state matches the desired state." in plan.stdout
