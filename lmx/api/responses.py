@@ -333,6 +333,62 @@ def _freeform_input(arguments: str) -> str:
     return arguments
 
 
+class _InputReader:
+    """A custom tool's input as the model writes its arguments, `{"input": "..."}`: the string's
+    text, unescaped, a piece at a time. An escape cut between pieces waits for its end; arguments
+    that open otherwise stream nothing (their input goes out whole at their end)."""
+
+    _OPENING = re.compile(r'\s*\{\s*"input"\s*:\s*"')
+    _COMPACT = '{"input":"'
+    _PLAIN = re.compile(r'[^"\\]+')
+
+    def __init__(self) -> None:
+        self._raw = ""  # the arguments not yet read
+        self._in: bool | None = None  # inside the string; None: its opening not yet read
+        self.sent = ""  # the input's text given out so far
+
+    def feed(self, text: str) -> str:
+        """The input's text that `text`, the arguments' next piece, completes."""
+        self._raw += text
+        if self._in is None:
+            m = self._OPENING.match(self._raw)
+            if m is None:
+                compact = "".join(self._raw.split())
+                if len(compact) >= len(self._COMPACT) or not self._COMPACT.startswith(compact):
+                    self._in = False
+                return ""
+            self._in, self._raw = True, self._raw[m.end() :]
+        if not self._in:
+            return ""
+        try:
+            text, self._raw = self._unescaped(self._raw)
+        except ValueError:  # a \u without its four hex digits: the end's whole input says it
+            self._in = False
+            return ""
+        self.sent += text
+        return text
+
+    def _unescaped(self, raw: str) -> tuple[str, str]:
+        """The text of `raw`, the string's next characters, up to its closing quote or to an
+        escape whose end has not come; and what is left of `raw` after it."""
+        out, i = [], 0
+        while i < len(raw) and raw[i] != '"':
+            if run := self._PLAIN.match(raw, i):
+                out.append(run.group())
+                i = run.end()
+                continue
+            width = 2  # \n, \", ...; \uXXXX, and two of them for a surrogate pair
+            if raw[i + 1 : i + 2] == "u":
+                width = 12 if raw[i + 2 : i + 4].upper() in ("D8", "D9", "DA", "DB") else 6
+            if i + width > len(raw):
+                break  # the escape's end comes with a later piece
+            out.append(json.loads(f'"{raw[i : i + width]}"'))
+            i += width
+        if raw[i : i + 1] == '"':
+            self._in = False
+        return "".join(out), raw[i:]
+
+
 def _format(fmt: dict[str, Any]) -> dict[str, Any]:
     match fmt.get("type"):
         case "text":
@@ -363,6 +419,7 @@ class Rendering:
         self._seq = 0
         self._state: ChoiceState | None = None  # the choice it renders, once it has begun
         self._logprobs_seen = 0  # of the state's logprobs, those already in the output
+        self._input = _InputReader()  # the input of the custom tool call under way
         # The names of the calls that are not function calls, and their kind.
         self._kinds = {
             _LOCAL_SHELL if t.get("type") == _LOCAL_SHELL else t.get("name"): t.get("type")
@@ -459,6 +516,14 @@ class Rendering:
                     call["arguments"] += text
                     ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
                     out += self.event("response.function_call_arguments.delta", **ids, delta=text)
+                case CallText(_, text) if self.output[-1]["type"] == "custom_tool_call":
+                    call = self.output[-1]
+                    if read := self._input.feed(text):
+                        call["input"] += read
+                        ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
+                        out += self.event(
+                            "response.custom_tool_call_input.delta", **ids, delta=read
+                        )
                 case CallEnded(_, whole):
                     out += self._call_ended(whole.arguments)
         return out
@@ -467,6 +532,7 @@ class Rendering:
         """The item of a call begun, by the kind of its tool."""
         match self._kinds.get(name):
             case "custom":
+                self._input = _InputReader()
                 return {
                     "type": "custom_tool_call",
                     "id": item_id("ctc"),
@@ -493,15 +559,19 @@ class Rendering:
         }
 
     def _call_ended(self, arguments: str) -> bytes:
-        """The events of the call item under way, ended with `arguments`. A custom tool's input,
-        a string inside the arguments the model writes, goes out once they are whole, as does a
-        local shell call's action."""
+        """The events of the call item under way, ended with `arguments`: a custom tool's input
+        (a string inside the arguments the model writes, streamed as it is written) whole, with
+        what of it had not gone out yet, a local shell call's action, a function call's
+        arguments."""
         call = self.output[-1]
         ids = {"item_id": call["id"], "output_index": len(self.output) - 1}
         out = b""
         if call["type"] == "custom_tool_call":
-            call["input"] = text = _freeform_input(arguments)
-            out = self.event("response.custom_tool_call_input.delta", **ids, delta=text)
+            sent, text = call["input"], _freeform_input(arguments)
+            call["input"] = text
+            if text.startswith(sent) and len(text) > len(sent):
+                delta = text[len(sent) :]
+                out = self.event("response.custom_tool_call_input.delta", **ids, delta=delta)
             out += self.event("response.custom_tool_call_input.done", **ids, input=text)
         elif call["type"] == "local_shell_call":
             args = loads_or_none(arguments)

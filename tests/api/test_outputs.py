@@ -374,6 +374,31 @@ async def test_without_parallel_tool_calls_a_models_second_call_is_left_out() ->
         assert [o["type"] for o in answer.json()["output"]].count("function_call") == 1
 
 
+PATCH = '*** Begin Patch\n*** Add File: é.txt\n+say "hi" \\o/ \U0001f600\n*** End Patch'
+
+
+@pytest.mark.parametrize("key", ["input", "patch"])
+async def test_a_custom_tools_input_streams_as_its_text_is_written(key: str) -> None:
+    """Codex's apply_patch: the text of the string the model writes, unescaped piece by piece
+    (escapes cut between them, \\u00e9 and a surrogate pair among them); where the model names
+    the string otherwise, it goes out whole at the end."""
+    arguments = json.dumps({key: PATCH})  # ASCII: é and 😀 as \u escapes
+    call = f'<tool_call>\n{{"name": "apply_patch", "arguments": {arguments}}}\n</tool_call>'
+    registry = EngineRegistry(scripted(call))  # type: ignore[arg-type]
+    await registry.load(LoadConfig(model_id="m", path=Path()))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    ask = {"model": "m", "input": "hi", "tools": [{"type": "custom", "name": "apply_patch"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/v1/responses", json={**ask, "stream": True})
+        whole = (await c.post("/v1/responses", json=ask)).json()
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+    done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+    assert "".join(deltas) == done["input"] == PATCH
+    assert len(deltas) > 10 if key == "input" else deltas == [PATCH]
+    assert events[-1]["response"]["output"][-1]["input"] == whole["output"][-1]["input"] == PATCH
+
+
 CODER_CALL = (
     "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
     "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"

@@ -536,3 +536,18 @@ def test_a_local_shell_call_is_its_item_with_the_action_to_run(
     assert item["action"]["type"] == "exec" and item["action"]["command"] == command
     if status == "completed" and "timeout" in arguments:
         assert item["action"]["timeout_ms"] == 500
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11])
+def test_a_custom_tools_input_is_unescaped_whatever_the_pieces_it_comes_in(size: int) -> None:
+    text = 'a "quote" \\ back\\slash\ttab é \U0001f600 \u2028 end'
+    arguments = ' { "input" : ' + json.dumps(text) + " }"
+    r = Rendering(_request(input="x", stream=True, tools=[{"type": "custom", "name": "edit"}]))
+    pieces = [CallText(0, arguments[i : i + size]) for i in range(0, len(arguments), size)]
+    stream = r.feed([CallBegun(0, "call_1", "edit"), *pieces])
+    streamed = [e["delta"] for e in named_events(stream) if e["type"].endswith("input.delta")]
+    assert "".join(streamed) == text  # all of it before the call's end
+    end = named_events(r.feed([CallEnded(0, ToolCall("call_1", "edit", arguments))]))
+    kinds = ["response.custom_tool_call_input.done", "response.output_item.done"]
+    assert [e["type"] for e in end] == kinds
+    assert end[0]["input"] == r.output[-1]["input"] == text
