@@ -6,7 +6,7 @@ family). Invalid schemas become 400s naming the request field; compiling happens
 
 from __future__ import annotations
 
-from lmx.api.schemas import ChatCompletionRequest, NamedToolChoice
+from lmx.api.schemas import AllowedToolsChoice, ChatCompletionRequest, NamedToolChoice
 from lmx.errors import RequestError
 from lmx.runtime import grammars
 from lmx.runtime.engine import Constraint, Engine
@@ -31,20 +31,23 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
     choice = body.tool_choice
     tok = engine.tokenizer
     tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+    if isinstance(choice, AllowedToolsChoice):
+        _check_allowed(body, choice)
     if body.forces_call:
         if not body.tools:
             raise RequestError(
                 "tool_choice requires tools, but none were given", param="tool_choice"
             )
+        allowed = [t.model_dump(exclude_none=True) for t in body.callable_tools]
         named = choice.function.get("name") if isinstance(choice, NamedToolChoice) else None
         if isinstance(choice, NamedToolChoice) and not named:
             raise RequestError("tool_choice names no function", param="tool_choice.function.name")
         try:
             if tok.tool_parser == HARMONY:  # in its own format (see chat_prompt)
-                grammar = grammars.harmony_call(tools, named, token_ids=tok.marker_ids)
+                grammar = grammars.harmony_call(allowed, named, token_ids=tok.marker_ids)
             else:
                 grammar = grammars.tool_call(
-                    tools,
+                    allowed,
                     named,
                     _SYNTAXES.get(tok.tool_parser, _SYNTAXES[None]),
                     parallel=body.parallel_tool_calls is not False,
@@ -75,6 +78,18 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
     except ValueError as exc:
         raise RequestError(str(exc), param="response_format.json_schema.schema") from None
     return Constraint(grammar.text)
+
+
+def _check_allowed(body: ChatCompletionRequest, choice: AllowedToolsChoice) -> None:
+    """Raises RequestError naming an allowed tool that is not one of the request's tools."""
+    given = {t.function.name for t in body.tools or ()}
+    for i, tool in enumerate(choice.allowed_tools.tools):
+        name = tool.function.get("name")
+        if name not in given:
+            raise RequestError(
+                f"the allowed tool {name!r} is not one of the request's tools",
+                param=f"tool_choice.allowed_tools.tools[{i}].function.name",
+            )
 
 
 def _tools_error(message: str, body: ChatCompletionRequest) -> RequestError:

@@ -272,10 +272,12 @@ def chat_prompt(body: ChatCompletionRequest, engine: Engine, *, thinking: bool) 
     `continue_final_message` the prompt ends inside the last message, an assistant's. The tools
     are in it unless `tool_choice` is none and the model's calls cannot be forbidden
     (forbid_calls): a conversation whose turns switch between auto and none keeps one prefix for
-    the prompt cache."""
+    the prompt cache. Allowed tools the model may call or not (`auto`) are the only ones in it:
+    a grammar holds it to those only where it must call one."""
     tools = None
     if body.tools and (body.tool_choice != "none" or forbid_calls(body, engine) is not None):
-        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        shown = body.tools if body.forces_call else body.callable_tools
+        tools = [t.model_dump(exclude_none=True) for t in shown]
     extra = dict(body.chat_template_kwargs or {})
     if body.reasoning_effort is not None:
         extra.setdefault("reasoning_effort", body.reasoning_effort)

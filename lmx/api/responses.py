@@ -77,6 +77,7 @@ _PARAMS = (
     (re.compile(r"^max_(completion_)?tokens$"), "max_output_tokens"),
     (re.compile(r"^response_format(\.json_schema)?"), "text.format"),
     (re.compile(r"^tool_choice\.function"), "tool_choice"),
+    (re.compile(r"^tool_choice\.allowed_tools\.(tools\[\d+\])\.function"), r"tool_choice.\1"),
     (re.compile(r"^(tools\[\d+\])\.function"), r"\1"),
     (re.compile(r"^reasoning_effort$"), "reasoning.effort"),
 )
@@ -307,11 +308,26 @@ def _freeform(tool: dict[str, Any], at: str) -> str:
 def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     if isinstance(choice, str):
         return choice
-    if choice.get("type") in ("function", "custom") and isinstance(choice.get("name"), str):
+    if choice.get("type") == "allowed_tools" and isinstance(choice.get("tools"), list):
+        tools = [_named(tool, f"tool_choice.tools[{i}]") for i, tool in enumerate(choice["tools"])]
+        return {
+            "type": "allowed_tools",
+            "allowed_tools": {"mode": choice.get("mode"), "tools": tools},
+        }
+    return _named(choice, "tool_choice")
+
+
+def _named(choice: Any, at: str) -> dict[str, Any]:
+    """A function, custom or local shell tool named in a tool choice, as the chat's function."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == _LOCAL_SHELL:
+        return {"type": "function", "function": {"name": _LOCAL_SHELL}}
+    if kind in ("function", "custom") and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise RequestError(
-        "tool_choice must be none, auto, required, or {type: function or custom, name}",
-        param="tool_choice",
+        f"{at} must be {{type: function or custom, name}}, {{type: local_shell}} or, for"
+        " tool_choice, none, auto, required or {type: allowed_tools, mode, tools}",
+        param=at,
     )
 
 

@@ -45,6 +45,19 @@ class NamedToolChoice(_Wire):
     function: dict[str, str]
 
 
+class AllowedTools(_Wire):
+    """The tools the model may call, of those given (which all stay in the prompt where it can,
+    for the prompt cache); `auto`: or answer in text, `required`: one of them."""
+
+    mode: Literal["auto", "required"]
+    tools: Annotated[list[NamedToolChoice], Field(min_length=1)]
+
+
+class AllowedToolsChoice(_Wire):
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -129,7 +142,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     tools: list[ToolDef] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: (
+        Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None
+    ) = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     # Given to the chat template by that name; none also as `enable_thinking: false`, the switch
@@ -145,8 +160,21 @@ class ChatCompletionRequest(SamplingFields):
 
     @property
     def forces_call(self) -> bool:
-        """Whether its answer must be a tool call (`required`, or a named function)."""
-        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        """Whether its answer must be a tool call (`required`, a named function, or allowed
+        tools in mode `required`)."""
+        choice = self.tool_choice
+        if isinstance(choice, AllowedToolsChoice):
+            return choice.allowed_tools.mode == "required"
+        return choice == "required" or isinstance(choice, NamedToolChoice)
+
+    @property
+    def callable_tools(self) -> list[ToolDef]:
+        """The tools the model may call: those `tool_choice` allows, else all of them."""
+        choice = self.tool_choice
+        if not isinstance(choice, AllowedToolsChoice):
+            return list(self.tools or ())
+        names = {t.function.get("name") for t in choice.allowed_tools.tools}
+        return [t for t in self.tools or () if t.function.name in names]
 
     @field_validator("max_tokens")
     @classmethod

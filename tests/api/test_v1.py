@@ -614,6 +614,30 @@ async def test_a_value_of_none_of_a_fields_types_is_named_by_the_field_alone(
     assert says in assert_envelope(r, 400, param)["message"]
 
 
+async def test_allowed_tools_the_model_may_pass_over_are_the_only_ones_it_is_shown(
+    registry: EngineRegistry,
+) -> None:
+    """OpenAI's allowed_tools in mode auto: no grammar holds the model to them, so the prompt
+    shows it those alone; in mode required a grammar does, and the prompt keeps every tool."""
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        for name in ("get_weather", "lookup_stock")
+    ]
+    only = [{"type": "function", "function": {"name": "lookup_stock"}}]
+    async with registry.acquire("tiny") as engine:
+
+        def shown(mode: str) -> list[str]:
+            choice = {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": only}}
+            body = ChatCompletionRequest.model_validate(
+                {**CHAT, "tools": tools, "tool_choice": choice}
+            )
+            prompt = engine.tokenizer.decode(chat_prompt(body, engine, thinking=True))
+            return [name for name in ("get_weather", "lookup_stock") if name in prompt]
+
+        assert shown("auto") == ["lookup_stock"]
+        assert shown("required") == ["get_weather", "lookup_stock"]
+
+
 async def test_an_answer_may_continue_the_assistants_last_message(
     client: httpx.AsyncClient, registry: EngineRegistry
 ) -> None:

@@ -132,6 +132,56 @@ def test_named_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> N
     check_call("add", calls[0]["arguments"])
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_allowed_tools_required_calls_only_those_allowed(client: openai.OpenAI, seed: int) -> None:
+    """OpenAI's allowed_tools: every tool stays given, the model calls only the allowed ones."""
+    allowed: Any = {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "required",
+            "tools": [{"type": "function", "function": {"name": "add"}}],
+        },
+    }
+    r = client.chat.completions.create(
+        model="lmx-tiny",
+        messages=ASK,  # type: ignore[arg-type]
+        tools=TOOLS,
+        tool_choice=allowed,
+        max_tokens=300,
+        temperature=1.0,
+        seed=seed,
+    )
+    calls = r.choices[0].message.tool_calls or []
+    assert r.choices[0].finish_reason == "tool_calls" and calls
+    for call in calls:
+        check_call(call.function.name, call.function.arguments)  # type: ignore[union-attr]
+        assert call.function.name == "add"  # type: ignore[union-attr]
+    answer = client.responses.create(
+        model="lmx-tiny",
+        input=ASK[0]["content"],
+        tools=FUNCTION_TOOLS,
+        tool_choice={
+            "type": "allowed_tools",
+            "mode": "required",
+            "tools": [{"type": "function", "name": "add"}],
+        },
+        temperature=1.0,
+    )
+    assert {o.name for o in answer.output if o.type == "function_call"} == {"add"}
+    unknown = allowed["allowed_tools"]["tools"][0] | {"function": {"name": "nope"}}
+    with pytest.raises(openai.BadRequestError, match="'nope' is not one of") as info:
+        client.chat.completions.create(
+            model="lmx-tiny",
+            messages=ASK,  # type: ignore[arg-type]
+            tools=TOOLS,
+            tool_choice={
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "auto", "tools": [unknown]},
+            },
+        )
+    assert info.value.body["param"] == "tool_choice.allowed_tools.tools[0].function.name"  # type: ignore[index]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_output_validates(client: openai.OpenAI, stream: bool) -> None:
     fmt: Any = {

@@ -315,6 +315,7 @@ def test_a_deleted_response_is_gone_and_those_continuing_it_are_not() -> None:
         ("max_completion_tokens", "max_output_tokens"),
         ("response_format.json_schema.schema", "text.format.schema"),
         ("tool_choice.function.name", "tool_choice.name"),
+        ("tool_choice.allowed_tools.tools[1].function.name", "tool_choice.tools[1].name"),
         ("tools[2].function.parameters", "tools[2].parameters"),
         ("temperature", "temperature"),
     ],
@@ -551,3 +552,21 @@ def test_a_custom_tools_input_is_unescaped_whatever_the_pieces_it_comes_in(size:
     kinds = ["response.custom_tool_call_input.done", "response.output_item.done"]
     assert [e["type"] for e in end] == kinds
     assert end[0]["input"] == r.output[-1]["input"] == text
+
+
+def test_allowed_tools_name_the_tools_as_the_chat_does() -> None:
+    tools = [APPLY_PATCH, {"type": "local_shell"}, {"type": "function", "name": "add"}]
+    allowed = [{"type": "custom", "name": "apply_patch"}, {"type": "local_shell"}]
+    choice = {"type": "allowed_tools", "mode": "required", "tools": allowed}
+    body = _request(input="x", tools=tools, tool_choice=choice)
+    chat = chat_request(body, conversation(ResponseStore(), body))
+    assert chat.forces_call and [t.function.name for t in chat.callable_tools] == [
+        "apply_patch",
+        "local_shell",
+    ]
+    bad = _request(
+        input="x", tools=tools, tool_choice={**choice, "tools": [{"type": "web_search"}]}
+    )
+    with pytest.raises(RequestError) as info:
+        chat_request(bad, conversation(ResponseStore(), bad))
+    assert info.value.param == "tool_choice.tools[0]"
