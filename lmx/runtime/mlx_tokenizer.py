@@ -63,7 +63,8 @@ class MlxTokenizer:
         """How the model's reasoning opens and ends, for a thinking budget: gpt-oss's analysis
         message, else a `<think>` block where the vocabulary has both tags."""
         if harmony and all(t in vocab for t in (H_CHANNEL, H_MESSAGE, H_END)):
-            opens = (int(vocab[H_CHANNEL]), *self.encode("analysis"), int(vocab[H_MESSAGE]))
+            name = [int(i) for i in self._w.encode("analysis", add_special_tokens=False)]
+            opens = (int(vocab[H_CHANNEL]), *name, int(vocab[H_MESSAGE]))
             return opens, int(vocab[H_END])
         if THINK_OPEN in vocab and THINK_CLOSE in vocab:
             return (int(vocab[THINK_OPEN]),), int(vocab[THINK_CLOSE])
