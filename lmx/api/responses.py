@@ -324,11 +324,10 @@ def _named(choice: Any, at: str) -> dict[str, Any]:
         return {"type": "function", "function": {"name": _LOCAL_SHELL}}
     if kind in ("function", "custom") and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise RequestError(
-        f"{at} must be {{type: function or custom, name}}, {{type: local_shell}} or, for"
-        " tool_choice, none, auto, required or {type: allowed_tools, mode, tools}",
-        param=at,
-    )
+    what = "{type: function or custom, name} or {type: local_shell}"
+    if at == "tool_choice":
+        what = f"none, auto, required, {what}, or {{type: allowed_tools, mode, tools}}"
+    raise RequestError(f"{at} must be {what}", param=at)
 
 
 def _freeform_input(arguments: str) -> str:
@@ -361,7 +360,6 @@ class _InputReader:
     def __init__(self) -> None:
         self._raw = ""  # the arguments not yet read
         self._in: bool | None = None  # inside the string; None: its opening not yet read
-        self.sent = ""  # the input's text given out so far
 
     def feed(self, text: str) -> str:
         """The input's text that `text`, the arguments' next piece, completes."""
@@ -378,10 +376,9 @@ class _InputReader:
             return ""
         try:
             text, self._raw = self._unescaped(self._raw)
-        except ValueError:  # a \u without its four hex digits: the end's whole input says it
+        except ValueError:  # an escape JSON has not: the whole input at the end says what came
             self._in = False
             return ""
-        self.sent += text
         return text
 
     def _unescaped(self, raw: str) -> tuple[str, str]:
