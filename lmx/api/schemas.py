@@ -76,6 +76,11 @@ class ResponseFormat(_Request):
 UNLIMITED = -1  # max_tokens: as many as the context leaves, as LM Studio reads it
 
 
+# LM Studio's: seconds a model loaded for the request (`want: downloaded`, whose spec sets no
+# idle_ttl) may then sit idle before it is unloaded.
+Ttl = Annotated[float | None, Field(gt=0)]
+
+
 class SamplingFields(_Request):
     """Fields shared by chat and text completions, with OpenAI's ranges plus vLLM's extensions."""
 
@@ -103,6 +108,7 @@ class SamplingFields(_Request):
     # vLLM extensions that benchmark clients send.
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    ttl: Ttl = None
 
 
 class CalledFunction(_Wire):
@@ -209,6 +215,7 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int | None, Field(ge=1)] = None
     user: str | None = None
+    ttl: Ttl = None
 
     @field_validator("input", mode="wrap")
     @classmethod

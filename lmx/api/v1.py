@@ -165,14 +165,16 @@ class Generation:
         model: str,
         places: int,
         build: Callable[[Engine], list[GenerationRequest]],
+        ttl_s: float | None = None,
     ) -> tuple[Generation, Engine, list[GenerationRequest]]:
         """`build`'s requests checked and queued; `places`: how many sequences the request will
-        have, held in the model's queue in arrival order while it is built."""
+        have, held in the model's queue in arrival order while it is built; `ttl_s`: the idle
+        TTL the request asks for its model (EngineRegistry.acquire)."""
         model_id = await deps.models.ensure_ready(model)
         deps.intake.concerns(model_id)  # not coming to other models' idle workers
         stack = AsyncExitStack()
         try:
-            engine = await stack.enter_async_context(deps.registry.acquire(model_id))
+            engine = await stack.enter_async_context(deps.registry.acquire(model_id, ttl_s))
             rid = new_id("req")  # its sequences are one request to the engine
             with engine.hold(rid, places):
                 # On a thread: a 60k-token conversation's template and encoding held the event
@@ -390,7 +392,7 @@ async def start_chat(
             for r in requests
         ]
 
-    gen, engine, requests = await Generation.start(deps, body.model, body.n, build)
+    gen, engine, requests = await Generation.start(deps, body.model, body.n, build, body.ttl)
     try:
         return gen, _choice_states(body, engine, requests, tools_on)
     except BaseException:  # its streams end, their places free, the model let go
@@ -547,7 +549,7 @@ async def answer_completion(
 
     places = len(texts_or_ids(body.prompt)) * body.n
     # Nothing that can fail comes between its sequences queued and its answer, which ends them.
-    gen, engine, requests = await Generation.start(deps, body.model, places, build)
+    gen, engine, requests = await Generation.start(deps, body.model, places, build, body.ttl)
     prompts = [r.prompt_tokens for r in requests]
 
     def logprobs(s: ChoiceState, lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
@@ -625,7 +627,7 @@ async def answer_completion(
 @router.post("/embeddings", response_model=None)
 async def embeddings(body: EmbeddingRequest, deps: Deps) -> JSONResponse:
     model_id = await deps.models.ensure_ready(body.model)
-    async with deps.registry.acquire(model_id) as engine:
+    async with deps.registry.acquire(model_id, body.ttl) as engine:
         rid = new_id("req")
         with engine.hold(rid, 1):
             rows = await asyncio.to_thread(token_rows, body, engine.tokenizer)

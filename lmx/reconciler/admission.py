@@ -28,6 +28,20 @@ from lmx.reconciler.spec import DesiredState, ModelSpec, Want
 from lmx.units import fmt_bytes
 
 _Candidate = tuple[ModelSpec, ObservedModel]
+
+
+def idle_ttl_s(spec: ModelSpec, o: ObservedModel) -> float | None:
+    """How long a loaded model may sit idle before it is unloaded (None: for ever, LRU aside):
+    its spec's `idle_ttl`; for one loaded on demand (`want: downloaded`) whose spec sets none,
+    the `ttl` its latest request asked for, as LM Studio takes one for a model it loads just in
+    time. A pinned model never idles out."""
+    if spec.want is Want.PINNED:
+        return None
+    if spec.idle_ttl_s is not None or spec.want is not Want.DOWNLOADED:
+        return spec.idle_ttl_s
+    return o.request_ttl_s
+
+
 # An engine unloaded for these reasons may be loaded again by the same plan.
 _RELOAD = frozenset({UnloadReason.SPEC_CHANGED, UnloadReason.DRAINED})
 
@@ -112,8 +126,9 @@ class Admission:
         if spec.want is not Want.PINNED:
             if not o.requested:
                 self.kept.append(o)
-            if spec.idle_ttl_s is not None and o.in_flight == 0:
-                self.wakes.append(o.last_used_s + spec.idle_ttl_s)
+            ttl = idle_ttl_s(spec, o)
+            if ttl is not None and o.in_flight == 0:
+                self.wakes.append(o.last_used_s + ttl)
 
     def remove(self, o: ObservedModel, reason: UnloadReason) -> None:
         deadline = o.drain_deadline_s

@@ -32,6 +32,7 @@ class ObservedModel:
     in_flight: int = 0
     pid: int | None = None  # the engine's worker process
     last_used_s: float = 0.0
+    request_ttl_s: float | None = None  # the idle TTL its latest request asked for, if any
     draining: bool = False
     drain_deadline_s: float | None = None
     # admission

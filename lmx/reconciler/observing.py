@@ -96,6 +96,7 @@ class Observer:
                 in_flight=eng.in_flight if eng else 0,
                 pid=eng.pid if eng else None,
                 last_used_s=eng.last_used_s if eng else 0.0,
+                request_ttl_s=eng.ttl_s if eng else None,
                 draining=eng.draining if eng else False,
                 drain_deadline_s=ex.drain_deadlines.get(mid),
                 footprint_bytes=facts.footprint.total_bytes if facts and facts.footprint else None,

@@ -10,7 +10,7 @@ models), each load admitted against the memory budget after the memory that the 
 from __future__ import annotations
 
 from lmx.reconciler.actions import CancelDownload, Delete, Plan, UnloadReason
-from lmx.reconciler.admission import Admission
+from lmx.reconciler.admission import Admission, idle_ttl_s
 from lmx.reconciler.observed import ObservedModel, ObservedState
 from lmx.reconciler.spec import DesiredState, ModelSpec, Want
 
@@ -29,9 +29,9 @@ def removal_reason(spec: ModelSpec | None, o: ObservedModel, now_s: float) -> Un
         return None  # a request waits for it: neither demotion nor idleness applies
     if spec.want is Want.DOWNLOADED and o.loaded_want in (Want.RESIDENT, Want.PINNED):
         return UnloadReason.DEMOTED
-    ttl = spec.idle_ttl_s
+    ttl = idle_ttl_s(spec, o)
     idle = ttl is not None and o.in_flight == 0 and now_s - o.last_used_s >= ttl
-    return UnloadReason.IDLE_TIMEOUT if idle and spec.want is not Want.PINNED else None
+    return UnloadReason.IDLE_TIMEOUT if idle else None
 
 
 def plan(desired: DesiredState, observed: ObservedState) -> Plan:

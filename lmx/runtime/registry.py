@@ -35,6 +35,7 @@ class ResidentModel:
     pid: int | None = None  # the engine's own process, if it has one
     context_length: int = 0  # the longest sequence it takes, prompt and answer
     waiting: int = 0  # its sequences past the batch's places, waiting for one
+    ttl_s: float | None = None  # the idle TTL its latest request asked for (LM Studio's `ttl`)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class _Slot:
     in_flight: int = 0
     last_used_s: float = 0.0
     draining: bool = False
+    ttl_s: float | None = None
 
 
 class EngineRegistry:
@@ -77,6 +79,7 @@ class EngineRegistry:
                 pid=s.engine.pid,
                 context_length=s.engine.context_length,
                 waiting=s.engine.stats().queued,
+                ttl_s=s.ttl_s,
             )
             for mid, s in self._slots.items()
         }
@@ -126,8 +129,10 @@ class EngineRegistry:
             slot.last_used_s = self._clock()
 
     @asynccontextmanager
-    async def acquire(self, model_id: str) -> AsyncIterator[Engine]:
-        """Hold `model_id` busy for one request. Raises if it is not loaded or is draining."""
+    async def acquire(self, model_id: str, ttl_s: float | None = None) -> AsyncIterator[Engine]:
+        """Hold `model_id` busy for one request, which may ask for the idle TTL of the engine
+        (`ttl_s`; it lasts as long as the engine, the latest request's counting). Raises if it
+        is not loaded or is draining."""
         slot = self._slots.get(model_id)
         if slot is None or slot.engine.state is not EngineState.READY:
             raise ModelNotFound(model_id, self.ids())
@@ -135,6 +140,9 @@ class EngineRegistry:
             raise TemporaryError(f"model {model_id!r} is being unloaded", delay_s=1.0)
         slot.in_flight += 1
         slot.last_used_s = self._clock()
+        if ttl_s is not None and ttl_s != slot.ttl_s:
+            slot.ttl_s = ttl_s
+            self.on_change()  # the reconciler's next wake may move
         try:
             yield slot.engine
         finally:

@@ -614,6 +614,25 @@ async def test_a_value_of_none_of_a_fields_types_is_named_by_the_field_alone(
     assert says in assert_envelope(r, 400, param)["message"]
 
 
+async def test_a_requests_ttl_is_its_models_the_latest_counting(
+    client: httpx.AsyncClient, registry: EngineRegistry
+) -> None:
+    """LM Studio's `ttl`, kept with the engine for the reconciler (which applies it to a model
+    loaded on demand: see the planner's cases)."""
+    assert registry.snapshot()["tiny"].ttl_s is None
+    for path, body, ttl in (
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 1}, 120),
+        ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 1}, 60.5),
+        ("/v1/embeddings", {"model": "tiny", "input": "Hi"}, 30),
+    ):
+        r = await client.post(path, json={**body, "ttl": ttl})
+        assert r.status_code == 200 and registry.snapshot()["tiny"].ttl_s == ttl
+    await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1})
+    assert registry.snapshot()["tiny"].ttl_s == 30  # a request without one leaves it
+    r = await client.post("/v1/chat/completions", json={**CHAT, "ttl": 0})
+    assert_envelope(r, 400, "ttl")
+
+
 async def test_allowed_tools_the_model_may_pass_over_are_the_only_ones_it_is_shown(
     registry: EngineRegistry,
 ) -> None:

@@ -118,6 +118,24 @@ async def test_idle_ttl_unloads_a_resident_model_and_a_request_brings_it_back(wo
     assert world.engines.count("load", "a") == 2
 
 
+async def test_a_requests_ttl_unloads_a_model_it_loaded_on_demand_once_idle(world: World) -> None:
+    """LM Studio's per-request `ttl`, for a `downloaded` model whose spec sets no idle_ttl;
+    a resident model keeps what its spec says."""
+    world.write(d=model(world.model_dir("d"), "downloaded"), r=model(world.model_dir("r")))
+    await world.build().start()
+    await until(lambda: world.ready("r"))
+    assert await world.r.ensure_ready("d") == "d"
+    for mid in ("d", "r"):
+        async with world.reg.acquire(mid, ttl_s=0.3):
+            pass
+    await until(lambda: world.condition("d", "Resident")["reason"] == "IdleTimeout", timeout_s=3)
+    assert "d" not in world.loaded() and world.ready("r")
+    # Loaded again, the engine has no ttl until a request asks for one.
+    assert await world.r.ensure_ready("d") == "d"
+    await asyncio.sleep(0.5)
+    assert world.ready("d") and world.reg.snapshot()["d"].ttl_s is None
+
+
 async def test_editing_the_file_loads_and_unloads_without_touching_unchanged_models(
     world: World,
 ) -> None:

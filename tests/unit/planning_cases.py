@@ -106,6 +106,7 @@ def execute(d: DesiredState, o: ObservedState, actions: tuple[Action, ...]) -> O
                     resident_bytes=0,
                     loaded_key=None,
                     loaded_want=None,
+                    request_ttl_s=None,
                     idled=m.idled or idle,
                 )
             case CancelDownload():
@@ -123,6 +124,7 @@ def execute(d: DesiredState, o: ObservedState, actions: tuple[Action, ...]) -> O
                     loaded_key=spec.load_key,
                     loaded_want=Want.DOWNLOADED if why is Want.DOWNLOADED else spec.want,
                     last_used_s=o.now_s,
+                    request_ttl_s=None,  # a new engine: no request has asked for one yet
                     idled=False,
                 )
         models[a.model_id] = m

@@ -392,6 +392,39 @@ CASES: list[
         [],
         [],
     ),
+    # A request's ttl (LM Studio's): for a model loaded on demand whose spec sets none.
+    (
+        "unloads_a_model_loaded_on_demand_idle_past_its_requests_ttl",
+        desired(a=D),
+        [loaded("a", 1, used=301, request_ttl_s=300.0)],
+        {},
+        [("Unload", "a", "IdleTimeout")],
+        [],
+    ),
+    (
+        "keeps_a_model_loaded_on_demand_within_its_requests_ttl",
+        desired(a=D),
+        [loaded("a", 1, used=299, request_ttl_s=300.0)],
+        {},
+        [],
+        [],
+    ),
+    (
+        "takes_the_specs_idle_ttl_over_a_requests",
+        desired(a={**D, "idle_ttl": "1h"}),
+        [loaded("a", 1, used=301, request_ttl_s=300.0)],
+        {},
+        [],
+        [],
+    ),
+    (
+        "keeps_a_resident_model_whatever_ttl_a_request_asked_for",
+        desired(a=R),
+        [loaded("a", 1, used=6_000, request_ttl_s=300.0)],
+        {},
+        [],
+        [],
+    ),
     (
         "does_not_reload_a_resident_model_that_idled_out",
         desired(a=R),
@@ -529,6 +562,13 @@ def test_requeues_at_the_earliest_idle_ttl() -> None:
     p = plan(d, state(d, loaded("a", 1, used=100), loaded("b", 1, used=100)))
     assert p.is_empty
     assert p.requeue_after_s == pytest.approx(500)
+
+
+def test_requeues_when_a_requests_ttl_runs_out() -> None:
+    d = desired(a=D, b=R)
+    models = (loaded("a", 1, used=100, request_ttl_s=300.0), loaded("b", 1, request_ttl_s=60.0))
+    p = plan(d, state(d, *models))
+    assert p.is_empty and p.requeue_after_s == pytest.approx(200)
 
 
 def test_requeues_at_the_end_of_a_backoff_and_of_a_drain() -> None:

@@ -60,6 +60,7 @@ def worlds(draw: st.DrawFn) -> tuple[DesiredState, ObservedState]:
                 resident_bytes=draw(st.sampled_from([0, fp // 2, fp])) if resident else 0,
                 in_flight=draw(st.integers(0, 2)) if resident else 0,
                 last_used_s=NOW - draw(st.integers(0, 1_000)),
+                request_ttl_s=draw(st.sampled_from([None, 60.0, 600.0])) if resident else None,
                 draining=draining,
                 drain_deadline_s=NOW + draw(st.sampled_from([-1, 30])) if draining else None,
                 footprint_bytes=draw(st.sampled_from([None, fp, fp])),
