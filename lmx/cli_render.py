@@ -184,9 +184,11 @@ def status_footer(doc: Doc) -> list[Text]:
 
 
 def ps_table(doc: Doc) -> Table:
+    numbers = ("PID", "IN-FLIGHT", "WAITING", "IDLE TTL", "CONTEXT")
     t = _table(
-        *("MODEL", "PID", "RESIDENT", "FOOTPRINT", "IN-FLIGHT", "WAITING", "LAST USED", "CONTEXT"),
-        right=("PID", "IN-FLIGHT", "WAITING", "CONTEXT"),
+        *("MODEL", "PID", "RESIDENT", "FOOTPRINT", "IN-FLIGHT", "WAITING", "LAST USED"),
+        *("IDLE TTL", "CONTEXT"),
+        right=numbers,
     )
     for mid, m in loaded_models(doc).items():
         ctx = (m.get("footprint") or {}).get("context_tokens")
@@ -199,6 +201,7 @@ def ps_table(doc: Doc) -> Table:
             str(m.get("in_flight", 0)),
             str(m.get("waiting", 0)),
             ago(m.get("last_used")),
+            "-" if (ttl := m.get("idle_ttl_s")) is None else fmt_duration(ttl),
             str(ctx) if ctx else "-",
         )
     return t

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmx.reconciler.actions import Plan, plan_json
-from lmx.reconciler.admission import never_fits, pinned_bytes
+from lmx.reconciler.admission import idle_ttl_s, never_fits, pinned_bytes
 from lmx.reconciler.conditions import ConditionBook, ConditionType, derive
 from lmx.reconciler.events import EventBus
 from lmx.reconciler.executor import Executor
@@ -222,6 +222,7 @@ class StatusView:
                 in_flight=live.in_flight,
                 pid=live.pid,
                 last_used_s=live.last_used_s,
+                request_ttl_s=live.ttl_s,
             )
         facts = self._observer.disk.get(mid)
         fp = facts.footprint if facts else None
@@ -250,6 +251,8 @@ class StatusView:
             "resident_bytes": o.resident_bytes,
             "in_flight": o.in_flight,
             "waiting": live.waiting if live is not None else 0,
+            # How long it may sit idle before it is unloaded: its spec's, or its request's.
+            "idle_ttl_s": idle_ttl_s(spec, o) if spec is not None and o.resident else None,
             "pid": o.pid,
             "last_used": None if age is None else _iso(time.time() - age),
             "failures": fail.count if fail else 0,

@@ -128,8 +128,12 @@ async def test_a_requests_ttl_unloads_a_model_it_loaded_on_demand_once_idle(worl
     for mid in ("d", "r"):
         async with world.reg.acquire(mid, ttl_s=0.3):
             pass
+    # As status shows it: the request's for the model loaded on demand, none for the other.
+    models = world.r.status()["models"]
+    assert (models["d"]["idle_ttl_s"], models["r"]["idle_ttl_s"]) == (0.3, None)
     await until(lambda: world.condition("d", "Resident")["reason"] == "IdleTimeout", timeout_s=3)
     assert "d" not in world.loaded() and world.ready("r")
+    assert world.r.status()["models"]["d"]["idle_ttl_s"] is None  # not loaded
     # Loaded again, the engine has no ttl until a request asks for one.
     assert await world.r.ensure_ready("d") == "d"
     await asyncio.sleep(0.5)

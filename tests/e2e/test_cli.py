@@ -24,8 +24,9 @@ import httpx
 import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import yaml
+from rich.console import Console
 
-from lmx.cli_render import plan_lines, status_footer
+from lmx.cli_render import plan_lines, ps_table, status_footer
 from lmx.client import AdminClient, ChangedMeanwhile, parse_assignments, resolve_admin_key
 from tests.conftest import Daemon, free_port, start_daemon, wait_for
 from tests.hubserver import HubServer
@@ -115,6 +116,24 @@ def test_a_plan_reads_like_a_diff() -> None:
     ]
 
 
+def test_ps_shows_what_waits_and_when_a_model_idles_out() -> None:
+    resident = {"conditions": [{"type": "Resident", "status": True}], "in_flight": 4}
+    doc = {
+        "models": {
+            "jit": {**resident, "waiting": 2, "idle_ttl_s": 300.0},
+            "kept": {**resident, "idle_ttl_s": None},
+            "gone": {"conditions": [{"type": "Resident", "status": False}]},
+        }
+    }
+    console = Console(record=True, width=200)
+    console.print(ps_table(doc))
+    rows = {line.split()[0]: line.split() for line in console.export_text().splitlines()}
+    assert set(rows) == {"MODEL", "jit", "kept"}
+    # MODEL PID RESIDENT FOOTPRINT IN-FLIGHT WAITING LAST-USED IDLE-TTL CONTEXT
+    assert rows["jit"][4:8] == ["4", "2", "-", "5m00s"]
+    assert rows["kept"][4:8] == ["4", "0", "-", "-"]
+
+
 def test_status_ends_with_the_daemons_warnings() -> None:
     doc = {"config": {"valid": True}, "warnings": ["lmx listens beyond loopback and ..."]}
     lines = [str(t) for t in status_footer(doc)]
@@ -132,7 +151,7 @@ def test_status_ps_and_plan_show_the_builtin_model(daemon: Daemon) -> None:
     assert "pinned" in row and "Ready" in row
     assert "Config: valid" in st.stdout and "Generation:" in st.stdout
     ps = lmx(daemon, "ps")
-    assert ps.returncode == 0 and "lmx-tiny" in ps.stdout and "WAITING" in ps.stdout
+    assert ps.returncode == 0 and "lmx-tiny" in ps.stdout and "IDLE TTL" in ps.stdout
     plan = lmx(daemon, "plan")
     assert plan.returncode == 0
     assert "No changes. The running state matches the desired state." in plan.stdout
