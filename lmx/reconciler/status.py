@@ -201,6 +201,11 @@ class StatusView:
                 c["message"] = job.describe()
         return out
 
+    def _waiting(self, mid: str) -> int:
+        """The model's sequences past its batch's places, waiting for one (0 if not loaded)."""
+        engine = self._registry.get(mid)
+        return engine.stats().queued if engine is not None else 0
+
     def _model_status(
         self,
         mid: str,
@@ -250,7 +255,7 @@ class StatusView:
             },
             "resident_bytes": o.resident_bytes,
             "in_flight": o.in_flight,
-            "waiting": live.waiting if live is not None else 0,
+            "waiting": self._waiting(mid),
             # How long it may sit idle before it is unloaded: its spec's, or its request's.
             "idle_ttl_s": idle_ttl_s(spec, o) if spec is not None and o.resident else None,
             "pid": o.pid,

@@ -34,7 +34,6 @@ class ResidentModel:
     draining: bool
     pid: int | None = None  # the engine's own process, if it has one
     context_length: int = 0  # the longest sequence it takes, prompt and answer
-    waiting: int = 0  # its sequences past the batch's places, waiting for one
     ttl_s: float | None = None  # the idle TTL its latest request asked for (LM Studio's `ttl`)
 
 
@@ -78,7 +77,6 @@ class EngineRegistry:
                 draining=s.draining,
                 pid=s.engine.pid,
                 context_length=s.engine.context_length,
-                waiting=s.engine.stats().queued,
                 ttl_s=s.ttl_s,
             )
             for mid, s in self._slots.items()
