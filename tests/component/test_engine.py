@@ -270,6 +270,66 @@ async def test_a_thinking_budget_writes_the_blocks_end_for_the_model(engine: Mlx
     assert [t async for d in engine.stream(budgeted) for t in d.token_ids] == free
 
 
+# The tiny model's added tokens renamed as gpt-oss's harmony markup (ids and weights unchanged).
+HARMONY_NAMES = {
+    "<|im_start|>": "<|start|>",
+    "<|im_end|>": "<|return|>",
+    "<think>": "<|channel|>",
+    "</think>": "<|message|>",
+    "<tool_call>": "<|end|>",
+    "</tool_call>": "<|call|>",
+}
+
+
+def harmony_model(tiny_model_dir: Path, dest: Path) -> Path:
+    """A copy of the tiny model whose tokenizer writes harmony's markup, all of it special."""
+    shutil.copytree(tiny_model_dir, dest)
+    tok = json.loads((dest / "tokenizer.json").read_text())
+    for added in tok["added_tokens"]:
+        added["content"] = HARMONY_NAMES.get(added["content"], added["content"])
+        added["special"] = True
+    vocab = tok["model"]["vocab"]
+    tok["model"]["vocab"] = {HARMONY_NAMES.get(t, t): i for t, i in vocab.items()}
+    (dest / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    for added in config["added_tokens_decoder"].values():
+        added["content"] = HARMONY_NAMES.get(added["content"], added["content"])
+        added["special"] = True
+    config["eos_token"] = "<|return|>"
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    (dest / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|return|>", "pad_token": "<|endoftext|>"})
+    )
+    return dest
+
+
+async def test_a_thinking_budget_ends_a_harmony_analysis_message(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """gpt-oss's reasoning opens with several tokens (<|channel|>analysis<|message|>) and ends
+    with <|end|>: the worker finds them in the vocabulary and writes the end for the model."""
+    path = harmony_model(tiny_model_dir, tmp_path / "harmony")
+    engine = MlxEngine(LoadConfig(model_id="h", path=path, prompt_cache_bytes=0))
+    await asyncio.to_thread(engine.load)
+    try:
+        tok = engine.tokenizer
+        assert tok.tool_parser == "harmony"
+        ids = {name: tok.encode(name)[-1] for name in HARMONY_NAMES.values()}
+        turn = [*tok.encode("Hello"), ids["<|start|>"], *tok.encode("assistant")]
+        opened = [*turn, ids["<|channel|>"], *tok.encode("analysis"), ids["<|message|>"]]
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        free = await tokens_of(engine, opened, params)
+        end = ids["<|end|>"]
+        assert end not in free  # the tiny model never writes markup of its own
+        budgeted = await tokens_of(engine, opened, replace(params, thinking_budget=3))
+        assert budgeted[:4] == [*free[:3], end] and budgeted.count(end) == 1
+        # Its answer opened no analysis message: nothing to end.
+        plain = await tokens_of(engine, turn, params)
+        assert await tokens_of(engine, turn, replace(params, thinking_budget=0)) == plain
+    finally:
+        await asyncio.to_thread(engine.unload)
+
+
 async def test_eos_is_never_emitted_before_min_tokens(engine: MlxEngine) -> None:
     p = prompts(engine, 1)[0]
     eos = min(engine.tokenizer.eos_token_ids)
