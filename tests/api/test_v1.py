@@ -7,6 +7,7 @@ import json
 import re
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,10 +20,11 @@ from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps
 from lmx.api.generation import chat_prompt
 from lmx.api.schemas import ChatCompletionRequest
-from lmx.runtime.engine import Delta, GenerationRequest
+from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig
 from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
 from tests.api.conftest import StaticModels
+from tests.harmony import harmony_model
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]}
 JSON_TYPE = {"content-type": "application/json"}
@@ -631,6 +633,62 @@ async def test_a_requests_ttl_is_its_models_the_latest_counting(
     assert registry.snapshot()["tiny"].ttl_s == 30  # a request without one leaves it
     r = await client.post("/v1/chat/completions", json={**CHAT, "ttl": 0})
     assert_envelope(r, 400, "ttl")
+
+
+async def test_a_harmony_model_calls_an_allowed_tool_in_its_own_format(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """gpt-oss's calls, written by the grammar in harmony on a real tokenizer and worker, read
+    back by its parser, streamed and not; allowed tools hold it to those."""
+    registry = EngineRegistry(MlxEngine)
+    path = harmony_model(tiny_model_dir, tmp_path / "harmony")
+    await registry.load(LoadConfig(model_id="h", path=path, prompt_cache_bytes=0))
+    app = create_app(AppDeps(registry=registry, models=StaticModels(registry)))
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": schema, "strict": True}}
+        for name in ("add", "sub")
+    ]
+    ask = {
+        "model": "h",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "tools": tools,
+        "max_tokens": 200,
+        "temperature": 0,
+    }
+
+    async def called(c: httpx.AsyncClient, choice: Any) -> str:
+        """The one call's name, the same streamed and not, its arguments the schema's."""
+        body = {**ask, "tool_choice": choice}
+        r = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        (call,) = r["message"]["tool_calls"]
+        assert r["finish_reason"] == "tool_calls"
+        assert set(json.loads(call["function"]["arguments"])) == {"a"}
+        streamed = await c.post("/v1/chat/completions", json={**body, "stream": True})
+        deltas = [e["choices"][0]["delta"] for e in sse_events(streamed.text) if e != "[DONE]"]
+        (whole,) = streamed_calls(deltas)
+        assert (whole["name"], whole["arguments"]) == (
+            call["function"]["name"],
+            call["function"]["arguments"],
+        )
+        return str(whole["name"])
+
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            picked = await called(c, "required")
+            (other,) = {"add", "sub"} - {picked}
+            only = [{"type": "function", "function": {"name": other}}]
+            choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": only}}
+            assert await called(c, choice) == other
+    finally:
+        await registry.unload("h")
 
 
 async def test_allowed_tools_the_model_may_pass_over_are_the_only_ones_it_is_shown(

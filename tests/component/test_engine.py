@@ -35,6 +35,7 @@ from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
 from lmx.runtime.steptrace import TraceReader
 from tests.component.reconciler_world import until
+from tests.harmony import HARMONY_NAMES, harmony_model
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
@@ -268,39 +269,6 @@ async def test_a_thinking_budget_writes_the_blocks_end_for_the_model(engine: Mlx
     free = [t async for d in engine.stream(request) for t in d.token_ids]
     budgeted = replace(request, params=replace(constrained, thinking_budget=0))
     assert [t async for d in engine.stream(budgeted) for t in d.token_ids] == free
-
-
-# The tiny model's added tokens renamed as gpt-oss's harmony markup (ids and weights unchanged).
-HARMONY_NAMES = {
-    "<|im_start|>": "<|start|>",
-    "<|im_end|>": "<|return|>",
-    "<think>": "<|channel|>",
-    "</think>": "<|message|>",
-    "<tool_call>": "<|end|>",
-    "</tool_call>": "<|call|>",
-}
-
-
-def harmony_model(tiny_model_dir: Path, dest: Path) -> Path:
-    """A copy of the tiny model whose tokenizer writes harmony's markup, all of it special."""
-    shutil.copytree(tiny_model_dir, dest)
-    tok = json.loads((dest / "tokenizer.json").read_text())
-    for added in tok["added_tokens"]:
-        added["content"] = HARMONY_NAMES.get(added["content"], added["content"])
-        added["special"] = True
-    vocab = tok["model"]["vocab"]
-    tok["model"]["vocab"] = {HARMONY_NAMES.get(t, t): i for t, i in vocab.items()}
-    (dest / "tokenizer.json").write_text(json.dumps(tok))
-    config = json.loads((dest / "tokenizer_config.json").read_text())
-    for added in config["added_tokens_decoder"].values():
-        added["content"] = HARMONY_NAMES.get(added["content"], added["content"])
-        added["special"] = True
-    config["eos_token"] = "<|return|>"
-    (dest / "tokenizer_config.json").write_text(json.dumps(config))
-    (dest / "special_tokens_map.json").write_text(
-        json.dumps({"eos_token": "<|return|>", "pad_token": "<|endoftext|>"})
-    )
-    return dest
 
 
 async def test_a_thinking_budget_ends_a_harmony_analysis_message(
