@@ -639,7 +639,8 @@ async def test_a_harmony_model_calls_an_allowed_tool_in_its_own_format(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """gpt-oss's calls, written by the grammar in harmony on a real tokenizer and worker, read
-    back by its parser, streamed and not; allowed tools hold it to those."""
+    back by its parser, streamed and not; allowed tools hold it to those. And a schema's
+    answer, in its final channel."""
     registry = EngineRegistry(MlxEngine)
     path = harmony_model(tiny_model_dir, tmp_path / "harmony")
     await registry.load(LoadConfig(model_id="h", path=path, prompt_cache_bytes=0))
@@ -687,6 +688,15 @@ async def test_a_harmony_model_calls_an_allowed_tool_in_its_own_format(
             only = [{"type": "function", "function": {"name": other}}]
             choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": only}}
             assert await called(c, choice) == other
+            # A schema's answer: in the final channel, which the prompt opens for it.
+            rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+            body = {**ask, "tools": None, "response_format": rf}
+            r = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+            assert set(json.loads(r["message"]["content"])) == {"a"}
+        async with registry.acquire("h") as engine:
+            chat = ChatCompletionRequest.model_validate(body)
+            prompt = engine.tokenizer.decode(chat_prompt(chat, engine, thinking=False))
+            assert prompt.endswith("<|channel|>final<|message|>")
     finally:
         await registry.unload("h")
 
