@@ -1,5 +1,6 @@
 """The `lmx` command: `serve` runs the daemon; the other commands talk to a running daemon
-through its admin API (lmx.client) and show the answers (lmx.cli_render).
+through its admin API (lmx.client), `chat` through its chat completions, and show the answers
+(lmx.cli_render).
 
 Parses flags into explicit values (Settings, paths) and hands them on; no command reads another's
 flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage (a bad --url too),
@@ -212,6 +213,88 @@ def _stop_following(_signum: int, _frame: FrameType | None) -> None:
     os._exit(0)
 
 
+def _chat(args: argparse.Namespace) -> int:
+    """A conversation with a model in the terminal: each line a turn, its answer streamed to
+    stdout and the model's reasoning to stderr. Ctrl-C stops an answer (twice: lmx), Ctrl-D or
+    /bye ends the conversation."""
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    asked = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    body = {"model": args.model, **{k: v for k, v in asked.items() if v is not None}}
+    with _client(args) as c:
+        while (line := _next_turn()) is not None and line.strip() not in ("/bye", "/exit"):
+            if line.strip():
+                messages.append({"role": "user", "content": line})
+                answer = _answer(c, {**body, "messages": messages}, verbose=args.verbose)
+                messages.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def _next_turn() -> str | None:
+    """The next line typed (with a prompt on a terminal), None at the end of the input."""
+    if sys.stdin.isatty():
+        try:
+            return input(">>> ")
+        except EOFError:
+            print()
+            return None
+    line = sys.stdin.readline()
+    return line.removesuffix("\n") if line else None
+
+
+def _answer(c: AdminClient, body: dict[str, Any], *, verbose: bool) -> str:
+    """One answer streamed out as it comes, and its text; a first Ctrl-C stops it (the stream
+    closed: the daemon cancels the generation), a second ends lmx."""
+    stop = _Interrupt()
+    previous = signal.signal(signal.SIGINT, stop)
+    started, text, usage, thinking = time.perf_counter(), [], None, False
+    chunks = c.chat(body)
+    try:
+        for chunk in chunks:
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if thought := delta.get("reasoning_content"):
+                    thinking = True
+                    print(thought, end="", file=sys.stderr, flush=True)
+                if piece := delta.get("content"):
+                    if thinking:  # the answer begins below its reasoning
+                        thinking = False
+                        print(file=sys.stderr, flush=True)
+                    text.append(piece)
+                    print(piece, end="", flush=True)
+            if stop.asked:
+                break
+    finally:
+        chunks.close()
+        signal.signal(signal.SIGINT, previous)
+    print(flush=True)
+    if verbose and usage:
+        seconds = time.perf_counter() - started
+        made = usage.get("completion_tokens", 0)
+        print(
+            f"{usage.get('prompt_tokens', 0)} prompt tokens, {made} tokens in {seconds:.2f} s"
+            f" ({made / seconds:.1f} tokens/s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return "".join(text)
+
+
+class _Interrupt:
+    """A SIGINT handler: the first asks to stop, the second ends the process."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def __call__(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.asked:
+            sys.stdout.flush()
+            os._exit(130)
+        self.asked = True
+
+
 def _pull(args: argparse.Namespace) -> int:
     from lmx.cli_render import console, download_progress
     from lmx.client import download_verdict, watch_download
@@ -327,6 +410,14 @@ def _admin_commands(sub: Any) -> None:
     st.add_argument("assignments", nargs="*", metavar="key=value", help="key=null deletes a key")
     st.add_argument("--delete", action="store_true", help="remove the model from the state")
     add("events", _events, "follow the daemon's events (Ctrl-C stops)", out)
+    chat = add("chat", _chat, "talk with MODEL: each line of input a turn, its answer streamed")
+    chat.add_argument("model")
+    chat.add_argument("--system", help="the system prompt")
+    chat.add_argument("--max-tokens", type=int, help="the most tokens an answer may take")
+    chat.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
+    chat.add_argument(
+        "--verbose", action="store_true", help="each answer's tokens and speed on stderr"
+    )
     pull = add("pull", _pull, "download MODEL and show progress")
     pull.add_argument("model")
     pull.add_argument("--source", help="Hub repo (org/name) or local directory for a new model")

@@ -1,6 +1,6 @@
-"""The client side of the admin API: `AdminClient` over httpx (requests, SSE), the admin key,
-merge patches built from `key=value` words, and readings of the status document (a download's
-verdict, followed live by `watch_download`).
+"""The client side of the admin API: `AdminClient` over httpx (requests, SSE, and a streamed
+chat completion for `lmx chat`), the admin key, merge patches built from `key=value` words, and
+readings of the status document (a download's verdict, followed live by `watch_download`).
 
 Used by the `lmx` commands other than `serve`; talks to the daemon only through HTTP and imports
 nothing of the daemon. Failures surface as `DaemonError`s whose message is the one line to show.
@@ -13,7 +13,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -175,15 +175,32 @@ class AdminClient:
                 self._raise_for(r)
             if on_open is not None:
                 on_open()
-            data: list[str] = []
-            for line in r.iter_lines():
-                if line.startswith("data:"):
-                    data.append(line[5:].lstrip())
-                elif not line and data:
-                    event: Doc = json.loads("\n".join(data))
-                    data = []
-                    yield event
+            for data in _sse_data(r.iter_lines()):
+                event: Doc = json.loads(data)
+                yield event
         raise DaemonError(f"the daemon at {self.url} closed the event stream")
+
+    def chat(self, body: Doc) -> Generator[Doc]:
+        """Stream a chat completion (`body` as /v1/chat/completions takes it): yields each
+        chunk, the last with the usage. Raises DaemonError for a refused request, or an error
+        the stream ends with. Closing the iterator early closes the stream, which stops the
+        generation."""
+        timeout = httpx.Timeout(self._timeout.connect, read=60.0)  # keep-alives come every 15 s
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with (
+            self._translate(),
+            self._http.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as r,
+        ):
+            if r.status_code >= 400:
+                r.read()
+                self._raise_for(r)
+            for data in _sse_data(r.iter_lines()):
+                if data == "[DONE]":
+                    return
+                chunk: Doc = json.loads(data)
+                if "error" in chunk:
+                    raise DaemonError(str((chunk["error"] or {}).get("message", chunk["error"])))
+                yield chunk
 
     # -- plumbing --
 
@@ -240,6 +257,17 @@ class AdminClient:
                 raise Invalid(message, problems or problems_of(message))
             case _:
                 raise DaemonError(f"{message} (HTTP {r.status_code})")
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[str]:
+    """The data of each server-sent event in `lines` (comments and other fields skipped)."""
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].lstrip())
+        elif not line and data:
+            yield "\n".join(data)
+            data = []
 
 
 # -- building a merge patch from `key=value` words --

@@ -42,17 +42,18 @@ def cli_env(home: Path | None) -> dict[str, str]:
 
 
 def lmx(
-    d: Daemon, *args: str, timeout_s: float = CLI_TIMEOUT_S
+    d: Daemon, *args: str, timeout_s: float = CLI_TIMEOUT_S, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, "--url", d.url, home=d.home, timeout_s=timeout_s)
+    return run_cli(*args, "--url", d.url, home=d.home, timeout_s=timeout_s, stdin=stdin)
 
 
 def run_cli(
-    *args: str, home: Path | None = None, timeout_s: float = CLI_TIMEOUT_S
+    *args: str, home: Path | None = None, timeout_s: float = CLI_TIMEOUT_S, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lmx.cli", *args],
         env=cli_env(home),
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -162,6 +163,21 @@ def test_status_ps_and_plan_show_the_builtin_model(daemon: Daemon) -> None:
     assert psutil.Process(pid).parent().pid == daemon.proc.pid  # its worker process
     row = next(line for line in ps.stdout.splitlines() if line.startswith("lmx-tiny"))
     assert str(pid) in row.split()
+
+
+def test_chat_answers_each_line_with_the_conversation_before_it(daemon: Daemon) -> None:
+    turns = "Hello there\n\nAnd again\n/bye\nnot sent\n"  # a blank line is no turn
+    args = ("chat", "lmx-tiny", "--max-tokens", "4", "--verbose", "--system", "Be brief.")
+    r = lmx(daemon, *args, stdin=turns)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and r.stdout.endswith("\n")
+    stats = [line.split() for line in r.stderr.splitlines() if "prompt tokens" in line]
+    assert [words[3:5] for words in stats] == [["4", "tokens"], ["4", "tokens"]]
+    first, second = (int(words[0]) for words in stats)
+    assert second > first  # the second turn carries the first, question and answer
+    refused = lmx(daemon, "chat", "nope", stdin="Hi\n")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("lmx: model 'nope' not found; available: lmx-tiny")
 
 
 def test_an_unreachable_daemon_is_one_line_and_exit_1() -> None:
