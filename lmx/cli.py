@@ -411,7 +411,7 @@ def _admin_commands(sub: Any) -> None:
     st.add_argument("--delete", action="store_true", help="remove the model from the state")
     add("events", _events, "follow the daemon's events (Ctrl-C stops)", out)
     chat = add("chat", _chat, "talk with MODEL: each line of input a turn, its answer streamed")
-    chat.add_argument("model")
+    chat.add_argument("model", help="a model's id or alias, as clients name it")
     chat.add_argument("--system", help="the system prompt")
     chat.add_argument("--max-tokens", type=int, help="the most tokens an answer may take")
     chat.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
