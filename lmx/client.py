@@ -198,8 +198,10 @@ class AdminClient:
                 if data == "[DONE]":
                     return
                 chunk: Doc = json.loads(data)
-                if "error" in chunk:
-                    raise DaemonError(str((chunk["error"] or {}).get("message", chunk["error"])))
+                if error := chunk.get("error"):
+                    raise DaemonError(
+                        str(error.get("message") if isinstance(error, dict) else error)
+                    )
                 yield chunk
 
     # -- plumbing --
