@@ -216,7 +216,11 @@ def _stop_following(_signum: int, _frame: FrameType | None) -> None:
 def _chat(args: argparse.Namespace) -> int:
     """A conversation with a model in the terminal: each line a turn, its answer streamed to
     stdout and the model's reasoning to stderr. Ctrl-C stops an answer (twice: lmx), Ctrl-D or
-    /bye ends the conversation."""
+    /bye ends the conversation. On a terminal a turn the daemon refuses (a conversation grown
+    past the model's context, say) is shown and left out, and the conversation goes on; from a
+    script it ends lmx with its error."""
+    from lmx.client import DaemonError
+
     messages: list[dict[str, Any]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -224,10 +228,17 @@ def _chat(args: argparse.Namespace) -> int:
     body = {"model": args.model, **{k: v for k, v in asked.items() if v is not None}}
     with _client(args) as c:
         while (line := _next_turn()) is not None and line.strip() not in ("/bye", "/exit"):
-            if line.strip():
-                messages.append({"role": "user", "content": line})
-                answer = _answer(c, {**body, "messages": messages}, verbose=args.verbose)
-                messages.append({"role": "assistant", "content": answer})
+            if not line.strip():
+                continue
+            turn = [*messages, {"role": "user", "content": line}]
+            try:
+                answer = _answer(c, {**body, "messages": turn}, verbose=args.verbose)
+            except DaemonError as exc:
+                if not sys.stdin.isatty():
+                    raise
+                print(f"lmx: {exc}", file=sys.stderr, flush=True)
+                continue
+            messages = [*turn, {"role": "assistant", "content": answer}]
     return 0
 
 

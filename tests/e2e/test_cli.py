@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import queue
 import signal
 import struct
@@ -178,6 +179,27 @@ def test_chat_answers_each_line_with_the_conversation_before_it(daemon: Daemon) 
     refused = lmx(daemon, "chat", "nope", stdin="Hi\n")
     assert refused.returncode == 1
     assert refused.stderr.startswith("lmx: model 'nope' not found; available: lmx-tiny")
+
+
+def test_chat_on_a_terminal_shows_a_refused_turn_and_goes_on(daemon: Daemon) -> None:
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmx.cli", "chat", "nope", "--url", daemon.url],
+        env=cli_env(daemon.home),
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(terminal)
+    try:
+        os.write(master, b"Hi\nHi again\n\x04")  # two turns, then Ctrl-D
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, err
+    refused = [line for line in err.splitlines() if line.startswith("lmx: model 'nope' not found")]
+    assert len(refused) == 2 and out.count(">>> ") == 3
 
 
 def test_an_unreachable_daemon_is_one_line_and_exit_1() -> None:
