@@ -164,18 +164,11 @@ class AdminClient:
         """Follow /admin/events: yields each event; raises DaemonError when the stream ends.
         `on_open` runs once the daemon has subscribed us (no later event is missed); `after`
         (an event's `seq`) resumes after that event, with what the daemon kept since."""
-        timeout = httpx.Timeout(self._timeout.connect, read=60.0)  # keep-alives come every 15 s
         headers = {"Last-Event-ID": str(after)} if after is not None else {}
-        with (
-            self._translate(),
-            self._http.stream("GET", "/admin/events", timeout=timeout, headers=headers) as r,
-        ):
-            if r.status_code >= 400:
-                r.read()
-                self._raise_for(r)
+        with self._sse("GET", "/admin/events", headers=headers) as events:
             if on_open is not None:
                 on_open()
-            for data in _sse_data(r.iter_lines()):
+            for data in events:
                 event: Doc = json.loads(data)
                 yield event
         raise DaemonError(f"the daemon at {self.url} closed the event stream")
@@ -185,16 +178,9 @@ class AdminClient:
         chunk, the last with the usage. Raises DaemonError for a refused request, or an error
         the stream ends with. Closing the iterator early closes the stream, which stops the
         generation."""
-        timeout = httpx.Timeout(self._timeout.connect, read=60.0)  # keep-alives come every 15 s
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        with (
-            self._translate(),
-            self._http.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as r,
-        ):
-            if r.status_code >= 400:
-                r.read()
-                self._raise_for(r)
-            for data in _sse_data(r.iter_lines()):
+        with self._sse("POST", "/v1/chat/completions", json=body) as events:
+            for data in events:
                 if data == "[DONE]":
                     return
                 chunk: Doc = json.loads(data)
@@ -218,6 +204,17 @@ class AdminClient:
             raise DaemonError(f"the daemon at {self.url} did not answer in time") from None
         except httpx.TransportError as exc:
             raise DaemonError(f"lost the connection to the daemon at {self.url}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _sse(self, method: str, path: str, **kw: Any) -> Iterator[Iterator[str]]:
+        """The data of a streamed answer's server-sent events, once the daemon took the
+        request (DaemonError if it refused it, or the connection fails meanwhile)."""
+        timeout = httpx.Timeout(self._timeout.connect, read=60.0)  # keep-alives come every 15 s
+        with self._translate(), self._http.stream(method, path, timeout=timeout, **kw) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._raise_for(r)
+            yield _sse_data(r.iter_lines())
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         with self._translate():
