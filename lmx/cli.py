@@ -238,7 +238,8 @@ def _chat(args: argparse.Namespace) -> int:
                     raise
                 print(f"lmx: {exc}", file=sys.stderr, flush=True)
                 continue
-            messages = [*turn, {"role": "assistant", "content": answer}]
+            if answer is not None:  # else stopped before it began: the turn is left out
+                messages = [*turn, {"role": "assistant", "content": answer}]
     return 0
 
 
@@ -254,29 +255,34 @@ def _next_turn() -> str | None:
     return line.removesuffix("\n") if line else None
 
 
-def _answer(c: AdminClient, body: dict[str, Any], *, verbose: bool) -> str:
-    """One answer streamed out as it comes, and its text; a first Ctrl-C stops it (the stream
-    closed: the daemon cancels the generation), a second ends lmx."""
+def _answer(c: AdminClient, body: dict[str, Any], *, verbose: bool) -> str | None:
+    """One answer streamed out as it comes, and its text (None if stopped before its first
+    token). A first Ctrl-C stops it at once, waiting or not for the model (the stream closed: the
+    daemon cancels the generation, or gives up its place in the queue); a second ends lmx."""
     stop = _Interrupt()
     previous = signal.signal(signal.SIGINT, stop)
-    started, text, usage, thinking = time.perf_counter(), [], None, False
+    started, text, usage, thinking, began = time.perf_counter(), [], None, False, False
     chunks = c.chat(body)
     try:
-        for chunk in chunks:
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if thought := delta.get("reasoning_content"):
-                    thinking = True
-                    print(thought, end="", file=sys.stderr, flush=True)
-                if piece := delta.get("content"):
-                    if thinking:  # the answer begins below its reasoning
-                        thinking = False
-                        print(file=sys.stderr, flush=True)
-                    text.append(piece)
-                    print(piece, end="", flush=True)
-            if stop.asked:
-                break
+        try:
+            for chunk in chunks:
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    if thought := delta.get("reasoning_content"):
+                        began = thinking = True
+                        print(thought, end="", file=sys.stderr, flush=True)
+                    if piece := delta.get("content"):
+                        began = True
+                        if thinking:  # the answer begins below its reasoning
+                            thinking = False
+                            print(file=sys.stderr, flush=True)
+                        text.append(piece)
+                        print(piece, end="", flush=True)
+        finally:  # from here a first Ctrl-C is only noted, so that the stream still closes
+            stop.armed = False
+    except _Stopped:
+        pass
     finally:
         chunks.close()
         signal.signal(signal.SIGINT, previous)
@@ -290,20 +296,28 @@ def _answer(c: AdminClient, body: dict[str, Any], *, verbose: bool) -> str:
             file=sys.stderr,
             flush=True,
         )
-    return "".join(text)
+    return "".join(text) if began or not stop.asked else None
+
+
+class _Stopped(Exception):
+    """A first Ctrl-C during an answer."""
 
 
 class _Interrupt:
-    """A SIGINT handler: the first asks to stop, the second ends the process."""
+    """A SIGINT handler: the first stops the answer (raising _Stopped wherever it waits, while
+    armed), the second ends the process."""
 
     def __init__(self) -> None:
         self.asked = False
+        self.armed = True
 
     def __call__(self, _signum: int, _frame: FrameType | None) -> None:
         if self.asked:
             sys.stdout.flush()
             os._exit(130)
         self.asked = True
+        if self.armed:
+            raise _Stopped
 
 
 def _pull(args: argparse.Namespace) -> int:
