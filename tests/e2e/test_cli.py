@@ -202,51 +202,69 @@ def test_chat_on_a_terminal_shows_a_refused_turn_and_goes_on(daemon: Daemon) -> 
     assert len(refused) == 2 and out.count(">>> ") == 3
 
 
-def test_chat_stops_a_turn_still_waiting_for_its_first_token(
-    tmp_path: Path, daemon_factory: Callable[..., Daemon]
-) -> None:
+def _one_place(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A daemon whose model `m` decodes one sequence at a time."""
     home = tmp_path / "one"
     home.mkdir()
     (home / "config.yaml").write_text(
         "models:\n  m:\n    source: builtin:tiny\n    want: pinned\n    engine: {max_batch: 1}\n"
     )
-    d = daemon_factory(home)
-    brief = ("--max-tokens", "1", "--verbose")
+    return daemon_factory(home)
+
+
+@contextlib.contextmanager
+def _place_held(d: Daemon) -> Iterator[None]:
+    """Another client holds `m`'s one place (for seconds: 4,000 tokens) until the block ends."""
+    ask = [{"role": "user", "content": "Hi"}]
+    hold = {"model": "m", "messages": ask, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with (
+        httpx.Client(base_url=d.url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=hold) as held,
+    ):
+        assert held.status_code == 200
+        lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+        assert next(lines)  # its answer has begun: it has the place
+        yield
+
+
+def _chat_turn_waits(d: Daemon, *args: str) -> subprocess.Popen[str]:
+    """`lmx chat m ARGS` asked one turn, which waits for `m`'s place (held)."""
     chat = subprocess.Popen(
-        [sys.executable, "-m", "lmx.cli", "chat", "m", *brief, "--url", d.url],
+        [sys.executable, "-m", "lmx.cli", "chat", "m", *args, "--url", d.url],
         env=cli_env(d.home),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Another client holds the batch's one place: the chat's turn waits for it, no token coming.
-    ask = [{"role": "user", "content": "Hi"}]
-    hold = {"model": "m", "messages": ask, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    assert chat.stdin is not None
+    chat.stdin.write("Hello\n")
+    chat.stdin.flush()
+    wait_for(lambda: _waiting(d), lambda n: n == 1, 20)
+    return chat
 
-    def waiting() -> int:
-        return int(status(d)["models"]["m"]["waiting"])
 
-    try:
-        with (
-            httpx.Client(base_url=d.url, timeout=60) as http,
-            http.stream("POST", "/v1/chat/completions", json=hold) as held,
-        ):
-            assert held.status_code == 200
-            lines = held.iter_lines()  # kept: a dropped iterator would close the stream
-            assert next(lines)  # its answer has begun: it has the place
-            assert chat.stdin is not None
-            chat.stdin.write("Hello\n")
-            chat.stdin.flush()
-            wait_for(waiting, lambda n: n == 1, 20)
+def _waiting(d: Daemon) -> int:
+    return int(status(d)["models"]["m"]["waiting"])
+
+
+def test_chat_stops_a_turn_still_waiting_for_its_first_token(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = _one_place(tmp_path, daemon_factory)
+    brief = ("--max-tokens", "1", "--verbose")
+    with _place_held(d):
+        chat = _chat_turn_waits(d, *brief)
+        try:
             chat.send_signal(signal.SIGINT)
             # The turn ends at once, its place in the queue given up; the other goes on.
-            wait_for(waiting, lambda n: n == 0, 10)
+            wait_for(lambda: _waiting(d), lambda n: n == 0, 10)
             assert status(d)["models"]["m"]["in_flight"] == 1
-        # The next turn, once the place is free, is asked without the stopped one.
-        out, err = chat.communicate("Again\n", timeout=CLI_TIMEOUT_S)
-    finally:
-        chat.kill()
+        except BaseException:
+            chat.kill()
+            raise
+    # The next turn, once the place is free, is asked without the stopped one.
+    out, err = chat.communicate("Again\n", timeout=CLI_TIMEOUT_S)
     assert chat.returncode == 0, err
     alone = lmx(d, "chat", "m", *brief, stdin="Again\n")
     assert alone.returncode == 0, alone.stderr
@@ -254,6 +272,22 @@ def test_chat_stops_a_turn_still_waiting_for_its_first_token(
     assert [line.split()[:3] for line in err.splitlines()] == [
         line.split()[:3] for line in alone.stderr.splitlines()
     ]  # one line of stats: the second turn's prompt as long as the same line's alone
+
+
+def test_chat_from_a_script_ends_with_the_error_its_answer_ends_with(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = _one_place(tmp_path, daemon_factory)
+    with _place_held(d):
+        chat = _chat_turn_waits(d)
+        try:  # its answer begun, waiting for a place: the model's worker dies
+            os.kill(status(d)["models"]["m"]["pid"], signal.SIGKILL)
+            out, err = chat.communicate("Not sent\n", timeout=CLI_TIMEOUT_S)
+        finally:
+            chat.kill()
+    assert chat.returncode == 1
+    assert out == ""
+    assert err == ("lmx: the model's worker process exited unexpectedly (killed by SIGKILL)\n"), err
 
 
 def test_an_unreachable_daemon_is_one_line_and_exit_1() -> None:
