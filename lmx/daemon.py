@@ -28,6 +28,7 @@ from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps, Control
 from lmx.api.metrics import Metrics
+from lmx.api.response_store import ResponseStore
 from lmx.homelock import HomeInUse, HomeLock
 from lmx.reconciler import Reconciler, ReconcilerSettings
 from lmx.reconciler.editing import DesiredEditor
@@ -131,6 +132,9 @@ class Daemon:
             ),
             metrics=Metrics(self.live_metrics),
             intake=self.intake,
+            # Kept on disk too: a conversation continued by previous_response_id outlives a restart.
+            responses=ResponseStore.on_disk(settings.home / "responses.db"),
+            chats=ResponseStore.on_disk(settings.home / "chats.db"),
             served_since_s=time.time(),
         )
         self.app = create_app(self.deps, on_startup=self.startup, on_shutdown=self.shutdown)
@@ -207,6 +211,8 @@ class Daemon:
     async def shutdown(self) -> None:
         await self.reconciler.stop()
         await asyncio.to_thread(self.spares.close)
+        for kept in (self.deps.responses, self.deps.chats):
+            await asyncio.to_thread(kept.close)
         log.info("lmx_stopped")
 
 

@@ -1,8 +1,9 @@
 """The responses /v1/responses keeps (`store`, true unless false): for `previous_response_id`, and
 GET and DELETE /v1/responses/{id} and its input_items. In memory, bounded in bytes, the least
-recently used dropped first: a restart forgets them, and a request continuing one then gets
-OpenAI's 400 `previous_response_not_found` (a client that handles it sends the whole conversation
-again). lmx.api.responses decides what a response's conversation and input items are.
+recently used dropped first; the daemon's stores are also on disk (lmx.api.response_shelf), so
+that a restart forgets none. A request continuing one no longer kept gets OpenAI's 400
+`previous_response_not_found` (a client that handles it sends the whole conversation again).
+lmx.api.responses decides what a response's conversation and input items are.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from lmx.api.response_shelf import Shelf, open_shelf
 from lmx.errors import RequestError, ResponseNotFound
 
 log = structlog.get_logger(__name__)
@@ -55,14 +58,34 @@ class ResponseStore:
     conversation with it: its conversation holds their messages, so dropping them alone would
     free little."""
 
-    def __init__(self, max_bytes: int = KEEP_BYTES) -> None:
+    def __init__(self, max_bytes: int = KEEP_BYTES, shelf: Shelf | None = None) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._kept: OrderedDict[str, Kept] = OrderedDict()
         self._previous: dict[str, str] = {}  # a kept response's id: the one it continued
+        self._shelf = shelf  # told each change, to write it to disk
+
+    @classmethod
+    def on_disk(cls, path: Path, max_bytes: int = KEEP_BYTES) -> ResponseStore:
+        """A store that keeps its responses in the file at `path` too, and holds those it kept
+        there before (as many as `max_bytes` holds, the most recently used)."""
+        shelf, shelved = open_shelf(path)
+        store = cls(max_bytes)
+        for _rid, previous, response, conversation, items, nbytes in shelved:
+            store.keep(Kept(response, conversation, items, nbytes), previous)
+        dropped = [rid for rid, *_ in shelved if rid not in store._kept]
+        if dropped:
+            shelf.drop(dropped)
+        store._shelf = shelf
+        return store
 
     def __len__(self) -> int:
         return len(self._kept)
+
+    def close(self) -> None:
+        """Write what is left to disk."""
+        if self._shelf is not None:
+            self._shelf.close()
 
     def get(self, response_id: str) -> dict[str, Any]:
         """The response as answered. Raises ResponseNotFound."""
@@ -94,6 +117,8 @@ class ResponseStore:
             raise ResponseNotFound(response_id)
         self._previous.pop(response_id, None)
         self.nbytes -= kept.nbytes
+        if self._shelf is not None:
+            self._shelf.drop([response_id])
 
     def input_items(
         self, response_id: str, *, limit: int, order: str, after: str | None
@@ -126,14 +151,20 @@ class ResponseStore:
         if kept.nbytes > self.max_bytes:
             log.warning("response_not_kept", id=rid, bytes=kept.nbytes, most=self.max_bytes)
             return
+        dropped = []
         while self._kept and self.nbytes + kept.nbytes > self.max_bytes:
-            dropped, old = self._kept.popitem(last=False)
-            self._previous.pop(dropped, None)
+            gone, old = self._kept.popitem(last=False)
+            self._previous.pop(gone, None)
             self.nbytes -= old.nbytes
+            dropped.append(gone)
         self._kept[rid] = kept
         if previous is not None:
             self._previous[rid] = previous
         self.nbytes += kept.nbytes
+        if self._shelf is not None:
+            if dropped:
+                self._shelf.drop(dropped)
+            self._shelf.put(kept, previous)
 
     def _used(self, response_id: str) -> Kept:
         """The kept response, now the most recently used, with its conversation's earlier ones
@@ -144,8 +175,11 @@ class ResponseStore:
         chain = [response_id]
         while (earlier := self._previous.get(chain[-1])) is not None and earlier in self._kept:
             chain.append(earlier)
-        for rid in reversed(chain):
+        chain.reverse()
+        for rid in chain:
             self._kept.move_to_end(rid)
+        if self._shelf is not None:
+            self._shelf.touch(chain)
         return kept
 
 

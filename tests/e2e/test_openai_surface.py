@@ -1008,3 +1008,36 @@ def test_a_bad_response_request_is_a_400_naming_the_field(
     r = httpx.post(daemon.url + "/v1/responses", json={"model": "lmx-tiny", **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_kept_responses_and_lm_studio_chats_are_continued_after_a_restart(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    home = tmp_path / "kept"
+    ask: Any = {"model": "lmx-tiny", "max_output_tokens": 3, "temperature": 0}
+
+    def sdk(d: Daemon) -> openai.OpenAI:
+        return openai.OpenAI(base_url=d.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def chat(d: Daemon, **fields: Any) -> dict[str, Any]:
+        r = httpx.post(d.url + "/api/v1/chat", json={**ask, **fields}, timeout=60)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    before = daemon_factory(home)
+    first = sdk(before).responses.create(**ask, input="Hello there")
+    said = chat(before, input="Hello there")
+    assert before.stop() == 0
+
+    after = daemon_factory(home)
+    client = sdk(after)
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    # Each continued with the conversation before it: a longer prompt than the turn alone.
+    alone = client.responses.create(**ask, input="And again")
+    on = client.responses.create(**ask, input="And again", previous_response_id=first.id)
+    assert alone.usage is not None and on.usage is not None
+    assert on.usage.input_tokens > alone.usage.input_tokens
+    chat_alone = chat(after, input="And again")["stats"]["input_tokens"]
+    chat_on = chat(after, input="And again", previous_response_id=said["response_id"])
+    assert chat_on["stats"]["input_tokens"] > chat_alone
