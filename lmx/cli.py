@@ -215,8 +215,8 @@ def _stop_following(_signum: int, _frame: FrameType | None) -> None:
 
 def _chat(args: argparse.Namespace) -> int:
     """A conversation with a model in the terminal: each line a turn, its answer streamed to
-    stdout and the model's reasoning to stderr. Ctrl-C stops an answer (twice: lmx), Ctrl-D or
-    /bye ends the conversation. On a terminal a turn the daemon refuses (a conversation grown
+    stdout and the model's reasoning to stderr (with --prompt, one turn). Ctrl-C stops an answer
+    (twice: lmx), Ctrl-D or /bye ends the conversation. On a terminal a turn the daemon refuses (a conversation grown
     past the model's context, say) is shown and left out, and the conversation goes on; from a
     script it ends lmx with its error."""
     from lmx.client import DaemonError
@@ -226,6 +226,13 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "system", "content": args.system})
     asked = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     body = {"model": args.model, **{k: v for k, v in asked.items() if v is not None}}
+    if args.prompt is not None:
+        piped = "" if sys.stdin.isatty() else sys.stdin.read()
+        said = f"{args.prompt}\n\n{piped}" if piped.strip() else args.prompt
+        with _client(args) as c:
+            turn = [*messages, {"role": "user", "content": said}]
+            _answer(c, {**body, "messages": turn}, verbose=args.verbose)
+        return 0
     with _client(args) as c:
         while (line := _next_turn()) is not None and line.strip() not in ("/bye", "/exit"):
             if not line.strip():
@@ -438,6 +445,12 @@ def _admin_commands(sub: Any) -> None:
     chat = add("chat", _chat, "talk with MODEL: each line of input a turn, its answer streamed")
     chat.add_argument("model", help="a model's id or alias, as clients name it")
     chat.add_argument("--system", help="the system prompt")
+    chat.add_argument(
+        "-p",
+        "--prompt",
+        help="ask this one turn and exit; input that is not a terminal is read to its end and"
+        " added below it (cat notes.txt | lmx chat MODEL -p 'Summarize:')",
+    )
     chat.add_argument("--max-tokens", type=int, help="the most tokens an answer may take")
     chat.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
     chat.add_argument(

@@ -181,6 +181,18 @@ def test_chat_answers_each_line_with_the_conversation_before_it(daemon: Daemon) 
     assert refused.stderr.startswith("lmx: model 'nope' not found; available: lmx-tiny")
 
 
+def test_chat_asks_one_prompt_with_what_is_piped_below_it(daemon: Daemon) -> None:
+    args = ("chat", "lmx-tiny", "-p", "Summarize this:", "--max-tokens", "2", "--verbose")
+    prompt_tokens = []
+    for stdin in ("", "line one\nline two\n"):
+        r = lmx(daemon, *args, stdin=stdin)
+        assert r.returncode == 0, r.stderr
+        (stats,) = [line.split() for line in r.stderr.splitlines() if "prompt tokens" in line]
+        assert stats[3:5] == ["2", "tokens"]
+        prompt_tokens.append(int(stats[0]))
+    assert prompt_tokens[1] > prompt_tokens[0]  # one turn: the lines below the prompt
+
+
 def test_chat_on_a_terminal_shows_a_refused_turn_and_goes_on(daemon: Daemon) -> None:
     master, terminal = pty.openpty()
     proc = subprocess.Popen(
