@@ -55,6 +55,7 @@ class Shelf:
         self._used = db.execute("SELECT coalesce(max(used), 0) FROM response").fetchone()[0]
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="shelf")
         self._failed = False
+        self._closed = False
 
     def load(self) -> list[Shelved]:
         """Every response shelved, the least recently used first; a message shared by several
@@ -124,11 +125,15 @@ class Shelf:
         self._submit(write)
 
     def close(self) -> None:
-        """Write what is left, then close the file."""
+        """Write what is left, then close the file; later changes stay in memory."""
+        self._closed = True
         self._writer.shutdown(wait=True)
         self._db.close()
 
     def _submit(self, write: Callable[[sqlite3.Connection], object]) -> None:
+        if self._closed:  # a request ending after the daemon's shutdown began
+            log.info("response_shelf_closed", path=str(self.path))
+            return
         def run() -> None:
             try:
                 with self._db:  # one transaction

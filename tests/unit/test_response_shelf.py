@@ -85,6 +85,8 @@ def test_a_deleted_response_leaves_the_disk_with_the_messages_no_other_holds(
     store.delete("b")
     store.close()
     assert (_rows(path, "response"), _rows(path, "message")) == (0, 0)
+    _keep(store, "c", "late")  # after the daemon's shutdown began: in memory alone
+    assert _said(store, "c") == ["late", "LATE"] and _rows(path, "response") == 0
 
 
 def test_a_smaller_store_reopened_holds_the_most_recently_used(tmp_path: Path) -> None:
