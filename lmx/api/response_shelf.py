@@ -134,6 +134,7 @@ class Shelf:
         if self._closed:  # a request ending after the daemon's shutdown began
             log.info("response_shelf_closed", path=str(self.path))
             return
+
         def run() -> None:
             try:
                 with self._db:  # one transaction
