@@ -42,6 +42,7 @@ from lmx.runtime.engine import (
     LoadConfig,
 )
 from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.sampling import SamplingDefaults
 
 MODEL_ID = "zero"
 _SERVER_WAIT_S = 60.0  # for `serve` to answer
@@ -76,6 +77,7 @@ class ZeroEngine:
         self.tokenizer = ZeroTokenizer(reasoning)
         self.context_length = 4096
         self.pid: int | None = None  # runs in the server's process
+        self.sampling_defaults = SamplingDefaults()
         self._state = EngineState.UNLOADED
         self._step_s = step_s
         self._live: dict[
@@ -164,6 +166,9 @@ class _Models:
 
     async def ensure_ready(self, name: str) -> str:
         return name
+
+    def sampling(self, model_id: str) -> SamplingDefaults:
+        return SamplingDefaults()
 
 
 def serve(port: int, step_s: float, reasoning: bool) -> None:

@@ -30,6 +30,7 @@ from lmx.runtime.engine import (
     LoadConfig,
 )
 from lmx.runtime.memory import MemoryProbe
+from lmx.runtime.sampling import SamplingDefaults
 from lmx.runtime.store import safetensors_weight_bytes
 
 MiB = 2**20
@@ -125,6 +126,7 @@ class FakeEngine:
         self.served = 0  # streams that ran to their end
         self.queued = 0  # sequences it says wait for a place in its batch
         self.on_failure: Callable[[str], None] = lambda _reason: None
+        self.sampling_defaults = SamplingDefaults()
 
     @property
     def state(self) -> EngineState:

@@ -18,6 +18,7 @@ from lmx.reconciler.loop import Reconciler
 from lmx.reconciler.status import Listed
 from lmx.runtime.intake import Intake
 from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.sampling import SamplingDefaults
 
 
 class ModelDirectory(Protocol):
@@ -31,6 +32,9 @@ class ModelDirectory(Protocol):
 
     async def ensure_ready(self, name: str) -> str:
         """The model id for `name`, once it is loaded. Raises ModelNotFound or TemporaryError."""
+
+    def sampling(self, model_id: str) -> SamplingDefaults:
+        """The sampling defaults the model's spec sets (see lmx.runtime.sampling)."""
 
     def status(self) -> dict[str, Any]:
         """The reconciler's status document (see lmx.reconciler.status)."""

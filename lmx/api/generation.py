@@ -12,7 +12,7 @@ import json
 import secrets
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 from lmx.api.schemas import (
     UNLIMITED,
@@ -46,9 +46,11 @@ from lmx.runtime.parsers import (
     ToolCall,
     make_parser,
 )
+from lmx.runtime.sampling import SamplingDefaults
 from lmx.runtime.toolcalls import mistral_safe_id
 
 _INSTRUCTING = ("system", "developer")  # messages that no truncation leaves out
+_T = TypeVar("_T")
 
 
 def new_id(prefix: str) -> str:
@@ -63,6 +65,7 @@ def upto(max_tokens: int | None) -> int | None:
 def sampling_params(
     body: SamplingFields,
     engine: Engine,
+    defaults: SamplingDefaults,
     n_prompt: int,
     *,
     max_tokens: int | None,
@@ -71,7 +74,8 @@ def sampling_params(
     top_logprobs: int = 0,
     prompt_logprobs: bool = False,
 ) -> SamplingParams:
-    """Map OpenAI fields to engine parameters. Raises RequestError naming the field."""
+    """Map OpenAI fields to engine parameters, `defaults` for the sampling fields left out.
+    Raises RequestError naming the field."""
     room = engine.context_length - n_prompt
     if room <= 0:
         raise RequestError(
@@ -94,14 +98,14 @@ def sampling_params(
         raise RequestError("at most 16 stop sequences are allowed", param="stop")
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else room,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
-        min_p=body.min_p or 0.0,
+        temperature=_first(body.temperature, defaults.temperature, 1.0),
+        top_p=_first(body.top_p, defaults.top_p, 1.0),
+        top_k=max(0, _first(body.top_k, defaults.top_k, 0)),
+        min_p=_first(body.min_p, defaults.min_p, 0.0),
         seed=None if body.seed is None else body.seed + choice,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        repetition_penalty=_first(body.repetition_penalty, defaults.repetition_penalty, 1.0),
         logit_bias=bias,
         stop=stop,
         min_tokens=body.min_tokens,
@@ -115,9 +119,15 @@ def sampling_params(
     )
 
 
+def _first(*values: _T | None) -> _T:
+    """The first of `values` that is set (the last is)."""
+    return next(v for v in values if v is not None)
+
+
 def generation_requests(
     body: SamplingFields,
     engine: Engine,
+    defaults: SamplingDefaults,
     prompts: Sequence[list[int]],
     *,
     max_tokens: int | None,
@@ -142,6 +152,7 @@ def generation_requests(
             sampling_params(
                 body,
                 engine,
+                defaults,
                 len(prompt),
                 max_tokens=max_tokens,
                 choice=i,

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from lmx.runtime.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -87,10 +89,10 @@ class SamplingFields(_Request):
     model: str
     # -1, as LM Studio's documentation sends it: as many as the context leaves (see UNLIMITED).
     max_tokens: Annotated[int | None, Field(ge=UNLIMITED)] = None
-    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
-    top_p: Annotated[float | None, Field(ge=0, le=1)] = None  # 0: the likeliest token
-    top_k: Annotated[int | None, Field(ge=-1)] = None
-    min_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -98,8 +100,8 @@ class SamplingFields(_Request):
     frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
     # vLLM's name, and LM Studio's (its documented `repeat_penalty`).
     repetition_penalty: Annotated[
-        float | None,
-        Field(gt=0, le=10, validation_alias=AliasChoices("repetition_penalty", "repeat_penalty")),
+        RepetitionPenalty | None,
+        Field(validation_alias=AliasChoices("repetition_penalty", "repeat_penalty")),
     ] = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
@@ -242,8 +244,8 @@ class ResponsesRequest(_Request):
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     max_output_tokens: Annotated[int | None, Field(ge=1)] = None
-    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
-    top_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     stream: bool = False
     store: bool | None = None
@@ -265,10 +267,10 @@ class NativeChatRequest(_Request):
     system_prompt: str | None = None
     integrations: list[Any] | None = None
     stream: bool = False
-    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
-    top_p: Annotated[float | None, Field(ge=0, le=1)] = None  # 0: the likeliest token
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     top_k: Annotated[int | None, Field(ge=0)] = None
-    min_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    min_p: MinP | None = None
     repeat_penalty: Annotated[float | None, Field(gt=0)] = None
     max_output_tokens: Annotated[int | None, Field(ge=1)] = None
     reasoning: Literal["off", "low", "medium", "high", "on"] | None = None

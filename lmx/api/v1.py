@@ -79,6 +79,7 @@ from lmx.api.shortcut import Endpoint
 from lmx.errors import GenerationFailed, ModelNotFound, RequestError
 from lmx.runtime.engine import Delta, DeltaStream, Engine, GenerationRequest, TokenLogprob
 from lmx.runtime.parsers import Content, make_parser
+from lmx.runtime.sampling import SamplingDefaults
 
 FINGERPRINT = f"fp_lmx_{__version__}"
 
@@ -164,12 +165,13 @@ class Generation:
         deps: AppDeps,
         model: str,
         places: int,
-        build: Callable[[Engine], list[GenerationRequest]],
+        build: Callable[[Engine, SamplingDefaults], list[GenerationRequest]],
         ttl_s: float | None = None,
     ) -> tuple[Generation, Engine, list[GenerationRequest]]:
-        """`build`'s requests checked and queued; `places`: how many sequences the request will
-        have, held in the model's queue in arrival order while it is built; `ttl_s`: the idle
-        TTL the request asks for its model (EngineRegistry.acquire)."""
+        """`build`'s requests checked and queued, given the model and the sampling defaults of
+        its spec and its files; `places`: how many sequences the request will have, held in the
+        model's queue in arrival order while it is built; `ttl_s`: the idle TTL the request asks
+        for its model (EngineRegistry.acquire)."""
         model_id = await deps.models.ensure_ready(model)
         deps.intake.concerns(model_id)  # not coming to other models' idle workers
         stack = AsyncExitStack()
@@ -179,7 +181,8 @@ class Generation:
             with engine.hold(rid, places):
                 # On a thread: a 60k-token conversation's template and encoding held the event
                 # loop, and every other stream, for 60 ms on the CPU.
-                built = await asyncio.to_thread(build, engine)
+                defaults = deps.models.sampling(model_id).over(engine.sampling_defaults)
+                built = await asyncio.to_thread(build, engine, defaults)
                 requests = [replace(r, request_id=rid) for r in built]
                 streams: list[DeltaStream] = []
                 for r in requests:
@@ -364,7 +367,7 @@ async def start_chat(
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
 
-    def build(engine: Engine) -> list[GenerationRequest]:
+    def build(engine: Engine, defaults: SamplingDefaults) -> list[GenerationRequest]:
         constraint = constraint_for(body, engine)
         prompt = chat_prompt(body, engine, thinking=constraint is None)
         most = engine.context_length - (max_tokens or 1)
@@ -376,6 +379,7 @@ async def start_chat(
         requests = generation_requests(
             body,
             engine,
+            defaults,
             [prompt],
             max_tokens=min(max_tokens, room) if fit and max_tokens and room > 0 else max_tokens,
             logprobs=body.logprobs,
@@ -533,10 +537,11 @@ async def answer_completion(
 
     prefixes: list[str] = []  # each sequence's echoed prompt, decoded as its prompt is built
 
-    def build(engine: Engine) -> list[GenerationRequest]:
+    def build(engine: Engine, defaults: SamplingDefaults) -> list[GenerationRequest]:
         requests = generation_requests(
             body,
             engine,
+            defaults,
             completion_prompts(body, engine),
             max_tokens=16 if body.max_tokens is None else upto(body.max_tokens),
             logprobs=want_lp,

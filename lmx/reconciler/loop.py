@@ -38,6 +38,7 @@ from lmx.reconciler.triggers import Triggers
 from lmx.runtime.engine import EngineState
 from lmx.runtime.memory import MemoryProbe
 from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.sampling import SamplingDefaults
 from lmx.runtime.store import ModelStore
 
 log = structlog.get_logger(__name__)
@@ -198,6 +199,11 @@ class Reconciler:
         except TimeoutError:
             waited = self.settings.ready_timeout_s
             raise TemporaryError(f"model {name!r} not ready after {waited:g}s", delay_s=5) from None
+
+    def sampling(self, model_id: str) -> SamplingDefaults:
+        """The sampling defaults `model_id`'s spec sets (none for a model no longer declared)."""
+        spec = self._desired.models.get(model_id)
+        return spec.sampling if spec is not None else SamplingDefaults()
 
     def servable(self) -> list[str]:
         """Ids and aliases a request may name now: ready, or loadable on demand."""

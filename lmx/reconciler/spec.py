@@ -16,6 +16,7 @@ from typing import Annotated, Any, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmx.runtime.parsers import HARMONY, TOOL_PARSERS
+from lmx.runtime.sampling import SamplingDefaults
 from lmx.runtime.store import is_local_source
 
 _UNITS = {
@@ -111,6 +112,8 @@ class ModelSpec(_Strict):
     aliases: tuple[str, ...] = ()
     idle_ttl: float | str | None = None
     engine: EngineSpec = EngineSpec()
+    # For requests that leave these out, over the model's generation_config.json (no reload).
+    sampling: SamplingDefaults = SamplingDefaults()
     prune: bool = False
 
     @field_validator("source")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmx.errors import RequestError
+from lmx.runtime.sampling import SamplingDefaults
 
 
 class EngineState(StrEnum):
@@ -183,6 +184,8 @@ class Engine(Protocol):
     config: LoadConfig
     # Set by the registry; called (from any thread) when a loaded engine fails on its own.
     on_failure: Callable[[str], None]
+    # The model's own (from its files), read by `load`.
+    sampling_defaults: SamplingDefaults
 
     @property
     def state(self) -> EngineState: ...

@@ -42,6 +42,7 @@ from lmx.runtime.engine import (
 )
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.sampling import SamplingDefaults, model_defaults
 from lmx.runtime.store import is_embedding_model, named_json_error
 from lmx.runtime.worker_protocol import Command, Ready, Report, WorkerStats, receive, send
 
@@ -195,6 +196,7 @@ class MlxEngine:
         self._spares = spares
         self.on_failure: Callable[[str], None] = lambda _reason: None
         self.worker_stats: WorkerStats | None = None
+        self.sampling_defaults = SamplingDefaults()
         self._state = EngineState.UNLOADED
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -254,6 +256,7 @@ class MlxEngine:
                 self._spares.refill()
         self._tokenizer = MlxTokenizer(wrapper, self.config, ready.marker_ids)
         self._embedding_only = is_embedding_model(self.config.path)
+        self.sampling_defaults = model_defaults(self.config.path)
         self._context_length = ready.context_length
         self._vocab_size = ready.vocab_size
         self.worker_stats = ready.stats

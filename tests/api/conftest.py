@@ -16,6 +16,7 @@ from lmx.reconciler.status import Listed
 from lmx.runtime.engine import LoadConfig
 from lmx.runtime.mlx_engine import MlxEngine
 from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.sampling import SamplingDefaults
 
 
 class StaticModels:
@@ -23,6 +24,7 @@ class StaticModels:
 
     def __init__(self, registry: EngineRegistry) -> None:
         self.registry = registry
+        self.specs: dict[str, SamplingDefaults] = {}  # the sampling a model's spec would set
 
     def servable(self) -> list[str]:
         return self.registry.ids()
@@ -48,6 +50,9 @@ class StaticModels:
         if name not in self.registry.ids():
             raise ModelNotFound(name, self.registry.ids())
         return name
+
+    def sampling(self, model_id: str) -> SamplingDefaults:
+        return self.specs.get(model_id, SamplingDefaults())
 
 
 @pytest.fixture(scope="module")

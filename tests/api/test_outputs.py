@@ -27,6 +27,7 @@ from lmx.runtime.engine import (
     LoadConfig,
 )
 from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.sampling import SamplingDefaults
 from tests.api.conftest import StaticModels
 from tests.api.test_v1 import sse_events, streamed_calls
 
@@ -59,6 +60,7 @@ class ScriptedEngine:
         self.context_length = 100_000
         self.state = EngineState.UNLOADED
         self.pid = None
+        self.sampling_defaults = SamplingDefaults()
 
     def load(self) -> None:
         self.state = EngineState.READY

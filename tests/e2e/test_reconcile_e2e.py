@@ -120,3 +120,29 @@ def test_an_invalid_edit_keeps_serving_the_last_good_spec(
     wait_for(lambda: loaded(d), lambda held: held == {"a", "b"})
     assert httpx.get(d.url + "/readyz", timeout=5).json()["config_valid"] is True
     assert did(d, "Load", "a") == 1
+
+
+def test_a_models_sampling_defaults_follow_its_spec_without_a_reload(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    doc = {"models": {"m": {**TINY, "want": "pinned", "sampling": {"temperature": 0}}}}
+    (home / "config.yaml").write_text(yaml.safe_dump(doc))
+    d = daemon_factory(home)
+    client = openai.OpenAI(base_url=d.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def said(**fields: Any) -> str | None:
+        ask: Any = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        return client.chat.completions.create(**ask, **fields).choices[0].message.content
+
+    greedy = said(temperature=0)
+    assert [said(seed=1), said(seed=2)] == [greedy, greedy]  # the spec's temperature: 0
+    loads = did(d, "Load", "m")
+    doc["models"]["m"]["sampling"] = {"temperature": 2}
+    tmp = d.config_path.with_name(".config.yaml.swp")
+    tmp.write_text(yaml.safe_dump(doc))
+    os.replace(tmp, d.config_path)
+    # Each seed its own answer once the edit is read; the model's worker serves on.
+    wait_for(lambda: {said(seed=s) for s in (1, 2, 3)}, lambda hot: len(hot) == 3, 20)
+    assert did(d, "Load", "m") == loads and "m" in loaded(d)
