@@ -23,7 +23,7 @@ from lmx.reconciler.failures import FailureBook
 from lmx.reconciler.fetching import Job, sizing_of
 from lmx.reconciler.observed import ObservedModel, ObservedState
 from lmx.reconciler.observing import Observer
-from lmx.reconciler.spec import DesiredState, Want
+from lmx.reconciler.spec import DesiredState, ModelSpec, Want
 from lmx.runtime.engine import EngineState
 from lmx.runtime.registry import EngineRegistry, ResidentModel
 from lmx.runtime.store import ModelStore
@@ -206,6 +206,14 @@ class StatusView:
         engine = self._registry.get(mid)
         return engine.stats().queued if engine is not None else 0
 
+    def _sampling(self, mid: str, spec: ModelSpec | None) -> dict[str, float] | None:
+        """What a request that leaves sampling fields out gets for them now, beyond OpenAI's
+        defaults: its spec's, over its files' (None where it is not loaded)."""
+        engine = self._registry.get(mid)
+        if engine is None or spec is None:
+            return None
+        return spec.sampling.over(engine.sampling_defaults).model_dump(exclude_none=True)
+
     def _model_status(
         self,
         mid: str,
@@ -258,6 +266,7 @@ class StatusView:
             "waiting": self._waiting(mid),
             # How long it may sit idle before it is unloaded: its spec's, or its request's.
             "idle_ttl_s": idle_ttl_s(spec, o) if spec is not None and o.resident else None,
+            "sampling": self._sampling(mid, spec),
             "pid": o.pid,
             "last_used": None if age is None else _iso(time.time() - age),
             "failures": fail.count if fail else 0,

@@ -9,6 +9,7 @@ import pytest
 
 from lmx.errors import ConfigError, ModelNotFound, PermanentError
 from lmx.reconciler import manifest
+from lmx.runtime.sampling import SamplingDefaults
 from tests.component.reconciler_world import World, model, settle, until
 from tests.fakes import FakeEngine
 
@@ -116,6 +117,21 @@ async def test_idle_ttl_unloads_a_resident_model_and_a_request_brings_it_back(wo
     assert world.engines.count("load", "a") == 1  # not reloaded eagerly
     assert await world.r.ensure_ready("a") == "a"
     assert world.engines.count("load", "a") == 2
+
+
+async def test_status_shows_the_sampling_defaults_of_a_loaded_model(world: World) -> None:
+    """Its spec's, over its files': what a request that leaves them out gets."""
+    world.write(s=model(world.model_dir("s"), sampling={"temperature": 0.2}))
+    await world.build().start()
+    await until(lambda: world.ready("s"))
+    engine = world.reg.get("s")
+    assert isinstance(engine, FakeEngine)
+    engine.sampling_defaults = SamplingDefaults(temperature=0.6, top_p=0.95)  # its files'
+    assert world.r.status()["models"]["s"]["sampling"] == {"temperature": 0.2, "top_p": 0.95}
+    world.write(s=model(world.model_dir("s")))  # no spec's: the files' alone, no reload
+    await until(lambda: world.r.status()["models"]["s"]["sampling"]["temperature"] == 0.6)
+    assert world.r.status()["models"]["s"]["sampling"] == {"temperature": 0.6, "top_p": 0.95}
+    assert world.engines.count("load", "s") == 1
 
 
 async def test_a_requests_ttl_unloads_a_model_it_loaded_on_demand_once_idle(world: World) -> None:
