@@ -28,6 +28,7 @@ from lmx.api.generation import Added, CallBegun, CallEnded, CallText, ChoiceStat
 from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
 from lmx.errors import GenerationFailed, RequestError
+from lmx.runtime.engine import SamplingParams
 from lmx.runtime.parsers import Content, Reasoning
 from lmx.runtime.toolcalls import loads_or_none
 
@@ -421,10 +422,18 @@ class Rendering:
     """One response's output as it is generated: its items, the stream's events, the answer."""
 
     def __init__(
-        self, body: ResponsesRequest, keep: Callable[[dict[str, Any]], None] | None = None
+        self,
+        body: ResponsesRequest,
+        keep: Callable[[dict[str, Any]], None] | None = None,
+        sampled: SamplingParams | None = None,
     ) -> None:
         self.body = body
         self._keep = keep  # given the response once it completes (see ResponseStore.keeper)
+        # Its temperature and top_p as its generation used them (its model's defaults filled in).
+        self._sampled = sampled or SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+        )
         self.id = item_id("resp")
         self.created = int(time.time())
         self.output: list[dict[str, Any]] = []  # the items, the open one last
@@ -459,12 +468,12 @@ class Rendering:
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None},
             "store": self._keep is not None,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "temperature": self._sampled.temperature,
             "text": body.text or {"format": {"type": "text"}},
             "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [],
             "top_logprobs": body.top_logprobs,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "top_p": self._sampled.top_p,
             "truncation": body.truncation or "disabled",
             "usage": self._usage(state) if state is not None else None,
             "user": body.user,

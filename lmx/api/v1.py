@@ -77,7 +77,14 @@ from lmx.api.schemas import (
 )
 from lmx.api.shortcut import Endpoint
 from lmx.errors import GenerationFailed, ModelNotFound, RequestError
-from lmx.runtime.engine import Delta, DeltaStream, Engine, GenerationRequest, TokenLogprob
+from lmx.runtime.engine import (
+    Delta,
+    DeltaStream,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
 from lmx.runtime.parsers import Content, make_parser
 from lmx.runtime.sampling import SamplingDefaults
 
@@ -141,11 +148,13 @@ class Generation:
         model_id: str,
         sequences: int,
         metrics: Metrics,
+        params: SamplingParams,
     ) -> None:
         self.stack = stack
         self.stream = stream
         self.model_id = model_id
         self.sequences = sequences
+        self.params = params  # its first sequence's, defaults filled in
         self.ttft = metrics.ttft.labels(model_id)
         self.itl = metrics.itl.labels(model_id)
         self.queue = metrics.queue.labels(model_id)
@@ -188,7 +197,9 @@ class Generation:
                 for r in requests:
                     streams.append(engine.stream(r))
                     stack.push_async_callback(streams[-1].aclose)
-                gen = cls(stack, merged(streams), model_id, len(streams), deps.metrics)
+                gen = cls(
+                    stack, merged(streams), model_id, len(streams), deps.metrics, requests[0].params
+                )
                 stack.push_async_callback(gen.stream.aclose)
         except BaseException:
             await stack.aclose()
@@ -650,7 +661,7 @@ async def responses(body: ResponsesRequest, deps: Deps) -> Any:
         gen, states = await start_chat(chat, deps, truncate=body.truncation == "auto")
     except RequestError as exc:
         raise responses_error(exc) from None
-    rendering = Rendering(body, keeper(deps.responses, body, messages))
+    rendering = Rendering(body, keeper(deps.responses, body, messages), gen.params)
     return await rendered(gen, states[0], rendering, body.stream)
 
 

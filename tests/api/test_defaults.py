@@ -51,5 +51,11 @@ async def test_sampling_fields_left_out_come_from_the_spec_then_the_model(
             assert len(hot) == 3 and greedy not in hot
             # A field the request sends wins over both.
             assert await said(temperature=0, seed=1) == greedy
+            # A response says the temperature it was sampled at, the default filled in.
+            ask_response = {"model": "m", "input": "Hi", "max_output_tokens": 2}
+            r = await client.post("/v1/responses", json=ask_response)
+            assert (r.json()["temperature"], r.json()["top_p"]) == (2.0, 1.0)
+            r = await client.post("/v1/responses", json={**ask_response, "temperature": 0.5})
+            assert r.json()["temperature"] == 0.5
     finally:
         await registry.unload("m")
