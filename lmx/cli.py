@@ -216,14 +216,14 @@ def _stop_following(_signum: int, _frame: FrameType | None) -> None:
 def _chat(args: argparse.Namespace) -> int:
     """A conversation with a model in the terminal: each line a turn, its answer streamed to
     stdout and the model's reasoning to stderr (with --prompt, one turn). Ctrl-C stops an answer
-    (twice: lmx), Ctrl-D or /bye ends the conversation. On a terminal a turn the daemon refuses (a conversation grown
-    past the model's context, say) is shown and left out, and the conversation goes on; from a
-    script it ends lmx with its error."""
+    (twice: lmx), /clear forgets the turns so far, Ctrl-D or /bye ends the conversation. On a
+    terminal a turn the daemon refuses (a conversation grown past the model's context, say) is
+    shown and left out, and the conversation goes on; from a script it ends lmx with its
+    error."""
     from lmx.client import DaemonError
 
-    messages: list[dict[str, Any]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = system
     asked = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     body = {"model": args.model, **{k: v for k, v in asked.items() if v is not None}}
     if args.prompt is not None:
@@ -236,6 +236,11 @@ def _chat(args: argparse.Namespace) -> int:
     with _client(args) as c:
         while (line := _next_turn()) is not None and line.strip() not in ("/bye", "/exit"):
             if not line.strip():
+                continue
+            if line.strip() == "/clear":  # a new conversation, its system prompt kept
+                messages = system
+                if sys.stdin.isatty():
+                    print("(a new conversation)", file=sys.stderr, flush=True)
                 continue
             turn = [*messages, {"role": "user", "content": line}]
             try:

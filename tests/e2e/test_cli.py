@@ -167,15 +167,17 @@ def test_status_ps_and_plan_show_the_builtin_model(daemon: Daemon) -> None:
 
 
 def test_chat_answers_each_line_with_the_conversation_before_it(daemon: Daemon) -> None:
-    turns = "Hello there\n\nAnd again\n/bye\nnot sent\n"  # a blank line is no turn
+    # A blank line is no turn; /clear forgets the turns before it, so the third is asked alone.
+    turns = "Hello there\n\nAnd again\n/clear\nHello there\n/bye\nnot sent\n"
     args = ("chat", "lmx-tiny", "--max-tokens", "4", "--verbose", "--system", "Be brief.")
     r = lmx(daemon, *args, stdin=turns)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and r.stdout.endswith("\n")
     stats = [line.split() for line in r.stderr.splitlines() if "prompt tokens" in line]
-    assert [words[3:5] for words in stats] == [["4", "tokens"], ["4", "tokens"]]
-    first, second = (int(words[0]) for words in stats)
+    assert [words[3:5] for words in stats] == [["4", "tokens"]] * 3
+    first, second, third = (int(words[0]) for words in stats)
     assert second > first  # the second turn carries the first, question and answer
+    assert third == first  # the same line, after /clear: the system prompt and itself
     refused = lmx(daemon, "chat", "nope", stdin="Hi\n")
     assert refused.returncode == 1
     assert refused.stderr.startswith("lmx: model 'nope' not found; available: lmx-tiny")
