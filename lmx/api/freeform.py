@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from lmx.errors import RequestError
 from lmx.runtime.toolcalls import loads_or_none
@@ -114,3 +114,139 @@ class InputReader:
         if raw[i : i + 1] == '"':
             self._in = False
         return "".join(out), raw[i:]
+
+
+# -- in chat completions: `{"type": "custom", "custom": {"name", "description", "format"}}` tools,
+# their calls `{"id", "type": "custom", "custom": {"name", "input"}}`, streamed as deltas of that
+# shape (`{"index", "custom": {"input": more}}` after the first), as OpenAI streams them.
+
+
+def chat_as_functions(data: dict[str, Any]) -> dict[str, Any]:
+    """A chat request's body with its custom tools as function tools, their names under
+    `custom_tool_names`; a tool choice naming one, and the calls of its messages to them, as
+    those of functions. Raises RequestError naming the field."""
+    tools = data.get("tools")
+    if not isinstance(tools, list) or not any(_is_custom(t) for t in tools):
+        return data
+    names, functions = [], []
+    for j, tool in enumerate(tools):
+        if not _is_custom(tool):
+            functions.append(tool)
+            continue
+        custom = _named_custom(tool, f"tools[{j}]")
+        names.append(custom["name"])
+        description = freeform_description(custom, f"tools[{j}].custom")
+        function = {"name": custom["name"], "description": description, "parameters": FREEFORM}
+        functions.append({"type": "function", "function": function})
+    out = {**data, "tools": functions, "custom_tool_names": names}
+    choice = data.get("tool_choice")
+    if _is_custom(choice):
+        out["tool_choice"] = _as_function(choice, "tool_choice")
+    elif isinstance(choice, dict) and isinstance(allowed := choice.get("allowed_tools"), dict):
+        listed = allowed.get("tools")
+        if isinstance(listed, list):
+            at = "tool_choice.allowed_tools.tools"
+            listed = [
+                _as_function(t, f"{at}[{i}]") if _is_custom(t) else t for i, t in enumerate(listed)
+            ]
+            out["tool_choice"] = {**choice, "allowed_tools": {**allowed, "tools": listed}}
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        out["messages"] = [_calls_as_functions(m, i) for i, m in enumerate(messages)]
+    return out
+
+
+def _is_custom(item: Any) -> TypeGuard[dict[str, Any]]:
+    return isinstance(item, dict) and item.get("type") == "custom"
+
+
+def _named_custom(item: dict[str, Any], at: str) -> dict[str, Any]:
+    custom = item.get("custom")
+    if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):
+        raise RequestError(f"{at}.custom needs a name", param=f"{at}.custom.name")
+    return custom
+
+
+def _as_function(item: dict[str, Any], at: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": _named_custom(item, at)["name"]}}
+
+
+def _calls_as_functions(message: Any, i: int) -> Any:
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list) or not any(_is_custom(c) for c in calls):
+        return message
+    out = []
+    for k, call in enumerate(calls):
+        if not _is_custom(call):
+            out.append(call)
+            continue
+        custom = _named_custom(call, f"messages[{i}].tool_calls[{k}]")
+        given = custom.get("input", "")
+        if not isinstance(given, str):
+            at = f"messages[{i}].tool_calls[{k}].custom.input"
+            raise RequestError(f"{at} must be a string", param=at)
+        arguments = json.dumps({"input": given}, ensure_ascii=False)
+        function = {"name": custom["name"], "arguments": arguments}
+        out.append({"id": call.get("id"), "type": "function", "function": function})
+    return {**message, "tool_calls": out}
+
+
+def custom_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A function call of a chat answer (`{"id", "type", "function"}`) as the custom tool's call."""
+    function = call["function"]
+    custom = {"name": function["name"], "input": freeform_input(function["arguments"])}
+    return {"id": call["id"], "type": "custom", "custom": custom}
+
+
+class CustomDeltas:
+    """A streamed chat choice's tool call deltas, those of custom tools (`names`) made theirs:
+    the first with the call's id and name, then its input as the model writes it."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = names
+        self._calls: dict[int, tuple[InputReader, list[str]]] = {}  # by index: reader, sent
+
+    def rewrite(self, calls: list[dict[str, Any]], ended: dict[int, str]) -> list[dict[str, Any]]:
+        """`calls`, a delta's tool calls, for a client of custom tools; `ended`: the calls that
+        end with this delta, by index, with their whole arguments."""
+        out = []
+        for call in calls:
+            index, function = call["index"], call.get("function", {})
+            if function.get("name") in self._names:
+                self._calls[index] = (InputReader(), [])
+                custom = {"name": function["name"], "input": ""}
+                out.append({"index": index, "id": call["id"], "type": "custom", "custom": custom})
+            elif index not in self._calls:
+                out.append(call)
+                continue
+            reader, sent = self._calls[index]
+            if read := reader.feed(function.get("arguments", "")):
+                sent.append(read)
+                out.append({"index": index, "custom": {"input": read}})
+        for index, arguments in ended.items():
+            if index in self._calls:
+                _, sent = self._calls.pop(index)
+                text, so_far = freeform_input(arguments), "".join(sent)
+                if text.startswith(so_far) and len(text) > len(so_far):
+                    out.append({"index": index, "custom": {"input": text[len(so_far) :]}})
+        return _merged(out)
+
+
+def _merged(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive deltas of one call as one."""
+    out: list[dict[str, Any]] = []
+    for call in calls:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and last["index"] == call["index"]
+            and "custom" in last
+            and list(call) == ["index", "custom"]
+        ):
+            last["custom"] = {
+                **last["custom"],
+                "input": last["custom"]["input"] + call["custom"]["input"],
+            }
+        else:
+            out.append(call)
+    return out

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from lmx.api.freeform import chat_as_functions
 from lmx.runtime.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP
 
 
@@ -165,6 +166,14 @@ class ChatCompletionRequest(SamplingFields):
     # starting a turn of its own; `add_generation_prompt: false` leaves the new turn unopened.
     continue_final_message: bool = False
     add_generation_prompt: bool = True
+    # Its custom tools' names, set from them: they reach the model as functions of one string
+    # (lmx.api.freeform), their calls go back to the client as theirs.
+    custom_tool_names: frozenset[str] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_tools(cls, data: Any) -> Any:
+        return chat_as_functions(data) if isinstance(data, dict) else data
 
     @property
     def forces_call(self) -> bool:

@@ -72,16 +72,20 @@ class Shortcut:
             raw = await request.body()
         except ClientDisconnect:
             return
+        response: Response | None
         try:
             body = way.body.model_validate_json(raw)
         except ValidationError:
             await self.app(scope, _replay(raw, receive), send)
             return
-        scope["route"] = way.route
-        try:
-            response = await self._answer(way, body, receive)
-        except Exception as exc:
+        except Exception as exc:  # a check of the body's own that names its field (RequestError)
             response = await self._handled(request, exc)
+        else:
+            scope["route"] = way.route
+            try:
+                response = await self._answer(way, body, receive)
+            except Exception as exc:
+                response = await self._handled(request, exc)
         if response is not None:
             await response(scope, receive, send)
 

@@ -43,7 +43,9 @@ from lmx.api.chunks import (
 from lmx.api.constraints import constraint_for
 from lmx.api.deps import AppDeps
 from lmx.api.embedding import embeddings_body, token_rows
+from lmx.api.freeform import CustomDeltas, custom_call
 from lmx.api.generation import (
+    CallEnded,
     ChoiceState,
     chat_prompt,
     completion_prompts,
@@ -456,14 +458,28 @@ async def answer_chat(body: ChatCompletionRequest, deps: AppDeps, more: More | N
         async for i, delta in gen.deltas():
             states[i].absorb(delta)
         answer = chat_body(base, states)
+        for c in answer["choices"] if body.custom_tool_names else ():
+            calls = c["message"].get("tool_calls") or ()
+            c["message"]["tool_calls"] = [
+                custom_call(t) if t["function"]["name"] in body.custom_tool_names else t
+                for t in calls
+            ] or None
         return JSONResponse(answer | more(gen, states) if more else answer)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return EventStream(_chat_events(base, gen, states, include_usage), gen)
+    customs = (
+        [CustomDeltas(body.custom_tool_names) for _ in states] if body.custom_tool_names else None
+    )
+    return EventStream(_chat_events(base, gen, states, include_usage, customs), gen)
 
 
 def _chat_events(
-    base: dict[str, Any], gen: Generation, states: list[ChoiceState], include_usage: bool
+    base: dict[str, Any],
+    gen: Generation,
+    states: list[ChoiceState],
+    include_usage: bool,
+    customs: list[CustomDeltas] | None = None,
 ) -> AsyncIterator[bytes]:
+    """The events of a streamed chat answer; `customs`: per choice, its custom tools' calls."""
     chunk = {**base, "object": "chat.completion.chunk"}
     if include_usage:
         chunk["usage"] = None
@@ -476,6 +492,10 @@ def _chat_events(
         if state.error is not None:
             return []  # the stream ends with it
         delta = chat_delta(added)
+        if customs is not None:
+            ended = {p.index: p.call.arguments for p in added if isinstance(p, CallEnded)}
+            if calls := customs[i].rewrite(delta.pop("tool_calls", []), ended):
+                delta["tool_calls"] = calls
         lps = state.logprobs[lp_before:]
         if not (delta or lps or state.finish_reason):
             return []

@@ -810,6 +810,49 @@ def test_a_response_calls_a_custom_tool_with_text_and_takes_its_output_back(
     assert [o.type for o in follow.output] == ["message"]
 
 
+def test_a_chat_calls_a_custom_tool_with_text_streamed_or_whole(client: openai.OpenAI) -> None:
+    """OpenAI's custom tools on chat completions: the call holds text, as the SDK reads it."""
+    tool: Any = {"type": "custom", "custom": {"name": "apply_patch", "description": "Edit."}}
+    ask: Any = {
+        "model": "lmx-tiny",
+        "messages": [{"role": "user", "content": "Add a file."}],
+        "tools": [tool],
+        "tool_choice": {"type": "custom", "custom": {"name": "apply_patch"}},
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    r = client.chat.completions.create(**ask)
+    (call,) = r.choices[0].message.tool_calls or []
+    assert call.type == "custom" and call.custom.name == "apply_patch" and call.id
+    assert isinstance(call.custom.input, str)  # random weights: cut by max_tokens, or whole
+    assert r.choices[0].finish_reason in ("tool_calls", "length")
+    # Streamed: its id and name first, then its input a piece at a time (as OpenAI streams it,
+    # in deltas the SDK keeps as they came).
+    pieces: list[Any] = []
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            pieces += [t.model_dump() for t in c.delta.tool_calls or ()]
+    assert pieces[0]["type"] == "custom" and pieces[0]["id"]
+    assert pieces[0]["custom"]["name"] == "apply_patch"
+    assert "".join(p["custom"]["input"] for p in pieces) == call.custom.input
+    # Sent back, the call and its output make the next turn.
+    follow = client.chat.completions.create(
+        model="lmx-tiny",
+        messages=[
+            *ask["messages"],
+            {"role": "assistant", "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "Done!"},
+        ],
+        tools=[tool],
+        tool_choice="none",
+        max_tokens=4,
+    )
+    assert follow.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**{**ask, "tools": [{"type": "custom", "custom": {}}]})
+    assert info.value.body["param"] == "tools[0].custom.name"  # type: ignore[index]
+
+
 def test_a_response_calls_the_local_shell_with_an_action_the_sdk_reads(
     client: openai.OpenAI,
 ) -> None:
