@@ -125,9 +125,13 @@ def chat_as_functions(data: dict[str, Any]) -> dict[str, Any]:
     """A chat request's body with its custom tools as function tools, their names under
     `custom_tool_names`; a tool choice naming one, and the calls of its messages to them, as
     those of functions. Raises RequestError naming the field."""
+    out = dict(data)
+    messages = data.get("messages")
+    if isinstance(messages, list):  # calls sent back, whether the tools come again or not
+        out["messages"] = [_calls_as_functions(m, i) for i, m in enumerate(messages)]
     tools = data.get("tools")
     if not isinstance(tools, list) or not any(_is_custom(t) for t in tools):
-        return data
+        return out
     names, functions = [], []
     for j, tool in enumerate(tools):
         if not _is_custom(tool):
@@ -138,7 +142,7 @@ def chat_as_functions(data: dict[str, Any]) -> dict[str, Any]:
         description = freeform_description(custom, f"tools[{j}].custom")
         function = {"name": custom["name"], "description": description, "parameters": FREEFORM}
         functions.append({"type": "function", "function": function})
-    out = {**data, "tools": functions, "custom_tool_names": names}
+    out |= {"tools": functions, "custom_tool_names": names}
     choice = data.get("tool_choice")
     if _is_custom(choice):
         out["tool_choice"] = _as_function(choice, "tool_choice")
@@ -150,9 +154,6 @@ def chat_as_functions(data: dict[str, Any]) -> dict[str, Any]:
                 _as_function(t, f"{at}[{i}]") if _is_custom(t) else t for i, t in enumerate(listed)
             ]
             out["tool_choice"] = {**choice, "allowed_tools": {**allowed, "tools": listed}}
-    messages = data.get("messages")
-    if isinstance(messages, list):
-        out["messages"] = [_calls_as_functions(m, i) for i, m in enumerate(messages)]
     return out
 
 

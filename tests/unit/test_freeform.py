@@ -51,6 +51,10 @@ def test_a_custom_tool_reaches_the_model_as_a_function_of_its_input() -> None:
         t.function.name for t in _request(tools=[WEATHER, PATCH], tool_choice=choice).callable_tools
     ] == ["apply_patch"]
     assert _request(tools=[WEATHER]).custom_tool_names == frozenset()
+    # Sent back in a turn that gives no tools again: the function's call all the same.
+    turn = [*ASK, {"role": "assistant", "tool_calls": [sent_back]}]
+    (again,) = _request(messages=turn).messages[1].tool_calls or []
+    assert json.loads(str(again.function.arguments)) == {"input": "é\n"}
 
 
 @pytest.mark.parametrize(
