@@ -58,12 +58,12 @@ class ResponseStore:
     conversation with it: its conversation holds their messages, so dropping them alone would
     free little."""
 
-    def __init__(self, max_bytes: int = KEEP_BYTES, shelf: Shelf | None = None) -> None:
+    def __init__(self, max_bytes: int = KEEP_BYTES) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._kept: OrderedDict[str, Kept] = OrderedDict()
         self._previous: dict[str, str] = {}  # a kept response's id: the one it continued
-        self._shelf = shelf  # told each change, to write it to disk
+        self._shelf: Shelf | None = None  # told each change, to write it to disk (on_disk)
 
     @classmethod
     def on_disk(cls, path: Path, max_bytes: int = KEEP_BYTES) -> ResponseStore:

@@ -35,7 +35,8 @@ class SamplingDefaults(BaseModel):
 
     def over(self, under: SamplingDefaults) -> SamplingDefaults:
         """These, with `under`'s where these leave a field unset."""
-        return under.model_copy(update=self.model_dump(exclude_none=True))
+        mine = self.model_dump(exclude_none=True)
+        return under.model_copy(update=mine) if mine else under
 
 
 def model_defaults(model_dir: Path) -> SamplingDefaults:
