@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from lmx.api.freeform import chat_as_functions
 from lmx.runtime.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP
@@ -166,9 +167,9 @@ class ChatCompletionRequest(SamplingFields):
     # starting a turn of its own; `add_generation_prompt: false` leaves the new turn unopened.
     continue_final_message: bool = False
     add_generation_prompt: bool = True
-    # Its custom tools' names, set from them: they reach the model as functions of one string
-    # (lmx.api.freeform), their calls go back to the client as theirs.
-    custom_tool_names: frozenset[str] = frozenset()
+    # Its custom tools' names, set from them (not a field of the API's): they reach the model as
+    # functions of one string (lmx.api.freeform), their calls go back to the client as theirs.
+    custom_tool_names: SkipJsonSchema[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
