@@ -21,6 +21,7 @@ from lmx.reconciler.spec import DesiredState, LoadKey, ModelSpec, Want
 from lmx.runtime.engine import EngineState
 from lmx.runtime.memory import MemoryProbe, MemorySample
 from lmx.runtime.registry import EngineRegistry
+from lmx.runtime.sampling import SamplingDefaults, model_defaults
 from lmx.runtime.store import Footprint, ModelStore
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,7 @@ class DiskFacts:
     estimate: Footprint | None = None  # from the files (or the Hub's list)
     footprint: Footprint | None = None  # the estimate, with measured weights if a load measured
     commit: str | None = None  # a Hub model's complete download is of this commit
+    sampling: SamplingDefaults | None = None  # its generation_config.json's, once downloaded
 
 
 class Observer:
@@ -139,5 +141,8 @@ class Observer:
         fp = est.measured_as(measured) if est is not None and measured is not None else est
         if spec.is_hub:
             commit = store.downloaded_commit(spec.source, spec.revision)
-            return DiskFacts(commit is not None, False, est, fp, commit)
-        return DiskFacts(store.is_downloaded(spec.source, spec.revision), False, est, fp)
+            downloaded = commit is not None
+        else:
+            commit, downloaded = None, store.is_downloaded(spec.source, spec.revision)
+        sampling = model_defaults(store.locate(spec.source, spec.revision)) if downloaded else None
+        return DiskFacts(downloaded, False, est, fp, commit, sampling)

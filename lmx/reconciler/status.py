@@ -207,12 +207,17 @@ class StatusView:
         return engine.stats().queued if engine is not None else 0
 
     def _sampling(self, mid: str, spec: ModelSpec | None) -> dict[str, float] | None:
-        """What a request that leaves sampling fields out gets for them now, beyond OpenAI's
-        defaults: its spec's, over its files' (None where it is not loaded)."""
+        """What a request that leaves sampling fields out gets for them, beyond OpenAI's
+        defaults: its spec's, over its files' (as the engine read them, else as they are on
+        disk; None where the files are not)."""
         engine = self._registry.get(mid)
-        if engine is None or spec is None:
+        facts = self._observer.disk.get(mid)
+        files = engine.sampling_defaults if engine is not None else None
+        if files is None and facts is not None:
+            files = facts.sampling
+        if spec is None or files is None:
             return None
-        return spec.sampling.over(engine.sampling_defaults).model_dump(exclude_none=True)
+        return spec.sampling.over(files).model_dump(exclude_none=True)
 
     def _model_status(
         self,

@@ -134,6 +134,22 @@ async def test_status_shows_the_sampling_defaults_of_a_loaded_model(world: World
     assert world.engines.count("load", "s") == 1
 
 
+async def test_status_shows_the_sampling_defaults_of_a_model_on_disk_before_it_loads(
+    world: World,
+) -> None:
+    path = world.model_dir("d")
+    (path / "generation_config.json").write_text('{"temperature": 0.6, "top_k": 20}')
+    world.write(d=model(path, "downloaded", sampling={"temperature": 0.2, "top_p": 0.8}))
+    await world.build().start()
+    await until(lambda: world.r.status()["models"]["d"]["sampling"])
+    assert world.r.status()["models"]["d"]["sampling"] == {
+        "temperature": 0.2,
+        "top_p": 0.8,
+        "top_k": 20,
+    }
+    assert "d" not in world.loaded()
+
+
 async def test_a_requests_ttl_unloads_a_model_it_loaded_on_demand_once_idle(world: World) -> None:
     """LM Studio's per-request `ttl`, for a `downloaded` model whose spec sets no idle_ttl;
     a resident model keeps what its spec says."""
