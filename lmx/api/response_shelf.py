@@ -3,10 +3,10 @@ a restart of the daemon (an upgrade, launchd bringing it back after a crash).
 
 A ResponseStore (lmx.api.response_store) holds them in memory and tells its shelf each change; the
 shelf writes them, in the order made, on a thread of its own (the JSON too): a request never waits
-for the disk, and a crash loses at most the changes of its last moments. SQLite, one file per store: a response
-a row (its answer, input items and the hashes of its conversation's messages), a message a row
-counted by the conversations that hold it, so that a conversation continued 100 times is on disk
-about once, as it is in memory.
+for the disk, and a crash loses at most the changes of its last moments. SQLite, one file per
+store: a response a row (its answer, input items and the hashes of its conversation's messages), a
+message a row counted by the conversations that hold it, so that a conversation continued 100
+times is on disk about once, as it is in memory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,7 @@ class Shelf:
         )
         out = []
         for rid, previous, body, items, hashes, nbytes in rows:
-            keys = [hashes[i : i + _HASH] for i in range(0, len(hashes), _HASH)]
+            keys = _hashes(hashes)
             if any(k not in messages for k in keys):  # never written so; skip rather than fail
                 log.warning("response_shelf_incomplete", id=rid, path=str(self.path))
                 continue
@@ -117,7 +117,7 @@ class Shelf:
                 row = db.execute("SELECT messages FROM response WHERE id = ?", (rid,)).fetchone()
                 if row is None:
                     continue
-                hashes = [(row[0][i : i + _HASH],) for i in range(0, len(row[0]), _HASH)]
+                hashes = [(h,) for h in _hashes(row[0])]
                 db.executemany("UPDATE message SET refs = refs - 1 WHERE hash = ?", hashes)
                 db.executemany("DELETE FROM message WHERE hash = ? AND refs <= 0", hashes)
                 db.execute("DELETE FROM response WHERE id = ?", (rid,))
@@ -137,8 +137,7 @@ class Shelf:
 
         def run() -> None:
             try:
-                with self._db:  # one transaction
-                    self._db.execute("BEGIN")
+                with _transaction(self._db):
                     write(self._db)
             except sqlite3.Error as exc:  # the disk full, say: memory keeps serving
                 if not self._failed:
@@ -184,8 +183,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # durable at each checkpoint, never corrupt
         if version == 0:
-            with db:
-                db.execute("BEGIN")
+            with _transaction(db):
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {_VERSION}")
@@ -193,3 +191,16 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction on `db` (opened in autocommit mode): committed, or rolled back on error."""
+    with db:
+        db.execute("BEGIN")
+        yield
+
+
+def _hashes(joined: bytes) -> list[bytes]:
+    """A response's message hashes, as its row joins them."""
+    return [joined[i : i + _HASH] for i in range(0, len(joined), _HASH)]
