@@ -22,7 +22,7 @@ from lmx.reconciler.executor import Executor
 from lmx.reconciler.failures import FailureBook
 from lmx.reconciler.fetching import Job, sizing_of
 from lmx.reconciler.observed import ObservedModel, ObservedState
-from lmx.reconciler.observing import Observer
+from lmx.reconciler.observing import DiskFacts, Observer
 from lmx.reconciler.spec import DesiredState, ModelSpec, Want
 from lmx.runtime.engine import EngineState
 from lmx.runtime.registry import EngineRegistry, ResidentModel
@@ -206,12 +206,13 @@ class StatusView:
         engine = self._registry.get(mid)
         return engine.stats().queued if engine is not None else 0
 
-    def _sampling(self, mid: str, spec: ModelSpec | None) -> dict[str, float] | None:
+    def _sampling(
+        self, mid: str, spec: ModelSpec | None, facts: DiskFacts | None
+    ) -> dict[str, float] | None:
         """What a request that leaves sampling fields out gets for them, beyond OpenAI's
         defaults: its spec's, over its files' (as the engine read them, else as they are on
         disk; None where the files are not)."""
         engine = self._registry.get(mid)
-        facts = self._observer.disk.get(mid)
         files = engine.sampling_defaults if engine is not None else None
         if files is None and facts is not None:
             files = facts.sampling
@@ -271,7 +272,7 @@ class StatusView:
             "waiting": self._waiting(mid),
             # How long it may sit idle before it is unloaded: its spec's, or its request's.
             "idle_ttl_s": idle_ttl_s(spec, o) if spec is not None and o.resident else None,
-            "sampling": self._sampling(mid, spec),
+            "sampling": self._sampling(mid, spec, facts),
             "pid": o.pid,
             "last_used": None if age is None else _iso(time.time() - age),
             "failures": fail.count if fail else 0,
