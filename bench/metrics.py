@@ -62,8 +62,11 @@ class PointStats:
     # work between steps and its waits for requests, whatever the machine's speed; on a GPU that
     # work overlaps the step already launched, so the share bounds what it costs from above).
     decode_step_ms: float = math.nan
-    # Of a decode step, the stepping thread's CPU time (the rest it waited off its core).
+    # Of a decode step, the stepping thread's CPU time (the rest it waited off its core), and
+    # its context switches: voluntary (it blocked) and involuntary (it was preempted).
     decode_cpu_ms: float = math.nan
+    decode_blocked: float = math.nan
+    decode_preempted: float = math.nan
     prompt_step_ms: float = math.nan
     step_p99_ms: float = math.nan
     step_max_ms: float = math.nan
@@ -156,11 +159,17 @@ def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
     decode = [s.ms for s in steps if not s.prompt_work]
     prompt = [s.ms for s in steps if s.prompt_work]
     # NaN from records without it (written before it was measured) makes the mean NaN
-    decode_cpu = [s.cpu_ms for s in steps if not s.prompt_work]
+    decoding = [s for s in steps if not s.prompt_work]
+
+    def decode_mean(field: str) -> float:
+        return statistics.fmean(getattr(s, field) for s in decoding) if decoding else math.nan
+
     return replace(
         stats,
         decode_step_ms=statistics.fmean(decode) if decode else math.nan,
-        decode_cpu_ms=statistics.fmean(decode_cpu) if decode_cpu else math.nan,
+        decode_cpu_ms=decode_mean("cpu_ms"),
+        decode_blocked=decode_mean("blocked"),
+        decode_preempted=decode_mean("preempted"),
         prompt_step_ms=statistics.fmean(prompt) if prompt else math.nan,
         step_p99_ms=float(np.percentile(ms, 99)),
         step_max_ms=max(ms),

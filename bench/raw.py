@@ -19,7 +19,7 @@ from bench.metrics import RequestTrace, summarize
 from bench.synth import printable_token_ids
 from bench.workload import Prompts, Workload, make_prompts
 from lmx.runtime.mlx_worker import prefill_group
-from lmx.runtime.steptrace import Step, step_of
+from lmx.runtime.steptrace import Step, step_of, switches, switches_between
 
 # As lmx's worker configures BatchGenerator for a model with `max_batch`.
 PREFILL_STEP = 2048
@@ -77,9 +77,11 @@ def run_raw(
         for _ in range(max_steps):
             if not live or time.perf_counter() > deadline:
                 break
-            t0, c0 = time.perf_counter(), time.thread_time()  # read as lmx's worker reads them
+            sw0 = switches()  # all read as lmx's worker reads them
+            t0, c0 = time.perf_counter(), time.thread_time()
             prompt_work, responses = gen.next()
             c1, now = time.thread_time(), time.perf_counter()
+            sw1 = switches()
             for r in responses:
                 stream, trace = live[r.uid]
                 trace.chunk_s.append(now)
@@ -90,7 +92,8 @@ def run_raw(
                         submit(stream)
             after_ms = (time.perf_counter() - now) * 1e3
             cpu_ms = (c1 - c0) * 1e3
-            steps.append(step_of(t0, now, prompt_work, responses, after_ms, cpu_ms=cpu_ms))
+            switched = switches_between(sw0, sw1)
+            steps.append(step_of(t0, now, prompt_work, responses, after_ms, 0.0, cpu_ms, switched))
     finally:
         gen.close()
     for _, trace in live.values():

@@ -371,20 +371,28 @@ class Report:
             "Its decode steps (medians over the repeats): their speed, raw's mean decode step over"
             " lmx's; the same for the stepping thread's CPU time in them; and the share of a"
             " decode step each side's stepping thread spent off its core (waiting for the GIL, for"
-            " a core). Where the speed is below 1 and the CPU time is not, lmx's thread waited;"
-            " where both are, its steps took more of the CPU's work:",
+            " a core), and its context switches in a decode step, voluntary (it blocked) and"
+            " involuntary (preempted). Where the speed is below 1 and the CPU time is not, lmx's"
+            " thread waited; where both are, its steps took more of the CPU's work:",
             "",
-            "| streams | speed | CPU time | off its core: raw / lmx |",
-            "|---:|---:|---:|---:|",
+            "| streams | speed | CPU time | off its core: raw / lmx | blocked: raw / lmx "
+            "| preempted: raw / lmx |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for p in self.points:
             off = [
                 _median([1 - r.decode_cpu_ms / r.decode_step_ms for r in runs])
                 for runs in (p.raw_runs, p.lmx_runs)
             ]
+            sides = (p.raw_runs, p.lmx_runs)
+            switched = [
+                " / ".join(f"{_median([getattr(r, key) for r in runs]):.2f}" for runs in sides)
+                for key in ("decode_blocked", "decode_preempted")
+            ]
             lines.append(
                 f"| {p.concurrency} | {_median(p.decode_ratios):.3f} "
-                f"| {_median(p.decode_cpu_ratios):.3f} | {off[0]:.1%} / {off[1]:.1%} |"
+                f"| {_median(p.decode_cpu_ratios):.3f} | {off[0]:.1%} / {off[1]:.1%} "
+                f"| {switched[0]} | {switched[1]} |"
             )
         return lines
 
@@ -622,12 +630,19 @@ def _compact(steps: tuple[Step, ...]) -> dict[str, Any]:
         "after_ms": [round(s.after_ms, 2) for s in steps],
         "cache_ms": [round(s.cache_ms, 2) for s in steps],
         "cpu_ms": [None if math.isnan(s.cpu_ms) else round(s.cpu_ms, 2) for s in steps],
+        "blocked": [None if math.isnan(s.blocked) else int(s.blocked) for s in steps],
+        "preempted": [None if math.isnan(s.preempted) else int(s.preempted) for s in steps],
     }
 
 
 def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
-    """`_compact` undone (results from before cache_ms or cpu_ms have none of them)."""
+    """`_compact` undone (results from before cache_ms, cpu_ms or the context switches have
+    none of them)."""
     n = len(cols["t_s"])
+
+    def measured(key: str) -> list[float]:
+        return [math.nan if v is None else v for v in cols.get(key, [None] * n)]
+
     rows = zip(
         cols["t_s"],
         cols["ms"],
@@ -636,7 +651,9 @@ def _expand(cols: dict[str, Any]) -> tuple[Step, ...]:
         cols["started"],
         cols["after_ms"],
         cols.get("cache_ms", [0.0] * n),
-        [math.nan if ms is None else ms for ms in cols.get("cpu_ms", [None] * n)],
+        measured("cpu_ms"),
+        measured("blocked"),
+        measured("preempted"),
         strict=True,
     )
     return tuple(Step(*row) for row in rows)

@@ -51,7 +51,7 @@ from lmx.runtime.mlx_sampling import (
 )
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 from lmx.runtime.scheduling import run_as_worker, yield_to_workers
-from lmx.runtime.steptrace import Arrival, TraceLog, step_of
+from lmx.runtime.steptrace import Arrival, TraceLog, step_of, switches, switches_between
 from lmx.runtime.store import context_tokens
 from lmx.runtime.textstream import ByteDecoder, IncrementalDecoder, StopMatcher
 from lmx.runtime.worker_protocol import Command, Piece, Ready, Report, WorkerStats, receive, send
@@ -495,10 +495,13 @@ class Worker:
         if waiting:  # else the step takes no prompt in, whatever the group
             gen.prefill_batch_size = 0 if held else self._prefill_group(waiting)
         # The CPU clock read inside the wall clock's span: work between the two reads (a garbage
-        # collection) counts in the step's wall time, never in its CPU time alone.
+        # collection) counts in the step's wall time, never in its CPU time alone. The context
+        # switches, for the trace alone, are read outside it.
+        sw0 = switches() if self._trace is not None else None
         t0, c0 = time.perf_counter(), time.thread_time()
         prompts, responses = gen.next()
         c1, t1 = time.thread_time(), time.perf_counter()
+        sw1 = switches() if sw0 is not None else None
         self._step_s += t1 - t0
         self._steps += 1
         if prompts:
@@ -556,7 +559,9 @@ class Worker:
         if self._trace is not None:
             after_ms = (t2 - t1) * 1e3
             cpu_ms = (c1 - c0) * 1e3
-            self._trace.write(step_of(t0, t1, prompts, responses, after_ms, cache_s * 1e3, cpu_ms))
+            switched = switches_between(sw0, sw1)
+            step = step_of(t0, t1, prompts, responses, after_ms, cache_s * 1e3, cpu_ms, switched)
+            self._trace.write(step)
 
     @staticmethod
     def _finish(seq: _Seq, token: int) -> str | None:

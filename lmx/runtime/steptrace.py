@@ -4,8 +4,9 @@ With `LMX_STEP_TRACE_DIR` set to a directory, each MLX worker appends one JSON o
 BatchGenerator step to `steps-<pid>.jsonl` there: when the step began (time.perf_counter, one clock
 for every process of the machine), how long it took, how many sequences it decoded, how many prompts
 it processed a chunk of, how many finished their prompt (each such group costs a forward pass of its
-own), the stepping thread's CPU time in it, and the worker's own work on the step's results (and the
-part of it that took ended sequences out of the batch and stored their KV caches).
+own), the stepping thread's CPU time in it and its context switches (Linux), and the worker's own
+work on the step's results (and the part of it that took ended sequences out of the batch and
+stored their KV caches).
 bench.run_throughput sets it and keeps the same records of its raw BatchGenerator runs, so the two
 can be set side by side step by step.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,11 @@ class Step:
     # The stepping thread's CPU time in the step: less than `ms` by the time it waited off its
     # core (for the GIL, for a core, for the GPU where its wait sleeps instead of spinning).
     cpu_ms: float = math.nan
+    # The stepping thread's context switches in the step (Linux): voluntary, each a wait off its
+    # core (for the GIL, a lock, a sleeping wait for the GPU); involuntary, the kernel gave its
+    # core to another thread.
+    blocked: float = math.nan
+    preempted: float = math.nan
 
     @property
     def prompt_work(self) -> bool:
@@ -63,8 +70,10 @@ def step_of(
     after_ms: float = 0.0,
     cache_ms: float = 0.0,
     cpu_ms: float = math.nan,
+    switched: tuple[float, float] = (math.nan, math.nan),
 ) -> Step:
-    """The Step for one `BatchGenerator.next()` that ran from t0 to t1 and returned these."""
+    """The Step for one `BatchGenerator.next()` that ran from t0 to t1 and returned these;
+    `switched`: its thread's context switches in it (`switches_between`)."""
     started = sum(1 for p in prompts if p.end_of_prompt)
     return Step(
         t=t0,
@@ -75,7 +84,30 @@ def step_of(
         after_ms=after_ms,
         cache_ms=cache_ms,
         cpu_ms=cpu_ms,
+        blocked=switched[0],
+        preempted=switched[1],
     )
+
+
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
+
+
+def switches() -> tuple[int, int] | None:
+    """The calling thread's voluntary and involuntary context switches so far; None where the
+    system does not count them per thread."""
+    if _RUSAGE_THREAD is None:
+        return None
+    usage = resource.getrusage(_RUSAGE_THREAD)
+    return usage.ru_nvcsw, usage.ru_nivcsw
+
+
+def switches_between(
+    before: tuple[int, int] | None, after: tuple[int, int] | None
+) -> tuple[float, float]:
+    """The voluntary and involuntary switches between two `switches()` (NaN without them)."""
+    if before is None or after is None:
+        return math.nan, math.nan
+    return float(after[0] - before[0]), float(after[1] - before[1])
 
 
 class TraceLog:

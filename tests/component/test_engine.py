@@ -33,7 +33,7 @@ from lmx.runtime.engine import (
 )
 from lmx.runtime.intake import Intake
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
-from lmx.runtime.steptrace import TraceReader
+from lmx.runtime.steptrace import TraceReader, switches
 from tests.component.reconciler_world import until
 from tests.harmony import HARMONY_NAMES, harmony_model
 
@@ -719,6 +719,9 @@ async def test_the_step_a_round_ends_in_logs_the_time_its_caches_took_each_its_c
     # The stepping thread's CPU time in each step, its wall time at most (read inside it; the
     # slack for the two clocks' rates, which differ by parts per million).
     assert [s for s in steps if not 0 < s.cpu_ms <= s.ms + 0.05] == []
+    # And its context switches in it, where the system counts them per thread.
+    if switches() is not None:
+        assert [s for s in steps if not (s.blocked >= 0 and s.preempted >= 0)] == []
 
 
 async def test_followers_join_a_running_batch_in_one_prefill(

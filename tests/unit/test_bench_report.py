@@ -22,7 +22,7 @@ def _report() -> Report:
     lmx = (run_at(50.0), run_at(200.0), run_at(135.0))
     steps = (
         Step(t=10.0, ms=20.0, decoded=0, prompted=2, started=0),
-        Step(10.02, 8.0, 2, 0, 0, after_ms=3.0, cache_ms=2.5, cpu_ms=7.5),
+        Step(10.02, 8.0, 2, 0, 0, after_ms=3.0, cache_ms=2.5, cpu_ms=7.5, blocked=2, preempted=0),
     )
     point = Point(
         concurrency=2,
@@ -78,6 +78,8 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     assert [s.cache_ms for s in again.points[0].steps["lmx"]] == [0.0, 2.5]
     first, second = (s.cpu_ms for s in again.points[0].steps["lmx"])
     assert math.isnan(first) and second == 7.5  # a step not timed on its thread: none
+    assert [s.blocked for s in again.points[0].steps["lmx"]][1:] == [2]
+    assert [s.preempted for s in again.points[0].steps["lmx"]][1:] == [0]
     written = again.write(tmp_path, "throughput-renamed")
     assert {p.name for p in written} >= {"throughput-renamed.json.gz", "throughput-renamed.md"}
     saved_again = read_json(tmp_path / "throughput-renamed.json.gz")
@@ -89,15 +91,16 @@ def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     ]
 
 
-def test_results_saved_before_the_steps_had_cache_or_cpu_times_read_as_none(
+def test_results_saved_before_the_steps_had_cache_cpu_times_or_switches_read_as_none(
     tmp_path: Path,
 ) -> None:
     saved = json.loads(json.dumps(_report().to_json()))
     for cols in saved["points"][0]["steps"].values():
-        del cols["cache_ms"], cols["cpu_ms"]
+        del cols["cache_ms"], cols["cpu_ms"], cols["blocked"], cols["preempted"]
     again = Report.from_json(saved)
     assert [s.cache_ms for s in again.points[0].steps["lmx"]] == [0.0, 0.0]
     assert all(math.isnan(s.cpu_ms) for s in again.points[0].steps["lmx"])
+    assert all(math.isnan(s.blocked) for s in again.points[0].steps["lmx"])
     assert [s.after_ms for s in again.points[0].steps["lmx"]] == [0.0, 3.0]
 
 
@@ -169,19 +172,23 @@ def test_lmx_raw_splits_into_lmx_own_time_and_its_steps_speed() -> None:
 def test_decode_steps_split_into_cpu_time_and_time_off_the_core() -> None:
     # Per step, raw: 10 ms, 9.9 of them on the CPU. lmx: 11 ms, 10.45 on the CPU: its steps are
     # 10% slower, 5% of that from more CPU time and the rest from waiting off its core.
-    def steps(ms: float, cpu_ms: float) -> list[Step]:
-        prompt = Step(t=1.0, ms=30.0, decoded=0, prompted=1, started=1, cpu_ms=1.0)
-        return [prompt] + [Step(1.0 + i / 100, ms, 1, 0, 0, cpu_ms=cpu_ms) for i in range(1, 4)]
+    # lmx's thread blocked once a step and was preempted every third one, raw's never.
+    def steps(ms: float, cpu_ms: float, blocked: int = 0, preempted: int = 0) -> list[Step]:
+        prompt = Step(t=1.0, ms=30.0, decoded=0, prompted=1, started=1, cpu_ms=1.0, blocked=9)
+        decode = [Step(1.0 + i / 100, ms, 1, 0, 0, 0.0, 0.0, cpu_ms, blocked, 0) for i in (1, 2, 3)]
+        decode[1] = replace(decode[1], preempted=preempted)
+        return [prompt, *decode]
 
     raw = with_steps(run_at(100.0), steps(10.0, 9.9))
-    lmx = with_steps(run_at(95.0), steps(11.0, 10.45))
+    lmx = with_steps(run_at(95.0), steps(11.0, 10.45, blocked=1, preempted=1))
     assert raw.decode_cpu_ms == pytest.approx(9.9)  # decode steps only
+    assert (lmx.decode_blocked, lmx.decode_preempted) == pytest.approx((1.0, 1 / 3))
     report = _report()
     report.points[0] = point = replace(
         report.points[0], raw=raw, lmx=lmx, raw_runs=(raw,), lmx_runs=(lmx,)
     )
     assert point.decode_cpu_ratios == pytest.approx([9.9 / 10.45])
-    assert "| 2 | 0.909 | 0.947 | 1.0% / 5.0% |" in report.to_markdown()
+    assert "| 2 | 0.909 | 0.947 | 1.0% / 5.0% | 0.00 / 1.00 | 0.00 / 0.33 |" in report.to_markdown()
     # Steps recorded before the CPU time was (NaN) leave the table out.
     old = with_steps(run_at(100.0), [replace(s, cpu_ms=math.nan) for s in steps(10.0, 0.0)])
     assert math.isnan(old.decode_cpu_ms)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def test_a_step_counts_decoded_prompted_and_started_sequences() -> None:
     assert step_of(0.0, 0.01, [], [], 0.25, cache_ms=0.2).cache_ms == 0.2
     assert step_of(0.0, 0.01, [], [], cpu_ms=9.5).cpu_ms == 9.5
     assert math.isnan(step.cpu_ms)  # not measured
+    switched = step_of(0.0, 0.01, [], [], switched=(2.0, 1.0))
+    assert (switched.blocked, switched.preempted) == (2.0, 1.0)
+    assert math.isnan(step.blocked) and math.isnan(step.preempted)
+
+
+@pytest.mark.skipif(steptrace.switches() is None, reason="no per-thread context switches here")
+def test_a_thread_that_sleeps_counts_a_voluntary_switch() -> None:
+    before = steptrace.switches()
+    time.sleep(0.005)  # off its core until the timer wakes it
+    blocked, preempted = steptrace.switches_between(before, steptrace.switches())
+    assert blocked >= 1 and preempted >= 0
+    assert all(math.isnan(x) for x in steptrace.switches_between(None, before))
 
 
 def test_lines_reach_the_file_on_flush_and_read_back_by_time(tmp_path: Path) -> None:
