@@ -156,17 +156,16 @@ def with_steps(stats: PointStats, steps: Sequence[Step]) -> PointStats:
     if not steps:
         return stats
     ms = [s.ms for s in steps]
-    decode = [s.ms for s in steps if not s.prompt_work]
     prompt = [s.ms for s in steps if s.prompt_work]
-    # NaN from records without it (written before it was measured) makes the mean NaN
     decoding = [s for s in steps if not s.prompt_work]
 
     def decode_mean(field: str) -> float:
+        # NaN from records without the field (written before it was measured) makes it NaN
         return statistics.fmean(getattr(s, field) for s in decoding) if decoding else math.nan
 
     return replace(
         stats,
-        decode_step_ms=statistics.fmean(decode) if decode else math.nan,
+        decode_step_ms=decode_mean("ms"),
         decode_cpu_ms=decode_mean("cpu_ms"),
         decode_blocked=decode_mean("blocked"),
         decode_preempted=decode_mean("preempted"),
