@@ -15,13 +15,14 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -71,6 +72,24 @@ def device_name() -> str:
 
 WorkerProcess = tuple[subprocess.Popen[bytes], Connection]
 
+# glibc's malloc in a worker (Linux; other C libraries ignore the variable): its heap in
+# transparent huge pages, and the thresholds its dynamic ones would reach from the start. A decode
+# step on a GPU is mostly the CPU building and launching the graph; on an H100 these made the
+# worker's decode steps 6-8% faster (bench/README.md, "The worker's malloc", 2026-12-07).
+WORKER_MALLOC = {
+    "glibc.malloc.hugetlb": "1",
+    "glibc.malloc.mmap_threshold": str(32 * 2**20),
+    "glibc.malloc.trim_threshold": str(256 * 2**20),
+}
+
+
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with WORKER_MALLOC added to GLIBC_TUNABLES, where it names none of them."""
+    given = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    named = {t.partition("=")[0] for t in given}
+    added = [f"{name}={value}" for name, value in WORKER_MALLOC.items() if name not in named]
+    return {**environ, "GLIBC_TUNABLES": ":".join(given + added)}
+
 
 def start_worker() -> WorkerProcess:
     """A worker process and our end of its socket pair. It imports MLX and mlx-lm, then waits for
@@ -82,6 +101,7 @@ def start_worker() -> WorkerProcess:
             [sys.executable, "-m", "lmx.runtime.mlx_worker", str(theirs.fileno()), level],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
+            env=worker_environment(os.environ),
         )
     return proc, Connection(ours.detach())
 

@@ -32,7 +32,7 @@ from lmx.runtime.engine import (
     SamplingParams,
 )
 from lmx.runtime.intake import Intake
-from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters
+from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters, worker_environment
 from lmx.runtime.steptrace import TraceReader, switches
 from tests.component.reconciler_world import until
 from tests.harmony import HARMONY_NAMES, harmony_model
@@ -868,6 +868,33 @@ async def test_unload_ends_the_worker_process(tiny_model_dir: Path) -> None:
     await asyncio.to_thread(e.unload)
     assert e.pid is None and not psutil.pid_exists(pid)
     assert e.state is EngineState.UNLOADED and e.resident_bytes() == 0
+
+
+def test_a_worker_gets_the_malloc_tunables_the_environment_leaves_unset() -> None:
+    ours = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+    assert worker_environment({"PATH": "/bin"}) == {
+        "PATH": "/bin",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:" + ours,
+    }
+    given = "glibc.malloc.hugetlb=0:glibc.cpu.x86_shstk=on"
+    assert worker_environment({"GLIBC_TUNABLES": given}) == {"GLIBC_TUNABLES": f"{given}:{ours}"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="no /proc")
+async def test_the_worker_process_runs_with_them(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    e = MlxEngine(LoadConfig(model_id="m", path=tiny_model_dir, prompt_cache_bytes=0))
+    await asyncio.to_thread(e.load)
+    try:
+        # glibc's loader splits the variable's text at its colons where it lies, in place.
+        environ = await asyncio.to_thread(Path(f"/proc/{e.pid}/environ").read_bytes)
+    finally:
+        await asyncio.to_thread(e.unload)
+    environ = environ.replace(b"\0", b":")
+    assert b":GLIBC_TUNABLES=glibc.malloc.trim_threshold=1048576:glibc.malloc.hugetlb=1:" in environ
+    assert b"trim_threshold=268435456" not in environ
 
 
 def _idle_workers(known: set[int]) -> set[int]:
