@@ -46,7 +46,7 @@ from bench.report import (
 CONFIDENCE = 0.95
 _R = TypeVar("_R")
 # The settings whose differences make two runs' pairs measure different things.
-_SAME = ("prompt_tokens", "output_tokens", "max_batch", "dtype")
+_SAME = ("prompt_tokens", "output_tokens", "max_batch", "dtype", "glibc_tunables")
 # A median's standard error over a mean's, for normal data: how much wider its interval is.
 _MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2)
 

@@ -194,6 +194,16 @@ def _prompt_cache_line(nbytes: int | None) -> list[str]:
     return [f"lmx's prompt cache: {fmt_bytes(nbytes)}."]
 
 
+def _malloc_line(tunables: dict[str, str] | None) -> list[str]:
+    """The report's line on glibc's malloc settings of each side, where the run recorded them."""
+    if tunables is None:
+        return []
+    raw, workers = (
+        f"`{tunables[k]}`" if tunables[k] else "glibc's defaults" for k in ("raw", "workers")
+    )
+    return [f"GLIBC_TUNABLES: raw's process {raw}; lmx's workers {workers}."]
+
+
 @dataclass
 class Report:
     preset: str
@@ -275,6 +285,7 @@ class Report:
                 else "."
             ),
             *_prompt_cache_line(s.get("prompt_cache_bytes")),
+            *_malloc_line(s.get("glibc_tunables")),
             "",
             "lmx/raw: the median over the repeats of lmx's run over raw's run of that repeat, then"
             " the lowest and highest of those pairs; raw max/min: raw's fastest run over its slowest,"

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +56,7 @@ from bench.synth import DTYPES, PRESET_NAMES, ensure_model, printable_token_ids
 from bench.workload import Workload, make_prompts
 from lmx.reconciler.spec import parse_bytes
 from lmx.runtime import steptrace
+from lmx.runtime.mlx_engine import worker_environment
 from lmx.runtime.steptrace import Step, TraceReader
 
 MODEL_ID = "bench-model"
@@ -257,6 +258,24 @@ def measure_point(
     )
 
 
+def raw_malloc_environment(choice: str, environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to start this run again in for `--raw-malloc`, None where `environ` will
+    do: with "lmx", raw's loop (and the clients, and lmx's daemon) run with the glibc malloc
+    settings lmx gives its workers; with "default", with whatever `environ` has."""
+    if choice == "default":
+        return None
+    wanted = worker_environment(environ)
+    return None if wanted["GLIBC_TUNABLES"] == environ.get("GLIBC_TUNABLES") else wanted
+
+
+def glibc_tunables(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """GLIBC_TUNABLES of this process (raw's loop) and of lmx's workers, where glibc reads them."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    workers = worker_environment(environ)["GLIBC_TUNABLES"]
+    return {"raw": environ.get("GLIBC_TUNABLES", ""), "workers": workers}
+
+
 def _cpu_list(cpus: frozenset[int]) -> str:
     return ",".join(map(str, sorted(cpus)))
 
@@ -318,6 +337,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SIZE",
         help="lmx's prompt cache budget (e.g. 256MiB; 0 turns it off; default: lmx's default)",
     )
+    p.add_argument(
+        "--raw-malloc",
+        choices=("default", "lmx"),
+        default="default",
+        help="glibc malloc settings for raw's loop: as the environment has them, or as lmx's workers"
+        " run (this process starts again with them, and so its clients and lmx's daemon)",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report")
     args = p.parse_args(argv)
     args.prompt_cache_bytes = None
@@ -359,6 +385,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (environ := raw_malloc_environment(args.raw_malloc, os.environ)) is not None:
+        again = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "bench.run_throughput", *again], environ)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.cpus or args.step_cpu is not None:
         pin_process(args.pinned)  # before the server starts: its daemon and worker inherit it
@@ -398,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "step_cpu": args.step_cpu,
             "prompt_cache_bytes": args.prompt_cache_bytes,
+            "glibc_tunables": glibc_tunables(os.environ),
         },
         versions={
             "lmx": lmx.__version__,

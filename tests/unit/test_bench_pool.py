@@ -109,6 +109,10 @@ def test_runs_of_other_workloads_do_not_pool() -> None:
         Pool.of([("a.json", _report([1.0])), ("b.json", _report([1.0], preset="other"))])
     with pytest.raises(ValueError, match="prompt_tokens=128"):
         Pool.of([("a.json", _report([1.0])), ("b.json", _report([1.0], tokens=128))])
+    tuned = _report([1.0])
+    tuned.settings["glibc_tunables"] = {"raw": "", "workers": "glibc.malloc.hugetlb=1"}
+    with pytest.raises(ValueError, match=r"b\.json ran glibc_tunables=\{'raw'"):
+        Pool.of([("a.json", _report([1.0])), ("b.json", tuned)])
 
 
 def test_the_saved_gpu_runs_pool_as_bench_readme_says(tmp_path: Path) -> None:

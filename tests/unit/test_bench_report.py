@@ -68,6 +68,27 @@ def test_a_run_that_set_lmxs_prompt_cache_says_so(nbytes: int | None, lines: lis
     assert said == lines
 
 
+@pytest.mark.parametrize(
+    ("tunables", "lines"),
+    [
+        (None, []),
+        (
+            {"raw": "", "workers": "glibc.malloc.hugetlb=1"},
+            [
+                "GLIBC_TUNABLES: raw's process glibc's defaults; lmx's workers `glibc.malloc.hugetlb=1`."
+            ],
+        ),
+    ],
+)
+def test_a_run_says_how_each_sides_malloc_was_set(
+    tunables: dict[str, str] | None, lines: list[str]
+) -> None:
+    report = _report()
+    report.settings["glibc_tunables"] = tunables
+    said = [x for x in report.to_markdown().splitlines() if x.startswith("GLIBC_TUNABLES")]
+    assert said == lines
+
+
 def test_saved_results_render_again_from_their_json(tmp_path: Path) -> None:
     saved = json.loads(json.dumps(_report().to_json()))
     again = Report.from_json(saved)
