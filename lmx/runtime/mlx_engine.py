@@ -84,7 +84,7 @@ WORKER_MALLOC = {
 
 
 def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """`environ` with WORKER_MALLOC added to GLIBC_TUNABLES, where it names none of them."""
+    """`environ` with each setting of WORKER_MALLOC that its GLIBC_TUNABLES does not name added."""
     given = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     named = {t.partition("=")[0] for t in given}
     added = [f"{name}={value}" for name, value in WORKER_MALLOC.items() if name not in named]
