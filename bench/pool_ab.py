@@ -23,10 +23,10 @@ from typing import Any
 
 from bench.pool import Pooled, read_results
 from bench.report import write_result
-from bench.worker_ab import MEASURES, MODES, Point, pair_cell
+from bench.worker_ab import MEASURES, PROCESS_MODES, Point, pair_cell
 
 # The settings whose differences make two runs' rounds measure different things.
-_SAME = ("requests", "prompt_tokens", "output_tokens", "processes")
+_SAME = ("requests", "prompt_tokens", "output_tokens", "processes", "glibc_tunables")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class PooledPair:
 
 
 def pool(runs: Sequence[Run]) -> dict[int, dict[tuple[str, str], PooledPair]]:
-    """Per concurrency, per pair of modes (in MODES' order) that some run ran together there,
+    """Per concurrency, per pair of modes (in PROCESS_MODES' order) that some run ran together there,
     the rounds of all such runs. Raises ValueError when the runs' model or workload differ."""
     first = runs[0]
     for r in runs[1:]:
@@ -70,7 +70,7 @@ def pool(runs: Sequence[Run]) -> dict[int, dict[tuple[str, str], PooledPair]]:
     for c in sorted({p.concurrency for r in runs for p in r.points}):
         here = [p for r in runs for p in r.points if p.concurrency == c]
         pairs = {}
-        for a, b in itertools.combinations(MODES, 2):
+        for a, b in itertools.combinations(PROCESS_MODES, 2):
             with_both = [p for p in here if a in p.blocks and b in p.blocks]
             if with_both:
                 pairs[a, b] = PooledPair(

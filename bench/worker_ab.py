@@ -17,12 +17,16 @@ This takes both out: one model, short blocks of requests that alternate between
 - nocache: as thread, without the prompt cache (what storing each ended sequence's cache costs);
 - piled: raw's loop beside idle arrays as many and as large as the buffers that a prompt cache of
   per-layer copies (lmx's before 2026-12-04) holds: whether live buffers slow the steps;
-- lumped: raw's loop beside the same bytes in 8 arrays.
+- lumped: raw's loop beside the same bytes in 8 arrays;
+- tuned (`--processes` only): raw's loop in a process started with the glibc malloc settings lmx
+  starts its workers with (`lmx.runtime.mlx_engine.WORKER_MALLOC`), as lmx's modes' processes
+  are: what those settings give raw's loop, and whether lmx's worker still costs more beside it.
 
 By default every mode runs in this process and they share the model's weights. With
 `--processes` each runs in a process of its own that loads the model itself, as raw's process
 and lmx's worker do in an HTTP run: what separate processes bring (their own allocator, MLX
-streams, Python heap), still without HTTP. Where a process's code and data land in memory is
+streams, Python heap), still without HTTP. lmx's modes' processes start with lmx's workers'
+malloc settings, raw's with the environment's. Where a process's code and data land in memory is
 new with each process and moves its speed as a whole: on a 2-core CPU, raw's loop beside an idle
 worker ran 18% faster than raw's in one run and 2% slower in the next, whose raw against itself in
 another process differed by 1.2% in its rounds (p < 0.001; bench/README.md, 2026-12-05). So one
@@ -48,6 +52,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -55,7 +60,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -73,10 +78,14 @@ from bench.report import write_result
 from bench.synth import PRESET_NAMES, ensure_model, printable_token_ids
 from lmx.runtime import mlx_worker
 from lmx.runtime.engine import GenerationRequest, LoadConfig, SamplingParams
+from lmx.runtime.mlx_engine import worker_environment
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 
 MODES = ("raw", "again", "hosted", "thread", "inline", "quiet", "nocache", "piled", "lumped")
-RAW_MODES = frozenset({"raw", "again"})
+PROCESS_MODES = (*MODES, "tuned")  # with --processes
+RAW_MODES = frozenset({"raw", "again", "tuned"})
+# The modes whose processes start as lmx starts its workers, with its malloc settings.
+WORKER_MALLOC_MODES = frozenset({"thread", "inline", "quiet", "nocache", "tuned"})
 PILED_MODES = frozenset({"piled", "lumped"})
 MAX_BATCH = 32
 _PILE_BYTES = LoadConfig.prompt_cache_bytes  # the default prompt cache's budget
@@ -357,9 +366,9 @@ class Point:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Point:
         """`to_json` undone (its pairs are derived again); a run from before draws was one.
-        ValueError for a mode not in MODES or draws not one per round."""
+        ValueError for a mode not in PROCESS_MODES or draws not one per round."""
         blocks = {m: [Block(*map(float, b)) for b in rows] for m, rows in data["blocks"].items()}
-        if unknown := set(blocks) - set(MODES):
+        if unknown := set(blocks) - set(PROCESS_MODES):
             raise ValueError(f"unknown modes {', '.join(sorted(unknown))}")
         rounds = {len(rows) for rows in blocks.values()}
         if len(rounds) != 1:
@@ -453,7 +462,8 @@ class _Processes:
                     name=f"worker-ab-{m}",
                     daemon=True,
                 )
-                proc.start()
+                with _environment(m):
+                    proc.start()
                 theirs.close()
                 self._procs[m], self._conns[m] = proc, ours
             for m in modes:
@@ -495,6 +505,27 @@ class _Processes:
                 proc.join()
         for conn in self._conns.values():
             conn.close()
+
+
+def mode_tunables(mode: str, environ: Mapping[str, str]) -> str:
+    """GLIBC_TUNABLES of a `--processes` side of `mode`, in a run started in `environ`."""
+    if mode in WORKER_MALLOC_MODES:
+        return worker_environment(environ)["GLIBC_TUNABLES"]
+    return environ.get("GLIBC_TUNABLES", "")
+
+
+@contextlib.contextmanager
+def _environment(mode: str) -> Iterator[None]:
+    """The environment a `--processes` side of `mode` starts in (the process inherits it)."""
+    before = os.environ.get("GLIBC_TUNABLES")
+    os.environ["GLIBC_TUNABLES"] = mode_tunables(mode, os.environ)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+            os.environ["GLIBC_TUNABLES"] = before
 
 
 def _serve_side(conn: Connection, mode: str, model_dir: Path, prompt_tokens: int) -> None:
@@ -543,6 +574,8 @@ def measure(
     `max_rounds` at most each. The points, and each draw's process id per mode. In this process,
     `make_side` makes the sides (other modes than this module's); each process makes its own.
     With `step_cpu`, this process's threads are back on their CPUs after each draw."""
+    if not processes and (only := set(modes) - set(MODES)):
+        raise ValueError(f"{', '.join(sorted(only))}: a mode only with processes")
     ids = np.asarray(printable_token_ids(model_dir))
     rng = np.random.default_rng(0)
     whole = frozenset(os.sched_getaffinity(0))
@@ -666,7 +699,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--seconds", type=float, default=120.0, help="per concurrency")
     p.add_argument("--max-rounds", type=int, default=10_000, help="per draw")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", help="default: every mode (with --processes, tuned too)")
     p.add_argument(
         "--processes",
         action="store_true",
@@ -685,9 +718,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device-label", help="names the result files (default: from MLX)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
-    modes = args.modes.split(",")
-    if unknown := set(modes) - set(MODES):
-        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+    modes = (
+        args.modes.split(",") if args.modes else list(PROCESS_MODES if args.processes else MODES)
+    )
+    if unknown := set(modes) - set(PROCESS_MODES):
+        known = ", ".join(PROCESS_MODES)
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {known}")
+    if not args.processes and (only := set(modes) - set(MODES)):
+        p.error(
+            f"--modes: {', '.join(sorted(only))} needs --processes (malloc settings are a whole process's)"
+        )
     if len(modes) < 2:
         p.error("--modes: name two or more")
     concurrency = concurrency_arg(p, args.concurrency)
@@ -738,6 +778,17 @@ def main(argv: list[str] | None = None) -> None:
         f"Run {started}; {args.requests} requests per stream per block, {args.prompt_tokens} "
         f"prompt and {args.output_tokens} output tokens, greedy, EOS ignored; {where}{pinned}."
     ]
+    tunables = (
+        {m: mode_tunables(m, os.environ) for m in modes}
+        if args.processes and platform.libc_ver()[0] == "glibc"
+        else None
+    )
+    if tunables:
+        notes.append(
+            "GLIBC_TUNABLES of each mode's process: "
+            + "; ".join(f"{m} `{t}`" if t else f"{m} glibc's defaults" for m, t in tunables.items())
+            + "."
+        )
     data = {
         "model": str(model_dir.name),
         "device": label,
@@ -750,6 +801,7 @@ def main(argv: list[str] | None = None) -> None:
             "processes": args.processes,
             "draws": args.draws,
             "step_cpu": args.step_cpu,
+            "glibc_tunables": tunables,
         },
         "pids": pids,
         "points": [pt.to_json() for pt in points],

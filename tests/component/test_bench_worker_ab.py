@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import platform
 import shutil
 import statistics
 from pathlib import Path
@@ -17,6 +18,7 @@ from mlx_lm import load as mlx_load
 from bench import worker_ab
 from bench.report import read_json
 from bench.worker_ab import MODES, _PiledSide, main, measure
+from lmx.runtime.mlx_engine import worker_environment
 
 ROUNDS = 6  # the fewest rounds whose median has a 95% interval
 
@@ -55,9 +57,10 @@ def test_alternates_every_mode_and_pools_the_rounds(tiny_model_dir: Path, tmp_pa
 
 
 def test_with_processes_each_mode_steps_in_a_process_of_its_own(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    modes = ("raw", "again", "hosted", "thread")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    modes = ("raw", "again", "hosted", "thread", "tuned")
     main(
         [
             *("--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "1"),
@@ -90,6 +93,32 @@ def test_with_processes_each_mode_steps_in_a_process_of_its_own(
     assert "## 2 streams, 6 rounds in 2 draws" in markdown
     assert "| per draw, decode step, wall |" in markdown
     assert not multiprocessing.active_children()  # every side's process ended with the run
+    if platform.libc_ver()[0] == "glibc":
+        ours = worker_environment({})["GLIBC_TUNABLES"]
+        assert data["settings"]["glibc_tunables"] == {
+            **dict.fromkeys(("raw", "again", "hosted"), ""),
+            **dict.fromkeys(("thread", "tuned"), ours),
+        }
+        assert (
+            f"raw glibc's defaults; again glibc's defaults; hosted glibc's defaults; thread `{ours}`"
+            in markdown
+        )
+
+
+def test_lmxs_modes_and_tuned_start_with_lmxs_workers_malloc_and_the_others_as_they_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    given = dict(os.environ)
+    for mode in worker_ab.PROCESS_MODES:
+        with worker_ab._environment(mode):
+            tunables = os.environ["GLIBC_TUNABLES"]
+        assert os.environ == given
+        if mode in ("thread", "inline", "quiet", "nocache", "tuned"):
+            assert tunables == worker_environment(given)["GLIBC_TUNABLES"]
+            assert tunables.startswith("glibc.malloc.hugetlb=0:glibc.malloc.mmap_threshold=")
+        else:
+            assert tunables == "glibc.malloc.hugetlb=0"
 
 
 def test_a_side_that_cannot_load_is_named_and_no_process_is_left(
@@ -138,8 +167,9 @@ def test_piled_keeps_each_requests_keys_and_values_within_the_budget_and_lumped_
         (
             ["--modes", "raw,threads"],
             "--modes: unknown threads; known: raw, again, hosted, thread, inline, quiet, nocache, "
-            "piled, lumped",
+            "piled, lumped, tuned",
         ),
+        (["--modes", "raw,tuned"], "--modes: tuned needs --processes"),
         (["--modes", "raw"], "--modes: name two or more"),
         (["--concurrency", "1,x"], "--concurrency: '1,x' is not a list of numbers such as 1,16"),
         (["--concurrency", "0"], "--concurrency: 0 is below 1"),

@@ -66,6 +66,13 @@ def test_pools_each_pair_over_the_runs_that_ran_both() -> None:
     assert pooled[16]["raw", "thread"].measures[0].values == (0.5,)
 
 
+def test_pools_the_mode_only_processes_run() -> None:
+    tuned = _run({1: {"raw": _rounds(1, 2), "tuned": _rounds(2, 1)}})
+    pooled = pool([Run.from_json("a", tuned), Run.from_json("b", tuned)])
+    assert list(pooled[1]) == [("raw", "tuned")]
+    assert pooled[1]["raw", "tuned"].measures[0].values == (0.5, 2.0, 0.5, 2.0)
+
+
 def test_writes_the_pooled_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     files = []
     for name, data in (("first", FIRST), ("second", SECOND)):
@@ -97,6 +104,10 @@ def test_writes_the_pooled_tables(tmp_path: Path, capsys: pytest.CaptureFixture[
         (_run({1: {"raw": _rounds(1), "thread": _rounds(1)}}, processes=False), "processes"),
         (_run({1: {"raw": _rounds(1), "thread": _rounds(1)}}, output_tokens=32), "output"),
         ({**FIRST, "model": "other"}, "model other, not tiny as a.json"),
+        (
+            _run({1: {"raw": _rounds(1), "tuned": _rounds(1)}}, glibc_tunables={"raw": ""}),
+            "glibc_tunables {'raw': ''}, not None",
+        ),
     ],
 )
 def test_refuses_runs_of_another_workload_naming_it(
