@@ -54,8 +54,8 @@ class PooledPair:
 
 
 def pool(runs: Sequence[Run]) -> dict[int, dict[tuple[str, str], PooledPair]]:
-    """Per concurrency, per pair of modes (in PROCESS_MODES' order) that some run ran together there,
-    the rounds of all such runs. Raises ValueError when the runs' model or workload differ."""
+    """Per concurrency, per pair of modes (in PROCESS_MODES' order) that some run ran together
+    there, the rounds of all such runs. Raises ValueError when the runs' model or workload differ."""
     first = runs[0]
     for r in runs[1:]:
         if r.model != first.model:

@@ -341,8 +341,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--raw-malloc",
         choices=("default", "lmx"),
         default="default",
-        help="glibc malloc settings for raw's loop: as the environment has them, or as lmx's workers"
-        " run (this process starts again with them, and so its clients and lmx's daemon)",
+        help="glibc malloc settings for raw's loop: as the environment has them, or as lmx's"
+        " workers run (this process starts again with them, and so its clients and lmx's daemon)",
     )
     p.add_argument("--note", action="append", default=[], help="a line for the report")
     args = p.parse_args(argv)

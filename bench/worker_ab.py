@@ -725,9 +725,8 @@ def main(argv: list[str] | None = None) -> None:
         known = ", ".join(PROCESS_MODES)
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {known}")
     if not args.processes and (only := set(modes) - set(MODES)):
-        p.error(
-            f"--modes: {', '.join(sorted(only))} needs --processes (malloc settings are a whole process's)"
-        )
+        only_text = ", ".join(sorted(only))
+        p.error(f"--modes: {only_text} needs --processes (malloc settings are a whole process's)")
     if len(modes) < 2:
         p.error("--modes: name two or more")
     concurrency = concurrency_arg(p, args.concurrency)

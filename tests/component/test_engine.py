@@ -881,7 +881,7 @@ def test_a_worker_gets_the_malloc_tunables_the_environment_leaves_unset() -> Non
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="no /proc")
-async def test_the_worker_process_runs_with_them(
+async def test_a_worker_process_starts_with_the_malloc_tunables_added(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
