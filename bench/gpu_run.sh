@@ -6,6 +6,12 @@
 # points it finished:
 #
 #   bash bench/gpu_run.sh --preset qwen3-0.6b --concurrency 2 --repeats 16 --device-label h100-X
+#
+# Each side's stepping thread runs on CPU STEP_CPU (default 3) alone. MODULE=worker_ab runs
+# bench.worker_ab instead:
+#
+#   MODULE=worker_ab bash bench/gpu_run.sh --preset qwen3-0.6b --processes --draws 4 \
+#     --modes raw,tuned,thread --concurrency 2,16 --seconds 240 --device-label h100-X
 set -euo pipefail
 kit=${KIT:-/root/mlxparts}
 site=/tmp/mlxsite
@@ -20,5 +26,10 @@ if [ ! -e "$site/.unpacked" ]; then
 fi
 export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader || true
-timeout "${LIMIT_S:-540}" python3 -m bench.run_throughput --no-again --step-cpu 3 \
-  --min-requests 4 --rounds 2 --out "${OUT:?}" "$@"
+module=${MODULE:-run_throughput}
+case $module in
+  run_throughput) set -- --no-again --min-requests 4 --rounds 2 "$@" ;;
+  worker_ab) ;;
+  *) echo "MODULE: $module is neither run_throughput nor worker_ab" >&2; exit 2 ;;
+esac
+timeout "${LIMIT_S:-540}" python3 -m "bench.$module" --step-cpu "${STEP_CPU:-3}" --out "${OUT:?}" "$@"
