@@ -574,7 +574,7 @@ def measure(
     `max_rounds` at most each. The points, and each draw's process id per mode. In this process,
     `make_side` makes the sides (other modes than this module's); each process makes its own.
     With `step_cpu`, this process's threads are back on their CPUs after each draw."""
-    if not processes and (only := set(modes) - set(MODES)):
+    if not processes and (only := set(modes) & (set(PROCESS_MODES) - set(MODES))):
         raise ValueError(f"{', '.join(sorted(only))}: a mode only with processes")
     ids = np.asarray(printable_token_ids(model_dir))
     rng = np.random.default_rng(0)

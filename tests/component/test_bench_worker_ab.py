@@ -183,3 +183,10 @@ def test_names_what_is_wrong_with_its_arguments(
     with pytest.raises(SystemExit):
         main(args)
     assert message in capsys.readouterr().err
+
+
+def test_measure_in_one_process_refuses_tuned(
+    tiny_model_dir: Path,
+) -> None:
+    with pytest.raises(ValueError, match="tuned: a mode only with processes"):
+        measure(tiny_model_dir, concurrency=[1], seconds=1, modes=("raw", "tuned"))
