@@ -56,7 +56,7 @@ from bench.synth import DTYPES, PRESET_NAMES, ensure_model, printable_token_ids
 from bench.workload import Workload, make_prompts
 from lmx.reconciler.spec import parse_bytes
 from lmx.runtime import steptrace
-from lmx.runtime.mlx_engine import worker_environment
+from lmx.runtime.mlx_engine import worker_environment, worker_tunables
 from lmx.runtime.steptrace import Step, TraceReader
 
 MODEL_ID = "bench-model"
@@ -272,8 +272,7 @@ def glibc_tunables(environ: Mapping[str, str]) -> dict[str, str] | None:
     """GLIBC_TUNABLES of this process (raw's loop) and of lmx's workers, where glibc reads them."""
     if platform.libc_ver()[0] != "glibc":
         return None
-    workers = worker_environment(environ)["GLIBC_TUNABLES"]
-    return {"raw": environ.get("GLIBC_TUNABLES", ""), "workers": workers}
+    return {"raw": environ.get("GLIBC_TUNABLES", ""), "workers": worker_tunables(environ)}
 
 
 def _cpu_list(cpus: frozenset[int]) -> str:

@@ -78,7 +78,7 @@ from bench.report import write_result
 from bench.synth import PRESET_NAMES, ensure_model, printable_token_ids
 from lmx.runtime import mlx_worker
 from lmx.runtime.engine import GenerationRequest, LoadConfig, SamplingParams
-from lmx.runtime.mlx_engine import worker_environment
+from lmx.runtime.mlx_engine import worker_tunables
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
 
 MODES = ("raw", "again", "hosted", "thread", "inline", "quiet", "nocache", "piled", "lumped")
@@ -510,7 +510,7 @@ class _Processes:
 def mode_tunables(mode: str, environ: Mapping[str, str]) -> str:
     """GLIBC_TUNABLES of a `--processes` side of `mode`, in a run started in `environ`."""
     if mode in WORKER_MALLOC_MODES:
-        return worker_environment(environ)["GLIBC_TUNABLES"]
+        return worker_tunables(environ)
     return environ.get("GLIBC_TUNABLES", "")
 
 

@@ -83,12 +83,18 @@ WORKER_MALLOC = {
 }
 
 
-def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """`environ` with each setting of WORKER_MALLOC that its GLIBC_TUNABLES does not name added."""
+def worker_tunables(environ: Mapping[str, str]) -> str:
+    """A worker's GLIBC_TUNABLES: `environ`'s, with each setting of WORKER_MALLOC it does not
+    name added."""
     given = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     named = {t.partition("=")[0] for t in given}
     added = [f"{name}={value}" for name, value in WORKER_MALLOC.items() if name not in named]
-    return {**environ, "GLIBC_TUNABLES": ":".join(given + added)}
+    return ":".join(given + added)
+
+
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with a worker's GLIBC_TUNABLES."""
+    return {**environ, "GLIBC_TUNABLES": worker_tunables(environ)}
 
 
 def start_worker() -> WorkerProcess:

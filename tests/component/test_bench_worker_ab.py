@@ -18,7 +18,7 @@ from mlx_lm import load as mlx_load
 from bench import worker_ab
 from bench.report import read_json
 from bench.worker_ab import MODES, _PiledSide, main, measure
-from lmx.runtime.mlx_engine import worker_environment
+from lmx.runtime.mlx_engine import worker_tunables
 
 ROUNDS = 6  # the fewest rounds whose median has a 95% interval
 
@@ -94,7 +94,7 @@ def test_with_processes_each_mode_steps_in_a_process_of_its_own(
     assert "| per draw, decode step, wall |" in markdown
     assert not multiprocessing.active_children()  # every side's process ended with the run
     if platform.libc_ver()[0] == "glibc":
-        ours = worker_environment({})["GLIBC_TUNABLES"]
+        ours = worker_tunables({})
         assert data["settings"]["glibc_tunables"] == {
             **dict.fromkeys(("raw", "again", "hosted"), ""),
             **dict.fromkeys(("thread", "tuned"), ours),
@@ -113,7 +113,7 @@ def test_lmxs_modes_and_tuned_start_with_lmxs_workers_malloc_and_the_others_as_t
             tunables = os.environ["GLIBC_TUNABLES"]
         assert os.environ == given
         if mode in ("thread", "inline", "quiet", "nocache", "tuned"):
-            assert tunables == worker_environment(given)["GLIBC_TUNABLES"]
+            assert tunables == worker_tunables(given)
             assert tunables.startswith("glibc.malloc.hugetlb=0:glibc.malloc.mmap_threshold=")
         else:
             assert tunables == "glibc.malloc.hugetlb=0"
