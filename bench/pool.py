@@ -26,13 +26,12 @@ writes pooled-NAME.json.gz, pooled-NAME.md and (with matplotlib) pooled-NAME.png
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.pairs import CONFIDENCE, Pairs, cell
 from bench.report import (
     TARGET_RATIO,
     Point,
@@ -43,108 +42,9 @@ from bench.report import (
     write_result,
 )
 
-CONFIDENCE = 0.95
 _R = TypeVar("_R")
 # The settings whose differences make two runs' pairs measure different things.
 _SAME = ("prompt_tokens", "output_tokens", "max_batch", "dtype", "glibc_tunables")
-# A median's standard error over a mean's, for normal data: how much wider its interval is.
-_MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2)
-
-
-def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The narrowest interval of order statistics (the k-th lowest and k-th highest value) that
-    holds the median of the values' distribution with at least `confidence`, for any
-    distribution. Raises ValueError when too few values for one (under 6 at 95%)."""
-    xs = sorted(values)
-    n = len(xs)
-    k = 0
-    below = 0  # 2^n P(Binomial(n, 1/2) <= k): the chance that at most k values fall below it
-    while k < n // 2:
-        below += math.comb(n, k)
-        if 1 - 2 * below / 2**n < confidence:
-            break
-        k += 1
-    if k == 0:
-        raise ValueError(f"{n} values give no {confidence:.0%} interval for a median")
-    return xs[k - 1], xs[n - k]
-
-
-@dataclass(frozen=True)
-class Pooled:
-    """One ratio's pairs at one concurrency, from every run pooled."""
-
-    values: tuple[float, ...]
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values) if self.values else math.nan
-
-    @property
-    def geomean(self) -> float:
-        return statistics.geometric_mean(self.values) if self.values else math.nan
-
-    @property
-    def below_1(self) -> int:
-        return sum(v < 1 for v in self.values)
-
-    @property
-    def sign_p(self) -> float:
-        """Two-sided sign test: the chance of pairs at least this lopsided about 1 if each pair
-        were as likely below 1 as above (pairs of exactly 1 left out); nan without pairs."""
-        below, above = self.below_1, sum(v > 1 for v in self.values)
-        n = below + above
-        if not n:
-            return math.nan
-        tail = sum(math.comb(n, i) for i in range(min(below, above) + 1))
-        return min(1.0, 2 * tail / (1 << n))
-
-    @property
-    def interval(self) -> tuple[float, float] | None:
-        try:
-            return median_interval(self.values)
-        except ValueError:
-            return None
-
-    @property
-    def log_sd(self) -> float:
-        """The spread of single pairs: the standard deviation of their logarithms."""
-        if self.n < 2:
-            return math.nan
-        return statistics.stdev(math.log(v) for v in self.values)
-
-    def verdict(self, target: float) -> str:
-        iv = self.interval
-        if iv is None:
-            return "too few pairs"
-        if iv[0] >= target:
-            return "met"
-        if iv[1] < target:
-            return "not met"
-        return "undecided"
-
-    def pairs_for(self, within: float = 0.03) -> int | None:
-        """About how many pairs would narrow the interval to ±`within` around the median at this
-        spread (normal approximation); None without a spread."""
-        if math.isnan(self.log_sd):
-            return None
-        z = statistics.NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
-        return math.ceil((z * _MEDIAN_EFFICIENCY * self.log_sd / math.log1p(within)) ** 2)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "median": self.median,
-            "interval": self.interval,
-            "geomean": self.geomean,
-            "below_1": self.below_1,
-            "sign_p": self.sign_p,
-            "log_sd": self.log_sd,
-            "values": list(self.values),
-        }
 
 
 # What is pooled, per point of a run: (key, label, the pairs).
@@ -161,7 +61,7 @@ _SERIES: tuple[tuple[str, str, Callable[[Point], list[float]]], ...] = (
 @dataclass(frozen=True)
 class PooledPoint:
     concurrency: int
-    series: dict[str, Pooled]
+    series: dict[str, Pairs]
 
     @property
     def verdict(self) -> str:
@@ -193,7 +93,7 @@ class Pool:
                     )
         concurrencies = sorted({p.concurrency for _, r in runs for p in r.points})
         points = tuple(
-            PooledPoint(c, {key: Pooled(_pairs(runs, c, f)) for key, _, f in _SERIES})
+            PooledPoint(c, {key: Pairs(_pairs(runs, c, f)) for key, _, f in _SERIES})
             for c in concurrencies
         )
         return cls(tuple(runs), points)
@@ -324,15 +224,6 @@ def _pairs(
     return tuple(
         v for _, r in runs for p in r.points if p.concurrency == concurrency for v in of(p)
     )
-
-
-def cell(s: Pooled, digits: int = 2) -> str:
-    """`s`'s median and its interval, as the tables show them."""
-    if not s.n:
-        return "—"
-    iv = s.interval
-    span = f" [{iv[0]:.{digits}f}–{iv[1]:.{digits}f}]" if iv else " [too few]"
-    return f"{s.median:.{digits}f}{span}"
 
 
 def read_results(

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.pool import Pooled, read_results
+from bench.pairs import Pairs
+from bench.pool import read_results
 from bench.report import write_result
 from bench.worker_ab import MEASURES, PROCESS_MODES, Point, pair_cell
 
@@ -49,8 +50,8 @@ class Run:
 @dataclass(frozen=True)
 class PooledPair:
     runs: int
-    measures: tuple[Pooled, ...]  # per MEASURES
-    draws: Pooled  # each draw's median of its rounds' decode steps (wall)
+    measures: tuple[Pairs, ...]  # per MEASURES
+    draws: Pairs  # each draw's median of its rounds' decode steps (wall)
 
 
 def pool(runs: Sequence[Run]) -> dict[int, dict[tuple[str, str], PooledPair]]:
@@ -76,10 +77,10 @@ def pool(runs: Sequence[Run]) -> dict[int, dict[tuple[str, str], PooledPair]]:
                 pairs[a, b] = PooledPair(
                     len(with_both),
                     tuple(
-                        Pooled(tuple(v for p in with_both for v in p.pooled(a, b, i).values))
+                        Pairs(tuple(v for p in with_both for v in p.pooled(a, b, i).values))
                         for i in range(len(MEASURES))
                     ),
-                    Pooled(tuple(v for p in with_both for v in p.by_draw(a, b, 0).values)),
+                    Pairs(tuple(v for p in with_both for v in p.by_draw(a, b, 0).values)),
                 )
         pooled[c] = pairs
     return pooled

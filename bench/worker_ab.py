@@ -72,7 +72,7 @@ import numpy as np
 from mlx_lm import load as mlx_load
 
 from bench.cpus import pin_process, pin_stepper
-from bench.pool import Pooled, cell
+from bench.pairs import Pairs, cell
 from bench.raw import batch_generator
 from bench.report import write_result
 from bench.synth import PRESET_NAMES, ensure_model, printable_token_ids
@@ -330,21 +330,21 @@ class Point:
     blocks: dict[str, list[Block]]  # per mode, per round
     draws: tuple[int, ...]  # per round, the draw (set of sides) that ran it
 
-    def pooled(self, a: str, b: str, which: int) -> Pooled:
+    def pooled(self, a: str, b: str, which: int) -> Pairs:
         """Per round, a's measure over b's (`which`: a field of Block), b's speed relative to
         a's: below 1, b took longer."""
-        return Pooled(
+        return Pairs(
             tuple(x[which] / y[which] for x, y in zip(self.blocks[a], self.blocks[b], strict=True))
         )
 
-    def by_draw(self, a: str, b: str, which: int) -> Pooled:
+    def by_draw(self, a: str, b: str, which: int) -> Pairs:
         """Per draw, the median of its rounds' ratios (as `pooled`). A process's layout in
         memory, new with each, moves all of its rounds together: with `--processes`, rounds
         tell two processes apart, draws tell two modes apart."""
         per: dict[int, list[float]] = {}
         for draw, ratio in zip(self.draws, self.pooled(a, b, which).values, strict=True):
             per.setdefault(draw, []).append(ratio)
-        return Pooled(tuple(statistics.median(v) for v in per.values()))
+        return Pairs(tuple(statistics.median(v) for v in per.values()))
 
     def to_json(self) -> dict[str, Any]:
         pairs = {
@@ -664,7 +664,7 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
-def pair_cell(s: Pooled) -> str:
+def pair_cell(s: Pairs) -> str:
     """A pair's cell in the tables: median [interval], geometric mean, rounds below 1, sign
     test."""
     return f"{cell(s, 3)}, {s.geomean:.3f}, {s.below_1} of {s.n} below 1, p = {s.sign_p:.2g}"
