@@ -51,10 +51,15 @@ class Point:
         return _median(self.pair_ratios)
 
     @property
+    def pairs(self) -> Pairs:
+        """`pair_ratios` for their median's interval and the verdict."""
+        return Pairs(tuple(self.pair_ratios))
+
+    @property
     def verdict(self) -> str:
         """lmx/raw against the target at CONFIDENCE, from the interval of `pair_ratios`' median:
         met, not met, undecided or too few pairs (bench.pairs.Pairs.verdict)."""
-        return Pairs(tuple(self.pair_ratios)).verdict(TARGET_RATIO)
+        return self.pairs.verdict(TARGET_RATIO)
 
     @property
     def again_ratios(self) -> list[float]:
@@ -346,10 +351,7 @@ class Report:
         lines += self._round_table()
         lines += self._step_table()
         met = sum(p.verdict == "met" for p in self.points)
-        verdicts = "; ".join(
-            f"{p.concurrency}: {cell(Pairs(tuple(p.pair_ratios)))}, {p.verdict}"
-            for p in self.points
-        )
+        verdicts = "; ".join(f"{p.concurrency}: {cell(p.pairs)}, {p.verdict}" for p in self.points)
         lines += [
             "",
             f"Target lmx/raw ≥ {TARGET_RATIO} at every concurrency: **met at {met} of "
