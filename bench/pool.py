@@ -43,8 +43,10 @@ from bench.report import (
 )
 
 _R = TypeVar("_R")
-# The settings whose differences make two runs' pairs measure different things.
-_SAME = ("prompt_tokens", "output_tokens", "max_batch", "dtype", "glibc_tunables")
+# The settings that make a workload: runs that differ in one measured different things.
+WORKLOAD = ("prompt_tokens", "output_tokens", "max_batch", "dtype")
+# And those whose differences make two runs' pairs measure different things.
+_SAME = (*WORKLOAD, "glibc_tunables")
 
 
 # What is pooled, per point of a run: (key, label, the pairs).
@@ -79,18 +81,7 @@ class Pool:
         different workloads (preset, prompt and output tokens, batch, dtype)."""
         if not runs:
             raise ValueError("no runs to pool")
-        first_name, first = runs[0]
-        for name, r in runs[1:]:
-            if r.preset != first.preset:
-                raise ValueError(
-                    f"{name} ran preset {r.preset!r}, {first_name} {first.preset!r}: not poolable"
-                )
-            for key in _SAME:
-                if r.settings.get(key) != first.settings.get(key):
-                    raise ValueError(
-                        f"{name} ran {key}={r.settings.get(key)!r}, {first_name} "
-                        f"{key}={first.settings.get(key)!r}: not poolable"
-                    )
+        check_alike(runs, _SAME, "not poolable")
         concurrencies = sorted({p.concurrency for _, r in runs for p in r.points})
         points = tuple(
             PooledPoint(c, {key: Pairs(_pairs(runs, c, f)) for key, _, f in _SERIES})
@@ -218,6 +209,23 @@ class Pool:
         return True
 
 
+def check_alike(runs: Sequence[tuple[str, Report]], keys: Sequence[str], unlike: str) -> None:
+    """Raises ValueError naming the first of `runs` whose preset or a setting of `keys` is not the
+    first run's, and ending with `unlike`."""
+    first_name, first = runs[0]
+    for name, r in runs[1:]:
+        if r.preset != first.preset:
+            raise ValueError(
+                f"{name} ran preset {r.preset!r}, {first_name} {first.preset!r}: {unlike}"
+            )
+        for key in keys:
+            if r.settings.get(key) != first.settings.get(key):
+                raise ValueError(
+                    f"{name} ran {key}={r.settings.get(key)!r}, {first_name} "
+                    f"{key}={first.settings.get(key)!r}: {unlike}"
+                )
+
+
 def _pairs(
     runs: Sequence[tuple[str, Report]], concurrency: int, of: Callable[[Point], list[float]]
 ) -> tuple[float, ...]:
@@ -230,14 +238,14 @@ def read_results(
     parser: argparse.ArgumentParser,
     files: Sequence[Path],
     kind: str,
-    parse: Callable[[str, Any], _R],
+    parse: Callable[[Path, Any], _R],
 ) -> list[_R]:
-    """Each file's JSON parsed (with its name); a file that is not `kind` ends the command,
+    """Each file's JSON parsed (with its path); a file that is not `kind` ends the command,
     naming it and what is wrong."""
     results = []
     for f in files:
         try:
-            results.append(parse(f.name, read_json(f)))
+            results.append(parse(f, read_json(f)))
         except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             parser.error(f"{f}: not {kind} ({type(e).__name__}: {e})")
     return results
@@ -249,7 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="throughput-*.json.gz of one workload")
     args = parser.parse_args(argv)
     runs = read_results(
-        parser, args.files, "a throughput result", lambda name, data: (name, Report.from_json(data))
+        parser,
+        args.files,
+        "a throughput result",
+        lambda path, data: (path.name, Report.from_json(data)),
     )
     try:
         pool = Pool.of(runs)

@@ -153,7 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="output stem, e.g. bench/results/pooled-worker-ab-X")
     parser.add_argument("files", nargs="+", type=Path, help="worker-ab-*.json.gz")
     args = parser.parse_args(argv)
-    runs = read_results(parser, args.files, "a bench.worker_ab result", Run.from_json)
+    runs = read_results(
+        parser,
+        args.files,
+        "a bench.worker_ab result",
+        lambda path, data: Run.from_json(path.name, data),
+    )
     try:
         pooled = pool(runs)
     except ValueError as e:
