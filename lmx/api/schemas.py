@@ -6,6 +6,7 @@ validated with the OpenAI names and ranges, so a 400 names the offending `param`
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,11 +22,43 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from lmx.api.freeform import chat_as_functions
+from lmx.errors import RequestError
 from lmx.runtime.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP
+
+# A UTF-16 surrogate: in a string JSON gave, one that no pair made a character (JSON may write
+# it as `\ud800`). It is no Unicode text, and no tokenizer takes it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class _Body(_Request):
+    """A request's whole body: besides its fields, every string in it must be Unicode text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        """Raises RequestError naming the first string (or key) that holds a lone surrogate."""
+        stack: list[tuple[Any, str]] = [(data, "")]
+        while stack:
+            value, at = stack.pop()
+            if isinstance(value, str):
+                if value.isascii() or (lone := _SURROGATE.search(value)) is None:
+                    continue
+                raise RequestError(
+                    f"{at or 'body'} holds a lone UTF-16 surrogate (\\u{ord(lone[0]):04x}) at "
+                    f"character {lone.start()}: no Unicode text, which a model could read",
+                    param=at or None,
+                )
+            if isinstance(value, dict):
+                fields = [(f"{at}.{k}" if at else str(k), k, v) for k, v in value.items()]
+                stack += [(x, f) for f, k, v in reversed(fields) for x in (v, k)]
+            elif isinstance(value, list):  # of texts or objects; not a prompt's token ids
+                items = [(i, v) for i, v in enumerate(value) if isinstance(v, str | dict | list)]
+                stack += [(v, f"{at}[{i}]") for i, v in reversed(items)]
+        return data
 
 
 class _Wire(BaseModel):
@@ -85,7 +118,7 @@ UNLIMITED = -1  # max_tokens: as many as the context leaves, as LM Studio reads 
 Ttl = Annotated[float | None, Field(gt=0)]
 
 
-class SamplingFields(_Request):
+class SamplingFields(_Body):
     """Fields shared by chat and text completions, with OpenAI's ranges plus vLLM's extensions."""
 
     model: str
@@ -221,7 +254,7 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int | None, Field(ge=1)] = None
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(_Body):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -241,7 +274,7 @@ class EmbeddingRequest(_Request):
             ) from None
 
 
-class ResponsesRequest(_Request):
+class ResponsesRequest(_Body):
     """OpenAI's Responses API, as lmx serves it (lmx.api.responses): items and formats are
     checked where they are turned into a chat request, so a 400 names the item."""
 
@@ -266,7 +299,7 @@ class ResponsesRequest(_Request):
     user: str | None = None
 
 
-class NativeChatRequest(_Request):
+class NativeChatRequest(_Body):
     """LM Studio's `POST /api/v1/chat`. `context_length` is accepted and left to the model's
     spec: lmx loads a model once, with the context its spec names, for every client."""
 
@@ -289,13 +322,13 @@ class NativeChatRequest(_Request):
     previous_response_id: str | None = None
 
 
-class NativeLoadRequest(_Request):
+class NativeLoadRequest(_Body):
     """LM Studio's `POST /api/v1/models/load`: the model, and settings lmx takes from its spec."""
 
     model: str
 
 
-class CountTokensRequest(_Request):
+class CountTokensRequest(_Body):
     """Anthropic's `/v1/messages/count_tokens`: what a Messages request's prompt is made of.
     Content blocks, tools and the tool choice are checked where they are turned into a chat
     request (lmx.api.messages), so a 400 names the block."""

@@ -209,6 +209,30 @@ async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> N
     assert err["message"].startswith("body: not valid JSON at character 10") and not err["param"]
 
 
+async def test_a_lone_surrogate_is_a_400_naming_the_string_that_holds_it(
+    client: httpx.AsyncClient,
+) -> None:
+    # JSON may escape one (`\ud800`); it is no Unicode text, and the tokenizer raised a TypeError
+    # on it (a 500). A pair of them is a character: an emoji, as json.dumps writes it.
+    lone = '{"model": "tiny", "max_tokens": 2, "prompt": ["Hi", "a\\udc00"]}'
+    r = await client.post("/v1/completions", content=lone.encode(), headers=JSON_TYPE)
+    err = assert_envelope(r, 400, "prompt[1]")
+    assert err["message"] == (
+        "prompt[1] holds a lone UTF-16 surrogate (\\udc00) at character 1: no Unicode text, "
+        "which a model could read"
+    )
+    embed = json.dumps({"model": "tiny", "input": "\ud800"})
+    r = await client.post("/v1/embeddings", content=embed, headers=JSON_TYPE)
+    assert_envelope(r, 400, "input")
+    part = {"type": "text", "text": "x\ud800"}
+    body = {**CHAT, "messages": [{"role": "user", "content": [part]}]}
+    r = await client.post("/v1/chat/completions", content=json.dumps(body), headers=JSON_TYPE)
+    assert_envelope(r, 400, "messages[0].content[0].text")
+    pair = '{"model": "tiny", "max_tokens": 2, "prompt": "\\ud83d\\ude00"}'
+    r = await client.post("/v1/completions", content=pair.encode(), headers=JSON_TYPE)
+    assert r.status_code == 200, r.text
+
+
 async def test_a_message_other_than_the_assistants_needs_content(
     client: httpx.AsyncClient,
 ) -> None:
