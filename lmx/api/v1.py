@@ -639,6 +639,13 @@ async def answer_completion(
         else [text_choice(s.index, prefixes[s.index]) for s in states if prefixes[s.index]]
     )
     echoed: set[int] = set()
+    offsets = [0] * len(states)  # where in each choice's text its next token's begins
+
+    def running(i: int, lps: dict[str, Any]) -> dict[str, Any]:
+        """`lps`, choice `i`'s latest logprobs, its next token's offset moved past them."""
+        if lps["tokens"]:
+            offsets[i] = lps["text_offset"][-1] + len(lps["tokens"][-1])
+        return lps
 
     def choice(i: int, d: Delta) -> list[dict[str, Any]]:
         s = states[i]
@@ -648,12 +655,12 @@ async def answer_completion(
         if scored and i not in echoed:
             echoed.add(i)
             c = text_choice(i, prefixes[i] + text, s.finish_reason)
-            c["logprobs"] = logprobs(s, lps, 0)
+            c["logprobs"] = running(i, logprobs(s, lps, 0))
             return [c]
         if not (text or lps or s.finish_reason):
             return []
         c = text_choice(i, text, s.finish_reason)
-        c["logprobs"] = lp_text(lps, 0) if want_lp and lps else None
+        c["logprobs"] = running(i, lp_text(lps, offsets[i])) if want_lp and lps else None
         return [c]
 
     usage_of = (lambda: usage(states, n_prompts)) if include_usage else None

@@ -479,6 +479,15 @@ async def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(
     assert chunks[0]["text"].startswith("Once upon a time")
     assert chunks[0]["logprobs"]["tokens"][:n] == lp["tokens"]
     assert "".join(c["text"] for c in chunks) == choice["text"]
+    # Each chunk's offsets run on from the last one's, as the whole answer's do.
+    streamed = [o for c in chunks if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert streamed == full["text_offset"]
+    plain = {**body, "echo": False, "max_tokens": 3, "temperature": 0}
+    whole = (await client.post("/v1/completions", json=plain)).json()["choices"][0]
+    r = await client.post("/v1/completions", json={**plain, "stream": True})
+    chunks = [e["choices"][0] for e in sse_events(r.text) if e != "[DONE]"]
+    streamed = [o for c in chunks if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert streamed == whole["logprobs"]["text_offset"] and len(streamed) == 3
     r = await client.post("/v1/completions", json={**body, "echo": False, "max_tokens": 0})
     assert_envelope(r, 400, "max_tokens")
 
