@@ -107,7 +107,7 @@ class Daemon:
         self.registry = EngineRegistry(
             functools.partial(MlxEngine, intake=self.intake, spares=self.spares)
         )
-        self.memory = MemoryProbe(mlx_engine.mlx_counters)
+        self.memory = MemoryProbe(mlx_engine.mlx_counters, idle=self.spares.pids)
         self.store = ModelStore(
             settings.home,
             base_dir=settings.config_path.parent,

@@ -13,7 +13,7 @@ import contextlib
 import ctypes
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import psutil  # type: ignore[import-untyped, unused-ignore]  # types-psutil: a dev dep
@@ -34,7 +34,7 @@ RELEASE_SLACK_RATIO = 0.2
 class MemorySample:
     total_bytes: int  # physical memory of the machine
     available_bytes: int  # what the OS could give without swapping
-    rss_bytes: int  # this process and its children (the model workers)
+    rss_bytes: int  # this process and its children (the model workers), idle spares left out
     mlx_active_bytes: int
     mlx_cache_bytes: int
 
@@ -99,6 +99,9 @@ class MemoryProbe:
     """Samples memory and asks the allocators to give freed memory back.
 
     `counters`: MLX's (active, cache) bytes, or None where no MLX engine runs (then 0, 0).
+    `idle`: the ids of child processes waiting for a model (the spare workers), whose memory the
+    resident set leaves out: a load that takes one is charged the whole worker, as is a load that
+    starts its own, and one started while a load is measured is not charged to it.
     `rss` and `trim` are for tests and platforms that need another process view or allocator.
     """
 
@@ -106,17 +109,22 @@ class MemoryProbe:
         self,
         counters: MlxCounters | None = None,
         *,
+        idle: Callable[[], Collection[int]] = frozenset,
         rss: Callable[[], int] | None = None,
         trim: Callable[[], None] | None = None,
     ) -> None:
         self._counters = counters
+        self._idle = idle
         self._process = psutil.Process()
         self._rss = rss or self._tree_rss
         self._trim = trim if trim is not None else _find_malloc_trim()
 
     def _tree_rss(self) -> int:
+        idle = self._idle()
         total = int(self._process.memory_info().rss)
         for child in self._process.children(recursive=True):
+            if child.pid in idle:
+                continue
             with contextlib.suppress(psutil.Error):  # it exited meanwhile
                 total += int(child.memory_info().rss)
         return total

@@ -133,6 +133,11 @@ class Spares:
                 conn.close()  # it died waiting (the OOM killer, a signal): start another
         return start_worker()
 
+    def pids(self) -> frozenset[int]:
+        """The idle spares' process ids: memory no model takes (lmx.runtime.memory leaves it out)."""
+        with self._lock:
+            return frozenset(proc.pid for proc, _ in self._idle)
+
     def refill(self) -> None:
         with self._lock:
             while not self._closed and len(self._idle) < self._count:

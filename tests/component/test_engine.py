@@ -32,6 +32,7 @@ from lmx.runtime.engine import (
     SamplingParams,
 )
 from lmx.runtime.intake import Intake
+from lmx.runtime.memory import MemoryProbe, rise
 from lmx.runtime.mlx_engine import MlxEngine, Spares, mlx_counters, worker_environment
 from lmx.runtime.steptrace import TraceReader, switches
 from tests.component.reconciler_world import until
@@ -935,6 +936,34 @@ async def test_a_load_takes_a_waiting_spare_and_a_new_one_waits_after_it(
         await asyncio.to_thread(e.unload)
         await asyncio.to_thread(spares.close)
     assert not psutil.pid_exists(spare) and not psutil.pid_exists(refill)
+
+
+async def test_a_load_is_charged_its_whole_worker_whether_it_took_a_spare_or_not(
+    tiny_model_dir: Path,
+) -> None:
+    # A spare is memory no model takes: left out, a load that takes one is charged the worker's
+    # interpreter and MLX as a load that starts its own is, and not the spare started after it.
+    # Counted, the same model measured 23-104 MiB from load to load, and a restart's loads (no
+    # spare yet) over-charged it until a model that fit was refused as too big.
+    before = _idle_workers(set())
+    spares = Spares()
+    probe = MemoryProbe(idle=spares.pids)
+    base = probe.sample().rss_bytes
+    await asyncio.to_thread(spares.refill)
+    spare = await _new_worker(before)
+    await until(lambda: psutil.Process(spare).memory_info().rss > 48 * 2**20, 30)  # MLX in
+    assert abs(probe.sample().rss_bytes - base) < 16 * 2**20
+    assert MemoryProbe().sample().rss_bytes - base > 48 * 2**20  # the spare, counted
+    e = MlxEngine(LoadConfig(model_id="m", path=tiny_model_dir), spares=spares)
+    try:
+        start = probe.sample()
+        await asyncio.to_thread(e.load)
+        assert e.pid == spare and spares.pids()  # the next spare started
+        took = rise(start, probe.sample()).rss_bytes
+        assert took >= psutil.Process(spare).memory_info().rss - 16 * 2**20
+    finally:
+        await asyncio.to_thread(e.unload)
+        await asyncio.to_thread(spares.close)
 
 
 async def test_a_spare_that_died_waiting_is_replaced_at_the_load(tiny_model_dir: Path) -> None:
