@@ -506,8 +506,9 @@ class Rendering:
                 call["action"] |= {k: args[k] for k in _ACTION_KEYS if k in args}
                 call["action"]["command"] = command
             call["status"] = "completed" if whole else "incomplete"
-        else:
-            call |= {"arguments": arguments, "status": "completed"}
+        else:  # arguments that are no JSON: a call cut off by max_output_tokens, none to run
+            whole = loads_or_none(arguments) is not None
+            call |= {"arguments": arguments, "status": "completed" if whole else "incomplete"}
             out = self.event("response.function_call_arguments.done", **ids, arguments=arguments)
         return out + self.event(
             "response.output_item.done", output_index=ids["output_index"], item=call

@@ -144,6 +144,20 @@ def test_a_stream_opens_and_closes_each_item_in_turn() -> None:
     assert answer["status"] == "completed" and answer["store"] is False
 
 
+@pytest.mark.parametrize(
+    ("arguments", "status"),
+    [('{"a": 1}', "completed"), ('{"a": ', "incomplete"), ("", "incomplete")],
+)
+def test_a_function_call_cut_off_by_max_output_tokens_is_an_incomplete_item(
+    arguments: str, status: str
+) -> None:
+    r = Rendering(_request(input="x", stream=True))
+    call = ToolCall("call_1", "add", arguments)
+    stream = r.feed([CallBegun(0, "call_1", "add"), CallText(0, arguments), CallEnded(0, call)])
+    done = next(e for e in named_events(stream) if e["type"] == "response.output_item.done")
+    assert done["item"]["status"] == status and done["item"]["arguments"] == arguments
+
+
 def test_a_failed_generation_ends_the_stream_failed_and_the_answer_a_500() -> None:
     r = Rendering(_request(input="x", stream=True))
     events = named_events(r.feed([Content("Hi")]) + r.ended(_state("error", "the worker died")))
