@@ -99,7 +99,11 @@ def model_state(model: Doc, blocked: Doc | None) -> tuple[Text, str]:
     if c("Downloaded").get("reason") == "Downloading":
         return Text(f"Downloading {c('Downloaded').get('message', '')}".rstrip(), "cyan"), ""
     if blocked is not None:
-        return cell(f"Blocked: {blocked['reason']}", "red", blocked)
+        text, message = cell(f"Blocked: {blocked['reason']}", "red", blocked)
+        if degraded:  # the failure it waits out (BackingOff): only --json said what it was
+            why = f"{degraded.get('reason')}: {degraded.get('message', '')}".rstrip(": ")
+            message = f"{why}; {message}" if message else why
+        return text, message
     if degraded:
         return cell(f"Degraded: {degraded.get('reason')}", "yellow", degraded)
     downloaded = c("Downloaded")

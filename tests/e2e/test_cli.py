@@ -27,7 +27,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from lmx.cli_render import plan_lines, ps_table, status_footer
+from lmx.cli_render import plan_lines, ps_table, status_footer, status_table
 from lmx.client import AdminClient, ChangedMeanwhile, parse_assignments, resolve_admin_key
 from tests.conftest import Daemon, free_port, start_daemon, wait_for
 from tests.hubserver import HubServer
@@ -134,6 +134,22 @@ def test_ps_shows_what_waits_and_when_a_model_idles_out() -> None:
     # MODEL PID RESIDENT FOOTPRINT IN-FLIGHT WAITING LAST-USED IDLE-TTL CONTEXT
     assert rows["jit"][4:8] == ["4", "2", "-", "5m00s"]
     assert rows["kept"][4:8] == ["4", "0", "-", "-"]
+
+
+def test_status_says_what_failed_where_a_model_backs_off_after_it() -> None:
+    failed = {"type": "Degraded", "status": True, "reason": "DownloadFailed"}
+    failed["message"] = "cannot reach the Hub: Name or service not known"
+    doc = {
+        "models": {"m": {"want": "downloaded", "conditions": [failed]}},
+        "plan": {"blocked": [{"model": "m", "reason": "BackingOff", "message": "retrying in 25s"}]},
+    }
+    table, notes = status_table(doc)
+    console = Console(record=True, width=200)
+    console.print(table)
+    assert "Blocked: BackingOff" in console.export_text()
+    assert [str(n) for n in notes] == [
+        "m: DownloadFailed: cannot reach the Hub: Name or service not known; retrying in 25s"
+    ]
 
 
 def test_status_ends_with_the_daemons_warnings() -> None:
