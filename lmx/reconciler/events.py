@@ -5,6 +5,10 @@ Publishing never blocks and never fails: each subscriber has a bounded queue, an
 its oldest events (it is told how many in a `dropped` event). Every event has a `seq`, and the bus
 keeps the last `history` of them, so a subscriber that reconnects can resume after the last one
 it saw (SSE's Last-Event-ID). `close()` ends every subscription (shutdown). Event-loop thread only.
+
+Seqs go on from the microseconds since the epoch at the bus's start, not from 1: a subscriber that
+saw event 50 before the daemon restarted, and reconnects once the new daemon has published 80,
+would otherwise be sent the new daemon's events from 51 on, missing its first 50.
 """
 
 from __future__ import annotations
@@ -71,25 +75,30 @@ class Subscription(AsyncIterator[Event]):
 
 
 class EventBus:
-    def __init__(self, *, maxsize: int = 256, history: int = 1024) -> None:
+    def __init__(
+        self, *, maxsize: int = 256, history: int = 1024, first_seq: int | None = None
+    ) -> None:
+        """`first_seq`: its first event's (by default the microseconds since the epoch)."""
         self._maxsize = maxsize
         self._subs: list[Subscription] = []
-        self._seq = itertools.count(1)
-        self._last = 0
+        self._first = time.time_ns() // 1000 if first_seq is None else first_seq
+        self._seq = itertools.count(self._first)
+        self._last = self._first - 1
         self._history: deque[Event] = deque(maxlen=history)
         self._closed = False
 
     def subscribe(self, after: int | None = None) -> Subscription:
         """A new subscription; with `after` (the last `seq` a subscriber saw), it starts with the
         kept events since then and a `dropped` count of those no longer kept. An `after` this
-        bus never reached comes from before a restart: every kept event is new to it."""
+        bus never published comes from another run of the daemon (it restarted): every event of
+        this one is new to it."""
         sub = Subscription(self, self._maxsize)
         if after is not None:
-            if after > self._last:
-                after = 0
+            if not self._first <= after <= self._last:
+                after = self._first - 1
             kept = [e for e in self._history if e["seq"] > after]
             first = kept[0]["seq"] if kept else self._last + 1
-            if after and first > after + 1:
+            if first > after + 1:
                 sub.missed(first - after - 1)
             for event in kept:
                 sub.offer(event)

@@ -142,23 +142,36 @@ async def test_a_slow_subscriber_loses_its_oldest_events_and_is_told_how_many() 
 
 
 async def test_a_subscriber_resumes_after_the_last_event_it_saw() -> None:
-    bus = EventBus(maxsize=16, history=4)
+    bus = EventBus(maxsize=16, history=4, first_seq=101)
     for i in range(6):
-        bus.publish("tick", i=i)  # seq 1..6; seqs 3..6 kept
-    resumed = bus.subscribe(after=4)
-    assert [e["seq"] for e in resumed.pending()] == [5, 6]
-    late = bus.subscribe(after=1)  # seq 2 is no longer kept
+        bus.publish("tick", i=i)  # seq 101..106; seqs 103..106 kept
+    resumed = bus.subscribe(after=104)
+    assert [e["seq"] for e in resumed.pending()] == [105, 106]
+    late = bus.subscribe(after=101)  # seq 102 is no longer kept
     assert await asyncio.wait_for(anext(late), 1) == {
         "type": "dropped",
         "count": 1,
         "time": pytest.approx(time.time(), abs=5),
     }
-    assert [e["seq"] for e in late.pending()] == [3, 4, 5, 6]
-    restarted = bus.subscribe(after=900)  # an id from before a restart: all kept is new
-    assert [e["seq"] for e in restarted.pending()] == [3, 4, 5, 6]
+    assert [e["seq"] for e in late.pending()] == [103, 104, 105, 106]
+    # An id from another run of the daemon, before or after this one's (a clock set back):
+    # every event of this run is new to it, 101 and 102 lost.
+    for before_a_restart in (2, 50, 900):
+        restarted = bus.subscribe(after=before_a_restart)
+        assert (await asyncio.wait_for(anext(restarted), 1))["count"] == 2
+        assert [e["seq"] for e in restarted.pending()] == [103, 104, 105, 106]
     assert bus.subscribe().pending() == []  # without `after`: from now on
     bus.publish("tick", i=6)
-    assert [e["seq"] for e in resumed.pending()] == [7]
+    assert [e["seq"] for e in resumed.pending()] == [107]
+
+
+def test_a_daemon_restarted_numbers_its_events_after_the_last_run_s() -> None:
+    # By the clock: a client that saw the last run's events resumes with all of this run's.
+    before = EventBus()
+    last = before.publish("tick")["seq"]
+    time.sleep(0.002)  # a restart takes seconds
+    after = EventBus()
+    assert after.publish("tick")["seq"] > last
 
 
 async def test_closing_the_bus_ends_every_subscription_after_what_it_queued() -> None:
