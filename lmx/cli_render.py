@@ -146,6 +146,7 @@ def status_table(doc: Doc) -> tuple[Table, list[Text]]:
         state, message = model_state(m, blocked.get(mid))
         if message:
             notes.append(Text(f"{mid}: {message}", state.style))
+        notes += [Text(f"{mid}: {note}", "yellow") for note in m.get("notes") or ()]
         t.add_row(
             Text(mid),
             m.get("want") or "(undeclared)",

@@ -26,7 +26,7 @@ from lmx.reconciler.observing import DiskFacts, Observer
 from lmx.reconciler.spec import DesiredState, ModelSpec, Want
 from lmx.runtime.engine import EngineState
 from lmx.runtime.registry import EngineRegistry, ResidentModel
-from lmx.runtime.store import ModelStore
+from lmx.runtime.store import Footprint, ModelStore
 
 _CONFIG = ""  # the condition book's key for top-level conditions (model ids are never empty)
 
@@ -276,4 +276,16 @@ class StatusView:
             "pid": o.pid,
             "last_used": None if age is None else _iso(time.time() - age),
             "failures": fail.count if fail else 0,
+            "notes": _notes(spec, fp),
         }
+
+
+def _notes(spec: ModelSpec | None, fp: Footprint | None) -> list[str]:
+    """What the model does otherwise than its spec says, and why (no error: it serves)."""
+    declared = spec.engine.context_length if spec else None
+    if declared and fp and fp.context_tokens and fp.context_tokens < declared:
+        return [
+            f"engine.context_length {declared} is more than the model's own "
+            f"{fp.context_tokens} tokens (its config.json): it serves {fp.context_tokens}"
+        ]
+    return []

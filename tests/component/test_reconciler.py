@@ -318,6 +318,23 @@ async def test_status_reports_generations_memory_and_per_model_state(world: Worl
     assert world.r.status()["models"]["a"]["waiting"] == 3
 
 
+async def test_status_notes_a_context_length_past_the_models_own(world: World) -> None:
+    # The engine serves the model's own length (4096 where config.json names none), and lmx ps
+    # shows it; the spec said more, and nothing told the user why it is not what they asked.
+    world.write(
+        a=model(world.model_dir("a"), engine={"context_length": 8192}),
+        b=model(world.model_dir("b", 0.5), engine={"context_length": 4096}),
+    )
+    await world.build().start()
+    await until(lambda: world.ready("a") and world.ready("b"))
+    models = world.r.status()["models"]
+    assert models["a"]["notes"] == [
+        "engine.context_length 8192 is more than the model's own 4096 tokens (its config.json): "
+        "it serves 4096"
+    ]
+    assert models["b"]["notes"] == []
+
+
 async def test_a_model_list_tells_each_name_its_models_state_files_and_context(
     world: World,
 ) -> None:

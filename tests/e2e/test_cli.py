@@ -136,7 +136,7 @@ def test_ps_shows_what_waits_and_when_a_model_idles_out() -> None:
     assert rows["kept"][4:8] == ["4", "0", "-", "-"]
 
 
-def test_status_says_what_failed_where_a_model_backs_off_after_it() -> None:
+def test_status_says_what_failed_where_a_model_backs_off_and_what_its_spec_did_not_get() -> None:
     failed = {"type": "Degraded", "status": True, "reason": "DownloadFailed"}
     failed["message"] = "cannot reach the Hub: Name or service not known"
     doc = {
@@ -149,6 +149,11 @@ def test_status_says_what_failed_where_a_model_backs_off_after_it() -> None:
     assert "Blocked: BackingOff" in console.export_text()
     assert [str(n) for n in notes] == [
         "m: DownloadFailed: cannot reach the Hub: Name or service not known; retrying in 25s"
+    ]
+    # And what a model does otherwise than its spec says.
+    doc["models"]["m"]["notes"] = ["engine.context_length 8192 is more than the model's own 4096"]
+    assert [str(n) for n in status_table(doc)[1]][1:] == [
+        "m: engine.context_length 8192 is more than the model's own 4096"
     ]
 
 
