@@ -31,7 +31,6 @@ _EVENTS_RECONNECT_S = 30.0  # `lmx events` follows a restarting daemon this long
 if TYPE_CHECKING:
     from lmx.client import AdminClient
 
-DEFAULT_URL = "http://127.0.0.1:1234"
 EXIT_UNHEALTHY = 3  # `lmx status`: the config is invalid or a model is quarantined
 
 
@@ -54,7 +53,23 @@ def _make_model(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> AdminClient:
     from lmx.client import AdminClient, resolve_admin_key
 
-    return AdminClient(args.url, resolve_admin_key(args.admin_key))
+    return AdminClient(_daemon_url(args.url), resolve_admin_key(args.admin_key))
+
+
+def _daemon_url(flag: str | None) -> str:
+    """--url, else $LMX_URL, else where `lmx serve` listens by the same environment ($LMX_HOST,
+    $LMX_PORT, else 127.0.0.1:1234). Raises InvalidUrl for an $LMX_PORT that is no number."""
+    if flag is not None:
+        return flag
+    if url := os.environ.get("LMX_URL"):
+        return url
+    try:
+        return Settings.from_env().local_url
+    except ValueError:
+        from lmx.client import InvalidUrl
+
+        port = os.environ.get("LMX_PORT")
+        raise InvalidUrl(f"invalid LMX_PORT {port!r}: give the daemon's port number") from None
 
 
 def _print_json(value: Any) -> None:
@@ -185,7 +200,7 @@ def _events(args: argparse.Namespace) -> int:
     def opened() -> None:
         nonlocal connected, lost_at
         if not connected:
-            print(f"Following events from {args.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+            print(f"Following events from {c.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
         connected, lost_at = True, None
 
     # Ctrl-C ends the follow at once, wherever the read is: every event shown is already
@@ -395,8 +410,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", type=Path, help="desired-state file (default LMX_HOME/config.yaml)"
     )
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 1234)")
+    serve.add_argument("--host", help="address to bind (default $LMX_HOST, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default $LMX_PORT, else 1234)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
 
@@ -413,8 +428,8 @@ def _admin_commands(sub: Any) -> None:
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument(
         "--url",
-        default=os.environ.get("LMX_URL") or DEFAULT_URL,
-        help=f"the daemon (default $LMX_URL or {DEFAULT_URL})",
+        help="the daemon (default $LMX_URL, else where `lmx serve` listens: http://$LMX_HOST:"
+        "$LMX_PORT, a wildcard host by loopback, else http://127.0.0.1:1234)",
     )
     conn.add_argument(
         "--admin-key",

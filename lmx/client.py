@@ -99,7 +99,8 @@ def problems_of(message: str) -> list[str]:
 
 
 class InvalidUrl(DaemonError):
-    """--url (or $LMX_URL) is not an http(s) URL."""
+    """--url (or $LMX_URL) is not an http(s) URL, or $LMX_PORT (where neither is given) is no
+    port number."""
 
 
 def check_url(url: str) -> str:

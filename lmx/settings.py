@@ -6,6 +6,7 @@ level singleton. Imports nothing else from lmx.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ class Settings:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:  # a name: only localhost is known to stay on this machine
             return self.host == "localhost"
+
+    @property
+    def local_url(self) -> str:
+        """Where a client on this machine reaches the daemon. A wildcard address (0.0.0.0, ::)
+        is no destination: it is reached by the loopback address of its family."""
+        host = self.host
+        with contextlib.suppress(ValueError):  # a name is used as it is
+            if ipaddress.ip_address(host).is_unspecified:
+                host = "::1" if ":" in host else "127.0.0.1"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def models_dir(self) -> Path:

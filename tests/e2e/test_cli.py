@@ -36,7 +36,8 @@ CLI_TIMEOUT_S = 30.0
 
 
 def cli_env(home: Path | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LMX_URL", "LMX_ADMIN_KEY")}
+    unset = ("LMX_URL", "LMX_HOST", "LMX_PORT", "LMX_ADMIN_KEY")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["LMX_HOME"] = str(home) if home else "/nonexistent-lmx-home"
     env["COLUMNS"] = "200"
     return env
@@ -49,11 +50,15 @@ def lmx(
 
 
 def run_cli(
-    *args: str, home: Path | None = None, timeout_s: float = CLI_TIMEOUT_S, stdin: str = ""
+    *args: str,
+    home: Path | None = None,
+    timeout_s: float = CLI_TIMEOUT_S,
+    stdin: str = "",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lmx.cli", *args],
-        env=cli_env(home),
+        env=cli_env(home) | (env or {}),
         input=stdin,
         capture_output=True,
         text=True,
@@ -330,6 +335,21 @@ def test_an_unreachable_daemon_is_one_line_and_exit_1() -> None:
     r = run_cli("status", "--url", url)
     assert r.returncode == 1
     assert r.stderr == f"lmx: cannot reach the daemon at {url} (is `lmx serve` running?)\n"
+
+
+def test_without_a_url_the_cli_finds_the_daemon_where_serve_listens(daemon: Daemon) -> None:
+    served = {"LMX_HOST": "0.0.0.0", "LMX_PORT": str(daemon.port)}  # as `lmx serve` reads them
+    for args in (("status",), ("ps", "--json")):
+        r = run_cli(*args, env=served)
+        assert r.returncode == 0, (args, r.stderr)
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    r = run_cli("status", env={**served, "LMX_URL": elsewhere})  # $LMX_URL before the two
+    assert r.returncode == 1 and elsewhere in r.stderr, r.stderr
+    r = run_cli("status", "--url", daemon.url, env={**served, "LMX_URL": elsewhere})
+    assert r.returncode == 0, r.stderr  # and --url before $LMX_URL
+    r = run_cli("status", env={"LMX_PORT": "twelve"})
+    assert r.returncode == 2
+    assert r.stderr == "lmx: invalid LMX_PORT 'twelve': give the daemon's port number\n"
 
 
 def test_a_wrong_admin_key_is_refused_with_exit_1(daemon: Daemon) -> None:

@@ -1,4 +1,5 @@
-"""Settings: which listening addresses keep lmx to this machine."""
+"""Settings: which listening addresses keep lmx to this machine, and how this machine reaches
+them."""
 
 from __future__ import annotations
 
@@ -26,3 +27,21 @@ from lmx.settings import Settings
 )
 def test_loopback_is_the_address_not_its_spelling(host: str, loopback: bool) -> None:
     assert Settings.from_env(home=Path("/nonexistent"), host=host).is_loopback is loopback
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("localhost", "http://localhost:8080"),
+        ("studio.local", "http://studio.local:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("0.0.0.0", "http://127.0.0.1:8080"),  # every address: reached by loopback
+        ("::", "http://[::1]:8080"),
+        ("192.168.1.20", "http://192.168.1.20:8080"),
+    ],
+)
+def test_a_client_on_this_machine_reaches_a_wildcard_address_by_loopback(
+    host: str, url: str
+) -> None:
+    assert Settings.from_env(home=Path("/nonexistent"), host=host, port=8080).local_url == url
