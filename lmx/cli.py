@@ -4,8 +4,9 @@ through its admin API (lmx.client), `chat` through its chat completions, and sho
 
 Parses flags into explicit values (Settings, paths) and hands them on; no command reads another's
 flags. Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage (a bad --url too),
-3 when `lmx status` finds the daemon unhealthy (its config file invalid, or a model quarantined),
-4 when `lmx service` finds no systemd user session to ask (lmx.service), 130 on Ctrl-C.
+3 when `lmx status` finds the daemon unhealthy (its config file invalid, or a model quarantined)
+or `lmx plan` finds the config file invalid (its plan is for the last good state), 4 when
+`lmx service` finds no systemd user session to ask (lmx.service), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _EVENTS_RECONNECT_S = 30.0  # `lmx events` follows a restarting daemon this long
 if TYPE_CHECKING:
     from lmx.client import AdminClient
 
-EXIT_UNHEALTHY = 3  # `lmx status`: the config is invalid or a model is quarantined
+# `lmx status`: the config is invalid or a model is quarantined; `lmx plan`: the config is invalid.
+EXIT_UNHEALTHY = 3
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -131,13 +133,23 @@ def _show_plan(plan: dict[str, Any], *, dry_run: bool) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
+    from lmx.cli_render import config_lines, console
+
     with _client(args) as c:
         plan = c.plan()
+    config = plan.get("config") or {}
+    code = 0 if config.get("valid", True) else EXIT_UNHEALTHY
     if args.json:
         _print_json(plan)
-    else:
-        _show_plan(plan, dry_run=False)
-    return 0
+        return code
+    if code:  # the plan alone ("No changes") would read as if the file's edits were in place
+        invalid = "this plan is for the last valid desired state"
+        for line in [*config_lines(config, invalid=invalid), Text("")]:
+            console().print(line)
+    _show_plan(plan, dry_run=False)
+    return code
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -454,7 +466,13 @@ def _admin_commands(sub: Any) -> None:
         out,
     )
     add("ps", _ps, "loaded models", out)
-    add("plan", _plan, "what the daemon would do now to match the desired state", out)
+    add(
+        "plan",
+        _plan,
+        "what the daemon would do now to match the desired state (exits 3 if the config is"
+        " invalid: the plan is then for the last valid state)",
+        out,
+    )
     apply = add("apply", _apply, "replace the desired state with FILE", out, dry)
     apply.add_argument("-f", "--file", type=Path, required=True, help="YAML file, or - for stdin")
     st = add("set", _set, "change one model: lmx set MODEL key=value ...", out, dry)

@@ -177,15 +177,22 @@ def status_footer(doc: Doc) -> list[Text]:
     gen, seen = doc.get("generation"), doc.get("observedGeneration")
     lag = "" if gen == seen else " (reconciling)"
     lines.append(Text(f"Generation: {gen}, observed {seen}{lag}"))
-    config = doc.get("config") or {}
-    where = f" ({config['path']})" if config.get("path") else ""
-    if config.get("valid", True):
-        lines.append(Text(f"Config: valid{where}", "green"))
-    else:
-        lines.append(Text(f"Config: INVALID{where}; the last good state is kept:", "bold red"))
-        lines += [Text(f"  {p}", "red") for p in problems_of(str(config.get("error", "")))]
+    lines += config_lines(doc.get("config") or {}, invalid="the last good state is kept")
     lines += [Text(f"Warning: {w}", "bold yellow") for w in doc.get("warnings") or []]
     return lines
+
+
+def config_lines(config: Doc, *, invalid: str) -> list[Text]:
+    """The config file's validity (a `config` of /admin/status or /admin/plan): one line, or for
+    an invalid file a heading that ends with what `invalid` says of it, then each error."""
+    where = f" ({config['path']})" if config.get("path") else ""
+    if config.get("valid", True):
+        return [Text(f"Config: valid{where}", "green")]
+    problems = problems_of(str(config.get("error", "")))
+    return [
+        Text(f"Config: INVALID{where}; {invalid}:", "bold red"),
+        *(Text(f"  {p}", "red") for p in problems),
+    ]
 
 
 def ps_table(doc: Doc) -> Table:

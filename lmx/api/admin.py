@@ -146,8 +146,13 @@ async def put_desired(
 
 @router.get("/plan")
 async def get_plan(control: Reader) -> dict[str, Any]:
-    """What the reconciler would do now, with a reason for each blocked item."""
-    return control.reconciler.plan_now_json()
+    """What the reconciler would do now, with a reason for each blocked item, and the config
+    file's validity as /admin/status shows it: while the file is invalid, the plan is for the last
+    good desired state, not for what the file says."""
+    r = control.reconciler
+    path = str(r.config_path) if r.config_path else None
+    config = {"path": path, "valid": r.config_error is None, "error": r.config_error}
+    return {**r.plan_now_json(), "config": config}
 
 
 @router.get("/events", response_model=None)

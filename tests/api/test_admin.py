@@ -353,6 +353,19 @@ async def test_a_patch_that_fixes_an_invalid_file_answers_with_the_file_valid(
     assert world.r.status()["config"]["valid"] is True
 
 
+async def test_the_plan_says_while_the_file_is_invalid_that_it_is_for_the_last_good_state(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    plan = (await client.get("/admin/plan")).json()
+    assert (plan["config"]["valid"], plan["config"]["error"]) == (True, None)
+    world.write_text(world.config_path.read_text() + "bogus: 1\n")
+    await until(lambda: world.r.config_error is not None)
+    plan = (await client.get("/admin/plan")).json()
+    assert plan["config"]["valid"] is False and "bogus (line" in plan["config"]["error"]
+    assert plan["config"] == (await client.get("/admin/status")).json()["config"]
+    assert plan["actions"] == []  # the last good state is in place
+
+
 async def test_a_patch_of_a_file_with_a_duplicate_key_names_the_key_and_line(
     client: httpx.AsyncClient, world: World
 ) -> None:

@@ -614,20 +614,27 @@ def desired_with_key(d: Daemon, key: str) -> dict[str, Any]:
     return body
 
 
-def test_status_exits_3_while_the_config_is_invalid(
+def test_status_and_plan_exit_3_while_the_config_is_invalid(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
     d = daemon_factory()
     good = d.config_path.read_text()
-    d.config_path.write_text(good + "bogus: 1\n")
+    d.config_path.write_text(good + "jit: true\njit: false\n")
     wait_for(lambda: status(d)["config"]["valid"], lambda valid: not valid)
-    for args in (("status",), ("status", "--json")):
+    for args in (("status",), ("status", "--json"), ("plan",), ("plan", "--json")):
         r = lmx(d, *args)
         assert r.returncode == 3, (args, r.stdout, r.stderr)
-    assert "bogus (line" in lmx(d, "status").stdout
+    assert "jit (line" in lmx(d, "status").stdout
+    # The plan is for the last valid state: "No changes" alone would say the edit is in place.
+    lines = lmx(d, "plan").stdout.splitlines()
+    assert lines[0].startswith("Config: INVALID") and "last valid desired state" in lines[0]
+    assert lines[1].strip().startswith("jit (line") and "duplicate key" in lines[1], lines
+    config = json.loads(lmx(d, "plan", "--json").stdout)["config"]
+    assert config == status(d)["config"] and not config["valid"]
     d.config_path.write_text(good)
     wait_for(lambda: status(d)["config"]["valid"], bool)
     assert lmx(d, "status").returncode == 0
+    assert lmx(d, "plan").returncode == 0
 
 
 def test_a_quarantined_model_makes_status_unhealthy() -> None:
