@@ -53,16 +53,19 @@ def parse_bytes(value: str | int) -> int:
 
 
 def parse_duration_s(value: str | float) -> float:
-    """'1h30m' -> 5400.0; a bare number is seconds."""
+    """'1h30m' -> 5400.0; a bare number is seconds. Raises ValueError for a duration of no time
+    however it is written (0, 0s, 0m0s), as for one that is not a duration."""
     if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("must be a positive number of seconds")
-        return float(value)
-    text = value.strip().replace(" ", "")
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"{value!r} is not a duration; use e.g. 90s, 30m, 1h, 1h30m")
-    return sum(float(n) * _DURATION_S[u] for n, u in parts)
+        seconds = float(value)
+    else:
+        text = value.strip().replace(" ", "")
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"{value!r} is not a duration; use e.g. 90s, 30m, 1h, 1h30m")
+        seconds = sum(float(n) * _DURATION_S[u] for n, u in parts)
+    if not seconds > 0:  # NaN too: a model would never idle out
+        raise ValueError("must be a positive number of seconds")
+    return seconds
 
 
 class Want(StrEnum):
@@ -167,7 +170,13 @@ class MemorySpec(_Strict):
     @classmethod
     def _budget(cls, v: str | int) -> str | int:
         if isinstance(v, str) and v.strip().endswith("%"):
-            pct = float(v.strip()[:-1])
+            try:
+                pct = float(v.strip()[:-1])
+            except ValueError:
+                raise ValueError(
+                    f"{v!r} is not a budget; use a percentage of memory like 90%, or a size like"
+                    " 400GiB, 64GB, 512MiB"
+                ) from None
             if not 0 < pct <= 100:
                 raise ValueError("a percentage budget must be in (0%, 100%]")
             return v.strip()

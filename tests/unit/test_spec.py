@@ -126,8 +126,17 @@ def test_redact_hides_every_secret_and_keeps_the_count() -> None:
         ("memory: {budget: 12 parsecs}\n", "memory.budget (line 1): '12 parsecs' is not a size"),
         ("memory: {budget: 140%}\n", "memory.budget (line 1): a percentage budget must be in"),
         (
+            "memory: {budget: abc%}\n",
+            "memory.budget (line 1): 'abc%' is not a budget; use a percentage of memory like 90%,"
+            " or a size like 400GiB",
+        ),
+        (
             "models:\n  m: {source: x/y, idle_ttl: soon}\n",
             "models.m.idle_ttl (line 2): 'soon' is not a duration",
+        ),
+        (
+            "models:\n  m: {source: x/y, idle_ttl: 0m0s}\n",
+            "models.m.idle_ttl (line 2): must be a positive number of seconds",
         ),
         ("models:\n  m: {want: pinned}\n", "models.m.source (line 2): Field required"),
         (
@@ -182,3 +191,12 @@ def test_sizes(text: str, n: int) -> None:
 @pytest.mark.parametrize(("text", "s"), [("90s", 90), ("30m", 1800), ("1h30m", 5400), (2.5, 2.5)])
 def test_durations(text: str | float, s: float) -> None:
     assert parse_duration_s(text) == s
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [0, 0.0, "0s", "0m0s", "0ms", "0h 0m", float("nan")],  # NaN: no number of seconds either
+)
+def test_a_zero_duration_is_refused_however_it_is_written(zero: str | float) -> None:
+    with pytest.raises(ValueError, match=r"^must be a positive number of seconds$"):
+        parse_duration_s(zero)
