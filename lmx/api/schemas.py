@@ -31,7 +31,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and Infinity, which Python's JSON reads, are no numbers a request may give (a NaN
+    # temperature was refused as "less than or equal to 2").
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class _Body(_Request):

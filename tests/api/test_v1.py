@@ -201,6 +201,10 @@ async def test_an_embedding_input_may_be_its_text_or_its_token_ids(
 async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, "temperature": 7})
     assert_envelope(r, 400, "temperature")
+    for number in ("NaN", "Infinity"):  # JSON as Python reads it
+        body = json.dumps(CHAT)[:-1] + f', "temperature": {number}}}'
+        r = await client.post("/v1/chat/completions", content=body, headers=JSON_TYPE)
+        assert "a finite number" in assert_envelope(r, 400, "temperature")["message"]
     r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert_envelope(r, 400, "messages")
     # Not JSON: where it broke, and no param (the character's position is none).
