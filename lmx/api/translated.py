@@ -49,14 +49,14 @@ def chat_request(chat: dict[str, Any], names: Names) -> ChatCompletionRequest:
 
 def renamed(exc: RequestError, names: Names) -> RequestError:
     """`exc`, raised for the chat request another API's request runs as, naming that API's field
-    (in its message too, where it starts with the field: `field: ...`, `field is ...`)."""
+    (in its message too, where it starts with the field)."""
     if exc.param is None:
         return exc
     param = exc.param
     for chat, other in names:
         param = chat.sub(other, param)
     message = str(exc)
-    if message.startswith(exc.param) and message[len(exc.param) :][:1] in (":", " "):
+    if message.startswith(exc.param + ":"):
         message = param + message[len(exc.param) :]
     return RequestError(message, param=param, code=exc.code)
 
