@@ -68,7 +68,8 @@ def constraint_for(body: ChatCompletionRequest, engine: Engine) -> Constraint | 
     spec = fmt.json_schema
     if spec is None or spec.schema_ is None:
         raise RequestError(
-            "response_format.json_schema.schema is required for type json_schema",
+            # `field: ...`, as a validation error says it: another API's request renames it.
+            "response_format.json_schema.schema: required for type json_schema",
             param="response_format.json_schema.schema",
         )
     try:

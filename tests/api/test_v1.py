@@ -213,6 +213,19 @@ async def test_invalid_parameter_names_the_field(client: httpx.AsyncClient) -> N
     assert err["message"].startswith("body: not valid JSON at character 10") and not err["param"]
 
 
+async def test_a_json_schema_format_without_its_schema_names_the_field_of_each_api(
+    client: httpx.AsyncClient,
+) -> None:
+    rf = {"type": "json_schema", "json_schema": {"name": "x"}}
+    r = await client.post("/v1/chat/completions", json={**CHAT, "response_format": rf})
+    err = assert_envelope(r, 400, "response_format.json_schema.schema")
+    assert err["message"] == "response_format.json_schema.schema: required for type json_schema"
+    text = {"format": {"type": "json_schema", "name": "x"}}
+    r = await client.post("/v1/responses", json={"model": "tiny", "input": "hi", "text": text})
+    err = assert_envelope(r, 400, "text.format.schema")
+    assert err["message"] == "text.format.schema: required for type json_schema"
+
+
 async def test_a_lone_surrogate_is_a_400_naming_the_string_that_holds_it(
     client: httpx.AsyncClient,
 ) -> None:
