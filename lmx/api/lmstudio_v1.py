@@ -243,6 +243,8 @@ async def load(body: NativeLoadRequest, deps: v1.Deps) -> JSONResponse:
 
 @router.post("/models/unload", response_model=None)
 @router.post("/models/download", response_model=None)
+@router.get("/models/download/status", response_model=None)
+@router.get("/models/download/status/{job_id}", response_model=None)
 async def not_imperative() -> JSONResponse:
     raise PermanentError(
         "lmx keeps its models as its desired state says (~/.opta-lmx/config.yaml, or PATCH"

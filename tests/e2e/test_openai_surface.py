@@ -515,6 +515,9 @@ def test_lm_studio_scripts_list_load_and_chat_at_api_v1(daemon: Daemon) -> None:
         assert r.status_code == status and says in r.text, r.text
     unload = httpx.post(api + "/models/unload", json={"instance_id": "lmx-tiny"}, timeout=10)
     assert unload.status_code == 409 and "desired" in unload.json()["error"]["message"]
+    for path in ("/models/download/status", "/models/download/status/job_1"):  # was a 404
+        r = httpx.get(api + path, timeout=10)
+        assert r.status_code == 409 and "desired" in r.json()["error"]["message"]
 
 
 def test_metrics_count_engine_steps_and_lmx_overhead_per_model(
