@@ -41,7 +41,12 @@ def _serve(args: argparse.Namespace) -> int:
     from lmx.logs import configure
 
     configure(args.log_level)
-    return run(Settings.from_env(config=args.config, host=args.host, port=args.port))
+    try:
+        settings = Settings.from_env(config=args.config, host=args.host, port=args.port)
+    except ValueError as exc:
+        print(f"lmx: {exc}", file=sys.stderr)
+        return 2
+    return run(settings)
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -67,11 +72,10 @@ def _daemon_url(flag: str | None) -> str:
         return url
     try:
         return Settings.from_env().local_url
-    except ValueError:
+    except ValueError as exc:
         from lmx.client import InvalidUrl
 
-        port = os.environ.get("LMX_PORT")
-        raise InvalidUrl(f"invalid LMX_PORT {port!r}: give the daemon's port number") from None
+        raise InvalidUrl(str(exc)) from None
 
 
 def _print_json(value: Any) -> None:

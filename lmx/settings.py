@@ -36,12 +36,19 @@ class Settings:
         port: int | None = None,
         home: Path | None = None,
     ) -> Settings:
+        """Raises ValueError, saying so, for an $LMX_PORT that is no number."""
         home = (home or default_home()).expanduser()
+        if port is None:
+            raw = os.environ.get("LMX_PORT") or str(DEFAULT_PORT)
+            try:
+                port = int(raw)
+            except ValueError:
+                raise ValueError(f"invalid LMX_PORT {raw!r}: give a port number") from None
         return cls(
             home=home,
             config_path=(config or home / "config.yaml").expanduser(),
             host=host or os.environ.get("LMX_HOST") or DEFAULT_HOST,
-            port=port if port is not None else int(os.environ.get("LMX_PORT") or DEFAULT_PORT),
+            port=port,
         )
 
     @property

@@ -347,9 +347,10 @@ def test_without_a_url_the_cli_finds_the_daemon_where_serve_listens(daemon: Daem
     assert r.returncode == 1 and elsewhere in r.stderr, r.stderr
     r = run_cli("status", "--url", daemon.url, env={**served, "LMX_URL": elsewhere})
     assert r.returncode == 0, r.stderr  # and --url before $LMX_URL
-    r = run_cli("status", env={"LMX_PORT": "twelve"})
-    assert r.returncode == 2
-    assert r.stderr == "lmx: invalid LMX_PORT 'twelve': give the daemon's port number\n"
+    for command in ("status", "serve"):  # serve's was a traceback
+        r = run_cli(command, env={"LMX_PORT": "twelve"})
+        assert r.returncode == 2
+        assert r.stderr == "lmx: invalid LMX_PORT 'twelve': give a port number\n"
 
 
 def test_a_wrong_admin_key_is_refused_with_exit_1(daemon: Daemon) -> None:
