@@ -70,4 +70,4 @@ def require_inference(keys: Keys, request: Request) -> None:
     admin = keys.admin()
     token = _bearer(request)
     if not _matches(token, (*allowed, *((admin,) if admin else ()))):
-        raise _deny(token, "/v1")
+        raise _deny(token, request.url.path)  # /v1, LM Studio's /api, ...

@@ -575,8 +575,10 @@ async def test_inference_keys_guard_v1_when_configured(registry: EngineRegistry)
     keys = Keys(admin=lambda: "admin", inference=lambda: ("k1", "k2"))
     app = create_app(AppDeps(registry=registry, models=StaticModels(registry), keys=keys))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-        assert_envelope(await c.get("/v1/models"), 401)
-        assert_envelope(await c.get("/v1/models", headers={"Authorization": "Bearer k3"}), 401)
+        err = assert_envelope(await c.get("/v1/models"), 401)
+        assert err["message"].startswith("no API key was given for /v1/models; send")
+        r = await c.get("/api/v0/models", headers={"Authorization": "Bearer k3"})
+        assert assert_envelope(r, 401)["message"].startswith("the API key is not valid for /api/v0")
         for key in ("k2", "admin"):
             r = await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200
