@@ -217,6 +217,8 @@ def _events(args: argparse.Namespace) -> int:
         nonlocal connected, lost_at
         if not connected:
             print(f"Following events from {c.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        elif lost_at is not None:
+            print(f"lmx: reconnected to {c.url}", file=sys.stderr, flush=True)
         connected, lost_at = True, None
 
     # Ctrl-C ends the follow at once, wherever the read is: every event shown is already
@@ -232,10 +234,12 @@ def _events(args: argparse.Namespace) -> int:
             except DaemonError as exc:
                 # A daemon restarting (launchd, an upgrade) comes back within seconds:
                 # follow on from the last event seen, for a while.
-                lost_at = lost_at or time.monotonic()
+                if lost_at is None:  # once an outage, not at each try (every second)
+                    lost_at = time.monotonic()
+                    if connected:
+                        print(f"lmx: {exc}; reconnecting", file=sys.stderr, flush=True)
                 if not connected or time.monotonic() - lost_at > _EVENTS_RECONNECT_S:
                     raise
-                print(f"lmx: {exc}; reconnecting", file=sys.stderr, flush=True)
                 time.sleep(1.0)
 
 

@@ -543,6 +543,8 @@ def test_events_follows_a_restarting_daemon(tmp_path: Path, builtin_cache: Path)
             line = out.until(lambda line: json.loads(line)["type"] == "desired_changed")
             assert json.loads(line)["origin"] == "admin"
             assert proc.poll() is None
+            err.until(lambda line: line.startswith("lmx: reconnected to "))
+            assert sum("reconnecting" in line for line in err.seen) == 1  # not one a second
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=10) == 0, err.seen
     finally:
