@@ -53,6 +53,7 @@ _BITS = {"bfloat16": 16, "float16": 16, "float32": 32}
 
 
 @router.get("/models", response_model=None)
+@router.get("/models/", response_model=None)  # not a model named "": the list
 async def list_models(deps: v1.Deps) -> JSONResponse:
     """The servable models, each as LM Studio lists it."""
     return JSONResponse({"object": "list", "data": [model_entry(m) for m in deps.models.listed()]})

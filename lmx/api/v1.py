@@ -116,6 +116,7 @@ router = APIRouter(
 
 
 @router.get("/models", response_model=ModelList)
+@router.get("/models/", response_model=ModelList)  # not a model named "": the list
 async def list_models(request: Request, deps: Deps) -> ModelList | JSONResponse:
     """The servable models; in Anthropic's shape for its clients (they send `anthropic-version`)."""
     served = deps.models.servable()

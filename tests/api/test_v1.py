@@ -75,6 +75,10 @@ async def test_models_lists_loaded_model(client: httpx.AsyncClient) -> None:
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["tiny"]
     assert body["data"][0]["object"] == "model"
+    # With a trailing slash, the list too, not "model '' not found".
+    for api in ("/v1", "/api/v0"):
+        r = await client.get(f"{api}/models/")
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["tiny"], r.text
 
 
 async def test_chat_completion_has_openai_shape_and_counts(client: httpx.AsyncClient) -> None:
