@@ -188,8 +188,10 @@ def _set(args: argparse.Namespace) -> int:
     with _client(args) as c:
         doc, etag = c.desired()
         declared = (doc.get("desired") or {}).get("models") or {}
-        if args.delete and args.model not in declared:
-            print(f"lmx: model {args.model} is not declared", file=sys.stderr)
+        if args.model not in declared and (args.delete or "source" not in fields):
+            # A new model needs its source; the daemon's 422 named a line of the patched file.
+            need = "" if args.delete else f"; give its source (lmx set {args.model} source=...)"
+            print(f"lmx: model {args.model} is not declared{need}", file=sys.stderr)
             return 1
         patch = {"models": {args.model: None if args.delete else fields}}
         body = c.patch(patch, if_match=etag or None, dry_run=args.dry_run)

@@ -398,6 +398,11 @@ def test_set_dry_run_changes_nothing_then_set_adds_a_model_that_becomes_ready(
 
     assert lmx(d, "set", "llama", "--delete").returncode == 0
     assert "llama" not in desired(d)["desired"]["models"]
+    # A model not declared: without a source, said so (the 422 named a line of the patched file).
+    r = lmx(d, "set", "llama", "want=resident")
+    assert r.returncode == 1 and r.stderr == (
+        "lmx: model llama is not declared; give its source (lmx set llama source=...)\n"
+    )
 
 
 def test_apply_of_an_invalid_file_names_each_field_and_changes_nothing(
