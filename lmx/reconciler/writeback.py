@@ -85,9 +85,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return target
 
 
-# Where the comment after an item goes: in a mapping's ca.items, after its value; in a list's,
-# first.
-_AFTER = {CommentedMap: 2, CommentedSeq: 0}
+def _after(node: CommentedMap | CommentedSeq) -> int:
+    """Where in an item's comments (`node.ca.items`) the comment after it goes: in a mapping's,
+    after its value; in a list's, first."""
+    return 2 if isinstance(node, CommentedMap) else 0
 
 
 def _last_line(node: Any) -> tuple[CommentedMap | CommentedSeq, Any] | None:
@@ -116,8 +117,8 @@ def _move_outer_comments(
     value would be written after them, seemingly part of them. Those written left of the mapping's
     keys (with the blank lines before them) are outside it."""
     node, at = ended
-    token = (node.ca.items.get(at) or [None] * 3)[_AFTER[type(node)]]
-    first = mapping.lc.data.get(next(iter(mapping))) if token is not None else None
+    token = (node.ca.items.get(at) or [None] * 3)[_after(node)]
+    first = (mapping.lc.data or {}).get(next(iter(mapping))) if token is not None else None
     if first is None:  # no comment, or a mapping the file did not have
         return
     column = first[1]  # of the mapping's keys, as the file writes them
@@ -133,7 +134,7 @@ def _move_outer_comments(
     token.value = text[:cut] + "".join(lines[:start])
     node, at = ends
     slots: list[Any] = [None] * 4
-    slots[_AFTER[type(node)]] = CommentToken("\n" + "".join(lines[start:]), CommentMark(0))
+    slots[_after(node)] = CommentToken("\n" + "".join(lines[start:]), CommentMark(0))
     node.ca.items[at] = slots
 
 
