@@ -64,6 +64,13 @@ def is_embedding_model(path: Path) -> bool:
     return (path / EMBEDDING_MARKER).is_file()
 
 
+# How a load's footprint is measured, kept with each measurement. 2: the whole worker, idle spare
+# workers left out (lmx.runtime.memory). Before, a load that started its own worker was charged
+# the spare as well, and one that took a spare was charged none of it: a model measured too big
+# could be refused for good, never loaded again to be measured anew.
+MEASURE = 2
+
+
 @dataclass(frozen=True)
 class Footprint:
     """Memory one loaded model is charged: weights + KV at full context and batch + margin, plus
@@ -358,9 +365,13 @@ class ModelStore:
         return fp
 
     def measured_bytes(self, model_id: str, key: str) -> int | None:
+        """What the latest load of this model and config took, measured as loads are now (a
+        measurement of another kind, or none, leaves the estimate in charge until the next)."""
         with self._lock:
             entry = self._measurements().get(f"{model_id}@{key}")
-        return int(entry["weights_bytes"]) if entry else None
+        if not entry or entry.get("measure") != MEASURE:
+            return None
+        return int(entry["weights_bytes"])
 
     def record_measured(self, model_id: str, key: str, weights_bytes: int) -> None:
         """Persist what a load of this model and config really took (atomically)."""
@@ -369,6 +380,7 @@ class ModelStore:
             table[f"{model_id}@{key}"] = {
                 "weights_bytes": int(weights_bytes),
                 "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "measure": MEASURE,
             }
             write_atomic(self.home / "footprints.json", json.dumps(table, indent=1, sort_keys=True))
 

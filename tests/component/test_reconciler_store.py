@@ -113,6 +113,12 @@ def test_a_measured_load_replaces_the_estimated_weights_and_is_kept_across_resta
     assert again is not None and again.measured and again.weights_bytes == 150 * MiB
     other_config = store.footprint("m", "k2", str(path), "main", sizing)
     assert other_config is not None and not other_config.measured
+    # A measurement of the kind before idle spares were left out: the estimate again.
+    table = json.loads((tmp_path / "home" / "footprints.json").read_text())
+    del table["m@k1"]["measure"]
+    (tmp_path / "home" / "footprints.json").write_text(json.dumps(table))
+    old = ModelStore(tmp_path / "home").footprint("m", "k1", str(path), "main", sizing)
+    assert old is not None and not old.measured and old.weights_bytes == 100 * MiB
 
 
 def test_sources_resolve_to_their_directories(tmp_path: Path) -> None:
