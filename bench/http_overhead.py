@@ -41,6 +41,7 @@ from lmx.runtime.engine import (
     GenerationRequest,
     LoadConfig,
 )
+from lmx.runtime.parsers import Thinking
 from lmx.runtime.registry import EngineRegistry
 from lmx.runtime.sampling import SamplingDefaults
 
@@ -49,11 +50,13 @@ _SERVER_WAIT_S = 60.0  # for `serve` to answer
 
 
 class ZeroTokenizer:
-    """Every id decodes to "!"; `reasoning` as the synthetic models' tokenizer (it has <think>)."""
+    """Every id decodes to "!"; `reasoning` as the synthetic models' tokenizer (it has <think>),
+    its tags ids 5 and 6, which no prompt of it holds (every prompt token is 7)."""
 
     eos_token_ids: frozenset[int] = frozenset({0})
     tool_parser: str | None = None
     marker_ids: Mapping[str, int] = {}
+    thinking: Thinking | None = ((5,), 6)
 
     def __init__(self, reasoning: bool) -> None:
         self.reasoning = reasoning

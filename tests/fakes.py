@@ -98,6 +98,7 @@ class FakeTokenizer:
         self.eos_token_ids: frozenset[int] = frozenset({0})
         self.tool_parser: str | None = None
         self.reasoning = False
+        self.thinking = None
         self.marker_ids: Mapping[str, int] = {}
 
     def encode(self, text: str) -> list[int]:

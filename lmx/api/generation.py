@@ -45,6 +45,7 @@ from lmx.runtime.parsers import (
     Reasoning,
     ToolCall,
     make_parser,
+    opens_thinking,
 )
 from lmx.runtime.sampling import SamplingDefaults
 from lmx.runtime.toolcalls import mistral_safe_id
@@ -503,12 +504,16 @@ def output_parser(
     call_forced: bool = False,
     functions: Functions = None,
 ) -> OutputParser:
-    """The parser of a chat answer to `prompt`. A prompt that ends by opening a <think> block
-    starts the answer in reasoning, unless a grammar constrains it: the grammar's output (a tool
-    call, JSON) is the answer from its first token, whatever the template opened. `call_forced`:
-    that grammar's is a tool call."""
+    """The parser of a chat answer to `prompt`. A prompt that ends inside a <think> block (the
+    template opened it, or an assistant's prefill did and left it open) starts the answer in
+    reasoning, unless a grammar constrains it: the grammar's output (a tool call, JSON) is the
+    answer from its first token, whatever the template opened. `call_forced`: that grammar's is
+    a tool call."""
     tok = engine.tokenizer
-    tail = tok.decode(list(prompt[-4:])).rstrip()
+    if tok.thinking is not None:
+        inside = opens_thinking(prompt, tok.thinking)
+    else:  # the tags are no tokens of their own: the prompt's last words tell
+        inside = tok.decode(list(prompt[-4:])).rstrip().endswith("<think>")
     # A grammar makes a harmony model write its answer (JSON) in the final channel the prompt
     # opened (chat_prompt), plain; a call it writes in harmony.
     harmony_answer = constrained and not call_forced and tok.tool_parser == HARMONY
@@ -516,7 +521,7 @@ def output_parser(
         tool_parser=None if harmony_answer else tok.tool_parser,
         tools_enabled=tools,
         reasoning=tok.reasoning,
-        starts_in_reasoning=tok.reasoning and tail.endswith("<think>") and not constrained,
+        starts_in_reasoning=tok.reasoning and inside and not constrained,
         functions=functions,
     )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmx.errors import RequestError
+from lmx.runtime.parsers import Thinking
 from lmx.runtime.sampling import SamplingDefaults
 
 
@@ -158,6 +159,7 @@ class Tokenizer(Protocol):
     eos_token_ids: frozenset[int]
     tool_parser: str | None  # a key of lmx.runtime.parsers.TOOL_PARSERS, or None
     reasoning: bool  # the model writes <think>…</think>
+    thinking: Thinking | None  # its reasoning block's tokens, where they are tokens of their own
     marker_ids: Mapping[str, int]  # markup tokens (<tool_call>…) a grammar must emit as one token
 
     def encode(self, text: str) -> list[int]: ...

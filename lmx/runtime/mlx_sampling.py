@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
 
 from lmx.runtime.engine import SamplingParams
+from lmx.runtime.parsers import Thinking
 
 Sampler = Callable[[mx.array], mx.array]
 Processor = Callable[[mx.array, mx.array], mx.array]
@@ -80,11 +81,6 @@ def _suppress_until(ids: Sequence[int], min_tokens: int) -> Processor:
     return process
 
 
-# A model's reasoning block: the tokens that open it (`<think>`; gpt-oss's `<|channel|>analysis
-# <|message|>`) and the one that ends it (`</think>`; `<|end|>`).
-Thinking = tuple[tuple[int, ...], int]
-
-
 def thinking_budget(budget: int, think: Thinking, *, inside: bool) -> Processor:
     """Write the `think` block's end for the model once the block has taken `budget` tokens,
     counted from the first block the answer opens; `inside`: the prompt opened it. Until the
@@ -119,18 +115,6 @@ def thinking_budget(budget: int, think: Thinking, *, inside: bool) -> Processor:
         return mx.where(over, forced, logits)
 
     return process
-
-
-def opens_thinking(prompt: Sequence[int], think: Thinking) -> bool:
-    """Whether `prompt` ends inside a `think` block: its last opener after its last end."""
-    opens, end = think
-    k = len(opens)
-    for i in range(len(prompt) - 1, -1, -1):
-        if prompt[i] == end:
-            return False
-        if prompt[i] == opens[-1] and i >= k - 1 and tuple(prompt[i - k + 1 : i + 1]) == opens:
-            return True
-    return False
 
 
 def make_processors(p: SamplingParams, eos_ids: Sequence[int]) -> list[Processor]:

@@ -13,7 +13,6 @@ from typing import Any
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from lmx.runtime.engine import LoadConfig
-from lmx.runtime.mlx_sampling import Thinking
 from lmx.runtime.parsers import (
     H_CALL,
     H_CHANNEL,
@@ -25,6 +24,7 @@ from lmx.runtime.parsers import (
     MARKUP,
     THINK_CLOSE,
     THINK_OPEN,
+    Thinking,
     detect_reasoning,
     detect_tool_parser,
 )

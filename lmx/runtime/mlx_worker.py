@@ -42,14 +42,9 @@ from lmx.runtime.intake import COMING_FOR_S, MAX_HOLD_S
 from lmx.runtime.mlx_constraint import ConstrainedProcessor, ConstraintFactory
 from lmx.runtime.mlx_embedding import Pooling, embed_rows, hidden_states_model, pooling_of
 from lmx.runtime.mlx_prompt_cache import PromptCache, take_out
-from lmx.runtime.mlx_sampling import (
-    Thinking,
-    make_processors,
-    make_sampler,
-    opens_thinking,
-    thinking_budget,
-)
+from lmx.runtime.mlx_sampling import make_processors, make_sampler, thinking_budget
 from lmx.runtime.mlx_tokenizer import MlxTokenizer
+from lmx.runtime.parsers import Thinking, opens_thinking
 from lmx.runtime.scheduling import run_as_worker, yield_to_workers
 from lmx.runtime.steptrace import Arrival, TraceLog, step_of, switches, switches_between
 from lmx.runtime.store import context_tokens

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -68,6 +68,23 @@ __all__ = [
 ]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# A model's reasoning block as tokens: those that open it (`<think>`; gpt-oss's `<|channel|>analysis
+# <|message|>`) and the one that ends it (`</think>`; `<|end|>`).
+Thinking: TypeAlias = tuple[tuple[int, ...], int]
+
+
+def opens_thinking(prompt: Sequence[int], think: Thinking) -> bool:
+    """Whether `prompt` ends inside a `think` block: its last opener after its last end."""
+    opens, end = think
+    k = len(opens)
+    for i in range(len(prompt) - 1, -1, -1):
+        if prompt[i] == end:
+            return False
+        if prompt[i] == opens[-1] and i >= k - 1 and tuple(prompt[i - k + 1 : i + 1]) == opens:
+            return True
+    return False
+
+
 _THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
 # gpt-oss's harmony format: messages `<|start|>{header}<|message|>{body}`, each ended by `<|end|>`,
 # or by `<|call|>` or `<|return|>`, which end the output. The header names the message's channel

@@ -41,6 +41,7 @@ class ScriptedTokenizer:
     eos_token_ids = frozenset({0})
     tool_parser = "hermes"
     reasoning = True
+    thinking = None  # its tags are characters: the prompt's last words tell
     marker_ids: Mapping[str, int] = {}
 
     def encode(self, text: str) -> list[int]:

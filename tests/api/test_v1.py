@@ -807,6 +807,16 @@ async def test_an_answer_may_continue_the_assistants_last_message(
     assert (
         "last message to be the assistant's, not the user's" in assert_envelope(r, 400)["message"]
     )
+    # A prefill that leaves a <think> block open: the answer goes on in it, up to its end
+    # (which the thinking budget writes here), then the content (it was all content, the
+    # budget's `</think>` in it).
+    thought = [*CHAT["messages"], {"role": "assistant", "content": "<think>\nhmm"}]
+    budget = {"thinking_token_budget": 3, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    body = {**CHAT, "messages": thought, "continue_final_message": True, **budget}
+    answer = (await client.post("/v1/chat/completions", json=body)).json()
+    message = answer["choices"][0]["message"]
+    assert message["reasoning_content"] and "</think>" not in (message["content"] or "")
+    assert answer["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
     # Anthropic's Messages API continues a last assistant message as its prefill.
     anthropic_body = {"model": "tiny", "max_tokens": 2, "messages": said}
     r = await client.post("/v1/messages", json=anthropic_body)

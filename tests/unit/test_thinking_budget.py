@@ -7,7 +7,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from lmx.runtime.mlx_sampling import Thinking, opens_thinking, thinking_budget
+from lmx.runtime.mlx_sampling import thinking_budget
+from lmx.runtime.parsers import Thinking, opens_thinking
 
 START, END, VOCAB = 7, 8, 10
 THINK = (START,), END
