@@ -8,8 +8,10 @@ lock (one daemon per LMX_HOME), `startup` (first reconcile), `stopping` (end eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
+import math
 import os
 import secrets
 import signal
@@ -43,6 +45,9 @@ from lmx.runtime.store import ModelStore
 from lmx.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+# Once the models unload at the end of a stop's grace, the time the answers' ends take to go out.
+_ENDING_S = 5.0
 
 
 class StartupError(Exception):
@@ -104,6 +109,8 @@ class Daemon:
         self._file_key = ensure_admin_key(settings.home / "admin.key")
         self.intake = Intake()
         self.spares = mlx_engine.Spares()
+        self._ending: asyncio.Task[None] | None = None  # once stopping: see _end_answers
+        self._unloading = False  # its grace over, it unloads the models
         self.registry = EngineRegistry(
             functools.partial(MlxEngine, intake=self.intake, spares=self.spares)
         )
@@ -205,10 +212,26 @@ class Daemon:
 
     def stopping(self) -> None:
         """The server has begun to stop: end the event streams (their clients reconnect to the
-        next daemon, resuming where they left off)."""
+        next daemon, resuming where they left off), and give the answers under way
+        `stop_grace_s` to finish (see _end_answers)."""
         self.reconciler.events.close()
+        self._ending = asyncio.get_running_loop().create_task(self._end_answers())
+
+    async def _end_answers(self) -> None:
+        """Unload the models once the grace has passed: each answer still under way ends with an
+        error (a stream with an error event, then [DONE]), which its client reads, before the
+        server stops waiting for their responses. Cancelled by it, they were cut off mid-body
+        (curl: exit 18), and each logged a traceback."""
+        await asyncio.sleep(self.settings.stop_grace_s)
+        self._unloading = True
+        await self.reconciler.stop()
 
     async def shutdown(self) -> None:
+        if self._ending is not None:
+            if not self._unloading:  # every answer ended in time
+                self._ending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ending
         await self.reconciler.stop()
         await asyncio.to_thread(self.spares.close)
         for kept in (self.deps.responses, self.deps.chats):
@@ -254,7 +277,8 @@ def run(settings: Settings) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        # The answers' grace, then the time their ends take to go out once the models unload.
+        timeout_graceful_shutdown=math.ceil(settings.stop_grace_s + _ENDING_S),
     )
     server = _Server(config, on_stopping=daemon.stopping)
     # uvicorn re-raises SIGTERM after its graceful shutdown, into the handler that was there

@@ -14,6 +14,9 @@ from pathlib import Path
 
 DEFAULT_PORT = 1234
 DEFAULT_HOST = "127.0.0.1"
+# How long a stopping daemon lets the answers under way finish before it ends them (each with an
+# error, as OpenAI's streams end one): within the 30 s launchd and systemd give it to stop.
+DEFAULT_STOP_GRACE_S = 20.0
 
 
 def default_home() -> Path:
@@ -26,6 +29,7 @@ class Settings:
     config_path: Path
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S
 
     @classmethod
     def from_env(
@@ -36,7 +40,8 @@ class Settings:
         port: int | None = None,
         home: Path | None = None,
     ) -> Settings:
-        """Raises ValueError, saying so, for an $LMX_PORT that is no number."""
+        """Raises ValueError, saying so, for an $LMX_PORT that is no number or an
+        $LMX_STOP_GRACE_S that is no number of seconds."""
         home = (home or default_home()).expanduser()
         if port is None:
             raw = os.environ.get("LMX_PORT") or str(DEFAULT_PORT)
@@ -44,11 +49,19 @@ class Settings:
                 port = int(raw)
             except ValueError:
                 raise ValueError(f"invalid LMX_PORT {raw!r}: give a port number") from None
+        raw = os.environ.get("LMX_STOP_GRACE_S") or str(DEFAULT_STOP_GRACE_S)
+        try:
+            grace = float(raw)
+        except ValueError:
+            grace = -1.0
+        if not 0 <= grace < float("inf"):
+            raise ValueError(f"invalid LMX_STOP_GRACE_S {raw!r}: give seconds, 0 or more")
         return cls(
             home=home,
             config_path=(config or home / "config.yaml").expanduser(),
             host=host or os.environ.get("LMX_HOST") or DEFAULT_HOST,
             port=port,
+            stop_grace_s=grace,
         )
 
     @property

@@ -167,6 +167,33 @@ def test_sigterm_stops_gracefully_after_unloading(
     assert all(_gone(pid) for pid in workers)
 
 
+def test_sigterm_ends_an_answer_still_going_after_the_grace_with_an_error_then_done(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    # Cancelled by uvicorn's own timeout, such a stream was cut off mid-body (curl: exit 18), no
+    # error and no [DONE], and each logged a traceback.
+    d = daemon_factory(tmp_path / "grace", env={"LMX_STOP_GRACE_S": "1"})
+    body = {
+        "model": "lmx-tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    lines: list[str] = []
+    with httpx.stream("POST", d.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 20:  # it is under way
+                d.proc.terminate()
+    assert d.proc.wait(timeout=30) == 0
+    data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]
+    assert error["message"] == "the model was unloaded", error
+    assert "Traceback" not in d.log()
+
+
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie whose new parent has not reaped it yet counts)."""
     try:

@@ -45,3 +45,15 @@ def test_a_client_on_this_machine_reaches_a_wildcard_address_by_loopback(
     host: str, url: str
 ) -> None:
     assert Settings.from_env(home=Path("/nonexistent"), host=host, port=8080).local_url == url
+
+
+def test_a_stop_gives_answers_under_way_the_grace_the_environment_sets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert Settings.from_env(home=tmp_path).stop_grace_s == 20.0
+    monkeypatch.setenv("LMX_STOP_GRACE_S", "2.5")
+    assert Settings.from_env(home=tmp_path).stop_grace_s == 2.5
+    for bad in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv("LMX_STOP_GRACE_S", bad)
+        with pytest.raises(ValueError, match=f"invalid LMX_STOP_GRACE_S '{bad}': give seconds"):
+            Settings.from_env(home=tmp_path)
