@@ -93,6 +93,7 @@ log = structlog.get_logger(__name__)
 
 DISK_MARGIN_BYTES: Final = 1 << 30
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second (tests lower it)
+CHUNK_BYTES = 1 << 20  # the most a cancelled download loses, and its progress's step (_fetch)
 
 
 # ---------------------------------------------------------------------------------------- values
@@ -378,6 +379,10 @@ def _fetch(
             # No expected_size: lmx verifies size and hash itself, and hf's 50 GB guard would
             # refuse a plain-HTTP fetch that lmx can resume.
             transferred = True
+            # huggingface_hub reads a response in chunks of this many bytes (10 MiB), counting
+            # each once whole, then writing it: a cancel (a stop, want: absent) waited for a
+            # chunk to come (20 s at 512 KiB/s), and the chunk it came with was never written.
+            constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, CHUNK_BYTES)
             with partial.open("ab") as out:
                 http_get(url, out, resume_size=have, headers=headers,
                          displayed_filename=f.path, tqdm_class=progress.bar_class())  # fmt: skip

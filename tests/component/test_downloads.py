@@ -312,6 +312,33 @@ def test_cancelling_keeps_the_partial_file_and_the_next_call_resumes_it(
     assert (tmp_path / WEIGHTS).read_bytes() == files[WEIGHTS]
 
 
+def test_a_cancel_is_taken_within_a_chunk_of_ours_and_keeps_what_came_before_it(
+    hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # huggingface_hub's own chunk (10 MiB, which the fixture lowers): a slow download took no
+    # cancel until one had come whole, and wrote nothing of the one it came with.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 10 << 20)
+    monkeypatch.setattr(downloads, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(downloads, "PROGRESS_INTERVAL_S", 0.0)
+    files = model_files(weights_bytes=1 << 20)
+    hub_server.add_repo(REPO, files)
+    snap = resolve(REPO)
+    hub_server.bytes_per_s = 1 << 20  # a second for the weights
+    cancel = threading.Event()
+    began: list[int] = []  # the bytes done as the weights began
+
+    def stop_early(event: ProgressEvent) -> None:
+        if event.file == WEIGHTS:
+            began[:] = began or [event.bytes_done]
+            if event.bytes_done - began[0] > 300_000:
+                cancel.set()
+
+    with pytest.raises(DownloadCancelled):
+        download(snap, tmp_path, cancel=cancel, on_progress=stop_early)
+    kept = next((tmp_path / PARTIAL_DIR).glob(f"{WEIGHTS}.*.incomplete")).stat().st_size
+    assert 200_000 < kept < 600_000
+
+
 def test_a_file_fetched_ahead_is_verified_and_the_download_reuses_it_without_a_request(
     hub_server: HubServer, tmp_path: Path
 ) -> None:
