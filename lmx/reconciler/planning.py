@@ -52,7 +52,8 @@ def plan(desired: DesiredState, observed: ObservedState) -> Plan:
                 adm.remove(o, reason)
 
     # 2. Declared models: cancels, deletes, downloads and load candidates.
-    sources_in_use: set[str] | None = None
+    # The files of a repo at a revision: another revision's are in a directory of their own.
+    sources_in_use: set[tuple[str, str]] | None = None
     for mid, spec in desired.models.items():
         o = observed.models.get(mid) or ObservedModel(mid)
         want = spec.want
@@ -63,9 +64,11 @@ def plan(desired: DesiredState, observed: ObservedState) -> Plan:
             if spec.prune and o.on_disk and not spec.is_local and gone:
                 if sources_in_use is None:
                     sources_in_use = {
-                        s.source for s in desired.models.values() if s.want is not Want.ABSENT
+                        (s.source, s.revision)
+                        for s in desired.models.values()
+                        if s.want is not Want.ABSENT
                     }
-                if spec.source not in sources_in_use:
+                if (spec.source, spec.revision) not in sources_in_use:
                     adm.deletes.append(Delete(mid))
             continue
         if want is Want.PINNED:

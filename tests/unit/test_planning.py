@@ -124,6 +124,15 @@ CASES: list[
         [],
     ),
     (
+        # Another revision of the repo is in a directory of its own: no reason to keep these.
+        "deletes_files_that_only_another_revision_of_the_repo_shares_a_name_with",
+        desired(a={**A, "prune": True}, b={**R, "source": "org/a", "revision": "0" * 40}),
+        [ObservedModel("a", on_disk=True), on_disk("b", 1)],
+        {},
+        [("Delete", "a"), ("Load", "b")],
+        [],
+    ),
+    (
         "never_deletes_a_local_directory",
         desired(a={**A, "prune": True, "source": "/models/a"}),
         [ObservedModel("a", on_disk=True)],
