@@ -136,9 +136,13 @@ class Shortcut:
 
 
 def is_json(content_type: str | None) -> bool:
-    return content_type is not None and (
-        content_type.partition(";")[0].strip().lower() == "application/json"
-    )
+    """Whether a body of `content_type` is JSON, as FastAPI's routes read it (`application/json`,
+    `application/x+json`, ...): one the shortcut left to them was answered without its watch
+    for the client leaving, and generated on to its end."""
+    if content_type is None:
+        return False
+    subtype = content_type.partition(";")[0].strip().lower().partition("/")[2]
+    return subtype == "json" or subtype.endswith("+json")
 
 
 def _replay(raw: bytes, receive: Receive) -> Receive:
