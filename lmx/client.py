@@ -336,7 +336,9 @@ def download_verdict(doc: Doc, model_id: str, generation: int) -> Verdict | None
     if downloaded.get("status"):
         return Verdict(True, f"{model_id} is downloaded ({model.get('source')})")
     if quarantined.get("status"):
-        return Verdict(False, f"{model_id} is quarantined: {_why(quarantined)}")
+        retry = f"lmx set {model_id} want=absent, then want={model.get('want')}"
+        why = f"{model_id} is quarantined: {_why(quarantined)} (to retry: {retry})"
+        return Verdict(False, why)
     reason = str(downloaded.get("reason", ""))
     if reason in _DOWNLOAD_PENDING:
         return None

@@ -40,9 +40,14 @@ class FailureBook:
         self._records: dict[str, Failure] = {}
 
     def current(self, model_id: str, spec: ModelSpec | None) -> Failure | None:
-        """The record for this model under this spec; a changed spec starts clean."""
+        """The record for this model under this spec; a changed spec starts clean, and the record
+        is gone: changed back, the spec is tried again (`lmx set MODEL want=absent`, then back,
+        retries a model quarantined for what the daemon cannot see change, such as a token)."""
         rec = self._records.get(model_id)
-        if rec is None or spec is None or rec.spec != spec:
+        if rec is None or spec is None:
+            return None
+        if rec.spec != spec:
+            del self._records[model_id]
             return None
         return rec
 

@@ -28,7 +28,13 @@ import yaml
 from rich.console import Console
 
 from lmx.cli_render import plan_lines, ps_table, status_footer, status_table
-from lmx.client import AdminClient, ChangedMeanwhile, parse_assignments, resolve_admin_key
+from lmx.client import (
+    AdminClient,
+    ChangedMeanwhile,
+    download_verdict,
+    parse_assignments,
+    resolve_admin_key,
+)
 from tests.conftest import Daemon, free_port, start_daemon, wait_for
 from tests.hubserver import HubServer
 
@@ -160,6 +166,18 @@ def test_status_says_what_failed_where_a_model_backs_off_and_what_its_spec_did_n
     assert [str(n) for n in status_table(doc)[1]][1:] == [
         "m: engine.context_length 8192 is more than the model's own 4096"
     ]
+
+
+def test_pull_of_a_quarantined_model_says_how_to_retry_it() -> None:
+    held = {"type": "Quarantined", "status": True, "reason": "DownloadFailed"}
+    held["message"] = "gated repo: request access on the Hub, then set a token"
+    doc = {"observedGeneration": 3, "models": {"g": {"want": "downloaded", "conditions": [held]}}}
+    verdict = download_verdict(doc, "g", 3)
+    assert verdict is not None and not verdict.ok
+    assert verdict.message == (
+        "g is quarantined: DownloadFailed: gated repo: request access on the Hub, then set a "
+        "token (to retry: lmx set g want=absent, then want=downloaded)"
+    )
 
 
 def test_status_ends_with_the_daemons_warnings() -> None:

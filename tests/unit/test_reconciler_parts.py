@@ -90,6 +90,9 @@ def test_a_permanent_error_quarantines_at_once_and_a_new_spec_starts_clean() -> 
     assert book.failed("a", spec, "DownloadFailed", "404", now_s=0, permanent=True).quarantined
     assert book.current("a", spec) is not None
     assert book.current("a", spec.model_copy(update={"revision": "v2"})) is None
+    # Changed back, the spec is tried again: what failed may have changed where lmx cannot see
+    # (a token for a gated repo). It came back quarantined.
+    assert book.current("a", spec) is None
 
 
 def test_a_success_clears_only_failures_older_than_the_action_that_succeeded() -> None:
