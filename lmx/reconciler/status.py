@@ -193,12 +193,17 @@ class StatusView:
         }
 
     def _conditions_now(self, mid: str, job: Job | None) -> list[dict[str, Any]]:
-        """The model's conditions as of the last pass, a download's progress as of now (a long
-        download may run with no pass for a while: a resumed one read 0% throughout)."""
+        """The model's conditions as of the last pass, a download's progress and a load under
+        way as of now: the pass that starts a load waits for it (up to load_timeout_s), and
+        until it ended the model read "loads on request", and a resumed download 0%."""
         out = [c.to_json() for c in self.conditions.get(mid).values()]
+        loading = mid in self._executor.loading and self._registry.get(mid) is None
         for c in out:
             if job is not None and c["type"] == ConditionType.DOWNLOADED and not c["status"]:
                 c["message"] = job.describe()
+            kind = c["type"] in (ConditionType.RESIDENT, ConditionType.READY)
+            if loading and kind and not c["status"] and c["reason"] != "Loading":
+                c["reason"], c["message"] = "Loading", ""
         return out
 
     def _waiting(self, mid: str) -> int:

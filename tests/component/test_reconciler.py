@@ -357,6 +357,10 @@ async def test_a_model_list_tells_each_name_its_models_state_files_and_context(
     task = asyncio.create_task(world.r.ensure_ready("b"))
     try:
         await until(lambda: world.r.listed()[-1].state == "loading")
+        # And status says so as of now: the pass waits for the load to end.
+        conditions = world.r.status()["models"]["b"]["conditions"]
+        kinds = {c["type"]: c for c in conditions}
+        assert kinds["Ready"]["reason"] == kinds["Resident"]["reason"] == "Loading"
     finally:
         loaded.set()
     assert await task == "b"
