@@ -42,6 +42,9 @@ from lmx.runtime.store import ModelStore
 
 log = structlog.get_logger(__name__)
 
+# How long a pass waits for a load it began: a longer one goes on in the background (see _load).
+_LOAD_WAIT_S = 2.0
+
 
 @dataclass(frozen=True)
 class LoadRecord:
@@ -93,7 +96,9 @@ class Executor:
         self.releases = Releases(settings, memory=memory, registry=registry, clock=clock)
         self.fetcher = Fetcher(store=store, journal=journal, events=events, on_done=self._finish)
         self._finished: list[Outcome] = []
-        self._timed_out: set[str] = set()
+        self._background: set[str] = set()  # loads that went on past the pass that began them
+        self._timed_out: set[str] = set()  # ... and past load_timeout_s (reported LoadTimeout)
+        self._watches: set[asyncio.Task[None]] = set()
 
     # -- the loop's interface --
 
@@ -125,6 +130,8 @@ class Executor:
         await self.fetcher.shutdown(self._s.unload_timeout_s)
         if self.loading:
             await asyncio.wait(list(self.loading.values()), timeout=self._s.unload_timeout_s)
+        for watch in list(self._watches):
+            watch.cancel()
         for mid in self._registry.ids():
             self._registry.drain(mid)
             try:
@@ -198,20 +205,38 @@ class Executor:
         return Outcome(action, Result.DONE, duration_s=took)
 
     async def _load(self, action: Load, spec: ModelSpec) -> Outcome:
+        """The load's outcome if it ends within _LOAD_WAIT_S; else it goes on in the background
+        (STARTED), its outcome handed over when it ends, or LoadTimeout at load_timeout_s. The
+        pass waited for it: a large model's load held every other edit up, and status too. One
+        load runs at a time (each is measured alone), besides those past their timeout."""
         mid = action.model_id
         if mid in self.loading:
             return Outcome(action, Result.DEFERRED, "AlreadyLoading")
         if self._registry.get(mid) is not None:
             return Outcome(action, Result.DONE, "AlreadyLoaded")
+        if running := [m for m in self.loading if m not in self._timed_out]:
+            return Outcome(action, Result.DEFERRED, "WaitingForLoad", f"{running[0]} is loading")
         config = await asyncio.to_thread(load_config, mid, spec, self._store)
         task = asyncio.create_task(self._load_task(action, spec, config))
         self.loading[mid] = task
-        done, _ = await asyncio.wait({task}, timeout=self._s.load_timeout_s)
+        wait_s = min(_LOAD_WAIT_S, self._s.load_timeout_s)
+        done, _ = await asyncio.wait({task}, timeout=wait_s)
         if done:
             return task.result()
-        self._timed_out.add(mid)
+        self._background.add(mid)
+        watch = asyncio.create_task(self._watch_load(action, task, self._s.load_timeout_s - wait_s))
+        self._watches.add(watch)
+        watch.add_done_callback(self._watches.discard)
+        return Outcome(action, Result.STARTED, "Loading")
+
+    async def _watch_load(self, action: Load, task: asyncio.Task[Outcome], left_s: float) -> None:
+        """LoadTimeout for the load `task` still runs after `left_s` more seconds."""
+        done, _ = await asyncio.wait({task}, timeout=left_s)
+        if done:
+            return
+        self._timed_out.add(action.model_id)
         msg = f"still loading after {self._s.load_timeout_s:g}s"
-        return Outcome(action, Result.FAILED, "LoadTimeout", msg, self._s.load_timeout_s)
+        self._finish(Outcome(action, Result.FAILED, "LoadTimeout", msg, self._s.load_timeout_s))
 
     async def _load_task(self, action: Load, spec: ModelSpec, config: LoadConfig) -> Outcome:
         mid, digest, started = action.model_id, spec.load_digest(), time.monotonic()
@@ -235,9 +260,13 @@ class Executor:
     def _loaded(self, outcome: Outcome) -> Outcome:
         mid = outcome.model_id
         self.loading.pop(mid, None)
-        if mid in self._timed_out:  # the loop stopped waiting: hand the outcome over later
+        if mid in self._timed_out:  # reported as LoadTimeout: this one is late
             self._timed_out.discard(mid)
+            self._background.discard(mid)
             self._finish(dataclasses.replace(outcome, late=True))
+        elif mid in self._background:  # the pass went on: a later one takes the outcome in
+            self._background.discard(mid)
+            self._finish(outcome)
         return outcome
 
     def _finish(self, outcome: Outcome) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmx.errors import PermanentError, TemporaryError
-from lmx.reconciler import manifest
+from lmx.reconciler import executor, manifest
 from lmx.reconciler.spec import ModelSpec
 from lmx.runtime.engine import GenerationRequest, SamplingParams
 from tests.component.reconciler_world import World, model, until
@@ -84,6 +84,36 @@ async def test_a_load_that_hangs_times_out_and_is_not_started_twice(world: World
         release.set()
     await until(lambda: world.ready("a"))  # the late load still counts
     assert world.engines.count("load", "a") == 1
+
+
+async def test_a_long_load_goes_on_in_the_background_and_holds_no_other_edit_up(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pass waited for every load (up to load_timeout_s): while a large model loaded, an edit
+    # of another model waited, and status read "reconciling" throughout.
+    monkeypatch.setattr(executor, "_LOAD_WAIT_S", 0.05)
+    release = threading.Event()
+    a, b, c = world.model_dir("a"), world.model_dir("b"), world.model_dir("c")
+    world.write(b=model(b))
+    await world.build(ready_timeout_s=0.5, load_timeout_s=30.0).start()
+    await until(lambda: world.ready("b"))
+    world.engines.faults["a"] = Faults(hang=release)
+    world.write(a=model(a), b=model(b), c=model(c, "downloaded"))
+    try:
+        await until(lambda: world.condition("a", "Ready")["reason"] == "Loading")
+        world.write(a=model(a), b=model(b, "absent"), c=model(c, "downloaded"))
+        await until(lambda: world.loaded() == set())  # b unloaded while a still loads
+        generation = world.r.status()["generation"]
+        await until(lambda: world.r.status()["observedGeneration"] == generation)
+        # One load at a time, each measured alone: c's waits for a's.
+        with pytest.raises(TemporaryError):
+            await world.r.ensure_ready("c")
+        assert world.engines.count("load", "c") == 0
+    finally:
+        release.set()
+    await until(lambda: world.ready("a"))
+    assert world.condition("a", "Degraded")["status"] is False
+    assert await world.r.ensure_ready("c") == "c"
 
 
 async def test_an_unload_that_keeps_its_memory_holds_back_loads_that_need_it(world: World) -> None:
