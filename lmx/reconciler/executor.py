@@ -44,6 +44,8 @@ log = structlog.get_logger(__name__)
 
 # How long a pass waits for a load it began: a longer one goes on in the background (see _load).
 _LOAD_WAIT_S = 2.0
+# A load's reason to wait for the one under way: its end wakes the loop, nothing to retry sooner.
+WAITING_FOR_LOAD = "WaitingForLoad"
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ class Executor:
                 outcome = await self._perform(action, desired, plan.budget_bytes)
             except Exception as exc:  # one of the three broad catches: an action's failure
                 outcome = failure(action, exc, duration_s=time.monotonic() - started)
-            log.info("action_done", **outcome.to_json())
+            waits = outcome.reason == WAITING_FOR_LOAD  # again at each pass while it loads
+            (log.debug if waits else log.info)("action_done", **outcome.to_json())
             outcomes.append(outcome)
         return outcomes
 
@@ -215,7 +218,7 @@ class Executor:
         if self._registry.get(mid) is not None:
             return Outcome(action, Result.DONE, "AlreadyLoaded")
         if running := [m for m in self.loading if m not in self._timed_out]:
-            return Outcome(action, Result.DEFERRED, "WaitingForLoad", f"{running[0]} is loading")
+            return Outcome(action, Result.DEFERRED, WAITING_FOR_LOAD, f"{running[0]} is loading")
         config = await asyncio.to_thread(load_config, mid, spec, self._store)
         task = asyncio.create_task(self._load_task(action, spec, config))
         self.loading[mid] = task

@@ -23,7 +23,7 @@ from lmx.reconciler import manifest
 from lmx.reconciler.actions import Download, Load, Plan, Unload, UnloadReason, plan_json
 from lmx.reconciler.admission import pins_over_budget
 from lmx.reconciler.events import EventBus, Subscription
-from lmx.reconciler.executor import Executor
+from lmx.reconciler.executor import WAITING_FOR_LOAD, Executor
 from lmx.reconciler.failures import FailureBook
 from lmx.reconciler.journal import Journal, Quarantine, Recovery
 from lmx.reconciler.observed import ObservedState
@@ -335,6 +335,8 @@ class Reconciler:
             if back := await self._executor.releases.recheck():
                 self.events.publish("memory_released", models=back)
             observed, current, executed = await self._converge(desired)
+            # Loads waiting for the one under way: its end wakes the loop.
+            executed = [o for o in executed if o.reason != WAITING_FOR_LOAD]
             soon = [
                 current.requeue_after_s,
                 self.settings.release_recheck_s if self._executor.releases.leaks else None,
