@@ -74,15 +74,28 @@ Thinking: TypeAlias = tuple[tuple[int, ...], int]
 
 
 def opens_thinking(prompt: Sequence[int], think: Thinking) -> bool:
-    """Whether `prompt` ends inside a `think` block: its last opener after its last end."""
+    """Whether `prompt` ends inside a `think` block: its last opener after its last end. Searched
+    from the end at C speed: the API asks for every chat request, on the event loop, and a
+    prompt with no tag at all was a Python loop over every token (3 ms for 60k)."""
     opens, end = think
     k = len(opens)
-    for i in range(len(prompt) - 1, -1, -1):
-        if prompt[i] == end:
-            return False
-        if prompt[i] == opens[-1] and i >= k - 1 and tuple(prompt[i - k + 1 : i + 1]) == opens:
+    back = list(reversed(prompt))
+    ended = _index(back, end)
+    at = _index(back, opens[-1])
+    while at < ended:
+        i = len(back) - 1 - at  # where the candidate opener's last token is in `prompt`
+        if i >= k - 1 and tuple(prompt[i - k + 1 : i + 1]) == opens:
             return True
+        at = _index(back, opens[-1], at + 1)
     return False
+
+
+def _index(items: list[int], value: int, start: int = 0) -> int:
+    """Where `value` first is in `items` from `start` on; len(items) where it is not."""
+    try:
+        return items.index(value, start)
+    except ValueError:
+        return len(items)
 
 
 _THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
