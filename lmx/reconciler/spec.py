@@ -180,7 +180,10 @@ class MemorySpec(_Strict):
             if not 0 < pct <= 100:
                 raise ValueError("a percentage budget must be in (0%, 100%]")
             return v.strip()
-        return parse_bytes(v)
+        size = parse_bytes(v)
+        if size <= 0:  # 0GiB, 0.1B: no model could ever load
+            raise ValueError("must be a positive number of bytes")
+        return size
 
     def budget_bytes(self, total_bytes: int) -> int:
         """The budget in bytes for a machine with `total_bytes` of memory."""

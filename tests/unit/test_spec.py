@@ -125,6 +125,8 @@ def test_redact_hides_every_secret_and_keeps_the_count() -> None:
         ),
         ("memory: {budget: 12 parsecs}\n", "memory.budget (line 1): '12 parsecs' is not a size"),
         ("memory: {budget: 140%}\n", "memory.budget (line 1): a percentage budget must be in"),
+        ("memory: {budget: 0GiB}\n", "memory.budget (line 1): must be a positive number of bytes"),
+        ("memory: {budget: 0}\n", "memory.budget (line 1): must be a positive number of bytes"),
         (
             "memory: {budget: abc%}\n",
             "memory.budget (line 1): 'abc%' is not a budget; use a percentage of memory like 90%,"
