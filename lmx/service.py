@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 from lmx.errors import LmxError
 from lmx.runtime import files
-from lmx.settings import DEFAULT_HOST, DEFAULT_PORT, Settings, default_home
+from lmx.settings import DEFAULT_HOST, DEFAULT_PORT, Settings, default_home, local_url
 
 LABEL = "com.opta.lmx"
 UNIT = "lmx.service"
@@ -263,7 +263,7 @@ def _installed(host: Host) -> dict[str, Any] | None:
 def served_url(argv: Sequence[str]) -> str:
     opts = dict(itertools.pairwise(argv))
     host, port = opts.get("--host", DEFAULT_HOST), opts.get("--port", str(DEFAULT_PORT))
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+    return f"{local_url(host, port)}/v1"
 
 
 def install(host: Host, spec: ServiceSpec) -> int:

@@ -74,14 +74,17 @@ class Settings:
 
     @property
     def local_url(self) -> str:
-        """Where a client on this machine reaches the daemon. A wildcard address (0.0.0.0, ::)
-        is no destination: it is reached by the loopback address of its family."""
-        host = self.host
-        with contextlib.suppress(ValueError):  # a name is used as it is
-            if ipaddress.ip_address(host).is_unspecified:
-                host = "::1" if ":" in host else "127.0.0.1"
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+
+def local_url(host: str, port: int | str) -> str:
+    """Where a client on this machine reaches a daemon listening on host:port. A wildcard address
+    (0.0.0.0, ::) is no destination: it is reached by the loopback address of its family."""
+    with contextlib.suppress(ValueError):  # a name is used as it is
+        if ipaddress.ip_address(host).is_unspecified:
+            host = "::1" if ":" in host else "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

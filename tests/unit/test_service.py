@@ -291,6 +291,11 @@ def test_status_reports_pid_and_url_and_exits_3_when_not_running(tmp_path: Path)
     out.clear()
     assert service.status(host) == 0
     assert out[1:3] == ["state: running, pid 4242", "url:   http://[::1]:8080/v1"]
+    service.install(host, odd_spec(tmp_path, host="0.0.0.0", port=8080))  # all interfaces
+    assert out[-1].endswith(", serving http://127.0.0.1:8080/v1")  # what a client here can reach
+    out.clear()
+    assert service.status(host) == 0
+    assert out[2] == "url:   http://127.0.0.1:8080/v1"
     launchctl.print_out = "gui/501/com.opta.lmx = {\n\tstate = not running\n\tlast exit code = 1\n}"
     out.clear()
     assert service.status(host) == 3
