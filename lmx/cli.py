@@ -401,18 +401,22 @@ def _pull(args: argparse.Namespace) -> int:
             return int(c.patch({"models": {model: patch}}, if_match=etag or None)["generation"])
 
         bars = download_progress(console())
-        task = bars.add_task(model, total=None, visible=False)
+        task = bars.add_task(model, total=None)
 
         def on_progress(ev: dict[str, Any]) -> None:
             total = ev.get("bytes_total") or None
             done, rate, eta = ev.get("bytes_done", 0), ev.get("rate_bps"), ev.get("eta_s")
-            bars.update(task, completed=done, total=total, rate_bps=rate, eta_s=eta, visible=True)
+            bars.update(task, completed=done, total=total, rate_bps=rate, eta_s=eta)
+            bars.start()  # at the first progress: a pull that fails before shows no empty bar
 
         try:
-            with bars:
+            try:
                 verdict = watch_download(c, model, start, on_progress)
                 if verdict.ok:
                     bars.update(task, completed=bars.tasks[0].total or 0, eta_s=None)
+            finally:
+                if bars.live.is_started:  # stopping one never started prints an empty line
+                    bars.stop()
         except KeyboardInterrupt:
             print("lmx: stopped watching; the daemon carries on downloading", file=sys.stderr)
             return 130

@@ -614,6 +614,7 @@ def test_pull_downloads_a_hub_model_then_says_it_is_there_and_reports_a_missing_
     missing = lmx(d, "pull", "org/nope")
     assert missing.returncode == 1
     assert missing.stderr.startswith("lmx: org/nope ") and "RepoNotFound" in missing.stderr
+    assert missing.stdout == ""  # no progress was shown, so not even an empty line of it
 
 
 def test_set_uses_the_admin_key_declared_in_the_config_file(
