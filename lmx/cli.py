@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from lmx import __version__
 from lmx.errors import LmxError
 from lmx.service import add_commands as add_service_commands
-from lmx.settings import Settings
+from lmx.settings import Settings, env_host, env_port, local_url
 
 _EVENTS_RECONNECT_S = 30.0  # `lmx events` follows a restarting daemon this long
 
@@ -71,7 +71,7 @@ def _daemon_url(flag: str | None) -> str:
     if url := os.environ.get("LMX_URL"):
         return url
     try:
-        return Settings.from_env().local_url
+        return local_url(env_host(), env_port())
     except ValueError as exc:
         from lmx.client import InvalidUrl
 

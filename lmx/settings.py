@@ -43,12 +43,6 @@ class Settings:
         """Raises ValueError, saying so, for an $LMX_PORT that is no number or an
         $LMX_STOP_GRACE_S that is no number of seconds."""
         home = (home or default_home()).expanduser()
-        if port is None:
-            raw = os.environ.get("LMX_PORT") or str(DEFAULT_PORT)
-            try:
-                port = int(raw)
-            except ValueError:
-                raise ValueError(f"invalid LMX_PORT {raw!r}: give a port number") from None
         raw = os.environ.get("LMX_STOP_GRACE_S") or str(DEFAULT_STOP_GRACE_S)
         try:
             grace = float(raw)
@@ -59,8 +53,8 @@ class Settings:
         return cls(
             home=home,
             config_path=(config or home / "config.yaml").expanduser(),
-            host=host or os.environ.get("LMX_HOST") or DEFAULT_HOST,
-            port=port,
+            host=host or env_host(),
+            port=env_port() if port is None else port,
             stop_grace_s=grace,
         )
 
@@ -79,6 +73,19 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+
+def env_host() -> str:
+    return os.environ.get("LMX_HOST") or DEFAULT_HOST
+
+
+def env_port() -> int:
+    """$LMX_PORT, else 1234. Raises ValueError, saying so, for one that is no number."""
+    raw = os.environ.get("LMX_PORT") or str(DEFAULT_PORT)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"invalid LMX_PORT {raw!r}: give a port number") from None
 
 
 def local_url(host: str, port: int | str) -> str:

@@ -369,6 +369,8 @@ def test_without_a_url_the_cli_finds_the_daemon_where_serve_listens(daemon: Daem
         r = run_cli(command, env={"LMX_PORT": "twelve"})
         assert r.returncode == 2
         assert r.stderr == "lmx: invalid LMX_PORT 'twelve': give a port number\n"
+    r = run_cli("status", env={**served, "LMX_STOP_GRACE_S": "soon"})  # serve's alone
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_wrong_admin_key_is_refused_with_exit_1(daemon: Daemon) -> None:
