@@ -495,16 +495,17 @@ class ChoiceState:
         self.reasoning_tokens += round(tokens * thought / (thought + said))
 
 
-def output_parser(
+def output_parsers(
     engine: Engine,
     prompt: Sequence[int],
+    n: int,
     *,
     tools: bool,
     constrained: bool = False,
     call_forced: bool = False,
     functions: Functions = None,
-) -> OutputParser:
-    """The parser of a chat answer to `prompt`. A prompt that ends inside a <think> block (the
+) -> list[OutputParser]:
+    """The parsers of `n` chat answers to `prompt`, one each. A prompt that ends inside a <think> block (the
     template opened it, or an assistant's prefill did and left it open) starts the answer in
     reasoning, unless a grammar constrains it: the grammar's output (a tool call, JSON) is the
     answer from its first token, whatever the template opened. `call_forced`: that grammar's is
@@ -517,13 +518,16 @@ def output_parser(
     # A grammar makes a harmony model write its answer (JSON) in the final channel the prompt
     # opened (chat_prompt), plain; a call it writes in harmony.
     harmony_answer = constrained and not call_forced and tok.tool_parser == HARMONY
-    return make_parser(
-        tool_parser=None if harmony_answer else tok.tool_parser,
-        tools_enabled=tools,
-        reasoning=tok.reasoning,
-        starts_in_reasoning=tok.reasoning and inside and not constrained,
-        functions=functions,
-    )
+    return [
+        make_parser(
+            tool_parser=None if harmony_answer else tok.tool_parser,
+            tools_enabled=tools,
+            reasoning=tok.reasoning,
+            starts_in_reasoning=tok.reasoning and inside and not constrained,
+            functions=functions,
+        )
+        for _ in range(n)
+    ]
 
 
 async def merged(streams: list[DeltaStream]) -> AsyncGenerator[tuple[int, Delta], None]:

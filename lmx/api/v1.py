@@ -53,7 +53,7 @@ from lmx.api.generation import (
     generation_requests,
     merged,
     new_id,
-    output_parser,
+    output_parsers,
     texts_or_ids,
     truncated_prompt,
     upto,
@@ -422,21 +422,23 @@ def _choice_states(
     body: ChatCompletionRequest, engine: Engine, requests: list[GenerationRequest], tools: bool
 ) -> list[ChoiceState]:
     """A state per choice of `body`, to absorb its deltas into."""
+    parsers = output_parsers(
+        engine,
+        requests[0].prompt_tokens,
+        body.n,
+        tools=tools,
+        constrained=requests[0].constraint is not None,
+        call_forced=body.forces_call,
+        functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
+    )
     return [
         ChoiceState(
             i,
-            output_parser(
-                engine,
-                requests[0].prompt_tokens,
-                tools=tools,
-                constrained=requests[0].constraint is not None,
-                call_forced=body.forces_call,
-                functions={t.function.name: t.function.parameters or {} for t in body.tools or ()},
-            ),
+            parser,
             prompt_tokens=len(requests[0].prompt_tokens),  # its usage before the end's
             one_call=body.parallel_tool_calls is False,
         )
-        for i in range(body.n)
+        for i, parser in enumerate(parsers)
     ]
 
 
