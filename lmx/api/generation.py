@@ -525,6 +525,7 @@ def output_parsers(
             reasoning=tok.reasoning,
             starts_in_reasoning=tok.reasoning and inside and not constrained,
             functions=functions,
+            calls_only=constrained and call_forced,
         )
         for _ in range(n)
     ]

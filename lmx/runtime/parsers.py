@@ -171,8 +171,10 @@ class OutputParser:
         reasoning: _ThinkSplitter | None,
         tools: ToolStage | None,
         channels: _Harmony | None = None,
+        calls_only: bool = False,
     ) -> None:
         self._think, self._tools, self._channels = reasoning, tools, channels
+        self._calls_only = calls_only
 
     def feed(self, text: str) -> list[Piece]:
         return self._run(text, final=False)
@@ -184,16 +186,19 @@ class OutputParser:
 
     def _run(self, text: str, final: bool) -> list[Piece]:
         if self._channels is not None:
-            return _merged(self._channels.run(text, final))
-        first = self._think.split(text, final) if self._think else [Content(text)]
-        out: list[Piece] = []
-        for piece in first:
-            if isinstance(piece, Content) and self._tools:
-                out += self._tools.feed(piece.text)
-            else:
-                out.append(piece)
-        if final and self._tools:
-            out += self._tools.finish()
+            out = self._channels.run(text, final)
+        else:
+            first = self._think.split(text, final) if self._think else [Content(text)]
+            out = []
+            for piece in first:
+                if isinstance(piece, Content) and self._tools:
+                    out += self._tools.feed(piece.text)
+                else:
+                    out.append(piece)
+            if final and self._tools:
+                out += self._tools.finish()
+        if self._calls_only:  # what is no call is a call's markup cut short before its name
+            out = [p for p in out if not isinstance(p, Content)]
         return _merged(out)
 
 
@@ -694,6 +699,22 @@ class _Llama3Tools:
         return [*calls] if calls else [Content(held)] if held else []
 
 
+class _ForcedBareCall:
+    """Llama 3's one call under a grammar that lets the model write nothing else: it streams as a
+    Hermes call's JSON does, and one cut off once its name was written is a call with its
+    arguments as far as they got."""
+
+    def __init__(self) -> None:
+        self._text, self._call = "", _JsonCall(_HERMES_HEAD, new_call_id)
+
+    def feed(self, text: str) -> list[Piece]:
+        self._text += text
+        return self._call.feed(self._text)
+
+    def finish(self) -> list[Piece]:
+        return self._call.close() or []
+
+
 # Each takes the request's functions.
 TOOL_PARSERS: Mapping[str, Callable[[Functions], ToolStage]] = MappingProxyType(
     {
@@ -767,9 +788,12 @@ def make_parser(
     reasoning: bool,
     starts_in_reasoning: bool = False,
     functions: Functions = None,
+    calls_only: bool = False,
 ) -> OutputParser:
     """A parser for one sequence. `starts_in_reasoning`: the prompt already opened `<think>`;
-    `functions`: those the request declared.
+    `functions`: those the request declared; `calls_only`: a grammar lets the model write tool
+    calls alone, so text that is no call (their markup, cut off by max_tokens before a call's
+    name) is dropped, not content.
 
     Raises ValueError for a `tool_parser` that is not a TOOL_PARSERS key.
     """
@@ -777,10 +801,16 @@ def make_parser(
         known = ", ".join(sorted((*TOOL_PARSERS, HARMONY)))
         raise ValueError(f"unknown tool parser {tool_parser!r}; known: {known}")
     if tool_parser == HARMONY:
-        return OutputParser(reasoning=None, tools=None, channels=_Harmony(tools_enabled))
+        return OutputParser(
+            reasoning=None, tools=None, channels=_Harmony(tools_enabled), calls_only=calls_only
+        )
     tools = TOOL_PARSERS[tool_parser](functions) if tools_enabled and tool_parser else None
+    if tools is not None and calls_only and tool_parser == "llama3":
+        tools = _ForcedBareCall()
     return OutputParser(
-        reasoning=_ThinkSplitter(starts_in_reasoning) if reasoning else None, tools=tools
+        reasoning=_ThinkSplitter(starts_in_reasoning) if reasoning else None,
+        tools=tools,
+        calls_only=calls_only,
     )
 
 

@@ -380,6 +380,20 @@ async def test_best_of_other_than_n_is_refused(client: httpx.AsyncClient) -> Non
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
+async def test_a_forced_call_cut_before_its_name_is_no_content(client: httpx.AsyncClient) -> None:
+    """tool_choice required, cut by max_tokens inside the call's markup: no `<tool_call>` text
+    reaches the client as content, streamed or not."""
+    f = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for max_tokens in (1, 2, 3):
+        body = {**CHAT, "tools": [f], "tool_choice": "required", "max_tokens": max_tokens}
+        (choice,) = (await client.post("/v1/chat/completions", json=body)).json()["choices"]
+        assert choice["finish_reason"] == "length"
+        assert not choice["message"]["content"], choice
+        r = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        deltas = [e["choices"][0]["delta"] for e in sse_events(r.text) if e != "[DONE]"]
+        assert not any(d.get("content") for d in deltas), deltas
+
+
 async def test_tool_errors_name_the_tool_or_the_choice_at_fault(client: httpx.AsyncClient) -> None:
     ok = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     bad = {"type": "function", "function": {"name": "g", "parameters": {"type": "objekt"}}}

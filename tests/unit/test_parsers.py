@@ -985,3 +985,37 @@ def test_harmonys_markup_is_left_out_of_other_models_text() -> None:
     tok = _tokenizer({"<|user|>": 1, "<|end|>": 7, "<|endoftext|>": 9, "<think>": 4})
     assert tok.tool_parser is None
     assert tok.hidden_ids == {1, 7, 9}
+
+
+@pytest.mark.parametrize(
+    ("config", "output", "expected"),
+    [
+        (HERMES, f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{{ ", [call("get_weather")]),
+        (QWEN3, '<tool_call>\n{"na', []),
+        (MISTRAL, f"[TOOL_CALLS][{WEATHER}, {{", [call("get_weather")]),
+        (MISTRAL, "[TOOL_CA", []),
+        (LLAMA3, WEATHER, [call("get_weather")]),
+        (LLAMA3, WEATHER[:-3], [call("get_weather", '{"city": "Paris')]),
+        (LLAMA3, '{"name": "get_wea', []),
+    ],
+)
+def test_a_call_forced_by_a_grammar_is_read_however_it_was_cut(
+    config: Config, output: str, expected: list[Piece]
+) -> None:
+    """Under a grammar that allows only calls, text that is no call is a call's markup cut off
+    by max_tokens before its name: dropped, where without the grammar it is content. A call cut
+    once its name was written is a call with its arguments as far as they got."""
+    forced = {**config, "calls_only": True}
+    for i in range(len(output) + 1):
+        assert run(forced, [output[:i], output[i:]]) == expected, i
+    assert any(isinstance(p, Content) for p in run(config, [output])) or expected == [
+        call("get_weather")
+    ]
+
+
+def test_a_forced_llama3_call_streams() -> None:
+    parser = make_parser(**LLAMA3, calls_only=True)
+    assert parser.feed('{"name": "get_weather"') == []
+    opened, *args = parser.feed(', "arguments": {"city"')
+    assert isinstance(opened, CallOpened) and opened.name == "get_weather"
+    assert args == [CallArguments('{"city')]  # a quote waits for what follows it
