@@ -11,6 +11,7 @@ error, the engine turns FAILED and `on_failure` tells the registry.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -53,6 +55,9 @@ log = structlog.get_logger(__name__)
 # resident on Linux with the CPU backend). Estimates charge it until a load measures it.
 WORKER_PROCESS_BYTES = 128 * 2**20
 _EXIT_TIMEOUT_S = 30.0  # for the worker to finish its step and exit when told to stop
+# A full queue's Retry-After: from when the last places were freed, within a minute.
+_FREED_KEPT = 32
+_FREED_WINDOW_S = 60.0
 
 _engines: weakref.WeakSet[MlxEngine] = weakref.WeakSet()
 
@@ -216,6 +221,17 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def place_wait_s(freed: Iterable[float], now: float) -> float:
+    """About how long until a full queue frees a place, from when places were freed (monotonic
+    times, in order): the mean gap between those of the last minute, at least 1 s; 1 s if
+    fewer than two were. A client told 1 s while the model frees one in 20 s retries too soon
+    and gives up (the openai SDK: twice)."""
+    recent = [t for t in freed if now - t <= _FREED_WINDOW_S]
+    if len(recent) < 2:
+        return 1.0
+    return max((recent[-1] - recent[0]) / (len(recent) - 1), 1.0)
+
+
 class MlxEngine:
     """Implements `lmx.runtime.engine.Engine` on MLX, in a worker process."""
 
@@ -247,6 +263,7 @@ class MlxEngine:
         self._in_flight = 0
         self._held: dict[str, int] = {}  # places held for requests being built, by request id
         self._served = 0
+        self._freed: collections.deque[float] = collections.deque(maxlen=_FREED_KEPT)
         _engines.add(self)
 
     # -- lifecycle (blocking; called on a worker thread by the registry) --
@@ -418,6 +435,7 @@ class MlxEngine:
         """Sequence `sid`'s stream ended, its place free again: with its last delta's
         `finish_reason`, or closed before (None), which removes it from the batch too."""
         self._in_flight -= 1
+        self._freed.append(time.monotonic())
         self._streams.pop(sid, None)
         if finish_reason is None:  # at once, with whatever is posted before it (its add, maybe)
             self._post(("cancel", sid), now=True)
@@ -449,6 +467,7 @@ class MlxEngine:
             return await answer
         finally:
             self._in_flight -= 1
+            self._freed.append(time.monotonic())
             self._embeddings.pop(sid, None)
             if answer.cancelled() or not answer.done():  # the caller gave up: rows left go
                 self._post(("cancel", sid), now=True)
@@ -471,7 +490,10 @@ class MlxEngine:
         for requests on their way: as many as its batch and queue take."""
         taken = self._in_flight + sum(self._held.values())
         if taken + places > self.config.max_batch + self.config.max_queue:
-            raise QueueFull(f"model {self.config.model_id!r} has too many requests queued")
+            raise QueueFull(
+                f"model {self.config.model_id!r} has too many requests queued",
+                delay_s=place_wait_s(self._freed, time.monotonic()),
+            )
 
     def _within_vocabulary(self, request: GenerationRequest) -> GenerationRequest:
         """`request` as the worker may take it, or RequestError naming the field: a token id

@@ -475,8 +475,9 @@ async def test_full_queue_is_refused_and_context_overflow_names_the_limit(
         # Queued as they are asked for, before their first delta: the queue is full at once.
         busy = [e.stream(GenerationRequest(p, SamplingParams(max_tokens=500))) for _ in range(2)]
         assert e.stats().in_flight == 2
-        with pytest.raises(QueueFull):
+        with pytest.raises(QueueFull) as full:
             e.stream(GenerationRequest(p, GREEDY))
+        assert full.value.delay_s == 1.0  # none has ended yet to tell how long places take
         # One closed before it was ever read frees its place (and leaves the batch).
         await busy.pop().aclose()
         assert e.stats().in_flight == 1
