@@ -486,7 +486,15 @@ def _chat_events(
     chunk = {**base, "object": "chat.completion.chunk"}
     if include_usage:
         chunk["usage"] = None
-    opened: set[int] = set()  # the choices whose role went out: with their first delta
+    # The choices whose role went out: with their first delta, or for several choices all at
+    # once, in order. The openai SDK's stream helper takes each choice's first chunk for its
+    # place in the list, and a call's text is held until its name is written, so choice 1 could
+    # open first.
+    opened: set[int] = set(range(len(states))) if len(states) > 1 else set()
+    head = [
+        {"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
+        for i in sorted(opened)
+    ]
 
     def choice(i: int, d: Delta) -> list[dict[str, Any]]:
         state = states[i]
@@ -510,7 +518,7 @@ def _chat_events(
         return chat_opening(c)
 
     return _events(
-        gen, states, chunk, [], choice, (lambda: usage(states)) if include_usage else None
+        gen, states, chunk, head, choice, (lambda: usage(states)) if include_usage else None
     )
 
 

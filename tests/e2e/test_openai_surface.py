@@ -132,6 +132,30 @@ def test_named_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> N
     check_call("add", calls[0]["arguments"])
 
 
+def test_several_choices_streamed_with_calls_add_up_in_the_sdks_helper(
+    client: openai.OpenAI,
+) -> None:
+    """The stream helper takes each choice's first chunk for its place in the list: each choice
+    opens in order, though a call's text is held until its name is written."""
+    for seed in range(6):  # which choice writes its call's name first varies with the seed
+        with client.chat.completions.stream(
+            model="lmx-tiny",
+            messages=ASK,  # type: ignore[arg-type]
+            tools=TOOLS,
+            tool_choice="required",
+            n=2,
+            parallel_tool_calls=False,
+            max_tokens=300,
+            seed=seed,
+        ) as stream:
+            answer = stream.get_final_completion()
+        assert [c.index for c in answer.choices] == [0, 1]
+        for choice in answer.choices:
+            assert choice.message.role == "assistant" and choice.message.content is None
+            (call,) = choice.message.tool_calls or ()
+            check_call(call.function.name, call.function.arguments)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_allowed_tools_required_calls_only_those_allowed(client: openai.OpenAI, seed: int) -> None:
     """OpenAI's allowed_tools: every tool stays given, the model calls only the allowed ones."""
