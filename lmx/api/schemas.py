@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from lmx.api.freeform import chat_as_functions
+from lmx.api.legacy_functions import functions_as_tools
 from lmx.errors import RequestError
 from lmx.runtime.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP
 
@@ -165,7 +166,7 @@ class MessageToolCall(_Wire):
 
 
 class ChatMessage(_Wire):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
@@ -206,10 +207,16 @@ class ChatCompletionRequest(SamplingFields):
     # functions of one string (lmx.api.freeform), their calls go back to the client as theirs.
     custom_tool_names: SkipJsonSchema[frozenset[str]] = frozenset()
 
+    # Set when it came with OpenAI's deprecated `functions` (lmx.api.legacy_functions): its
+    # answer goes back in that API's shape.
+    legacy_functions: SkipJsonSchema[bool] = False
+
     @model_validator(mode="before")
     @classmethod
     def _custom_tools(cls, data: Any) -> Any:
-        return chat_as_functions(data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        return chat_as_functions(functions_as_tools(data))
 
     @property
     def forces_call(self) -> bool:

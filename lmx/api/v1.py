@@ -58,6 +58,7 @@ from lmx.api.generation import (
     truncated_prompt,
     upto,
 )
+from lmx.api.legacy_functions import with_function_call
 from lmx.api.metrics import Metrics
 from lmx.api.responses import (
     Rendering,
@@ -467,12 +468,15 @@ async def answer_chat(body: ChatCompletionRequest, deps: AppDeps, more: More | N
                 custom_call(t) if t["function"]["name"] in body.custom_tool_names else t
                 for t in calls
             ] or None
+        if body.legacy_functions:
+            answer["choices"] = [with_function_call(c, "message") for c in answer["choices"]]
         return JSONResponse(answer | more(gen, states) if more else answer)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     customs = (
         [CustomDeltas(body.custom_tool_names) for _ in states] if body.custom_tool_names else None
     )
-    return EventStream(_chat_events(base, gen, states, include_usage, customs), gen)
+    events = _chat_events(base, gen, states, include_usage, customs, body.legacy_functions)
+    return EventStream(events, gen)
 
 
 def _chat_events(
@@ -481,8 +485,10 @@ def _chat_events(
     states: list[ChoiceState],
     include_usage: bool,
     customs: list[CustomDeltas] | None = None,
+    legacy_functions: bool = False,
 ) -> AsyncIterator[bytes]:
-    """The events of a streamed chat answer; `customs`: per choice, its custom tools' calls."""
+    """The events of a streamed chat answer; `customs`: per choice, its custom tools' calls;
+    `legacy_functions`: its call as a function call (lmx.api.legacy_functions)."""
     chunk = {**base, "object": "chat.completion.chunk"}
     if include_usage:
         chunk["usage"] = None
@@ -513,9 +519,11 @@ def _chat_events(
         lp = lp_chat(lps) if lps else None
         c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": state.finish_reason}
         if i in opened:
-            return [c]
-        opened.add(i)
-        return chat_opening(c)
+            out = [c]
+        else:
+            opened.add(i)
+            out = chat_opening(c)
+        return [with_function_call(o, "delta") for o in out] if legacy_functions else out
 
     return _events(
         gen, states, chunk, head, choice, (lambda: usage(states)) if include_usage else None

@@ -132,6 +132,53 @@ def test_named_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> N
     check_call("add", calls[0]["arguments"])
 
 
+def test_the_deprecated_functions_api_calls_and_takes_results_back(client: openai.OpenAI) -> None:
+    """`functions` and `function_call`, as older apps send them: the answer's call comes back as
+    the message's function_call, streamed or not, and a function message's result reaches the
+    model as a tool message's does."""
+    functions: Any = [TOOLS[0]["function"]]
+    ask: Any = {
+        "model": "lmx-tiny",
+        "messages": ASK,
+        "functions": functions,
+        "function_call": {"name": "get_weather"},
+        "max_tokens": 300,
+    }
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+    call = choice.message.function_call
+    assert call is not None and call.name == "get_weather"
+    check_call(call.name, call.arguments)
+    name, arguments, finish = "", "", None
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            assert c.delta.tool_calls is None
+            finish = c.finish_reason or finish
+            if c.delta.function_call:
+                name += c.delta.function_call.name or ""
+                arguments += c.delta.function_call.arguments or ""
+    assert (name, finish) == ("get_weather", "function_call")
+    check_call(name, arguments)
+
+    def prompt_tokens(*turns: Any) -> int:
+        r = client.chat.completions.create(
+            model="lmx-tiny", messages=[*ASK, *turns], functions=functions, max_tokens=1
+        )
+        assert r.usage is not None
+        return r.usage.prompt_tokens
+
+    legacy = prompt_tokens(
+        {"role": "assistant", "content": None, "function_call": {"name": name, "arguments": "{}"}},
+        {"role": "function", "name": name, "content": "Sunny, 21 degrees"},
+    )
+    called = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": "{}"}}
+    tools = prompt_tokens(
+        {"role": "assistant", "content": None, "tool_calls": [called]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees"},
+    )
+    assert legacy == tools > prompt_tokens() + 8  # the result is in the prompt
+
+
 def test_several_choices_streamed_with_calls_add_up_in_the_sdks_helper(
     client: openai.OpenAI,
 ) -> None:
