@@ -32,8 +32,8 @@ Hook = Callable[[], Awaitable[None]]
 
 
 class RequestContext:
-    """Binds `request_id` for logs, echoes it as `x-request-id` and counts responses by route and
-    status; answers an error that no handler took with the 500 envelope (lmx.api.errors), so that
+    """Binds `request_id` for logs, echoes it as `x-request-id` and `request-id` and counts
+    responses by route and status; answers an error that no handler took with the 500 envelope (lmx.api.errors), so that
     one too is counted and carries the id and, from the middleware around this one, CORS headers.
     Plain ASGI, so streamed bodies pass straight through (a BaseHTTPMiddleware relays every chunk
     through a task)."""
@@ -55,7 +55,9 @@ class RequestContext:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                # Anthropic's SDK reads its request id from `request-id`.
+                ids = [(b"x-request-id", rid.encode()), (b"request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", []), *ids]
                 # The route template, not the raw path, keeps the label set small.
                 route = getattr(scope.get("route"), "path", "unmatched")
                 self.requests.labels(route, str(message["status"])).inc()

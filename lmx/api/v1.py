@@ -738,13 +738,13 @@ async def messages(body: MessagesRequest, deps: Deps) -> Any:
 async def count_tokens(body: CountTokensRequest, deps: Deps) -> JSONResponse:
     """The tokens of the prompt a Messages request would have: its system prompt, messages and
     tools as the model's chat template writes them."""
-    chat = anthropic.chat_request(body)
-    model_id = await deps.models.ensure_ready(body.model)
-    async with deps.registry.acquire(model_id) as engine:
-        try:
+    try:
+        chat = anthropic.chat_request(body)
+        model_id = await deps.models.ensure_ready(body.model)
+        async with deps.registry.acquire(model_id) as engine:
             prompt = await asyncio.to_thread(chat_prompt, chat, engine, thinking=True)
-        except RequestError as exc:
-            raise anthropic.messages_error(exc) from None
+    except RequestError as exc:
+        raise anthropic.messages_error(exc) from None
     return JSONResponse({"input_tokens": len(prompt)})
 
 

@@ -340,12 +340,16 @@ async def test_errors_come_in_anthropics_envelope_naming_the_field(
 
 
 async def test_the_sdk_raises_the_error_lmx_names(sdk: anthropic.AsyncAnthropic) -> None:
-    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]"):
-        await sdk.messages.create(
-            model="m",
-            max_tokens=5,
-            messages=[{"role": "user", "content": [{"type": "document", "source": {}}]}],
-        )
+    document: Any = [{"role": "user", "content": [{"type": "document", "source": {}}]}]
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]") as info:
+        await sdk.messages.create(model="m", max_tokens=5, messages=document)
+    said = info.value.body
+    assert info.value.request_id is not None  # from `request-id`, the header it reads
+    with pytest.raises(anthropic.BadRequestError) as counting:
+        await sdk.messages.count_tokens(model="m", messages=document)
+    assert counting.value.body == said  # its field named once, as the Messages API names it
+    message = await sdk.messages.create(**ASK)
+    assert message._request_id is not None
 
 
 async def test_a_key_may_come_as_x_api_key(app: Any) -> None:
