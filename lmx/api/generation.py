@@ -173,6 +173,9 @@ def _text_of(message: ChatMessage, index: int) -> str | None:
         return message.content
     parts = []
     for i, part in enumerate(message.content):
+        if part.get("type") == "refusal" and message.role == "assistant":  # what it said, too
+            parts.append(str(part.get("refusal", "")))
+            continue
         if part.get("type") != "text":
             raise RequestError(
                 f"content part of type {part.get('type')!r} is not supported by this model",

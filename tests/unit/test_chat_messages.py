@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import jinja2
+import pytest
 
 from lmx.api.generation import chat_messages, chat_prompt, truncated_prompt
 from lmx.api.schemas import ChatCompletionRequest
+from lmx.errors import RequestError
 
 
 def test_a_tool_calls_arguments_reach_the_template_as_an_object() -> None:
@@ -30,6 +32,25 @@ def test_a_tool_calls_arguments_reach_the_template_as_an_object() -> None:
     assert user == {"role": "user", "content": "Hi"}
     assert [c["function"]["arguments"] for c in said["tool_calls"]] == [{"x": 1}, "not json"]
     assert tool == {"role": "tool", "tool_call_id": "c1", "content": "2"}
+
+
+def test_an_assistants_refusal_sent_back_is_what_it_said() -> None:
+    refused = [{"type": "refusal", "refusal": "I can't help with that."}]
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": refused},
+                {"role": "user", "content": refused},
+            ],
+        }
+    )
+    with pytest.raises(RequestError) as info:  # a user's part of that type is no text
+        chat_messages(body)
+    assert info.value.param == "messages[2].content[0].type"
+    body.messages.pop()
+    assert chat_messages(body)[1] == {"role": "assistant", "content": "I can't help with that."}
 
 
 def test_a_mistral_template_gets_call_ids_it_takes_and_the_same_for_call_and_reply() -> None:
