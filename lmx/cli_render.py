@@ -263,6 +263,8 @@ def plan_lines(plan: Doc) -> list[Text]:
                 forced = ", forced: requests were still in flight" if a.get("forced") else ""
                 then = "; unloads once its requests finish" if kind == "Drain" else ""
                 line = f"- {kind.lower()} {mid} ({why}{forced}{then})"
+            case "Resume":
+                line = f"~ resume {mid} (what began its drain was undone: it stays loaded)"
             case "CancelDownload":
                 line = f"- cancel download {mid}"
             case "Delete":

@@ -60,6 +60,14 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Admit requests to `model_id` again: what began its drain no longer holds (the change
+    that began it was undone), so it stays loaded."""
+
+    model_id: str
+
+
+@dataclass(frozen=True)
 class Unload:
     model_id: str
     reason: UnloadReason
@@ -97,7 +105,7 @@ class Load:
     why: Want  # PINNED, RESIDENT, or DOWNLOADED for a load on request
 
 
-Action = Drain | Unload | Evict | CancelDownload | Delete | Download | Load
+Action = Resume | Drain | Unload | Evict | CancelDownload | Delete | Download | Load
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from lmx.reconciler.actions import (
     Evict,
     Load,
     Plan,
+    Resume,
     Unload,
     UnloadReason,
 )
@@ -97,6 +98,7 @@ class Admission:
         self.unreleased = observed.unreleased_bytes
         self.releasing = observed.releasing
         self.used = observed.unreleased_bytes
+        self.resumes: list[Resume] = []
         self.drains: list[Drain] = []
         self.frees: list[Unload | Evict] = []
         self.cancels: list[CancelDownload] = []
@@ -123,6 +125,8 @@ class Admission:
 
     def keep(self, spec: ModelSpec, o: ObservedModel) -> None:
         self.used += o.charge_bytes
+        if o.draining:  # what began its drain was undone
+            self.resumes.append(Resume(o.model_id))
         if spec.want is not Want.PINNED:
             if not o.requested:
                 self.kept.append(o)
@@ -294,6 +298,7 @@ class Admission:
         later = [w - self.now for w in self.wakes if w > self.now]
         return Plan(
             actions=(
+                *self.resumes,
                 *self.drains,
                 *self.frees,
                 *self.cancels,

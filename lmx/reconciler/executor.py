@@ -26,7 +26,9 @@ from lmx.reconciler.actions import (
     Evict,
     Load,
     Plan,
+    Resume,
     Unload,
+    UnloadReason,
 )
 from lmx.reconciler.events import EventBus
 from lmx.reconciler.fetching import Fetcher
@@ -95,6 +97,7 @@ class Executor:
         self.loaded: dict[str, LoadRecord] = {}
         self.loading: dict[str, asyncio.Task[Outcome]] = {}
         self.drain_deadlines: dict[str, float] = {}
+        self.drain_reasons: dict[str, UnloadReason] = {}
         self.releases = Releases(settings, memory=memory, registry=registry, clock=clock)
         self.fetcher = Fetcher(store=store, journal=journal, events=events, on_done=self._finish)
         self._finished: list[Outcome] = []
@@ -148,9 +151,13 @@ class Executor:
 
     async def _perform(self, action: Action, desired: DesiredState, budget_bytes: int) -> Outcome:
         match action:
-            case Drain(model_id=mid):
-                self._registry.drain(mid)
-                self.drain_deadlines.setdefault(mid, self._clock() + self._s.drain_timeout_s)
+            case Resume(model_id=mid):
+                self._registry.drain(mid, False)
+                self.drain_deadlines.pop(mid, None)
+                self.drain_reasons.pop(mid, None)
+                return Outcome(action, Result.DONE)
+            case Drain(model_id=mid, reason=reason):
+                self._drain(mid, reason)
                 return Outcome(action, Result.DONE)
             case Unload(model_id=mid, forced=forced):
                 return await self._unload(action, mid, forced)
@@ -177,14 +184,19 @@ class Executor:
             case _:
                 assert_never(action)
 
+    def _drain(self, mid: str, reason: UnloadReason) -> None:
+        """Stop admitting requests to `mid`, its first drain's deadline and reason kept."""
+        self._registry.drain(mid)
+        self.drain_deadlines.setdefault(mid, self._clock() + self._s.drain_timeout_s)
+        self.drain_reasons.setdefault(mid, reason)
+
     async def _unload(self, action: Unload | Evict, mid: str, forced: bool) -> Outcome:
         slot = self._registry.snapshot().get(mid)
         if slot is None:
             return Outcome(action, Result.DONE, "NotLoaded")
         # Check and unload with no await between: a request cannot slip in after the check.
         if slot.in_flight > 0 and not forced:
-            self._registry.drain(mid)
-            self.drain_deadlines.setdefault(mid, self._clock() + self._s.drain_timeout_s)
+            self._drain(mid, action.reason if isinstance(action, Unload) else UnloadReason.EVICTED)
             return Outcome(action, Result.DEFERRED, "Busy", f"{slot.in_flight} in flight")
         record = self.loaded.pop(mid, None)
         expected = record.usage if record else Usage(slot.resident_bytes, 0)
@@ -192,6 +204,7 @@ class Executor:
         self._journal.begin(Intent.UNLOAD, mid, record.spec.load_digest() if record else "")
         started = time.monotonic()
         self.drain_deadlines.pop(mid, None)
+        self.drain_reasons.pop(mid, None)
         try:
             async with asyncio.timeout(self._s.unload_timeout_s):
                 # Awaited in this task: the registry drops the slot before the first suspension.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lmx.reconciler.actions import UnloadReason
 from lmx.reconciler.spec import LoadKey, Want
 
 
@@ -35,6 +36,7 @@ class ObservedModel:
     request_ttl_s: float | None = None  # the idle TTL its latest request asked for, if any
     draining: bool = False
     drain_deadline_s: float | None = None
+    drain_reason: UnloadReason | None = None  # why its drain began
     # admission
     footprint_bytes: int | None = None  # measured if known, else estimated; None if unknown
     # the loop's memory of this model (each reset when the model's spec changes)

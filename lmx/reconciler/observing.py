@@ -101,6 +101,7 @@ class Observer:
                 request_ttl_s=eng.ttl_s if eng else None,
                 draining=eng.draining if eng else False,
                 drain_deadline_s=ex.drain_deadlines.get(mid),
+                drain_reason=ex.drain_reasons.get(mid),
                 footprint_bytes=facts.footprint.total_bytes if facts and facts.footprint else None,
                 requested=mid in requested,
                 request_order=requested.get(mid, 0),

@@ -16,13 +16,19 @@ from lmx.reconciler.spec import DesiredState, ModelSpec, Want
 
 
 def removal_reason(spec: ModelSpec | None, o: ObservedModel, now_s: float) -> UnloadReason | None:
-    """Why a loaded engine should go now, or None if it stays."""
+    """Why a loaded engine should go now, or None if it stays: a drain goes on while what began
+    it holds (an eviction's always: the room went to another model), else it is called off."""
+    reason = _removal_reason(spec, o, now_s)
+    if reason is None and o.draining and o.drain_reason in (UnloadReason.EVICTED, None):
+        return UnloadReason.DRAINED
+    return reason
+
+
+def _removal_reason(spec: ModelSpec | None, o: ObservedModel, now_s: float) -> UnloadReason | None:
     if spec is None:
         return UnloadReason.NOT_DECLARED
     if spec.want is Want.ABSENT:
         return UnloadReason.WANT_ABSENT
-    if o.draining:
-        return UnloadReason.DRAINED
     if o.loaded_key is not None and o.loaded_key != spec.load_key:
         return UnloadReason.SPEC_CHANGED
     if o.requested:

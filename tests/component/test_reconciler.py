@@ -414,3 +414,24 @@ async def test_a_dry_run_plans_a_desired_state_without_accepting_it(world: World
     assert [type(x).__name__ for x in dry.actions] == ["Load"]
     assert world.r.generation == generation and world.loaded() == set()
     assert world.r.plan_now_json()["actions"] == []
+
+
+async def test_a_drain_is_called_off_when_the_change_that_began_it_is_undone(
+    world: World,
+) -> None:
+    """A busy model whose spec changed drains for its reload; the change undone, it serves on,
+    never unloaded (it refused every request, "being unloaded", until its next change)."""
+    world.write(a=model(world.model_dir("a")))
+    await world.build().start()
+    await until(lambda: world.ready("a"))
+    async with world.reg.acquire("a"):
+        world.write(a=model(world.model_dir("a"), engine={"context_length": 2048}))
+        await until(lambda: world.condition("a", "Draining")["status"])
+        world.write(a=model(world.model_dir("a")))
+        await until(settle(world))
+        await until(lambda: not world.condition("a", "Draining")["status"])
+        async with world.reg.acquire("a"):  # admitted again while the first is in flight
+            pass
+    await until(settle(world))
+    assert world.ready("a") and world.engines.count("load", "a") == 1
+    assert world.engines.count("unload", "a") == 0

@@ -109,6 +109,7 @@ def test_key_value_words_become_a_merge_patch_of_yaml_scalars() -> None:
 def test_a_plan_reads_like_a_diff() -> None:
     plan = {
         "actions": [
+            {"action": "Resume", "model": "back"},
             {"action": "Evict", "model": "old", "for_model": "new", "freed_bytes": 2**30},
             {"action": "Unload", "model": "r", "reason": "SpecChanged", "forced": False},
             {"action": "Load", "model": "r", "footprint_bytes": 3 * 2**20, "why": "resident"},
@@ -119,6 +120,7 @@ def test_a_plan_reads_like_a_diff() -> None:
         "used_bytes": 6 * 2**30,
     }
     assert [str(t) for t in plan_lines(plan)] == [
+        "~ resume back (what began its drain was undone: it stays loaded)",
         "- evict old (LRU: frees 1.0 GiB for new)",
         "-/+ reload r (spec changed; 3.0 MiB, resident)",
         "+ load new (5.0 GiB, pinned)",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from lmx.reconciler.actions import BlockReason, Load, plan_json
+from lmx.reconciler.actions import BlockReason, Load, UnloadReason, plan_json
 from lmx.reconciler.observed import ObservedModel
 from lmx.reconciler.planning import plan
 from lmx.reconciler.spec import Want
@@ -375,6 +375,54 @@ CASES: list[
         {},
         [("Unload", "a", "Drained", "forced"), ("Load", "c")],
         [("a", "InsufficientMemory")],
+    ),
+    (
+        # Its spec changed, then changed back: it is loaded as its spec says, so it serves on.
+        "calls_off_a_drain_whose_change_was_undone",
+        desired("4GiB", a=R),
+        [
+            loaded(
+                "a",
+                3,
+                in_flight=1,
+                draining=True,
+                drain_deadline_s=NOW + 30,
+                drain_reason=UnloadReason.SPEC_CHANGED,
+            )
+        ],
+        {},
+        [("Resume", "a")],
+        [],
+    ),
+    (
+        "goes_on_with_a_drain_whose_cause_holds",
+        desired("4GiB", a={**R, "want": "absent"}),
+        [
+            loaded(
+                "a",
+                3,
+                in_flight=1,
+                draining=True,
+                drain_deadline_s=NOW + 30,
+                drain_reason=UnloadReason.NOT_DECLARED,
+            )
+        ],
+        {},
+        [],
+        [("a", "Draining")],
+    ),
+    (
+        # The room went to another model, which may have loaded in it.
+        "finishes_an_evictions_drain",
+        desired("4GiB", a=R),
+        [
+            loaded(
+                "a", 3, draining=True, drain_deadline_s=NOW + 30, drain_reason=UnloadReason.EVICTED
+            )
+        ],
+        {},
+        [("Unload", "a", "Drained"), ("Load", "a")],
+        [],
     ),
     # -- idle TTL, spec changes --
     (
