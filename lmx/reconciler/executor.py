@@ -32,7 +32,7 @@ from lmx.reconciler.actions import (
 )
 from lmx.reconciler.events import EventBus
 from lmx.reconciler.fetching import Fetcher
-from lmx.reconciler.journal import Intent, Journal
+from lmx.reconciler.journal import Intent, Journal, JournalUnwritable
 from lmx.reconciler.outcomes import Outcome, Result, failure
 from lmx.reconciler.releasing import Releases
 from lmx.reconciler.settings import ReconcilerSettings
@@ -201,7 +201,10 @@ class Executor:
         record = self.loaded.pop(mid, None)
         expected = record.usage if record else Usage(slot.resident_bytes, 0)
         before = self.releases.measure(exclude=mid)
-        self._journal.begin(Intent.UNLOAD, mid, record.spec.load_digest() if record else "")
+        try:
+            self._journal.begin(Intent.UNLOAD, mid, record.spec.load_digest() if record else "")
+        except JournalUnwritable as exc:  # no start reads an unload's record: it goes on
+            log.warning("unload_not_journaled", model=mid, error=str(exc))
         started = time.monotonic()
         self.drain_deadlines.pop(mid, None)
         self.drain_reasons.pop(mid, None)
@@ -257,8 +260,8 @@ class Executor:
     async def _load_task(self, action: Load, spec: ModelSpec, config: LoadConfig) -> Outcome:
         mid, digest, started = action.model_id, spec.load_digest(), time.monotonic()
         before = self.releases.measure(exclude=mid)
-        self._journal.begin(Intent.LOAD, mid, digest)
         try:
+            self._journal.begin(Intent.LOAD, mid, digest)
             engine = await self._registry.load(config)
         except Exception as exc:  # the engine's load failed: an outcome, and the journal says so
             self._journal.end(Intent.LOAD, mid, ok=False)
@@ -269,7 +272,10 @@ class Executor:
         want = Want.DOWNLOADED if action.why is Want.DOWNLOADED else spec.want
         self.loaded[mid] = LoadRecord(spec, want, usage)
         self._journal.end(Intent.LOAD, mid, ok=True)
-        await asyncio.to_thread(self._store.record_measured, mid, digest, measured)
+        try:
+            await asyncio.to_thread(self._store.record_measured, mid, digest, measured)
+        except OSError as exc:  # the next load measures it again; this one stands
+            log.warning("footprint_not_recorded", model=mid, error=str(exc))
         took = time.monotonic() - started
         return self._loaded(Outcome(action, Result.DONE, duration_s=took, measured_bytes=measured))
 

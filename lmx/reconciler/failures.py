@@ -13,9 +13,10 @@ from lmx.reconciler.spec import ModelSpec
 
 OFFLINE = "Offline"
 INSUFFICIENT_DISK = "InsufficientDisk"
+JOURNAL_UNWRITABLE = "JournalUnwritable"  # the intent journal could not be written (a full disk)
 # The machine's state, not the model's: these back off for as long as they last, and never
 # quarantine (that would outlast the network coming back or disk being freed).
-WAITING_REASONS = frozenset({OFFLINE, INSUFFICIENT_DISK})
+WAITING_REASONS = frozenset({OFFLINE, INSUFFICIENT_DISK, JOURNAL_UNWRITABLE})
 DOWNLOAD_REASONS = WAITING_REASONS | {"DownloadFailed"}
 
 

@@ -20,7 +20,7 @@ import structlog
 
 from lmx.reconciler.actions import Download
 from lmx.reconciler.events import EventBus
-from lmx.reconciler.journal import Intent, Journal
+from lmx.reconciler.journal import Intent, Journal, JournalUnwritable
 from lmx.reconciler.outcomes import Outcome, Result, failure
 from lmx.reconciler.spec import ModelSpec
 from lmx.runtime.downloads import DownloadCancelled, ProgressEvent, RepoSnapshot
@@ -134,11 +134,15 @@ class Fetcher:
             if await self._take_slot(job):
                 try:
                     job.queued = False
-                    self._journal.begin(Intent.DOWNLOAD, mid, job.spec.load_digest())
-                    log.info("download_started", model=mid, source=job.spec.source)
-                    outcome = await self._fetch(action, job, budget_bytes)
-                    if not self.stopping:  # a download cut by shutdown resumes at the next start
-                        self._journal.end(Intent.DOWNLOAD, mid, ok=not outcome.failed)
+                    try:
+                        self._journal.begin(Intent.DOWNLOAD, mid, job.spec.load_digest())
+                    except JournalUnwritable as exc:
+                        outcome = failure(action, exc, duration_s=0.0)
+                    else:
+                        log.info("download_started", model=mid, source=job.spec.source)
+                        outcome = await self._fetch(action, job, budget_bytes)
+                        if not self.stopping:  # one cut by shutdown resumes at the next start
+                            self._journal.end(Intent.DOWNLOAD, mid, ok=not outcome.failed)
                 finally:
                     self._free_slot()
         finally:

@@ -6,6 +6,10 @@ loads that never finished (the process died during them). Two such deaths of the
 load config quarantine it. It also keeps the models quarantined (the reconciler's record), so that
 a restart does not load them again. Blocking file I/O: calls take milliseconds and run on the loop
 thread.
+
+A write that fails (a full disk) refuses the side effect about to begin (JournalUnwritable, a
+TemporaryError: it is retried, backing off); one that records an end or a quarantine is logged and
+carried by the next write that succeeds.
 """
 
 from __future__ import annotations
@@ -20,12 +24,17 @@ from typing import Any
 
 import structlog
 
+from lmx.errors import TemporaryError
 from lmx.runtime.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
 CRASHES_TO_QUARANTINE = 2
 _FORMAT = 1
+
+
+class JournalUnwritable(TemporaryError):
+    """The journal could not be written, so the side effect it was to record did not begin."""
 
 
 class Intent(StrEnum):
@@ -100,25 +109,31 @@ class Journal:
                 count = prev.get("count", 0) + 1 if prev.get("digest") == digest else 1
                 self._crashes[model] = {"digest": digest, "count": count}
                 log.warning("load_interrupted_by_exit", model=model, deaths=count)
-        self._write()
+        self._write_or_log()
         crashed = {m: (str(v.get("digest")), int(v["count"])) for m, v in self._crashes.items()}
         return Recovery(frozenset(downloads), crashed, quarantined)
 
     def begin(self, intent: Intent, model_id: str, digest: str) -> None:
-        self._pending[f"{intent}:{model_id}"] = {
+        """Record a side effect about to begin. Raises JournalUnwritable if it cannot be."""
+        key = f"{intent}:{model_id}"
+        self._pending[key] = {
             "intent": str(intent),
             "model": model_id,
             "digest": digest,
             "since": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        self._write()
+        try:
+            self._write()
+        except JournalUnwritable:
+            del self._pending[key]
+            raise
 
     def end(self, intent: Intent, model_id: str, *, ok: bool) -> None:
         """The side effect finished (or failed without taking the process down)."""
         self._pending.pop(f"{intent}:{model_id}", None)
         if intent is Intent.LOAD and ok:
             self._crashes.pop(model_id, None)
-        self._write()
+        self._write_or_log()
 
     def set_quarantined(self, models: dict[str, Quarantine]) -> None:
         """Record the models quarantined now, all of them: one left out is lifted, and the count
@@ -128,7 +143,7 @@ class Journal:
             for lifted in self._quarantined.keys() - entries.keys():
                 self._crashes.pop(lifted, None)
             self._quarantined = entries
-            self._write()
+            self._write_or_log()
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -147,4 +162,15 @@ class Journal:
             "crashes": self._crashes,
             "quarantined": self._quarantined,
         }
-        write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
+        try:
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise JournalUnwritable(f"cannot write the journal {self.path}: {why}") from exc
+
+    def _write_or_log(self) -> None:
+        """Write, or log why not: what is in memory goes out with the next write that works."""
+        try:
+            self._write()
+        except JournalUnwritable as exc:
+            log.warning("journal_unwritable", error=str(exc))

@@ -12,7 +12,8 @@ from typing import Any
 
 from lmx.errors import PermanentError, TemporaryError
 from lmx.reconciler.actions import Action, action_json
-from lmx.reconciler.failures import INSUFFICIENT_DISK, OFFLINE
+from lmx.reconciler.failures import INSUFFICIENT_DISK, JOURNAL_UNWRITABLE, OFFLINE
+from lmx.reconciler.journal import JournalUnwritable
 from lmx.runtime.downloads import InsufficientDisk, OfflineError
 
 
@@ -60,6 +61,8 @@ def failure(action: Action, exc: BaseException, *, duration_s: float) -> Outcome
         reason = OFFLINE
     elif isinstance(exc, InsufficientDisk):
         reason = INSUFFICIENT_DISK
+    elif isinstance(exc, JournalUnwritable):
+        reason = JOURNAL_UNWRITABLE
     else:
         reason = f"{type(action).__name__}Failed"  # LoadFailed, DownloadFailed, UnloadFailed
     return Outcome(

@@ -418,3 +418,22 @@ async def test_want_absent_with_prune_deletes_only_the_files_lmx_downloaded(
     deletes = [e for e in events.pending() if e["type"] == "action" and e["action"] == "Delete"]
     assert [e["result"] for e in deletes] == ["done"]
     assert world.r.plan_now().is_empty
+
+
+async def test_a_download_the_journal_cannot_record_waits_until_it_can(
+    world: HubWorld, hub_server: HubServer
+) -> None:
+    hub_server.add_repo("org/m", repo_files())
+    world.write_doc({"models": {"m": hub("org/m")}})
+    journal = world.home / "journal.json"
+    journal.mkdir(parents=True)  # no file can be renamed over it, as none can be written
+    await world.build().start()
+
+    def waiting() -> bool:
+        failed = world.status_of("m").get("failures", 0) >= 2
+        return failed and world.condition("m", "Downloaded")["reason"] == "JournalUnwritable"
+
+    await until(waiting, timeout_s=10)
+    assert hub_server.count(kind="cdn") == 0 and not world.condition("m", "Quarantined")["status"]
+    journal.rmdir()
+    await until(lambda: world.ready("m"), timeout_s=15)

@@ -343,3 +343,31 @@ async def test_a_config_file_invalid_at_start_loses_no_quarantine(world: World) 
     await until(lambda: world.condition("a", "Quarantined")["status"])
     await asyncio.sleep(0.3)
     assert world.engines.count("load", "a") == 3
+
+
+async def test_a_journal_that_cannot_be_written_holds_loads_back_until_it_can(
+    world: World,
+) -> None:
+    """A load the journal cannot record (a full disk) waits, never quarantined, and holds no
+    other load back; unloads go on. Each loaded once the journal can be written again."""
+    world.write(a=model(world.model_dir("a")))
+    journal = world.home / "journal.json"
+    journal.mkdir(parents=True)  # no file can be renamed over it, as none can be written
+    await world.build().start()
+
+    def waiting() -> bool:
+        failures = world.r.status()["models"]["a"].get("failures", 0)
+        return failures >= 3 and world.condition("a", "Degraded")["reason"] == "JournalUnwritable"
+
+    await until(waiting, timeout_s=10)
+    assert "cannot write the journal" in world.condition("a", "Degraded")["message"]
+    assert not world.condition("a", "Quarantined")["status"]
+    assert world.engines.count("load", "a") == 0
+    journal.rmdir()
+    await until(lambda: world.ready("a"), timeout_s=10)
+    assert json.loads(journal.read_text())["pending"] == {}
+    journal.unlink()
+    journal.mkdir()
+    world.write(a=model(world.model_dir("a"), "absent"))  # its memory comes back all the same
+    await until(lambda: world.engines.count("unload", "a") == 1)
+    assert world.loaded() == set()
