@@ -63,6 +63,8 @@ def ensure_config(settings: Settings) -> None:
     path = settings.config_path
     if path.exists():
         return
+    if path.is_symlink():  # a dotfiles link whose target is away: written over, it would be lost
+        raise StartupError(f"config file {path} links to {path.readlink()}, which does not exist")
     if path != settings.home / "config.yaml":
         raise StartupError(f"config file {path} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)

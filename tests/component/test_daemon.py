@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 from structlog.testing import capture_logs
 
-from lmx.daemon import Daemon
+from lmx.daemon import Daemon, StartupError, default_manifest, ensure_config
 from lmx.settings import Settings
 
 
@@ -30,3 +31,18 @@ async def test_beyond_loopback_without_api_keys_the_daemon_warns_at_start_and_in
         assert len(doc["warnings"]) == 1 and "server.api_keys" in doc["warnings"][0]
     finally:
         await daemon.shutdown()
+
+
+def test_a_config_link_to_a_file_not_there_is_kept_and_the_start_refused(tmp_path: Path) -> None:
+    """A dotfiles link whose target is away (an unmounted volume, a moved repo) is not replaced
+    by the default manifest: edits to the target would never be seen again."""
+    settings = Settings.from_env(home=tmp_path / "home")
+    settings.home.mkdir()
+    target = tmp_path / "dotfiles" / "config.yaml"
+    settings.config_path.symlink_to(target)
+    with pytest.raises(StartupError, match=f"links to {target}, which does not exist"):
+        ensure_config(settings)
+    assert settings.config_path.is_symlink() and not target.parent.exists()
+    settings.config_path.unlink()
+    ensure_config(settings)  # a fresh home's: the default
+    assert settings.config_path.read_text() == default_manifest()
