@@ -20,6 +20,9 @@ from lmx.reconciler.settings import ReconcilerSettings
 
 log = structlog.get_logger(__name__)
 
+# How often the watcher checks that the directories it watches are still the ones there.
+_RECHECK_S = 1.0
+
 
 class Triggers:
     def __init__(
@@ -68,22 +71,49 @@ class Triggers:
                 return Path(changed) in watched
 
             if missing := [d for d in directories if not d.is_dir()]:
+                # A link to a volume not mounted, a dotfiles repo moved: watched once it is back.
                 log.warning("config_dir_missing", path=str(missing[0]))
-                return
+                while not self._stop.is_set() and not all(d.is_dir() for d in directories):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), _RECHECK_S)
+                self._wake("config_changed")
+                continue
             log.info("config_watch_started", path=str(path), files=sorted(map(str, watched)))
+            identity = _identity(directories)
             changes = watchfiles.awatch(
                 *directories,
                 watch_filter=ours,
                 stop_event=self._stop,
                 debounce=max(self._s.watch_debounce_ms, self._s.watch_settle_ms),
                 step=self._s.watch_settle_ms,  # quiet time that ends a burst of events
+                rust_timeout=int(_RECHECK_S * 1000),
+                yield_on_timeout=True,  # an empty set: time to check the directories
                 recursive=False,
             )
             async with contextlib.aclosing(changes):
-                async for _ in changes:
-                    self._wake("config_changed")
+                async for changed in changes:
+                    if changed:
+                        self._wake("config_changed")
                     if _watched(path) != watched:
                         break  # the file became a symlink, or its link was re-pointed
+                    if _identity(directories) != identity:
+                        # A directory replaced (`mv repo repo.old; mkdir repo`): the OS watches
+                        # the old one. The file in the new one may differ too.
+                        self._wake("config_changed")
+                        break
+
+
+def _identity(directories: list[Path]) -> list[tuple[int, int] | None]:
+    """Which directories these paths are (None: none is there now)."""
+    out: list[tuple[int, int] | None] = []
+    for d in directories:
+        try:
+            st = d.stat()
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino))
+    return out
 
 
 def _watched(path: Path) -> set[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,34 @@ async def test_a_file_replaced_by_a_symlink_while_running_is_followed(
     with target.open("a") as f:
         f.write("jit: false\n")
     await until(lambda: world.r.desired.jit is False)
+
+
+async def test_a_linked_files_directory_replaced_or_gone_a_while_is_watched_again(
+    world: World, tmp_path: Path
+) -> None:
+    """`mv dotfiles dotfiles.old; mkdir dotfiles`, or a link to a directory not there yet (a
+    volume not mounted): edits in the directory there now are seen, not only at the resync."""
+    dotfiles = tmp_path / "dotfiles"
+    dotfiles.mkdir()
+    target = dotfiles / "lmx.yaml"
+    a = world.model_dir("a")
+    target.write_text(yaml.safe_dump({"models": {"a": model(a)}}))
+    world.config_path.symlink_to(target)
+    await world.build().start()  # resync hourly: only the watcher can see the edits
+    await until(lambda: world.ready("a"))
+    dotfiles.rename(tmp_path / "dotfiles.old")
+    dotfiles.mkdir()
+    target.write_text(yaml.safe_dump({"jit": False, "models": {"a": model(a)}}))
+    await until(lambda: world.r.desired.jit is False)
+    with target.open("a") as f:  # and the new directory is watched: edited in place
+        f.write("memory: {budget: 2GiB}\n")
+    await until(lambda: world.r.desired.memory.budget == 2 * 2**30)
+
+    shutil.rmtree(dotfiles)  # gone a while: the last good state serves
+    await asyncio.sleep(0.3)
+    dotfiles.mkdir()
+    target.write_text(yaml.safe_dump({"jit": True, "models": {"a": model(a)}}))
+    await until(lambda: world.r.desired.jit is True)
+    with target.open("a") as f:
+        f.write("memory: {budget: 1GiB}\n")
+    await until(lambda: world.r.desired.memory.budget == 2**30)
