@@ -177,7 +177,10 @@ def status_footer(doc: Doc) -> list[Text]:
     gen, seen = doc.get("generation"), doc.get("observedGeneration")
     lag = "" if gen == seen else " (reconciling)"
     lines.append(Text(f"Generation: {gen}, observed {seen}{lag}"))
-    lines += config_lines(doc.get("config") or {}, invalid="the last good state is kept")
+    config = doc.get("config") or {}
+    kept = config.get("last_good_kept", True)
+    invalid = "the last good state is kept" if kept else "no model is served until it is fixed"
+    lines += config_lines(config, invalid=invalid)
     lines += [Text(f"Warning: {w}", "bold yellow") for w in doc.get("warnings") or []]
     return lines
 

@@ -150,9 +150,7 @@ async def get_plan(control: Reader) -> dict[str, Any]:
     file's validity as /admin/status shows it: while the file is invalid, the plan is for the last
     good desired state, not for what the file says."""
     r = control.reconciler
-    path = str(r.config_path) if r.config_path else None
-    config = {"path": path, "valid": r.config_error is None, "error": r.config_error}
-    return {**r.plan_now_json(), "config": config}
+    return {**r.plan_now_json(), "config": r.config_json()}
 
 
 @router.get("/events", response_model=None)

@@ -33,9 +33,10 @@ from lmx.reconciler.planning import plan
 from lmx.reconciler.requests import Requests
 from lmx.reconciler.settings import ReconcilerSettings
 from lmx.reconciler.spec import DesiredState, ModelSpec, Want
-from lmx.reconciler.status import Head, Listed, StatusView
+from lmx.reconciler.status import Head, Listed, StatusView, config_json
 from lmx.reconciler.triggers import Triggers
 from lmx.runtime.engine import EngineState
+from lmx.runtime.files import write_atomic
 from lmx.runtime.memory import MemoryProbe
 from lmx.runtime.registry import EngineRegistry
 from lmx.runtime.sampling import SamplingDefaults
@@ -102,6 +103,7 @@ class Reconciler:
         self._generation = 0
         self._observed_generation = 0
         self._config_error: str | None = None
+        self._last_good: str | None = None  # the text in settings.last_good_path, once read
         self._accept_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._reasons: set[str] = set()
@@ -151,6 +153,8 @@ class Reconciler:
         self._recovery = recovery = self._journal.recover()
         if self.config_path is not None:
             await self._reload_config()
+            if self._config_error is not None:
+                await self._accept_last_good()
         for mid in recovery.downloads:
             log.info("download_resuming", model=mid)
         self._registry.on_change = lambda: self.wake("engine_changed")
@@ -231,6 +235,10 @@ class Reconciler:
             self._config_error = None
             self._view.update_config(None)
 
+    def config_json(self) -> dict[str, Any]:
+        path = str(self.config_path) if self.config_path else None
+        return config_json(path, self._config_error, self._generation)
+
     def status(self) -> dict[str, Any]:
         """A JSON-able document: generations, config validity, memory, per-model conditions."""
         head = Head(
@@ -285,7 +293,40 @@ class Reconciler:
             self.events.publish("config_invalid", path=str(self.config_path), errors=exc.errors)
         else:
             self._config_error = None
+            await asyncio.to_thread(self._keep_last_good, text)
         self._view.update_config(self._config_error)
+
+    def _keep_last_good(self, text: str) -> None:
+        """Copy the file as accepted, for a start that finds it invalid (a typo, then a crash)."""
+        path = self.settings.last_good_path
+        if self._last_good is None:
+            with contextlib.suppress(OSError):
+                self._last_good = path.read_text(encoding="utf-8")
+        if text == self._last_good:
+            return
+        try:
+            write_atomic(path, text)
+        except OSError as exc:  # the next accepted edit tries again
+            log.warning("last_good_not_kept", path=str(path), error=str(exc))
+        else:
+            self._last_good = text
+
+    async def _accept_last_good(self) -> None:
+        """At a start that found the file invalid: serve the state last accepted from it, as the
+        daemon that accepted it did, until the file is fixed. None kept: nothing is served."""
+        path = self.settings.last_good_path
+
+        def read() -> DesiredState:
+            return manifest.parse(manifest.read_text(path), source=str(path))
+
+        if not path.is_file():
+            return
+        try:
+            await self._accept(await asyncio.to_thread(read), origin=str(path), wake=False)
+        except ConfigError as exc:
+            log.error("last_good_invalid", path=str(path), errors=exc.errors)
+        else:
+            log.warning("serving_last_good_state", path=str(path))
 
     async def _accept(self, new: DesiredState, *, origin: str, wake: bool = True) -> None:
         async with self._accept_lock:

@@ -37,3 +37,8 @@ class ReconcilerSettings:
     @property
     def journal_path(self) -> Path:
         return self.home / "journal.json"
+
+    @property
+    def last_good_path(self) -> Path:
+        """A copy of the config file as last accepted: what a start serves while it is invalid."""
+        return self.home / "config.last-good.yaml"

@@ -59,6 +59,13 @@ class Head:
     last_pass: dict[str, Any]
 
 
+def config_json(path: str | None, error: str | None, generation: int) -> dict[str, Any]:
+    """The config file's validity, as /admin/status and /admin/plan show it. While it is invalid,
+    `last_good_kept` says whether a state it had (or had before a restart) serves, or none yet,
+    and so no model."""
+    return {"path": path, "valid": error is None, "error": error, "last_good_kept": generation > 0}
+
+
 class StatusView:
     def __init__(
         self,
@@ -171,11 +178,7 @@ class StatusView:
         return {
             "generation": head.generation,
             "observedGeneration": head.observed_generation,
-            "config": {
-                "path": head.config_path,
-                "valid": head.config_error is None,
-                "error": head.config_error,
-            },
+            "config": config_json(head.config_path, head.config_error, head.generation),
             "conditions": [c.to_json() for c in self.conditions.get(_CONFIG).values()],
             "memory": {
                 "budget_bytes": budget,

@@ -156,3 +156,26 @@ async def test_a_linked_files_directory_replaced_or_gone_a_while_is_watched_agai
     with target.open("a") as f:
         f.write("memory: {budget: 1GiB}\n")
     await until(lambda: world.r.desired.memory.budget == 2**30)
+
+
+async def test_a_start_that_finds_the_file_invalid_serves_what_it_last_accepted(
+    world: World,
+) -> None:
+    """A typo, then a crash or a restart: the models served before are served again, and status
+    says so, until the file is fixed. With none accepted before, none is served."""
+    good = await pinned_and_resident(world)
+    await world.r.stop()
+    world.write_text(good.replace("want: pinned", "wnat: pinned"))
+    await world.build().start()
+    assert "unknown key" in (world.r.config_error or "")
+    await until(lambda: world.ready("a") and world.ready("b"))
+    assert world.r.status()["config"]["last_good_kept"] is True
+    world.write_text(good.replace("want: resident", "want: absent"))  # fixed, and an edit
+    await until(lambda: world.r.config_error is None and world.loaded() == {"a"})
+    await world.r.stop()
+
+    (world.home / "config.last-good.yaml").unlink()  # as on a machine where none was kept
+    world.write_text("models:\n  a: {wnat: pinned}\n")
+    await world.build().start()
+    await until(settle(world))
+    assert world.loaded() == set() and world.r.status()["config"]["last_good_kept"] is False

@@ -189,6 +189,14 @@ def test_status_ends_with_the_daemons_warnings() -> None:
     assert not [line for line in status_footer({}) if "Warning" in str(line)]
 
 
+def test_status_of_an_invalid_file_says_whether_a_last_good_state_serves() -> None:
+    bad = {"valid": False, "error": "config.yaml: models.a.wnat (line 2): unknown key"}
+    for kept, says in ((True, "the last good state is kept"), (False, "no model is served")):
+        doc = {"config": {**bad, "path": "/h/config.yaml", "last_good_kept": kept}}
+        heading = next(str(t) for t in status_footer(doc) if "INVALID" in str(t))
+        assert heading.startswith("Config: INVALID (/h/config.yaml); " + says), heading
+
+
 # -- reads, on the shared daemon --
 
 
