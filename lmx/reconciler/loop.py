@@ -305,7 +305,7 @@ class Reconciler:
         if text == self._last_good:
             return
         try:
-            write_atomic(path, text)
+            write_atomic(path, text, mode=0o600)  # it may hold API keys
         except OSError as exc:  # the next accepted edit tries again
             log.warning("last_good_not_kept", path=str(path), error=str(exc))
         else:

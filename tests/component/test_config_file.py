@@ -165,6 +165,8 @@ async def test_a_start_that_finds_the_file_invalid_serves_what_it_last_accepted(
     says so, until the file is fixed. With none accepted before, none is served."""
     good = await pinned_and_resident(world)
     await world.r.stop()
+    kept = world.home / "config.last-good.yaml"
+    assert kept.read_text() == good and kept.stat().st_mode & 0o777 == 0o600  # keys, if any
     world.write_text(good.replace("want: pinned", "wnat: pinned"))
     await world.build().start()
     assert "unknown key" in (world.r.config_error or "")
@@ -174,7 +176,7 @@ async def test_a_start_that_finds_the_file_invalid_serves_what_it_last_accepted(
     await until(lambda: world.r.config_error is None and world.loaded() == {"a"})
     await world.r.stop()
 
-    (world.home / "config.last-good.yaml").unlink()  # as on a machine where none was kept
+    kept.unlink()  # as on a machine where none was kept
     world.write_text("models:\n  a: {wnat: pinned}\n")
     await world.build().start()
     await until(settle(world))
