@@ -31,7 +31,7 @@ from lmx.reconciler.actions import (
     UnloadReason,
 )
 from lmx.reconciler.events import EventBus
-from lmx.reconciler.fetching import Fetcher
+from lmx.reconciler.fetching import Fetcher, sizing_of
 from lmx.reconciler.journal import Intent, Journal, JournalUnwritable
 from lmx.reconciler.outcomes import Outcome, Result, failure
 from lmx.reconciler.releasing import Releases
@@ -273,11 +273,18 @@ class Executor:
         self.loaded[mid] = LoadRecord(spec, want, usage)
         self._journal.end(Intent.LOAD, mid, ok=True)
         try:
-            await asyncio.to_thread(self._store.record_measured, mid, digest, measured)
+            await asyncio.to_thread(self._record_measured, mid, spec, measured)
         except OSError as exc:  # the next load measures it again; this one stands
             log.warning("footprint_not_recorded", model=mid, error=str(exc))
         took = time.monotonic() - started
         return self._loaded(Outcome(action, Result.DONE, duration_s=took, measured_bytes=measured))
+
+    def _record_measured(self, mid: str, spec: ModelSpec, measured: int) -> None:
+        """What the load took, with what its weights are estimated at: other weights under the
+        same spec (a local model rebuilt) are not charged this."""
+        digest = spec.load_digest()
+        est = self._store.estimate(mid, digest, spec.source, spec.revision, sizing_of(spec))
+        self._store.record_measured(mid, digest, measured, est.weights_bytes if est else None)
 
     def _loaded(self, outcome: Outcome) -> Outcome:
         mid = outcome.model_id

@@ -138,8 +138,8 @@ class Observer:
         if digest is None:
             digest = self._digests[key] = spec.load_digest()
         est = store.estimate(mid, digest, spec.source, spec.revision, sizing_of(spec))
-        measured = store.measured_bytes(mid, digest)
-        fp = est.measured_as(measured) if est is not None and measured is not None else est
+        measured = None if est is None else store.measured_bytes(mid, digest, est.weights_bytes)
+        fp = est if est is None or measured is None else est.measured_as(measured)
         if spec.is_hub:
             commit = store.downloaded_commit(spec.source, spec.revision)
             downloaded = commit is not None

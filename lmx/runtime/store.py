@@ -323,8 +323,10 @@ class ModelStore:
         """What admission charges: the estimate with its weights replaced by what a load of this
         model and load config measured, if one did. None if nothing is known yet."""
         fp = self.estimate(model_id, key, source, revision, sizing)
-        measured = self.measured_bytes(model_id, key)
-        return fp.measured_as(measured) if fp is not None and measured is not None else fp
+        if fp is None:
+            return None
+        measured = self.measured_bytes(model_id, key, fp.weights_bytes)
+        return fp if measured is None else fp.measured_as(measured)
 
     def estimate(
         self, model_id: str, key: str, source: str, revision: str, sizing: Sizing
@@ -364,17 +366,24 @@ class ModelStore:
             self._estimates[(model_id, key)] = fp
         return fp
 
-    def measured_bytes(self, model_id: str, key: str) -> int | None:
-        """What the latest load of this model and config took, measured as loads are now (a
-        measurement of another kind, or none, leaves the estimate in charge until the next)."""
+    def measured_bytes(self, model_id: str, key: str, estimated_bytes: int) -> int | None:
+        """What the latest load of this model and config took, measured as loads are now, of
+        weights estimated at `estimated_bytes` as they are now (a measurement of another kind, of
+        other weights: a local model rebuilt, a Hub branch moved on; or none: the estimate is in
+        charge until the next)."""
         with self._lock:
             entry = self._measurements().get(f"{model_id}@{key}")
         if not entry or entry.get("measure") != MEASURE:
             return None
+        if entry.get("estimated_weights_bytes", estimated_bytes) != estimated_bytes:
+            return None
         return int(entry["weights_bytes"])
 
-    def record_measured(self, model_id: str, key: str, weights_bytes: int) -> None:
-        """Persist what a load of this model and config really took (atomically)."""
+    def record_measured(
+        self, model_id: str, key: str, weights_bytes: int, estimated_bytes: int | None
+    ) -> None:
+        """Persist what a load of this model and config really took (atomically), and what its
+        weights were estimated at then."""
         with self._lock:
             table = self._measurements()
             table[f"{model_id}@{key}"] = {
@@ -382,6 +391,8 @@ class ModelStore:
                 "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "measure": MEASURE,
             }
+            if estimated_bytes is not None:
+                table[f"{model_id}@{key}"]["estimated_weights_bytes"] = estimated_bytes
             write_atomic(self.home / "footprints.json", json.dumps(table, indent=1, sort_keys=True))
 
     def _measurements(self) -> dict[str, dict[str, Any]]:

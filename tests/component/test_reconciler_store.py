@@ -108,7 +108,7 @@ def test_a_measured_load_replaces_the_estimated_weights_and_is_kept_across_resta
     sizing = Sizing(None, 1, 0)
     before = store.footprint("m", "k1", str(path), "main", sizing)
     assert before is not None and not before.measured and before.weights_bytes == 100 * MiB
-    store.record_measured("m", "k1", 150 * MiB)
+    store.record_measured("m", "k1", 150 * MiB, before.weights_bytes)
     again = ModelStore(tmp_path / "home").footprint("m", "k1", str(path), "main", sizing)
     assert again is not None and again.measured and again.weights_bytes == 150 * MiB
     other_config = store.footprint("m", "k2", str(path), "main", sizing)
@@ -119,6 +119,22 @@ def test_a_measured_load_replaces_the_estimated_weights_and_is_kept_across_resta
     (tmp_path / "home" / "footprints.json").write_text(json.dumps(table))
     old = ModelStore(tmp_path / "home").footprint("m", "k1", str(path), "main", sizing)
     assert old is not None and not old.measured and old.weights_bytes == 100 * MiB
+
+
+def test_a_measurement_of_other_weights_under_the_same_spec_is_not_charged(
+    tmp_path: Path,
+) -> None:
+    """A local model rebuilt in place (a Hub branch moved on): its old measurement would let
+    the new, bigger weights in under their size."""
+    path = make_model_dir(tmp_path / "m", 100 * MiB)
+    store = ModelStore(tmp_path / "home")
+    sizing = Sizing(None, 1, 0)
+    before = store.footprint("m", "k1", str(path), "main", sizing)
+    assert before is not None
+    store.record_measured("m", "k1", 150 * MiB, before.weights_bytes)
+    make_model_dir(path, 300 * MiB)
+    after = store.footprint("m", "k1", str(path), "main", sizing)
+    assert after is not None and not after.measured and after.weights_bytes == 300 * MiB
 
 
 def test_sources_resolve_to_their_directories(tmp_path: Path) -> None:
