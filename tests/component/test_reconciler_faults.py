@@ -278,7 +278,8 @@ async def test_crashes_of_engines_that_served_count_from_one_before_their_load_i
     world.write(a=model(world.model_dir("a")))
     r = world.build(backoff_base_s=0.05, backoff_max_s=0.2)  # quarantined at the third in a row
     await r.start()
-    await until(lambda: world.ready("a"))
+    # Ready, and the pass that loaded it over (a load may end before its pass does).
+    await until(lambda: world.ready("a") and "id" in r.status()["last_pass"])
     for _ in range(4):
         r._engine_failed("a", "injected crash", served=True)
     assert r.status()["models"]["a"]["failures"] == 1
