@@ -35,7 +35,8 @@ from lmx.reconciler.editing import PreconditionFailed
 log = structlog.get_logger(__name__)
 
 
-# Anthropic's error types by status; any other is an api_error.
+# Anthropic's error types by status; any other 4xx is an invalid_request_error (as Anthropic
+# says it may answer one: a model that cannot fit is a 409), any other status an api_error.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -65,7 +66,8 @@ def envelope(
     if path.startswith(ANTHROPIC_ROUTES):
         if param is not None and param not in message:
             message = f"{param}: {message}"
-        error = {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}
+        other = "invalid_request_error" if 400 <= status < 500 else "api_error"
+        error = {"type": _ANTHROPIC_TYPES.get(status, other), "message": message}
         return JSONResponse({"type": "error", "error": error}, status_code=status, headers=headers)
     body: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
     if errors is not None:

@@ -17,6 +17,7 @@ import pytest
 from lmx.api.app import create_app
 from lmx.api.auth import Keys
 from lmx.api.deps import AppDeps
+from lmx.api.errors import envelope
 from lmx.runtime.engine import Delta, GenerationRequest, LoadConfig, SamplingParams
 from lmx.runtime.registry import EngineRegistry
 from tests.api.conftest import StaticModels
@@ -375,3 +376,15 @@ async def test_the_models_come_in_anthropics_shape_to_its_clients(
     assert (await sdk.models.retrieve("m")).id == "m"
     # Others (no anthropic-version) get OpenAI's.
     assert (await http.get("/v1/models")).json()["data"][0]["object"] == "model"
+
+
+def test_a_status_anthropic_names_no_type_for_is_typed_by_its_class() -> None:
+    """A model that cannot fit (409) is the client's to change: invalid_request_error, as
+    Anthropic types a 4xx it lists no type for; a server's own failure is an api_error."""
+    for status, kind in (
+        (409, "invalid_request_error"),
+        (500, "api_error"),
+        (503, "overloaded_error"),
+    ):
+        r = envelope(status, "no", type_="x", path="/v1/messages")
+        assert json.loads(r.body)["error"]["type"] == kind
