@@ -276,12 +276,16 @@ def plan_lines(plan: Doc) -> list[Text]:
                 line = f"? {kind.lower()} {mid}"
         removed += line.startswith("-")
         out.append(Text(line, "green" if line.startswith("+") else "red"))
+    under_way: list[Doc] = plan.get("under_way", [])
+    for u in under_way:
+        doing = "loading" if u["action"] == "Load" else "downloading"
+        out.append(Text(f"~ {doing} {u['model']} (under way)", "yellow"))
     blocked: list[Doc] = plan.get("blocked", [])
     for b in blocked:
         out.append(
             Text(f"~ blocked {b['model']}: {b['reason']} {b.get('message', '')}".rstrip(), "yellow")
         )
-    if not actions and not blocked:
+    if not actions and not blocked and not under_way:
         return [Text(NO_CHANGES)]
     memory = (
         f"memory after: {fmt_bytes(plan.get('used_bytes'))} of "
@@ -289,6 +293,7 @@ def plan_lines(plan: Doc) -> list[Text]:
     )
     parts = [f"{added} to add", f"{len(reloads)} to reload", f"{removed} to remove"]
     parts = [p for p in parts if "to reload" not in p or reloads]
+    parts += [f"{len(under_way)} under way"] if under_way else []
     out += [Text(""), Text(f"Plan: {', '.join(parts)}, {len(blocked)} blocked; {memory}.", "bold")]
     return out
 

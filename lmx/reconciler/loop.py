@@ -257,7 +257,14 @@ class Reconciler:
         return plan(self._desired, observed)
 
     def plan_now_json(self) -> dict[str, Any]:
-        return plan_json(self.plan_now())
+        """The plan now, and the loads and downloads under way (which it holds, not repeats)."""
+        observed = self._view.observed
+        under_way = [
+            {"action": "Load" if o.loading else "Download", "model": mid}
+            for mid, o in (observed.models.items() if observed else ())
+            if o.loading or o.downloading
+        ]
+        return {**plan_json(self.plan_now()), "under_way": under_way}
 
     async def dry_run(self, new: DesiredState) -> Plan:
         """The plan a desired state would get now (observed afresh), without accepting it."""

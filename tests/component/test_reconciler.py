@@ -361,6 +361,9 @@ async def test_a_model_list_tells_each_name_its_models_state_files_and_context(
         conditions = world.r.status()["models"]["b"]["conditions"]
         kinds = {c["type"]: c for c in conditions}
         assert kinds["Ready"]["reason"] == kinds["Resident"]["reason"] == "Loading"
+        # And the plan, once a pass has seen it under way (not "no changes").
+        under_way = [{"action": "Load", "model": "b"}]
+        await until(lambda: world.r.plan_now_json()["under_way"] == under_way)
     finally:
         loaded.set()
     assert await task == "b"

@@ -116,6 +116,7 @@ def test_a_plan_reads_like_a_diff() -> None:
             {"action": "Load", "model": "new", "footprint_bytes": 5 * 2**30, "why": "pinned"},
         ],
         "blocked": [{"model": "big", "reason": "InsufficientMemory", "message": "needs 9 GiB"}],
+        "under_way": [{"action": "Download", "model": "next"}],
         "budget_bytes": 8 * 2**30,
         "used_bytes": 6 * 2**30,
     }
@@ -124,11 +125,15 @@ def test_a_plan_reads_like_a_diff() -> None:
         "- evict old (LRU: frees 1.0 GiB for new)",
         "-/+ reload r (spec changed; 3.0 MiB, resident)",
         "+ load new (5.0 GiB, pinned)",
+        "~ downloading next (under way)",
         "~ blocked big: InsufficientMemory needs 9 GiB",
         "",
-        "Plan: 1 to add, 1 to reload, 1 to remove, 1 blocked; "
+        "Plan: 1 to add, 1 to reload, 1 to remove, 1 under way, 1 blocked; "
         "memory after: 6.0 GiB of 8.0 GiB budget.",
     ]
+    # A load under way is no "No changes": the running state is on its way to the desired one.
+    loading = {"actions": [], "blocked": [], "under_way": [{"action": "Load", "model": "m"}]}
+    assert str(plan_lines(loading)[0]) == "~ loading m (under way)"
 
 
 def test_ps_shows_what_waits_and_when_a_model_idles_out() -> None:
