@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 
 from lmx.api.generation import Added, CallBegun, CallText, ChoiceState
-from lmx.errors import GenerationFailed
 from lmx.runtime.engine import TokenLogprob
 from lmx.runtime.parsers import Content, Reasoning, ToolCall
 
@@ -79,7 +78,7 @@ def chat_body(base: dict[str, Any], states: list[ChoiceState]) -> dict[str, Any]
     choices = []
     for s in states:
         if s.error is not None:
-            raise GenerationFailed(s.error)
+            raise s.failure()
         message: dict[str, Any] = {"role": "assistant", "content": "".join(s.content) or None}
         if s.reasoning:
             message["reasoning_content"] = message["reasoning"] = "".join(s.reasoning)

@@ -21,7 +21,7 @@ from lmx.api.schemas import (
     CompletionRequest,
     SamplingFields,
 )
-from lmx.errors import RequestError
+from lmx.errors import GenerationFailed, LmxError, RequestError, TemporaryError
 from lmx.runtime.engine import (
     Constraint,
     Delta,
@@ -413,6 +413,7 @@ class ChoiceState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    retryable: bool = False  # its error: the model was unloaded under it (see failure)
     reasoning_tokens: int = 0  # see _count
     # `parallel_tool_calls: false`: a model's calls after its first are left out, as OpenAI
     # answers with one call at most (a grammar, where one applies, lets the model write no more)
@@ -422,6 +423,15 @@ class ChoiceState:
     _left_out: str = field(default="", init=False)  # a streaming call's id, left out (one_call)
     _uncounted: int = field(default=0, init=False)  # tokens whose text the parser still holds
 
+    def failure(self) -> LmxError:
+        """Its error, to raise for an answer not streamed: a 503 to retry where the model was
+        unloaded under it (a drain's deadline, a stop: it is loaded again for the retry), else a
+        500 saying how generation failed."""
+        assert self.error is not None
+        if self.retryable:
+            return TemporaryError(self.error, delay_s=1.0)
+        return GenerationFailed(self.error)
+
     def absorb(self, delta: Delta) -> list[Added]:
         """Take in `delta`; what it adds to the answer."""
         pieces = self.parser.feed(delta.text)
@@ -430,7 +440,7 @@ class ChoiceState:
             self.prompt_tokens = delta.prompt_tokens
             self.completion_tokens = delta.completion_tokens
             self.cached_tokens = delta.cached_tokens
-            self.error = delta.error
+            self.error, self.retryable = delta.error, delta.retryable
             self.stop = delta.stop
         self._count(len(delta.token_ids), pieces)
         added: list[Added] = []

@@ -34,7 +34,7 @@ from lmx.api.schemas import (
     NativeLoadRequest,
 )
 from lmx.api.shortcut import Endpoint
-from lmx.errors import GenerationFailed, PermanentError, RequestError
+from lmx.errors import PermanentError, RequestError
 from lmx.reconciler.status import Listed
 from lmx.runtime.parsers import Content, Reasoning
 
@@ -125,7 +125,7 @@ class Rendering:
 
     def answer(self, state: ChoiceState) -> dict[str, Any]:
         if state.error is not None:
-            raise GenerationFailed(state.error)
+            raise state.failure()
         self.feed([Reasoning("".join(state.reasoning)), Content("".join(state.content))])
         if not any(item["type"] == "message" for item in self.output):
             self.output.append({"type": "message", "content": ""})

@@ -30,7 +30,7 @@ from lmx.api.generation import (
     whole_call,
 )
 from lmx.api.schemas import ChatCompletionRequest, CountTokensRequest, MessagesRequest
-from lmx.errors import GenerationFailed, RequestError
+from lmx.errors import RequestError
 from lmx.runtime.parsers import Content, Reasoning
 
 _STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
@@ -286,7 +286,7 @@ class Rendering:
     def answer(self, state: ChoiceState) -> dict[str, Any]:
         """The whole message, once `state` has absorbed its last delta."""
         if state.error is not None:
-            raise GenerationFailed(state.error)
+            raise state.failure()
         parts: list[Added] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
         if state.content:
             parts.append(Content("".join(state.content)))

@@ -28,7 +28,7 @@ from lmx.api.freeform import FREEFORM, InputReader, freeform_description, freefo
 from lmx.api.generation import Added, CallBegun, CallEnded, CallText, ChoiceState, whole_call
 from lmx.api.response_store import Kept, ResponseStore, item_id, listed_items
 from lmx.api.schemas import ChatCompletionRequest, ResponsesRequest
-from lmx.errors import GenerationFailed, RequestError
+from lmx.errors import RequestError
 from lmx.runtime.engine import SamplingParams
 from lmx.runtime.parsers import Content, Reasoning
 from lmx.runtime.toolcalls import loads_or_none
@@ -384,7 +384,7 @@ class Rendering:
     def answer(self, state: ChoiceState) -> dict[str, Any]:
         """The whole response, once `state` has absorbed its last delta."""
         if state.error is not None:
-            raise GenerationFailed(state.error)
+            raise state.failure()
         self._state = state
         parts: list[Added] = [Reasoning("".join(state.reasoning))] if state.reasoning else []
         if state.content or not state.tool_calls:

@@ -79,7 +79,7 @@ from lmx.api.schemas import (
     ResponsesRequest,
 )
 from lmx.api.shortcut import Endpoint
-from lmx.errors import GenerationFailed, ModelNotFound, RequestError
+from lmx.errors import ModelNotFound, RequestError
 from lmx.runtime.engine import (
     Delta,
     DeltaStream,
@@ -633,7 +633,7 @@ async def answer_completion(
         choices = []
         for s in states:
             if s.error is not None:
-                raise GenerationFailed(s.error)
+                raise s.failure()
             text = "".join(s.content)
             lps = logprobs(s, s.logprobs, len(prefixes[s.index])) if want_lp else None
             choices.append(

@@ -108,6 +108,7 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    retryable: bool = False  # an error of a model unloaded under it (not failed): ask again
     stop: str | None = None  # on a "stop" finish: the stop string that ended it, if one did
     # On a sequence's first token: seconds it waited in the engine before its prefill began, and
     # seconds from then to the first token.

@@ -33,7 +33,7 @@ import mlx.core as mx
 import structlog
 from mlx_lm.utils import load_tokenizer
 
-from lmx.errors import GenerationFailed, QueueFull, RequestError
+from lmx.errors import GenerationFailed, LmxError, QueueFull, RequestError, TemporaryError
 from lmx.runtime.engine import (
     Delta,
     Embeddings,
@@ -584,8 +584,7 @@ class MlxEngine:
                     case ("embedded", sid, Embeddings() as result):
                         self._answer(sid, result)
                     case ("embed_failed", sid, str(message), bool(requests_fault)):
-                        fault = RequestError if requests_fault else GenerationFailed
-                        self._answer(sid, fault(message))
+                        self._answer(sid, self._embed_fault(message, requests_fault))
         except (EOFError, OSError):
             pass
         reason = "the model was unloaded"
@@ -596,10 +595,17 @@ class MlxEngine:
             log.error("worker_exited", model=self.config.model_id, reason=reason)
             self.on_failure(reason)
         self.worker_stats = None
-        ended = Delta("", finish_reason="error", error=reason)
+        ended = Delta("", finish_reason="error", error=reason, retryable=self._stopping)
         self._deliver([(sid, ended) for sid in list(self._streams)])
         for sid in list(self._embeddings):
-            self._answer(sid, GenerationFailed(reason))
+            self._answer(sid, self._embed_fault(reason, False))
+
+    def _embed_fault(self, message: str, requests_fault: bool) -> LmxError:
+        """An embedding's error: the request's (400), the model unloaded under it (503: asked
+        again, it is loaded again), or a failure (500)."""
+        if requests_fault:
+            return RequestError(message)
+        return TemporaryError(message, delay_s=1.0) if self._stopping else GenerationFailed(message)
 
     def _answer(self, sid: int, result: Embeddings | Exception) -> None:
         """Settle embedding request `sid` (if its caller still waits) on its event loop."""

@@ -212,7 +212,7 @@ class Worker:
         try:
             self._serve(gen)
         finally:  # the process exits next, which returns every byte
-            self._fail_all(gen, "the model was unloaded")
+            self._fail_all(gen, "the model was unloaded", retryable=True)
             for job in self._embeds:
                 self._post(("embed_failed", job.sid, "the model was unloaded", False))
             gen.close()
@@ -815,10 +815,14 @@ class Worker:
             answer = Embeddings(matrix.tobytes(), count, dimensions, tokens)
             self._post(("embedded", job.sid, answer))
 
-    def _fail_all(self, gen: Any, error: str) -> None:
+    def _fail_all(self, gen: Any, error: str, *, retryable: bool = False) -> None:
+        """End every sequence with `error`; `retryable`: the model goes, none failed."""
         if self._live:
             gen.remove(list(self._live))
-        failed = [(s.sid, self._final(s, "error", error, s.generated)) for s in self._live.values()]
+        failed = [
+            (s.sid, replace(self._final(s, "error", error, s.generated), retryable=retryable))
+            for s in self._live.values()
+        ]
         self._live.clear()
         self._by_sid.clear()
         self._requests.clear()

@@ -1030,11 +1030,27 @@ async def test_a_dead_worker_ends_its_streams_with_an_error_and_fails_the_engine
         assert (
             rest[-1].error == "the model's worker process exited unexpectedly (killed by SIGKILL)"
         )
+        assert not rest[-1].retryable  # failed: not to be asked again as it was
         assert e.state is EngineState.FAILED and failures == [rest[-1].error]
         with pytest.raises(RequestError, match="not ready"):
             await anext(e.stream(GenerationRequest(p, GREEDY)))
     finally:
         await asyncio.to_thread(e.unload)
+
+
+async def test_an_unload_ends_its_streams_with_an_error_to_ask_again(tiny_model_dir: Path) -> None:
+    """Unloaded under them (a drain's deadline, a stop), streams end with an error that the API
+    answers 503: the model is loaded again for the retry."""
+    e = MlxEngine(LoadConfig(model_id="u", path=tiny_model_dir, prompt_cache_bytes=0))
+    await asyncio.to_thread(e.load)
+    p = prompts(e, 1)[0]
+    stream = e.stream(GenerationRequest(p, SamplingParams(max_tokens=2000, temperature=0)))
+    await anext(stream)
+    await asyncio.to_thread(e.unload)
+    async with asyncio.timeout(30):
+        rest = [d async for d in stream]
+    assert (rest[-1].finish_reason, rest[-1].error) == ("error", "the model was unloaded")
+    assert rest[-1].retryable
 
 
 async def test_a_load_the_worker_fails_raises_its_error_and_leaves_no_process(

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,16 +182,28 @@ def test_sigterm_ends_an_answer_still_going_after_the_grace_with_an_error_then_d
         "stream": True,
     }
     lines: list[str] = []
+    whole: list[httpx.Response] = []  # an answer not streamed, under way too
+    asked = threading.Thread(
+        target=lambda: whole.append(
+            httpx.post(d.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        )
+    )
     with httpx.stream("POST", d.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        asked.start()
         for line in r.iter_lines():
             lines.append(line)
             if len(lines) == 20:  # it is under way
                 d.proc.terminate()
     assert d.proc.wait(timeout=30) == 0
+    asked.join(timeout=30)
     data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     error = json.loads(data[-2])["error"]
     assert error["message"] == "the model was unloaded", error
+    # Not streamed, it is a 503 to retry (on the daemon that comes back), not a failure's 500.
+    (answer,) = whole
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    assert answer.json()["error"]["message"] == "the model was unloaded"
     assert "Traceback" not in d.log()
 
 
