@@ -337,9 +337,11 @@ class Reconciler:
 
     async def _accept(self, new: DesiredState, *, origin: str, wake: bool = True) -> None:
         async with self._accept_lock:
-            await self.check(new, origin=origin)
             if new == self._desired and self._generation:
+                # No edit, nothing to refuse: pins that outgrew the budget since they were
+                # accepted (a local model rebuilt bigger) are the planner's to hold back.
                 return
+            await self.check(new, origin=origin)
             self._desired = new
             self._generation += 1
             if self._recovery is not None:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.component.reconciler_world import World, model, settle, until
+from tests.fakes import make_model_dir
 
 
 async def pinned_and_resident(world: World, **settings: object) -> str:
@@ -181,3 +182,19 @@ async def test_a_start_that_finds_the_file_invalid_serves_what_it_last_accepted(
     await world.build().start()
     await until(settle(world))
     assert world.loaded() == set() and world.r.status()["config"]["last_good_kept"] is False
+
+
+async def test_a_file_unedited_stays_valid_when_its_pins_outgrow_the_budget(
+    world: World, tmp_path: Path
+) -> None:
+    """A pin whose local directory comes later, bigger than the budget: the file read again (the
+    resync) is the one accepted, not an edit to refuse; the pin is held back, saying why."""
+    later = tmp_path / "later"
+    world.write("3GiB", p=model(later, "pinned"))
+    await world.build().start()
+    await until(settle(world))
+    assert world.r.config_error is None  # its size unknown yet
+    make_model_dir(later, 4 * 2**30)
+    world.r.wake("resync")
+    await until(lambda: world.condition("p", "Ready")["reason"] == "ExceedsBudget")
+    assert world.r.config_error is None
