@@ -157,7 +157,7 @@ class StatusView:
             if not (ready or on_demand):
                 continue
             state = "loaded" if ready else "not-loaded"
-            if mid in self._executor.loading:
+            if mid in self._executor.loading and not ready:  # ready: its load is all but done
                 state = "loading"
             context = eng.context_length if ready and eng else spec.engine.context_length
             path = self._store.locate(spec.source, spec.revision)
