@@ -131,8 +131,10 @@ class Admission:
             if not o.requested:
                 self.kept.append(o)
             ttl = idle_ttl_s(spec, o)
-            if ttl is not None and o.in_flight == 0:
-                self.wakes.append(o.last_used_s + ttl)
+            if ttl is not None:
+                # A busy model idles out `ttl` after its last request ends, so not before now +
+                # ttl: look again then (the end of a request wakes the loop only for a drain).
+                self.wakes.append((self.now if o.in_flight else o.last_used_s) + ttl)
 
     def remove(self, o: ObservedModel, reason: UnloadReason) -> None:
         deadline = o.drain_deadline_s

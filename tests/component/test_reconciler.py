@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -170,6 +171,27 @@ async def test_a_requests_ttl_unloads_a_model_it_loaded_on_demand_once_idle(worl
     assert await world.r.ensure_ready("d") == "d"
     await asyncio.sleep(0.5)
     assert world.ready("d") and world.reg.snapshot()["d"].ttl_s is None
+
+
+async def test_a_ttl_runs_from_the_end_of_a_request_that_outlasted_the_pass_that_saw_it(
+    world: World,
+) -> None:
+    """A request's `ttl` and a spec's `idle_ttl`, each for a model whose request a pass saw in
+    flight: the end of a request wakes no pass, yet the model unloads about a ttl after it."""
+    world.write(
+        d=model(world.model_dir("d"), "downloaded"), r=model(world.model_dir("r"), idle_ttl="0.3s")
+    )
+    await world.build().start()
+    await until(lambda: world.ready("r"))
+    assert await world.r.ensure_ready("d") == "d"
+    async with world.reg.acquire("d", ttl_s=0.3), world.reg.acquire("r"):
+        passes = world.r.status()["last_pass"]["id"]
+        await until(lambda: world.r.status()["last_pass"]["id"] > passes)  # saw both busy
+        await asyncio.sleep(0.5)  # longer than the ttl: busy, so loaded still
+        assert world.loaded() == {"d", "r"}
+    ended = time.monotonic()
+    await until(lambda: not world.loaded(), timeout_s=3)  # the resync is an hour away
+    assert time.monotonic() - ended < 1.5
 
 
 async def test_editing_the_file_loads_and_unloads_without_touching_unchanged_models(

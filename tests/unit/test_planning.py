@@ -628,6 +628,20 @@ def test_requeues_when_a_requests_ttl_runs_out() -> None:
     assert p.is_empty and p.requeue_after_s == pytest.approx(200)
 
 
+def test_requeues_a_busy_model_with_a_ttl_a_ttl_from_now() -> None:
+    # The earliest it can idle out: were its requests to end now. Their end wakes no pass.
+    d = desired(a=D, b={**R, "idle_ttl": "10m"})
+    models = (
+        loaded("a", 1, used=100, in_flight=1, request_ttl_s=2.0),
+        loaded("b", 1, used=700, in_flight=2),
+    )
+    p = plan(d, state(d, *models))
+    assert p.is_empty and p.requeue_after_s == pytest.approx(2)
+    d = desired(b={**R, "idle_ttl": "10m"})
+    p = plan(d, state(d, models[1]))
+    assert p.is_empty and p.requeue_after_s == pytest.approx(600)
+
+
 def test_requeues_at_the_end_of_a_backoff_and_of_a_drain() -> None:
     d = desired("4GiB", a=R, b=R, c=D)
     p = plan(
