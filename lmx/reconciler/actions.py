@@ -28,6 +28,9 @@ class BlockReason(StrEnum):
     INSUFFICIENT_MEMORY = "InsufficientMemory"  # no room, and evicting cannot (or may not) make it
     MEMORY_NOT_RELEASED = "MemoryNotReleased"  # room is expected once an unload's memory is back
     WAITING_FOR_DRAIN = "WaitingForDrain"  # room comes when busy models finish their requests
+    # The room is promised to models loading or loaded for requests ahead of it: each may be
+    # evicted once loaded and served, and the model is planned again then.
+    WAITING_FOR_TURN = "WaitingForTurn"
     DRAINING = "Draining"  # this model waits for its in-flight requests before unloading
     QUARANTINED = "Quarantined"
     BACKING_OFF = "BackingOff"

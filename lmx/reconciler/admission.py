@@ -3,7 +3,8 @@
 Pure and single-use: the planner feeds it the observed engines and the load candidates, then
 `admit()` decides in priority order. Only pins and requests may evict (least recently used, idle
 ones first); an eagerly loaded `resident` model takes free room only, so two of them never evict
-each other in turn. Busy models are drained, never cut.
+each other in turn. Busy models are drained, never cut. Room promised to a load ahead is waited
+for, not refused: that model may be evicted in turn once loaded and served.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class Admission:
         self.kept: list[ObservedModel] = []
         self.leaving: dict[str, UnloadReason] = {}  # unloaded by this plan
         self.draining_bytes = 0  # held by busy models on their way out
+        # Held by unpinned models loading, or loaded or admitted for requests ahead: evictable
+        # once loaded and served (requests wait for them rather than being refused).
+        self.promised_bytes = 0
         self.pin_total = 0
         self.pin_prefix: dict[str, int] = {}
         self.candidates: dict[Want, list[_Candidate]] = {
@@ -122,6 +126,9 @@ class Admission:
 
     def hold(self, o: ObservedModel) -> None:
         self.used += o.charge_bytes
+        spec = self.desired.models.get(o.model_id)
+        if spec is None or spec.want is not Want.PINNED:
+            self.promised_bytes += o.charge_bytes
 
     def keep(self, spec: ModelSpec, o: ObservedModel) -> None:
         self.used += o.charge_bytes
@@ -130,6 +137,8 @@ class Admission:
         if spec.want is not Want.PINNED:
             if not o.requested:
                 self.kept.append(o)
+            else:  # evictable once its request is answered
+                self.promised_bytes += o.charge_bytes
             ttl = idle_ttl_s(spec, o)
             if ttl is not None:
                 # A busy model idles out `ttl` after its last request ends, so not before now +
@@ -226,7 +235,7 @@ class Admission:
                 free = self.budget - self.used
                 if fp <= free:
                     self.loads.append(Load(mid, fp, why))
-                    self.used += fp
+                    self._commit(fp, why)
                     continue
                 room = f"needs {fmt_bytes(fp)}, {fmt_bytes(max(free, 0))} free"
                 if free < 0:  # models ahead of it in this plan wait for room already
@@ -250,10 +259,19 @@ class Admission:
                     victims_left = self._evictable()
                 self._evict_for(o, why, free, victims_left, room)
 
+    def _commit(self, fp: int, why: Want) -> None:
+        """Count a load admitted, or waiting for room, against the budget: lower priorities
+        cannot take its room, and later requests wait for it (unless pinned, it is evictable
+        once loaded and served)."""
+        self.used += fp
+        if why is not Want.PINNED:
+            self.promised_bytes += fp
+
     def _evict_for(
         self, o: ObservedModel, why: Want, free: int, pool: list[ObservedModel], room: str
     ) -> None:
-        """Make room for a pin or a request: wait for drains, else evict LRU models (idle first).
+        """Make room for a pin or a request: wait for drains, else evict LRU models (idle first),
+        else wait for its turn after the models promised room ahead of it.
 
         A model that must wait still commits its bytes, so lower priorities cannot take its room.
         """
@@ -261,7 +279,7 @@ class Admission:
         need = fp - free
         if need <= self.draining_bytes:
             self.draining_bytes -= need
-            self.used += fp
+            self._commit(fp, why)
             self.block(mid, BlockReason.WAITING_FOR_DRAIN, f"{room}; busy models are draining")
             return
         got, chosen = self.draining_bytes, []
@@ -271,7 +289,20 @@ class Admission:
             chosen.append(v)
             got += v.charge_bytes
         if got < need:
-            msg = f"{room}; evicting could free {fmt_bytes(got)} (pinned and loading models stay)"
+            promised = self.promised_bytes
+            if got + promised >= need:
+                msg = (
+                    f"{room}; {fmt_bytes(promised)} is promised to models loading or requested"
+                    " ahead of it, each evictable once loaded and served"
+                )
+                self._commit(fp, why)
+                self.block(mid, BlockReason.WAITING_FOR_TURN, msg)
+                return
+            msg = (
+                f"{room}; it lacks {fmt_bytes(need)}: evicting could free {fmt_bytes(got)}, and"
+                f" the models loading or requested ahead of it {fmt_bytes(promised)} once served"
+                " (pinned models and memory an unload did not return stay)"
+            )
             self.block(mid, BlockReason.INSUFFICIENT_MEMORY, msg)
             return
         for v in list(chosen):  # spare the ones the last, larger victims made unnecessary
@@ -289,7 +320,8 @@ class Admission:
                 self.drains.append(Drain(v.model_id, UnloadReason.EVICTED, for_model=mid))
                 msg = f"evicted for {mid}: waiting for {v.in_flight} request(s) in flight"
                 self.block(v.model_id, BlockReason.DRAINING, msg)
-        self.used += fp - idle_freed
+        self._commit(fp, why)
+        self.used -= idle_freed
         if idle_freed >= need:
             self.loads.append(Load(mid, fp, why))
         else:

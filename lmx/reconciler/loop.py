@@ -20,7 +20,15 @@ import structlog
 
 from lmx.errors import ConfigError, TemporaryError
 from lmx.reconciler import manifest
-from lmx.reconciler.actions import Download, Load, Plan, Unload, UnloadReason, plan_json
+from lmx.reconciler.actions import (
+    BlockReason,
+    Download,
+    Load,
+    Plan,
+    Unload,
+    UnloadReason,
+    plan_json,
+)
 from lmx.reconciler.admission import pins_over_budget
 from lmx.reconciler.events import EventBus, Subscription
 from lmx.reconciler.executor import WAITING_FOR_LOAD, Executor
@@ -394,7 +402,10 @@ class Reconciler:
             ]
             self._requeue_after_s = min((t for t in soon if t is not None), default=None)
             self._view.update_conditions(desired, observed, current)
-            self._requests.resolve(desired, observed, current, self._failures)
+            answered = self._requests.resolve(desired, observed, current, self._failures)
+            if answered and any(b.reason is BlockReason.WAITING_FOR_TURN for b in current.blocked):
+                # A model whose request was answered may be evicted now: plan the others again.
+                self.wake("request_answered")
             self._keep_quarantines()
             self._observed_generation = generation
             took = time.monotonic() - started

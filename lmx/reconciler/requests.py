@@ -56,16 +56,20 @@ class Requests:
 
     def resolve(
         self, desired: DesiredState, observed: ObservedState, plan: Plan, failures: FailureBook
-    ) -> None:
+    ) -> bool:
+        """Answer the requests whose model is ready or cannot be had; True if any was."""
+        answered = False
         for mid in self.wanted():
             decision = self._decide(mid, desired, observed, plan, failures)
             if decision is None:
                 continue
+            answered = True
             for _, fut in self._waiting.pop(mid):
                 if isinstance(decision, LmxError):
                     fut.set_exception(decision)
                 else:
                     fut.set_result(decision)
+        return answered
 
     def fail_all(self, exc: LmxError) -> None:
         for _, _, fut in self._inbox:

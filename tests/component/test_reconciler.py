@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from lmx.errors import ConfigError, ModelNotFound, PermanentError
-from lmx.reconciler import manifest
+from lmx.errors import ConfigError, ModelNotFound, PermanentError, TemporaryError
+from lmx.reconciler import executor, manifest
 from lmx.runtime.sampling import SamplingDefaults
 from tests.component.reconciler_world import World, model, settle, until
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, Faults
 
 
 async def test_start_loads_pinned_and_resident_models_but_not_downloaded_ones(world: World) -> None:
@@ -92,6 +92,56 @@ async def test_a_busy_model_is_drained_and_evicted_only_when_its_requests_finish
         assert not waiting.done()
     assert await asyncio.wait_for(waiting, 5) == "c"
     assert world.loaded() == {"c"}
+
+
+@pytest.mark.parametrize("load_s", [0.0, 0.3], ids=["load_within_the_pass", "load_in_background"])
+async def test_a_request_with_no_room_beside_a_load_for_an_earlier_one_waits_its_turn(
+    world: World, monkeypatch: pytest.MonkeyPatch, load_s: float
+) -> None:
+    """Two requests at once for models loaded on demand, room for one: the second is not
+    refused; the first model loads and serves, then is evicted for it."""
+    monkeypatch.setattr(executor, "_LOAD_WAIT_S", 0.1)
+    world.engines.faults["a"] = Faults(load_s=load_s)
+    world.write(
+        "2GiB",
+        a=model(world.model_dir("a"), "downloaded"),
+        b=model(world.model_dir("b"), "downloaded"),
+    )
+    await world.build().start()
+
+    async def serve(name: str) -> str:
+        mid = await world.r.ensure_ready(name)
+        async with world.reg.acquire(mid):
+            await asyncio.sleep(0.1)
+        return mid
+
+    assert await asyncio.gather(serve("a"), serve("b")) == ["a", "b"]
+    assert world.engines.history == [("load", "a"), ("unload", "a"), ("load", "b")]
+
+
+async def test_a_request_waiting_its_turn_gives_up_at_the_ready_timeout(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor, "_LOAD_WAIT_S", 0.05)
+    release = threading.Event()
+    world.engines.faults["a"] = Faults(hang=release)
+    world.write(
+        "2GiB",
+        a=model(world.model_dir("a"), "downloaded"),
+        b=model(world.model_dir("b"), "downloaded"),
+    )
+    await world.build(ready_timeout_s=0.5, load_timeout_s=30.0).start()
+    try:
+        first = asyncio.create_task(world.r.ensure_ready("a"))
+        await until(lambda: world.condition("a", "Ready")["reason"] == "Loading")
+        with pytest.raises(TemporaryError, match=r"not ready after 0\.5s"):
+            await world.r.ensure_ready("b")
+        assert world.condition("b", "Ready")["reason"] == "WaitingForTurn"
+        with pytest.raises(TemporaryError, match=r"not ready after 0\.5s"):
+            await first
+    finally:
+        release.set()
+    assert world.engines.count("load", "b") == 0
 
 
 async def test_a_drain_that_outlives_its_deadline_unloads_the_model_anyway(world: World) -> None:

@@ -341,9 +341,10 @@ CASES: list[
         ],
         {},
         [("Unload", "a", "Drained"), ("Load", "c")],
-        [("a", "InsufficientMemory")],
+        [("a", "WaitingForTurn")],
     ),
     (
+        # The later request is not refused: the first model may be evicted once it has served.
         "loads_requested_models_first_come_first_served",
         desired("4GiB", a=D, b=D),
         [
@@ -352,7 +353,36 @@ CASES: list[
         ],
         {},
         [("Load", "b")],
-        [("a", "InsufficientMemory")],
+        [("a", "WaitingForTurn")],
+    ),
+    (
+        "a_request_waits_for_the_room_of_a_load_under_way",
+        desired("4GiB", a=D, b=D),
+        [dataclasses.replace(on_disk("a", 3), loading=True), on_disk("b", 3, requested=True)],
+        {},
+        [],
+        [("b", "WaitingForTurn")],
+    ),
+    (
+        "a_request_waits_for_a_model_loaded_for_a_request_ahead_of_it",
+        desired("4GiB", a=D, b=D, c=D),
+        [
+            loaded("a", 2, requested=True, request_order=1),
+            on_disk("b", 1, requested=True, request_order=2),
+            on_disk("c", 2, requested=True, request_order=3),
+        ],
+        {},
+        [("Load", "b")],
+        [("c", "WaitingForTurn")],
+    ),
+    (
+        # A loading pin stays: no turn comes.
+        "refuses_a_request_for_the_room_a_loading_pin_takes",
+        desired("4GiB", p=P, c=D),
+        [dataclasses.replace(on_disk("p", 1), loading=True), on_disk("c", 2, requested=True)],
+        {"unreleased_bytes": 3 * GiB // 2},
+        [],
+        [("c", "InsufficientMemory")],
     ),
     (
         "waits_for_a_draining_model_before_its_deadline",
@@ -669,6 +699,26 @@ def test_blocked_messages_name_the_sizes() -> None:
     p = plan(d, state(d, ObservedModel("a", footprint_bytes=5 * GiB)))
     assert p.blocked[0].reason is BlockReason.EXCEEDS_BUDGET
     assert p.blocked[0].message == "needs 5.0 GiB, the whole budget is 4.0 GiB"
+
+
+def test_a_refusal_names_the_room_promised_to_the_models_ahead() -> None:
+    d = desired("4GiB", a=D, c=D)
+    loading = dataclasses.replace(on_disk("a", 1), loading=True)
+    o = state(d, loading, on_disk("c", 2, requested=True), unreleased_bytes=5 * GiB // 2)
+    (b,) = plan(d, o).blocked
+    assert (b.reason, b.message) == (
+        BlockReason.INSUFFICIENT_MEMORY,
+        "needs 2.0 GiB, 512.0 MiB free; it lacks 1.5 GiB: evicting could free 0 B, and the models"
+        " loading or requested ahead of it 1.0 GiB once served (pinned models and memory an"
+        " unload did not return stay)",
+    )
+    o = state(d, loading, on_disk("c", 2, requested=True), unreleased_bytes=2 * GiB)
+    (b,) = plan(d, o).blocked
+    assert (b.reason, b.message) == (
+        BlockReason.WAITING_FOR_TURN,
+        "needs 2.0 GiB, 1.0 GiB free; 1.0 GiB is promised to models loading or requested ahead"
+        " of it, each evictable once loaded and served",
+    )
 
 
 def test_plan_json_is_plain_data() -> None:
