@@ -234,10 +234,12 @@ def plan_lines(plan: Doc) -> list[Text]:
     """A plan as a terraform-like diff, with a summary line (or NO_CHANGES)."""
     actions: list[Doc] = plan.get("actions", [])
     loads = {a["model"]: a for a in actions if a["action"] == "Load"}
+    # Loaded again by this plan: a model loaded on request (`downloaded`) is only unloaded, and
+    # a busy one drained, to be loaded (or not) by a later plan.
     reloads = {
         a["model"]
         for a in actions
-        if a["action"] in ("Unload", "Drain") and a.get("reason") == "SpecChanged"
+        if a["action"] == "Unload" and a.get("reason") == "SpecChanged" and a["model"] in loads
     }
     out: list[Text] = []
     added = removed = 0
@@ -246,9 +248,9 @@ def plan_lines(plan: Doc) -> list[Text]:
         if mid in reloads and kind == "Load":
             continue
         if mid in reloads:
-            load = loads.get(mid)
-            size = f"; {fmt_bytes(load['footprint_bytes'])}, {load['why']}" if load else ""
-            out.append(Text(f"-/+ reload {mid} (spec changed{size})", "yellow"))
+            load = loads[mid]
+            size = f"{fmt_bytes(load['footprint_bytes'])}, {load['why']}"
+            out.append(Text(f"-/+ reload {mid} (spec changed; {size})", "yellow"))
             continue
         match kind:
             case "Download":

@@ -136,6 +136,26 @@ def test_a_plan_reads_like_a_diff() -> None:
     assert str(plan_lines(loading)[0]) == "~ loading m (under way)"
 
 
+def test_a_plan_shows_a_spec_change_that_loads_nothing_again_as_an_unload() -> None:
+    # `l` is loaded on request: its next request loads it again, not this plan. `r` is busy.
+    plan = {
+        "actions": [
+            {"action": "Drain", "model": "r", "reason": "SpecChanged"},
+            {"action": "Unload", "model": "l", "reason": "SpecChanged", "forced": False},
+        ],
+        "blocked": [{"model": "r", "reason": "Draining", "message": "SpecChanged: waiting"}],
+        "budget_bytes": 8 * 2**30,
+        "used_bytes": 2**30,
+    }
+    assert [str(t) for t in plan_lines(plan)] == [
+        "- drain r (spec changed; unloads once its requests finish)",
+        "- unload l (spec changed)",
+        "~ blocked r: Draining SpecChanged: waiting",
+        "",
+        "Plan: 0 to add, 2 to remove, 1 blocked; memory after: 1.0 GiB of 8.0 GiB budget.",
+    ]
+
+
 def test_ps_shows_what_waits_and_when_a_model_idles_out() -> None:
     resident = {"conditions": [{"type": "Resident", "status": True}], "in_flight": 4}
     doc = {
