@@ -3,8 +3,8 @@
 Pure and single-use: the planner feeds it the observed engines and the load candidates, then
 `admit()` decides in priority order. Only pins and requests may evict (least recently used, idle
 ones first); an eagerly loaded `resident` model takes free room only, so two of them never evict
-each other in turn. Busy models are drained, never cut. Room promised to a load ahead is waited
-for, not refused: that model may be evicted in turn once loaded and served.
+each other in turn. Busy models are drained, cut only at the drain's deadline. Room promised to a
+load ahead is waited for, not refused: that model may be evicted in turn once loaded and served.
 """
 
 from __future__ import annotations
