@@ -67,7 +67,7 @@ Writer = Annotated[Control, Depends(write_access)]
 router = APIRouter(
     prefix="/admin",
     tags=["admin"],
-    responses={code: {"model": ErrorEnvelope} for code in (401, 412, 422)},
+    responses={code: {"model": ErrorEnvelope} for code in (401, 409, 412, 422)},
 )
 
 
@@ -119,7 +119,8 @@ async def patch_desired(
     dry_run: bool = False,
     if_match: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    """Apply a JSON merge patch (RFC 7396). 412 on a stale If-Match, 422 naming the field."""
+    """Apply a JSON merge patch (RFC 7396). 412 on a stale If-Match, 422 naming the field, 409
+    while the config file is missing."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype not in (MERGE_PATCH, "application/json"):
         raise RequestError(f"send the patch as {MERGE_PATCH}, not {ctype or 'no content type'}")

@@ -30,7 +30,7 @@ from lmx.errors import (
     ResponseNotFound,
     TemporaryError,
 )
-from lmx.reconciler.editing import PreconditionFailed
+from lmx.reconciler.editing import EditConflict, PreconditionFailed
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +80,8 @@ def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
     match exc:
         case PreconditionFailed():
             return 412, "invalid_request_error", "If-Match", "precondition_failed"
+        case EditConflict():
+            return 409, "invalid_request_error", None, None
         case ModelNotFound():
             return 404, "invalid_request_error", "model", "model_not_found"
         case ResponseNotFound():

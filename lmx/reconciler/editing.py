@@ -3,7 +3,8 @@
 The one writer of the config file (the person's editor aside). Every change is validated as a
 whole, checked against the budget, written atomically with the user's comments kept, then handed
 to the reconciler. Serialized by a lock; a concurrent editor's save is detected and merged over.
-A symlinked config file is written through: its target is replaced, the link kept.
+A symlinked config file is written through: its target is replaced, the link kept. A missing
+file is not patched (the patch would be all it held): only a whole document may create it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class PreconditionFailed(LmxError):
         super().__init__(f"the desired state changed: If-Match {expected} but it is now {current}")
 
 
+class EditConflict(LmxError):
+    """The config file is in no state to take the change (HTTP 409); the message says why."""
+
+
 @dataclass(frozen=True)
 class Current:
     etag: str
@@ -68,7 +73,7 @@ class DesiredEditor:
     def read(self) -> Current:
         """The file as it is now: its data as the daemon reads it, even if it is invalid ({} if
         it is missing, or not YAML)."""
-        text = self._text()
+        text = self._text() or ""
         try:
             manifest.check_text(text, source=str(self.path))
             data = manifest.shown(text)
@@ -79,13 +84,16 @@ class DesiredEditor:
     async def patch(
         self, patch: dict[str, Any], *, if_match: str | None, dry_run: bool
     ) -> EditResult:
-        """Apply an RFC 7396 merge patch. Raises PreconditionFailed, ConfigError (422)."""
+        """Apply an RFC 7396 merge patch. Raises PreconditionFailed, ConfigError (422),
+        EditConflict (the file is missing)."""
         if not isinstance(patch, dict):
             raise ConfigError(
                 "PATCH /admin/desired", ["(root): a merge patch must be a JSON object"]
             )
 
-        def edit(text: str) -> str:
+        def edit(text: str | None) -> str:
+            if text is None:
+                raise EditConflict(self._missing())
             tree = load_tree(text, str(self.path))
             merge_patch(tree, patch)
             return dump_tree(tree)
@@ -94,11 +102,22 @@ class DesiredEditor:
 
     async def replace(self, text: str, *, if_match: str | None, dry_run: bool) -> EditResult:
         """Replace the whole file with `text` (YAML, comments and all). Raises
-        PreconditionFailed, ConfigError (422)."""
+        PreconditionFailed, ConfigError (422). Creates the file if it is missing."""
         return await self._change(lambda _old: text, _BODY, if_match=if_match, dry_run=dry_run)
 
-    def _text(self) -> str:
-        return self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+    def _text(self) -> str | None:
+        """The file's text; None if it is missing (or is a link to nothing)."""
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def _missing(self) -> str:
+        link = f" (a link to {self.path.resolve()})" if self.path.is_symlink() else ""
+        return (
+            f"{self.path} is missing{link}: restore it, or replace the whole desired state"
+            " (PUT /admin/desired, `lmx apply -f FILE`); nothing was changed"
+        )
 
     def _etag(self, text: str) -> str:
         return etag_of(text, self._etag_key)
@@ -111,7 +130,7 @@ class DesiredEditor:
         async with self._lock:
             for _ in range(_CAS_ATTEMPTS):
                 text = self._text()
-                etag = self._etag(text)
+                etag = self._etag(text or "")
                 if if_match is not None and if_match not in (etag, "*"):
                     raise PreconditionFailed(if_match, etag)
                 new_text = edit(text)

@@ -414,6 +414,39 @@ async def test_a_patch_writes_through_a_symlinked_config_file(tmp_path: Path, wo
     assert sorted(p.name for p in dotfiles.iterdir()) == ["lmx.yaml"]  # no temp file left
 
 
+@pytest.mark.parametrize("linked", [False, True])
+async def test_a_patch_of_a_missing_config_file_is_409_naming_it_and_writes_nothing(
+    tmp_path: Path, world: World, linked: bool
+) -> None:
+    # Merged into an empty document, the patch was all the file held: every other model was
+    # unloaded, and a dangling link's target was created, directories and all.
+    text = world.config_path.read_text()
+    path, target = world.config_path, tmp_path / "dotfiles" / "lmx" / "config.yaml"
+    if linked:
+        path = tmp_path / "linked" / "config.yaml"
+        path.parent.mkdir()
+        path.symlink_to(target)
+    else:
+        path.unlink()
+    generation = world.r.generation
+    control = Control(world.r, DesiredEditor(path, world.r))
+    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=Keys(lambda: KEY))
+    transport = httpx.ASGITransport(app=create_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+        r = await c.patch("/admin/desired", json={"jit": False}, headers=PATCH)
+        assert r.status_code == 409, r.text
+        message = r.json()["error"]["message"]
+        assert message.startswith(f"{path} is missing") and "restore it" in message
+        assert ("a link to" in message) == linked
+        assert not path.exists() and not target.parent.parent.exists()
+        assert world.r.generation == generation and "small" in world.loaded()
+
+        # The whole document may create it (`lmx apply -f` restores a file lost this way).
+        r = await c.put("/admin/desired", content=text, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert path.read_text() == text
+
+
 async def test_an_edit_checks_each_yaml_text_for_duplicate_keys_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
