@@ -120,7 +120,7 @@ async def patch_desired(
     if_match: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Apply a JSON merge patch (RFC 7396). 412 on a stale If-Match, 422 naming the field, 409
-    while the config file is missing."""
+    while the config file is missing (or if it kept changing while written: retry)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype not in (MERGE_PATCH, "application/json"):
         raise RequestError(f"send the patch as {MERGE_PATCH}, not {ctype or 'no content type'}")

@@ -85,7 +85,7 @@ class DesiredEditor:
         self, patch: dict[str, Any], *, if_match: str | None, dry_run: bool
     ) -> EditResult:
         """Apply an RFC 7396 merge patch. Raises PreconditionFailed, ConfigError (422),
-        EditConflict (the file is missing)."""
+        EditConflict (the file is missing, or kept changing)."""
         if not isinstance(patch, dict):
             raise ConfigError(
                 "PATCH /admin/desired", ["(root): a merge patch must be a JSON object"]
@@ -102,7 +102,8 @@ class DesiredEditor:
 
     async def replace(self, text: str, *, if_match: str | None, dry_run: bool) -> EditResult:
         """Replace the whole file with `text` (YAML, comments and all). Raises
-        PreconditionFailed, ConfigError (422). Creates the file if it is missing."""
+        PreconditionFailed, ConfigError (422), EditConflict (the file kept changing). Creates
+        the file if it is missing."""
         return await self._change(lambda _old: text, _BODY, if_match=if_match, dry_run=dry_run)
 
     def _text(self) -> str | None:
@@ -154,4 +155,7 @@ class DesiredEditor:
                 await asyncio.to_thread(write_atomic, self.path.resolve(), new_text)
                 await self._reconciler.apply_desired(desired)
                 return EditResult(desired, data, self._etag(new_text), None, written=True)
-        raise ConfigError(str(self.path), ["(root): the file kept changing while it was written"])
+        raise EditConflict(
+            f"{self.path} changed while it was being written, {_CAS_ATTEMPTS} times: nothing was"
+            " changed; retry"
+        )

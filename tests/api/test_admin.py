@@ -447,6 +447,27 @@ async def test_a_patch_of_a_missing_config_file_is_409_naming_it_and_writes_noth
         assert path.read_text() == text
 
 
+async def test_a_file_that_keeps_changing_while_written_is_a_409_to_retry(
+    client: httpx.AsyncClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a 422 invalid_desired_state, which the CLI showed as "invalid".
+    check = world.r.check
+
+    async def an_editor_saves_meanwhile(desired: Any, **kw: Any) -> None:
+        world.write_text(world.config_path.read_text() + "# saved meanwhile\n")
+        await check(desired, **kw)
+
+    monkeypatch.setattr(world.r, "check", an_editor_saves_meanwhile)
+    generation = world.r.generation
+    r = await client.patch("/admin/desired", json={"jit": False}, headers=PATCH)
+    assert r.status_code == 409, r.text
+    err = r.json()["error"]
+    assert err["code"] is None and "errors" not in err
+    assert err["message"].startswith(f"{world.config_path} changed while it was being written")
+    assert err["message"].endswith("nothing was changed; retry")
+    assert "jit" not in world.config_path.read_text() and world.r.generation == generation
+
+
 async def test_an_edit_checks_each_yaml_text_for_duplicate_keys_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
