@@ -46,6 +46,10 @@ class EditConflict(LmxError):
     """The config file is in no state to take the change (HTTP 409); the message says why."""
 
 
+class WriteFailed(LmxError):
+    """The config file could not be written (HTTP 500): the message names it and the OS error."""
+
+
 @dataclass(frozen=True)
 class Current:
     etag: str
@@ -85,7 +89,7 @@ class DesiredEditor:
         self, patch: dict[str, Any], *, if_match: str | None, dry_run: bool
     ) -> EditResult:
         """Apply an RFC 7396 merge patch. Raises PreconditionFailed, ConfigError (422),
-        EditConflict (the file is missing, or kept changing)."""
+        EditConflict (the file is missing, or kept changing), WriteFailed."""
         if not isinstance(patch, dict):
             raise ConfigError(
                 "PATCH /admin/desired", ["(root): a merge patch must be a JSON object"]
@@ -102,8 +106,8 @@ class DesiredEditor:
 
     async def replace(self, text: str, *, if_match: str | None, dry_run: bool) -> EditResult:
         """Replace the whole file with `text` (YAML, comments and all). Raises
-        PreconditionFailed, ConfigError (422), EditConflict (the file kept changing). Creates
-        the file if it is missing."""
+        PreconditionFailed, ConfigError (422), EditConflict (the file kept changing),
+        WriteFailed. Creates the file if it is missing."""
         return await self._change(lambda _old: text, _BODY, if_match=if_match, dry_run=dry_run)
 
     def _text(self) -> str | None:
@@ -152,7 +156,10 @@ class DesiredEditor:
                     continue
                 # Through a symlink (a dotfiles setup), the link's target is replaced, in its
                 # own directory; the link stays a link.
-                await asyncio.to_thread(write_atomic, self.path.resolve(), new_text)
+                try:
+                    await asyncio.to_thread(write_atomic, self.path.resolve(), new_text)
+                except OSError as exc:  # a full disk, a read-only one: left as it was
+                    raise WriteFailed(f"cannot write {self.path}: {exc.strerror or exc}") from None
                 await self._reconciler.apply_desired(desired)
                 return EditResult(desired, data, self._etag(new_text), None, written=True)
         raise EditConflict(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -466,6 +468,28 @@ async def test_a_file_that_keeps_changing_while_written_is_a_409_to_retry(
     assert err["message"].startswith(f"{world.config_path} changed while it was being written")
     assert err["message"].endswith("nothing was changed; retry")
     assert "jit" not in world.config_path.read_text() and world.r.generation == generation
+
+
+async def test_a_write_the_disk_refuses_is_an_error_naming_the_file_and_the_os_error(
+    client: httpx.AsyncClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a 500 "internal error: OSError".
+    replace = os.replace
+
+    def disk_full(src: Any, dst: Any) -> None:
+        if Path(dst) == world.config_path:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    before = world.config_path.read_bytes()
+    generation = world.r.generation
+    r = await client.patch("/admin/desired", json={"jit": False}, headers=PATCH)
+    assert r.status_code == 500, r.text
+    message = r.json()["error"]["message"]
+    assert message == f"cannot write {world.config_path}: {os.strerror(errno.ENOSPC)}"
+    assert world.config_path.read_bytes() == before and world.r.generation == generation
+    assert not list(world.config_path.parent.glob(".config.yaml.*"))  # no temp file left
 
 
 async def test_an_edit_checks_each_yaml_text_for_duplicate_keys_once(
