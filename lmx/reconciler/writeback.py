@@ -61,7 +61,8 @@ def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396: objects merge recursively, `null` deletes, anything else replaces. In place.
     A list replacing one is written as it was (`aliases: [a, b]` stays on its line); a key added
     after the last one goes ahead of the comments that close the mapping's text from outside it
-    (see _move_outer_comments)."""
+    (see _move_outer_comments); a key deleted takes its own comments, not the next key's (see
+    _delete)."""
     if not isinstance(patch, Mapping):
         if not isinstance(patch, list):
             return patch
@@ -73,9 +74,12 @@ def merge_patch(target: Any, patch: Any) -> Any:
         target = CommentedMap()
     for key, value in patch.items():
         if value is None:
-            target.pop(key, None)
+            if key in target:
+                _delete(target, key)
         elif key in target:
             target[key] = merge_patch(target[key], value)
+            if isinstance(target[key], CommentedMap) and not target[key]:
+                _write_empty(target, key)
         else:
             ended = _last_line(target)
             target[key] = merge_patch(None, value)
@@ -92,15 +96,22 @@ def _after(node: CommentedMap | CommentedSeq) -> int:
 
 
 def _last_line(node: Any) -> tuple[CommentedMap | CommentedSeq, Any] | None:
-    """The item on the last line of `node`'s text, and the mapping or list it is in: its last
-    item, or within that item's value the last item of the last mapping or list. None where the
-    text ends otherwise (an empty one, a list's mapping that is no round-trip one)."""
+    """The item on the last line of `node`'s text, and the mapping or list it is in (see
+    _end_of). None for an empty one."""
     if not isinstance(node, CommentedMap | CommentedSeq) or not node:
         return None
-    at = next(reversed(node)) if isinstance(node, CommentedMap) else len(node) - 1
+    return _end_of(node, next(reversed(node)) if isinstance(node, CommentedMap) else len(node) - 1)
+
+
+def _end_of(
+    node: CommentedMap | CommentedSeq, at: Any
+) -> tuple[CommentedMap | CommentedSeq, Any] | None:
+    """The item on the last line of the text of `node[at]`: that item (a scalar, an empty `{}` or
+    `[]`), or within its value the last item of the last mapping or list. None where the text
+    ends otherwise (a list's mapping that is no round-trip one)."""
     value = node[at]
-    if isinstance(value, CommentedMap | CommentedSeq) and value:
-        return _last_line(value)
+    if isinstance(value, CommentedMap | CommentedSeq):
+        return _last_line(value) if value else (node, at)
     return None if isinstance(value, dict | list) else (node, at)
 
 
@@ -116,26 +127,148 @@ def _move_outer_comments(
     comments (a commented-out example model) go with its last value, and a key added after that
     value would be written after them, seemingly part of them. Those written left of the mapping's
     keys (with the blank lines before them) are outside it."""
-    node, at = ended
-    token = (node.ca.items.get(at) or [None] * 3)[_after(node)]
+    token = _token_after(ended)
     first = (mapping.lc.data or {}).get(next(iter(mapping))) if token is not None else None
-    if first is None:  # no comment, or a mapping the file did not have
+    if token is None or first is None:  # no comment, or a mapping the file did not have
         return
-    column = first[1]  # of the mapping's keys, as the file writes them
-    text: str = token.value
-    cut = text.find("\n") + 1  # the end of its line: an end-of-line comment stays on the line
-    lines = text[cut:].splitlines(keepends=True) if cut else []
-    left = [i for i, ln in enumerate(lines) if ln.strip() and len(ln) - len(ln.lstrip()) < column]
-    if not left:
+    head, lines = _split(token.value)
+    start = _outer_start(lines, first[1])  # left of the mapping's keys, as the file writes them
+    if start == len(lines):
         return
-    start = left[0]
-    while start and not lines[start - 1].strip():
+    token.value = head + "".join(lines[:start])
+    _set_after(ends, "".join(lines[start:]))
+
+
+def _delete(mapping: CommentedMap, key: Any) -> None:
+    """Deletes `key` with its comments: the block of comment lines right above it (no blank line
+    or deeper line between them and it) and those after its text that are deeper than it.
+
+    ruamel keeps the comment lines before a key with the line before them: those after the
+    deleted key's text that are no deeper (the next key's, or what closes the mapping) stay, above
+    the next key or after the previous one's text; an emptied mapping keeps them above its first
+    key for _write_empty."""
+    if key not in mapping.lc.data:  # merged in from an anchor (`<<: *x`): not written here
+        mapping.pop(key)
+        return
+    keys = list(mapping)
+    at = keys.index(key)
+    last = at == len(keys) - 1
+    column = mapping.lc.data[key][1]
+    own = _end_of(mapping, key)
+    token = _token_after(own) if own else None
+    lines = _split(token.value)[1] if token else []
+    kept = lines[_outer_start(lines, column + 1) :]
+    del mapping[key]
+    # The lines above it: after the previous entry's text, or above the mapping's first key.
+    if at:
+        prev = _end_of(mapping, keys[at - 1])
+        if prev is None:
+            return  # the previous entry ends where no comment can follow it (see _end_of)
+        token = _token_after(prev)
+        head, above = _split(token.value) if token else ("", [])
+        above, kept = _cut_block(above, kept, column, first=False)
+        text = "".join(above + kept if last else above)
+        if token is not None:
+            token.value = head + text
+        elif text:
+            _set_after(prev, text)
+    else:
+        pre = _pre_comments(mapping)
+        above = _text_of(pre).splitlines(keepends=True)
+        above, kept = _cut_block(above, kept, column, first=True)
+        text = "".join(above + kept if last else above)
+        pre[:] = [CommentToken(text, CommentMark(0))] if text else []
+    if kept and not last:
+        slots = mapping.ca.items.setdefault(keys[at + 1], [None] * 4)
+        slots[1] = [CommentToken("".join(kept), CommentMark(0)), *(slots[1] or [])]
+
+
+def _write_empty(parent: CommentedMap, key: Any) -> None:
+    """Writes the mapping `parent[key]`, emptied by a patch, as `{}` on its key's line, with the
+    comment lines that were above its first key after that line: left above it, they would put
+    the `{}` on a line of its own, left of them, which is no YAML."""
+    mapping = parent[key]
+    mapping.fa.set_flow_style()
+    pre = _pre_comments(mapping)
+    text = _text_of(pre)
+    pre[:] = []
+    if not text:
+        return
+    slots = parent.ca.items.setdefault(key, [None] * 4)
+    if slots[2] is None:  # no end-of-line comment
+        slots[2] = CommentToken("\n" + text, CommentMark(0))
+    else:
+        slots[2].value += text
+
+
+def _token_after(end: tuple[CommentedMap | CommentedSeq, Any]) -> CommentToken | None:
+    """The comment token after the line that `end` (see _end_of) is on: its end-of-line comment
+    and the comment lines after it."""
+    node, at = end
+    token: CommentToken | None = (node.ca.items.get(at) or [None] * 3)[_after(node)]
+    return token
+
+
+def _set_after(end: tuple[CommentedMap | CommentedSeq, Any], lines: str) -> None:
+    """Puts comment `lines` after the line that `end` is on, which has no comment."""
+    node, at = end
+    slots = node.ca.items.setdefault(at, [None] * 4)
+    slots[_after(node)] = CommentToken("\n" + lines, CommentMark(0))
+
+
+def _pre_comments(mapping: CommentedMap) -> list[CommentToken]:
+    """The comment lines above `mapping`'s first key, as a list ruamel writes (made if none).
+    For a mapping that is a key's value, the list the key's comments hold too."""
+    if mapping.ca.comment is None:
+        mapping.ca.comment = [None, None]
+    if mapping.ca.comment[1] is None:
+        mapping.ca.comment[1] = []
+    pre: list[CommentToken] = mapping.ca.comment[1]
+    return pre
+
+
+def _text_of(tokens: list[CommentToken]) -> str:
+    """The lines of comment tokens above a key, each at its column, as ruamel writes them."""
+    return "".join(
+        t.value if t.value.startswith("\n") else " " * t.column + t.value for t in tokens
+    )
+
+
+def _split(text: str) -> tuple[str, list[str]]:
+    """A comment token's text after a line: the rest of that line (an end-of-line comment), and
+    the lines after it."""
+    cut = text.find("\n") + 1 or len(text)
+    return text[:cut], text[cut:].splitlines(keepends=True)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _outer_start(lines: list[str], column: int) -> int:
+    """Where, among the comment lines after an item's text, those left of `column` begin, with
+    the blank lines before them; len(lines) if none is."""
+    for i, line in enumerate(lines):
+        if line.strip() and _indent(line) < column:
+            while i and not lines[i - 1].strip():
+                i -= 1
+            return i
+    return len(lines)
+
+
+def _cut_block(
+    above: list[str], kept: list[str], column: int, *, first: bool
+) -> tuple[list[str], list[str]]:
+    """The comment lines `above` a deleted key at `column` without its block (those right above
+    it: no blank line between them, none deeper than the key), and the lines `kept` from after
+    it, with one blank gap between them: the one above it if it had one (or if it was `first`)."""
+    start = len(above)
+    while start and above[start - 1].strip() and _indent(above[start - 1]) <= column:
         start -= 1
-    token.value = text[:cut] + "".join(lines[:start])
-    node, at = ends
-    slots: list[Any] = [None] * 4
-    slots[_after(node)] = CommentToken("\n" + "".join(lines[start:]), CommentMark(0))
-    node.ca.items[at] = slots
+    gap = not above[start - 1].strip() if start else first
+    while gap and kept and not kept[0].strip():
+        kept = kept[1:]
+    return above[:start], kept
 
 
 def dump_tree(tree: CommentedMap) -> str:

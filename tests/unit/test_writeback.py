@@ -1,4 +1,5 @@
-"""Writing a merge patch back into the user's YAML: where an added key goes among the comments."""
+"""Writing a merge patch back into the user's YAML: where an added key goes among the comments,
+which comments a deleted key takes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from lmx.reconciler import manifest
 from lmx.reconciler.writeback import dump_tree, load_tree, merge_patch
 
 DEFAULT = (Path(__file__).parents[2] / "lmx" / "manifests" / "default.yaml").read_text()
@@ -68,3 +70,72 @@ def test_a_list_replacing_one_is_written_as_it_was() -> None:
     assert _patched(text, {"m": {"aliases": ["c"], "stop": ["y", "z"]}}) == (
         "m:\n  aliases: [c]      # what clients may call it\n  stop:\n    - y\n    - z\n"
     )
+
+
+MODELS = """# my models
+models:
+  # --- a: the first ---
+  a:
+    source: x
+    engine:
+      max_batch: 4
+      # a's own note
+
+  # --- b: DO NOT change its alias ---
+  b:
+    source: y   # b's line
+
+  # --- c ---
+  c:
+    source: z
+  # closing: an example
+  # d: {source: w}
+jit: true
+"""
+
+
+def test_a_deleted_model_takes_its_own_comments_and_leaves_the_next_ones() -> None:
+    # `lmx set a --delete` took the comment block above b with it (ruamel keeps it with a).
+    def without(*blocks: str) -> str:
+        text = MODELS
+        for block in blocks:
+            assert block in text
+            text = text.replace(block, "", 1)
+        return text
+
+    a = "  # --- a: the first ---\n  a:\n    source: x\n    engine:\n      max_batch: 4\n"
+    a += "      # a's own note\n\n"
+    assert _patched(MODELS, {"models": {"a": None}}) == without(a)
+    b = "  # --- b: DO NOT change its alias ---\n  b:\n    source: y   # b's line\n\n"
+    assert _patched(MODELS, {"models": {"b": None}}) == without(b)
+    c = "  # --- c ---\n  c:\n    source: z\n"
+    assert _patched(MODELS, {"models": {"c": None}}) == without(c)
+    assert _patched(MODELS, {"models": {"a": None, "c": None}}) == without(a, c)
+
+
+def test_deleting_every_model_leaves_models_empty_with_the_comments_around_them() -> None:
+    # On the file lmx writes first, deleting lmx-tiny wrote `models:` with its comment, then `{}`
+    # on a line of its own: invalid YAML, refused naming a line the user never wrote.
+    out = _patched(DEFAULT, {"models": {"lmx-tiny": None}})
+    manifest.parse(out, source="config.yaml")
+    assert out.startswith(DEFAULT[: DEFAULT.index("models:")])  # the header, memory, jit, server
+    example = DEFAULT[DEFAULT.index("  # A model from the Hugging Face Hub") :]
+    assert out == DEFAULT[: DEFAULT.index("models:")] + "models: {}\n" + example
+    everything = {"models": {"a": None, "b": None, "c": None}}
+    assert _patched(MODELS, everything) == (
+        "# my models\nmodels: {}\n  # closing: an example\n  # d: {source: w}\njit: true\n"
+    )
+
+
+def test_the_comments_after_a_deleted_last_model_follow_an_empty_list_ending_the_one_before() -> (
+    None
+):
+    text = "models:\n  a:\n    aliases: []\n  # --- b ---\n  b:\n    want: pinned\n  # c: {}\n"
+    assert _patched(text, {"models": {"b": None}}) == (
+        "models:\n  a:\n    aliases: []\n  # c: {}\n"
+    )
+
+
+def test_a_key_merged_from_an_anchor_is_not_deleted_from_the_text() -> None:
+    text = "x: &b {want: pinned}\nmodels:\n  a:\n    <<: *b\n    source: y\n"
+    assert dump_tree(merge_patch(load_tree(text), {"models": {"a": {"want": None}}})) == text
