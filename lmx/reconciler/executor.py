@@ -299,5 +299,9 @@ class Executor:
         return outcome
 
     def _finish(self, outcome: Outcome) -> None:
+        """Hand over an outcome of work that ended after its pass: logged here as a pass logs
+        its own (a download's end logs itself, as download_finished)."""
+        if isinstance(outcome.action, Load):
+            log.info("action_done", **outcome.to_json())
         self._finished.append(outcome)
         self._on_finished()

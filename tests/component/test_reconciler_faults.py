@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from lmx.errors import PermanentError, TemporaryError
 from lmx.reconciler import executor, manifest
@@ -109,10 +110,15 @@ async def test_a_long_load_goes_on_in_the_background_and_holds_no_other_edit_up(
         with pytest.raises(TemporaryError):
             await world.r.ensure_ready("c")
         assert world.engines.count("load", "c") == 0
+        with capture_logs() as logs:
+            release.set()
+            await until(lambda: world.ready("a"))
     finally:
         release.set()
-    await until(lambda: world.ready("a"))
     assert world.condition("a", "Degraded")["status"] is False
+    # Its end is logged as a pass logs the actions it saw end (the log told of none).
+    done = [e for e in logs if e["event"] == "action_done" and e["action"] == "Load"]
+    assert [(e["model"], e["result"]) for e in done] == [("a", "done")]
     assert await world.r.ensure_ready("c") == "c"
 
 

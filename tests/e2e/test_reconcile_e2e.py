@@ -50,7 +50,10 @@ def actions(d: Daemon) -> list[dict[str, Any]]:
 
 
 def did(d: Daemon, action: str, model: str) -> int:
-    return sum(1 for a in actions(d) if a["action"] == action and a["model"] == model)
+    """How many times `action` was done to `model` (a long load is logged started, then done)."""
+    return sum(
+        1 for a in actions(d) if (a["action"], a["model"], a["result"]) == (action, model, "done")
+    )
 
 
 def loaded(d: Daemon) -> set[str]:
