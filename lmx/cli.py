@@ -188,7 +188,9 @@ def _set(args: argparse.Namespace) -> int:
     with _client(args) as c:
         doc, etag = c.desired()
         declared = (doc.get("desired") or {}).get("models") or {}
-        if args.model not in declared and (args.delete or "source" not in fields):
+        # A file missing or not YAML reads as declaring nothing: the daemon's answer says why.
+        readable = doc.get("valid", True) or declared
+        if readable and args.model not in declared and (args.delete or "source" not in fields):
             # A new model needs its source; the daemon's 422 named a line of the patched file.
             need = "" if args.delete else f"; give its source (lmx set {args.model} source=...)"
             print(f"lmx: model {args.model} is not declared{need}", file=sys.stderr)

@@ -408,6 +408,23 @@ def test_without_a_url_the_cli_finds_the_daemon_where_serve_listens(daemon: Daem
     assert r.returncode == 0, r.stderr
 
 
+def test_set_on_a_config_file_missing_or_not_yaml_says_so(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Not "model lmx-tiny is not declared": the file reads as declaring nothing."""
+    d = daemon_factory()
+    good = d.config_path.read_text()
+    d.config_path.unlink()
+    wait_for(lambda: status(d)["config"]["valid"], lambda valid: not valid)
+    r = lmx(d, "set", "lmx-tiny", "want=resident")
+    assert r.returncode == 1 and f"{d.config_path} is missing" in r.stderr, r.stderr
+    d.config_path.write_text(good + "jit: [\n")
+    wait_for(lambda: status(d)["config"]["error"] or "", lambda e: "YAML" in e)
+    r = lmx(d, "set", "lmx-tiny", "want=resident")
+    assert r.returncode == 1 and "not declared" not in r.stderr and "line" in r.stderr, r.stderr
+    assert d.config_path.read_text() == good + "jit: [\n"
+
+
 def test_a_wrong_admin_key_is_refused_with_exit_1(daemon: Daemon) -> None:
     before = desired(daemon)["generation"]
     r = lmx(daemon, "set", "lmx-tiny", "want=resident", "--admin-key", "not-the-key")
