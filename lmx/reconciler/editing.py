@@ -27,7 +27,7 @@ from lmx.reconciler.writeback import (
     load_tree,
     merge_patch,
 )
-from lmx.runtime.files import write_atomic
+from lmx.runtime.files import FileChanged, write_atomic
 
 _CAS_ATTEMPTS = 3
 _CHANGED = "the changed desired state"
@@ -151,13 +151,18 @@ class DesiredEditor:
                 if dry_run:
                     plan = await self._reconciler.dry_run(desired)
                     return EditResult(desired, data, etag, plan, written=False)
-                # Compare and swap: an editor's save since we read is merged over, not lost.
+                # Compare and swap: an editor's save since we read is merged over, not lost. It
+                # is checked again right before the rename (after the new text's fsync).
                 if self._text() != text:
                     continue
                 # Through a symlink (a dotfiles setup), the link's target is replaced, in its
                 # own directory; the link stays a link.
                 try:
-                    await asyncio.to_thread(write_atomic, self.path.resolve(), new_text)
+                    await asyncio.to_thread(
+                        write_atomic, self.path.resolve(), new_text, expect=text
+                    )
+                except FileChanged:
+                    continue
                 except OSError as exc:  # a full disk, a read-only one: left as it was
                     raise WriteFailed(f"cannot write {self.path}: {exc.strerror or exc}") from None
                 await self._reconciler.apply_desired(desired)

@@ -12,11 +12,19 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
+class FileChanged(Exception):
+    """The file no longer held what `write_atomic` was told to expect: it was left as it is."""
+
+
+def write_atomic(
+    path: Path, text: str, *, mode: int | None = None, expect: str | None = None
+) -> None:
     """Replace `path` with `text`; a crash leaves the old file or the new one, whole.
 
     The file keeps its current permissions unless `mode` is given (new files: 0644). Creates the
     parent directory. On failure the temporary file is removed and the old file is untouched.
+    `expect`: the text the file must still hold right before it is replaced (another writer, a
+    person's editor, may have saved since it was read), else FileChanged.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if mode is None:
@@ -28,6 +36,8 @@ def write_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if expect is not None and _text_or_none(path) != expect:
+            raise FileChanged(str(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,3 +53,10 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None

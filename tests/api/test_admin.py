@@ -492,6 +492,28 @@ async def test_a_write_the_disk_refuses_is_an_error_naming_the_file_and_the_os_e
     assert not list(world.config_path.parent.glob(".config.yaml.*"))  # no temp file left
 
 
+async def test_an_editors_save_during_a_write_back_is_merged_over_not_lost(
+    client: httpx.AsyncClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that lands after the change's compare, while its new text is being made durable,
+    was renamed over and lost (1 or 2 of 150 under a racing editor): the file is compared
+    again right before the rename, and the change made again on the save."""
+    chmod = os.chmod
+    saved: list[str] = []
+
+    def editor_saves_meanwhile(path: Any, mode: int) -> None:
+        if not saved and Path(path).name.startswith(".config.yaml."):
+            saved.append(world.config_path.read_text() + "# the editor's line\n")
+            world.config_path.write_text(saved[0])
+        chmod(path, mode)
+
+    monkeypatch.setattr(os, "chmod", editor_saves_meanwhile)
+    r = await client.patch("/admin/desired", json={"jit": False}, headers=PATCH)
+    assert r.status_code == 200, r.text
+    text = world.config_path.read_text()
+    assert saved and "# the editor's line" in text and "jit: false" in text
+
+
 async def test_an_edit_checks_each_yaml_text_for_duplicate_keys_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
