@@ -182,7 +182,13 @@ class StatusView:
             "conditions": [c.to_json() for c in self.conditions.get(_CONFIG).values()],
             "memory": {
                 "budget_bytes": budget,
-                "charged_bytes": plan.used_bytes if plan else None,
+                # What the models loaded or loading are charged now; the plan's `used_bytes` also
+                # counts the room kept for loads waiting for it (a drain, their turn).
+                "charged_bytes": sum(
+                    o.charge_bytes for o in observed.models.values() if o.resident or o.loading
+                )
+                if observed
+                else None,
                 "unreleased_bytes": self._executor.releases.unreleased_bytes,
                 "total_bytes": sample.total_bytes if sample else None,
                 "available_bytes": sample.available_bytes if sample else None,

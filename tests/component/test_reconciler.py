@@ -90,6 +90,11 @@ async def test_a_busy_model_is_drained_and_evicted_only_when_its_requests_finish
         await asyncio.sleep(0.1)
         assert world.loaded() == {"a"}  # drained, not cut
         assert not waiting.done()
+        # Charged: what is loaded, not the room kept for c beside it (over the budget).
+        doc = world.r.status()
+        a_charge = doc["models"]["a"]["footprint"]["measured_bytes"]
+        assert doc["memory"]["charged_bytes"] == a_charge <= doc["memory"]["budget_bytes"]
+        assert doc["plan"]["used_bytes"] > doc["memory"]["budget_bytes"]
     assert await asyncio.wait_for(waiting, 5) == "c"
     assert world.loaded() == {"c"}
 
