@@ -3,9 +3,9 @@
 A small JSON file under LMX_HOME, replaced atomically on every write. The executor records;
 at start the reconciler reads what a previous process left unfinished: downloads to resume, and
 loads that never finished (the process died during them). Two such deaths of the same model and
-load config quarantine it. It also keeps the models quarantined (the reconciler's record), so that
-a restart does not load them again. Blocking file I/O: calls take milliseconds and run on the loop
-thread.
+load config quarantine it. Deletes cut short are logged (the store finishes them). It also keeps
+the models quarantined (the reconciler's record), so that a restart does not load them again.
+Blocking file I/O: calls take milliseconds and run on the loop thread.
 
 A write that fails (a full disk) refuses the side effect about to begin (JournalUnwritable, a
 TemporaryError: it is retried, backing off); one that records an end or a quarantine is logged and
@@ -109,6 +109,10 @@ class Journal:
                 count = prev.get("count", 0) + 1 if prev.get("digest") == digest else 1
                 self._crashes[model] = {"digest": digest, "count": count}
                 log.warning("load_interrupted_by_exit", model=model, deaths=count)
+            elif kind == Intent.DELETE:
+                # Nothing to redo: the store finishes a delete it began (`finish_deletes`), and
+                # one not begun left the model whole, deleted again if its spec still says so.
+                log.warning("delete_interrupted_by_exit", model=model)
         self._write_or_log()
         crashed = {m: (str(v.get("digest")), int(v["count"])) for m, v in self._crashes.items()}
         return Recovery(frozenset(downloads), crashed, quarantined)

@@ -79,6 +79,7 @@ class Reconciler:
         self.config_path = config_path
         self.events = EventBus(maxsize=settings.event_queue_size)
         self._registry = registry
+        self._store = store
         self._memory = memory
         self._clock = clock
         self._journal = Journal(settings.journal_path)
@@ -154,11 +155,13 @@ class Reconciler:
     # -- lifecycle --
 
     async def start(self) -> None:
-        """Read the config file (writing nothing), recover the journal, start the loop and its
-        triggers. Returns once the first pass is under way; an invalid file is reported, not
-        raised (`config_error`), and the daemon serves an empty desired state until it is fixed.
-        The journal's quarantines apply to the first desired state accepted (see `_restore`)."""
+        """Read the config file (writing nothing), recover the journal, finish the deletes a
+        crash cut short, start the loop and its triggers. Returns once the first pass is under
+        way; an invalid file is reported, not raised (`config_error`), and the daemon serves an
+        empty desired state until it is fixed. The journal's quarantines apply to the first
+        desired state accepted (see `_restore`)."""
         self._recovery = recovery = self._journal.recover()
+        await asyncio.to_thread(self._store.finish_deletes)
         if self.config_path is not None:
             await self._reload_config()
             if self._config_error is not None:

@@ -31,6 +31,17 @@ PAD_TOKEN = "<|endoftext|>"
 # skip_special_tokens=True keeps them in the text where tool-call and reasoning parsers look.
 MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 SPECIAL_TOKENS = (PAD_TOKEN, "<|im_start|>", EOS_TOKEN, *MARKUP_TOKENS)
+# What `build_model` writes: a model missing any of them does not load.
+BUILT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -286,6 +297,11 @@ def builtin_digest(name: str) -> str:
     return h.hexdigest()[:12]
 
 
+def is_built(path: Path) -> bool:
+    """Whether `path` holds every file of a build. Never raises."""
+    return all((path / f).is_file() for f in BUILT_FILES)
+
+
 def ensure_builtin(name: str, cache_dir: Path) -> Path:
     """Return `cache_dir/<name>-<digest>`, building it first if absent.
 
@@ -294,7 +310,7 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
     """
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{name}-{builtin_digest(name)}"
-    if (final / "config.json").is_file():
+    if is_built(final):
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".tmp", dir=cache_dir))
@@ -304,7 +320,7 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
         tmp.replace(final)
     except OSError:
         # Renaming onto a non-empty directory fails: another process finished first.
-        if not (final / "config.json").is_file():
+        if not is_built(final):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

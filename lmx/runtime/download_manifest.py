@@ -137,14 +137,14 @@ def forget_other_snapshots(dest: Path, snapshot: RepoSnapshot) -> dict[str, Remo
 
 
 def prune(dest_dir: Path | str) -> int:
-    """Delete what lmx downloaded into `dest_dir`: files its manifest or journal lists, the
-    manifest, partial files and huggingface_hub's local-dir metadata; then the directory if
-    empty. Other files are never touched. Returns the bytes freed. Idempotent."""
+    """Delete what lmx downloaded into `dest_dir`: files its manifest or journal lists, partial
+    files, huggingface_hub's local-dir metadata and the manifest; then the directory if empty.
+    Other files are never touched. Returns the bytes freed. Idempotent: a prune cut short (a
+    crash) is finished by the next, the manifest naming what is left."""
     dest, freed = Path(dest_dir), 0
     manifest = read_manifest(dest)
     ours = {f.path for f in manifest.files} if manifest else set()
     ours |= set(read_journal(dest))  # files verified by an interrupted download
-    (dest / MANIFEST_NAME).unlink(missing_ok=True)  # first: never a manifest over missing files
     for path in sorted(ours):
         target = dest / path
         if target.is_file():
@@ -154,6 +154,7 @@ def prune(dest_dir: Path | str) -> int:
         if tree.is_dir():
             freed += sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
             shutil.rmtree(tree)
+    (dest / MANIFEST_NAME).unlink(missing_ok=True)  # last: it names what the next prune deletes
     for empty in (dest / ".cache", dest):
         with contextlib.suppress(OSError):  # not empty, or already gone
             empty.rmdir()

@@ -235,7 +235,9 @@ class ModelStore:
             path = self.locate(source, revision)
         except ValueError:  # an unknown built-in name
             return False
-        if source.startswith("builtin:") or is_local_source(source):
+        if source.startswith("builtin:"):
+            return builtin.is_built(path)
+        if is_local_source(source):
             return (path / "config.json").is_file()
         return self.downloaded_commit(source, revision) is not None
 
@@ -305,15 +307,33 @@ class ModelStore:
         return path
 
     def delete(self, source: str, revision: str = "main") -> int:
-        """Remove what lmx downloaded or built for `source`; never a local directory. Bytes freed."""
+        """Remove what lmx downloaded or built for `source`; never a local directory. Bytes freed.
+
+        Crash-safe: the directory is first renamed aside (one step), so that a crash leaves the
+        model whole or out of the store's sight, and `finish_deletes` ends what it left."""
         if is_local_source(source):
             return 0
         path = self.locate(source, revision)
-        if source.startswith("builtin:"):
-            freed = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            shutil.rmtree(path, ignore_errors=True)
+        built = source.startswith("builtin:")
+        freed = _finish_delete(path, built)  # one cut short before: the rename needs its name
+        try:
+            path.rename(_aside(path))
+        except FileNotFoundError:
             return freed
-        return downloads.prune(path)
+        return freed + _finish_delete(path, built)
+
+    def finish_deletes(self) -> None:
+        """End the deletes a crash cut short (the directories `delete` renamed aside). Blocking;
+        call at start, before the store is used. An error is logged, not raised."""
+        for parent, built in ((self.home / "builtin", True), (self.home / "models", False)):
+            for aside in sorted(parent.glob(f".*{_ASIDE_SUFFIX}")):
+                path = aside.with_name(aside.name[1:].removesuffix(_ASIDE_SUFFIX))
+                try:
+                    freed = _finish_delete(path, built)
+                except OSError as exc:
+                    log.warning("model_delete_unfinished", path=str(aside), error=str(exc))
+                else:
+                    log.info("model_delete_finished", path=str(path), freed_bytes=freed)
 
     # -- footprints --
 
@@ -425,6 +445,30 @@ class ModelStore:
         with self._lock:
             self._disk_cache[(path, sizing)] = (stamp, fp)
         return fp
+
+
+# A model's directory while it is deleted. No model's is named so: the Hub refuses a leading dot.
+_ASIDE_SUFFIX = ".deleting"
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_ASIDE_SUFFIX}")
+
+
+def _finish_delete(path: Path, built: bool) -> int:
+    """Delete the model directory `path` renamed aside, if there is one; bytes freed. A Hub
+    model's directory loses only what lmx downloaded; anything else in it goes back to `path`."""
+    aside = _aside(path)
+    if not aside.exists():
+        return 0
+    if built:  # a build holds nothing but lmx's files
+        freed = sum(p.stat().st_size for p in aside.rglob("*") if p.is_file())
+        shutil.rmtree(aside)
+        return freed
+    freed = downloads.prune(aside)
+    if aside.exists():
+        aside.rename(path)
+    return freed
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from lmx.runtime.engine import LoadConfig
 from lmx.runtime.registry import EngineRegistry
 from lmx.runtime.store import ModelStore
 from tests.component.reconciler_world import FAST, World, settle, until
+from tests.crash import Killed, kill_at_unlink
 from tests.fakes import FakeEngine, FakeEngines
 from tests.hubserver import HubServer
 
@@ -395,6 +396,30 @@ async def test_lowering_the_concurrency_mid_download_never_runs_more_than_either
     await until(lambda: all(world.ready(name) for name in "abc"), timeout_s=10)
 
     assert hub_server.max_in_flight == 2  # c waited for both, not for a slot of its own
+
+
+async def test_a_delete_cut_by_a_crash_is_finished_by_the_next_process(
+    world: HubWorld, hub_server: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub_server.add_repo("org/m", repo_files())
+    world.write_doc({"models": {"m": hub("org/m")}})
+    await world.build().start()
+    await until(lambda: world.ready("m"), timeout_s=10)
+    await world.r.stop()
+    path = world.model_path("org/m")
+    (path / "notes.txt").write_text("mine")
+    kill_at_unlink(monkeypatch, 3)  # after two of the model's files
+    with pytest.raises(Killed):
+        ModelStore(world.home).delete("org/m")
+    monkeypatch.undo()
+
+    world.write_doc({"models": {"m": hub("org/m", "absent", prune=True)}})
+    await world.build().start()  # the next process, on the same LMX_HOME
+    await until(settle(world))
+
+    assert sorted(p.name for p in world.home.joinpath("models").iterdir()) == ["org--m"]
+    assert sorted(p.name for p in path.iterdir()) == ["notes.txt"]
+    assert world.r.plan_now().is_empty
 
 
 async def test_want_absent_with_prune_deletes_only_the_files_lmx_downloaded(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from structlog.testing import capture_logs
+
 from lmx.reconciler.journal import Intent, Journal, Quarantine
 
 
@@ -54,6 +56,16 @@ def test_an_interrupted_download_is_resumed_and_stays_recorded_until_it_ends(
     j2.recover()
     j2.end(Intent.DOWNLOAD, "big", ok=True)
     assert Journal(path).recover().downloads == frozenset()
+
+
+def test_a_delete_interrupted_by_death_is_reported_once_and_not_redone(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    Journal(path).begin(Intent.DELETE, "old", "d1")
+    with capture_logs() as logs:
+        recovery = Journal(path).recover()
+        Journal(path).recover()
+    assert [(e["event"], e["model"]) for e in logs] == [("delete_interrupted_by_exit", "old")]
+    assert recovery.downloads == frozenset() and recovery.crashed_loads == {}
 
 
 def test_an_unreadable_journal_starts_empty(tmp_path: Path) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
 
 from lmx.runtime.download_manifest import RemoteFile, RepoSnapshot
 from lmx.runtime.store import (
@@ -16,6 +20,7 @@ from lmx.runtime.store import (
     safetensors_weight_bytes,
 )
 from tests.component.reconciler_world import World, until
+from tests.crash import Killed, kill_at_unlink
 from tests.fakes import MiB, make_model_dir
 from tests.hubserver import HubServer
 
@@ -227,3 +232,47 @@ def test_only_files_lmx_downloaded_count_as_on_disk_and_are_deleted(tmp_path: Pa
     assert store.on_disk("org/m")
     assert store.delete("org/m") == 10
     assert not store.on_disk("org/m") and (path / "notes.txt").read_text() == "mine"
+
+
+def test_a_delete_left_unfinished_at_start_is_logged_and_the_store_starts_anyway(
+    tmp_path: Path,
+) -> None:
+    store = ModelStore(tmp_path / "home")
+    path = store.locate("org/m")
+    aside = path.with_name(".org--m.deleting")  # a cut delete's, holding a file of the person's
+    aside.mkdir(parents=True)
+    (aside / "notes.txt").write_text("mine")
+    path.mkdir()
+    (path / "other.txt").write_text("also mine")  # where it would go back to
+    with capture_logs() as logs:
+        store.finish_deletes()
+    assert [e["event"] for e in logs] == ["model_delete_unfinished"]
+    assert (aside / "notes.txt").read_text() == "mine"
+
+
+def test_a_builtin_model_missing_a_file_is_not_downloaded(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    store = ModelStore(tmp_path / "home")
+    path = store.locate("builtin:tiny")
+    shutil.copytree(tiny_model_dir, path)
+    assert store.is_downloaded("builtin:tiny")
+    (path / "tokenizer.json").unlink()  # config.json and the weights are there: it still won't load
+    assert not store.is_downloaded("builtin:tiny")
+
+
+def test_a_builtin_delete_cut_by_a_crash_leaves_no_model_and_the_next_start_finishes_it(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ModelStore(tmp_path / "home")
+    path = store.locate("builtin:tiny")
+    shutil.copytree(tiny_model_dir, path)
+    kill_at_unlink(monkeypatch, 3)
+    with pytest.raises(Killed):
+        store.delete("builtin:tiny")
+    monkeypatch.undo()
+
+    after = ModelStore(tmp_path / "home")  # the next process
+    assert not after.is_downloaded("builtin:tiny") and not after.on_disk("builtin:tiny")
+    after.finish_deletes()
+    assert list(path.parent.iterdir()) == []

@@ -12,14 +12,7 @@ from tokenizers import Tokenizer
 from lmx.runtime import builtin
 from lmx.runtime.builtin import BUILTIN_MODELS, build_model, ensure_builtin
 
-FILES = {
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-}
+FILES = builtin.BUILT_FILES  # what a build writes, and what the store requires of one
 TOOLS = [
     {
         "type": "function",
