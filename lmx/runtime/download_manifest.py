@@ -124,6 +124,7 @@ def forget_other_snapshots(dest: Path, snapshot: RepoSnapshot) -> dict[str, Remo
     old = read_manifest(dest)
     for f in (*(old.files if old else ()), *read_journal(dest).values()):
         known[f.path] = f
+    write_journal(dest, known)  # before the manifest goes: a crash leaves every file listed
     (dest / MANIFEST_NAME).unlink(missing_ok=True)
     wanted = {f.path: f for f in snapshot.files}
     for path in known:

@@ -35,6 +35,7 @@ from lmx.runtime.downloads import (
     read_manifest,
     resolve,
 )
+from tests.crash import Killed, kill_at_unlink
 from tests.hubserver import HubServer
 
 REPO = "lmx-test/tiny"
@@ -374,6 +375,25 @@ def test_a_new_commit_reuses_unchanged_files_and_removes_dropped_ones(
     assert not (tmp_path / "merges.txt").exists()
     assert is_complete(tmp_path, new) and not is_complete(tmp_path, old)
     assert resolve(REPO, old.commit) == old  # the old commit stays pinnable
+
+
+def test_a_crash_while_moving_to_a_new_commit_leaves_the_old_files_for_prune_to_find(
+    hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_files = model_files() | {"merges.txt": b"a b\n"}
+    download(resolve(REPO, hub_server.add_repo(REPO, old_files)), tmp_path / "m")
+    new_files = dict(old_files)
+    del new_files["merges.txt"]
+    new = resolve(REPO, hub_server.add_repo(REPO, new_files))
+    kill_at_unlink(monkeypatch, 2)  # the manifest is gone, merges.txt not yet
+    with pytest.raises(Killed):
+        download(new, tmp_path / "m")
+    monkeypatch.undo()
+    assert (tmp_path / "m" / "merges.txt").exists() and read_manifest(tmp_path / "m") is None
+
+    prune(tmp_path / "m")
+
+    assert not (tmp_path / "m").exists()
 
 
 def test_prune_deletes_only_what_lmx_downloaded(hub_server: HubServer, tmp_path: Path) -> None:
