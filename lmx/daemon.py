@@ -1,8 +1,9 @@
 """The daemon: composes settings, registry, store, reconciler and the HTTP app, and runs uvicorn.
 
 Called by `lmx serve`. Lifecycle as named steps: `bind` (fail fast on a taken port), the home's
-lock (one daemon per LMX_HOME), `startup` (first reconcile), `stopping` (end event streams) and
-`shutdown` (unload everything), with uvicorn handling signals in between.
+lock (one daemon per LMX_HOME; once held, the temp files a crash left go), `startup` (first
+reconcile), `stopping` (end event streams) and `shutdown` (unload everything), with uvicorn
+handling signals in between.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from lmx.api.response_store import ResponseStore
 from lmx.homelock import HomeInUse, HomeLock
 from lmx.reconciler import Reconciler, ReconcilerSettings
 from lmx.reconciler.editing import DesiredEditor
-from lmx.runtime import mlx_engine
+from lmx.runtime import files, mlx_engine
+from lmx.runtime.download_manifest import MANIFEST_NAME
 from lmx.runtime.engine import EngineState
 from lmx.runtime.intake import Intake
 from lmx.runtime.memory import MemoryProbe
@@ -72,6 +74,18 @@ def ensure_config(settings: Settings) -> None:
     tmp.write_text(default_manifest(), encoding="utf-8")
     os.replace(tmp, path)
     log.info("default_config_written", path=str(path))
+
+
+def remove_stale_temps(settings: Settings, *, before_s: float) -> None:
+    """Remove the temp files of lmx's atomic writes that a crash cut short (its state and
+    manifests in LMX_HOME, the config file wherever it is), older than `before_s`: the time this
+    daemon took the home's lock, after which only it writes them."""
+    home = settings.home
+    targets = [settings.config_path.resolve(), home / "journal.json", home / "footprints.json"]
+    targets += [d / MANIFEST_NAME for d in settings.models_dir.glob("*/")]
+    for target in targets:
+        for tmp in files.remove_stale_temps(target, before_s=before_s):
+            log.info("stale_temp_removed", path=str(tmp))
 
 
 def ensure_admin_key(path: Path) -> str:
@@ -262,6 +276,7 @@ def run(settings: Settings) -> int:
         try:
             # Before anything in the home is written: a second daemon must change nothing.
             lock.acquire(port=settings.port)
+            locked_at_s = time.time()
         except HomeInUse as exc:
             sock.close()
             raise StartupError(str(exc)) from None
@@ -269,6 +284,7 @@ def run(settings: Settings) -> int:
             sock.close()
             raise StartupError(f"cannot lock {lock.path}: {exc.strerror}") from None
         ensure_config(settings)
+        remove_stale_temps(settings, before_s=locked_at_s)
     except StartupError as exc:
         print(f"lmx: {exc}", file=sys.stderr)
         return 1

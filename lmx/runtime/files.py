@@ -1,15 +1,19 @@
 """Durable file replacement: the one way lmx writes a file that a crash must not leave half done.
 
 Used for the user's config.yaml, the service file, download manifests and lmx's own state (the
-journal, measured footprints). Temp file in the same directory, fsync, rename, fsync the directory.
+journal, measured footprints). Temp file in the same directory, fsync, rename, fsync the directory;
+`remove_stale_temps` removes the temp files a crash left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
+
+_TMP_SUFFIX = ".tmp"
 
 
 class FileChanged(Exception):
@@ -29,7 +33,7 @@ def write_atomic(
     path.parent.mkdir(parents=True, exist_ok=True)
     if mode is None:
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -43,6 +47,19 @@ def write_atomic(
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(path: Path, *, before_s: float) -> list[Path]:
+    """Remove the temp files of `write_atomic(path, ...)` calls that a crash cut short: those last
+    modified before `before_s` (a `time.time()`), as a write under way may be newer. Returns the
+    files removed. Never raises."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < before_s:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

@@ -147,6 +147,34 @@ def test_invalid_config_at_start_is_reported_and_healed_by_a_fix(
     wait_for(lambda: _readyz(d), lambda r: r is not None and r[0] == 200)
 
 
+def test_a_start_removes_the_temp_files_of_writes_a_crash_cut_short(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    home, dotfiles = tmp_path / "home", tmp_path / "dotfiles"
+    (home / "models" / "org--m").mkdir(parents=True)
+    dotfiles.mkdir()
+    (dotfiles / "lmx.yaml").write_text("models: {}\n")
+    (home / "config.yaml").symlink_to(dotfiles / "lmx.yaml")  # written back where it points
+    stale = [
+        dotfiles / ".lmx.yaml.k2v9x0qa.tmp",
+        home / ".journal.json.3jd8s0wz.tmp",
+        home / "models" / "org--m" / "..lmx-download.json.a8f_2kq1.tmp",
+    ]
+    others = [dotfiles / ".lmx.yaml.swp", home / "notes.tmp"]
+    under_way = home / ".footprints.json.p0q9r8s7.tmp"  # newer than the start: not a crash's
+    for path in [*stale, *others, under_way]:
+        path.write_text("{")
+    hour_ago = time.time() - 3600
+    for path in [*stale, *others]:
+        os.utime(path, (hour_ago, hour_ago))
+    os.utime(under_way, (hour_ago + 7200, hour_ago + 7200))
+
+    daemon_factory(home)
+
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in [*others, under_way])
+
+
 def _readyz(d: Daemon) -> tuple[int, object] | None:
     try:
         r = httpx.get(d.url + "/readyz", timeout=2)
