@@ -317,6 +317,11 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
     try:
         tmp.chmod(0o755)
         build_model(name, tmp)
+        if final.exists() and not is_built(final):  # part of it, left by a cut delete of old
+            stale = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".stale", dir=cache_dir))
+            with contextlib.suppress(OSError):  # another process moved it first
+                final.replace(stale)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.replace(final)
     except OSError:
         # Renaming onto a non-empty directory fails: another process finished first.
