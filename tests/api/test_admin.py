@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -51,14 +52,23 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await w.r.stop()
 
 
-@pytest.fixture
-async def client(world: World) -> AsyncIterator[httpx.AsyncClient]:
-    control = Control(world.r, DesiredEditor(world.config_path, world.r))
+@contextlib.asynccontextmanager
+async def admin_client(
+    world: World, path: Path | None = None, keys: Keys | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app whose editor writes `path` (the world's config file)."""
+    control = Control(world.r, DesiredEditor(path or world.config_path, world.r))
     deps = AppDeps(
-        registry=world.reg, models=world.r, control=control, keys=Keys(admin=lambda: KEY)
+        registry=world.reg, models=world.r, control=control, keys=keys or Keys(admin=lambda: KEY)
     )
     transport = httpx.ASGITransport(app=create_app(deps))
     async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+        yield c
+
+
+@pytest.fixture
+async def client(world: World) -> AsyncIterator[httpx.AsyncClient]:
+    async with admin_client(world) as c:
         yield c
 
 
@@ -259,11 +269,8 @@ async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncCli
 
 
 async def test_beyond_loopback_admin_reads_need_the_key_too(world: World) -> None:
-    control = Control(world.r, DesiredEditor(world.config_path, world.r))
     keys = Keys(admin=lambda: KEY, protect_admin_reads=True)
-    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=keys)
-    transport = httpx.ASGITransport(app=create_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+    async with admin_client(world, keys=keys) as c:
         for path in ("/admin/status", "/admin/desired", "/admin/plan"):
             assert (await c.get(path)).status_code == 401
             assert (await c.get(path, headers=AUTH)).status_code == 200
@@ -405,10 +412,7 @@ async def test_a_patch_writes_through_a_symlinked_config_file(tmp_path: Path, wo
     link = tmp_path / "linked" / "config.yaml"
     link.parent.mkdir()
     link.symlink_to(target)
-    control = Control(world.r, DesiredEditor(link, world.r))
-    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=Keys(lambda: KEY))
-    transport = httpx.ASGITransport(app=create_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+    async with admin_client(world, link, Keys(lambda: KEY)) as c:
         r = await c.patch("/admin/desired", json={"jit": False}, headers=PATCH)
     assert r.status_code == 200, r.text
     assert link.is_symlink() and link.resolve() == target
@@ -431,10 +435,7 @@ async def test_a_patch_of_a_missing_config_file_is_409_naming_it_and_writes_noth
     else:
         path.unlink()
     generation = world.r.generation
-    control = Control(world.r, DesiredEditor(path, world.r))
-    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=Keys(lambda: KEY))
-    transport = httpx.ASGITransport(app=create_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+    async with admin_client(world, path, Keys(lambda: KEY)) as c:
         r = await c.patch("/admin/desired", json={"jit": False}, headers=PATCH)
         assert r.status_code == 409, r.text
         message = r.json()["error"]["message"]
@@ -558,10 +559,7 @@ async def test_an_edit_checks_each_yaml_text_for_duplicate_keys_once(
 async def test_status_warns_while_v1_is_open_to_the_network(
     world: World, beyond_loopback: bool, api_keys: tuple[str, ...], warned: bool
 ) -> None:
-    control = Control(world.r, DesiredEditor(world.config_path, world.r))
     keys = Keys(admin=lambda: KEY, inference=lambda: api_keys, protect_admin_reads=beyond_loopback)
-    deps = AppDeps(registry=world.reg, models=world.r, control=control, keys=keys)
-    transport = httpx.ASGITransport(app=create_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://lmx.test") as c:
+    async with admin_client(world, keys=keys) as c:
         doc = (await c.get("/admin/status", headers=AUTH)).json()
     assert any("server.api_keys" in w for w in doc["warnings"]) is warned, doc["warnings"]
