@@ -47,7 +47,12 @@ class QueueFull(TemporaryError):
 
 
 class PermanentError(LmxError):
-    """Retrying cannot help until the desired state changes."""
+    """Retrying cannot help until the desired state changes. `code`: why, for scripts (the
+    error envelope's `code`), e.g. `exceeds_budget`."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        self.code = code
+        super().__init__(message)
 
 
 class ModelNotFound(PermanentError):
@@ -72,5 +77,4 @@ class RequestError(PermanentError):
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         self.param = param
-        self.code = code
-        super().__init__(message)
+        super().__init__(message, code=code)

@@ -101,7 +101,7 @@ def _status_of(exc: LmxError) -> tuple[int, str, str | None, str | None]:
         case TemporaryError():
             return 503, "server_error", None, "unavailable"
         case PermanentError():
-            return 409, "invalid_request_error", None, None
+            return 409, "invalid_request_error", None, exc.code
         case _:
             return 500, "server_error", None, None
 

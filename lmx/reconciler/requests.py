@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import Callable
 
 from lmx.errors import LmxError, ModelNotFound, PermanentError, TemporaryError
@@ -106,8 +107,9 @@ class Requests:
                 return TemporaryError(f"model {mid!r} failed ({cause})", delay_s=max(wait, 1.0))
             if blocked.reason is BlockReason.INSUFFICIENT_MEMORY:
                 return TemporaryError(what, delay_s=_RETRY_S)
-            if blocked.reason in TERMINAL_REASONS:
-                return PermanentError(what)
+            if blocked.reason in TERMINAL_REASONS:  # ExceedsBudget: code exceeds_budget
+                code = re.sub(r"(?<!^)(?=[A-Z])", "_", str(blocked.reason)).lower()
+                return PermanentError(what, code=code)
         if not o.downloaded and not o.loading and not o.resident:
             state = "downloading" if o.downloading else "not downloaded yet"
             return TemporaryError(f"model {mid!r} is {state}", delay_s=10.0)

@@ -563,3 +563,16 @@ async def test_status_warns_while_v1_is_open_to_the_network(
     async with admin_client(world, keys=keys) as c:
         doc = (await c.get("/admin/status", headers=AUTH)).json()
     assert any("server.api_keys" in w for w in doc["warnings"]) is warned, doc["warnings"]
+
+
+async def test_a_request_for_a_model_that_never_fits_is_a_409_with_its_reasons_code(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    big = world.model_dir("big", 4)  # the budget is 3 GiB
+    patch = {"models": {"big": {"source": str(big), "want": "downloaded"}}}
+    assert (await client.patch("/admin/desired", json=patch, headers=PATCH)).status_code == 200
+    await until(settle(world))
+    chat = {"model": "big", "messages": [{"role": "user", "content": "hi"}]}
+    r = await client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "exceeds_budget"  # it was null: a script could not tell

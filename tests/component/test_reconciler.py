@@ -459,8 +459,9 @@ async def test_a_model_too_big_beside_the_pins_is_refused_for_good_and_not_offer
     await world.build().start()
     await until(lambda: world.ready("p"))
     await until(settle(world))
-    with pytest.raises(PermanentError, match=r"ExceedsBudget: needs .*the pinned models take"):
+    with pytest.raises(PermanentError, match=r"ExceedsBudget: needs .*the pinned models take") as e:
         await world.r.ensure_ready("big")
+    assert e.value.code == "exceeds_budget"  # the 409's code, for scripts
     assert world.r.servable() == ["p"]
 
 
