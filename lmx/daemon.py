@@ -69,10 +69,7 @@ def ensure_config(settings: Settings) -> None:
         raise StartupError(f"config file {path} links to {path.readlink()}, which does not exist")
     if path != settings.home / "config.yaml":
         raise StartupError(f"config file {path} does not exist")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(default_manifest(), encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_atomic(path, default_manifest())  # its temp file, cut short, goes at the next start
     log.info("default_config_written", path=str(path))
 
 
