@@ -33,8 +33,9 @@ Hook = Callable[[], Awaitable[None]]
 
 class RequestContext:
     """Binds `request_id` for logs, echoes it as `x-request-id` and `request-id` and counts
-    responses by route and status; answers an error that no handler took with the 500 envelope (lmx.api.errors), so that
-    one too is counted and carries the id and, from the middleware around this one, CORS headers.
+    responses by route and status; answers an error that no handler took with the 500 envelope
+    (lmx.api.errors), so that one too is counted and carries the id and, from the middleware
+    around this one, CORS headers.
     Plain ASGI, so streamed bodies pass straight through (a BaseHTTPMiddleware relays every chunk
     through a task)."""
 

@@ -518,11 +518,11 @@ def output_parsers(
     call_forced: bool = False,
     functions: Functions = None,
 ) -> list[OutputParser]:
-    """The parsers of `n` chat answers to `prompt`, one each. A prompt that ends inside a <think> block (the
-    template opened it, or an assistant's prefill did and left it open) starts the answer in
-    reasoning, unless a grammar constrains it: the grammar's output (a tool call, JSON) is the
-    answer from its first token, whatever the template opened. `call_forced`: that grammar's is
-    a tool call."""
+    """The parsers of `n` chat answers to `prompt`, one each. A prompt that ends inside a <think>
+    block (the template opened it, or an assistant's prefill did and left it open) starts the
+    answer in reasoning, unless a grammar constrains it: the grammar's output (a tool call, JSON)
+    is the answer from its first token, whatever the template opened. `call_forced`: that
+    grammar's is a tool call, and the parsers read calls only (see make_parser's calls_only)."""
     tok = engine.tokenizer
     if tok.thinking is not None:
         inside = opens_thinking(prompt, tok.thinking)
