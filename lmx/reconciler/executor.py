@@ -2,8 +2,9 @@
 except on cancellation.
 
 Called by the reconcile loop only. It owns what the side effects leave behind: the record of
-each engine it loaded (spec, measured usage), the loads in progress, drain deadlines, memory an
-unload has not yet returned, and the download jobs (`fetching.py`). Loads run one at a time.
+each engine it loaded (spec, measured usage), the loads in progress, the drains (deadline and
+reason), memory an unload has not yet returned, and the download jobs (`fetching.py`). Loads run
+one at a time.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class Executor:
         self._on_finished = on_finished
         self.loaded: dict[str, LoadRecord] = {}
         self.loading: dict[str, asyncio.Task[Outcome]] = {}
-        self.drain_deadlines: dict[str, float] = {}
-        self.drain_reasons: dict[str, UnloadReason] = {}
+        # Models draining: when their drain began to end (the deadline), and why it began.
+        self.drains: dict[str, tuple[float, UnloadReason]] = {}
         self.releases = Releases(settings, memory=memory, registry=registry, clock=clock)
         self.fetcher = Fetcher(store=store, journal=journal, events=events, on_done=self._finish)
         self._finished: list[Outcome] = []
@@ -153,8 +154,7 @@ class Executor:
         match action:
             case Resume(model_id=mid):
                 self._registry.drain(mid, False)
-                self.drain_deadlines.pop(mid, None)
-                self.drain_reasons.pop(mid, None)
+                self.drains.pop(mid, None)
                 return Outcome(action, Result.DONE)
             case Drain(model_id=mid, reason=reason):
                 self._drain(mid, reason)
@@ -187,8 +187,7 @@ class Executor:
     def _drain(self, mid: str, reason: UnloadReason) -> None:
         """Stop admitting requests to `mid`, its first drain's deadline and reason kept."""
         self._registry.drain(mid)
-        self.drain_deadlines.setdefault(mid, self._clock() + self._s.drain_timeout_s)
-        self.drain_reasons.setdefault(mid, reason)
+        self.drains.setdefault(mid, (self._clock() + self._s.drain_timeout_s, reason))
 
     async def _unload(self, action: Unload | Evict, mid: str, forced: bool) -> Outcome:
         slot = self._registry.snapshot().get(mid)
@@ -206,8 +205,7 @@ class Executor:
         except JournalUnwritable as exc:  # no start reads an unload's record: it goes on
             log.warning("unload_not_journaled", model=mid, error=str(exc))
         started = time.monotonic()
-        self.drain_deadlines.pop(mid, None)
-        self.drain_reasons.pop(mid, None)
+        self.drains.pop(mid, None)
         try:
             async with asyncio.timeout(self._s.unload_timeout_s):
                 # Awaited in this task: the registry drops the slot before the first suspension.

@@ -82,6 +82,7 @@ class Observer:
             facts = disk.get(mid)
             eng = engines.get(mid)
             rec = ex.loaded.get(mid)
+            drain = ex.drains.get(mid)
             fail = self._failures.current(mid, spec)
             models[mid] = ObservedModel(
                 model_id=mid,
@@ -100,8 +101,8 @@ class Observer:
                 last_used_s=eng.last_used_s if eng else 0.0,
                 request_ttl_s=eng.ttl_s if eng else None,
                 draining=eng.draining if eng else False,
-                drain_deadline_s=ex.drain_deadlines.get(mid),
-                drain_reason=ex.drain_reasons.get(mid),
+                drain_deadline_s=drain[0] if drain else None,
+                drain_reason=drain[1] if drain else None,
                 footprint_bytes=facts.footprint.total_bytes if facts and facts.footprint else None,
                 requested=mid in requested,
                 request_order=requested.get(mid, 0),
