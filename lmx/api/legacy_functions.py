@@ -16,11 +16,14 @@ def functions_as_tools(data: dict[str, Any]) -> dict[str, Any]:
     """A chat request's body with its functions as tools (`legacy_functions` set), its function
     choice as a tool choice, and its messages' function calls and results as tool calls and tool
     messages. Raises RequestError naming the field."""
-    out = dict(data)
     messages = data.get("messages")
-    if isinstance(messages, list):  # calls sent back, whether the functions come again or not
-        out["messages"] = _messages(messages)
     functions, choice = data.get("functions"), data.get("function_call")
+    sent_back = isinstance(messages, list) and any(map(_is_legacy, messages))
+    if not sent_back and functions is None and choice is None:
+        return data  # the API of today: nothing to read (most requests, every time)
+    out = dict(data)
+    if sent_back:  # calls sent back, whether the functions come again or not
+        out["messages"] = _messages(data["messages"])
     if functions is None:
         if choice is not None:
             raise RequestError("function_call needs functions", param="function_call")
@@ -38,6 +41,13 @@ def functions_as_tools(data: dict[str, Any]) -> dict[str, Any]:
     elif choice is not None:
         out["tool_choice"] = choice  # "none" or "auto", as tool_choice takes them
     return out
+
+
+def _is_legacy(message: Any) -> bool:
+    """A function call or its result, as the deprecated API writes them."""
+    if not isinstance(message, dict):
+        return False
+    return message.get("role") == "function" or bool(message.get("function_call"))
 
 
 def _messages(messages: list[Any]) -> list[Any]:
